@@ -1,0 +1,68 @@
+"""The interface every backend implements. ``Buffer`` checks inputs, then calls these.
+
+A backend receives arguments that are already validated (shapes, dtypes, devices, sizes) and
+normalised (``x`` split into payload and optional fp8 scales), so it holds no argument checks.
+"""
+from __future__ import annotations
+
+import abc
+
+import torch
+
+from ep_comm.handles import DispatchHandle, LowLatencyHandle
+
+
+class Backend(abc.ABC):
+    """Dispatch and combine for one Buffer. See ``ep_comm.buffer.Buffer`` for the semantics."""
+
+    name: str = "?"
+
+    @abc.abstractmethod
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
+        """-> (num_tokens_per_rank, num_tokens_per_rdma_rank | None, num_tokens_per_expert,
+        is_token_in_rank)."""
+
+    @abc.abstractmethod
+    def dispatch(self, x: torch.Tensor, x_scales: torch.Tensor | None, *,
+                 handle: DispatchHandle | None, num_tokens_per_rank, num_tokens_per_rdma_rank,
+                 is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
+                 num_experts: int, expert_alignment: int, num_worst_tokens: int, config):
+        """-> (recv_x, recv_x_scales | None, recv_topk_idx, recv_topk_weights,
+        num_recv_tokens_per_expert_list, handle)."""
+
+    @abc.abstractmethod
+    def combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights, biases, config):
+        """-> (combined_x, combined_topk_weights | None)."""
+
+    @abc.abstractmethod
+    def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int,
+                             num_experts: int, *, use_fp8: bool, round_scale: bool,
+                             use_ue8m0: bool, cumulative_local_expert_recv_stats,
+                             dispatch_wait_recv_cost_stats, return_recv_hook: bool):
+        """-> (recv_x, recv_x_scales | None, recv_count, handle, hook | None)."""
+
+    @abc.abstractmethod
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle: LowLatencyHandle, *,
+                            zero_copy: bool, use_logfmt: bool, out, return_recv_hook: bool,
+                            combine_wait_recv_cost_stats):
+        """-> (combined_x, hook | None)."""
+
+    @abc.abstractmethod
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
+        """[L, R * M, hidden] bf16 registered buffer for zero-copy combine."""
+
+    @abc.abstractmethod
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int,
+                                 num_experts: int) -> None:
+        ...
+
+    @abc.abstractmethod
+    def mask_buffer(self) -> torch.Tensor:
+        """[R] int32 mask: 1 = rank masked (failed): neither sent to nor waited for."""
+
+    def comm_stream(self):
+        """The stream communication runs on (None on CPU)."""
+        return None
+
+    def destroy(self) -> None:
+        """Release buffers. The backend is unusable afterwards."""

@@ -1,0 +1,519 @@
+"""``ep_comm.Buffer``: expert-parallel dispatch and combine, DeepEP's calling convention.
+
+This module owns the public API: argument checks, buffer-size checks, stream and event
+handling. The work itself is done by a backend (``ep_comm.reference`` or the GPU kernels),
+chosen explicitly at construction and never switched silently.
+"""
+from __future__ import annotations
+
+import torch
+
+from ep_comm import checks
+from ep_comm.backend import Backend
+from ep_comm.comm import Comm, group_from_mpi
+from ep_comm.config import DEFAULT_NUM_SMS, Config, default_config
+from ep_comm.errors import BackendUnavailableError, BufferTooSmallError, EpCommError, InputError
+from ep_comm.event import EventOverlap, capture_event
+from ep_comm.handles import DispatchHandle, LowLatencyHandle
+from ep_comm.regions import LowLatencyRegions
+
+BACKENDS = ("auto", "kernels", "reference")
+
+
+class Buffer:
+    """Communication buffers and dispatch/combine for one expert-parallel group.
+
+    Args:
+        group: torch ProcessGroup of the expert-parallel ranks (NCCL on GPUs, gloo on CPU).
+        num_nvl_bytes: bytes of the NVLink buffer of normal mode, per rank. Size it with
+            ``Buffer.get_dispatch_config(R).get_nvl_buffer_size_hint(hidden_bytes, R)``.
+        num_rdma_bytes: bytes of the NVSHMEM buffer (low-latency mode, and normal mode across
+            nodes). Size it with ``Buffer.get_low_latency_rdma_size_hint(...)`` or
+            ``Config.get_rdma_buffer_size_hint(...)``.
+        low_latency_mode: enable the low-latency (decode) calls.
+        num_qps_per_rank: queue pairs per peer for RDMA (accepted for compatibility; NVSHMEM
+            chooses its own over NVLink).
+        allow_nvlink_for_low_latency_mode: low-latency kernels may store straight into peer
+            memory over NVLink; False sends every byte with NVSHMEM puts (the RDMA path).
+        explicitly_destroy: if True, buffers live until ``destroy()``; else until garbage
+            collection.
+        comm: an mpi4py communicator, used when ``group`` is None (initialises
+            torch.distributed from it if needed).
+        backend: ``"kernels"`` (GPU kernels), ``"reference"`` (torch.distributed
+            collectives), or ``"auto"`` (kernels on CUDA, reference on CPU). An impossible
+            choice raises ``BackendUnavailableError``; nothing falls back silently.
+        ranks_per_node: ranks that share NVLink; detected from host names when None. Set it
+            lower than the ranks on the host to run the internode path on one host.
+    """
+
+    #: SMs used by normal-mode kernels (``set_num_sms`` changes it for all Buffers).
+    num_sms: int = DEFAULT_NUM_SMS
+
+    def __init__(self, group=None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
+                 low_latency_mode: bool = False, num_qps_per_rank: int = 24,
+                 allow_nvlink_for_low_latency_mode: bool = True, explicitly_destroy: bool = False,
+                 comm=None, backend: str = "auto", ranks_per_node: int | None = None):
+        if backend not in BACKENDS:
+            raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        for name, v in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
+            if not isinstance(v, int) or v < 0:
+                raise InputError(f"{name} must be an int >= 0, got {v!r}")
+        if group is None and comm is not None:
+            group = group_from_mpi(comm)
+        self.comm = Comm(group, ranks_per_node)
+        self.group = group
+        self.rank, self.group_size = self.comm.rank, self.comm.num_ranks
+        self.num_nvl_bytes, self.num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
+        self.low_latency_mode = low_latency_mode
+        self.num_qps_per_rank = num_qps_per_rank
+        self.allow_nvlink_for_low_latency_mode = allow_nvlink_for_low_latency_mode
+        self.explicitly_destroy = explicitly_destroy
+        self.device = self.comm.device
+        self.backend_name = self._resolve_backend(backend)
+        self._backend: Backend | None = self._make_backend()
+        self._comm_stream = None
+        if self.device.type == "cuda":
+            self._comm_stream = self._backend.comm_stream() or torch.cuda.Stream(self.device)
+
+    # ------------------------------------------------------------------ construction
+    def _resolve_backend(self, backend: str) -> str:
+        on_gpu = self.device.type == "cuda"
+        if backend == "auto":
+            return "kernels" if on_gpu else "reference"
+        if backend == "kernels" and not on_gpu:
+            raise BackendUnavailableError(
+                "kernels", f"the process group uses {self.comm.backend!r}, not NCCL on CUDA "
+                "devices (no GPU for this rank)", "Use backend='reference' on CPU.")
+        return backend
+
+    def _make_backend(self) -> Backend:
+        if self.backend_name == "reference":
+            from ep_comm.reference import ReferenceBackend
+            return ReferenceBackend(self.comm)
+        try:
+            from ep_comm.kernels_backend import KernelsBackend
+        except ImportError as e:
+            raise BackendUnavailableError(
+                "kernels", f"the GPU kernels backend could not be imported ({e})",
+                "Install the GPU extra (pip install 'ep_comm[gpu]') or pass "
+                "backend='reference'.") from e
+        return KernelsBackend(self.comm, num_nvl_bytes=self.num_nvl_bytes,
+                              num_rdma_bytes=self.num_rdma_bytes,
+                              low_latency_mode=self.low_latency_mode,
+                              allow_nvlink_for_low_latency_mode=self.allow_nvlink_for_low_latency_mode)
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            raise EpCommError("this Buffer was destroyed; create a new one")
+        return self._backend
+
+    def destroy(self) -> None:
+        """Free the communication buffers. The Buffer cannot be used afterwards."""
+        if self._backend is not None:
+            self._backend.destroy()
+            self._backend = None
+
+    def __del__(self):
+        if not getattr(self, "explicitly_destroy", True) and getattr(self, "_backend", None):
+            try:
+                self.destroy()
+            except Exception as e:  # noqa: BLE001 - never raise from a finaliser, but say why
+                import warnings
+                warnings.warn(f"ep_comm.Buffer could not free its buffers: {e}")
+
+    # ------------------------------------------------------------------ sizing helpers
+    @staticmethod
+    def set_num_sms(new_num_sms: int) -> None:
+        """Set the SM budget of normal-mode kernels (even, >= 2) for all Buffers."""
+        if not isinstance(new_num_sms, int) or new_num_sms < 2 or new_num_sms % 2:
+            raise InputError(f"num_sms must be an even int >= 2, got {new_num_sms!r}")
+        Buffer.num_sms = new_num_sms
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        """The analytic normal-mode dispatch ``Config`` for ``num_ranks`` ranks."""
+        return default_config(num_ranks, Buffer.num_sms)
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        """The analytic normal-mode combine ``Config`` for ``num_ranks`` ranks."""
+        return default_config(num_ranks, Buffer.num_sms)
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int,
+                                       num_ranks: int, num_experts: int) -> int:
+        """Bytes of ``num_rdma_bytes`` that low-latency mode needs for these sizes."""
+        return LowLatencyRegions(num_max_dispatch_tokens_per_rank, hidden, num_ranks,
+                                 num_experts).total_bytes
+
+    def get_comm_stream(self):
+        """The CUDA stream normal-mode communication runs on (None on CPU)."""
+        return self._comm_stream
+
+    def capture(self) -> EventOverlap:
+        """An EventOverlap recorded now on the current stream (pass it as ``previous_event``)."""
+        return capture_event(self.device)
+
+    # ------------------------------------------------------------------ stream plumbing
+    def _on_comm_stream(self, fn, previous_event, async_finish, allocate_on_comm_stream, inputs):
+        """Run ``fn`` on the communication stream after ``previous_event`` (or the current
+        stream), then either return an event (``async_finish``) or make the current stream
+        wait. Returns ``(fn's result, EventOverlap)``."""
+        checks.comm_stream_flags(previous_event, async_finish, allocate_on_comm_stream)
+        if self._comm_stream is None:
+            if previous_event is not None:
+                previous_event.current_stream_wait()
+            return fn(), EventOverlap()
+        compute = torch.cuda.current_stream(self.device)
+        if previous_event is not None:
+            self._comm_stream.wait_event(previous_event.event)
+        else:
+            self._comm_stream.wait_stream(compute)
+        with torch.cuda.stream(self._comm_stream):
+            result = fn()
+        for t in _tensors(inputs):
+            t.record_stream(self._comm_stream)
+        for t in _tensors(result):
+            t.record_stream(compute)
+        if async_finish:
+            ev = torch.cuda.Event()
+            ev.record(self._comm_stream)
+            return result, EventOverlap(ev, extra_tensors=tuple(_tensors((inputs, result))))
+        compute.wait_stream(self._comm_stream)
+        return result, EventOverlap()
+
+    def _check_nvl_size(self, hidden_bytes: int, config: Config, what: str) -> None:
+        need = config.get_nvl_buffer_size_hint(hidden_bytes, self.comm.ranks_per_node)
+        if self.num_nvl_bytes < need:
+            raise BufferTooSmallError("num_nvl_bytes", need, self.num_nvl_bytes, what)
+        if self.comm.num_nodes > 1:
+            need = config.get_rdma_buffer_size_hint(hidden_bytes, self.group_size)
+            if self.num_rdma_bytes < need:
+                raise BufferTooSmallError("num_rdma_bytes", need, self.num_rdma_bytes, what)
+
+    # ------------------------------------------------------------------ normal mode
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
+                            previous_event: EventOverlap | None = None, async_finish: bool = False,
+                            allocate_on_comm_stream: bool = False):
+        """Which tokens go to which rank, from the top-k routing. Local computation, no traffic.
+
+        Args:
+            topk_idx: [T, K] int64, global expert ids, -1 for "no expert".
+            num_experts: E, divisible by the number of ranks R.
+
+        Returns:
+            num_tokens_per_rank: [R] int32, tokens this rank sends to each rank.
+            num_tokens_per_rdma_rank: [nodes] int32, tokens sent to each node, or None on one node.
+            num_tokens_per_expert: [E] int32, tokens per expert.
+            is_token_in_rank: [T, R] bool.
+            event: EventOverlap (with ``async_finish``) or an empty one.
+        """
+        checks.num_experts(num_experts, self.group_size)
+        checks.topk_idx(topk_idx, self.device)
+        result, event = self._on_comm_stream(
+            lambda: self.backend.get_dispatch_layout(topk_idx, num_experts),
+            previous_event, async_finish, allocate_on_comm_stream, (topk_idx,))
+        return (*result, event)
+
+    def dispatch(self, x, handle: DispatchHandle | None = None, num_tokens_per_rank=None,
+                 num_tokens_per_rdma_rank=None, is_token_in_rank=None, num_tokens_per_expert=None,
+                 topk_idx=None, topk_weights=None, expert_alignment: int = 1,
+                 num_worst_tokens: int = 0, config: Config | None = None,
+                 previous_event: EventOverlap | None = None, async_finish: bool = False,
+                 allocate_on_comm_stream: bool = False):
+        """Send each token to every rank that owns at least one of its experts.
+
+        Args:
+            x: [T, H] bf16, or a tuple (x_fp8 [T, H] float8_e4m3fn, scales [T, H // 128] float32).
+            handle: a DispatchHandle from an earlier dispatch: re-send new ``x`` along the same
+                routes with no layout work (then the layout and topk arguments must be None).
+            num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+                num_tokens_per_expert: from ``get_dispatch_layout``.
+            topk_idx: [T, K] int64 global expert ids (-1 = none), or None to not send them.
+            topk_weights: [T, K] float32, or None.
+            expert_alignment: round each count of ``num_recv_tokens_per_expert_list`` up to this.
+            num_worst_tokens: if > 0, outputs have exactly this many rows, padding rows have
+                ``recv_topk_idx`` -1 and zero weights, the count list is empty, and the kernels
+                do not synchronise with the host (CUDA-graph capturable).
+            config: a ``Config``; default ``get_dispatch_config(R)``.
+            previous_event, async_finish, allocate_on_comm_stream: stream control, as DeepEP.
+
+        Returns:
+            recv_x: [N, H] bf16 or the fp8 tuple; rows ordered by source rank, then by token
+                index on the source rank.
+            recv_topk_idx: [N, K] int64 local expert ids (-1 for experts on other ranks), or None.
+            recv_topk_weights: [N, K] float32, the weights as sent, or None.
+            num_recv_tokens_per_expert_list: list of L ints, each rounded up to
+                ``expert_alignment`` ([] with ``num_worst_tokens``).
+            handle: DispatchHandle for combine and cached dispatch.
+            event: EventOverlap.
+        """
+        payload, scales = checks.x_payload(x, self.device)
+        t, hidden = payload.shape
+        checks.hidden_ok(hidden)
+        checks.alignment(expert_alignment)
+        checks.worst_tokens(num_worst_tokens)
+        config = config or self.get_dispatch_config(self.group_size)
+        self._check_nvl_size(hidden * max(payload.element_size(), 2), config, "dispatch")
+        r = self.group_size
+        if handle is not None:
+            if not isinstance(handle, DispatchHandle):
+                raise InputError(f"handle must be a DispatchHandle, got {type(handle).__name__}")
+            if any(a is not None for a in (num_tokens_per_rank, num_tokens_per_rdma_rank,
+                                           is_token_in_rank, num_tokens_per_expert, topk_idx,
+                                           topk_weights)):
+                raise InputError("a cached dispatch (handle=...) takes no layout or top-k "
+                                 "arguments: they come from the handle")
+            if t != handle.num_tokens:
+                raise InputError(f"x has {t} tokens but the handle was made for "
+                                 f"{handle.num_tokens}")
+            num_experts = handle.num_experts
+            num_worst_tokens = handle.num_worst_tokens
+        else:
+            for name, v in (("num_tokens_per_rank", num_tokens_per_rank),
+                            ("is_token_in_rank", is_token_in_rank),
+                            ("num_tokens_per_expert", num_tokens_per_expert)):
+                if v is None:
+                    raise InputError(f"dispatch without a handle needs {name} "
+                                     f"(from get_dispatch_layout)")
+            checks.tensor("num_tokens_per_rank", num_tokens_per_rank, dtype=torch.int32,
+                          shape=(r,), device=self.device)
+            checks.tensor("is_token_in_rank", is_token_in_rank, dtype=torch.bool,
+                          shape=(t, r), device=self.device)
+            checks.tensor("num_tokens_per_expert", num_tokens_per_expert, dtype=torch.int32,
+                          dims=1, device=self.device)
+            num_experts = checks.num_experts(num_tokens_per_expert.shape[0], r)
+            if self.comm.num_nodes > 1:
+                checks.tensor("num_tokens_per_rdma_rank", num_tokens_per_rdma_rank,
+                              dtype=torch.int32, shape=(self.comm.num_nodes,), device=self.device)
+            if topk_idx is not None:
+                checks.topk_idx(topk_idx, self.device, t)
+                if topk_weights is not None:
+                    checks.topk_weights(topk_weights, topk_idx, self.device)
+            elif topk_weights is not None:
+                raise InputError("topk_weights without topk_idx: pass both or neither")
+
+        def run():
+            return self.backend.dispatch(
+                payload, scales, handle=handle, num_tokens_per_rank=num_tokens_per_rank,
+                num_tokens_per_rdma_rank=num_tokens_per_rdma_rank,
+                is_token_in_rank=is_token_in_rank, num_tokens_per_expert=num_tokens_per_expert,
+                topk_idx=topk_idx, topk_weights=topk_weights, num_experts=num_experts,
+                expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens,
+                config=config)
+
+        inputs = (payload, scales, topk_idx, topk_weights, is_token_in_rank)
+        (recv_x, recv_scales, recv_idx, recv_w, counts, new_handle), event = \
+            self._on_comm_stream(run, previous_event, async_finish, allocate_on_comm_stream, inputs)
+        recv = (recv_x, recv_scales) if scales is not None else recv_x
+        if handle is not None:
+            return recv, None, None, counts, new_handle, event
+        return recv, recv_idx, recv_w, counts, new_handle, event
+
+    def combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights=None, bias=None,
+                config: Config | None = None, previous_event: EventOverlap | None = None,
+                async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """Send each received row back to its source rank and sum the rows of each token there.
+
+        Args:
+            x: [N, H] bf16, one row per row of the dispatch's ``recv_x`` (same order).
+            handle: the DispatchHandle of that dispatch.
+            topk_weights: [N, K] float32 or None; summed the same way as ``x``.
+            bias: None, a [T, H] bf16 tensor, or a pair of them, added to the sum.
+            config, previous_event, async_finish, allocate_on_comm_stream: as in dispatch.
+
+        Returns:
+            combined_x: [T, H] bf16, ``sum over receiving ranks of their row + bias``,
+                accumulated in float32 (tokens sent nowhere get just the bias, or zeros).
+            combined_topk_weights: [T, K] float32 or None.
+            event: EventOverlap.
+        """
+        if not isinstance(handle, DispatchHandle):
+            raise InputError(f"handle must be the DispatchHandle of a dispatch, got "
+                             f"{type(handle).__name__}")
+        rows = handle.num_recv_rows
+        checks.tensor("x", x, dtype=torch.bfloat16, dims=2, device=self.device)
+        if x.shape[0] != rows:
+            raise InputError(f"combine x has {x.shape[0]} rows but the dispatch received {rows}")
+        checks.hidden_ok(x.shape[1])
+        if topk_weights is not None:
+            checks.tensor("topk_weights", topk_weights, dtype=torch.float32, dims=2,
+                          device=self.device)
+            if topk_weights.shape[0] != rows:
+                raise InputError(f"topk_weights has {topk_weights.shape[0]} rows, expected {rows}")
+        biases = () if bias is None else (tuple(bias) if isinstance(bias, (tuple, list)) else (bias,))
+        if len(biases) > 2:
+            raise InputError("bias must be a tensor or a pair of tensors")
+        for i, b in enumerate(biases):
+            checks.tensor(f"bias[{i}]", b, dtype=torch.bfloat16,
+                          shape=(handle.num_tokens, x.shape[1]), device=self.device)
+        config = config or self.get_combine_config(self.group_size)
+        self._check_nvl_size(x.shape[1] * 2, config, "combine")
+        (combined, combined_w), event = self._on_comm_stream(
+            lambda: self.backend.combine(x, handle, topk_weights, biases, config),
+            previous_event, async_finish, allocate_on_comm_stream, (x, topk_weights, *biases))
+        return combined, combined_w, event
+
+    # ------------------------------------------------------------------ low-latency mode
+    def _check_low_latency(self, m: int, hidden: int, num_experts: int, what: str) -> None:
+        if not self.low_latency_mode:
+            raise InputError(f"{what} needs a Buffer created with low_latency_mode=True")
+        if not isinstance(m, int) or m <= 0:
+            raise InputError(f"num_max_dispatch_tokens_per_rank must be a positive int, got {m!r}")
+        checks.num_experts(num_experts, self.group_size)
+        checks.hidden_ok(hidden)
+        need = self.get_low_latency_rdma_size_hint(m, hidden, self.group_size, num_experts)
+        if self.num_rdma_bytes < need:
+            raise BufferTooSmallError("num_rdma_bytes", need, self.num_rdma_bytes, what)
+
+    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor,
+                             num_max_dispatch_tokens_per_rank: int, num_experts: int,
+                             cumulative_local_expert_recv_stats: torch.Tensor | None = None,
+                             dispatch_wait_recv_cost_stats: torch.Tensor | None = None,
+                             use_fp8: bool = True, round_scale: bool = False,
+                             use_ue8m0: bool = False, async_finish: bool = False,
+                             return_recv_hook: bool = False):
+        """Decode dispatch into fixed-size per-expert buffers (no host sync on the kernels).
+
+        Args:
+            x: [T, H] bf16, T <= ``num_max_dispatch_tokens_per_rank`` (the same on every rank).
+            topk_idx: [T, K] int64 global expert ids, -1 = none.
+            num_max_dispatch_tokens_per_rank: M, the most tokens any rank dispatches.
+            num_experts: E.
+            cumulative_local_expert_recv_stats: [L] int32 or None; received counts are added.
+            dispatch_wait_recv_cost_stats: [R] int64 or None; nanoseconds spent waiting for
+                each source rank are added.
+            use_fp8: cast to fp8 with per-128-channel scales on the way.
+            round_scale: scales rounded up to powers of two.
+            use_ue8m0: scales as packed int32 exponents (needs round_scale; H % 512 == 0).
+            async_finish: return an event instead of making the current stream wait.
+            return_recv_hook: only send now; ``hook()`` receives later.
+
+        Returns:
+            recv_x: [L, R * M, H] bf16, or (fp8 [L, R * M, H], scales [L, R * M, H // 128]
+                float32 column-major in the last two dims; int32 [L, R * M, H // 512] with ue8m0).
+            recv_count: [L] int32 valid rows per local expert.
+            handle: LowLatencyHandle for combine.
+            event: EventOverlap.
+            hook: callable that receives (with ``return_recv_hook``), else None.
+        """
+        checks.tensor("x", x, dtype=torch.bfloat16, dims=2, device=self.device)
+        t, hidden = x.shape
+        m = num_max_dispatch_tokens_per_rank
+        self._check_low_latency(m, hidden, num_experts, "low_latency_dispatch")
+        checks.topk_idx(topk_idx, self.device, t)
+        if t > m:
+            raise InputError(f"x has {t} tokens, more than num_max_dispatch_tokens_per_rank={m}")
+        if use_ue8m0 and not round_scale:
+            raise InputError("use_ue8m0=True needs round_scale=True (ue8m0 scales are powers of two)")
+        if use_fp8 and hidden % 128:
+            raise InputError(f"use_fp8 needs hidden % 128 == 0, got hidden={hidden}")
+        if use_fp8 and use_ue8m0 and hidden % 512:
+            raise InputError(f"use_ue8m0 needs hidden % 512 == 0, got hidden={hidden}")
+        local = num_experts // self.group_size
+        if cumulative_local_expert_recv_stats is not None:
+            checks.tensor("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats,
+                          dtype=torch.int32, shape=(local,), device=self.device)
+        if dispatch_wait_recv_cost_stats is not None:
+            checks.tensor("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats,
+                          dtype=torch.int64, shape=(self.group_size,), device=self.device)
+        recv_x, scales, recv_count, handle, hook = self.backend.low_latency_dispatch(
+            x, topk_idx, m, num_experts, use_fp8=use_fp8, round_scale=round_scale,
+            use_ue8m0=use_ue8m0,
+            cumulative_local_expert_recv_stats=cumulative_local_expert_recv_stats,
+            dispatch_wait_recv_cost_stats=dispatch_wait_recv_cost_stats,
+            return_recv_hook=return_recv_hook)
+        event = capture_event(self.device) if async_finish else EventOverlap()
+        recv = (recv_x, scales) if use_fp8 else recv_x
+        return recv, recv_count, handle, event, hook
+
+    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor,
+                            topk_weights: torch.Tensor, handle: LowLatencyHandle,
+                            use_logfmt: bool = False, zero_copy: bool = False,
+                            async_finish: bool = False, return_recv_hook: bool = False,
+                            out: torch.Tensor | None = None,
+                            combine_wait_recv_cost_stats: torch.Tensor | None = None):
+        """Decode combine: ``combined_x[t] = sum_k topk_weights[t, k] * out_row(t, topk_idx[t, k])``.
+
+        Args:
+            x: [L, R * M, H] bf16 expert outputs in the layout dispatch produced.
+            topk_idx: [T, K] int64 and topk_weights: [T, K] float32, as given to dispatch.
+            handle: the LowLatencyHandle of that dispatch.
+            use_logfmt: accepted for compatibility; rows travel as bf16 (exact) either way.
+            zero_copy: ``x`` was written into ``get_next_low_latency_combine_buffer(handle)``.
+            async_finish, return_recv_hook: as in low_latency_dispatch.
+            out: optional [T, H] bf16 output tensor.
+            combine_wait_recv_cost_stats: [R] int64 or None (nanoseconds waited per source).
+
+        Returns:
+            combined_x: [T, H] bf16; event: EventOverlap; hook: callable or None.
+        """
+        if not isinstance(handle, LowLatencyHandle):
+            raise InputError(f"handle must be the LowLatencyHandle of a low_latency_dispatch, "
+                             f"got {type(handle).__name__}")
+        m, hidden, e = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
+        self._check_low_latency(m, hidden, e, "low_latency_combine")
+        local, r = e // self.group_size, self.group_size
+        checks.tensor("x", x, dtype=torch.bfloat16, shape=(local, r * m, hidden),
+                      device=self.device)
+        checks.topk_idx(topk_idx, self.device)
+        if topk_idx.shape[0] > m:
+            raise InputError(f"topk_idx has {topk_idx.shape[0]} tokens, more than "
+                             f"num_max_dispatch_tokens_per_rank={m}")
+        checks.topk_weights(topk_weights, topk_idx, self.device)
+        if out is not None:
+            checks.tensor("out", out, dtype=torch.bfloat16, shape=(topk_idx.shape[0], hidden),
+                          device=self.device)
+        if combine_wait_recv_cost_stats is not None:
+            checks.tensor("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats,
+                          dtype=torch.int64, shape=(r,), device=self.device)
+        combined, hook = self.backend.low_latency_combine(
+            x, topk_idx, topk_weights, handle, zero_copy=zero_copy, use_logfmt=use_logfmt,
+            out=out, return_recv_hook=return_recv_hook,
+            combine_wait_recv_cost_stats=combine_wait_recv_cost_stats)
+        event = capture_event(self.device) if async_finish else EventOverlap()
+        return combined, event, hook
+
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
+        """The registered [L, R * M, H] bf16 buffer to write expert outputs into for
+        ``low_latency_combine(..., zero_copy=True)``."""
+        if not isinstance(handle, LowLatencyHandle):
+            raise InputError("handle must be a LowLatencyHandle")
+        self._check_low_latency(handle.num_max_dispatch_tokens_per_rank, handle.hidden,
+                                handle.num_experts, "get_next_low_latency_combine_buffer")
+        return self.backend.get_next_low_latency_combine_buffer(handle)
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int,
+                                 num_experts: int) -> None:
+        """Reset low-latency state; required after normal-mode use of the same buffer."""
+        self._check_low_latency(num_max_dispatch_tokens_per_rank, hidden, num_experts,
+                                "clean_low_latency_buffer")
+        self.backend.clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden,
+                                              num_experts)
+
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = True) -> None:
+        """Mark ``rank_to_mask`` as failed (``mask=True``) or healthy again (``mask=False``).
+        Masked ranks are neither sent to nor waited for by low-latency calls."""
+        if not isinstance(rank_to_mask, int) or not 0 <= rank_to_mask < self.group_size:
+            raise InputError(f"rank_to_mask must be in [0, {self.group_size}), got {rank_to_mask!r}")
+        self.backend.mask_buffer()[rank_to_mask] = 1 if mask else 0
+
+    def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
+        """Copy the mask ([R] int32, 1 = masked) into ``mask_status``."""
+        checks.tensor("mask_status", mask_status, dtype=torch.int32, shape=(self.group_size,),
+                      device=self.device)
+        mask_status.copy_(self.backend.mask_buffer())
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        """Unmask every rank."""
+        self.backend.mask_buffer().zero_()
+
+
+def _tensors(obj):
+    """Every tensor inside nested tuples/lists/dataclass handles (for record_stream)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _tensors(o)

@@ -1,0 +1,117 @@
+"""Configuration of the normal-mode kernels and the size of communication buffers.
+
+One source of truth for the sizes that host and device code must agree on: the kernels get
+these numbers as launch arguments (see ``ep_comm.regions``), never from a copy of them.
+
+Why the defaults are what they are (no tuning tables keyed by rank count):
+
+* ``num_sms``: normal-mode kernels use ``num_sms`` SMs, one channel per 2 SMs (a sender and a
+  receiver block). 24 SMs move a 2-rank H200 dispatch at >300 GB/s in the peer-store
+  measurements of HARDWARE.md (24 CTAs -> 310 GB/s) and leave 108 SMs to compute.
+* ``nvl_chunk`` (tokens a sender writes before it publishes its tail pointer) is chosen so
+  that one chunk of one channel to one peer covers at least the NVLink store latency
+  (~2 us at ~300 GB/s shared by all channels): fewer tail updates, still no bubble.
+* ``nvl_buffer`` (ring size, in tokens, per channel and peer) holds ``NVL_RING_CHUNKS``
+  chunks, so the sender can run that many chunks ahead of a slow receiver.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+#: Token count granularity of the low-latency FP8 cast and of the FP8 tuple: one scale per 128 channels.
+FP8_BLOCK = 128
+#: Largest top-k the kernels support (topk ids and weights travel inside a token's slot).
+MAX_TOPK = 16
+#: Memory alignment of every region of a communication buffer (bytes): 16-byte vector stores.
+REGION_ALIGN = 128
+#: Ring depth of the normal-mode NVLink buffer, in chunks (see module docstring).
+NVL_RING_CHUNKS = 4
+#: Default SM budget of the normal-mode kernels.
+DEFAULT_NUM_SMS = 24
+#: Assumed aggregate NVLink store latency x bandwidth that one channel ring must cover (bytes).
+_NVL_INFLIGHT_BYTES = 2e-6 * 300e9
+
+
+def align(n: int, a: int = REGION_ALIGN) -> int:
+    """``n`` rounded up to a multiple of ``a``."""
+    return (n + a - 1) // a * a
+
+
+def token_slot_bytes(hidden_bytes: int) -> int:
+    """Bytes of one token's slot in a normal-mode ring buffer.
+
+    A slot holds the payload (``hidden_bytes``: hidden * 2 for bf16, hidden for fp8), the fp8
+    scales (one float32 per 128 channels of a bf16-sized payload, always reserved so that one
+    buffer serves both payload kinds), ``MAX_TOPK`` top-k ids (int32) and weights (float32),
+    and a 16-byte header (source token index, flags).
+    """
+    hidden = hidden_bytes // 2
+    scales = (hidden + FP8_BLOCK - 1) // FP8_BLOCK * 4
+    return align(hidden_bytes + scales + MAX_TOPK * 8 + 16, 16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Launch configuration of a normal-mode dispatch or combine.
+
+    Args:
+        num_sms: SMs the kernel may occupy (even: one sender and one receiver block per channel).
+        nvl_chunk: tokens a sender writes to a peer ring before publishing its tail.
+        nvl_buffer: ring size in tokens per channel and peer (a multiple of ``nvl_chunk``).
+        rdma_chunk: same as ``nvl_chunk`` for the RDMA (internode) leg.
+        rdma_buffer: same as ``nvl_buffer`` for the RDMA leg.
+    """
+
+    num_sms: int = DEFAULT_NUM_SMS
+    nvl_chunk: int = 8
+    nvl_buffer: int = 32
+    rdma_chunk: int = 16
+    rdma_buffer: int = 128
+
+    def __post_init__(self):
+        if self.num_sms < 2 or self.num_sms % 2:
+            raise ValueError(f"Config.num_sms must be an even number >= 2, got {self.num_sms}")
+        for name in ("nvl_chunk", "nvl_buffer", "rdma_chunk", "rdma_buffer"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"Config.{name} must be positive, got {getattr(self, name)}")
+        if self.nvl_buffer < self.nvl_chunk or self.rdma_buffer < self.rdma_chunk:
+            raise ValueError(f"Config buffers must hold at least one chunk: {self}")
+
+    @property
+    def num_channels(self) -> int:
+        """Channels: each channel is one sender and one receiver block."""
+        return self.num_sms // 2
+
+    def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        """Bytes of NVLink buffer (``num_nvl_bytes``) this config needs for ``num_ranks`` local ranks.
+
+        Args:
+            hidden_bytes: bytes of one token row as sent: ``hidden * max(element_size, 2)``.
+            num_ranks: ranks sharing NVLink (ranks per node).
+        """
+        from ep_comm import regions
+        return regions.IntranodeRegions(self, hidden_bytes, num_ranks).total_bytes
+
+    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        """Bytes of RDMA buffer (``num_rdma_bytes``) this config needs for normal mode.
+
+        Zero when every rank is on one node (no RDMA leg).
+
+        Args:
+            hidden_bytes: bytes of one token row as sent.
+            num_ranks: all ranks of the group (used as ranks per node x nodes by the caller).
+        """
+        from ep_comm import regions
+        return regions.InternodeRegions(self, hidden_bytes, num_ranks).total_bytes
+
+
+def default_config(num_ranks: int, num_sms: int = DEFAULT_NUM_SMS,
+                   hidden_bytes: int = 7168 * 2) -> Config:
+    """The analytic configuration for ``num_ranks`` NVLink peers (see the module docstring)."""
+    channels = max(1, num_sms // 2)
+    peers = max(1, num_ranks)
+    per_ring = _NVL_INFLIGHT_BYTES / (channels * peers)
+    chunk = max(2, min(16, math.ceil(per_ring / token_slot_bytes(hidden_bytes))))
+    return Config(num_sms=num_sms, nvl_chunk=chunk, nvl_buffer=chunk * NVL_RING_CHUNKS,
+                  rdma_chunk=16, rdma_buffer=128)

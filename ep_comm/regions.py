@@ -1,0 +1,127 @@
+"""Where each piece of a communication buffer lives: the one layout host and kernels share.
+
+A communication buffer (the NVLink buffer of normal mode, the NVSHMEM symmetric buffer of
+low-latency and internode mode) is one flat allocation carved into named regions. The classes
+below compute every region's byte offset and size from the sizes of the problem; the host
+code passes those offsets to the kernels as arguments, so there is exactly one place where
+the order and size of regions is written down.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ep_comm.config import FP8_BLOCK, MAX_TOPK, REGION_ALIGN, Config, align, token_slot_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Region:
+    """A byte range of a buffer: ``[offset, offset + nbytes)``."""
+    name: str
+    offset: int
+    nbytes: int
+
+
+class Carver:
+    """Claims regions one after the other, each aligned to ``REGION_ALIGN`` bytes."""
+
+    def __init__(self):
+        self.regions: dict[str, Region] = {}
+        self._top = 0
+
+    def claim(self, name: str, nbytes: int) -> Region:
+        region = Region(name, self._top, nbytes)
+        self.regions[name] = region
+        self._top = align(self._top + nbytes, REGION_ALIGN)
+        return region
+
+    @property
+    def total_bytes(self) -> int:
+        return self._top
+
+    def __getitem__(self, name: str) -> Region:
+        return self.regions[name]
+
+
+class IntranodeRegions(Carver):
+    """The NVLink buffer of one rank in normal mode (peers write into it).
+
+    Regions (R = local ranks, C = channels, S = ring slots = ``config.nvl_buffer``):
+
+    * ``status``: int32 [16], status word and flags read by the host after a failure.
+    * ``barrier``: int32 [R], one arrival counter per peer for the buffer-wide barrier.
+    * ``counts``: int32 [R, R + 1]: row s is written by rank s in the notify step: its token
+      count for this rank and, after it, its per-local-expert counts are exchanged separately.
+    * ``ring``: C x R rings of S token slots (``token_slot_bytes``), written by the sending rank.
+    * ``tail``: int32 [C, R]: slots rank s has published into ring (c, s) (written by s).
+    * ``head``: int32 [C, R]: slots rank d has consumed from our ring on d (written by d).
+    """
+
+    def __init__(self, config: Config, hidden_bytes: int, num_ranks: int):
+        super().__init__()
+        c, r, s = config.num_channels, num_ranks, config.nvl_buffer
+        self.slot_bytes = token_slot_bytes(hidden_bytes)
+        self.claim("status", 16 * 4)
+        self.claim("barrier", r * 4)
+        self.claim("counts", r * (r + 1) * 4)
+        self.claim("ring", c * r * s * self.slot_bytes)
+        self.claim("tail", c * r * 4)
+        self.claim("head", c * r * 4)
+
+
+class InternodeRegions(Carver):
+    """The NVSHMEM symmetric buffer of the internode (RDMA) leg of normal mode.
+
+    Sized for ``num_ranks`` peers at most (a node count at most the rank count): rings of
+    ``config.rdma_buffer`` slots per channel and source node, tail/head counters per ring.
+    """
+
+    def __init__(self, config: Config, hidden_bytes: int, num_ranks: int):
+        super().__init__()
+        c, n, s = config.num_channels, num_ranks, config.rdma_buffer
+        self.slot_bytes = token_slot_bytes(hidden_bytes)
+        self.claim("status", 16 * 4)
+        self.claim("counts", n * (n + 1) * 4)
+        self.claim("ring", c * n * s * self.slot_bytes)
+        self.claim("tail", c * n * 8)
+        self.claim("head", c * n * 8)
+
+
+def low_latency_message_bytes(hidden: int) -> int:
+    """Bytes of one token message in low-latency dispatch: a 16-byte header (source token index)
+    and the largest payload, bf16 (``hidden * 2``), which also holds fp8 + scales."""
+    fp8 = hidden + hidden // FP8_BLOCK * 4
+    return align(16 + max(hidden * 2, fp8), 16)
+
+
+class LowLatencyRegions(Carver):
+    """The NVSHMEM symmetric buffer of low-latency mode: two identical halves (double buffering).
+
+    Each half ``b`` (0 or 1) has, with E experts, L = E / R local experts, M =
+    ``num_max_dispatch_tokens_per_rank``, msg = ``low_latency_message_bytes(hidden)``:
+
+    * ``send{b}``: max(M msgs for dispatch staging, L x R x M x hidden bf16 rows for combine);
+      the combine part is what ``get_next_low_latency_combine_buffer`` exposes (zero copy).
+    * ``recv{b}``: max(L x R x M msgs: dispatch receive slots, per (local expert, source rank);
+      E x M x hidden bf16 rows: combine receive slots, per (global expert, my token)).
+    * ``recv_count{b}``: int64 [L, R]: dispatch arrival signal, count + 1 (0 = not arrived).
+    * ``recv_flag{b}``: int64 [E]: combine arrival signal per expert.
+    * ``status{b}``: int32 [16]: status word for the host.
+    """
+
+    def __init__(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
+                 num_experts: int):
+        super().__init__()
+        m, r, e = num_max_dispatch_tokens_per_rank, num_ranks, num_experts
+        local = e // r
+        self.msg_bytes = low_latency_message_bytes(hidden)
+        self.row_bytes = hidden * 2
+        for b in (0, 1):
+            self.claim(f"send{b}", max(m * self.msg_bytes, local * r * m * self.row_bytes))
+            self.claim(f"recv{b}", max(local * r * m * self.msg_bytes, e * m * self.row_bytes))
+            self.claim(f"recv_count{b}", local * r * 8)
+            self.claim(f"recv_flag{b}", e * 8)
+            self.claim(f"status{b}", 16 * 4)
+
+
+__all__ = ["Region", "Carver", "IntranodeRegions", "InternodeRegions", "LowLatencyRegions",
+           "low_latency_message_bytes", "MAX_TOPK"]

@@ -1,0 +1,139 @@
+"""Run a function on N ranks (processes) and report each rank's failure with its rank number.
+
+``RankPool(n)`` starts n processes once, joined in a gloo (CPU) or NCCL (one GPU each) process
+group, and runs tasks on all of them: ``pool.run(fn, *args)`` calls ``fn(ctx, *args)`` on every
+rank, where ``ctx`` has ``rank``, ``world_size``, ``group`` and ``device``, and returns the list
+of results by rank. Starting processes costs seconds (importing torch), so tests share a pool
+per world size; a test that breaks its group (a timeout test) uses ``run_ranks`` for a fresh one.
+
+Task functions must be importable module-level functions (they are pickled by name).
+"""
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing as mp
+import os
+import socket
+import traceback
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+@dataclasses.dataclass
+class RankContext:
+    rank: int
+    world_size: int
+    group: object
+    device: object
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, use_gpu, env, tasks, results):
+    os.environ.update(env)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    try:
+        import torch
+        import torch.distributed as dist
+        torch.set_num_threads(1)
+        if use_gpu:
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+            dev = torch.device("cuda", torch.cuda.current_device())
+            dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=dev)
+        else:
+            dev = torch.device("cpu")
+            dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        ctx = RankContext(rank, world_size, dist.group.WORLD, dev)
+    except BaseException:  # noqa: BLE001 - reported to the parent with the rank number
+        results.put((rank, False, traceback.format_exc()))
+        return
+    results.put((rank, True, "ready"))
+    while True:
+        task = tasks.get()
+        if task is None:
+            break
+        fn, args = task
+        try:
+            results.put((rank, True, fn(ctx, *args)))
+        except BaseException:  # noqa: BLE001 - reported to the parent with the rank number
+            results.put((rank, False, traceback.format_exc()))
+    try:
+        dist.destroy_process_group()
+    except Exception as e:  # noqa: BLE001
+        print(f"rank {rank}: destroy_process_group failed: {e}")
+
+
+class RankFailure(AssertionError):
+    pass
+
+
+class RankPool:
+    """n persistent rank processes; see module docstring."""
+
+    def __init__(self, world_size: int, use_gpu: bool = False, env: dict | None = None,
+                 timeout: float = DEFAULT_TIMEOUT_S):
+        self.world_size, self.timeout = world_size, timeout
+        ctx = mp.get_context("spawn")
+        env = {"EP_COMM_TIMEOUT_S": "60", **(env or {})}
+        port = _free_port()
+        self._tasks = [ctx.Queue() for _ in range(world_size)]
+        self._results = ctx.Queue()
+        self._procs = [ctx.Process(target=_worker, daemon=True,
+                                   args=(r, world_size, port, use_gpu, env, self._tasks[r],
+                                         self._results))
+                       for r in range(world_size)]
+        for p in self._procs:
+            p.start()
+        self._collect("start-up")
+
+    def _collect(self, what: str) -> list:
+        import queue
+        out, errors = [None] * self.world_size, []
+        for _ in range(self.world_size):
+            try:
+                rank, ok, value = self._results.get(timeout=self.timeout)
+            except queue.Empty:
+                self.close(force=True)
+                raise RankFailure(f"{what}: no answer from some ranks within {self.timeout} s "
+                                  f"(a hang); got {sum(o is not None for o in out)} of "
+                                  f"{self.world_size}") from None
+            if ok:
+                out[rank] = value
+            else:
+                errors.append((rank, value))
+        if errors:
+            msg = "\n".join(f"--- rank {r} failed:\n{tb}" for r, tb in sorted(errors))
+            raise RankFailure(f"{what}: {len(errors)} of {self.world_size} ranks failed\n{msg}")
+        return out
+
+    def run(self, fn, *args) -> list:
+        """``fn(ctx, *args)`` on every rank; results by rank, or RankFailure naming ranks."""
+        for q in self._tasks:
+            q.put((fn, args))
+        return self._collect(getattr(fn, "__name__", str(fn)))
+
+    def close(self, force: bool = False) -> None:
+        if not force:
+            for q in self._tasks:
+                q.put(None)
+            for p in self._procs:
+                p.join(timeout=30)
+        for p in self._procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+def run_ranks(fn, world_size: int, *args, use_gpu: bool = False, env: dict | None = None,
+              timeout: float = DEFAULT_TIMEOUT_S) -> list:
+    """Run ``fn(ctx, *args)`` once on a fresh pool of ``world_size`` ranks."""
+    pool = RankPool(world_size, use_gpu=use_gpu, env=env, timeout=timeout)
+    try:
+        return pool.run(fn, *args)
+    finally:
+        pool.close()
