@@ -7,12 +7,16 @@ Python and every later start fast.
 
 The pipeline, for a module made of one or more ``.cu`` files::
 
-    nvcc -rdc=true -O3 -std=c++17 -lineinfo -gencode=arch=compute_90a,code=sm_90a -c x.cu -o x.o
-    nvcc -arch=sm_90a -dlink -cubin x.o [libnvshmem_device.a] -o module.cubin
+    nvcc -rdc=true -O3 -std=c++17 -lineinfo -gencode=arch=compute_90a,code=sm_90a \
+         -cubin x.cu -o x.rdc.cubin
+    nvcc -arch=sm_90a -dlink -cubin x.rdc.cubin [libnvshmem_device.a] -o module.cubin
 
 ``-rdc`` plus the device link is what lets kernels call the device functions inside the static
 ``libnvshmem_device.a``. NVRTC cannot do this (it mangles ``uint64_t`` differently from the
-nvcc-built archive), which is why this module shells out to nvcc.
+nvcc-built archive), which is why this module shells out to nvcc. ``-cubin`` instead of ``-c``
+in the first step skips the host compiler passes, which only make host stubs that a cubin never
+holds: the result is byte-identical, and a file that includes ``nvshmem.h`` compiles in ~8 s
+instead of ~14 s.
 
 Public functions:
     compile_kernels(name, sources, *, nvshmem, arch=None, extra_flags=(), defines=None,
@@ -73,7 +77,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Bumped whenever the way commands are built changes, so old cubins are not reused.
-_SCHEME = "ep_comm.jit/1"
+_SCHEME = "ep_comm.jit/2"
 # Hopper is the machine this project targets; "a" enables the arch-specific instructions
 # (wgmma, setmaxnreg, TMA multicast) that sm_90 without the suffix rejects.
 DEFAULT_ARCH = "90a"
@@ -176,7 +180,8 @@ def _hash_sources(root: Path) -> dict[str, str]:
     digests = {}
     for path in sorted(root.rglob("*")):
         if path.suffix in _SOURCE_SUFFIXES and path.is_file():
-            digests[path.relative_to(root).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            digests[path.relative_to(root).as_posix()] = digest
     return digests
 
 
@@ -265,7 +270,8 @@ def _nvshmem_roots() -> list[tuple[str, Path]]:
     home = os.environ.get("NVSHMEM_HOME")
     if home:
         return [("NVSHMEM_HOME", Path(home))]  # explicit: never fall back to another install
-    spec = importlib.util.find_spec("nvidia.nvshmem") if importlib.util.find_spec("nvidia") else None
+    has_nvidia = importlib.util.find_spec("nvidia") is not None
+    spec = importlib.util.find_spec("nvidia.nvshmem") if has_nvidia else None
     locs = (spec.submodule_search_locations or []) if spec else []
     return [("the nvidia-nvshmem wheel", Path(loc)) for loc in locs]
 
@@ -390,7 +396,8 @@ class _BuildPlan:
         return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
     def compile_cmd(self, source: str, obj: Path) -> list[str]:
-        return [self.nvcc, *self.compile_flags, "-c", str(self.src_dir / source), "-o", str(obj)]
+        return [self.nvcc, *self.compile_flags, "-cubin", str(self.src_dir / source),
+                "-o", str(obj)]
 
     def dlink_cmd(self, objs: Iterable[Path], cubin: Path) -> list[str]:
         lib = [str(self.nvshmem.device_lib)] if self.nvshmem else []
@@ -438,9 +445,9 @@ def _run_nvcc(cmd: list[str]) -> None:
 
 
 def _build(plan: _BuildPlan, out_cubin: Path, workdir: Path) -> dict:
-    """Compile every source to an object (in parallel: NVSHMEM headers alone take ~15 s a
-    file), device-link them into ``out_cubin``; return the commands, for the record."""
-    objs = [workdir / f"{i}_{Path(s).stem}.o" for i, s in enumerate(plan.sources)]
+    """Compile every source to a relocatable cubin (in parallel: NVSHMEM's headers alone take
+    ~8 s a file), device-link them into ``out_cubin``; return the commands, for the record."""
+    objs = [workdir / f"{i}_{Path(s).stem}.rdc.cubin" for i, s in enumerate(plan.sources)]
     cmds = [plan.compile_cmd(s, o) for s, o in zip(plan.sources, objs)]
     workers = max(1, min(len(cmds), os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
@@ -602,13 +609,17 @@ def _current_device() -> int:
 
 def _load(cubin_path: Path) -> _Loaded:
     key = str(cubin_path)
+    loaded = _LOADED.get(key)  # every launch comes here: no lock once loaded
+    if loaded is not None:
+        return loaded
     with _LOADED_LOCK:
         loaded = _LOADED.get(key)
         if loaded is None:
             cc = _cuda_core()
             # cuda.core needs a current context; this is the same primary context torch uses.
             cc.Device(_current_device()).set_current()
-            loaded = _Loaded(cc.ObjectCode.from_cubin(cubin_path.read_bytes(), name=cubin_path.stem))
+            objcode = cc.ObjectCode.from_cubin(cubin_path.read_bytes(), name=cubin_path.stem)
+            loaded = _Loaded(objcode)
             _LOADED[key] = loaded
     return loaded
 
