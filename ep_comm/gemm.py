@@ -1,0 +1,469 @@
+"""Launchers of the expert kernels: grouped GEMMs (``kernels/grouped_gemm.py``) and the FP8
+quantiser / SiLU(gate) * up (``kernels/quant.py``).
+
+Each launcher checks shapes, dtypes, devices and strides (raising ``ep_comm.InputError`` with
+the argument's name), picks block sizes with the heuristic below, and launches once: no per-call
+search, no host synchronisation (so the low-latency path stays CUDA-graph capturable).
+
+Operands
+--------
+An activation operand ``a`` is a bf16 tensor, or the FP8 tuple ``(a_fp8 float8_e4m3fn,
+a_scales float32 [..., K // 128])`` (``ep_comm.fp8``'s format; the scales may have any strides,
+e.g. the column-major ones of low-latency dispatch). A weight operand ``b`` is ``[E, N, K]``
+bf16 (``nn.Linear`` layout per expert: ``y = x @ b[e].T``), or ``(b_fp8 [E, N, K],
+b_scales float32 [E, ceil(N / 128), ceil(K / 128)])`` with 128 x 128 block scales (DeepSeek-V3).
+``a`` and ``b`` are both bf16 or both FP8; the output is bf16.
+
+Block-size heuristic (``contiguous_config`` / ``masked_config``)
+---------------------------------------------------------------
+H100/H200 (sm_90), 132 SMs, 227 KB shared memory per block:
+
+* contiguous: ``BLOCK_M`` = 64 when the average rows per expert (``M / E``, known on the host)
+  is <= 64 (decode-sized groups: half the padding waste), else 128. ``BLOCK_N`` = 256 when
+  N >= 256 (one A tile feeds twice the MMA work; 128 x 256 is the largest fp32 accumulator that
+  fits 8 warps' registers), else 128. ``BLOCK_K`` = 64 for bf16, 128 for FP8 (one scale per K
+  block, and the same 16 KB per operand row of the tile). ``num_stages`` = 3 at BLOCK_M 128
+  (3 x 48 KB of shared memory), 4 at BLOCK_M 64; 8 warps at BLOCK_M 128, 4 at 64. The grid is
+  persistent: one program per SM.
+* masked (decode; weight-bandwidth bound): the token tile ``BLOCK_M`` covers the expected valid
+  rows per expert (``expected_m``, default 64: up to 64 tokens per expert read each weight tile
+  exactly once), rounded up to a power of two, at least 16. Up to 64 it uses ``SWAP_AB``
+  (weights in the MMA's M dimension, tokens in its N dimension). ``BLOCK_N`` = 128, ``BLOCK_K``
+  = 64 (bf16) / 128 (FP8), 4 warps, 5 stages: 4 weight tiles (64-128 KB) in flight per SM.
+* under ``TRITON_INTERPRET=1`` (CPU tests) small blocks, and bf16 operands are upcast to fp32
+  inside the kernel (the interpreter's bf16 ``tl.dot`` is wrong).
+
+``bench/gemm.py`` times the alternatives next to the chosen configuration and prints them, so
+the heuristic can be checked against measurements on the machine.
+
+Torch versions (``*_torch``) compute the same functions with plain torch ops in float32 (host
+synchronising: they are for CPU runs without the Triton interpreter and for cross-checks).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+import triton
+
+from ep_comm import fp8 as fp8_format
+from ep_comm.errors import InputError
+from ep_comm.kernels import grouped_gemm as _gg
+from ep_comm.kernels import quant as _quant
+
+FP8_DTYPE = torch.float8_e4m3fn
+SCALE_BLOCK = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    """Block sizes and launch parameters of one grouped GEMM launch."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    swap_ab: bool = False
+
+
+# ----------------------------------------------------------------------------- helpers
+def interpreting() -> bool:
+    """True when the Triton kernels run in the interpreter (``TRITON_INTERPRET=1`` at import)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(_gg.contiguous_gemm_kernel, InterpretedFunction)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _fail(msg: str):
+    raise InputError(msg)
+
+
+def _split(name: str, t):
+    """``t`` or ``(t_fp8, scales)`` -> (data, scales or None)."""
+    if isinstance(t, (tuple, list)):
+        if len(t) != 2:
+            _fail(f"{name} must be a tensor or a (fp8 tensor, scales) pair, got {len(t)} items")
+        data, scales = t
+        if not isinstance(data, torch.Tensor) or data.dtype != FP8_DTYPE:
+            _fail(f"{name}[0] must be a float8_e4m3fn tensor, got "
+                  f"{getattr(data, 'dtype', type(data).__name__)}")
+        if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32:
+            _fail(f"{name}[1] (scales) must be a float32 tensor, got "
+                  f"{getattr(scales, 'dtype', type(scales).__name__)}")
+        return data, scales
+    if not isinstance(t, torch.Tensor):
+        _fail(f"{name} must be a tensor or a (fp8 tensor, scales) pair, got {type(t).__name__}")
+    if t.dtype != torch.bfloat16:
+        _fail(f"{name} must be bfloat16 or an (float8_e4m3fn, float32 scales) pair, got {t.dtype}")
+    return t, None
+
+
+def _check_device(names_tensors, interp: bool):
+    dev = names_tensors[0][1].device
+    for name, t in names_tensors:
+        if t.device != dev:
+            _fail(f"{name} is on {t.device} but {names_tensors[0][0]} is on {dev}")
+    if not interp and dev.type != "cuda":
+        _fail(f"the Triton kernels need CUDA tensors, got {names_tensors[0][0]} on {dev}; on a "
+              f"CPU set TRITON_INTERPRET=1 before importing ep_comm, or use the *_torch versions")
+    return dev
+
+
+def _check_k_contiguous(name: str, t: torch.Tensor):
+    if t.stride(-1) != 1:
+        _fail(f"{name} must be contiguous along its last (K) dimension, got strides "
+              f"{tuple(t.stride())} (call .contiguous())")
+
+
+def _check_operands(a, a_s, b, b_s, lead: tuple, what: str):
+    """Shapes of a [*lead, K] / b [E, N, K] and their scales; returns (E, N, K, fp8)."""
+    if b.dim() != 3:
+        _fail(f"b must be [num_experts, N, K], got shape {list(b.shape)}")
+    e, n, k = b.shape
+    if a.dim() != len(lead) + 1 or a.shape[-1] != k:
+        want = ", ".join(map(str, lead)) + f", {k}"
+        _fail(f"a must be [{want}] ({what}, K = b.shape[2]), got shape {list(a.shape)}")
+    if any(s is not None and s != d for s, d in zip(lead, a.shape)):
+        want = ", ".join("*" if s is None else str(s) for s in lead)
+        _fail(f"a must be [{want}, {k}] ({what}), got shape {list(a.shape)}")
+    fp8 = a_s is not None
+    if fp8 != (b_s is not None):
+        _fail("a and b must both be bf16 or both fp8 tuples, got "
+              f"a {'fp8' if fp8 else 'bf16'} and b {'fp8' if b_s is not None else 'bf16'}")
+    _check_k_contiguous("a", a)
+    _check_k_contiguous("b", b)
+    if fp8:
+        if k % SCALE_BLOCK:
+            _fail(f"fp8 operands need K % 128 == 0 (one scale per 128 channels), got K={k}")
+        want_as = list(a.shape[:-1]) + [k // SCALE_BLOCK]
+        if list(a_s.shape) != want_as:
+            _fail(f"a scales must be {want_as} (one per row per 128 channels), "
+                  f"got {list(a_s.shape)}")
+        want_bs = [e, triton.cdiv(n, SCALE_BLOCK), k // SCALE_BLOCK]
+        if list(b_s.shape) != want_bs:
+            _fail(f"b scales must be {want_bs} (128 x 128 blocks of [E, N, K]), "
+                  f"got {list(b_s.shape)}")
+    return e, n, k, fp8
+
+
+def _check_counts(name: str, t, e: int, dev):
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.shape != (e,):
+        _fail(f"{name} must be an int32 tensor of shape [{e}], got "
+              f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', []))}")
+    if t.device != dev:
+        _fail(f"{name} is on {t.device}, the operands on {dev}")
+    if t.stride(0) != 1:
+        _fail(f"{name} must be contiguous")
+
+
+def _check_out(out, shape, dev):
+    if out is None:
+        return torch.empty(shape, dtype=torch.bfloat16, device=dev)
+    if out.dtype != torch.bfloat16 or list(out.shape) != list(shape) or out.device != dev:
+        _fail(f"out must be a bfloat16 tensor of shape {list(shape)} on {dev}, got "
+              f"{out.dtype} {list(out.shape)} on {out.device}")
+    if out.stride(-1) != 1:
+        _fail("out must be contiguous along its last dimension")
+    return out
+
+
+# ----------------------------------------------------------------------------- heuristics
+def contiguous_config(num_rows: int, n: int, k: int, num_groups: int, fp8: bool,
+                      interpret: bool = False) -> GemmConfig:
+    """Block sizes of the contiguous grouped GEMM (see the module docstring for the reasons)."""
+    if interpret:
+        avg = num_rows / max(num_groups, 1)
+        return GemmConfig(16 if avg <= 16 else 32, 32, 128 if fp8 else 32, 4, 1)
+    avg = num_rows / max(num_groups, 1)
+    block_m = 64 if avg <= 64 else 128
+    block_n = 256 if n >= 256 else 128
+    block_k = 128 if fp8 else 64
+    if block_m == 128:
+        return GemmConfig(block_m, block_n, block_k, num_warps=8, num_stages=3)
+    return GemmConfig(block_m, block_n, block_k, num_warps=4, num_stages=4)
+
+
+def masked_config(expected_m: int | None, n: int, k: int, fp8: bool,
+                  interpret: bool = False) -> GemmConfig:
+    """Block sizes of the masked (low-latency) grouped GEMM (see the module docstring)."""
+    m = 64 if expected_m is None else max(1, int(expected_m))
+    block_m = max(16, triton.next_power_of_2(m))
+    if interpret:
+        return GemmConfig(min(block_m, 32), 32, 128 if fp8 else 32, 4, 1, swap_ab=block_m <= 16)
+    block_m = min(block_m, 128)
+    block_k = 128 if fp8 else 64
+    if block_m <= 64:
+        return GemmConfig(block_m, 128, block_k, num_warps=4, num_stages=5, swap_ab=True)
+    return GemmConfig(block_m, 128, block_k, num_warps=8, num_stages=4)
+
+
+def _check_config(cfg: GemmConfig, fp8: bool):
+    for f in ("block_m", "block_n", "block_k"):
+        v = getattr(cfg, f)
+        if v < 16 or v & (v - 1):
+            _fail(f"config.{f} must be a power of two >= 16, got {v}")
+    if fp8 and (cfg.block_k > SCALE_BLOCK):
+        _fail(f"fp8 needs config.block_k <= 128 (one scale per K block), got {cfg.block_k}")
+
+
+# ----------------------------------------------------------------------------- grouped GEMMs
+def grouped_gemm_contiguous(a, b, group_end: torch.Tensor, *, group_rows: torch.Tensor | None = None,
+                            out: torch.Tensor | None = None,
+                            config: GemmConfig | None = None) -> torch.Tensor:
+    """Grouped GEMM on the contiguous (normal-mode) layout.
+
+    Args:
+        a: [M, K] bf16, or (a_fp8 [M, K] float8_e4m3fn, a_scales [M, K // 128] float32).
+            Expert e's rows are ``[group_end[e-1], group_end[e-1] + rows_e)`` (group_end[-1]
+            taken as 0).
+        b: [E, N, K] bf16, or (b_fp8 [E, N, K], b_scales [E, ceil(N/128), K // 128] float32).
+        group_end: [E] int32 on a's device, cumulative end row of each expert's group
+            (non-decreasing, <= M; as ``torch._grouped_mm``'s ``offs``). Groups may hold
+            alignment padding at their end.
+        group_rows: [E] int32 or None: valid rows at the start of each group (<= its size); the
+            rest of the group is neither computed nor written. None: every row is valid.
+        out: [M, N] bf16 to write into (rows outside every group's valid range are untouched),
+            or None to allocate.
+        config: block sizes; None chooses by ``contiguous_config``.
+
+    Returns:
+        out: [M, N] bf16, ``out[r] = a[r] @ b[e].T`` for each valid row r of expert e.
+    """
+    a, a_s = _split("a", a)
+    b, b_s = _split("b", b)
+    e, n, k, fp8 = _check_operands(a, a_s, b, b_s, (None,), "contiguous rows")
+    m = a.shape[0]
+    interp = interpreting()
+    named = [("a", a), ("b", b), ("group_end", group_end)] + ([("a scales", a_s), ("b scales", b_s)] if fp8 else [])
+    dev = _check_device(named, interp)
+    _check_counts("group_end", group_end, e, dev)
+    if group_rows is not None:
+        _check_counts("group_rows", group_rows, e, dev)
+    out = _check_out(out, (m, n), dev)
+    if m == 0 or n == 0 or e == 0:
+        return out
+    cfg = config or contiguous_config(m, n, k, e, fp8, interp)
+    _check_config(cfg, fp8)
+    n_tiles = triton.cdiv(n, cfg.block_n)
+    max_tiles = (triton.cdiv(m, cfg.block_m) + e) * n_tiles
+    sms = 4 if interp else _num_sms(dev.index if dev.index is not None else torch.cuda.current_device())
+    num_programs = max(1, min(sms, max_tiles))
+    a_s_ = a_s if fp8 else a
+    b_s_ = b_s if fp8 else b
+    as_strides = (a_s.stride(0), a_s.stride(1)) if fp8 else (0, 0)
+    bs_strides = (b_s.stride(0), b_s.stride(1), b_s.stride(2)) if fp8 else (0, 0, 0)
+    _gg.contiguous_gemm_kernel[(num_programs,)](
+        a, b, out, a_s_, b_s_, group_end, group_rows if group_rows is not None else group_end,
+        m, n, k, e,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2),
+        out.stride(0), out.stride(1), *as_strides, *bs_strides,
+        NUM_PROGRAMS=num_programs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, E_POW2=max(16, triton.next_power_of_2(e)),
+        HAS_ROWS=group_rows is not None, FP8=fp8, INTERPRET=interp,
+        EVEN_K=k % cfg.block_k == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+def grouped_gemm_masked(a, b, count: torch.Tensor, *, expected_m: int | None = None,
+                        out: torch.Tensor | None = None,
+                        config: GemmConfig | None = None) -> torch.Tensor:
+    """Grouped GEMM on the masked (low-latency) layout, e.g. straight on low-latency dispatch's
+    ``recv_x`` (bf16 or its FP8 tuple with column-major scales, no copy or dequantisation).
+
+    Args:
+        a: [E, M, K] bf16, or (a_fp8 [E, M, K] float8_e4m3fn, a_scales [E, M, K // 128]
+            float32, any strides).
+        b: [E, N, K] bf16, or (b_fp8 [E, N, K], b_scales [E, ceil(N/128), K // 128] float32).
+        count: [E] int32 on a's device: rows ``[0, count[e])`` of expert e are valid (values
+            above M are treated as M); the other rows are neither read nor written.
+        expected_m: the expected largest valid count (a host-side hint that picks BLOCK_M; a
+            count above it is still right, it only re-reads the weights). None: 64.
+        out: [E, M, N] bf16 to write into, or None to allocate (rows past the counts are then
+            uninitialised).
+        config: block sizes; None chooses by ``masked_config``.
+
+    Returns:
+        out: [E, M, N] bf16, ``out[e, :count[e]] = a[e, :count[e]] @ b[e].T``.
+    """
+    a, a_s = _split("a", a)
+    b, b_s = _split("b", b)
+    e, n, k, fp8 = _check_operands(a, a_s, b, b_s, (b.shape[0] if b.dim() == 3 else None, None),
+                                   "experts x max tokens")
+    m = a.shape[1]
+    interp = interpreting()
+    named = [("a", a), ("b", b), ("count", count)] + ([("a scales", a_s), ("b scales", b_s)] if fp8 else [])
+    dev = _check_device(named, interp)
+    _check_counts("count", count, e, dev)
+    out = _check_out(out, (e, m, n), dev)
+    if m == 0 or n == 0 or e == 0:
+        return out
+    cfg = config or masked_config(expected_m, n, k, fp8, interp)
+    _check_config(cfg, fp8)
+    a_s_ = a_s if fp8 else a
+    b_s_ = b_s if fp8 else b
+    as_strides = (a_s.stride(0), a_s.stride(1), a_s.stride(2)) if fp8 else (0, 0, 0)
+    bs_strides = (b_s.stride(0), b_s.stride(1), b_s.stride(2)) if fp8 else (0, 0, 0)
+    grid = (triton.cdiv(n, cfg.block_n), e)
+    _gg.masked_gemm_kernel[grid](
+        a, b, out, a_s_, b_s_, count, m, n, k,
+        a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), *as_strides, *bs_strides,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, FP8=fp8,
+        INTERPRET=interp, EVEN_K=k % cfg.block_k == 0, SWAP_AB=cfg.swap_ab,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+# ----------------------------------------------------------------------------- quant / SiLU
+def _act_launch(x, count, *, silu: bool, quant: bool, round_scale: bool,
+                column_major_scales: bool | None, out=None):
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.bfloat16, torch.float32):
+        _fail(f"x must be a bfloat16 or float32 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() not in (2, 3):
+        _fail(f"x must be [T, C] or [E, M, C], got shape {list(x.shape)}")
+    interp = interpreting()
+    dev = _check_device([("x", x)], interp)
+    _check_k_contiguous("x", x)
+    c = x.shape[-1]
+    width = c // 2 if silu else c
+    if silu and c % 2:
+        _fail(f"x's last dimension must be even ([gate | up]), got {c}")
+    if width % SCALE_BLOCK:
+        _fail(f"the {'intermediate' if silu else 'hidden'} size must be a multiple of 128, "
+              f"got {width}")
+    x3 = x if x.dim() == 3 else x.unsqueeze(0)
+    e, m = x3.shape[0], x3.shape[1]
+    if count is not None:
+        if x.dim() != 3:
+            _fail("count is only accepted with a 3D [E, M, C] input")
+        _check_counts("count", count, e, dev)
+    groups = width // SCALE_BLOCK
+    if quant:
+        q = torch.empty((*x.shape[:-1], width), dtype=FP8_DTYPE, device=dev)
+        col_major = (x.dim() == 3) if column_major_scales is None else column_major_scales
+        if col_major:
+            s = torch.empty((*x.shape[:-2], groups, x.shape[-2]), dtype=torch.float32,
+                            device=dev).transpose(-1, -2)
+        else:
+            s = torch.empty((*x.shape[:-1], groups), dtype=torch.float32, device=dev)
+    else:
+        q = _check_out(out, (*x.shape[:-1], width), dev)
+        s = None
+    if e * m == 0:
+        return (q, s) if quant else q
+    q3 = q if q.dim() == 3 else q.unsqueeze(0)
+    s3 = (s if s.dim() == 3 else s.unsqueeze(0)) if quant else q3
+    s_strides = (s3.stride(0), s3.stride(1), s3.stride(2)) if quant else (0, 0, 0)
+    block_g = min(16, triton.next_power_of_2(groups))
+    grid = (e * m, triton.cdiv(groups, block_g))
+    _quant.quant_kernel[grid](
+        x3, q3, s3, count if count is not None else x3, m, groups, width if silu else 0,
+        x3.stride(0), x3.stride(1), x3.stride(2), q3.stride(0), q3.stride(1), q3.stride(2),
+        *s_strides, BLOCK_G=block_g, SILU=silu, QUANT=quant, HAS_COUNT=count is not None,
+        ROUND_SCALE=round_scale, INTERPRET=interp, num_warps=4)
+    return (q, s) if quant else q
+
+
+def quantize_fp8(x: torch.Tensor, *, count: torch.Tensor | None = None, round_scale: bool = False,
+                 column_major_scales: bool | None = None):
+    """Per-token 128-channel FP8 cast, bit-identical to ``ep_comm.fp8.per_token_cast_to_fp8``.
+
+    Args:
+        x: [T, H] or [E, M, H] bf16 / float32, H % 128 == 0.
+        count: [E] int32 (3D only): only rows ``m < count[e]`` are cast; others are left as is.
+        round_scale: round each scale up to a power of two.
+        column_major_scales: store the scales column-major in their last two dims (the layout of
+            low-latency dispatch); None: column-major for 3D inputs, row-major for 2D.
+
+    Returns:
+        (x_fp8 [..., H] float8_e4m3fn, scales [..., H // 128] float32).
+    """
+    return _act_launch(x, count, silu=False, quant=True, round_scale=round_scale,
+                       column_major_scales=column_major_scales)
+
+
+def silu_mul(x: torch.Tensor, *, count: torch.Tensor | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(x[..., :I]) * x[..., I:]`` in fp32, stored as bf16 ``[..., I]`` (I % 128 == 0).
+
+    ``x`` is [T, 2I] or [E, M, 2I] (bf16 or float32); with ``count`` [E] int32 (3D only) only
+    rows ``m < count[e]`` are computed and written.
+    """
+    return _act_launch(x, count, silu=True, quant=False, round_scale=False,
+                       column_major_scales=None, out=out)
+
+
+def silu_mul_quant_fp8(x: torch.Tensor, *, count: torch.Tensor | None = None,
+                       round_scale: bool = False, column_major_scales: bool | None = None):
+    """``silu(gate) * up`` cast straight to the FP8 tuple (one pass, no bf16 intermediate).
+
+    Args as ``silu_mul`` and ``quantize_fp8``. Returns (h_fp8 [..., I] float8_e4m3fn,
+    scales [..., I // 128] float32), scales column-major for 3D inputs unless told otherwise.
+    """
+    return _act_launch(x, count, silu=True, quant=True, round_scale=round_scale,
+                       column_major_scales=column_major_scales)
+
+
+# ----------------------------------------------------------------------------- torch versions
+def _dequant_a(a):
+    data, s = (a if isinstance(a, (tuple, list)) else (a, None))
+    return data.float() if s is None else fp8_format.dequantize(data, s)
+
+
+def _dequant_b(b):
+    if not isinstance(b, (tuple, list)):
+        return b.float()
+    w, s = b
+    e, n, k = w.shape
+    full = s.repeat_interleave(SCALE_BLOCK, 1)[:, :n].repeat_interleave(SCALE_BLOCK, 2)[:, :, :k]
+    return w.float() * full
+
+
+def grouped_gemm_contiguous_torch(a, b, group_end, *, group_rows=None, out=None) -> torch.Tensor:
+    """``grouped_gemm_contiguous`` in plain torch (float32 math, host-synchronising)."""
+    af, bf = _dequant_a(a), _dequant_b(b)
+    if out is None:
+        out = torch.empty(af.shape[0], bf.shape[1], dtype=torch.bfloat16, device=af.device)
+    ends = group_end.tolist()
+    rows = group_rows.tolist() if group_rows is not None else None
+    start = 0
+    for e, end in enumerate(ends):
+        n_rows = end - start if rows is None else min(rows[e], end - start)
+        if n_rows > 0:
+            out[start:start + n_rows] = (af[start:start + n_rows] @ bf[e].T).to(torch.bfloat16)
+        start = end
+    return out
+
+
+def grouped_gemm_masked_torch(a, b, count, *, out=None, expected_m=None) -> torch.Tensor:
+    """``grouped_gemm_masked`` in plain torch (float32 math, host-synchronising)."""
+    af, bf = _dequant_a(a), _dequant_b(b)
+    if out is None:
+        out = torch.empty(af.shape[0], af.shape[1], bf.shape[1], dtype=torch.bfloat16,
+                          device=af.device)
+    for e, c in enumerate(count.tolist()):
+        c = min(c, af.shape[1])
+        if c > 0:
+            out[e, :c] = (af[e, :c] @ bf[e].T).to(torch.bfloat16)
+    return out
+
+
+def silu_mul_torch(x: torch.Tensor) -> torch.Tensor:
+    """``silu_mul`` in plain torch (float32 math, bf16 result)."""
+    g, u = x.float().chunk(2, dim=-1)
+    return (torch.nn.functional.silu(g) * u).to(torch.bfloat16)
+
+
+def silu_mul_quant_fp8_torch(x: torch.Tensor, round_scale: bool = False):
+    """``silu_mul_quant_fp8`` in plain torch (row-major scales)."""
+    g, u = x.float().chunk(2, dim=-1)
+    h = torch.nn.functional.silu(g) * u
+    shape = h.shape
+    q, s = fp8_format.per_token_cast_to_fp8(h.reshape(-1, shape[-1]), round_scale=round_scale)
+    return q.view(shape), s.view(*shape[:-1], -1)

@@ -1,0 +1,65 @@
+"""Triton kernels that move dispatched tokens into the per-expert contiguous layout and back.
+
+Normal-mode dispatch returns rows ordered by source rank then token, each row carrying up to K
+local expert ids (``recv_topk_idx``, -1 = not on this rank). ``dest [N, K] int32`` (computed by
+``ep_comm.moe.expert_layout``) names the row of the expert-contiguous buffer that copy k of row
+n goes to (-1: none).
+
+* ``permute_kernel``: ``out[dest[n, k]] = x[n]`` for every k with ``dest >= 0``; one load of the
+  row, up to K stores. With ``HAS_SCALES`` the FP8 scales row is copied along (program 0 of the
+  row's column blocks).
+* ``unpermute_kernel``: ``out[n] = sum_k w[n, k] * y[dest[n, k]]`` over ``dest >= 0``, in fp32,
+  stored as bf16: the expert-output weighting and the reduction over a token's local experts,
+  in one pass, before combine sends one row per token back. ``INTERPRET``: round to bf16
+  explicitly (the interpreter's cast truncates; see ``grouped_gemm``).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ep_comm.kernels.grouped_gemm import bf16_rne
+
+
+@triton.jit
+def permute_kernel(x_ptr, xs_ptr, dest_ptr, out_ptr, outs_ptr,
+                   H, G, TOPK,
+                   stride_xn, stride_on, stride_dn, stride_dk,
+                   stride_xsn, stride_xsg, stride_osn, stride_osg,
+                   BLOCK_H: tl.constexpr, G_POW2: tl.constexpr, HAS_SCALES: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    offs = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    hmask = offs < H
+    x = tl.load(x_ptr + n * stride_xn + offs, mask=hmask)
+    if HAS_SCALES:
+        offs_g = tl.arange(0, G_POW2)
+        gmask = (offs_g < G) & (hb == 0)
+        s = tl.load(xs_ptr + n * stride_xsn + offs_g * stride_xsg, mask=gmask)
+    for k in range(TOPK):
+        d = tl.load(dest_ptr + n * stride_dn + k * stride_dk).to(tl.int64)
+        ok = d >= 0
+        d = tl.maximum(d, 0)
+        tl.store(out_ptr + d * stride_on + offs, x, mask=hmask & ok)
+        if HAS_SCALES:
+            tl.store(outs_ptr + d * stride_osn + offs_g * stride_osg, s, mask=gmask & ok)
+
+
+@triton.jit
+def unpermute_kernel(y_ptr, dest_ptr, w_ptr, out_ptr,
+                     H, TOPK,
+                     stride_yn, stride_on, stride_dn, stride_dk, stride_wn, stride_wk,
+                     BLOCK_H: tl.constexpr, INTERPRET: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    hmask = offs < H
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for k in range(TOPK):
+        d = tl.load(dest_ptr + n * stride_dn + k * stride_dk).to(tl.int64)
+        w = tl.load(w_ptr + n * stride_wn + k * stride_wk)
+        ok = d >= 0
+        y = tl.load(y_ptr + tl.maximum(d, 0) * stride_yn + offs, mask=hmask & ok, other=0.0)
+        acc += y.to(tl.float32) * tl.where(ok, w, 0.0)
+    if INTERPRET:
+        acc = bf16_rne(acc)
+    tl.store(out_ptr + n * stride_on + offs, acc.to(out_ptr.dtype.element_ty), mask=hmask)

@@ -1,0 +1,223 @@
+"""Grouped GEMMs (contiguous and masked layouts, bf16 and FP8) against float64 references.
+
+On a machine without CUDA the Triton kernels run in the interpreter (TRITON_INTERPRET=1, set
+here before ep_comm is imported) at small shapes; ``-m gpu`` runs the same checks at
+DeepSeek-V3 shapes on a GPU.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from ep_comm import fp8, gemm  # noqa: E402
+from ep_comm.errors import InputError  # noqa: E402
+from ep_comm.moe import quantize_weight_fp8  # noqa: E402
+
+GPU = torch.cuda.is_available()
+DEV = torch.device("cuda" if GPU else "cpu")
+gpu_only = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU (run with -m gpu on the GPU machine)")
+SENTINEL = 7.0  # written into out beforehand: rows a kernel must not write keep it
+
+
+# ----------------------------------------------------------------------------- oracles
+def dequant_act(a) -> torch.Tensor:
+    if isinstance(a, tuple):
+        return fp8.dequantize(a[0], a[1]).double()
+    return a.double()
+
+
+def dequant_weight(b) -> torch.Tensor:
+    return gemm._dequant_b(b).double() if isinstance(b, tuple) else b.double()
+
+
+def assert_bf16_close(out: torch.Tensor, ref: torch.Tensor, what: str = ""):
+    """bf16 output of an fp32-accumulated product: half a bf16 ulp of the value (2**-9
+    relative) plus summation error, bounded by 2**-12 of the largest value."""
+    if ref.numel() == 0:
+        return
+    err = (out.double() - ref).abs()
+    tol = 2.0 ** -8 * ref.abs() + 2.0 ** -12 * ref.abs().max() + 1e-6
+    bad = err > tol
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {ref.numel()} values off, worst "
+                           f"{err.max().item():.4g} at |ref| max {ref.abs().max().item():.4g}")
+
+
+def make_act(rows: int, k: int, use_fp8: bool, g: torch.Generator):
+    x = (torch.randn(rows, k, generator=g) * (1 + 3 * torch.rand(rows, 1, generator=g)))
+    x = x.to(torch.bfloat16).to(DEV)
+    return fp8.per_token_cast_to_fp8(x) if use_fp8 else x
+
+
+def make_weight(e: int, n: int, k: int, use_fp8: bool, g: torch.Generator):
+    w = (torch.randn(e, n, k, generator=g) / k ** 0.5).to(torch.bfloat16).to(DEV)
+    return quantize_weight_fp8(w) if use_fp8 else w
+
+
+def counts_to_groups(counts, alignment):
+    sizes = [(c + alignment - 1) // alignment * alignment for c in counts]
+    ends = torch.tensor(sizes, dtype=torch.int64).cumsum(0)
+    return (ends.to(torch.int32).to(DEV), torch.tensor(counts, dtype=torch.int32, device=DEV),
+            int(ends[-1]) if len(sizes) else 0)
+
+
+def check_contiguous(counts, n, k, use_fp8, alignment, seed, config=None, pass_rows=True):
+    g = torch.Generator().manual_seed(seed)
+    e = len(counts)
+    ends, rows, m = counts_to_groups(counts, alignment)
+    a = make_act(m, k, use_fp8, g)
+    b = make_weight(e, n, k, use_fp8, g)
+    out = torch.full((m, n), SENTINEL, dtype=torch.bfloat16, device=DEV)
+    gemm.grouped_gemm_contiguous(a, b, ends, group_rows=rows if pass_rows else None, out=out,
+                                 config=config)
+    ad, bd = dequant_act(a), dequant_weight(b)
+    start = 0
+    for i, c in enumerate(counts):
+        end = int(ends[i])
+        valid = c if pass_rows else end - start
+        ref = ad[start:start + valid] @ bd[i].T
+        assert_bf16_close(out[start:start + valid], ref, f"expert {i}")
+        assert (out[start + valid:end] == SENTINEL).all(), f"expert {i}: padding rows written"
+        start = end
+
+
+def check_masked(counts, m, n, k, use_fp8, seed, config=None, expected_m=None):
+    g = torch.Generator().manual_seed(seed)
+    e = len(counts)
+    a = make_act(e * m, k, use_fp8, g)
+    if use_fp8:  # the layout of low-latency dispatch: scales column-major in the last two dims
+        a = (a[0].view(e, m, k), fp8.column_major_last2(a[1].view(e, m, k // 128)))
+        assert a[1].stride(1) == 1
+    else:
+        a = a.view(e, m, k)
+    b = make_weight(e, n, k, use_fp8, g)
+    count = torch.tensor(counts, dtype=torch.int32, device=DEV)
+    out = torch.full((e, m, n), SENTINEL, dtype=torch.bfloat16, device=DEV)
+    gemm.grouped_gemm_masked(a, b, count, out=out, config=config, expected_m=expected_m)
+    ad = (fp8.dequantize(a[0], a[1]) if use_fp8 else a).double()
+    bd = dequant_weight(b)
+    for i, c in enumerate(counts):
+        c = min(c, m)
+        assert_bf16_close(out[i, :c], ad[i, :c] @ bd[i].T, f"expert {i}")
+        assert (out[i, c:] == SENTINEL).all(), f"expert {i}: rows past the count written"
+
+
+# ----------------------------------------------------------------------------- CPU (interpreter)
+SMALL = gemm.GemmConfig(16, 32, 32, 4, 1)
+SMALL_FP8 = gemm.GemmConfig(16, 32, 128, 4, 1)
+
+
+@pytest.mark.parametrize("use_fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("counts,alignment", [
+    ([5, 0, 37, 16], 1),          # an empty expert, counts off the block size
+    ([0, 0, 3, 0, 40, 1], 16),    # mostly empty experts, groups padded to 16 rows
+    ([33], 1),                    # a single expert
+])
+def test_contiguous_gemm_ragged_groups_match_float64(counts, alignment, use_fp8):
+    check_contiguous(counts, n=96, k=256, use_fp8=use_fp8, alignment=alignment, seed=len(counts),
+                     config=SMALL_FP8 if use_fp8 else SMALL)
+
+
+@pytest.mark.parametrize("use_fp8", [False, True], ids=["bf16", "fp8"])
+def test_contiguous_gemm_default_config_and_padding_rows_computed(use_fp8):
+    # no group_rows: the whole (padded) group is computed; N not a multiple of the block.
+    check_contiguous([7, 20, 0, 9], n=80, k=128, use_fp8=use_fp8, alignment=8, seed=3,
+                     pass_rows=False)
+
+
+def test_contiguous_gemm_k_not_multiple_of_block():
+    check_contiguous([9, 0, 17], n=48, k=72, use_fp8=False, alignment=1, seed=4, config=SMALL)
+
+
+def test_contiguous_gemm_all_experts_empty_writes_nothing():
+    check_contiguous([0, 0, 0], n=32, k=128, use_fp8=False, alignment=1, seed=5, config=SMALL)
+
+
+@pytest.mark.parametrize("use_fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("swap_ab", [False, True], ids=["mk", "swap"])
+def test_masked_gemm_reads_and_writes_only_valid_rows(use_fp8, swap_ab):
+    cfg = gemm.GemmConfig(16, 32, 128 if use_fp8 else 32, 4, 1, swap_ab=swap_ab)
+    # 0 tokens, 1 token, a count spanning 3 m tiles, a full expert, a count above M (clamped)
+    check_masked([0, 1, 37, 48, 60], m=48, n=96, k=256, use_fp8=use_fp8, seed=6, config=cfg)
+
+
+@pytest.mark.parametrize("use_fp8", [False, True], ids=["bf16", "fp8"])
+def test_masked_gemm_default_config(use_fp8):
+    check_masked([3, 0, 17], m=24, n=64, k=256, use_fp8=use_fp8, seed=7, expected_m=8)
+
+
+def test_masked_gemm_garbage_past_count_is_not_read():
+    # NaN rows past the count must not leak into the valid rows (they would if they were read
+    # into the MMA: NaN * 0 is NaN).
+    g = torch.Generator().manual_seed(8)
+    e, m, n, k = 2, 32, 32, 64
+    a = make_act(e * m, k, False, g).view(e, m, k).clone()
+    count = torch.tensor([5, 20], dtype=torch.int32, device=DEV)
+    a[0, 5:] = float("nan")
+    a[1, 20:] = float("nan")
+    b = make_weight(e, n, k, False, g)
+    out = gemm.grouped_gemm_masked(a, b, count, config=SMALL)
+    assert torch.isfinite(out[0, :5]).all() and torch.isfinite(out[1, :20]).all()
+    assert_bf16_close(out[1, :20], a[1, :20].double() @ b[1].double().T)
+
+
+def test_gemm_rejects_bad_arguments_with_clear_errors():
+    e, n, k = 2, 32, 128
+    a = torch.zeros(8, k, dtype=torch.bfloat16, device=DEV)
+    b = torch.zeros(e, n, k, dtype=torch.bfloat16, device=DEV)
+    ends = torch.tensor([4, 8], dtype=torch.int32, device=DEV)
+    with pytest.raises(InputError, match="a must be"):
+        gemm.grouped_gemm_contiguous(torch.zeros(8, k + 1, dtype=torch.bfloat16, device=DEV), b, ends)
+    with pytest.raises(InputError, match="group_end must be an int32"):
+        gemm.grouped_gemm_contiguous(a, b, ends.long())
+    with pytest.raises(InputError, match="both be bf16 or both fp8"):
+        gemm.grouped_gemm_contiguous(fp8.per_token_cast_to_fp8(a), b, ends)
+    with pytest.raises(InputError, match="b scales must be"):
+        gemm.grouped_gemm_contiguous(fp8.per_token_cast_to_fp8(a),
+                                     (b.to(torch.float8_e4m3fn), torch.ones(e, 1, 2, device=DEV)), ends)
+    with pytest.raises(InputError, match="contiguous along its last"):
+        gemm.grouped_gemm_contiguous(torch.zeros(k, 8, dtype=torch.bfloat16, device=DEV).T, b, ends)
+    with pytest.raises(InputError, match="bfloat16"):
+        gemm.grouped_gemm_contiguous(a.float(), b, ends)
+    with pytest.raises(InputError, match="count must be an int32 tensor of shape"):
+        gemm.grouped_gemm_masked(a.view(2, 4, k), b, torch.zeros(3, dtype=torch.int32, device=DEV))
+    with pytest.raises(InputError, match="out must be"):
+        gemm.grouped_gemm_masked(a.view(2, 4, k), b, torch.zeros(2, dtype=torch.int32, device=DEV),
+                                 out=torch.empty(2, 4, n + 1, dtype=torch.bfloat16, device=DEV))
+
+
+def test_block_size_heuristic_follows_tokens_per_expert():
+    small = gemm.contiguous_config(64 * 32, 4096, 7168, 64, fp8=False)
+    large = gemm.contiguous_config(64 * 512, 4096, 7168, 64, fp8=True)
+    assert small.block_m == 64 and large.block_m == 128 and large.block_k == 128
+    dec = gemm.masked_config(8, 4096, 7168, fp8=True)
+    assert dec.block_m == 16 and dec.swap_ab and dec.block_k == 128
+    assert gemm.masked_config(None, 4096, 7168, fp8=False).block_m == 64
+
+
+# ----------------------------------------------------------------------------- GPU, real shapes
+H, I = 7168, 2048
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("use_fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("n,k", [(2 * I, H), (H, I)], ids=["gate_up", "down"])
+def test_gpu_contiguous_gemm_deepseek_shapes(n, k, use_fp8):
+    counts = [0, 1, 127, 128, 129, 517, 1000, 0, 64, 300, 2, 255, 256, 0, 33, 700]
+    check_contiguous(counts, n=n, k=k, use_fp8=use_fp8, alignment=128, seed=100)
+    check_contiguous(counts, n=n, k=k, use_fp8=use_fp8, alignment=1, seed=101)
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("use_fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("n,k", [(2 * I, H), (H, I)], ids=["gate_up", "down"])
+@pytest.mark.parametrize("expected_m", [None, 8, 128])
+def test_gpu_masked_gemm_deepseek_shapes(n, k, use_fp8, expected_m):
+    counts = [0, 1, 7, 16, 17, 64, 65, 200, 256, 3, 0, 40]
+    check_masked(counts, m=256, n=n, k=k, use_fp8=use_fp8, seed=102, expected_m=expected_m)
