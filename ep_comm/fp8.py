@@ -44,7 +44,9 @@ def per_token_cast_to_fp8(x: torch.Tensor, round_scale: bool = False, use_ue8m0:
         raise ValueError(f"hidden {h} must be a multiple of {4 * FP8_BLOCK} with use_ue8m0")
     xf = x.float().view(t, h // FP8_BLOCK, FP8_BLOCK)
     amax = xf.abs().amax(dim=-1).clamp(min=AMAX_MIN)
-    scale = amax / FP8_MAX
+    # A tensor divisor, not the Python float: torch's CUDA division by a CPU scalar multiplies
+    # by its reciprocal (fl(1/448) is inexact), which would make the cast device-dependent.
+    scale = amax / torch.full_like(amax, FP8_MAX)
     if round_scale or use_ue8m0:
         scale = ceil_pow2(scale)
     q = (xf / scale.unsqueeze(-1)).to(FP8_DTYPE).view(t, h)
