@@ -31,6 +31,7 @@ class Case:
     backend: str = "reference"
     ranks_per_node: int | None = None
     with_bias: bool = False
+    async_mode: bool = False      # previous_event + async_finish + allocate_on_comm_stream
 
 
 def tokens_of(case: Case, rank: int) -> int:
@@ -123,10 +124,19 @@ def task_dispatch_combine(ctx, case: Case):
     buf = make_buffer(ctx, case)
     per_rank, per_node, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, case.num_experts)
     send = fp8_cast(x) if case.fp8 else x
-    recv, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
+    stream_args = {}
+    if case.async_mode:
+        stream_args = dict(previous_event=buf.capture(), async_finish=True,
+                           allocate_on_comm_stream=True)
+    recv, recv_idx, recv_w, counts, handle, event = buf.dispatch(
         send, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_node,
         is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=w,
-        expert_alignment=case.alignment, num_worst_tokens=case.worst)
+        expert_alignment=case.alignment, num_worst_tokens=case.worst, **stream_args)
+    import ep_comm
+    assert isinstance(event, ep_comm.EventOverlap)
+    if case.async_mode:
+        with event:  # overlapped region; on exit the current stream waits for the dispatch
+            pass
 
     xs = [i[0] for i in inputs]
     want = oracle.dispatch(me, xs, [i[1] for i in inputs], [i[2] for i in inputs],
@@ -181,7 +191,10 @@ def task_dispatch_combine(ctx, case: Case):
         g = torch.Generator().manual_seed(case.seed + 77 + me)
         bias = (torch.randn(x.shape, generator=g).to(torch.bfloat16).to(dev),
                 torch.randn(x.shape, generator=g).to(torch.bfloat16).to(dev))
-    combined, combined_w, _ = buf.combine(y, handle, topk_weights=yw, bias=bias)
+    combined, combined_w, event = buf.combine(y, handle, topk_weights=yw, bias=bias,
+                                              **stream_args and dict(
+                                                  previous_event=buf.capture(), async_finish=True))
+    event.current_stream_wait()
     assert combined.dtype == torch.bfloat16 and combined.shape == x.shape
 
     # Expected: for each rank r that received our token t, its row (computed in float64 from

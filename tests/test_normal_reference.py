@@ -48,3 +48,7 @@ def test_dispatch_zero_tokens_everywhere(cpu_ranks):
 
 def test_dispatch_four_ranks_as_two_nodes(cpu_ranks):
     cpu_ranks(4).run(task_dispatch_combine, Case(seed=81, ranks_per_node=2))
+
+
+def test_async_finish_previous_event_and_comm_stream_allocation(cpu_ranks):
+    cpu_ranks(2).run(task_dispatch_combine, Case(seed=101, async_mode=True))
