@@ -73,6 +73,9 @@ def main():
     p.add_argument("--topk", type=int, default=4)
     p.add_argument("--backend", default="auto", choices=["auto", "kernels", "reference"])
     p.add_argument("--mpi", action="store_true", help="build the Buffer from mpi4py's COMM_WORLD")
+    p.add_argument("--ranks-per-node", type=int, default=None,
+                   help="ranks sharing NVLink (default: detected); fewer than on the host "
+                        "simulates several nodes")
     args = p.parse_args()
 
     if args.mpi:
@@ -86,7 +89,9 @@ def main():
     else:
         world = dist.get_world_size(group)
     nvl = ep_comm.Buffer.get_dispatch_config(world).get_nvl_buffer_size_hint(hidden_bytes, world)
-    buffer = ep_comm.Buffer(group, num_nvl_bytes=nvl, comm=comm, backend=args.backend)
+    rdma = ep_comm.Buffer.get_dispatch_config(world).get_rdma_buffer_size_hint(hidden_bytes, world)
+    buffer = ep_comm.Buffer(group, num_nvl_bytes=nvl, num_rdma_bytes=rdma, comm=comm,
+                            backend=args.backend, ranks_per_node=args.ranks_per_node)
     rank, dev = buffer.rank, buffer.device
 
     router, experts = make_layer(args.hidden, args.experts)
@@ -100,7 +105,7 @@ def main():
     err = (out.float().cpu() - want).abs().max().item()
     scale = want.abs().max().item()
     ok = err <= 2e-2 * max(scale, 1.0)
-    print(f"rank {rank}/{buffer.group_size} backend={buffer.backend_name} device={dev}: "
+    print(f"rank {rank}/{buffer.group_size} (node {buffer.comm.node} of {buffer.comm.num_nodes}) backend={buffer.backend_name} device={dev}: "
           f"received {sum(counts)} token-expert rows for experts {counts}, "
           f"max |ep - dense| = {err:.2e} (output scale {scale:.2f}), {elapsed * 1e3:.1f} ms "
           f"-> {'PASS' if ok else 'FAIL'}", flush=True)

@@ -36,3 +36,23 @@ def test_mpirun_demo_builds_buffer_from_mpi_comm():
     out = _run([mpirun, *extra, "-np", "2", sys.executable, DEMO, "--mpi", "--tokens", "24",
                 "--hidden", "128", "--backend", "reference"])
     assert out.count("PASS") == 2, out
+
+
+def test_two_torchrun_nodes_on_localhost():
+    """Multi-node launch as users run it: one torchrun per node, a shared rendezvous."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, EP_COMM_TIMEOUT_S="60", CUDA_VISIBLE_DEVICES="")
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={n}",
+         "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={port}", DEMO,
+         "--tokens", "24", "--hidden", "128", "--backend", "reference", "--ranks-per-node", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+        for n in range(2)]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    for n, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"node {n} exited {p.returncode}:\n{out[-3000:]}"
+    joined = "".join(outs)
+    assert joined.count("PASS") == 4 and "of 2) backend" in joined, joined
