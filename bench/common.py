@@ -1,0 +1,528 @@
+"""Shared helpers of the benchmarks in ``bench/``: start-up, timing, checks, JSON results, tables.
+
+Every benchmark runs under torchrun (one process per GPU, NCCL) or on CPU (gloo, reference
+backend, small sizes), starts through ``ep_comm.launcher.init_distributed`` and writes one JSON
+file per backend as ``/work/shared/RESULTS.md`` describes:
+``<out>/<bench>-<backend>-<ranks>r-<device>.json``.
+
+Timing (``Timer``): each timed run of an operation starts with every rank synchronised. On CUDA
+that is a device synchronise, a one-element NCCL all-reduce and then a short spin kernel
+(``--pad-us``, 500 us by default) before the start event: the all-reduce ends on every GPU at
+about the same moment, and while the spin kernel runs the host enqueues the operation, so the
+events measure GPU time from a common start, without the Python launch overhead (as DeepEP's
+back-to-back ``bench`` loop does). ``--pad-us 0`` measures host overhead too. On CPU it is a
+gloo barrier and the wall clock. A figure is the median over ``--iters`` timed runs after
+``--warmup`` untimed ones; the value reported for the run is the mean over ranks of each rank's
+figure (every rank's value is kept under ``per_rank`` in the JSON).
+
+Run ``python bench/common.py summary --dir DIR`` to print the one-line-per-figure table of a
+folder of results (``bench/gpu_suite.sh`` does that last).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if importlib.util.find_spec("ep_comm") is None:  # a plain checkout that is not installed
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+DEFAULT_OUT = REPO / "bench" / "results"
+#: Backends a benchmark can time: the two ep_comm backends, and a plain all_to_all_single of
+#: the same bytes ("NCCL alone"; on CPU it runs on gloo).
+BACKENDS = ("kernels", "reference", "nccl")
+#: Cycles per microsecond assumed for the spin kernel of the start pad (H100/H200 ~1.7-2 GHz;
+#: the pad only has to outlast the host's enqueueing, so the exact clock does not matter).
+_CYCLES_PER_US = 1900
+
+
+# ------------------------------------------------------------------------------ start-up
+@dataclasses.dataclass
+class BenchContext:
+    """One rank of a benchmark run."""
+
+    rank: int
+    num_ranks: int
+    group: object
+    device: torch.device
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    def log(self, *args) -> None:
+        """Print on rank 0 only."""
+        if self.rank == 0:
+            print(*args, flush=True)
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """Options every benchmark takes."""
+    parser.add_argument("--backend", default=None,
+                        help="comma-separated list of kernels, reference, nccl (each writes its "
+                             "own JSON); default: kernels on GPUs, reference on CPU")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="folder of the JSON results")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed runs before timing")
+    parser.add_argument("--iters", type=int, default=None, help="timed runs (median reported)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random routing")
+    parser.add_argument("--pad-us", type=float, default=500.0,
+                        help="CUDA only: spin before each timed run so the host's launch "
+                             "overhead is not timed (0: time it too)")
+    parser.add_argument("--cpu", action="store_true",
+                        help="run on CPU with gloo even when GPUs are present")
+
+
+def init(args) -> BenchContext:
+    """Start torch.distributed (torchrun, mpirun or a single process) and describe this rank."""
+    from ep_comm.launcher import init_distributed
+    group = init_distributed(use_gpu=False if args.cpu else None)
+    rank, n = dist.get_rank(group), dist.get_world_size(group)
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if dist.get_backend(group) == "nccl" else torch.device("cpu"))
+    return BenchContext(rank, n, group, device)
+
+
+def fill_defaults(args, ctx: BenchContext, gpu: dict, cpu: dict) -> None:
+    """Set every option left at None to its GPU or CPU default (CPU ones are small)."""
+    defaults = gpu if ctx.on_gpu else cpu
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
+def parse_backends(spec: str | None, ctx: BenchContext) -> list[str]:
+    """The backends named in ``--backend`` (default: kernels on GPUs, reference on CPU)."""
+    if not spec:
+        return ["kernels" if ctx.on_gpu else "reference"]
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    for name in names:
+        if name not in BACKENDS:
+            raise SystemExit(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+    return names
+
+
+def parse_ints(spec: str | None) -> list[int]:
+    """``"8,16,24"`` -> ``[8, 16, 24]``; None or "" -> ``[]``."""
+    return [int(s) for s in spec.split(",") if s.strip()] if spec else []
+
+
+# ------------------------------------------------------------------------------ timing
+class Timer:
+    """Times phases of an operation with all ranks synchronised before each phase.
+
+    ``run([(name, fn), ...])`` calls the phases in order, ``warmup + iters`` times; before every
+    phase all ranks synchronise, so each phase is timed alone even when the previous one left
+    work in flight on other ranks (e.g. the send half of a hooked dispatch). Returns the median
+    seconds of each phase on this rank. Phases may pass results along through a closure.
+    """
+
+    def __init__(self, ctx: BenchContext, warmup: int, iters: int, pad_us: float = 500.0):
+        self.ctx, self.warmup, self.iters = ctx, max(0, warmup), max(1, iters)
+        self.pad_cycles = int(pad_us * _CYCLES_PER_US) if ctx.on_gpu else 0
+        if ctx.on_gpu:
+            self._flag = torch.zeros(1, device=ctx.device)
+
+    def sync(self) -> None:
+        """All ranks meet here (and on CUDA, their GPUs are idle and start together)."""
+        if self.ctx.on_gpu:
+            torch.cuda.synchronize(self.ctx.device)
+            dist.all_reduce(self._flag, group=self.ctx.group)  # the current stream waits on it
+            if self.pad_cycles and hasattr(torch.cuda, "_sleep"):
+                torch.cuda._sleep(self.pad_cycles)
+        else:
+            dist.barrier(group=self.ctx.group)
+
+    def _timed(self, fn) -> float:
+        if self.ctx.on_gpu:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    def run(self, phases) -> dict[str, float]:
+        samples: dict[str, list[float]] = {name: [] for name, _ in phases}
+        for i in range(self.warmup + self.iters):
+            for name, fn in phases:
+                self.sync()
+                t = self._timed(fn)
+                if i >= self.warmup:
+                    samples[name].append(t)
+        self.sync()
+        return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def gather(ctx: BenchContext, obj) -> list:
+    """``obj`` of every rank, by rank (pickled; small objects only)."""
+    out = [None] * ctx.num_ranks
+    dist.all_gather_object(out, obj, group=ctx.group)
+    return out
+
+
+def reduce_figures(ctx: BenchContext, mine: dict[str, float]) -> tuple[dict, dict]:
+    """(mean over ranks, list by rank) of every figure. All ranks must pass the same keys."""
+    every = gather(ctx, mine)
+    per_rank = {k: [d[k] for d in every] for k in mine}
+    return {k: sum(v) / len(v) for k, v in per_rank.items()}, per_rank
+
+
+def gbps(num_bytes: float, seconds: float) -> float:
+    return num_bytes / seconds / 1e9 if seconds > 0 else float("nan")
+
+
+# ------------------------------------------------------------------------------ checks
+class CheckError(RuntimeError):
+    """A backend produced a wrong result before timing: no figure is reported for it."""
+
+
+def agree(ctx: BenchContext, problems: list[str]) -> None:
+    """Raise ``CheckError`` on every rank if any rank found a problem (so that all ranks stop
+    together instead of some waiting in the next collective)."""
+    every = gather(ctx, problems)
+    bad = [f"rank {r}: {p}" for r, ps in enumerate(every) for p in ps]
+    if bad:
+        raise CheckError("result check failed, no figures reported: " + "; ".join(bad[:6]))
+
+
+def calc_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """1 - cosine-like similarity of two tensors (0 = equal); DeepEP's tests use the same."""
+    a, b = a.double(), b.double()
+    denom = (a * a + b * b).sum()
+    return float(1 - 2 * (a * b).sum() / denom) if float(denom) > 0 else 0.0
+
+
+# ------------------------------------------------------------------------------ inputs
+def make_routing(ctx: BenchContext, num_tokens: int, num_experts: int, num_topk: int,
+                 seed: int, salt: int = 0):
+    """Random routing: [T, K] int64 distinct experts per token and [T, K] float32 weights.
+
+    Each token picks the top-k of uniform random scores (so k distinct experts, uniform).
+    Seeded by (seed, salt, rank): reruns are repeatable, ranks differ.
+    """
+    g = torch.Generator(device="cpu").manual_seed(
+        (seed * 1_000_003 + salt * 7919 + ctx.rank) % (2 ** 62))
+    scores = torch.rand(num_tokens, num_experts, generator=g)
+    topk_idx = scores.topk(num_topk, dim=1).indices.to(torch.int64)
+    weights = torch.rand(num_tokens, num_topk, generator=g, dtype=torch.float32) + 0.1
+    return topk_idx.to(ctx.device), weights.to(ctx.device)
+
+
+def make_x(ctx: BenchContext, num_tokens: int, hidden: int, seed: int, salt: int = 0):
+    """[T, H] bf16 random activations on this rank's device."""
+    g = torch.Generator(device=ctx.device).manual_seed(
+        (seed * 1_000_003 + salt * 7919 + ctx.rank + 17) % (2 ** 62))
+    return torch.randn(num_tokens, hidden, generator=g, device=ctx.device).to(torch.bfloat16)
+
+
+def fp8_row_bytes(hidden: int) -> int:
+    """Bytes of one token in FP8 with one float32 scale per 128 channels (DeepEP's count)."""
+    return hidden + hidden // 128 * 4
+
+
+def exchange_counts(ctx: BenchContext, send_counts: list[int]) -> list[int]:
+    """Rows this rank receives from each rank, given the rows it sends to each rank."""
+    send = torch.tensor(send_counts, dtype=torch.int64, device=ctx.device)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=ctx.group)
+    return recv.tolist()
+
+
+def a2a_rows(ctx: BenchContext, out: torch.Tensor, inp: torch.Tensor, out_splits, in_splits):
+    """One ``all_to_all_single`` of uint8 rows (every dtype travels as bytes; gloo has no bf16)."""
+    dist.all_to_all_single(out, inp, output_split_sizes=list(out_splits),
+                           input_split_sizes=list(in_splits), group=ctx.group)
+
+
+# ------------------------------------------------------------------------------ results
+def device_name(ctx: BenchContext) -> str:
+    """``"<GPU name> x <ranks>"`` or ``"cpu x <ranks>"`` (devices this run used)."""
+    if ctx.on_gpu:
+        return f"{torch.cuda.get_device_name(ctx.device)} x {ctx.num_ranks}"
+    return f"cpu x {ctx.num_ranks}"
+
+
+def device_slug(ctx: BenchContext) -> str:
+    """Short device name for file names: ``h200``, ``h100``, ``cpu``."""
+    if not ctx.on_gpu:
+        return "cpu"
+    words = [w for w in torch.cuda.get_device_name(ctx.device).lower().split()
+             if w not in ("nvidia", "tesla", "geforce")]
+    return re.sub(r"[^a-z0-9]", "", words[0] if words else "gpu") or "gpu"
+
+
+_GIT: tuple | None = None
+
+
+def git_info() -> tuple[str, bool | None]:
+    """(commit, dirty) of the repository; dirty ignores bench/results (the outputs). Outside a
+    git checkout: ``EP_COMM_COMMIT`` or "unknown", and None."""
+    global _GIT
+    if _GIT is None:
+        try:
+            commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], check=True,
+                                    capture_output=True, text=True, timeout=20).stdout.strip()
+            status = subprocess.run(
+                ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "--",
+                 ".", ":(exclude)bench/results"],
+                check=True, capture_output=True, text=True, timeout=20).stdout
+            _GIT = (commit, bool(status.strip()))
+        except (OSError, subprocess.SubprocessError):
+            _GIT = (os.environ.get("EP_COMM_COMMIT", "unknown"), None)
+    return _GIT
+
+
+def result_path(out_dir, bench: str, backend: str, num_ranks: int, slug: str) -> Path:
+    return Path(out_dir) / f"{bench}-{backend}-{num_ranks}r-{slug}.json"
+
+
+def write_result(ctx: BenchContext, out_dir, bench: str, backend: str, config: dict,
+                 figures: dict, *, status: str = "ok", error: str | None = None,
+                 **extra) -> Path | None:
+    """Write the JSON of one benchmark run (rank 0 only; returns its path there, else None).
+
+    ``status`` is ``ok``, ``unavailable`` (the backend cannot run here; ``error`` says why) or
+    ``failed``; ``extra`` keys (sweeps, per_rank, points) are stored beside ``figures``.
+    """
+    if ctx.rank != 0:
+        return None
+    commit, dirty = git_info()
+    record = {
+        "bench": bench, "backend": backend, "commit": commit, "dirty": dirty,
+        "device": device_name(ctx), "num_ranks": ctx.num_ranks,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "status": status, "config": config, "figures": figures,
+    }
+    if error is not None:
+        record["error"] = error
+    record.update(extra)
+    path = result_path(out_dir, bench, backend, ctx.num_ranks, device_slug(ctx))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(_finite(record), indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _finite(obj):
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def run_backends(ctx: BenchContext, bench: str, backends: list[str], out_dir, config: dict,
+                 measure) -> int:
+    """Run ``measure(backend) -> (figures, extra)`` for each backend and write its JSON.
+
+    A backend that raises ``BackendUnavailableError`` is recorded as ``unavailable`` and
+    skipped; any other error is printed with its traceback and recorded as ``failed``; the
+    next backend still runs. All ranks agree on the outcome before moving on. Returns the exit
+    code: 1 if any backend failed, else 0.
+    """
+    from ep_comm.errors import BackendUnavailableError
+    exit_code = 0
+    for backend in backends:
+        ctx.log(f"\n=== {bench}: backend {backend}, {ctx.num_ranks} rank(s), {device_name(ctx)}")
+        outcome, figures, extra = "ok", {}, {}
+        try:
+            figures, extra = measure(backend)
+        except BackendUnavailableError as e:
+            outcome, message = "unavailable", str(e)
+        except Exception as e:  # noqa: BLE001 - recorded, printed with traceback, run goes on
+            outcome, message = "failed", f"{type(e).__name__}: {e}"
+            print(f"[rank {ctx.rank}] {bench}/{backend} failed:\n{traceback.format_exc()}",
+                  file=sys.stderr, flush=True)
+        else:
+            message = None
+        every = gather(ctx, (outcome, message))
+        worst = next((o for o in ("failed", "unavailable") if any(e[0] == o for e in every)), "ok")
+        if worst != "ok":
+            reasons = sorted({m for o, m in every if o == worst and m})
+            message = " | ".join(reasons) or "failed on another rank"
+            ctx.log(f"{bench}/{backend}: {worst.upper()}: {message}")
+            write_result(ctx, out_dir, bench, backend, config, {}, status=worst, error=message)
+            if worst == "failed":
+                exit_code = 1
+            continue
+        path = write_result(ctx, out_dir, bench, backend, config, figures, **extra)
+        ctx.log(f"wrote {path}")
+    return exit_code
+
+
+# ------------------------------------------------------------------------------ tables
+def fmt(v) -> str:
+    """A number as a short string (4 significant digits, no exponent for usual ranges)."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool) or isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "nan"
+        a = abs(v)
+        if a >= 1000:
+            return f"{v:.0f}"
+        if a >= 100:
+            return f"{v:.1f}"
+        if a >= 1:
+            return f"{v:.2f}"
+        return f"{v:.3g}"
+    return str(v)
+
+
+def format_table(headers: list[str], rows: list[list], title: str | None = None) -> str:
+    """A plain-text table with aligned columns (numbers right-aligned)."""
+    cells = [[fmt(c) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    numeric = [bool(rows) and all(isinstance(row[i], (int, float)) or row[i] is None
+                                  for row in rows) for i in range(len(headers))]
+
+    def line(items):
+        return "  ".join(s.rjust(w) if numeric[i] else s.ljust(w)
+                         for i, (s, w) in enumerate(zip(items, widths))).rstrip()
+
+    out = [title] if title else []
+    out += [line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells]
+    return "\n".join(out)
+
+
+def print_table(ctx: BenchContext | None, headers, rows, title=None) -> None:
+    """Print ``format_table`` (on rank 0 when a context is given)."""
+    if ctx is None or ctx.rank == 0:
+        print(format_table(headers, rows, title), flush=True)
+
+
+def figures_table(ctx: BenchContext, figures: dict, per_rank: dict, title: str) -> None:
+    """Print one row per figure: mean over ranks, and the lowest and highest rank's value."""
+    rows = [[k, v, min(per_rank[k]), max(per_rank[k])] for k, v in figures.items()]
+    print_table(ctx, ["figure", "mean", "min rank", "max rank"], rows, title)
+
+
+# ------------------------------------------------------------------------------ summary
+#: Reference figures (HARDWARE.md, 2026-11-22/23, H200) that a result is compared with when it
+#: was run at the default sizes: (bench, backend, ranks) -> {figure: (value, source)}.
+#: kernels: DeepEP v1 (the target); nccl: NCCL all_to_all_single alone; reference: naive EP in
+#: torch (layout, count exchange, host sync, permute, a2a), which the reference backend is.
+TARGETS = {
+    ("normal", "kernels", 2): {"dispatch_bf16_gbps": 340, "dispatch_bf16_us": 344,
+                               "dispatch_fp8_gbps": 246, "dispatch_fp8_us": 245,
+                               "combine_gbps": 287, "combine_us": 407, "layout_us": 34},
+    ("normal", "kernels", 4): {"dispatch_bf16_gbps": 261, "dispatch_bf16_us": 810,
+                               "dispatch_fp8_gbps": 255, "dispatch_fp8_us": 430,
+                               "combine_gbps": 355, "combine_us": 600, "layout_us": 40},
+    ("normal", "nccl", 2): {"dispatch_bf16_us": 289, "dispatch_bf16_gbps": 405},
+    ("normal", "nccl", 4): {"dispatch_bf16_us": 630, "dispatch_bf16_gbps": 337},
+    ("normal", "reference", 2): {"dispatch_bf16_notify_us": 1080, "combine_us": 980},
+    ("normal", "reference", 4): {"dispatch_bf16_notify_us": 1660, "combine_us": 1700},
+    ("low_latency", "kernels", 2): {"dispatch_us": 28, "combine_us": 41, "dispatch_combine_us": 72},
+    ("low_latency", "kernels", 4): {"dispatch_us": 34, "combine_us": 56, "dispatch_combine_us": 94},
+    ("low_latency", "nccl", 2): {"dispatch_us": 86},
+    ("low_latency", "nccl", 4): {"dispatch_us": 100},
+    ("low_latency", "reference", 2): {"dispatch_us": 510, "combine_us": 140},
+    ("low_latency", "reference", 4): {"dispatch_us": 1150, "combine_us": 290},
+}
+_TARGET_SOURCE = {"kernels": "DeepEP", "nccl": "NCCL", "reference": "naive"}
+#: The sizes the reference figures were measured at.
+_DEFAULT_SIZES = {"normal": {"num_tokens": 4096, "hidden": 7168, "num_topk": 8, "num_experts": 256},
+                  "low_latency": {"num_tokens": 128, "hidden": 7168, "num_topk": 8,
+                                  "num_experts": 256}}
+
+
+def target_for(record: dict, figure: str):
+    """(value, source) of the reference figure for this result, or None."""
+    bench, backend, ranks = record.get("bench"), record.get("backend"), record.get("num_ranks")
+    sizes = _DEFAULT_SIZES.get(bench)
+    cfg = record.get("config", {})
+    if not sizes or any(cfg.get(k) != v for k, v in sizes.items()):
+        return None
+    if bench == "normal" and cfg.get("num_sms", 24) != 24:
+        return None
+    value = TARGETS.get((bench, backend, ranks), {}).get(figure)
+    return None if value is None else (value, _TARGET_SOURCE[backend])
+
+
+def summary_rows(records: list[dict]) -> list[list]:
+    """One row per figure: bench, backend, ranks, figure, value, target, ratio (>1 = better)."""
+    rows = []
+    for rec in sorted(records, key=lambda r: (r.get("bench", ""), r.get("num_ranks", 0),
+                                              r.get("backend", ""))):
+        head = [rec.get("bench"), rec.get("backend"), rec.get("num_ranks")]
+        status = rec.get("status", "ok")
+        if status != "ok":
+            reason = (rec.get("error") or "").replace("\n", " ")
+            rows.append(head + ["-", status.upper(), reason[:100], None])
+            continue
+        figures = rec.get("figures", {})
+        if not figures and rec.get("points"):
+            rows.append(head + ["points", len(rec["points"]), None, None])
+        for name, value in figures.items():
+            tgt = target_for(rec, name)
+            ratio = None
+            if tgt and isinstance(value, (int, float)) and value:
+                ratio = value / tgt[0] if name.endswith("gbps") else tgt[0] / value
+            rows.append(head + [name, value, f"{tgt[0]} {tgt[1]}" if tgt else "",
+                                f"{ratio:.2f}x" if ratio else ""])
+    return rows
+
+
+def summarize(result_dir, backends=None, expect=()) -> str:
+    """The summary table of every JSON in ``result_dir``; ``expect`` lists ``bench:ranks:rc``
+    steps whose backends (``backends``) must have a result, else a FAIL row says so."""
+    records = []
+    for path in sorted(Path(result_dir).glob("*.json")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as e:
+            records.append({"bench": path.stem, "backend": "?", "num_ranks": 0,
+                            "status": "failed", "error": f"unreadable result: {e}"})
+    have = {(r.get("bench"), r.get("backend"), r.get("num_ranks")) for r in records}
+    for item in expect:
+        bench, ranks, rc = item.split(":")
+        for backend in backends or ():
+            if (bench, backend, int(ranks)) not in have:
+                why = ("timed out" if rc in ("124", "137") else
+                       "skipped (time budget)" if rc == "skip" else f"exit code {rc}")
+                records.append({"bench": bench, "backend": backend, "num_ranks": int(ranks),
+                                "status": "failed", "error": f"no result: step {why}"})
+    rows = summary_rows(records)
+    return format_table(["bench", "backend", "ranks", "figure", "value", "target / note",
+                         "vs target"], rows)
+
+
+def _main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("summary", help="print one line per figure of a folder of results")
+    s.add_argument("--dir", default=str(DEFAULT_OUT))
+    s.add_argument("--backends", default="", help="backends each --expect step should produce")
+    s.add_argument("--expect", nargs="*", default=[], help="bench:ranks:rc of each bench step")
+    args = parser.parse_args(argv)
+    print(summarize(args.dir, [b for b in args.backends.split(",") if b], args.expect))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
