@@ -381,7 +381,7 @@ def fmt(v) -> str:
         return str(v)
     if isinstance(v, float):
         if not math.isfinite(v):
-            return "nan"
+            return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
         a = abs(v)
         if a >= 1000:
             return f"{v:.0f}"
