@@ -10,13 +10,16 @@ ranks that are not masked, so that a failed (masked) rank is neither sent to nor
 """
 from __future__ import annotations
 
+import datetime
 import time
 
 import torch
+import torch.distributed as dist
 
 from ep_comm import fp8, layout
 from ep_comm.backend import Backend
-from ep_comm.comm import Comm
+from ep_comm.comm import Comm, _as_bytes, timeout_s
+from ep_comm.errors import CommTimeoutError
 from ep_comm.handles import DispatchHandle, LowLatencyHandle
 
 
@@ -167,8 +170,8 @@ class ReferenceBackend(Backend):
             token_of[p] = torch.cat(toks) if toks else torch.zeros(0, dtype=torch.long, device=dev)
             expert_counts[p] = torch.tensor(cnts, dtype=torch.int32, device=dev)
         recv_counts = {p: torch.empty(per_rank, dtype=torch.int32, device=dev) for p in peers}
-        waited = comm.exchange(expert_counts, recv_counts, "low_latency_dispatch/count",
-                               "per-expert token counts")
+        waited = self._exchange(expert_counts, recv_counts, "low_latency_dispatch/count",
+                                "per-expert token counts")
         if use_fp8:
             q, scales = fp8.per_token_cast_to_fp8(x, round_scale=round_scale, use_ue8m0=use_ue8m0)
         sends, recvs = {}, {}
@@ -216,7 +219,7 @@ class ReferenceBackend(Backend):
                     recv_count[e] += n
                     row += n
             if cumulative_local_expert_recv_stats is not None:
-                cumulative_local_expert_recv_stats += recv_count
+                cumulative_local_expert_recv_stats.add_(recv_count)
             if dispatch_wait_recv_cost_stats is not None:
                 for p in peers:
                     ns = int((waited.get(p, 0.0) + waited2.get(p, 0.0)) * 1e9)
@@ -232,12 +235,58 @@ class ReferenceBackend(Backend):
         unpack()
         return recv_x, recv_scales, recv_count, handle, None
 
+    def _exchange(self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor],
+                  phase: str, what: str) -> dict[int, float]:
+        """Point-to-point exchange with the peers named (masked ranks take no part): send
+        ``sends[peer]``, receive ``recvs[peer]``, each wait bounded by ``timeout_s()``.
+
+        Returns, per peer received from, the seconds waited for it (for wait-cost stats).
+        Unlike ``Comm.wait``, this does not poll ``is_completed()``: gloo's point-to-point works
+        report completion only from ``wait()``, so on gloo each wait is ``wait(timeout)``.
+        """
+        comm = self.comm
+        waited: dict[int, float] = {}
+        if comm.rank in recvs:  # our own rows never leave the process
+            recvs[comm.rank].copy_(sends[comm.rank])
+            waited[comm.rank] = 0.0
+        ops = []
+        for peer, t in sorted(sends.items()):
+            if peer != comm.rank:
+                ops.append((peer, dist.P2POp(dist.isend, _as_bytes(t.contiguous()),
+                                             dist.get_global_rank(comm.group, peer), comm.group)))
+        for peer, t in sorted(recvs.items()):
+            if peer != comm.rank:
+                ops.append((peer, dist.P2POp(dist.irecv, _as_bytes(t),
+                                             dist.get_global_rank(comm.group, peer), comm.group)))
+        if not ops:
+            return waited
+        t0 = time.monotonic()
+        works = dist.batch_isend_irecv([op for _, op in ops])
+        limit = timeout_s()
+        deadline = t0 + limit
+        for (peer, op), work in zip(ops, works):
+            what_op = what if op.op is dist.irecv else f"the receive of {what}"
+            if comm.backend == "gloo":
+                left = max(deadline - time.monotonic(), 1e-3)
+                try:
+                    work.wait(timeout=datetime.timedelta(seconds=left))
+                except RuntimeError as e:
+                    if "Timed out" not in str(e):
+                        raise
+                    raise CommTimeoutError(comm.rank, phase, what_op, limit, peer,
+                                           comm.node_of()) from None
+            else:
+                comm.wait(work, phase, what_op, peer=peer)
+            if op.op is dist.irecv:
+                waited[peer] = time.monotonic() - t0
+        return waited
+
     def _exchange_keyed(self, sends, recvs, phase, what):
         """Several point-to-point exchanges ``(kind, peer)`` with one bounded wait per message."""
         waited: dict[int, float] = {}
         for kind in sorted({k for k, _ in recvs} | {k for k, _ in sends}):
-            w = self.comm.exchange({p: t.contiguous() for (k, p), t in sends.items() if k == kind},
-                                   {p: t for (k, p), t in recvs.items() if k == kind}, phase, what)
+            w = self._exchange({p: t.contiguous() for (k, p), t in sends.items() if k == kind},
+                               {p: t for (k, p), t in recvs.items() if k == kind}, phase, what)
             for p, s in w.items():
                 waited[p] = waited.get(p, 0.0) + s
         return waited
@@ -257,7 +306,7 @@ class ReferenceBackend(Backend):
                                   for e in range(per_rank)]) if per_rank else src.new_zeros(0, hidden)
             n_back = int(state["expert_counts"][p].sum())
             recvs[p] = torch.empty(n_back, hidden, dtype=torch.bfloat16, device=dev)
-        waited = comm.exchange(sends, recvs, "low_latency_combine/data", "expert output rows")
+        waited = self._exchange(sends, recvs, "low_latency_combine/data", "expert output rows")
         result = out if out is not None else torch.empty(topk_idx.shape[0], hidden,
                                                          dtype=torch.bfloat16, device=dev)
 
