@@ -334,16 +334,16 @@ def _act_launch(x, count, *, silu: bool, quant: bool, round_scale: bool,
     width = c // 2 if silu else c
     if silu and c % 2:
         _fail(f"x's last dimension must be even ([gate | up]), got {c}")
-    if width % SCALE_BLOCK:
-        _fail(f"the {'intermediate' if silu else 'hidden'} size must be a multiple of 128, "
-              f"got {width}")
+    if quant and width % SCALE_BLOCK:
+        _fail(f"the {'intermediate' if silu else 'hidden'} size must be a multiple of 128 for "
+              f"the fp8 cast, got {width}")
     x3 = x if x.dim() == 3 else x.unsqueeze(0)
     e, m = x3.shape[0], x3.shape[1]
     if count is not None:
         if x.dim() != 3:
             _fail("count is only accepted with a 3D [E, M, C] input")
         _check_counts("count", count, e, dev)
-    groups = width // SCALE_BLOCK
+    groups = triton.cdiv(width, SCALE_BLOCK)
     if quant:
         q = torch.empty((*x.shape[:-1], width), dtype=FP8_DTYPE, device=dev)
         col_major = (x.dim() == 3) if column_major_scales is None else column_major_scales
@@ -363,7 +363,7 @@ def _act_launch(x, count, *, silu: bool, quant: bool, round_scale: bool,
     block_g = min(16, triton.next_power_of_2(groups))
     grid = (e * m, triton.cdiv(groups, block_g))
     _quant.quant_kernel[grid](
-        x3, q3, s3, count if count is not None else x3, m, groups, width if silu else 0,
+        x3, q3, s3, count if count is not None else x3, m, width, groups, width if silu else 0,
         x3.stride(0), x3.stride(1), x3.stride(2), q3.stride(0), q3.stride(1), q3.stride(2),
         *s_strides, BLOCK_G=block_g, SILU=silu, QUANT=quant, HAS_COUNT=count is not None,
         ROUND_SCALE=round_scale, INTERPRET=interp, num_warps=4)
@@ -390,7 +390,7 @@ def quantize_fp8(x: torch.Tensor, *, count: torch.Tensor | None = None, round_sc
 
 def silu_mul(x: torch.Tensor, *, count: torch.Tensor | None = None,
              out: torch.Tensor | None = None) -> torch.Tensor:
-    """``silu(x[..., :I]) * x[..., I:]`` in fp32, stored as bf16 ``[..., I]`` (I % 128 == 0).
+    """``silu(x[..., :I]) * x[..., I:]`` in fp32, stored as bf16 ``[..., I]``.
 
     ``x`` is [T, 2I] or [E, M, 2I] (bf16 or float32); with ``count`` [E] int32 (3D only) only
     rows ``m < count[e]`` are computed and written.

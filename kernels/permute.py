@@ -34,15 +34,15 @@ def permute_kernel(x_ptr, xs_ptr, dest_ptr, out_ptr, outs_ptr,
     x = tl.load(x_ptr + n * stride_xn + offs, mask=hmask)
     if HAS_SCALES:
         offs_g = tl.arange(0, G_POW2)
-        gmask = (offs_g < G) & (hb == 0)
+        gmask = offs_g < G - hb * G_POW2  # only column block 0 copies the scales
         s = tl.load(xs_ptr + n * stride_xsn + offs_g * stride_xsg, mask=gmask)
     for k in range(TOPK):
         d = tl.load(dest_ptr + n * stride_dn + k * stride_dk).to(tl.int64)
-        ok = d >= 0
-        d = tl.maximum(d, 0)
-        tl.store(out_ptr + d * stride_on + offs, x, mask=hmask & ok)
+        d_ok = tl.maximum(d, 0)
+        tl.store(out_ptr + d_ok * stride_on + offs, x, mask=hmask & (offs * 0 + d >= 0))
         if HAS_SCALES:
-            tl.store(outs_ptr + d * stride_osn + offs_g * stride_osg, s, mask=gmask & ok)
+            tl.store(outs_ptr + d_ok * stride_osn + offs_g * stride_osg, s,
+                     mask=gmask & (offs_g * 0 + d >= 0))
 
 
 @triton.jit
@@ -57,7 +57,7 @@ def unpermute_kernel(y_ptr, dest_ptr, w_ptr, out_ptr,
     for k in range(TOPK):
         d = tl.load(dest_ptr + n * stride_dn + k * stride_dk).to(tl.int64)
         w = tl.load(w_ptr + n * stride_wn + k * stride_wk)
-        ok = d >= 0
+        ok = offs * 0 + d >= 0  # as a vector: the interpreter rejects scalar & vector masks
         y = tl.load(y_ptr + tl.maximum(d, 0) * stride_yn + offs, mask=hmask & ok, other=0.0)
         acc += y.to(tl.float32) * tl.where(ok, w, 0.0)
     if INTERPRET:

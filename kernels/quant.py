@@ -16,7 +16,8 @@ down GEMM's input, instead of a SiLU pass and a quantisation pass.
 fp32 -> fp8 and fp32 -> bf16 rounding (``_round_to_e4m3``, ``bf16_rne``); on the GPU the cast
 instructions round correctly by themselves.
 
-Rows are addressed as ``[E, M]`` (a 2D input is E = 1): with ``HAS_COUNT`` only the rows
+Channels are processed in blocks of 128 (``G`` blocks, the last one masked to the row width ``W``
+when W is not a multiple of 128: allowed for the bf16 output only). Rows are addressed as ``[E, M]`` (a 2D input is E = 1): with ``HAS_COUNT`` only the rows
 ``m < count[e]`` of each expert are read and written (the masked low-latency layout), so the
 padding rows of ``[E, max_tokens, ...]`` cost nothing but an early-exiting program.
 """
@@ -51,7 +52,7 @@ def _round_to_e4m3(x):
 
 @triton.jit
 def quant_kernel(x_ptr, q_ptr, s_ptr, count_ptr,
-                 M, G, up_offset,
+                 M, W, G, up_offset,
                  stride_xe, stride_xm, stride_xc,
                  stride_qe, stride_qm, stride_qc,
                  stride_se, stride_sm, stride_sg,
@@ -67,7 +68,7 @@ def quant_kernel(x_ptr, q_ptr, s_ptr, count_ptr,
     if HAS_COUNT:
         count = tl.load(count_ptr + e).to(tl.int64)
         ok = ok & (tl.zeros_like(offs_g) + m < count)
-    mask = ok[:, None]
+    mask = ok[:, None] & (cols < W)
     x_row = x_ptr + e * stride_xe + m * stride_xm
     x = tl.load(x_row + cols * stride_xc, mask=mask, other=0.0).to(tl.float32)
     if SILU:

@@ -88,7 +88,7 @@ def silu_mul_f64(x: torch.Tensor) -> torch.Tensor:
     return g / (1 + torch.exp(-g)) * u
 
 
-@pytest.mark.parametrize("shape", [(13, 2 * 256), (1, 2 * 128)])
+@pytest.mark.parametrize("shape", [(13, 2 * 256), (1, 2 * 128), (5, 2 * 80)])
 def test_silu_mul_matches_float64(shape):
     x = (make_x(shape, seed=4).float() * 1e-3).clamp(-30, 30).to(torch.bfloat16)
     h = gemm.silu_mul(x)
@@ -146,7 +146,9 @@ def test_quant_rejects_bad_arguments():
     with pytest.raises(InputError, match="multiple of 128"):
         gemm.quantize_fp8(torch.zeros(2, 100, dtype=torch.bfloat16, device=DEV))
     with pytest.raises(InputError, match="multiple of 128"):
-        gemm.silu_mul(torch.zeros(2, 200, dtype=torch.bfloat16, device=DEV))
+        gemm.silu_mul_quant_fp8(torch.zeros(2, 200, dtype=torch.bfloat16, device=DEV))
+    with pytest.raises(InputError, match="must be even"):
+        gemm.silu_mul(torch.zeros(2, 201, dtype=torch.bfloat16, device=DEV))
     with pytest.raises(InputError, match="only accepted with a 3D"):
         gemm.quantize_fp8(torch.zeros(2, 128, dtype=torch.bfloat16, device=DEV),
                           count=torch.zeros(1, dtype=torch.int32, device=DEV))
