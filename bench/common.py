@@ -97,6 +97,14 @@ def init(args) -> BenchContext:
     return BenchContext(rank, n, group, device)
 
 
+def finish(ctx: BenchContext, exit_code: int) -> int:
+    """Leave cleanly: all ranks meet, then the process group is destroyed (a process that
+    exits with a live gloo or NCCL group can abort in its destructors). Returns exit_code."""
+    dist.barrier(group=ctx.group)
+    dist.destroy_process_group()
+    return exit_code
+
+
 def fill_defaults(args, ctx: BenchContext, gpu: dict, cpu: dict) -> None:
     """Set every option left at None to its GPU or CPU default (CPU ones are small)."""
     defaults = gpu if ctx.on_gpu else cpu
@@ -465,26 +473,80 @@ def target_for(record: dict, figure: str):
 
 
 def summary_rows(records: list[dict]) -> list[list]:
-    """One row per figure: bench, backend, ranks, figure, value, target, ratio (>1 = better)."""
+    """Rows of the summary table: bench, backend, ranks, figure, us, GB/s, target, vs target.
+
+    A figure's ``_us`` and ``_gbps`` share a row; hook-mode send and receive times share one
+    (``send + recv``); imbalance results give one row per mode and phase; a result that is not
+    ``ok`` gives one row with its status and reason. "vs target" > 1 means better than the
+    target (from the time when there is one, else from the bandwidth).
+    """
     rows = []
-    for rec in sorted(records, key=lambda r: (r.get("bench", ""), r.get("num_ranks", 0),
+    for rec in sorted(records, key=lambda r: (r.get("bench", ""), -int(r.get("num_ranks") or 0),
                                               r.get("backend", ""))):
         head = [rec.get("bench"), rec.get("backend"), rec.get("num_ranks")]
         status = rec.get("status", "ok")
         if status != "ok":
             reason = (rec.get("error") or "").replace("\n", " ")
-            rows.append(head + ["-", status.upper(), reason[:100], None])
+            rows.append(head + ["-", status.upper(), None, reason[:NOTE_WIDTH], ""])
             continue
-        figures = rec.get("figures", {})
-        if not figures and rec.get("points"):
-            rows.append(head + ["points", len(rec["points"]), None, None])
-        for name, value in figures.items():
-            tgt = target_for(rec, name)
-            ratio = None
-            if tgt and isinstance(value, (int, float)) and value:
-                ratio = value / tgt[0] if name.endswith("gbps") else tgt[0] / value
-            rows.append(head + [name, value, f"{tgt[0]} {tgt[1]}" if tgt else "",
-                                f"{ratio:.2f}x" if ratio else ""])
+        if rec.get("bench") == "imbalance":
+            rows += _imbalance_rows(head, rec)
+            continue
+        figures = {k: v for k, v in rec.get("figures", {}).items() if k not in SUMMARY_SKIP}
+        done = set()
+        for name in figures:
+            base = re.sub(r"_(us|gbps)$", "", name)
+            if base in done:
+                continue
+            done.add(base)
+            if base.endswith("_recv") and f"{base[:-5]}_send_us" in figures:
+                continue  # printed with its send half
+            us, gb = figures.get(f"{base}_us"), figures.get(f"{base}_gbps")
+            label = base
+            if base.endswith("_send") and f"{base[:-5]}_recv_us" in figures:
+                recv = figures[f"{base[:-5]}_recv_us"]
+                label, us = f"{base[:-5]} send + recv", f"{fmt(us)} + {fmt(recv)}"
+            elif us is None and gb is None:
+                us = figures[name]
+            t_us, t_gb = target_for(rec, f"{base}_us"), target_for(rec, f"{base}_gbps")
+            note, ratio = [], None
+            if t_us:
+                note.append(f"{t_us[0]} us")
+                if isinstance(us, (int, float)) and us:
+                    ratio = t_us[0] / us
+            if t_gb:
+                note.append(f"{t_gb[0]} GB/s")
+                if ratio is None and isinstance(gb, (int, float)) and gb:
+                    ratio = gb / t_gb[0]
+            if note:
+                note.append((t_us or t_gb)[1])
+            rows.append(head + [label, us, gb, " ".join(note), f"{ratio:.2f}x" if ratio else ""])
+    return rows
+
+
+#: Figures kept in the JSON but left out of the summary table (context, not results).
+SUMMARY_SKIP = {"recv_tokens"}
+#: Width of the note column of the summary table.
+NOTE_WIDTH = 64
+
+
+def _imbalance_rows(head: list, rec: dict) -> list[list]:
+    """One row per (mode, phase) of an imbalance result: the slowdown of the heaviest point
+    (time of one rank at the largest factor / time balanced), the fitted model as the note."""
+    rows = []
+    figures = rec.get("figures", {})
+    for mode, phases in rec.get("model", {}).items():
+        for phase, m in phases.items():
+            key = f"{mode}_{phase}"
+            slow = next(((k, v) for k, v in figures.items()
+                         if k.startswith(f"{key}_slowdown_")), (None, None))
+            err = figures.get(f"{key}_model_mean_abs_err_pct")
+            bw = m.get("bandwidth_gbps")
+            note = (f"model {fmt(m.get('latency_us'))} us + B / "
+                    f"{fmt(bw) if bw is not None else 'inf'} GB/s, |err| {fmt(err)}%")
+            factor = slow[0].rsplit("_", 1)[-1] if slow[0] else ""
+            rows.append(head + [f"{mode} {phase} slowdown {factor}".rstrip(),
+                                f"{fmt(slow[1])}x" if slow[1] else None, None, note, ""])
     return rows
 
 
@@ -508,7 +570,7 @@ def summarize(result_dir, backends=None, expect=()) -> str:
                 records.append({"bench": bench, "backend": backend, "num_ranks": int(ranks),
                                 "status": "failed", "error": f"no result: step {why}"})
     rows = summary_rows(records)
-    return format_table(["bench", "backend", "ranks", "figure", "value", "target / note",
+    return format_table(["bench", "backend", "ranks", "figure", "us", "GB/s", "target / note",
                          "vs target"], rows)
 
 

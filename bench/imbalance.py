@@ -385,7 +385,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
     if ctx.num_ranks < 2:
         ctx.log("imbalance needs at least 2 ranks (imbalance between ranks): nothing to measure")
-        return 0
+        return common.finish(ctx, 0)
     if args.experts % ctx.num_ranks:
         raise SystemExit(f"--experts {args.experts} must divide by the {ctx.num_ranks} ranks")
     backends = common.parse_backends(args.backend, ctx)
@@ -439,7 +439,8 @@ def main(argv=None) -> int:
                                           f"{common.device_name(ctx)}"))
         return figures, {"points": all_points, "model": models, "model_predictions": preds}
 
-    return common.run_backends(ctx, "imbalance", backends, args.out, config, measure)
+    code = common.run_backends(ctx, "imbalance", backends, args.out, config, measure)
+    return common.finish(ctx, code)
 
 
 if __name__ == "__main__":

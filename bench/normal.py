@@ -294,7 +294,8 @@ def main(argv=None) -> int:
     def measure(backend):
         return measure_nccl(ctx, args) if backend == "nccl" else measure_ep(ctx, args, backend)
 
-    return common.run_backends(ctx, "normal", backends, args.out, config_of(args), measure)
+    code = common.run_backends(ctx, "normal", backends, args.out, config_of(args), measure)
+    return common.finish(ctx, code)
 
 
 if __name__ == "__main__":

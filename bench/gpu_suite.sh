@@ -1,0 +1,258 @@
+#!/usr/bin/env bash
+# The GPU suite: one call on the GPU machine runs the GPU tests, the doctor and every benchmark
+# at every rank count that fits, and prints a one-line-per-figure table last.
+#
+#   bash bench/gpu_suite.sh            (from the repo root; $OUT: folder whose files come back)
+#
+# It writes at most 4 files into $OUT: suite.log (everything), summary.txt (the final tables),
+# results.tar.gz (the benchmark JSON and PNG files), doctor.json. The JSON files also land in
+# bench/results/ of the working tree. Every step has its own timeout, capped so that the whole
+# script ends within SUITE_BUDGET_S; a failed or timed-out step is recorded and the suite goes
+# on. Without GPUs it runs the CPU path: GPU tests skip, benchmarks use 2 gloo ranks.
+#
+# Environment (all optional):
+#   SUITE_STAGES     stages to run: tests,doctor,bench (default: all)
+#   SUITE_TESTS      pytest arguments after "-m gpu" (default: the whole tests/ folder),
+#                    e.g. "tests/test_intranode_gpu.py -k dispatch"
+#   SUITE_BENCHES    normal,low_latency,imbalance (default: all)
+#   SUITE_BACKENDS   backends per bench (default nccl,reference,kernels; kernels last, so that a
+#                    crash there cannot spoil the others)
+#   SUITE_RANKS      rank counts, e.g. "2" (default: 8 4 2 1 that divide the GPU count)
+#   SUITE_BUDGET_S   whole-script budget in seconds (default 530)
+#   SUITE_TESTS_TIMEOUT, SUITE_BENCH_TIMEOUT, SUITE_DOCTOR_TIMEOUT: step limits (240, 150, 60)
+#   SUITE_NORMAL_ARGS, SUITE_LL_ARGS, SUITE_IMB_ARGS: arguments of each bench (replace the
+#                    defaults below; set to "" for none)
+#   PYTHON           interpreter (default python3)
+set -u
+
+cd "$(dirname "$0")/.." || exit 1
+REPO=$(pwd)
+export PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+
+OUT=${OUT:-/tmp/ep_comm_suite_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+STAGES=",${SUITE_STAGES:-tests,doctor,bench},"
+BENCHES=${SUITE_BENCHES:-normal,low_latency,imbalance}
+BACKENDS=${SUITE_BACKENDS:-nccl,reference,kernels}
+BUDGET=${SUITE_BUDGET_S:-530}
+RESERVE=25  # seconds kept for the summary, the copies and a step's kill grace
+TESTS_TIMEOUT=${SUITE_TESTS_TIMEOUT:-240}
+BENCH_TIMEOUT=${SUITE_BENCH_TIMEOUT:-150}
+DOCTOR_TIMEOUT=${SUITE_DOCTOR_TIMEOUT:-60}
+LOG=$OUT/suite.log
+WORK=$(mktemp -d /tmp/ep_comm_suite.XXXXXX)
+STEPS=$WORK/steps.tsv
+STEP_OUT=$WORK/step.out
+RES=$WORK/results
+mkdir -p "$RES"
+: > "$LOG"
+: > "$STEPS"
+EXPECT=()
+STEP_RC=0
+
+say() { printf '%s\n' "$*" | tee -a "$LOG"; }
+has_stage() { [[ $STAGES == *",$1,"* ]]; }
+
+# run_step NAME LIMIT CMD...: run CMD with its own timeout (capped by the budget left), all
+# output into the log; print one status line, and the output's tail when it fails.
+run_step() {
+    local name=$1 limit=$2
+    shift 2
+    : > "$STEP_OUT"
+    local left=$((BUDGET - SECONDS - RESERVE))
+    if ((left < 20)); then
+        say "[SKIP] $name: time budget of ${BUDGET}s spent"
+        printf '%s\tSKIP (budget)\t0\n' "$name" >> "$STEPS"
+        STEP_RC=skip
+        return
+    fi
+    ((limit > left)) && limit=$left
+    local t0=$SECONDS
+    { echo; echo "===== $name (limit ${limit}s, at ${SECONDS}s)"; echo "+ $*"; } >> "$LOG"
+    timeout -k 10 "$limit" "$@" > "$STEP_OUT" 2>&1
+    local rc=$?
+    cat "$STEP_OUT" >> "$LOG"
+    local dt=$((SECONDS - t0)) status
+    case $rc in
+        0) status=OK ;;
+        5) [[ $name == pytest* ]] && status="NO TESTS (rc=5)" || status="FAIL (rc=5)" ;;
+        124 | 137) status="TIMEOUT (${limit}s)" ;;
+        *) status="FAIL (rc=$rc)" ;;
+    esac
+    say "[$status] $name (${dt}s)"
+    if ((rc != 0)); then
+        tail -n 25 "$STEP_OUT" | sed 's/^/    | /'
+    fi
+    printf '%s\t%s\t%s\n' "$name" "$status" "$dt" >> "$STEPS"
+    STEP_RC=$rc
+}
+
+# ---------------------------------------------------------------------------------- setup
+say "=== ep_comm GPU suite: $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname), stages $(echo ${STAGES//,/ })"
+say "commit: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+if command -v nvidia-smi > /dev/null 2>&1; then
+    nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader 2>&1 \
+        | tee -a "$LOG"
+    nvidia-smi topo -m 2>&1 | tee -a "$LOG"
+else
+    say "nvidia-smi not found: no GPU, running the CPU path"
+fi
+
+# nvshmem4py: from the wheel the lead carries in .whl/ (no package index there).
+shopt -s nullglob
+WHEELS=(.whl/*.whl)
+shopt -u nullglob
+if ((${#WHEELS[@]})); then
+    if timeout 120 "$PY" -m pip install -q --no-index --no-deps --target /tmp/site \
+        "${WHEELS[@]}" >> "$LOG" 2>&1; then
+        say "installed ${WHEELS[*]} into /tmp/site"
+    else
+        say "WARNING: pip could not install ${WHEELS[*]} (see suite.log)"
+    fi
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+# ep_comm from this tree, with the top-level kernels/ folder importable as ep_comm.kernels:
+# already installed from here, else an editable install, else a tree of links ($WORK/pkg:
+# ep_comm/ with kernels/ inside, tests/, pyproject.toml) on PYTHONPATH, from which pytest runs
+# (pytest puts its working directory first on sys.path, where the plain ep_comm/ would win).
+TEST_DIR=$REPO
+ep_from() {
+    (cd "$1" && "$PY" -c "import sys, os, ep_comm, ep_comm.kernels; \
+sys.exit(os.path.realpath(ep_comm.__file__) != os.path.realpath('$REPO/ep_comm/__init__.py'))") \
+        > /dev/null 2>&1
+}
+if ep_from "$REPO"; then
+    say "ep_comm: imported from $REPO"
+elif timeout 180 "$PY" -m pip install -q -e . --no-deps --no-build-isolation >> "$LOG" 2>&1 \
+    && ep_from "$REPO"; then
+    say "ep_comm: editable install of $REPO"
+else
+    PKG=$WORK/pkg
+    mkdir -p "$PKG/ep_comm"
+    ln -s "$REPO"/ep_comm/* "$PKG/ep_comm/"
+    ln -s "$REPO/kernels" "$PKG/ep_comm/kernels"
+    ln -s "$REPO/tests" "$REPO/pyproject.toml" "$PKG/"
+    export PYTHONPATH=$PKG${PYTHONPATH:+:$PYTHONPATH}
+    TEST_DIR=$PKG
+    if ep_from "$PKG"; then
+        say "ep_comm: pip install -e failed (see suite.log); using a tree of links in $PKG"
+    else
+        say "WARNING: ep_comm.kernels is not importable (pip install -e failed, see suite.log)"
+    fi
+fi
+
+"$PY" - << 'EOF' 2>&1 | tee -a "$LOG"
+import importlib.metadata as md, platform
+import torch
+names = ["torch", "triton", "cuda-core", "cuda-bindings", "cupy-cuda13x", "nvidia-nvshmem-cu13",
+         "nvshmem4py-cu13", "nvshmem4py", "numpy", "matplotlib", "pytest"]
+vers = []
+for n in names:
+    try:
+        vers.append(f"{n} {md.version(n)}")
+    except md.PackageNotFoundError:
+        pass
+print("python", platform.python_version(), "|", " | ".join(vers))
+nccl = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else "-"
+print(f"torch CUDA {torch.version.cuda}, NCCL {nccl}, GPUs visible: "
+      f"{torch.cuda.device_count() if torch.cuda.is_available() else 0}")
+import ep_comm
+print("ep_comm", ep_comm.__version__, "from", ep_comm.__file__)
+EOF
+if [[ -x /usr/local/cuda/bin/nvcc ]]; then
+    say "nvcc: $(/usr/local/cuda/bin/nvcc --version | tail -n 2 | head -n 1)"
+fi
+GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)" 2> /dev/null)
+GPUS=${GPUS:-0}
+say "GPUs: $GPUS   (setup took ${SECONDS}s)"
+
+# ---------------------------------------------------------------------------------- tests
+if has_stage tests; then
+    # shellcheck disable=SC2086  # SUITE_TESTS is a list of pytest arguments
+    run_step "pytest -m gpu ${SUITE_TESTS:-}" "$TESTS_TIMEOUT" \
+        bash -c 'cd "$0" && exec "$@"' "$TEST_DIR" \
+        "$PY" -m pytest -m gpu -q -p no:cacheprovider ${SUITE_TESTS:-}
+    # pytest's own summary: failures by name, then the counts line.
+    grep -E '^(FAILED|ERROR) ' "$STEP_OUT" | head -n 30 | sed 's/^/    /'
+    grep -E '(passed|failed|skipped|error|no tests ran|deselected)' "$STEP_OUT" | tail -n 1 \
+        | sed 's/^/    pytest: /' | tee -a "$LOG"
+fi
+
+# ---------------------------------------------------------------------------------- doctor
+if has_stage doctor; then
+    if "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('ep_comm.doctor') is None)" 2> /dev/null; then
+        run_step "doctor" "$DOCTOR_TIMEOUT" "$PY" -m ep_comm.doctor --json "$OUT/doctor.json"
+        tail -n 15 "$STEP_OUT"
+    else
+        say "[SKIP] doctor: ep_comm.doctor does not exist yet"
+    fi
+fi
+
+# ---------------------------------------------------------------------------------- benches
+if has_stage bench; then
+    if [[ -n ${SUITE_RANKS:-} ]]; then
+        RANKS=$SUITE_RANKS
+    elif ((GPUS > 0)); then
+        RANKS=""
+        for n in 8 4 2 1; do
+            if ((n <= GPUS && GPUS % n == 0)); then RANKS="$RANKS $n"; fi
+        done
+    else
+        RANKS=2  # CPU: 2 gloo processes, the benches' small CPU sizes
+    fi
+    if ((GPUS > 0)); then
+        NORMAL_ARGS=${SUITE_NORMAL_ARGS-"--sweep-sms 8,16,24,32,48 --sweep-tokens 256,512,1024,2048,4096,8192,16384"}
+        LL_ARGS=${SUITE_LL_ARGS-"--sweep-tokens 1,2,4,8,16,32,64,128,256"}
+    else
+        NORMAL_ARGS=${SUITE_NORMAL_ARGS-"--sweep-tokens 64,256"}
+        LL_ARGS=${SUITE_LL_ARGS-"--sweep-tokens 1,8"}
+    fi
+    IMB_ARGS=${SUITE_IMB_ARGS-""}
+    say "bench: ranks [${RANKS# }], benches $BENCHES, backends $BACKENDS"
+    for n in $RANKS; do
+        for bench in ${BENCHES//,/ }; do
+            case $bench in
+                normal) args=$NORMAL_ARGS ;;
+                low_latency) args=$LL_ARGS ;;
+                imbalance)
+                    args=$IMB_ARGS
+                    if ((n < 2)); then continue; fi
+                    ;;
+                *)
+                    say "[SKIP] unknown bench $bench"
+                    continue
+                    ;;
+            esac
+            # shellcheck disable=SC2086  # args is a list of options
+            run_step "bench $bench ${n}r" "$BENCH_TIMEOUT" \
+                "$PY" -m torch.distributed.run --standalone --nproc-per-node="$n" \
+                "bench/$bench.py" --backend "$BACKENDS" --out "$RES" $args
+            EXPECT+=("$bench:$n:$STEP_RC")
+        done
+    done
+    mkdir -p bench/results
+    if compgen -G "$RES/*" > /dev/null; then
+        cp "$RES"/* bench/results/
+        tar -czf "$OUT/results.tar.gz" -C "$RES" .
+        say "results: $(ls "$RES" | wc -l) files -> bench/results/ and \$OUT/results.tar.gz"
+    else
+        say "results: none written"
+    fi
+fi
+
+# ---------------------------------------------------------------------------------- summary
+{
+    echo
+    echo "=== steps (suite took ${SECONDS}s of a ${BUDGET}s budget)"
+    awk -F'\t' '{ printf "%-48s %-20s %5ss\n", $1, $2, $3 }' "$STEPS"
+    if has_stage bench; then
+        echo
+        echo "=== figures (value: mean over ranks; vs target > 1 is better than the target)"
+        "$PY" bench/common.py summary --dir "$RES" --backends "$BACKENDS" --expect "${EXPECT[@]}"
+    fi
+} > "$OUT/summary.txt" 2>&1
+cat "$OUT/summary.txt" | tee -a "$LOG"
+rm -rf "$WORK"
