@@ -94,18 +94,40 @@ def low_latency_message_bytes(hidden: int) -> int:
 
 
 class LowLatencyRegions(Carver):
-    """The NVSHMEM symmetric buffer of low-latency mode: two identical halves (double buffering).
+    """The NVSHMEM symmetric buffer of low-latency mode (identical on every rank).
 
-    Each half ``b`` (0 or 1) has, with E experts, L = E / R local experts, M =
-    ``num_max_dispatch_tokens_per_rank``, msg = ``low_latency_message_bytes(hidden)``:
+    With E experts, R ranks, L = E / R local experts, M = ``num_max_dispatch_tokens_per_rank``,
+    H = hidden, msg = ``low_latency_message_bytes(H)`` (16-byte header with the source token
+    index, then the payload: H fp8 bytes and H / 128 float32 scales, or H bf16):
 
-    * ``send{b}``: max(M msgs for dispatch staging, L x R x M x hidden bf16 rows for combine);
-      the combine part is what ``get_next_low_latency_combine_buffer`` exposes (zero copy).
-    * ``recv{b}``: max(L x R x M msgs: dispatch receive slots, per (local expert, source rank);
-      E x M x hidden bf16 rows: combine receive slots, per (global expert, my token)).
-    * ``recv_count{b}``: int64 [L, R]: dispatch arrival signal, count + 1 (0 = not arrived).
-    * ``recv_flag{b}``: int64 [E]: combine arrival signal per expert.
-    * ``status{b}``: int32 [16]: status word for the host.
+    Signal words come first, both halves together, so that ``signals_end`` bytes from the start
+    hold every word that must be zero between calls (``clean_low_latency_buffer`` zeroes them;
+    a complete call leaves them zero). For each half ``b`` (0 or 1):
+
+    * ``dispatch_count{b}``: uint64 [L, R]: source rank s writes its token count for local
+      expert e, plus one, into ``[e, s]`` (0 = not written yet).
+    * ``dispatch_arrive{b}``: uint64 [L, R]: messages from s for e that have landed (each
+      message adds 1 after its bytes, so count and arrivals together mean "all data here").
+    * ``combine_count{b}``: uint64 [E]: rows the owner of global expert g sends back, plus one.
+    * ``combine_arrive{b}``: uint64 [E]: rows of g that have landed.
+    * ``combine_done{b}``: int32 [4], local: combine receive blocks that finished waiting (the
+      last one resets the combine words of this half).
+
+    and ``status_claim``: int32 [4], local: the first block that times out claims the host
+    status word (see ``ep_comm.low_latency``).
+
+    Data, for each half ``b``:
+
+    * ``dispatch_send{b}``: M msgs: staging of this rank's tokens for NVSHMEM puts.
+    * ``dispatch_recv{b}``: [L, R, M] msgs: slot ``[e, s, i]`` holds the i-th token (in token
+      order) that source s sends to local expert e.
+    * ``combine_send{b}``: [L, R * M, H] bf16: the zero-copy buffer of
+      ``get_next_low_latency_combine_buffer``, and the staging of combine puts.
+    * ``combine_recv{b}``: [E, M, H] bf16: row ``[g, t]`` is expert g's output for token t.
+
+    A dispatch and its combine use the same half; consecutive dispatches alternate halves, so two
+    results can be alive at once. Dispatch and combine regions never overlap: a peer's combine
+    may land while this rank still reads the dispatch of the same half.
     """
 
     def __init__(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
@@ -116,11 +138,19 @@ class LowLatencyRegions(Carver):
         self.msg_bytes = low_latency_message_bytes(hidden)
         self.row_bytes = hidden * 2
         for b in (0, 1):
-            self.claim(f"send{b}", max(m * self.msg_bytes, local * r * m * self.row_bytes))
-            self.claim(f"recv{b}", max(local * r * m * self.msg_bytes, e * m * self.row_bytes))
-            self.claim(f"recv_count{b}", local * r * 8)
-            self.claim(f"recv_flag{b}", e * 8)
-            self.claim(f"status{b}", 16 * 4)
+            self.claim(f"dispatch_count{b}", local * r * 8)
+            self.claim(f"dispatch_arrive{b}", local * r * 8)
+            self.claim(f"combine_count{b}", e * 8)
+            self.claim(f"combine_arrive{b}", e * 8)
+            self.claim(f"combine_done{b}", 4 * 4)
+        self.claim("status_claim", 4 * 4)
+        #: Bytes from offset 0 that hold every signal word (zero between calls).
+        self.signals_end = self.total_bytes
+        for b in (0, 1):
+            self.claim(f"dispatch_send{b}", m * self.msg_bytes)
+            self.claim(f"dispatch_recv{b}", local * r * m * self.msg_bytes)
+            self.claim(f"combine_send{b}", local * r * m * self.row_bytes)
+            self.claim(f"combine_recv{b}", e * m * self.row_bytes)
 
 
 __all__ = ["Region", "Carver", "IntranodeRegions", "InternodeRegions", "LowLatencyRegions",

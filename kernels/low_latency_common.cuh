@@ -1,0 +1,142 @@
+// Helpers of the low-latency kernels: memory-model primitives, bounded waits that report
+// through a host-mapped status word, and the FP8 cast of ep_comm/fp8.py reproduced bit for bit.
+#pragma once
+
+#include <cstdint>
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+
+namespace ep_ll {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+// Channels per FP8 scale (ep_comm.config.FP8_BLOCK).
+constexpr int kFp8Block = 128;
+// fp8 e4m3fn's largest finite value and the floor on a block's amax (ep_comm/fp8.py).
+constexpr float kFp8Max = 448.0f;
+constexpr float kAmaxMin = 1e-4f;
+
+// Phase bits of a launch: the send part, the receive part, or both (no hook).
+constexpr int kSendPhase = 1;
+constexpr int kRecvPhase = 2;
+
+// Host status word (int32[8], host-mapped), written once by the first block that times out:
+//   [0] code (0 = fine, 1 = timeout), [1] phase, [2] peer rank, [3] index (expert),
+//   [4] what was awaited (0 = a count word, 1 = arrivals), [5] value seen, [6] value wanted.
+// The fields are written before the code, with a system fence between, so a host that sees the
+// code sees the fields. ep_comm/low_latency.py decodes it.
+constexpr int kStatusTimeout = 1;
+constexpr int kPhaseDispatchRecv = 1;
+constexpr int kPhaseCombineRecv = 2;
+constexpr int kAwaitCount = 0;
+constexpr int kAwaitArrivals = 1;
+
+__device__ __forceinline__ uint64_t globaltimer_ns() {
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+// Loads and stores of signal words at system scope: peers write them over NVLink or NVSHMEM.
+__device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
+    uint64_t v;
+    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void st_relaxed_sys(uint64_t* p, uint64_t v) {
+    asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
+    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ void red_add_release_sys(uint64_t* p, uint64_t v) {
+    asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+// Received data: read through L2 only (peers wrote it; this SM's L1 may hold nothing valid).
+__device__ __forceinline__ int4 ld_cg(const int4* p) { return __ldcg(p); }
+
+// Spin until *p >= target or the deadline passes. Returns whether the target was reached and
+// the last value seen (for the error message).
+__device__ __forceinline__ bool wait_at_least(const uint64_t* p, uint64_t target,
+                                              uint64_t deadline_ns, uint64_t* seen) {
+    uint64_t v;
+    int spins = 0;
+    while ((v = ld_acquire_sys(p)) < target) {
+        // The timer is read every few polls only: it is a slow register.
+        if ((++spins & 63) == 0 && globaltimer_ns() > deadline_ns) {
+            *seen = v;
+            return false;
+        }
+    }
+    *seen = v;
+    return true;
+}
+
+// The first caller in the whole buffer claims the status word (device-memory CAS: atomics on
+// host memory over PCIe are not reliable), writes the fields, then the code.
+__device__ __forceinline__ void report_timeout(volatile int* host_status, int* claim, int phase,
+                                               int peer, int index, int what, uint64_t seen,
+                                               uint64_t wanted) {
+    if (host_status == nullptr || atomicCAS(claim, 0, 1) != 0) return;
+    host_status[1] = phase;
+    host_status[2] = peer;
+    host_status[3] = index;
+    host_status[4] = what;
+    host_status[5] = static_cast<int>(seen);
+    host_status[6] = static_cast<int>(wanted);
+    __threadfence_system();
+    host_status[0] = kStatusTimeout;
+    __threadfence_system();
+}
+
+__device__ __forceinline__ bool rank_masked(const int* mask, int peer, int me) {
+    // A rank never masks itself: its own tokens always go to its own experts.
+    return peer != me && mask[peer] != 0;
+}
+
+// ---------------------------------------------------------------------------------- FP8 cast
+// Per block of 128 channels (ep_comm/fp8.py, each step exact IEEE arithmetic):
+//   amax = max(|x|, 1e-4); scale = amax / 448 (correctly rounded division);
+//   scale = next power of two >= scale (round_scale); q = e4m3fn(x / scale), nearest-even.
+__device__ __forceinline__ float fp8_scale(float amax, bool round_scale) {
+    float s = __fdiv_rn(fmaxf(amax, kAmaxMin), kFp8Max);
+    if (round_scale) {
+        // s > 0 and normal (>= 1e-4 / 448): a power of two has no mantissa bits; any other
+        // value goes up to the next exponent.
+        uint32_t u = __float_as_uint(s);
+        if (u & 0x7fffffu) u = (u & 0x7f800000u) + 0x800000u;
+        s = __uint_as_float(u);
+    }
+    return s;
+}
+
+// |x / scale| <= 448 * (1 + 2^-24) by construction, which rounds to 448: saturation never
+// changes a value, it only keeps the instruction's contract.
+__device__ __forceinline__ uint8_t to_e4m3(float v) {
+    return static_cast<uint8_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
+}
+
+__device__ __forceinline__ void bf16x8_to_float(const int4& v, float (&f)[8]) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        float2 p = __bfloat1622float2(h[j]);
+        f[2 * j] = p.x;
+        f[2 * j + 1] = p.y;
+    }
+}
+
+// Max over the 16 lanes of a half warp (lanes 0-15 and 16-31 are two 128-channel blocks when
+// each lane holds 8 channels). Every lane of the warp must call it.
+__device__ __forceinline__ float half_warp_max(float v) {
+#pragma unroll
+    for (int o = 8; o >= 1; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
+    return v;
+}
+
+__device__ __forceinline__ int warp_sum(int v) { return __reduce_add_sync(kFullMask, v); }
+
+}  // namespace ep_ll
