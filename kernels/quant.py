@@ -29,7 +29,7 @@ import triton.language as tl
 from ep_comm.kernels.grouped_gemm import bf16_rne
 
 #: Channels per scale.
-GROUP = 128
+GROUP = tl.constexpr(128)  # a constexpr global: Triton kernels may read only those
 
 
 @triton.jit
