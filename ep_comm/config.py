@@ -8,16 +8,18 @@ Why the defaults are what they are (no tuning tables keyed by rank count):
 * ``num_sms``: normal-mode kernels use ``num_sms`` SMs, one channel per 2 SMs (a sender and a
   receiver block). 24 SMs move a 2-rank H200 dispatch at >300 GB/s in the peer-store
   measurements of HARDWARE.md (24 CTAs -> 310 GB/s) and leave 108 SMs to compute.
-* ``nvl_chunk`` (tokens a sender writes before it publishes its tail pointer) is chosen so
-  that one chunk of one channel to one peer covers at least the NVLink store latency
-  (~2 us at ~300 GB/s shared by all channels): fewer tail updates, still no bubble.
-* ``nvl_buffer`` (ring size, in tokens, per channel and peer) holds ``NVL_RING_CHUNKS``
-  chunks, so the sender can run that many chunks ahead of a slow receiver.
+* ``nvl_chunk`` (tokens a sender writes before it publishes its tail, and the window a combine
+  receiver reduces at once) is ``NVL_WINDOW_TOKENS`` = 24: a multiple of the warps of a block
+  (24) and of every sender warp group (24 / R warps for R = 1, 2, 3, 4, 6, 8), so every warp
+  moves the same number of tokens per window; at most 32 because a window is one warp ballot.
+* ``nvl_buffer`` (ring size, in tokens, per channel and peer) holds ``NVL_RING_CHUNKS`` = 4
+  windows: the sender runs up to 3 windows ahead of the receiver, which covers the ~2 us
+  NVLink round trip of a head update at the per-channel rate (~25 GB/s x 2 us = 50 KB, about
+  4 token rows of 14 KB: 3 windows of 24 are far more than that, so no bubble).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 
 #: Token count granularity of the low-latency FP8 cast and of the FP8 tuple: one scale per 128 channels.
 FP8_BLOCK = 128
@@ -29,8 +31,14 @@ REGION_ALIGN = 128
 NVL_RING_CHUNKS = 4
 #: Default SM budget of the normal-mode kernels.
 DEFAULT_NUM_SMS = 24
-#: Assumed aggregate NVLink store latency x bandwidth that one channel ring must cover (bytes).
-_NVL_INFLIGHT_BYTES = 2e-6 * 300e9
+#: Tokens per window of the NVLink kernels (see module docstring); at most 32 (one ballot).
+NVL_WINDOW_TOKENS = 24
+#: Most ranks in one NVLink domain that the intranode kernels support (control-word arrays).
+NVL_MAX_RANKS = 8
+#: Most channels (num_sms // 2) the intranode kernels support (control-word arrays).
+NVL_MAX_CHANNELS = 64
+#: Most local experts per rank in the intranode notify step (per-expert counts exchanged).
+NVL_MAX_LOCAL_EXPERTS = 1024
 
 
 def align(n: int, a: int = REGION_ALIGN) -> int:
@@ -108,10 +116,11 @@ class Config:
 
 def default_config(num_ranks: int, num_sms: int = DEFAULT_NUM_SMS,
                    hidden_bytes: int = 7168 * 2) -> Config:
-    """The analytic configuration for ``num_ranks`` NVLink peers (see the module docstring)."""
-    channels = max(1, num_sms // 2)
-    peers = max(1, num_ranks)
-    per_ring = _NVL_INFLIGHT_BYTES / (channels * peers)
-    chunk = max(2, min(16, math.ceil(per_ring / token_slot_bytes(hidden_bytes))))
-    return Config(num_sms=num_sms, nvl_chunk=chunk, nvl_buffer=chunk * NVL_RING_CHUNKS,
-                  rdma_chunk=16, rdma_buffer=128)
+    """The analytic configuration for ``num_ranks`` NVLink peers (see the module docstring).
+
+    The NVLink window and ring depth do not depend on the rank count or the hidden size: the
+    ring memory grows with both (``IntranodeRegions``), the time per window does not.
+    """
+    del num_ranks, hidden_bytes  # accepted for a stable signature; the formula needs neither
+    return Config(num_sms=num_sms, nvl_chunk=NVL_WINDOW_TOKENS,
+                  nvl_buffer=NVL_WINDOW_TOKENS * NVL_RING_CHUNKS, rdma_chunk=16, rdma_buffer=128)

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from ep_comm.config import FP8_BLOCK, MAX_TOPK, REGION_ALIGN, Config, align, token_slot_bytes
+from ep_comm.config import (FP8_BLOCK, MAX_TOPK, NVL_MAX_CHANNELS, NVL_MAX_LOCAL_EXPERTS,
+                            NVL_MAX_RANKS, REGION_ALIGN, Config, align, token_slot_bytes)
+
+#: int32 words of one notify counts row: T_s, [NVL_MAX_RANKS] per-rank, [L] per-expert counts.
+NOTIFY_ROW = 1 + NVL_MAX_RANKS + NVL_MAX_LOCAL_EXPERTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,29 +47,60 @@ class Carver:
 
 
 class IntranodeRegions(Carver):
-    """The NVLink buffer of one rank in normal mode (peers write into it).
+    """The NVLink buffer of one rank in normal mode (peers write into it over NVLink).
 
-    Regions (R = local ranks, C = channels, S = ring slots = ``config.nvl_buffer``):
+    Control words come first and have fixed sizes (``NVL_MAX_RANKS``, ``NVL_MAX_CHANNELS``,
+    ``NVL_MAX_LOCAL_EXPERTS``), so their offsets never move when hidden, the config or the
+    payload kind changes between calls: a stale word is never read at a new place.
 
-    * ``status``: int32 [16], status word and flags read by the host after a failure.
-    * ``barrier``: int32 [R], one arrival counter per peer for the buffer-wide barrier.
-    * ``counts``: int32 [R, R + 1]: row s is written by rank s in the notify step: its token
-      count for this rank and, after it, its per-local-expert counts are exchanged separately.
-    * ``ring``: C x R rings of S token slots (``token_slot_bytes``), written by the sending rank.
-    * ``tail``: int32 [C, R]: slots rank s has published into ring (c, s) (written by s).
-    * ``head``: int32 [C, R]: slots rank d has consumed from our ring on d (written by d).
+    * ``ctrl``: uint32 [4], local only: [0] sequence number of the last finished kernel (every
+      communicating kernel uses ``ctrl[0] + 1`` as its tag and the last block to finish bumps
+      it, so the tag lives on the device and CUDA-graph replays stay correct), [1] blocks of
+      the running kernel that finished, [2] status claim (the first failing block sets it).
+    * ``notify_flag``: uint32 [NVL_MAX_RANKS]: ``[s]`` = the tag of the notify in which rank s
+      wrote its counts row here.
+    * ``notify_counts``: int32 [NVL_MAX_RANKS, NOTIFY_ROW]: row s, written by rank s: its token
+      count T_s, its tokens per destination rank [R], its tokens per expert of this rank [L].
+    * ``tail``: uint64 [NVL_MAX_CHANNELS, NVL_MAX_RANKS]: ``[c, s]`` written by rank s: slots
+      published into ring (c, s), as ``tag << 32 | done << 31 | count``.
+    * ``head``: uint64 [NVL_MAX_CHANNELS, NVL_MAX_RANKS]: ``[c, d]`` written by rank d: slots
+      rank d consumed from this rank's ring (c, this rank) in d's buffer, ``tag << 32 | count``.
+    * ``ring``: [C, R, S] slots of ``slot_bytes``: ring (c, s) holds tokens (dispatch) or rows
+      (combine) that rank s sends here through channel c. C = ``config.num_channels``,
+      S = ``config.nvl_buffer``. Last, because its size depends on the call.
+
+    A slot: a 16-byte header (int32 destination row, int32 source token index), the payload
+    (``row_bytes``: hidden * 2 for bf16, hidden for fp8), the fp8 scales (float32 [hidden/128]),
+    the top-k ids (int32 [MAX_TOPK]) and weights (float32 [MAX_TOPK]); see ``slot_offsets``.
     """
 
     def __init__(self, config: Config, hidden_bytes: int, num_ranks: int):
         super().__init__()
         c, r, s = config.num_channels, num_ranks, config.nvl_buffer
+        self.num_channels, self.num_ranks, self.num_slots = c, r, s
+        self.hidden_bytes = hidden_bytes
         self.slot_bytes = token_slot_bytes(hidden_bytes)
-        self.claim("status", 16 * 4)
-        self.claim("barrier", r * 4)
-        self.claim("counts", r * (r + 1) * 4)
+        self.claim("ctrl", 4 * 4)
+        self.claim("notify_flag", NVL_MAX_RANKS * 4)
+        self.claim("notify_counts", NVL_MAX_RANKS * NOTIFY_ROW * 4)
+        self.claim("tail", NVL_MAX_CHANNELS * NVL_MAX_RANKS * 8)
+        self.claim("head", NVL_MAX_CHANNELS * NVL_MAX_RANKS * 8)
         self.claim("ring", c * r * s * self.slot_bytes)
-        self.claim("tail", c * r * 4)
-        self.claim("head", c * r * 4)
+
+    def slot_offsets(self) -> dict[str, int]:
+        """Byte offsets inside a slot: header, payload, scales, topk_idx, topk_weights.
+
+        Sized for the bf16 payload (``hidden_bytes``); an fp8 payload (half of it) and its
+        scales fit in the same places."""
+        hidden = self.hidden_bytes // 2
+        payload = 16
+        scales = payload + self.hidden_bytes
+        topk_idx = scales + align((hidden + FP8_BLOCK - 1) // FP8_BLOCK * 4, 16)
+        topk_weights = topk_idx + MAX_TOPK * 4
+        end = topk_weights + MAX_TOPK * 4
+        assert end <= self.slot_bytes, (end, self.slot_bytes)
+        return {"header": 0, "payload": payload, "scales": scales, "topk_idx": topk_idx,
+                "topk_weights": topk_weights}
 
 
 class InternodeRegions(Carver):

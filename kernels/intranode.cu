@@ -1,0 +1,699 @@
+// Normal-mode kernels over NVLink: notify (count exchange), dispatch (also cached), combine.
+//
+// Transport. Each rank's NVLink buffer (ep_comm.regions.IntranodeRegions) holds, per channel c
+// and source rank s, a ring of S slots that only rank s writes; a tail word (written by s, in
+// the receiver's buffer) says how many slots s has published, a head word (written by the
+// receiver, in s's buffer) how many it has consumed. Both carry the kernel's tag (a sequence
+// number kept on the device, see finish_block) so words of an earlier call are never taken for
+// this one and nothing needs resetting between calls (CUDA-graph replays included).
+// Every ring ends with a handshake: the sender publishes its last tail with the done bit, the
+// receiver answers with a head word that has the done bit once it will never touch the ring or
+// its tail word again, and the sender waits for that answer. So when a kernel finishes on a
+// rank, every peer is finished with the rings that rank writes, and the next kernel may reuse
+// them at once.
+//
+// Roles. A dispatch or combine grid has 2 * C blocks of kThreads: even blocks send on channel
+// blockIdx / 2, odd blocks receive. A channel owns a contiguous range of the source's tokens,
+// so each ring carries tokens in token order. Tokens a rank keeps are never put in a ring:
+// the dispatch sender writes them straight into the outputs, the combine receiver reads them
+// straight from its input.
+//
+// Bounded waits. Every spin loop is done by one thread per warp group and gives up after
+// timeout_ns of no progress; it then reports through the host status word (intranode_common.cuh)
+// and the group leaves through its barriers, so the kernel always ends.
+#include "intranode_common.cuh"
+
+using namespace ep_nvl;
+
+namespace {
+
+// The ring of channel c from source s inside the buffer at `base`.
+__device__ __forceinline__ char* ring_of(char* base, long long off_ring, int c, int s, int R,
+                                         int S, long long slot_bytes) {
+    return base + off_ring + (static_cast<long long>(c) * R + s) * S * slot_bytes;
+}
+
+__device__ __forceinline__ uint64_t* word_of(char* base, long long off, int c, int r) {
+    return reinterpret_cast<uint64_t*>(base + off) + c * kMaxRanks + r;
+}
+
+// Copy n int4 with one warp: four independent 16-byte loads in flight per lane.
+template <bool kRemoteSrc>
+__device__ __forceinline__ void warp_copy(int4* __restrict__ dst, const int4* __restrict__ src,
+                                          int n, int lane) {
+    int i = lane;
+    for (; i + 96 < n; i += 128) {
+        const int4 a = kRemoteSrc ? ld_cg(src + i) : ld_nc(src + i);
+        const int4 b = kRemoteSrc ? ld_cg(src + i + 32) : ld_nc(src + i + 32);
+        const int4 c = kRemoteSrc ? ld_cg(src + i + 64) : ld_nc(src + i + 64);
+        const int4 d = kRemoteSrc ? ld_cg(src + i + 96) : ld_nc(src + i + 96);
+        dst[i] = a;
+        dst[i + 32] = b;
+        dst[i + 64] = c;
+        dst[i + 96] = d;
+    }
+    for (; i < n; i += 32) dst[i] = kRemoteSrc ? ld_cg(src + i) : ld_nc(src + i);
+}
+
+// Global expert id -> local id on rank d (-1 when the expert lives elsewhere or is -1).
+__device__ __forceinline__ int to_local(int64_t e, int d, int L) {
+    const int64_t lo = static_cast<int64_t>(d) * L;
+    return (e >= lo && e < lo + L) ? static_cast<int>(e - lo) : -1;
+}
+
+// Wait (one thread) until the ring has room for n more slots. Returns false on timeout.
+__device__ bool wait_for_room(const uint64_t* head_word, uint32_t tag, uint32_t tail, int n,
+                              int S, unsigned long long timeout_ns, int* host_status,
+                              uint32_t* ctrl, int phase, int peer, int c) {
+    const uint64_t deadline = globaltimer_ns() + timeout_ns;
+    int spins = 0;
+    while (true) {
+        const uint64_t w = ld_acquire_sys(head_word);
+        const uint32_t head = word_tag(w) == tag ? word_count(w) : 0u;
+        if (tail + n - head <= static_cast<uint32_t>(S)) return true;
+        if ((++spins & 63) == 0 && globaltimer_ns() > deadline) {
+            report(host_status, ctrl, kStatusTimeout, phase, peer, c, head, tail + n - S);
+            return false;
+        }
+    }
+}
+
+// Wait (one thread) for the receiver's final answer on a ring: head == tail with the done bit.
+__device__ void wait_for_drain(const uint64_t* head_word, uint32_t tag, uint32_t tail,
+                               unsigned long long timeout_ns, int* host_status, uint32_t* ctrl,
+                               int phase, int peer, int c) {
+    const uint64_t want = make_word(tag, tail, true);
+    const uint64_t deadline = globaltimer_ns() + timeout_ns;
+    int spins = 0;
+    uint64_t w;
+    while ((w = ld_acquire_sys(head_word)) != want) {
+        if ((++spins & 63) == 0 && globaltimer_ns() > deadline) {
+            report(host_status, ctrl, kStatusTimeout, phase, peer, c,
+                   word_tag(w) == tag ? static_cast<long long>(word_count(w)) : -1, tail);
+            return;
+        }
+    }
+}
+
+struct DispatchArgs {
+    char* const* peers;
+    int rank, R, C, S, window;
+    long long off_ctrl, off_tail, off_head, off_ring, slot_bytes;
+    int off_payload, off_scales, off_idx, off_w;
+    const int4* x;
+    int row_int4;
+    const float* x_scales;
+    int num_scales;
+    const int64_t* topk_idx;
+    const float* topk_weights;
+    int K, L;
+    const bool* is_token_in_rank;
+    int T;
+    const int* rank_prefix_matrix;
+    int* send_pos;
+    int4* recv_x;
+    float* recv_scales;
+    int64_t* recv_topk_idx;
+    float* recv_topk_weights;
+    int* recv_src_idx;
+    int* recv_src_rank;
+    int num_rows;
+    const int* num_recv_dev;
+    int zero_padding;
+    int* host_status;
+    unsigned long long timeout_ns;
+};
+
+__shared__ int s_abort[kMaxRanks];
+__shared__ int s_count[kMaxRanks];
+__shared__ uint32_t s_tail[kMaxRanks];
+__shared__ int s_done[kMaxRanks];
+
+// Token t of this rank into a slot of a peer's ring (one warp).
+__device__ __forceinline__ void put_token_in_slot(const DispatchArgs& a, char* slot, int row,
+                                                  int t, int d, int lane) {
+    if (lane == 0) *reinterpret_cast<int4*>(slot) = make_int4(row, t, 0, 0);
+    warp_copy<false>(reinterpret_cast<int4*>(slot + a.off_payload),
+                     a.x + static_cast<long long>(t) * a.row_int4, a.row_int4, lane);
+    if (a.x_scales != nullptr) {
+        float* dst = reinterpret_cast<float*>(slot + a.off_scales);
+        for (int i = lane; i < a.num_scales; i += 32)
+            dst[i] = __ldg(a.x_scales + static_cast<long long>(t) * a.num_scales + i);
+    }
+    if (a.topk_idx != nullptr && lane < a.K)
+        reinterpret_cast<int*>(slot + a.off_idx)[lane] =
+            to_local(__ldg(a.topk_idx + static_cast<long long>(t) * a.K + lane), d, a.L);
+    if (a.topk_weights != nullptr && lane < a.K)
+        reinterpret_cast<float*>(slot + a.off_w)[lane] =
+            __ldg(a.topk_weights + static_cast<long long>(t) * a.K + lane);
+}
+
+// Token t of this rank straight into this rank's outputs at `row` (one warp).
+__device__ __forceinline__ void put_token_local(const DispatchArgs& a, int row, int t, int lane) {
+    warp_copy<false>(a.recv_x + static_cast<long long>(row) * a.row_int4,
+                     a.x + static_cast<long long>(t) * a.row_int4, a.row_int4, lane);
+    if (a.x_scales != nullptr)
+        for (int i = lane; i < a.num_scales; i += 32)
+            a.recv_scales[static_cast<long long>(row) * a.num_scales + i] =
+                __ldg(a.x_scales + static_cast<long long>(t) * a.num_scales + i);
+    if (a.topk_idx != nullptr && lane < a.K)
+        a.recv_topk_idx[static_cast<long long>(row) * a.K + lane] =
+            to_local(__ldg(a.topk_idx + static_cast<long long>(t) * a.K + lane), a.rank, a.L);
+    if (a.topk_weights != nullptr && lane < a.K)
+        a.recv_topk_weights[static_cast<long long>(row) * a.K + lane] =
+            __ldg(a.topk_weights + static_cast<long long>(t) * a.K + lane);
+    if (lane == 0) {
+        a.recv_src_idx[row] = t;
+        a.recv_src_rank[row] = a.rank;
+    }
+}
+
+// A slot of ring (c, s) in this rank's buffer into the outputs (one warp).
+__device__ __forceinline__ void take_token_from_slot(const DispatchArgs& a, const char* slot,
+                                                     int s, int lane) {
+    const int4 header = ld_cg(reinterpret_cast<const int4*>(slot));
+    const int row = header.x;
+    if (row < 0 || row >= a.num_rows) return;  // num_worst_tokens overflow: notify reported it
+    warp_copy<true>(a.recv_x + static_cast<long long>(row) * a.row_int4,
+                    reinterpret_cast<const int4*>(slot + a.off_payload), a.row_int4, lane);
+    if (a.x_scales != nullptr) {
+        const float* src = reinterpret_cast<const float*>(slot + a.off_scales);
+        for (int i = lane; i < a.num_scales; i += 32)
+            a.recv_scales[static_cast<long long>(row) * a.num_scales + i] = __ldcg(src + i);
+    }
+    if (a.topk_idx != nullptr && lane < a.K)
+        a.recv_topk_idx[static_cast<long long>(row) * a.K + lane] =
+            __ldcg(reinterpret_cast<const int*>(slot + a.off_idx) + lane);
+    if (a.topk_weights != nullptr && lane < a.K)
+        a.recv_topk_weights[static_cast<long long>(row) * a.K + lane] =
+            __ldcg(reinterpret_cast<const float*>(slot + a.off_w) + lane);
+    if (lane == 0) {
+        a.recv_src_idx[row] = header.y;
+        a.recv_src_rank[row] = s;
+    }
+}
+
+// Sender block of channel c: warp group g sends this channel's tokens to rank g (its own
+// tokens straight into the outputs). Rows in the receiver's output: the receiver's block for
+// this rank starts at rank_prefix_matrix[rank - 1, d]; within it, tokens keep their order.
+__device__ void dispatch_send(const DispatchArgs& a, int c, uint32_t tag, uint32_t* ctrl) {
+    const int warp = threadIdx.x >> 5, lane = lane_id();
+    const int wpg = kWarps / a.R;
+    const int g = warp / wpg;
+    if (g >= a.R) return;
+    const int d = g, wig = warp % wpg, gthreads = wpg * 32, gtid = threadIdx.x - g * gthreads;
+    const int bar_id = 1 + g;
+    const int t0 = channel_begin(a.T, c, a.C), t1 = channel_begin(a.T, c + 1, a.C);
+
+    // Tokens of earlier channels that go to d: where this channel's rows start.
+    int cnt = 0;
+    for (int t = gtid; t < t0; t += gthreads)
+        cnt += a.is_token_in_rank[static_cast<long long>(t) * a.R + d] ? 1 : 0;
+    cnt = __reduce_add_sync(kFullMask, cnt);
+    if (lane == 0 && cnt) atomicAdd(&s_count[g], cnt);
+    group_sync(bar_id, gthreads);
+    int sent = s_count[g];
+    const int row_base = a.rank == 0 ? 0 : a.rank_prefix_matrix[(a.rank - 1) * a.R + d];
+
+    const bool remote = d != a.rank;
+    char* me = a.peers[a.rank];
+    char* ring = remote ? ring_of(a.peers[d], a.off_ring, c, a.rank, a.R, a.S, a.slot_bytes)
+                        : nullptr;
+    uint64_t* tail_word = remote ? word_of(a.peers[d], a.off_tail, c, a.rank) : nullptr;
+    const uint64_t* head_word = word_of(me, a.off_head, c, d);
+    uint32_t tail = 0;
+    bool aborted = false;
+    for (int w0 = t0; w0 < t1; w0 += a.window) {
+        const int nw = min(a.window, t1 - w0);
+        const bool in = lane < nw && a.is_token_in_rank[static_cast<long long>(w0 + lane) * a.R + d];
+        const unsigned mask = __ballot_sync(kFullMask, in);
+        const int n = __popc(mask);
+        if (a.send_pos != nullptr && wig == 0 && lane < nw)
+            a.send_pos[static_cast<long long>(w0 + lane) * a.R + d] =
+                in ? row_base + sent + __popc(mask & ((1u << lane) - 1u)) : -1;
+        if (n == 0) continue;  // same mask in every warp of the group: uniform
+        if (remote) {
+            if (gtid == 0 && !wait_for_room(head_word, tag, tail, n, a.S, a.timeout_ns,
+                                            a.host_status, ctrl, kPhaseDispatchSend, d, c))
+                s_abort[g] = 1;
+            group_sync(bar_id, gthreads);
+            if (s_abort[g]) {
+                aborted = true;
+                break;
+            }
+        }
+        unsigned m = mask;
+        for (int j = 0; m != 0u; ++j, m &= m - 1u) {
+            if (j % wpg != wig) continue;
+            const int t = w0 + __ffs(m) - 1;
+            const int row = row_base + sent + j;
+            if (remote)
+                put_token_in_slot(a, ring + static_cast<long long>((tail + j) % a.S) * a.slot_bytes,
+                                  row, t, d, lane);
+            else if (row < a.num_rows)
+                put_token_local(a, row, t, lane);
+        }
+        sent += n;
+        if (remote) {
+            __threadfence_system();  // this warp's slot stores before the tail moves
+            group_sync(bar_id, gthreads);
+            tail += n;
+            if (gtid == 0) st_release_sys(tail_word, make_word(tag, tail, false));
+        }
+    }
+    if (remote && !aborted && gtid == 0) {
+        st_release_sys(tail_word, make_word(tag, tail, true));
+        wait_for_drain(head_word, tag, tail, a.timeout_ns, a.host_status, ctrl,
+                       kPhaseDispatchSend, d, c);
+    }
+}
+
+// Receiver block of channel c: warp group g drains ring (c, s) for s = rank + 1 + g (mod R).
+__device__ void dispatch_recv(const DispatchArgs& a, int c, uint32_t tag, uint32_t* ctrl) {
+    if (a.zero_padding) {  // num_worst_tokens: rows past the received count are zero
+        const long long n_recv = *a.num_recv_dev;
+        const long long stride = static_cast<long long>(a.C) * kThreads;
+        const long long first = static_cast<long long>(c) * kThreads + threadIdx.x;
+        for (long long i = n_recv * a.row_int4 + first; i < static_cast<long long>(a.num_rows) * a.row_int4;
+             i += stride)
+            a.recv_x[i] = make_int4(0, 0, 0, 0);
+        if (a.x_scales != nullptr)
+            for (long long i = n_recv * a.num_scales + first;
+                 i < static_cast<long long>(a.num_rows) * a.num_scales; i += stride)
+                a.recv_scales[i] = 0.0f;
+    }
+    if (a.R == 1) return;
+    const int warp = threadIdx.x >> 5, lane = lane_id();
+    const int wpg = kWarps / (a.R - 1);
+    const int g = warp / wpg;
+    if (g >= a.R - 1) return;
+    const int s = (a.rank + 1 + g) % a.R;
+    const int wig = warp % wpg, gthreads = wpg * 32, gtid = threadIdx.x - g * gthreads;
+    const int bar_id = 1 + g;
+    char* me = a.peers[a.rank];
+    const char* ring = ring_of(me, a.off_ring, c, s, a.R, a.S, a.slot_bytes);
+    const uint64_t* tail_word = word_of(me, a.off_tail, c, s);
+    uint64_t* head_word = word_of(a.peers[s], a.off_head, c, a.rank);
+    uint32_t head = 0;
+    while (true) {
+        if (gtid == 0) {
+            const uint64_t deadline = globaltimer_ns() + a.timeout_ns;
+            int spins = 0;
+            uint64_t w;
+            while (true) {
+                w = ld_acquire_sys(tail_word);
+                if (word_tag(w) == tag && (word_count(w) > head || word_done(w))) break;
+                if ((++spins & 63) == 0 && globaltimer_ns() > deadline) {
+                    report(a.host_status, ctrl, kStatusTimeout, kPhaseDispatchRecv, s, c,
+                           word_tag(w) == tag ? static_cast<long long>(word_count(w)) : -1,
+                           head + 1);
+                    s_abort[g] = 1;
+                    break;
+                }
+            }
+            s_tail[g] = word_count(w);
+            s_done[g] = word_done(w) ? 1 : 0;
+        }
+        group_sync(bar_id, gthreads);
+        if (s_abort[g]) return;
+        const uint32_t tail = s_tail[g];
+        const bool done = s_done[g] != 0;
+        for (uint32_t j = head + wig; j < tail; j += wpg)
+            take_token_from_slot(a, ring + static_cast<long long>(j % a.S) * a.slot_bytes, s, lane);
+        group_sync(bar_id, gthreads);  // every slot read before the sender may reuse it
+        head = tail;
+        if (gtid == 0) st_release_sys(head_word, make_word(tag, head, done));
+        if (done) return;
+    }
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------ notify
+// One block. Writes this rank's counts row into every rank's buffer (itself included), raises
+// its flag there, waits (bounded) for every rank's flag, then computes from the rows:
+//   rank_prefix_matrix [R, R] int32: [i, j] = tokens ranks 0..i send to rank j;
+//   recv_per_expert [L] int32: tokens this rank receives per local expert;
+//   num_tokens_of_rank [R] int32: tokens on each rank (combine splits them into channels);
+//   num_recv_dev [1] int32 and host_status[kInfoNumRecv]: tokens this rank receives.
+// num_tokens_per_rank: [R] int32, num_tokens_per_expert: [R * L] int32 (this rank's layout).
+extern "C" __global__ void __launch_bounds__(256, 1)
+nvl_notify(char* const* __restrict__ peers, int rank, int R, int T, int L, int num_worst_tokens,
+           const int* __restrict__ num_tokens_per_rank, const int* __restrict__ num_tokens_per_expert,
+           long long off_ctrl, long long off_flag, long long off_counts,
+           int* __restrict__ rank_prefix_matrix, int* __restrict__ recv_per_expert,
+           int* __restrict__ num_tokens_of_rank, int* __restrict__ num_recv_dev,
+           int* host_status, unsigned long long timeout_ns) {
+    char* me = peers[rank];
+    uint32_t* ctrl = reinterpret_cast<uint32_t*>(me + off_ctrl);
+    const uint32_t tag = *reinterpret_cast<volatile uint32_t*>(ctrl) + 1u;
+    __shared__ int aborted;
+    if (threadIdx.x == 0) aborted = 0;
+    const int row_len = 1 + R + L;
+    for (int p = 0; p < R; ++p) {
+        int* row = reinterpret_cast<int*>(peers[p] + off_counts) + rank * kNotifyRow;
+        for (int i = threadIdx.x; i < row_len; i += blockDim.x)
+            row[i] = i == 0 ? T : (i <= R ? num_tokens_per_rank[i - 1]
+                                          : num_tokens_per_expert[p * L + (i - 1 - R)]);
+    }
+    __threadfence_system();  // each thread's row stores before the flags
+    __syncthreads();
+    if (threadIdx.x < R)
+        st_release_sys(reinterpret_cast<uint32_t*>(peers[threadIdx.x] + off_flag) + rank, tag);
+    if (threadIdx.x < R) {
+        const uint32_t* flag = reinterpret_cast<const uint32_t*>(me + off_flag) + threadIdx.x;
+        const uint64_t deadline = globaltimer_ns() + timeout_ns;
+        int spins = 0;
+        uint32_t v;
+        while ((v = ld_acquire_sys(flag)) != tag) {
+            if ((++spins & 63) == 0 && globaltimer_ns() > deadline) {
+                report(host_status, ctrl, kStatusTimeout, kPhaseNotify, threadIdx.x, -1, v, tag);
+                aborted = 1;
+                break;
+            }
+        }
+    }
+    __syncthreads();
+    if (!aborted) {
+        const volatile int* counts = reinterpret_cast<const volatile int*>(me + off_counts);
+        if (threadIdx.x < R) {
+            const int j = threadIdx.x;
+            int acc = 0;
+            for (int i = 0; i < R; ++i) {
+                acc += counts[i * kNotifyRow + 1 + j];
+                rank_prefix_matrix[i * R + j] = acc;
+            }
+            num_tokens_of_rank[j] = counts[j * kNotifyRow];
+        }
+        for (int e = threadIdx.x; e < L; e += blockDim.x) {
+            int acc = 0;
+            for (int s = 0; s < R; ++s) acc += counts[s * kNotifyRow + 1 + R + e];
+            recv_per_expert[e] = acc;
+        }
+        if (threadIdx.x == 0) {
+            int n = 0;
+            for (int s = 0; s < R; ++s) n += counts[s * kNotifyRow + 1 + rank];
+            *num_recv_dev = n;
+            reinterpret_cast<volatile int*>(host_status)[kInfoNumRecv] = n;
+            __threadfence_system();
+            if (num_worst_tokens > 0 && n > num_worst_tokens)
+                report(host_status, ctrl, kStatusOverflow, kPhaseNotify, -1, -1, n,
+                       num_worst_tokens);
+        }
+    }
+    finish_block(ctrl);
+}
+
+// ---------------------------------------------------------------------------------- dispatch
+// Grid 2 * C blocks of kThreads. Shapes (T tokens here, N = num_rows output rows, K top-k):
+//   x: [T, row_int4] int4 (bf16 or fp8 rows), x_scales: [T, num_scales] float32 or null,
+//   topk_idx: [T, K] int64 or null, topk_weights: [T, K] float32 or null,
+//   is_token_in_rank: [T, R] bool, rank_prefix_matrix: [R, R] int32,
+//   send_pos: [T, R] int32 written, or null (cached dispatch: the handle has it),
+//   recv_x: [N, row_int4], recv_scales: [N, num_scales], recv_topk_idx: [N, K] int64 (local
+//   ids), recv_topk_weights: [N, K], recv_src_idx / recv_src_rank: [N] int32.
+// zero_padding: rows [*num_recv_dev, N) of recv_x / recv_scales are zeroed (num_worst_tokens).
+extern "C" __global__ void __launch_bounds__(kThreads, 1)
+nvl_dispatch(char* const* __restrict__ peers, int rank, int R, int C, int S, int window,
+             long long off_ctrl, long long off_tail, long long off_head, long long off_ring,
+             long long slot_bytes, int off_payload, int off_scales, int off_idx, int off_w,
+             const int4* __restrict__ x, int row_int4, const float* __restrict__ x_scales,
+             int num_scales, const int64_t* __restrict__ topk_idx,
+             const float* __restrict__ topk_weights, int K, int L,
+             const bool* __restrict__ is_token_in_rank, int T,
+             const int* __restrict__ rank_prefix_matrix, int* __restrict__ send_pos,
+             int4* __restrict__ recv_x, float* __restrict__ recv_scales,
+             int64_t* __restrict__ recv_topk_idx, float* __restrict__ recv_topk_weights,
+             int* __restrict__ recv_src_idx, int* __restrict__ recv_src_rank, int num_rows,
+             const int* __restrict__ num_recv_dev, int zero_padding, int* host_status,
+             unsigned long long timeout_ns) {
+    const DispatchArgs a{peers, rank, R, C, S, window, off_ctrl, off_tail, off_head, off_ring,
+                         slot_bytes, off_payload, off_scales, off_idx, off_w, x, row_int4,
+                         x_scales, num_scales, topk_idx, topk_weights, K, L, is_token_in_rank, T,
+                         rank_prefix_matrix, send_pos, recv_x, recv_scales, recv_topk_idx,
+                         recv_topk_weights, recv_src_idx, recv_src_rank, num_rows, num_recv_dev,
+                         zero_padding, host_status, timeout_ns};
+    uint32_t* ctrl = reinterpret_cast<uint32_t*>(peers[rank] + off_ctrl);
+    const uint32_t tag = *reinterpret_cast<volatile uint32_t*>(ctrl) + 1u;
+    if (threadIdx.x < kMaxRanks) {
+        s_abort[threadIdx.x] = 0;
+        s_count[threadIdx.x] = 0;
+    }
+    __syncthreads();
+    const int c = blockIdx.x >> 1;
+    if ((blockIdx.x & 1) == 0)
+        dispatch_send(a, c, tag, ctrl);
+    else
+        dispatch_recv(a, c, tag, ctrl);
+    finish_block(ctrl);
+}
+
+// ----------------------------------------------------------------------------------- combine
+namespace {
+
+__shared__ int s_lo[kMaxRanks];
+__shared__ int s_hi[kMaxRanks];
+__shared__ uint32_t s_k[kMaxRanks];
+
+// First index i in [lo, hi) with v[i] >= key (v ascending there), else hi.
+__device__ __forceinline__ int lower_bound(const int* v, int lo, int hi, int key) {
+    while (lo < hi) {
+        const int mid = (lo + hi) >> 1;
+        if (v[mid] < key) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+__device__ __forceinline__ void add_bf16x8(float* acc, int4 v) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const float2 f = __bfloat1622float2(h[q]);
+        acc[2 * q] += f.x;
+        acc[2 * q + 1] += f.y;
+    }
+}
+
+__device__ __forceinline__ int4 pack_bf16x8(const float* acc) {
+    int4 out;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&out);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) h[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
+    return out;
+}
+
+struct CombineArgs {
+    char* const* peers;
+    int rank, R, C, S, window;
+    long long off_ctrl, off_tail, off_head, off_ring, slot_bytes;
+    int off_payload, off_w;
+    const int4* x;
+    int row_int4;
+    const float* topk_w;
+    int K;
+    const int* recv_src_idx;
+    const int* rank_prefix_matrix;
+    const int* num_tokens_of_rank;
+    const bool* is_token_in_rank;
+    const int* send_pos;
+    int T;
+    const int4* bias0;
+    const int4* bias1;
+    int4* out;
+    float* out_w;
+    int* host_status;
+    unsigned long long timeout_ns;
+};
+
+// Sender block of channel c: warp group g sends back, to d = rank + 1 + g (mod R), the rows
+// this rank received from d whose source token lies in d's channel c, in row order (which is
+// d's token order).
+__device__ void combine_send(const CombineArgs& a, int c, uint32_t tag, uint32_t* ctrl) {
+    if (a.R == 1) return;
+    const int warp = threadIdx.x >> 5, lane = lane_id();
+    const int wpg = kWarps / (a.R - 1);
+    const int g = warp / wpg;
+    if (g >= a.R - 1) return;
+    const int d = (a.rank + 1 + g) % a.R;
+    const int wig = warp % wpg, gthreads = wpg * 32, gtid = threadIdx.x - g * gthreads;
+    const int bar_id = 1 + g;
+    if (gtid == 0) {
+        const int lo = d == 0 ? 0 : a.rank_prefix_matrix[(d - 1) * a.R + a.rank];
+        const int hi = a.rank_prefix_matrix[d * a.R + a.rank];
+        const int td = a.num_tokens_of_rank[d];
+        s_lo[g] = lower_bound(a.recv_src_idx, lo, hi, channel_begin(td, c, a.C));
+        s_hi[g] = lower_bound(a.recv_src_idx, lo, hi, channel_begin(td, c + 1, a.C));
+    }
+    group_sync(bar_id, gthreads);
+    const int r0 = s_lo[g], r1 = s_hi[g];
+    char* me = a.peers[a.rank];
+    char* ring = ring_of(a.peers[d], a.off_ring, c, a.rank, a.R, a.S, a.slot_bytes);
+    uint64_t* tail_word = word_of(a.peers[d], a.off_tail, c, a.rank);
+    const uint64_t* head_word = word_of(me, a.off_head, c, d);
+    uint32_t tail = 0;
+    bool aborted = false;
+    for (int r = r0; r < r1; r += a.window) {
+        const int n = min(a.window, r1 - r);
+        if (gtid == 0 && !wait_for_room(head_word, tag, tail, n, a.S, a.timeout_ns, a.host_status,
+                                        ctrl, kPhaseCombineSend, d, c))
+            s_abort[g] = 1;
+        group_sync(bar_id, gthreads);
+        if (s_abort[g]) {
+            aborted = true;
+            break;
+        }
+        for (int j = wig; j < n; j += wpg) {
+            char* slot = ring + static_cast<long long>((tail + j) % a.S) * a.slot_bytes;
+            warp_copy<false>(reinterpret_cast<int4*>(slot + a.off_payload),
+                             a.x + static_cast<long long>(r + j) * a.row_int4, a.row_int4, lane);
+            if (a.topk_w != nullptr && lane < a.K)
+                reinterpret_cast<float*>(slot + a.off_w)[lane] =
+                    __ldg(a.topk_w + static_cast<long long>(r + j) * a.K + lane);
+        }
+        __threadfence_system();
+        group_sync(bar_id, gthreads);
+        tail += n;
+        if (gtid == 0) st_release_sys(tail_word, make_word(tag, tail, false));
+    }
+    if (!aborted && gtid == 0) {
+        st_release_sys(tail_word, make_word(tag, tail, true));
+        wait_for_drain(head_word, tag, tail, a.timeout_ns, a.host_status, ctrl, kPhaseCombineSend,
+                       d, c);
+    }
+}
+
+// Receiver block of channel c: reduces this rank's tokens of channel c, a window at a time.
+// For token t the contributions are, in rank order, its row on each rank that received it
+// (this rank's own row read from x at send_pos[t, rank], the others from the rings), summed in
+// float32 from 0, then the biases; the same order as the reference backend.
+__device__ void combine_recv(const CombineArgs& a, int c, uint32_t tag, uint32_t* ctrl) {
+    const int warp = threadIdx.x >> 5, lane = lane_id();
+    const int t0 = channel_begin(a.T, c, a.C), t1 = channel_begin(a.T, c + 1, a.C);
+    char* me = a.peers[a.rank];
+    bool aborted = false;
+    for (int w0 = t0; w0 < t1; w0 += a.window) {
+        const int nw = min(a.window, t1 - w0);
+        unsigned masks[kMaxRanks];
+#pragma unroll
+        for (int r = 0; r < kMaxRanks; ++r)
+            masks[r] = __ballot_sync(kFullMask, r < a.R && lane < nw &&
+                                     a.is_token_in_rank[static_cast<long long>(w0 + lane) * a.R + r]);
+        if (threadIdx.x == 0) {
+            for (int r = 0; r < a.R && !s_abort[0]; ++r) {
+                const int n = __popc(masks[r]);
+                if (r == a.rank || n == 0) continue;
+                const uint32_t need = s_k[r] + n;
+                const uint64_t* tail_word = word_of(me, a.off_tail, c, r);
+                const uint64_t deadline = globaltimer_ns() + a.timeout_ns;
+                int spins = 0;
+                uint64_t w;
+                while (!(word_tag(w = ld_acquire_sys(tail_word)) == tag && word_count(w) >= need)) {
+                    if ((++spins & 63) == 0 && globaltimer_ns() > deadline) {
+                        report(a.host_status, ctrl, kStatusTimeout, kPhaseCombineRecv, r, c,
+                               word_tag(w) == tag ? static_cast<long long>(word_count(w)) : -1,
+                               need);
+                        s_abort[0] = 1;
+                        break;
+                    }
+                }
+            }
+        }
+        __syncthreads();
+        if (s_abort[0]) {
+            aborted = true;
+            break;
+        }
+        for (int j = warp; j < nw; j += kWarps) {
+            const int t = w0 + j;
+            const int4* src[kMaxRanks];
+            const float* src_w[kMaxRanks];
+            int ns = 0;
+#pragma unroll
+            for (int r = 0; r < kMaxRanks; ++r) {
+                if (r >= a.R || !((masks[r] >> j) & 1u)) continue;
+                if (r == a.rank) {
+                    const long long row = a.send_pos[static_cast<long long>(t) * a.R + a.rank];
+                    src[ns] = a.x + row * a.row_int4;
+                    src_w[ns] = a.topk_w != nullptr ? a.topk_w + row * a.K : nullptr;
+                } else {
+                    const uint32_t k = s_k[r] + __popc(masks[r] & ((1u << j) - 1u));
+                    const char* slot = ring_of(me, a.off_ring, c, r, a.R, a.S, a.slot_bytes) +
+                                       static_cast<long long>(k % a.S) * a.slot_bytes;
+                    src[ns] = reinterpret_cast<const int4*>(slot + a.off_payload);
+                    src_w[ns] = reinterpret_cast<const float*>(slot + a.off_w);
+                }
+                ++ns;
+            }
+            const long long out_row = static_cast<long long>(t) * a.row_int4;
+            for (int i = lane; i < a.row_int4; i += 32) {
+                float acc[8];
+#pragma unroll
+                for (int q = 0; q < 8; ++q) acc[q] = 0.0f;
+#pragma unroll
+                for (int q = 0; q < kMaxRanks; ++q)
+                    if (q < ns) add_bf16x8(acc, ld_cg(src[q] + i));
+                if (a.bias0 != nullptr) add_bf16x8(acc, ld_nc(a.bias0 + out_row + i));
+                if (a.bias1 != nullptr) add_bf16x8(acc, ld_nc(a.bias1 + out_row + i));
+                a.out[out_row + i] = pack_bf16x8(acc);
+            }
+            if (a.out_w != nullptr && lane < a.K) {
+                float acc = 0.0f;
+#pragma unroll
+                for (int q = 0; q < kMaxRanks; ++q)
+                    if (q < ns) acc += __ldcg(src_w[q] + lane);
+                a.out_w[static_cast<long long>(t) * a.K + lane] = acc;
+            }
+        }
+        __syncthreads();  // every slot of the window read before the heads move
+        if (threadIdx.x == 0) {
+            for (int r = 0; r < a.R; ++r) {
+                const int n = __popc(masks[r]);
+                if (r == a.rank || n == 0) continue;
+                s_k[r] += n;
+                st_release_sys(word_of(a.peers[r], a.off_head, c, a.rank), make_word(tag, s_k[r], false));
+            }
+        }
+        __syncthreads();  // s_k of the next window
+    }
+    if (!aborted && threadIdx.x == 0)
+        for (int r = 0; r < a.R; ++r)
+            if (r != a.rank)
+                st_release_sys(word_of(a.peers[r], a.off_head, c, a.rank), make_word(tag, s_k[r], true));
+}
+
+}  // namespace
+
+// Grid 2 * C blocks of kThreads. Shapes (N rows received by this rank in the dispatch, T tokens
+// of this rank):
+//   x: [N, row_int4] bf16 rows as int4, topk_w: [N, K] float32 or null,
+//   recv_src_idx: [N] int32, rank_prefix_matrix: [R, R], num_tokens_of_rank: [R],
+//   is_token_in_rank / send_pos: [T, R], bias0 / bias1: [T, row_int4] or null,
+//   out: [T, row_int4] bf16, out_w: [T, K] float32 or null.
+extern "C" __global__ void __launch_bounds__(kThreads, 1)
+nvl_combine(char* const* __restrict__ peers, int rank, int R, int C, int S, int window,
+            long long off_ctrl, long long off_tail, long long off_head, long long off_ring,
+            long long slot_bytes, int off_payload, int off_w, const int4* __restrict__ x,
+            int row_int4, const float* __restrict__ topk_w, int K,
+            const int* __restrict__ recv_src_idx, const int* __restrict__ rank_prefix_matrix,
+            const int* __restrict__ num_tokens_of_rank, const bool* __restrict__ is_token_in_rank,
+            const int* __restrict__ send_pos, int T, const int4* __restrict__ bias0,
+            const int4* __restrict__ bias1, int4* __restrict__ out, float* __restrict__ out_w,
+            int* host_status, unsigned long long timeout_ns) {
+    const CombineArgs a{peers, rank, R, C, S, window, off_ctrl, off_tail, off_head, off_ring,
+                        slot_bytes, off_payload, off_w, x, row_int4, topk_w, K, recv_src_idx,
+                        rank_prefix_matrix, num_tokens_of_rank, is_token_in_rank, send_pos, T,
+                        bias0, bias1, out, out_w, host_status, timeout_ns};
+    uint32_t* ctrl = reinterpret_cast<uint32_t*>(peers[rank] + off_ctrl);
+    const uint32_t tag = *reinterpret_cast<volatile uint32_t*>(ctrl) + 1u;
+    if (threadIdx.x < kMaxRanks) {
+        s_abort[threadIdx.x] = 0;
+        s_k[threadIdx.x] = 0;
+    }
+    __syncthreads();
+    const int c = blockIdx.x >> 1;
+    if ((blockIdx.x & 1) == 0)
+        combine_send(a, c, tag, ctrl);
+    else
+        combine_recv(a, c, tag, ctrl);
+    finish_block(ctrl);
+}

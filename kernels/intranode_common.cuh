@@ -1,0 +1,126 @@
+// Helpers of the normal-mode NVLink kernels (layout.cu, intranode.cu): limits that must match
+// ep_comm/config.py, memory-model primitives for words that peers write over NVLink, bounded
+// waits, and the status word the host decodes (ep_comm/intranode.py).
+#pragma once
+
+#include <cstdint>
+#include <cuda_bf16.h>
+
+namespace ep_nvl {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+// ep_comm.config.NVL_MAX_RANKS / NVL_MAX_CHANNELS / NVL_MAX_LOCAL_EXPERTS: sizes of the
+// control-word arrays of ep_comm.regions.IntranodeRegions (strides below use them).
+constexpr int kMaxRanks = 8;
+constexpr int kMaxChannels = 64;
+constexpr int kMaxLocalExperts = 1024;
+// ep_comm.regions.NOTIFY_ROW: T_s, per-rank counts, per-local-expert counts.
+constexpr int kNotifyRow = 1 + kMaxRanks + kMaxLocalExperts;
+// Warps of a dispatch/combine block: a multiple of every sender group (24 / R for R in
+// 1, 2, 3, 4, 6, 8) and of the default window (ep_comm.config.NVL_WINDOW_TOKENS = 24).
+constexpr int kWarps = 24;
+constexpr int kThreads = kWarps * 32;
+// Bit 31 of a tail word's count: the sender has published its last slot.
+constexpr uint32_t kDoneBit = 0x80000000u;
+
+// Host status word (int32 [16], host-mapped). The first failing block claims it (ctrl[2]),
+// writes the fields, then the code, with system fences between, so a host that sees the code
+// sees the fields: [0] code, [1] phase, [2] peer rank, [3] channel, [4] value seen,
+// [5] value wanted. [8] is the received token count written by the notify kernel.
+constexpr int kStatusTimeout = 1;
+constexpr int kStatusOverflow = 2;  // more received tokens than num_worst_tokens rows
+constexpr int kPhaseNotify = 1;
+constexpr int kPhaseDispatchSend = 2;
+constexpr int kPhaseDispatchRecv = 3;
+constexpr int kPhaseCombineSend = 4;
+constexpr int kPhaseCombineRecv = 5;
+constexpr int kInfoNumRecv = 8;
+
+__device__ __forceinline__ uint64_t globaltimer_ns() {
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+__device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
+    uint64_t v;
+    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
+    uint32_t v;
+    asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
+    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
+    asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+// Named barrier of one warp group (ids 1..15; 0 is __syncthreads).
+__device__ __forceinline__ void group_sync(int id, int num_threads) {
+    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(num_threads) : "memory");
+}
+
+// Data a peer wrote into this GPU's memory: read through L2 only (L1 is not coherent).
+__device__ __forceinline__ int4 ld_cg(const int4* p) { return __ldcg(p); }
+// Inputs of this kernel that nobody writes while it runs.
+__device__ __forceinline__ int4 ld_nc(const int4* p) { return __ldg(p); }
+
+__device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
+
+// Claim the status word once for the whole buffer (device-memory CAS; atomics on host memory
+// over PCIe are not reliable), write the fields, then the code.
+__device__ __forceinline__ void report(int* host_status, uint32_t* ctrl, int code, int phase,
+                                       int peer, int channel, long long seen, long long wanted) {
+    if (atomicCAS(reinterpret_cast<unsigned*>(ctrl + 2), 0u, 1u) != 0u) return;
+    volatile int* s = host_status;
+    s[1] = phase;
+    s[2] = peer;
+    s[3] = channel;
+    s[4] = static_cast<int>(seen);
+    s[5] = static_cast<int>(wanted);
+    __threadfence_system();
+    s[0] = code;
+    __threadfence_system();
+}
+
+// Every block of a communicating kernel calls this last (all threads): the last block to
+// finish advances the sequence number ctrl[0], so the next kernel on this rank uses a new tag.
+// All blocks read ctrl[0] at their start, before they can be counted here.
+__device__ __forceinline__ void finish_block(uint32_t* ctrl) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        const unsigned prev = atomicAdd(ctrl + 1, 1u);
+        if (prev == gridDim.x - 1) {
+            ctrl[1] = 0;
+            ctrl[0] = ctrl[0] + 1;
+            __threadfence();
+        }
+    }
+}
+
+// The token range [begin, end) of channel c when T tokens are split over C channels.
+__device__ __forceinline__ int channel_begin(int num_tokens, int c, int num_channels) {
+    return static_cast<int>((static_cast<long long>(num_tokens) * c) / num_channels);
+}
+
+// Tag and count of a tail/head word.
+__device__ __forceinline__ uint32_t word_tag(uint64_t w) { return static_cast<uint32_t>(w >> 32); }
+__device__ __forceinline__ uint32_t word_count(uint64_t w) {
+    return static_cast<uint32_t>(w) & ~kDoneBit;
+}
+__device__ __forceinline__ bool word_done(uint64_t w) {
+    return (static_cast<uint32_t>(w) & kDoneBit) != 0u;
+}
+__device__ __forceinline__ uint64_t make_word(uint32_t tag, uint32_t count, bool done) {
+    return (static_cast<uint64_t>(tag) << 32) | count | (done ? kDoneBit : 0u);
+}
+
+}  // namespace ep_nvl

@@ -1,0 +1,44 @@
+// get_dispatch_layout on the GPU: which rank each token goes to, and the counts per rank and
+// per expert. The reference computation is ep_comm/layout.py; this gives the same tensors.
+#include "intranode_common.cuh"
+
+// One thread per token. Counts are gathered in shared memory first, so the global atomics are
+// one per block and per non-zero counter instead of one per (token, expert).
+//
+// topk_idx: [T, K] int64 global expert ids, -1 = none (ids outside [0, E) are ignored).
+// num_tokens_per_rank: [R] int32 and num_tokens_per_expert: [E] int32, zeroed by the caller.
+// is_token_in_rank: [T, R] bool, every element written.
+// Dynamic shared memory: (R + E) * 4 bytes.
+extern "C" __global__ void nvl_get_dispatch_layout(const int64_t* __restrict__ topk_idx, int T,
+                                                   int K, int E, int R,
+                                                   int* __restrict__ num_tokens_per_rank,
+                                                   int* __restrict__ num_tokens_per_expert,
+                                                   bool* __restrict__ is_token_in_rank) {
+    extern __shared__ int smem[];
+    int* s_rank = smem;
+    int* s_expert = smem + R;
+    for (int i = threadIdx.x; i < R + E; i += blockDim.x) smem[i] = 0;
+    __syncthreads();
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t < T) {
+        const int per_rank = E / R;
+        unsigned mask = 0;
+        for (int k = 0; k < K; ++k) {
+            const int64_t e = topk_idx[static_cast<int64_t>(t) * K + k];
+            if (e >= 0 && e < E) {
+                atomicAdd(&s_expert[e], 1);
+                mask |= 1u << (static_cast<int>(e) / per_rank);
+            }
+        }
+        for (int r = 0; r < R; ++r) {
+            const bool in = (mask >> r) & 1u;
+            is_token_in_rank[static_cast<int64_t>(t) * R + r] = in;
+            if (in) atomicAdd(&s_rank[r], 1);
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < R; i += blockDim.x)
+        if (s_rank[i]) atomicAdd(&num_tokens_per_rank[i], s_rank[i]);
+    for (int i = threadIdx.x; i < E; i += blockDim.x)
+        if (s_expert[i]) atomicAdd(&num_tokens_per_expert[i], s_expert[i]);
+}
