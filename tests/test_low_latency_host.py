@@ -1,0 +1,189 @@
+"""Host-side logic of the low-latency kernels backend, on CPU: buffer regions, kernel argument
+packing against the .cu signatures, status-word decoding, grid sizes and the NVSHMEM
+bootstrap helpers. Nothing here needs a GPU or nvshmem4py."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from ep_comm import low_latency as ll
+from ep_comm import nvshmem_runtime as nr
+from ep_comm.config import REGION_ALIGN
+from ep_comm.errors import CommTimeoutError, EpCommError, KernelError
+from ep_comm.regions import LowLatencyRegions, low_latency_message_bytes
+
+SIZES = [(1, 128, 1, 8), (16, 256, 2, 16), (128, 7168, 2, 256), (128, 7168, 8, 256),
+         (7, 2048, 4, 32), (256, 4096, 2, 64)]
+
+
+# ------------------------------------------------------------------------------ regions
+@pytest.mark.parametrize("m,h,r,e", SIZES)
+def test_regions_are_aligned_disjoint_and_inside_the_total(m, h, r, e):
+    reg = LowLatencyRegions(m, h, r, e)
+    spans = sorted((x.offset, x.offset + x.nbytes, x.name) for x in reg.regions.values())
+    for (a0, a1, an), (b0, _, bn) in zip(spans, spans[1:]):
+        assert a1 <= b0, f"{an} overlaps {bn}"
+    for x in reg.regions.values():
+        assert x.offset % REGION_ALIGN == 0, x
+    assert spans[-1][1] <= reg.total_bytes
+
+
+@pytest.mark.parametrize("m,h,r,e", SIZES)
+def test_region_sizes_follow_the_documented_layout(m, h, r, e):
+    reg = LowLatencyRegions(m, h, r, e)
+    local = e // r
+    msg = low_latency_message_bytes(h)
+    assert msg % 16 == 0 and msg >= 16 + 2 * h and msg >= 16 + h + h // 128 * 4
+    for b in (0, 1):
+        assert reg[f"dispatch_count{b}"].nbytes == local * r * 8
+        assert reg[f"dispatch_arrive{b}"].nbytes == local * r * 8
+        assert reg[f"combine_count{b}"].nbytes == e * 8
+        assert reg[f"combine_arrive{b}"].nbytes == e * 8
+        assert reg[f"dispatch_send{b}"].nbytes == m * msg
+        assert reg[f"dispatch_recv{b}"].nbytes == local * r * m * msg
+        assert reg[f"combine_send{b}"].nbytes == local * r * m * h * 2
+        assert reg[f"combine_recv{b}"].nbytes == e * m * h * 2
+
+
+def test_every_signal_word_lies_before_signals_end_and_no_data_does():
+    reg = LowLatencyRegions(128, 7168, 2, 256)
+    signals = [n for n in reg.regions if n.startswith(("dispatch_count", "dispatch_arrive",
+                                                        "combine_count", "combine_arrive",
+                                                        "combine_done", "status_claim"))]
+    assert len(signals) == 2 * 5 + 1
+    for n in signals:
+        assert reg[n].offset + reg[n].nbytes <= reg.signals_end
+    for n in set(reg.regions) - set(signals):
+        assert reg[n].offset >= reg.signals_end, n
+
+
+def test_size_hint_is_the_regions_total():
+    from ep_comm import Buffer
+    assert Buffer.get_low_latency_rdma_size_hint(128, 7168, 2, 256) == \
+        LowLatencyRegions(128, 7168, 2, 256).total_bytes
+
+
+# ------------------------------------------------------------------- argument packing
+@pytest.mark.parametrize("kernel,params", [("ep_ll_dispatch_fp8", ll.DISPATCH_PARAMS),
+                                           ("ep_ll_dispatch_bf16", ll.DISPATCH_PARAMS),
+                                           ("ep_ll_combine", ll.COMBINE_PARAMS)])
+def test_packed_arguments_match_the_kernel_signature(kernel, params):
+    sig = ll.kernel_signature(ll._kernel_source(), kernel)
+    assert sig == list(params)
+
+
+def test_dispatch_args_macro_passes_every_parameter_in_order():
+    """The argument struct is filled from the parameters in the same order they are declared."""
+    src = ll._kernel_source().replace("\\\n", " ")
+    body = src[src.index("#define EP_LL_DISPATCH_ARGS"):]
+    body = body[body.index("{") + 1:body.index("}")]
+    names = [n.strip().split()[0] for n in body.split(",")]
+    cleaned = [n.replace("!=", "").strip() for n in names]
+    assert cleaned == [n for n, _ in ll.DISPATCH_PARAMS]
+
+
+def test_pack_args_gives_int32_and_uint64_scalars():
+    values = {n: (1 << 40) + i if k != "i" else i for i, (n, k) in enumerate(ll.COMBINE_PARAMS)}
+    packed = ll.pack_args(ll.COMBINE_PARAMS, values)
+    for (name, kind), v in zip(ll.COMBINE_PARAMS, packed):
+        assert isinstance(v, np.int32 if kind == "i" else np.uint64), name
+        assert int(v) == values[name]
+
+
+def test_pack_args_rejects_missing_unknown_and_out_of_range():
+    values = {n: 0 for n, _ in ll.DISPATCH_PARAMS}
+    with pytest.raises(EpCommError, match="missing"):
+        ll.pack_args(ll.DISPATCH_PARAMS, {k: v for k, v in values.items() if k != "x"})
+    with pytest.raises(EpCommError, match="unknown"):
+        ll.pack_args(ll.DISPATCH_PARAMS, dict(values, bogus=1))
+    with pytest.raises(EpCommError, match="int32"):
+        ll.pack_args(ll.DISPATCH_PARAMS, dict(values, hidden=2**31))
+
+
+def test_kernel_limits_match_the_cu_constants():
+    src = ll._kernel_source()
+    assert "constexpr int kThreads = 1024;" in src and ll.THREADS == 1024
+    common = (ll._kernel_source.__globals__["Path"](ll.__file__).parent.parent / "kernels" /
+              "low_latency_common.cuh").read_text()
+    assert f"constexpr int kSendPhase = {ll.SEND_PHASE};" in common
+    assert f"constexpr int kRecvPhase = {ll.RECV_PHASE};" in common
+    assert f"constexpr int kStatusTimeout = {ll.STATUS_TIMEOUT};" in common
+
+
+# ------------------------------------------------------------------------ status word
+def test_zero_status_is_no_error():
+    assert ll.decode_status([0] * 8, 0, 5.0) is None
+
+
+def test_dispatch_timeout_names_rank_phase_peer_and_expert():
+    err = ll.decode_status([1, 1, 3, 7, 0, 0, 1, 0], rank=2, limit_s=5.0)
+    assert isinstance(err, CommTimeoutError)
+    assert err.rank == 2 and err.peer == 3 and err.phase == "low_latency_dispatch/recv"
+    assert "local expert 7" in str(err) and "rank 2" in str(err) and "rank 3" in str(err)
+    assert "doctor" in str(err)
+
+
+def test_combine_arrival_timeout_reports_seen_and_wanted():
+    err = ll.decode_status([1, 2, 0, 250, 1, 3, 9, 0], rank=1, limit_s=2.0)
+    assert err.phase == "low_latency_combine/recv" and err.peer == 0
+    assert "3 of 9 arrived" in str(err) and "global expert 250" in str(err)
+
+
+def test_unknown_status_code_is_a_kernel_error():
+    assert isinstance(ll.decode_status([7, 0, 0, 0, 0, 0, 0, 0], 0, 1.0), KernelError)
+
+
+# ------------------------------------------------------------------------ launch shapes
+def test_grid_is_bounded_by_sms_and_at_least_one():
+    assert ll.grid_size(132, 0, 0) == 1
+    assert ll.grid_size(132, 128, 8) == 128
+    assert ll.grid_size(132, 4096, 8) == 132
+
+
+def test_scales_shape_for_float_and_ue8m0():
+    assert ll.scales_shape(7168, False) == (56, torch.float32)
+    assert ll.scales_shape(7168, True) == (14, torch.int32)
+
+
+# -------------------------------------------------------------------- nvshmem bootstrap
+@pytest.mark.parametrize("text,value", [("1073741824", 1 << 30), ("2G", 2 << 30),
+                                        ("512M", 512 << 20), ("64k", 64 << 10),
+                                        ("1.5G", 3 << 29), ("3GB", 3 << 30)])
+def test_heap_size_parses_nvshmem_notation(text, value):
+    assert nr.parse_size(text) == value
+
+
+def test_bad_heap_size_is_a_clear_error():
+    with pytest.raises(EpCommError, match="NVSHMEM_SYMMETRIC_SIZE"):
+        nr.parse_size("lots")
+
+
+def test_heap_size_covers_the_first_buffer_unless_the_user_set_it():
+    heap, from_user = nr.heap_bytes_for(3 << 30, None)
+    assert not from_user and heap >= (3 << 30) + nr.HEAP_SLACK_BYTES and heap % (1 << 20) == 0
+    assert nr.heap_bytes_for(1, None)[0] == nr.MIN_HEAP_BYTES
+    assert nr.heap_bytes_for(3 << 30, "1G") == (1 << 30, True)
+
+
+def test_pool_picks_the_smallest_fitting_buffer_deterministically():
+    assert nr.pick_pooled([], 1) is None
+    assert nr.pick_pooled([8, 4, 4, 16], 4) == 1
+    assert nr.pick_pooled([8, 4, 16], 9) == 2
+    assert nr.pick_pooled([8], 9) is None
+
+
+def test_allocation_sizes_are_aligned_and_never_zero():
+    assert nr.aligned(0) == nr.ALLOC_ALIGN
+    assert nr.aligned(nr.ALLOC_ALIGN + 1) == 2 * nr.ALLOC_ALIGN
+
+
+def test_import_needs_no_gpu_packages():
+    # (torch itself imports cuda.bindings, so only the packages ep_comm could pull in are checked)
+    code = ("import sys, ep_comm, ep_comm.low_latency, ep_comm.nvshmem_runtime\n"
+            "bad = [m for m in ('cuda.core', 'nvshmem', 'cupy') if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
