@@ -86,6 +86,12 @@ def _first_line(text: str, limit: int = 200) -> str:
     return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
+def _unhinted(message: str) -> str:
+    """An ep_comm error message without its "run the doctor" sentence (we are the doctor)."""
+    from ep_comm.errors import DOCTOR_HINT
+    return message.replace(DOCTOR_HINT, "").strip()
+
+
 def _dist_version(name: str) -> str | None:
     import importlib.metadata
     try:
@@ -264,10 +270,11 @@ def check_toolchain(facts: dict, have_gpu: bool) -> list[Check]:
         out.append(Check("compiler", "nvcc", PASS, f"{info['nvcc_version']} at {info['nvcc']} "
                          f"(found via {facts['nvcc']['source']})"))
     else:
-        why = "needed: the kernels are compiled on first use" if needed else \
-              "not needed here (no GPU): only the kernels backend compiles"
+        why = ("needed: the kernels are compiled on first use" if have_gpu else
+               "EP_COMM_NVCC is set, so it must work" if needed else
+               "not needed here (no GPU): only the kernels backend compiles")
         out.append(Check("compiler", "nvcc", FAIL if needed else WARN,
-                         f"{info['nvcc_error']} [{why}]"))
+                         f"{_unhinted(info['nvcc_error'])} [{why}]"))
     facts["nvshmem_headers"] = {"include": info["nvshmem_include"],
                                 "version": info["nvshmem_version"], "error": info["nvshmem_error"]}
     if info["nvshmem_include"]:
@@ -275,7 +282,7 @@ def check_toolchain(facts: dict, have_gpu: bool) -> list[Check]:
                          f"{info['nvshmem_version']} at {info['nvshmem_include']}"))
     else:
         out.append(Check("compiler", "NVSHMEM headers", FAIL if have_gpu else WARN,
-                         info["nvshmem_error"] or "not found"))
+                         _unhinted(info["nvshmem_error"] or "not found")))
     out.append(Check("compiler", "target arch", INFO, f"sm_{info['arch']}"))
     out.append(_check_cache(facts, info, have_gpu))
     return out
@@ -292,9 +299,11 @@ def _check_cache(facts: dict, info: dict, have_gpu: bool) -> Check:
     except jit.CacheDirError as e:
         facts["cache"]["writable"] = False
         facts["cache"]["error"] = str(e)
-        needed = have_gpu or explicit
-        return Check("compiler", "kernel cache", FAIL if needed else WARN,
-                     f"{e} [{'needed' if needed else 'not needed here (no GPU)'}]")
+        why = ("needed: compiled kernels are kept there" if have_gpu else
+               "EP_COMM_CACHE_DIR is set, so it must work" if explicit else
+               "not needed here (no GPU)")
+        return Check("compiler", "kernel cache", FAIL if have_gpu or explicit else WARN,
+                     f"{_unhinted(str(e))} [{why}]")
     return Check("compiler", "kernel cache", PASS,
                  f"{info['cache_dir']} (writable, {info['num_cubins']} compiled kernels"
                  f"{'; set by EP_COMM_CACHE_DIR' if explicit else ''})")
@@ -308,7 +317,7 @@ def check_compile(facts: dict) -> list[Check]:
         mods = jit.compile_all_kernels()
     except jit.JitError as e:
         facts["compile"] = {"ok": False, "error": str(e)}
-        return [Check("compiler", "compile kernels", FAIL, _first_line(str(e), 400))]
+        return [Check("compiler", "compile kernels", FAIL, _first_line(_unhinted(str(e)), 400))]
     dt = time.perf_counter() - t0
     fresh = [m.name for m in mods if not m.from_cache]
     facts["compile"] = {"ok": True, "modules": [m.name for m in mods], "compiled": fresh,
@@ -496,7 +505,7 @@ def check_mpi(facts: dict) -> list[Check]:
             f"--version failed: {_first_line(out)}"
     rc, out = _cmd([sys.executable, "-c", _MPI4PY_PROBE], timeout=20)
     lines = out.splitlines()
-    mpi4py = {"version": lines[0], "library": lines[1] if len(lines) > 1 else None} \
+    mpi4py = {"version": lines[0], "library": " ".join(lines[1].split()) if len(lines) > 1 else None} \
         if rc == 0 and lines else {"version": None, "error": _first_line(out, 300)}
     facts["mpi"] = {"mpirun": mpirun, "mpirun_version": version, "mpi4py": mpi4py}
     checks = [Check("mpi", "mpirun", INFO if mpirun else WARN,
