@@ -21,15 +21,28 @@ H100/H200 (sm_90), 132 SMs, 227 KB shared memory per block:
 * contiguous: ``BLOCK_M`` = 64 when the average rows per expert (``M / E``, known on the host)
   is <= 64 (decode-sized groups: half the padding waste), else 128. ``BLOCK_N`` = 256 when
   N >= 256 (one A tile feeds twice the MMA work; 128 x 256 is the largest fp32 accumulator that
-  fits 8 warps' registers), else 128. ``BLOCK_K`` = 64 for bf16, 128 for FP8 (one scale per K
-  block, and the same 16 KB per operand row of the tile). ``num_stages`` = 3 at BLOCK_M 128
+  fits 8 warps' registers), else 128. ``BLOCK_K`` = 64 for bf16, 128 for FP8 (= the scale
+  block: the scales are applied once per K step). ``num_stages`` = 3 at BLOCK_M 128
   (3 x 48 KB of shared memory), 4 at BLOCK_M 64; 8 warps at BLOCK_M 128, 4 at 64. The grid is
   persistent: one program per SM.
+  FP8 measured 300 TFLOP/s at 128 x 256 on the first H200 run (and 125-180 at 4 warps) with
+  ``acc += dot(a, b) * (a_s[:, None] * b_s[None, :])``: the product tile and a [BN] vector of
+  weight scales doubled the registers of the accumulator and spilled; 128 x 128 x 8 warps (no
+  spill) reached 514. The kernel now keeps the accumulator in units of the current scale
+  (``kernels/grouped_gemm.py``: one in-place MMA per K step, a [BM] rescale vector, a scalar
+  weight scale per 128-column half), so 128 x 256 (two 128-wide halves sharing each A tile)
+  fits 8 warps without spilling; ``bench/gemm.py --sweep`` times it next to 128 x 128.
+  Row-major activation scales are copied column-major once per call (M * K / 128 floats,
+  about 1% of the A bytes) so each K step loads them as one contiguous vector.
 * masked (decode; weight-bandwidth bound): the token tile ``BLOCK_M`` covers the expected valid
   rows per expert (``expected_m``, default 64: up to 64 tokens per expert read each weight tile
   exactly once), rounded up to a power of two, at least 16. Up to 64 it uses ``SWAP_AB``
   (weights in the MMA's M dimension, tokens in its N dimension). ``BLOCK_N`` = 128, ``BLOCK_K``
   = 64 (bf16) / 128 (FP8), 4 warps, 5 stages: 4 weight tiles (64-128 KB) in flight per SM.
+  Measured on H200 (first run): bf16 0.87-0.99 of HBM read bandwidth at 1 to 64 tokens; FP8
+  0.76-0.83 at 1 to 32 tokens but 0.47-0.50 at 64 (the spilling scale product above, now
+  gone); (16, 128) swap-AB is as good at 1 token and 4x worse at 64 (weights re-read per
+  16-token tile), so BLOCK_M follows ``expected_m``.
 * under ``TRITON_INTERPRET=1`` (CPU tests) small blocks, and bf16 operands are upcast to fp32
   inside the kernel (the interpreter's bf16 ``tl.dot`` is wrong).
 
@@ -203,13 +216,18 @@ def masked_config(expected_m: int | None, n: int, k: int, fp8: bool,
     return GemmConfig(block_m, 128, block_k, num_warps=8, num_stages=4)
 
 
-def _check_config(cfg: GemmConfig, fp8: bool):
+def _check_config(cfg: GemmConfig, fp8: bool, max_block_n_fp8: int):
     for f in ("block_m", "block_n", "block_k"):
         v = getattr(cfg, f)
         if v < 16 or v & (v - 1):
             _fail(f"config.{f} must be a power of two >= 16, got {v}")
-    if fp8 and (cfg.block_k > SCALE_BLOCK):
-        _fail(f"fp8 needs config.block_k <= 128 (one scale per K block), got {cfg.block_k}")
+    if fp8 and cfg.block_k != SCALE_BLOCK:
+        _fail(f"fp8 needs config.block_k == 128 (the scale block), got {cfg.block_k}")
+    if fp8 and cfg.block_n > max_block_n_fp8:
+        _fail(f"fp8 needs config.block_n <= {max_block_n_fp8} here (a tile's columns must share "
+              f"one weight-scale block, or be two 128-wide halves), got {cfg.block_n}")
+    if cfg.swap_ab and fp8 and cfg.block_n > SCALE_BLOCK:
+        _fail("swap_ab with fp8 needs config.block_n <= 128")
 
 
 # ----------------------------------------------------------------------------- grouped GEMMs
@@ -249,7 +267,12 @@ def grouped_gemm_contiguous(a, b, group_end: torch.Tensor, *, group_rows: torch.
     if m == 0 or n == 0 or e == 0:
         return out
     cfg = config or contiguous_config(m, n, k, e, fp8, interp)
-    _check_config(cfg, fp8)
+    _check_config(cfg, fp8, 2 * SCALE_BLOCK)
+    if cfg.swap_ab:
+        _fail("the contiguous GEMM has no swap_ab variant")
+    if fp8 and a_s.stride(0) != 1 and m > 1:
+        # [M, K/128] row-major -> column-major: each K step then loads BM consecutive floats.
+        a_s = fp8_format.column_major_last2(a_s)
     n_tiles = triton.cdiv(n, cfg.block_n)
     max_tiles = (triton.cdiv(m, cfg.block_m) + e) * n_tiles
     sms = 4 if interp else _num_sms(dev.index if dev.index is not None else torch.cuda.current_device())
@@ -304,7 +327,7 @@ def grouped_gemm_masked(a, b, count: torch.Tensor, *, expected_m: int | None = N
     if m == 0 or n == 0 or e == 0:
         return out
     cfg = config or masked_config(expected_m, n, k, fp8, interp)
-    _check_config(cfg, fp8)
+    _check_config(cfg, fp8, SCALE_BLOCK)
     a_s_ = a_s if fp8 else a
     b_s_ = b_s if fp8 else b
     as_strides = (a_s.stride(0), a_s.stride(1), a_s.stride(2)) if fp8 else (0, 0, 0)

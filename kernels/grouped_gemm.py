@@ -51,15 +51,11 @@ def bf16_rne(x):
 
 
 @triton.jit
-def _dot_tile(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, K, stride_ak, stride_bk, stride_ask, stride_bsk,
+def _dot_tile(a_ptrs, b_ptrs, K, stride_ak, stride_bk,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              FP8: tl.constexpr, INTERPRET: tl.constexpr, EVEN_K: tl.constexpr,
-              SWAP_AB: tl.constexpr):
-    """One output tile: the K loop over ``a_ptrs [BM, 1]`` rows and ``b_ptrs [1, BN]`` columns.
-
-    ``as_ptrs [BM]`` / ``bs_ptrs [BN]`` point at k-block 0 of the row / column scales (FP8 only).
-    Returns the fp32 accumulator, ``[BN, BM]`` when ``SWAP_AB`` else ``[BM, BN]``.
-    """
+              INTERPRET: tl.constexpr, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr):
+    """One bf16 output tile: the K loop over ``a_ptrs [BM, 1]`` rows and ``b_ptrs [1, BN]``
+    columns. Returns the fp32 accumulator, ``[BN, BM]`` when ``SWAP_AB`` else ``[BM, BN]``."""
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptrs + offs_k[None, :] * stride_ak  # [BM, BK]
     b_ptrs = b_ptrs + offs_k[:, None] * stride_bk  # [BK, BN]
@@ -78,22 +74,124 @@ def _dot_tile(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, K, stride_ak, stride_bk, stride_
         if INTERPRET:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        if FP8:
-            kb = k0 // 128
-            a_s = tl.load(as_ptrs + kb * stride_ask)
-            b_s = tl.load(bs_ptrs + kb * stride_bsk)
-            if SWAP_AB:
-                acc += tl.dot(tl.trans(b), tl.trans(a)) * (b_s[:, None] * a_s[None, :])
-            else:
-                acc += tl.dot(a, b) * (a_s[:, None] * b_s[None, :])
+        if SWAP_AB:
+            acc = tl.dot(tl.trans(b), tl.trans(a), acc)
         else:
-            if SWAP_AB:
-                acc = tl.dot(tl.trans(b), tl.trans(a), acc)
-            else:
-                acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     return acc
+
+
+@triton.jit
+def _fp8_dot_tile(a_ptrs, b_ptrs, as_ptrs, bs_ptr, K, stride_ak, stride_bk, stride_ask,
+                  stride_bsk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  INTERPRET: tl.constexpr, SWAP_AB: tl.constexpr):
+    """One FP8 output tile with per-128 K-block scales, ``BLOCK_K`` = 128 = the scale block.
+
+    ``a_ptrs [BM, 1]`` / ``b_ptrs [1, BN]`` point at k = 0 of the tile's rows / columns (the
+    columns lie inside one 128-row block of the weight scales: ``BLOCK_N`` divides 128);
+    ``as_ptrs [BM]`` at the rows' k-block-0 activation scales, ``bs_ptr`` (scalar) at the
+    tile's k-block-0 weight scale. Returns the fp32 accumulator ``[BM, BN]`` (``[BN, BM]`` when
+    ``SWAP_AB``) of ``sum_kb s[kb] * (a_kb @ b_kb)`` with ``s[kb] = a_s[row, kb] * b_s[kb]``.
+
+    Rescaled accumulator: instead of ``acc += dot(a, b) * s`` (a second [BM, BN] fp32 register
+    tile for the product and a [BN] vector of weight scales, which spilled at 128 x 256), the
+    accumulator is kept in units of the current block's scale: ``acc' = acc / s[kb]``, so each
+    step is ``acc' = dot(a, b, acc' * (s[kb-1] / s[kb]))``, accumulated in place by the tensor
+    cores, and the tile is ``acc' * s[last]`` at the end. Exact up to one fp32 rounding per step.
+    Scales are clamped below at 1e-30 (``ep_comm.fp8`` never produces less than 1e-4 / 448);
+    ``acc'`` stays finite while ``|acc| / s`` < 3e38.
+    """
+    offs_k = tl.arange(0, 128)
+    a_ptrs = a_ptrs + offs_k[None, :] * stride_ak  # [BM, 128]
+    b_ptrs = b_ptrs + offs_k[:, None] * stride_bk  # [128, BN]
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    s_prev = tl.full((BLOCK_M,), 1.0, tl.float32)
+    for _ in range(0, K, 128):
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
+        s = tl.maximum(tl.load(as_ptrs) * tl.load(bs_ptr), 1e-30)  # [BM]
+        r = s_prev / s
+        if INTERPRET:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if SWAP_AB:
+            acc = tl.dot(tl.trans(b), tl.trans(a), acc * r[None, :])
+        else:
+            acc = tl.dot(a, b, acc * r[:, None])
+        s_prev = s
+        a_ptrs += 128 * stride_ak
+        b_ptrs += 128 * stride_bk
+        as_ptrs += stride_ask
+        bs_ptr += stride_bsk
+    if SWAP_AB:
+        acc = acc * s_prev[None, :]
+    else:
+        acc = acc * s_prev[:, None]
+    return acc
+
+
+@triton.jit
+def _fp8_dot_tile_pair(a_ptrs, b0_ptrs, b1_ptrs, as_ptrs, bs0_ptr, bs1_ptr, K, stride_ak,
+                       stride_bk, stride_ask, stride_bsk,
+                       BLOCK_M: tl.constexpr, INTERPRET: tl.constexpr):
+    """``_fp8_dot_tile`` for a [BM, 256] tile as two [BM, 128] accumulators that share each
+    activation tile (one A load feeds two MMAs: half the A traffic of two 128-wide tiles).
+
+    ``b0_ptrs`` / ``b1_ptrs [1, 128]`` point at k = 0 of the two halves' columns (clamped into
+    the expert's N rows), ``bs0_ptr`` / ``bs1_ptr`` (scalars) at their k-block-0 weight scales.
+    Returns (acc0, acc1), fp32 [BM, 128] each.
+    """
+    offs_k = tl.arange(0, 128)
+    a_ptrs = a_ptrs + offs_k[None, :] * stride_ak  # [BM, 128]
+    b0_ptrs = b0_ptrs + offs_k[:, None] * stride_bk  # [128, 128]
+    b1_ptrs = b1_ptrs + offs_k[:, None] * stride_bk
+    acc0 = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
+    s0_prev = tl.full((BLOCK_M,), 1.0, tl.float32)
+    s1_prev = tl.full((BLOCK_M,), 1.0, tl.float32)
+    for _ in range(0, K, 128):
+        a = tl.load(a_ptrs)
+        b0 = tl.load(b0_ptrs)
+        b1 = tl.load(b1_ptrs)
+        a_s = tl.load(as_ptrs)
+        s0 = tl.maximum(a_s * tl.load(bs0_ptr), 1e-30)
+        s1 = tl.maximum(a_s * tl.load(bs1_ptr), 1e-30)
+        if INTERPRET:
+            a = a.to(tl.float32)
+            b0 = b0.to(tl.float32)
+            b1 = b1.to(tl.float32)
+        acc0 = tl.dot(a, b0, acc0 * (s0_prev / s0)[:, None])
+        acc1 = tl.dot(a, b1, acc1 * (s1_prev / s1)[:, None])
+        s0_prev = s0
+        s1_prev = s1
+        a_ptrs += 128 * stride_ak
+        b0_ptrs += 128 * stride_bk
+        b1_ptrs += 128 * stride_bk
+        as_ptrs += stride_ask
+        bs0_ptr += stride_bsk
+        bs1_ptr += stride_bsk
+    return acc0 * s0_prev[:, None], acc1 * s1_prev[:, None]
+
+
+@triton.jit
+def _store_tile(c_base, acc, offs_m, offs_n, nrows, N, stride_cm, stride_cn,
+                INTERPRET: tl.constexpr, SWAP_AB: tl.constexpr):
+    """Stores the fp32 tile ``acc`` ([BM, BN], or [BN, BM] when ``SWAP_AB``) as bf16 at rows
+    ``offs_m`` (< ``nrows``) and columns ``offs_n`` (< ``N``) of ``c_base``."""
+    if SWAP_AB:
+        c_ptrs = c_base + offs_m[None, :].to(tl.int64) * stride_cm + offs_n[:, None] * stride_cn
+        c_mask = (offs_m < nrows)[None, :] & (offs_n < N)[:, None]
+    else:
+        c_ptrs = c_base + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
+        c_mask = (offs_m < nrows)[:, None] & (offs_n < N)[None, :]
+    if INTERPRET:
+        acc = bf16_rne(acc)
+    tl.store(c_ptrs, acc.to(c_base.dtype.element_ty), mask=c_mask)
 
 
 @triton.jit
@@ -106,7 +204,8 @@ def contiguous_gemm_kernel(
         BLOCK_K: tl.constexpr, E_POW2: tl.constexpr, HAS_ROWS: tl.constexpr, FP8: tl.constexpr,
         INTERPRET: tl.constexpr, EVEN_K: tl.constexpr):
     pid = tl.program_id(0)
-    # Per-expert row ranges and tile counts (E <= E_POW2, a few hundred at most).
+    # Per-expert row ranges and tile counts (E <= E_POW2, a few hundred at most), once per
+    # program: the tile loop below only selects from these vectors.
     eidx = tl.arange(0, E_POW2)
     emask = eidx < E
     ends = tl.minimum(tl.load(group_end_ptr + eidx, mask=emask, other=0), M)
@@ -131,23 +230,41 @@ def contiguous_gemm_kernel(
         pid_n = local // mt  # m tiles inner: concurrent programs share the weight tile
         pid_m = local - pid_n * mt
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         # Clamp instead of masking: out-of-range rows/columns reload a valid one, never stored.
         rows_a = (start + tl.minimum(offs_m, nrows - 1)).to(tl.int64)
-        cols_b = tl.minimum(offs_n, N - 1)
         e64 = e.to(tl.int64)
         a_ptrs = a_ptr + rows_a[:, None] * stride_am
-        b_ptrs = b_ptr + e64 * stride_be + cols_b[None, :].to(tl.int64) * stride_bn
-        as_ptrs = as_ptr + rows_a * stride_asm
-        bs_ptrs = bs_ptr + e64 * stride_bse + (cols_b // 128) * stride_bsn
-        acc = _dot_tile(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, K, stride_ak, stride_bk, stride_ask,
-                        stride_bsk, BLOCK_M, BLOCK_N, BLOCK_K, FP8, INTERPRET, EVEN_K, False)
-        rows_c = (start + offs_m).to(tl.int64)
-        c_ptrs = c_ptr + rows_c[:, None] * stride_cm + offs_n[None, :] * stride_cn
-        c_mask = (offs_m < nrows)[:, None] & (offs_n < N)[None, :]
-        if INTERPRET:
-            acc = bf16_rne(acc)
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+        c_base = c_ptr + start.to(tl.int64) * stride_cm
+        if FP8 and BLOCK_N > 128:  # two 128-column halves, one scale block each
+            offs_n = pid_n * BLOCK_N + tl.arange(0, 128)
+            b_e = b_ptr + e64 * stride_be
+            b0_ptrs = b_e + tl.minimum(offs_n, N - 1)[None, :].to(tl.int64) * stride_bn
+            b1_ptrs = b_e + tl.minimum(offs_n + 128, N - 1)[None, :].to(tl.int64) * stride_bn
+            nb = pid_n * (BLOCK_N // 128)  # scale block of the first half
+            bs_e = bs_ptr + e64 * stride_bse
+            bs1 = tl.minimum(nb + 1, (N - 1) // 128)  # a half past N: clamped, never stored
+            acc0, acc1 = _fp8_dot_tile_pair(
+                a_ptrs, b0_ptrs, b1_ptrs, as_ptr + rows_a * stride_asm, bs_e + nb * stride_bsn,
+                bs_e + bs1 * stride_bsn, K, stride_ak, stride_bk, stride_ask, stride_bsk,
+                BLOCK_M, INTERPRET)
+            _store_tile(c_base, acc0, offs_m, offs_n, nrows, N, stride_cm, stride_cn,
+                        INTERPRET, False)
+            _store_tile(c_base, acc1, offs_m, offs_n + 128, nrows, N, stride_cm, stride_cn,
+                        INTERPRET, False)
+        else:
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            cols_b = tl.minimum(offs_n, N - 1)
+            b_ptrs = b_ptr + e64 * stride_be + cols_b[None, :].to(tl.int64) * stride_bn
+            if FP8:  # BLOCK_N divides 128: the tile's columns share one weight-scale block
+                bs_ptrs = bs_ptr + e64 * stride_bse + ((pid_n * BLOCK_N) // 128) * stride_bsn
+                acc = _fp8_dot_tile(a_ptrs, b_ptrs, as_ptr + rows_a * stride_asm, bs_ptrs, K,
+                                    stride_ak, stride_bk, stride_ask, stride_bsk, BLOCK_M,
+                                    BLOCK_N, INTERPRET, False)
+            else:
+                acc = _dot_tile(a_ptrs, b_ptrs, K, stride_ak, stride_bk, BLOCK_M, BLOCK_N,
+                                BLOCK_K, INTERPRET, EVEN_K, False)
+            _store_tile(c_base, acc, offs_m, offs_n, nrows, N, stride_cm, stride_cn,
+                        INTERPRET, False)
 
 
 @triton.jit
@@ -165,21 +282,19 @@ def masked_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols_b = tl.minimum(offs_n, N - 1)
     b_ptrs = b_ptr + e * stride_be + cols_b[None, :].to(tl.int64) * stride_bn
-    bs_ptrs = bs_ptr + e * stride_bse + (cols_b // 128) * stride_bsn
+    # FP8: BLOCK_N divides 128, so the tile's weight rows share one scale block.
+    bs_ptrs = bs_ptr + e * stride_bse + ((pid_n * BLOCK_N) // 128) * stride_bsn
+    c_base = c_ptr + e * stride_ce
     for m0 in range(0, count, BLOCK_M):  # no iteration at all for an expert with no tokens
         offs_m = m0 + tl.arange(0, BLOCK_M)
         rows_a = tl.minimum(offs_m, count - 1).to(tl.int64)
         a_ptrs = a_ptr + e * stride_ae + rows_a[:, None] * stride_am
-        as_ptrs = as_ptr + e * stride_ase + rows_a * stride_asm
-        acc = _dot_tile(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, K, stride_ak, stride_bk, stride_ask,
-                        stride_bsk, BLOCK_M, BLOCK_N, BLOCK_K, FP8, INTERPRET, EVEN_K, SWAP_AB)
-        c_base = c_ptr + e * stride_ce
-        if SWAP_AB:  # acc is [BN, BM]
-            c_ptrs = c_base + offs_m[None, :].to(tl.int64) * stride_cm + offs_n[:, None] * stride_cn
-            c_mask = (offs_m < count)[None, :] & (offs_n < N)[:, None]
+        if FP8:
+            as_ptrs = as_ptr + e * stride_ase + rows_a * stride_asm
+            acc = _fp8_dot_tile(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, K, stride_ak, stride_bk,
+                                stride_ask, stride_bsk, BLOCK_M, BLOCK_N, INTERPRET, SWAP_AB)
         else:
-            c_ptrs = c_base + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
-            c_mask = (offs_m < count)[:, None] & (offs_n < N)[None, :]
-        if INTERPRET:
-            acc = bf16_rne(acc)
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+            acc = _dot_tile(a_ptrs, b_ptrs, K, stride_ak, stride_bk, BLOCK_M, BLOCK_N, BLOCK_K,
+                            INTERPRET, EVEN_K, SWAP_AB)
+        _store_tile(c_base, acc, offs_m, offs_n, count, N, stride_cm, stride_cn, INTERPRET,
+                    SWAP_AB)

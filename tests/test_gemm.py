@@ -129,6 +129,56 @@ def test_contiguous_gemm_default_config_and_padding_rows_computed(use_fp8):
                      pass_rows=False)
 
 
+@pytest.mark.parametrize("n", [300, 256, 128], ids=["n300_half_past_n", "n256", "n128"])
+def test_contiguous_fp8_256_wide_tiles_two_scale_blocks_match_float64(n):
+    # BLOCK_N 256 = two 128-column halves with their own weight scales; at N=300 the second
+    # half of the last tile is partly past N and at N=128 wholly past it (clamped, not stored).
+    cfg = gemm.GemmConfig(16, 256, 128, 4, 1)
+    check_contiguous([5, 0, 21, 16], n=n, k=384, use_fp8=True, alignment=1, seed=11, config=cfg)
+
+
+def test_fp8_gemm_scales_spanning_many_decades_match_float64():
+    # The kernel keeps its accumulator in units of the current K block's scale; scales that
+    # jump by 1e6 between K blocks (and tiny ones near the 1e-4 / 448 floor) must not lose
+    # accuracy or overflow.
+    g = torch.Generator().manual_seed(12)
+    e, n, k = 2, 64, 512
+    counts = [9, 14]
+    ends, rows, m = counts_to_groups(counts, 1)
+    x = torch.randn(m, k, generator=g)
+    x = x * torch.tensor([1e-9, 1e3, 1e-3, 1.0]).repeat_interleave(128)[None, :]
+    a = fp8.per_token_cast_to_fp8(x.to(torch.bfloat16).to(DEV))
+    w = torch.randn(e, n, k, generator=g) / k ** 0.5
+    w = w * torch.tensor([1e2, 1e-4, 1.0, 1e-6]).repeat_interleave(128)[None, None, :]
+    b = quantize_weight_fp8(w.to(torch.bfloat16).to(DEV))
+    for cfg in (gemm.GemmConfig(16, 32, 128, 4, 1), gemm.GemmConfig(16, 256, 128, 4, 1)):
+        out = gemm.grouped_gemm_contiguous(a, b, ends, group_rows=rows, config=cfg)
+        ad, bd = dequant_act(a), dequant_weight(b)
+        for i, (lo, hi) in enumerate(((0, 9), (9, 23))):
+            assert_bf16_close(out[lo:hi], ad[lo:hi] @ bd[i].T, f"expert {i}, {cfg}")
+    am = (a[0].view(1, m, k), fp8.column_major_last2(a[1].view(1, m, k // 128)))
+    cnt = torch.tensor([m], dtype=torch.int32, device=DEV)
+    for swap in (False, True):
+        out = gemm.grouped_gemm_masked(am, (b[0][:1], b[1][:1]), cnt,
+                                       config=gemm.GemmConfig(16, 32, 128, 4, 1, swap_ab=swap))
+        assert_bf16_close(out[0], dequant_act(a) @ dequant_weight(b)[0].T, f"masked swap={swap}")
+
+
+def test_fp8_config_rules_are_enforced():
+    g = torch.Generator().manual_seed(13)
+    ends, rows, m = counts_to_groups([4, 4], 1)
+    a = make_act(m, 256, True, g)
+    b = make_weight(2, 64, 256, True, g)
+    with pytest.raises(InputError, match="block_k == 128"):
+        gemm.grouped_gemm_contiguous(a, b, ends, config=gemm.GemmConfig(16, 32, 64, 4, 1))
+    with pytest.raises(InputError, match="block_n <= 256"):
+        gemm.grouped_gemm_contiguous(a, b, ends, config=gemm.GemmConfig(16, 512, 128, 4, 1))
+    am = (a[0].view(2, 4, 256), a[1].view(2, 4, 2))
+    with pytest.raises(InputError, match="block_n <= 128"):
+        gemm.grouped_gemm_masked(am, b, torch.full((2,), 4, dtype=torch.int32, device=DEV),
+                                 config=gemm.GemmConfig(16, 256, 128, 4, 1))
+
+
 def test_contiguous_gemm_k_not_multiple_of_block():
     check_contiguous([9, 0, 17], n=48, k=72, use_fp8=False, alignment=1, seed=4, config=SMALL)
 
@@ -221,3 +271,14 @@ def test_gpu_contiguous_gemm_deepseek_shapes(n, k, use_fp8):
 def test_gpu_masked_gemm_deepseek_shapes(n, k, use_fp8, expected_m):
     counts = [0, 1, 7, 16, 17, 64, 65, 200, 256, 3, 0, 40]
     check_masked(counts, m=256, n=n, k=k, use_fp8=use_fp8, seed=102, expected_m=expected_m)
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("cfg", [gemm.GemmConfig(128, 256, 128, 8, 3), gemm.GemmConfig(128, 128, 128, 8, 4),
+                                 gemm.GemmConfig(64, 256, 128, 4, 4), gemm.GemmConfig(64, 128, 128, 4, 4)],
+                         ids=lambda c: f"{c.block_m}x{c.block_n}w{c.num_warps}s{c.num_stages}")
+def test_gpu_contiguous_fp8_every_swept_config_is_right(cfg):
+    # bench/gemm.py times these configurations: each must also compute the right thing.
+    counts = [0, 1, 127, 129, 517, 0, 64, 300]
+    check_contiguous(counts, n=2 * I, k=H, use_fp8=True, alignment=1, seed=103, config=cfg)
