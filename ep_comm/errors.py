@@ -4,7 +4,8 @@ Every error a user can hit names what was wrong and what to do. Setup and timeou
 to ``python -m ep_comm.doctor``, which checks the machine end to end.
 """
 
-DOCTOR_HINT = "Run `python -m ep_comm.doctor` to check this machine's setup."
+DOCTOR_HINT = ("Run `python -m ep_comm.doctor` to check this machine's setup; "
+               "docs/troubleshooting.md maps each error to its cause and fix.")
 
 
 class EpCommError(RuntimeError):
@@ -58,10 +59,16 @@ class CommTimeoutError(EpCommError, TimeoutError):
         who = f"rank {peer}" if peer is not None else "a peer"
         super().__init__(
             f"{where} timed out after {timeout_s:g} s in phase '{phase}' waiting for {waited_for} "
-            f"from {who}. Likely causes: a rank skipped or reordered a call, a rank crashed, or "
-            f"the ranks disagree on arguments. Raise EP_COMM_TIMEOUT_S for very slow setups. "
-            f"{DOCTOR_HINT}")
+            f"from {who}. Likely causes: the rank waited for stopped calling (it crashed, raised, or skipped "
+            f"or reordered a call), the ranks disagree on arguments (num_experts, hidden, "
+            f"num_max_dispatch_tokens_per_rank), or, with backend='kernels', the GPUs cannot "
+            f"reach each other's memory (no NVLink P2P, NVSHMEM transport down). Raise "
+            f"EP_COMM_TIMEOUT_S only for very slow first calls. {DOCTOR_HINT}")
 
 
 class KernelError(EpCommError):
-    """A kernel reported a failure through its status word (not a timeout)."""
+    """A kernel reported a failure through its status word (not a timeout).
+
+    Raisers name the rank, the kernel and the status code; a code the host does not know
+    usually means the cached cubin is older than the Python side (clear ``EP_COMM_CACHE_DIR``).
+    """
