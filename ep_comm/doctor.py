@@ -130,7 +130,8 @@ def check_software(facts: dict) -> list[Check]:
     facts["torch"] = {"version": torch.__version__, "cuda": torch.version.cuda,
                       "nccl": _nccl_version(torch)}
     out.append(Check("software", "torch", INFO,
-                     f"{torch.__version__} (built for CUDA {torch.version.cuda or 'none: CPU build'})"))
+                     f"{torch.__version__} (built for CUDA "
+                     f"{torch.version.cuda or 'none: CPU build'})"))
     try:
         import triton
         facts["triton"] = {"version": triton.__version__}
@@ -242,6 +243,33 @@ def _topo_links(topo: str, n: int) -> dict[tuple[int, int], str]:
     return links
 
 
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "NVSHMEM_DISABLE_NVLS": "1",
+                 "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+EP_COMM_VARS = ("EP_COMM_TIMEOUT_S", "EP_COMM_NVCC", "EP_COMM_CUDA_ARCH", "EP_COMM_CACHE_DIR",
+                "NVSHMEM_HOME", "NVSHMEM_SYMMETRIC_SIZE", "NVSHMEM_REMOTE_TRANSPORT",
+                "NVSHMEM_IB_ENABLE_IBGDA")
+
+
+def check_env(facts: dict, num_gpus: int) -> list[Check]:
+    """The variables ep_comm reads, and whether NVLink multicast (NVLS) is switched off."""
+    from ep_comm.comm import DEFAULT_TIMEOUT_S
+    seen = {k: os.environ[k] for k in EP_COMM_VARS if k in os.environ}
+    mc = {k: os.environ.get(k) for k in MULTICAST_OFF}
+    facts["env"] = {"ep_comm": seen, "multicast": mc}
+    out = [Check("env", "settings", INFO, ", ".join(f"{k}={v}" for k, v in seen.items())
+                 or f"defaults (EP_COMM_TIMEOUT_S={DEFAULT_TIMEOUT_S:g})")]
+    on = [k for k, off in MULTICAST_OFF.items() if mc[k] != off]
+    if not on:
+        out.append(Check("env", "NVLink multicast", INFO, "off for NCCL, NVSHMEM and torch"))
+    else:
+        status = WARN if num_gpus >= 2 else INFO
+        out.append(Check("env", "NVLink multicast", status,
+                         f"may be used by {', '.join(on)} (ep_comm never uses it); if runs hang "
+                         "or fail around NVLS / multicast objects, set "
+                         + " ".join(f"{k}={v}" for k, v in MULTICAST_OFF.items())))
+    return out
+
+
 # ------------------------------------------------------------------- compiler, cache
 def _nvcc_source(path: str) -> str:
     """Where ``ep_comm.jit.find_nvcc`` found ``path`` (its search order)."""
@@ -323,7 +351,8 @@ def check_compile(facts: dict) -> list[Check]:
     facts["compile"] = {"ok": True, "modules": [m.name for m in mods], "compiled": fresh,
                         "seconds": round(dt, 2)}
     return [Check("compiler", "compile kernels", PASS,
-                  f"{len(mods)} modules in {dt:.1f} s ({len(fresh)} compiled now, the rest cached)")]
+                  f"{len(mods)} modules in {dt:.1f} s ({len(fresh)} compiled now, the rest "
+                  "cached)")]
 
 
 # ---------------------------------------------------------------------------- NVSHMEM
@@ -505,8 +534,11 @@ def check_mpi(facts: dict) -> list[Check]:
             f"--version failed: {_first_line(out)}"
     rc, out = _cmd([sys.executable, "-c", _MPI4PY_PROBE], timeout=20)
     lines = out.splitlines()
-    mpi4py = {"version": lines[0], "library": " ".join(lines[1].split()) if len(lines) > 1 else None} \
-        if rc == 0 and lines else {"version": None, "error": _first_line(out, 300)}
+    if rc == 0 and lines:
+        mpi4py = {"version": lines[0],
+                  "library": " ".join(lines[1].split()) if len(lines) > 1 else None}
+    else:
+        mpi4py = {"version": None, "error": _first_line(out, 300)}
     facts["mpi"] = {"mpirun": mpirun, "mpirun_version": version, "mpi4py": mpi4py}
     checks = [Check("mpi", "mpirun", INFO if mpirun else WARN,
                     f"{mpirun} ({version})" if mpirun else
@@ -933,6 +965,7 @@ def collect(args) -> tuple[list[Check], dict]:
     num_gpus = torch.cuda.device_count() if have_gpu else 0
     checks += check_cuda(facts)
     checks += check_p2p(facts)
+    checks += check_env(facts, num_gpus)
     checks += check_toolchain(facts, have_gpu)
     if args.compile:
         checks += check_compile(facts)
@@ -991,8 +1024,10 @@ def main(argv: list[str] | None = None) -> int:
     if printer:
         print(f"ep_comm doctor on {facts['host']} ({facts['time']}, {facts['seconds']:.1f} s)")
         print_table(checks)
-        print(f"\n{'OK: every check that applies passed' if not failed else f'FAILED: {len(failed)} check(s): ' + ', '.join(c.section + '/' + c.name for c in failed)}"
-              "\nCauses and fixes: docs/troubleshooting.md")
+        names = ", ".join(f"{c.section}/{c.name}" for c in failed)
+        print("\n" + (f"FAILED: {len(failed)} check(s): {names}" if failed else
+                      "OK: every check that applies passed"))
+        print("Causes and fixes: docs/troubleshooting.md")
         if args.json:
             report = {"ok": not failed, "exit_code": code, **facts,
                       "checks": [dataclasses.asdict(c) for c in checks]}
