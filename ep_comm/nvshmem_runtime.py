@@ -23,9 +23,9 @@ path later) goes through the same rules:
   instead of being silently wrong.
 
 Heap size: NVSHMEM reserves ``NVSHMEM_SYMMETRIC_SIZE`` at init. If the variable is not set,
-this module sets it to what the first buffer needs plus ``HEAP_SLACK_BYTES`` (at least
-``MIN_HEAP_BYTES``); a later, larger buffer that does not fit raises an error that says which
-value to set before the first Buffer is created.
+this module sets it to twice what the first buffer needs plus ``HEAP_SLACK_BYTES`` (at least
+``MIN_HEAP_BYTES``); an allocation NVSHMEM refuses later raises an error that says which value
+to set before the first Buffer is created.
 
 GPU-only packages (cuda.core, nvshmem4py) are imported inside functions, so importing this
 module works on a CPU-only machine.
@@ -75,7 +75,9 @@ def heap_bytes_for(first_request: int, env_value: str | None) -> tuple[int, bool
     """
     if env_value:
         return parse_size(env_value), True
-    want = first_request + HEAP_SLACK_BYTES
+    # Room for two buffers of the first size: a Buffer with allow_nvlink on and one with it off,
+    # or a new Buffer created before the old one is destroyed, fit without growing the heap.
+    want = 2 * first_request + HEAP_SLACK_BYTES
     return max(MIN_HEAP_BYTES, (want + (1 << 20) - 1) // (1 << 20) * (1 << 20)), False
 
 
@@ -238,18 +240,16 @@ def acquire(comm, nbytes: int) -> SymmetricBuffer:
             buf._released = False
             buf.tensor.zero_()
             return buf
-        if _STATE.allocated_bytes + need > _STATE.heap_bytes:
-            raise EpCommError(
-                f"the NVSHMEM symmetric heap ({_STATE.heap_bytes} bytes) cannot hold another "
-                f"{need} bytes ({_STATE.allocated_bytes} bytes already allocated). Set "
-                f"{HEAP_ENV}={_STATE.allocated_bytes + need + HEAP_SLACK_BYTES} before the "
-                f"first low-latency Buffer of the process is created. {DOCTOR_HINT}")
         nvshmem = _nvshmem()
         try:
             tensor = nvshmem.tensor((need,), dtype=torch.uint8, except_on_del=False)
         except Exception as e:
-            raise EpCommError(f"NVSHMEM could not allocate {need} symmetric bytes on rank "
-                              f"{comm.rank}: {e}. Set {HEAP_ENV} larger. {DOCTOR_HINT}") from e
+            raise EpCommError(
+                f"NVSHMEM could not allocate {need} symmetric bytes on rank {comm.rank} "
+                f"({_STATE.allocated_bytes} bytes already allocated, heap {HEAP_ENV}="
+                f"{_STATE.heap_bytes}): {e}. Set {HEAP_ENV}="
+                f"{_STATE.allocated_bytes + need + HEAP_SLACK_BYTES} (or more) before the first "
+                f"low-latency Buffer of the process is created. {DOCTOR_HINT}") from e
         tensor.zero_()
         _STATE.allocated_bytes += need
         return SymmetricBuffer(tensor, need)
