@@ -187,3 +187,163 @@ def test_import_needs_no_gpu_packages():
             "bad = [m for m in ('cuda.core', 'nvshmem', 'cupy') if m in sys.modules]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------- runtime launch flow (faked GPU)
+class _FakeModule:
+    """Stands in for the compiled module: records each launch as a dict of named arguments."""
+
+    cubin_path = "fake.cubin"
+
+    def __init__(self):
+        self.launches = []
+
+    def launch(self, kernel, grid, block, args, stream=None):
+        params = ll.DISPATCH_PARAMS if "dispatch" in kernel else ll.COMBINE_PARAMS
+        assert len(args) == len(params) and block == ll.THREADS
+        self.launches.append((kernel, grid, {n: int(a) for (n, _), a in zip(params, args)}))
+
+
+class _FakeComm:
+    def __init__(self, rank=1, num_ranks=2):
+        self.rank, self.num_ranks, self.device = rank, num_ranks, torch.device("cpu")
+        self.barriers = []
+
+    def barrier(self, phase):
+        self.barriers.append(phase)
+
+    def node_of(self):
+        return None
+
+
+@pytest.fixture
+def runtime(monkeypatch):
+    from ep_comm import jit
+
+    class Props:
+        multi_processor_count = 132
+
+    module = _FakeModule()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: Props())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda dev=None: None)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+    monkeypatch.setattr(jit, "compile_kernels", lambda *a, **k: module)
+    monkeypatch.setattr(nr, "acquire", lambda comm, n: nr.SymmetricBuffer(
+        torch.zeros(nr.aligned(n), dtype=torch.uint8), nr.aligned(n)))
+    monkeypatch.setattr(nr, "bind_module", lambda m: None)
+    m, h, e = 8, 256, 8
+    rt = ll.LowLatencyRuntime(_FakeComm(), LowLatencyRegions(m, h, 2, e).total_bytes, True)
+    rt.fake_module, rt.sizes = module, (m, h, e)
+    return rt
+
+
+def _dispatch(rt, hook=False, fp8=True, ue8m0=False, t=5):
+    m, h, e = rt.sizes
+    x = torch.zeros(t, h, dtype=torch.bfloat16)
+    idx = torch.zeros(t, 3, dtype=torch.int64)
+    return rt.low_latency_dispatch(x, idx, m, e, use_fp8=fp8, round_scale=ue8m0,
+                                   use_ue8m0=ue8m0, cumulative_local_expert_recv_stats=None,
+                                   dispatch_wait_recv_cost_stats=None, return_recv_hook=hook)
+
+
+def test_runtime_init_synchronises_ranks(runtime):
+    assert runtime.comm.barriers == ["low_latency/init"]
+
+
+def test_dispatch_without_hook_is_one_launch_of_both_phases(runtime):
+    recv_x, scales, count, handle, hook = _dispatch(runtime)
+    assert hook is None and len(runtime.fake_module.launches) == 1
+    kernel, grid, a = runtime.fake_module.launches[0]
+    assert kernel == "ep_ll_dispatch_fp8" and a["phases"] == ll.SEND_PHASE | ll.RECV_PHASE
+    m, h, e = runtime.sizes
+    reg = runtime.regions(m, h, e)
+    assert a["recv_msgs"] == runtime.base + reg["dispatch_recv0"].offset
+    assert a["recv_count_sig"] == runtime.base + reg["dispatch_count0"].offset
+    assert a["status_claim"] == runtime.base + reg["status_claim"].offset
+    assert a["msg_stride"] == reg.msg_bytes and a["num_ranks"] == 2 and a["rank"] == 1
+    assert a["recv_x"] == recv_x.data_ptr() and a["recv_scales"] == scales.data_ptr()
+    assert a["src_info"] == handle.src_info.data_ptr() and a["recv_count"] == count.data_ptr()
+    assert a["cum_stats"] == 0 and a["wait_stats"] == 0
+    assert a["timeout_ns"] == int(ll.timeout_s() * 1e9)
+    assert recv_x.shape == (e // 2, 2 * m, h) and recv_x.dtype == torch.float8_e4m3fn
+    assert scales.shape == (e // 2, 2 * m, h // 128) and scales.stride() == (h // 128 * 2 * m, 1, 2 * m)
+
+
+def test_ue8m0_scales_are_packed_int32_and_imply_round_scale(runtime):
+    _, scales, _, _, _ = _dispatch(runtime, ue8m0=True)
+    m, h, e = runtime.sizes
+    assert scales.dtype == torch.int32 and scales.shape == (e // 2, 2 * m, h // 512)
+    a = runtime.fake_module.launches[0][2]
+    assert a["ue8m0"] == 1 and a["round_scale"] == 1
+
+
+def test_consecutive_dispatches_alternate_halves(runtime):
+    h0 = _dispatch(runtime)[3]
+    h1 = _dispatch(runtime, fp8=False)[3]
+    h2 = _dispatch(runtime)[3]
+    assert (h0.buffer_idx, h1.buffer_idx, h2.buffer_idx) == (0, 1, 0)
+    m, h, e = runtime.sizes
+    reg = runtime.regions(m, h, e)
+    launches = runtime.fake_module.launches
+    assert launches[1][0] == "ep_ll_dispatch_bf16"
+    assert launches[1][2]["recv_msgs"] == runtime.base + reg["dispatch_recv1"].offset
+
+
+def test_hook_launches_send_now_and_receive_once_when_called(runtime):
+    *_, hook = _dispatch(runtime, hook=True)
+    launches = runtime.fake_module.launches
+    assert len(launches) == 1 and launches[0][2]["phases"] == ll.SEND_PHASE
+    hook()
+    assert len(launches) == 2 and launches[1][2]["phases"] == ll.RECV_PHASE
+    assert {k: v for k, v in launches[1][2].items() if k != "phases"} == \
+        {k: v for k, v in launches[0][2].items() if k != "phases"}
+    with pytest.raises(Exception, match="already called"):
+        hook()
+
+
+def test_combine_uses_the_half_of_its_dispatch_and_zero_copy_buffer(runtime):
+    _dispatch(runtime)
+    _, _, _, handle, _ = _dispatch(runtime)
+    assert handle.buffer_idx == 1
+    m, h, e = runtime.sizes
+    zbuf = runtime.get_next_low_latency_combine_buffer(handle)
+    assert zbuf.shape == (e // 2, 2 * m, h) and zbuf.dtype == torch.bfloat16
+    reg = runtime.regions(m, h, e)
+    assert zbuf.data_ptr() == runtime.base + reg["combine_send1"].offset
+    idx = torch.zeros(5, 3, dtype=torch.int64)
+    w = torch.ones(5, 3)
+    out = torch.empty(5, h, dtype=torch.bfloat16)
+    y = torch.zeros(e // 2, 2 * m, h, dtype=torch.bfloat16)
+    res, hook = runtime.low_latency_combine(y, idx, w, handle, zero_copy=True, use_logfmt=False,
+                                            out=out, return_recv_hook=True,
+                                            combine_wait_recv_cost_stats=None)
+    assert res is out
+    kernel, _, a = runtime.fake_module.launches[-1]
+    assert kernel == "ep_ll_combine" and a["phases"] == ll.SEND_PHASE
+    assert a["x"] == zbuf.data_ptr() and a["zero_copy"] == 1 and a["out"] == out.data_ptr()
+    assert a["recv_rows"] == runtime.base + reg["combine_recv1"].offset
+    assert a["done_counter"] == runtime.base + reg["combine_done1"].offset
+    hook()
+    assert runtime.fake_module.launches[-1][2]["phases"] == ll.RECV_PHASE
+
+
+def test_status_word_raises_at_the_next_call_until_cleaned(runtime):
+    runtime._status[:7] = torch.tensor([1, 1, 0, 2, 1, 3, 4], dtype=torch.int32)
+    with pytest.raises(CommTimeoutError, match="low_latency_dispatch/recv"):
+        _dispatch(runtime)
+    with pytest.raises(CommTimeoutError):
+        _dispatch(runtime)
+    m, h, e = runtime.sizes
+    runtime.sym.tensor[:8] = 7
+    runtime.clean_low_latency_buffer(m, h, e)
+    assert int(runtime.sym.tensor[:runtime.regions(m, h, e).signals_end].sum()) == 0
+    assert runtime.comm.barriers[-1] == "low_latency/clean"
+    _dispatch(runtime)
+
+
+def test_destroy_returns_the_buffer_once(runtime):
+    released = []
+    runtime.sym.release = lambda: released.append(1)
+    runtime.destroy()
+    runtime.destroy()
+    assert released == [1]
