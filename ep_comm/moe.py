@@ -285,7 +285,7 @@ def expert_ffn_contiguous(x, layout: ExpertLayout, weights: ExpertWeights,
         # rows after it, where num_rows is an upper bound, hold no data).
         used = layout.group_end[-1:]
         if weights.fp8:
-            q, s = gemm.silu_mul_quant_fp8(gu.unsqueeze(0), count=used, column_major_scales=False)
+            q, s = gemm.silu_mul_quant_fp8(gu.unsqueeze(0), count=used, column_major_scales=True)
             h = (q[0], s[0])
         else:
             h = gemm.silu_mul(gu.unsqueeze(0), count=used)[0]

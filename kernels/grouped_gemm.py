@@ -21,10 +21,13 @@ FP8 tensor-core instructions want), fp32 accumulation, bf16 output.
   dimension and a handful of tokens its N dimension (decode shapes).
 
 FP8 (``FP8=True``): ``a`` and ``b`` are float8_e4m3fn; ``a`` has one float32 scale per row per
-128 channels (``a_s[row, k // 128]``, any strides: row-major from normal dispatch, column-major
-from low-latency dispatch), ``b`` one per 128 x 128 block (``b_s[e, n // 128, k // 128]``,
-DeepSeek-V3). Every ``BLOCK_K`` (<= 128, divides 128) slice is multiplied on the tensor cores in
-FP8 and added to the fp32 accumulator scaled by ``a_s * b_s`` (the promotion DeepGEMM does).
+128 channels (``a_s[row, k // 128]``, any strides: the contiguous launcher hands column-major
+ones, low-latency dispatch produces column-major ones), ``b`` one per 128 x 128 block
+(``b_s[e, n // 128, k // 128]``, DeepSeek-V3). ``BLOCK_K`` = 128 = the scale block, and a tile's
+columns share one weight-scale block (``BLOCK_N`` divides 128), or are two 128-wide halves with
+one scale each (``BLOCK_N`` = 256, contiguous kernel: two accumulators share every A tile).
+Every K step is one in-place MMA on a rescaled accumulator (``_fp8_dot_tile``): the promotion
+``acc += s * (a @ b)`` that DeepGEMM does, without a second register tile.
 
 ``INTERPRET`` (set by the launchers under ``TRITON_INTERPRET=1`` only) works around two
 interpreter bugs: it multiplies bfloat16 ``tl.dot`` operands wrongly (triton issue #11584), so

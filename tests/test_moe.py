@@ -2,8 +2,8 @@
 computed from the same weights, plus its pieces (layout, permute, expert FFNs) on one process.
 
 CPU: gloo ranks on the reference backend, Triton kernels in the interpreter (TRITON_INTERPRET=1
-in the rank processes and, without CUDA, in this one), small shapes. ``-m gpu``: 2 GPUs, NCCL,
-the kernels backend, DeepSeek-V3 hidden and intermediate sizes.
+in the rank processes and, without CUDA, in this one), small shapes. ``-m gpu``: 1 and 2 GPUs,
+NCCL, the kernels backend, DeepSeek-V3 hidden and intermediate sizes.
 
 Tolerances (relative to the largest |value| of the reference output, elementwise):
 * bf16 layer: 2**-6. The layer rounds to bf16 four times (gate/up output, SiLU * up, down
@@ -340,10 +340,18 @@ def test_shards_reject_uneven_splits():
 
 # ----------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
+@pytest.mark.parametrize("world", [1, 2], ids=["1gpu", "2gpu"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("parallel,mode", [("ep", "normal"), ("ep", "low_latency"), ("tp", "normal")])
-def test_gpu_moe_layer_two_gpus_kernels_backend(gpu_ranks, parallel, mode, fp8):
-    case = MoECase(seed=91, hidden=7168, intermediate=2048, num_experts=32, num_topk=8,
+def test_gpu_moe_layer_kernels_backend_matches_dense_moe(gpu_ranks, world, parallel, mode, fp8):
+    """The layer on 1 and 2 GPUs (NCCL, kernels backend, Triton GEMMs) at DeepSeek-V3 hidden and
+    intermediate sizes against the float64 dense MoE of the same weights.
+
+    Tolerance (``assert_layer_close``): bf16, max |error| <= 2**-6 * max |reference| (four bf16
+    roundings of at most 2**-9 each, plus fp32 summation over K = 7168); FP8, 2**-3 of the max
+    and a relative Frobenius error <= 2**-5 against the oracle that casts x and SiLU * up to FP8.
+    """
+    case = MoECase(seed=91 + world, hidden=7168, intermediate=2048, num_experts=32, num_topk=8,
                    num_tokens=128, ragged=16, parallel=parallel, mode=mode, fp8=fp8,
                    backend="kernels", impl="triton")
-    gpu_ranks(2).run(task_moe_layer, case)
+    gpu_ranks(world).run(task_moe_layer, case)
