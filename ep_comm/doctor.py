@@ -422,8 +422,12 @@ def _parse_probe(name: str, outputs: list[str], timed_out: bool, timeout: float)
     text = "\n".join(outputs)
     results = [json.loads(ln.split(" ", 1)[1]) for ln in text.splitlines()
                if ln.startswith("EP_COMM_PROBE ")]
-    reasons = [ln.strip()[:200] for ln in text.splitlines()
-               if _REASON_RE.search(ln) and not ln.startswith("EP_COMM_PROBE")]
+    lines = [ln.strip() for ln in text.splitlines() if not ln.startswith("EP_COMM_PROBE")]
+    marks = [i for i, ln in enumerate(lines)
+             if re.search(r"init failed for|Unable to open the|Unable to initialize", ln)]
+    # NVSHMEM names the cause just before it says the transport failed; else any warning.
+    near = lines[max(0, marks[0] - 3):marks[0] + 1] if marks else lines
+    reasons = [ln[:200] for ln in near if _REASON_RE.search(ln)][-3:]
     errors = [r["error"] for r in results if not r.get("ok")]
     lower = text.lower()
     if timed_out:
@@ -610,9 +614,21 @@ def _roundtrip_normal(group, backend: str, device, ranks_per_node) -> dict:
             times.append(time.perf_counter() - t0)
         _verify_normal(rank, world, e, inputs, recv_x, recv_idx, recv_w, counts, combined,
                        combined_w)
-    finally:
-        buf.destroy()
+    except BaseException:
+        _destroy_after_error(buf)
+        raise
+    buf.destroy()
     return {"first_ms": times[0] * 1e3, "ms": times[1] * 1e3}
+
+
+def _destroy_after_error(buf) -> None:
+    """Free a Buffer while an error propagates; a second error is printed, not raised, so
+    that the report names the first one."""
+    try:
+        buf.destroy()
+    except Exception as e:  # noqa: BLE001 - the error being raised is the one to report
+        print(f"ep_comm doctor: Buffer.destroy() after a failed check also failed: {e}",
+              file=sys.stderr)
 
 
 def _verify_normal(rank, world, num_experts, inputs, recv_x, recv_idx, recv_w, counts,
@@ -685,8 +701,10 @@ def _roundtrip_low_latency(group, backend: str, device, ranks_per_node) -> dict:
                                                                          use_fp8=True)
         _sync(device)
         _verify_ll_dispatch(rank, world, e, inputs, q, recv_count, fp8_scales=scales)
-    finally:
-        buf.destroy()
+    except BaseException:
+        _destroy_after_error(buf)
+        raise
+    buf.destroy()
     return {"first_ms": times[0] * 1e3, "ms": times[1] * 1e3}
 
 
@@ -913,8 +931,18 @@ def _roundtrip_line(row: dict, where: str) -> Check:
     return Check("roundtrip", name, row["status"], f"{where}: {row['detail']}")
 
 
-def roundtrip_in_group(args) -> tuple[list[Check], dict, bool]:
-    """Under torchrun / mpirun: the round trip on the job's own group, across its nodes."""
+def _local_rank() -> int:
+    for var in ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def roundtrip_in_group(args, local_checks: list[Check]) -> tuple[list[Check], dict, bool]:
+    """Under torchrun / mpirun: the round trip on the job's own group, across its nodes.
+
+    Only local rank 0 of each node checked its machine (``local_checks``); rank 0 reports
+    the failures and warnings that the other nodes found, marked with their host."""
     import torch
     import torch.distributed as dist
     from ep_comm.launcher import init_distributed
@@ -925,7 +953,11 @@ def roundtrip_in_group(args) -> tuple[list[Check], dict, bool]:
     hosts = [None] * world
     dist.all_gather_object(hosts, socket.gethostname())
     nodes = len(dict.fromkeys(hosts))
-    checks = []
+    mine = [dataclasses.asdict(c) for c in local_checks if c.status in (FAIL, WARN)]
+    found = [None] * world
+    dist.all_gather_object(found, (_local_rank() == 0 and rank != 0, mine))
+    checks = [Check(c["section"], f"{c['name']} @ {hosts[r]} (rank {r})", c["status"],
+                    c["detail"]) for r, (report, cs) in enumerate(found) if report for c in cs]
     if args.nodes is not None:
         ok = nodes == args.nodes
         checks.append(Check("roundtrip", "nodes", PASS if ok else FAIL,
@@ -1004,14 +1036,17 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     in_job = launched_by() != "single" and int(os.environ.get(
         "WORLD_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", os.environ.get("PMI_SIZE", "1")))) > 1
-    checks, facts = collect(args)
+    if in_job and _local_rank() != 0:  # one rank per node checks the machine
+        checks, facts = [], {"host": socket.gethostname()}
+    else:
+        checks, facts = collect(args)
     printer = True
     if args.nodes is not None and args.nodes > 1 and not in_job:
         checks.append(Check("roundtrip", "nodes", FAIL,
                             f"--nodes {args.nodes} needs a multi-node launch: torchrun "
                             f"--nnodes={args.nodes} ... -m ep_comm.doctor --nodes {args.nodes}"))
     elif not args.quick and in_job:
-        rt_checks, facts["roundtrip"], printer = roundtrip_in_group(args)
+        rt_checks, facts["roundtrip"], printer = roundtrip_in_group(args, checks)
         checks += rt_checks
     elif not args.quick:
         if args.timeout is None:
