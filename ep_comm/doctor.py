@@ -51,6 +51,7 @@ TRANSPORTS = {  # name -> the NVSHMEM environment that selects it (and only it)
     "libfabric": {"NVSHMEM_REMOTE_TRANSPORT": "libfabric", "NVSHMEM_IB_ENABLE_IBGDA": "0"},
 }
 PROBE_TIMEOUT_S = 30.0
+EXIT_GRACE_S = 10.0  # after the last check, how long rank processes may take to exit
 # Round-trip sizes: small enough to be instant on CPU, big enough to cross every code path
 # (tokens routed to no rank, to one rank, to several; -1 entries; fp8 needs hidden % 128 == 0).
 RT_TOKENS, RT_HIDDEN, RT_TOPK, RT_EXPERTS_PER_RANK = 48, 256, 4, 4
@@ -807,6 +808,7 @@ def _worker_main(args) -> int:
             f.flush()
         emit({"event": "ready", "rank": int(os.environ["RANK"]), "device": str(device)})
         run_roundtrips(group, device, args.backends.split(","), emit, args.ranks_per_node)
+        emit({"event": "done", "rank": int(os.environ["RANK"])})
     import torch.distributed as dist
     dist.destroy_process_group()
     return 0
@@ -838,12 +840,19 @@ def spawn_roundtrips(world: int, use_gpu: bool, backends: list[str], timeout: fl
         procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True))
     deadline = time.monotonic() + timeout
-    timed_out = False
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
+    timed_out = exit_hang = False
+    done_at = None
+    while any(p.poll() is None for p in procs):
+        now = time.monotonic()
+        if now > deadline:
             timed_out = True
+            break
+        if done_at is None and _all_done(tmp, world):
+            done_at = now
+        if done_at is not None and now - done_at > EXIT_GRACE_S:
+            exit_hang = True  # every check finished; tear-down (NCCL, NVSHMEM) hangs
+            break
+        time.sleep(0.05)
     for p in procs:
         _kill_group(p)
     events, tails = [], []
@@ -855,13 +864,26 @@ def spawn_roundtrips(world: int, use_gpu: bool, backends: list[str], timeout: fl
         log.seek(0)
         text = log.read()
         log.close()
-        if p.returncode not in (0, None) or timed_out:
+        if timed_out or (p.returncode not in (0, None) and not exit_hang):
             tails.append(f"--- rank {r} (exit {p.returncode}):\n" + "\n".join(
                 text.strip().splitlines()[-15:]))
     shutil.rmtree(tmp, ignore_errors=True)
     if timed_out:
         events.append({"event": "timeout", "seconds": timeout})
+    if exit_hang:
+        events.append({"event": "exit_hang", "seconds": EXIT_GRACE_S})
     return events, "\n".join(tails)
+
+
+def _all_done(tmp: str, world: int) -> bool:
+    for r in range(world):
+        try:
+            with open(os.path.join(tmp, f"{r}.jsonl")) as f:
+                if '"event": "done"' not in f.read():
+                    return False
+        except FileNotFoundError:
+            return False
+    return True
 
 
 def _merge(events: list[dict], world: int, backends: list[str], tail: str) -> list[dict]:
@@ -913,6 +935,10 @@ def check_roundtrip(facts: dict, args, have_gpu: bool, num_gpus: int) -> list[Ch
     facts["roundtrip"] = {"world": world, "where": where, "seconds": time.perf_counter() - t0,
                           "results": rows}
     out = [_roundtrip_line(row, where) for row in rows]
+    if any(ev["event"] == "exit_hang" for ev in events):
+        out.append(Check("roundtrip", "process exit", WARN,
+                         f"every check finished but the ranks did not exit within "
+                         f"{EXIT_GRACE_S:g} s (NCCL or NVSHMEM tear-down hangs); killed them"))
     if not have_gpu:
         for mode in ROUNDTRIPS:
             facts["roundtrip"]["results"].append(
