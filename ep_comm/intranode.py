@@ -123,7 +123,7 @@ class IntranodeRuntime:
         self._broken: EpCommError | None = None
         self._module = jit.compile_kernels("intranode", ["intranode.cu"], nvshmem=False)
         self._layout_module = jit.compile_kernels("layout", ["layout.cu"], nvshmem=False)
-        self.status = ipc.HostStatus(STATUS_WORDS)
+        self.status = ipc.HostStatus(STATUS_WORDS, self.device.index)
         self.nvl = ipc.NvlBuffer(comm, num_nvl_bytes) if num_nvl_bytes > 0 else None
         self._stream = torch.cuda.Stream(self.device)
 

@@ -44,7 +44,7 @@ def _rt():
 def check(result, what: str):
     """Unpack a cuda.bindings ``(err, *values)`` result; raise with ``what`` on an error."""
     err, *values = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
+    if int(getattr(err, "value", err)) != 0:
         rt = _rt()
         _, name = rt.cudaGetErrorName(err)
         name = name.decode() if isinstance(name, bytes) else str(name)
@@ -55,6 +55,12 @@ def check(result, what: str):
     if not values:
         return None
     return values[0] if len(values) == 1 else tuple(values)
+
+
+def use_device(index: int) -> None:
+    """Make ``index`` current for cuda.bindings' runtime too: it keeps its own notion of the
+    current device, which need not follow ``torch.cuda.set_device``."""
+    check(_rt().cudaSetDevice(index), f"cudaSetDevice({index})")
 
 
 def _handle_bytes(handle) -> bytes:
@@ -84,6 +90,8 @@ class NvlBuffer:
         self._local = 0
         self._opened: list[int] = []
         dev = comm.device
+        self.device_index = dev.index if dev.index is not None else torch.cuda.current_device()
+        use_device(self.device_index)
         self._local = int(check(rt.cudaMalloc(max(nbytes, 1)), f"cudaMalloc({nbytes})"))
         check(rt.cudaMemset(self._local, 0, max(nbytes, 1)), "cudaMemset of the NVLink buffer")
         check(rt.cudaDeviceSynchronize(), "zeroing the NVLink buffer")
@@ -117,6 +125,7 @@ class NvlBuffer:
         rt = _rt()
         if not self._local:
             return
+        use_device(self.device_index)
         check(rt.cudaDeviceSynchronize(), "synchronising before freeing the NVLink buffer")
         for ptr in self._opened:
             check(rt.cudaIpcCloseMemHandle(ptr), "cudaIpcCloseMemHandle")
@@ -131,8 +140,9 @@ class NvlBuffer:
 class HostStatus:
     """``nwords`` int32 of pinned host memory that kernels write through ``device_ptr``."""
 
-    def __init__(self, nwords: int):
+    def __init__(self, nwords: int, device_index: int):
         rt = _rt()
+        use_device(device_index)
         self.nwords = nwords
         self._host = int(check(rt.cudaHostAlloc(nwords * 4, _HOST_ALLOC_PORTABLE_MAPPED),
                                "cudaHostAlloc of the status word"))
