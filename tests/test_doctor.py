@@ -58,19 +58,16 @@ def test_doctor_passes_on_cpu_reports_no_gpu_and_writes_json(tmp_path):
     assert data["seconds"] < 30, f"the doctor took {data['seconds']} s on CPU"
 
 
-def test_explicit_nvcc_that_points_nowhere_fails_with_its_name():
-    code, out = _doctor("--quick", env={"EP_COMM_NVCC": "/nonexistent/nvcc"})
-    line = _line(out, "compiler/nvcc")
-    assert "FAIL" in line and "EP_COMM_NVCC='/nonexistent/nvcc' is not an executable" in line
-    assert code == 1
-
-
-def test_unwritable_cache_dir_fails_with_the_fix(tmp_path):
+def test_broken_nvcc_and_cache_settings_fail_with_their_names(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")  # root ignores permissions; a file in the path does not
-    code, out = _doctor("--quick", env={"EP_COMM_CACHE_DIR": str(blocker / "kernels")})
-    line = _line(out, "compiler/kernel cache")
-    assert "FAIL" in line and "is not writable" in line and "EP_COMM_CACHE_DIR" in line
+    code, out = _doctor("--quick", env={"EP_COMM_NVCC": "/nonexistent/nvcc",
+                                        "EP_COMM_CACHE_DIR": str(blocker / "kernels")})
+    nvcc = _line(out, "compiler/nvcc")
+    assert "FAIL" in nvcc and "EP_COMM_NVCC='/nonexistent/nvcc' is not an executable" in nvcc
+    cache = _line(out, "compiler/kernel cache")
+    assert "FAIL" in cache and "is not writable" in cache and "EP_COMM_CACHE_DIR" in cache
+    assert "FAILED: 2 check(s): compiler/nvcc, compiler/kernel cache" in out
     assert code == 1
 
 
