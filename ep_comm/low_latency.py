@@ -191,6 +191,13 @@ def kernel_signature(source: str, kernel: str) -> list[tuple[str, str]]:
     return out
 
 
+def _aligned16(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous with a 16-byte aligned data pointer (the kernels move rows as int4);
+    a copy only for a view that starts mid-row of its storage."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
 class LowLatencyRuntime:
     """Low-latency dispatch/combine for one Buffer (see the module docstring).
 
@@ -276,7 +283,7 @@ class LowLatencyRuntime:
         reg = self.regions(m, hidden, num_experts)
         half = self._next_half
         self._next_half ^= 1
-        x = x.contiguous()
+        x = _aligned16(x)
         topk_idx = topk_idx.contiguous()
         recv_x = torch.empty(local, rows, hidden, dtype=fp8.FP8_DTYPE if use_fp8 else x.dtype,
                              device=dev)
@@ -355,11 +362,12 @@ class LowLatencyRuntime:
         reg = self.regions(m, hidden, num_experts)
         half = handle.buffer_idx
         send_stage = self.get_next_low_latency_combine_buffer(handle)
-        src = send_stage if zero_copy else x.contiguous()
+        src = send_stage if zero_copy else _aligned16(x)
         topk_idx = topk_idx.contiguous()
         topk_weights = topk_weights.contiguous()
-        if out is not None and not out.is_contiguous():
-            raise InputError("out= must be a contiguous [T, H] bf16 tensor")
+        if out is not None and (not out.is_contiguous() or out.data_ptr() % 16):
+            raise InputError("out= must be a contiguous [T, H] bf16 tensor whose data is "
+                             "16-byte aligned (the kernels store 16 bytes at a time)")
         result = out if out is not None else torch.empty(t, hidden, dtype=torch.bfloat16,
                                                          device=self.device)
         values = dict(
