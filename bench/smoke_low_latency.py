@@ -314,6 +314,10 @@ def main() -> int:
                 say(f"FAIL  timing nvlink={nvlink}: {type(e).__name__}: {e}")
     say(f"{'ALL PASS' if not failed else f'{failed} FAILED'} in {time.monotonic() - t_start:.1f} s")
     dist.barrier()
+    # Every Buffer is destroyed and every rank is here: free the symmetric pool and finalize
+    # NVSHMEM (collective), so that the exit is clean.
+    from ep_comm import nvshmem_runtime
+    nvshmem_runtime.finalize()
     dist.destroy_process_group()
     return 1 if failed else 0
 
