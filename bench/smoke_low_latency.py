@@ -301,23 +301,31 @@ def main() -> int:
     if not args.skip_timing:
         for nvlink in (True, False):
             try:
-                t = timings(ctx, nvlink, args.iters)
-                every = [None] * world
-                dist.all_gather_object(every, t, group=ctx.group)
-                mean = {k: sum(d[k] for d in every) / world for k in t}
-                say(f"TIME  nvlink={str(nvlink):5s} 128 tok/rank h7168 top8/256: dispatch(fp8) "
-                    f"{mean['dispatch']:.1f} us  combine(bf16) {mean['combine']:.1f} us  both "
-                    f"{mean['both']:.1f} us   (targets 21 / 31 / 52 on 2x H200)")
-            except Exception as e:
-                failed += 1
+                res = (True, timings(ctx, nvlink, args.iters))
+            except Exception as e:  # every rank still joins the gather below
                 traceback.print_exc()
-                say(f"FAIL  timing nvlink={nvlink}: {type(e).__name__}: {e}")
-    say(f"{'ALL PASS' if not failed else f'{failed} FAILED'} in {time.monotonic() - t_start:.1f} s")
+                res = (False, f"{type(e).__name__}: {e}")
+            every = [None] * world
+            dist.all_gather_object(every, res, group=ctx.group)
+            bad = [(r, m) for r, (ok, m) in enumerate(every) if not ok]
+            if bad:
+                failed += 1
+                say(f"FAIL  timing nvlink={nvlink}: rank {bad[0][0]}: {bad[0][1][:400]}")
+                continue
+            mean = {k: sum(d[k] for _, d in every) / world for k in every[0][1]}
+            say(f"TIME  nvlink={str(nvlink):5s} 128 tok/rank h7168 top8/256: dispatch(fp8) "
+                f"{mean['dispatch']:.1f} us  combine(bf16) {mean['combine']:.1f} us  both "
+                f"{mean['both']:.1f} us   (targets 21 / 31 / 52 on 2x H200)")
     dist.barrier()
     # Every Buffer is destroyed and every rank is here: free the symmetric pool and finalize
     # NVSHMEM (collective), so that the exit is clean.
     from ep_comm import nvshmem_runtime
-    nvshmem_runtime.finalize()
+    try:
+        nvshmem_runtime.finalize()
+    except Exception as e:  # the results above stand; say why the exit is not clean
+        failed += 1
+        say(f"FAIL  nvshmem finalize: {type(e).__name__}: {e}")
+    say(f"{'ALL PASS' if not failed else f'{failed} FAILED'} in {time.monotonic() - t_start:.1f} s")
     dist.destroy_process_group()
     return 1 if failed else 0
 

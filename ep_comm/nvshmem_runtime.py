@@ -45,8 +45,10 @@ from ep_comm.errors import DOCTOR_HINT, BackendUnavailableError, EpCommError
 HEAP_ENV = "NVSHMEM_SYMMETRIC_SIZE"
 #: Headroom on top of the first request (signal words, a second small Buffer, NVSHMEM's own).
 HEAP_SLACK_BYTES = 256 << 20
-#: Smallest heap this module asks for (NVSHMEM's own default is 1 GiB).
-MIN_HEAP_BYTES = 1 << 30
+#: Smallest heap this module asks for (NVSHMEM's own default is 1 GiB): enough that a process
+#: whose first Buffer is small (a test) can still create a decode-shape one later (2.8 GiB for
+#: 128 tokens, hidden 7168, 256 experts, 2 ranks) without setting NVSHMEM_SYMMETRIC_SIZE.
+MIN_HEAP_BYTES = 4 << 30
 #: Alignment of every symmetric allocation (a cache line of L2 sectors; 16-byte vector access).
 ALLOC_ALIGN = 1 << 12
 
