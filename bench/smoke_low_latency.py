@@ -115,7 +115,9 @@ def compare_with_reference(ctx, case: LLCase):
     inputs = [llc.make_inputs(case, s, r, 0) for s in range(r)]
     x, idx, w = (t.to(dev) for t in inputs[me])
     results = []
-    for backend in ("kernels", "reference"):
+    # The reference first: a kernels failure on one rank then cannot leave the other ranks
+    # inside a collective of the reference (kernel waits end in a timeout instead).
+    for backend in ("reference", "kernels"):
         c = dataclasses.replace(case, backend=backend)
         buf = _buffer_for_case(ctx, c)
         try:
@@ -129,7 +131,7 @@ def compare_with_reference(ctx, case: LLCase):
             results.append((recv, count.cpu(), handle, combined.cpu()))
         finally:
             buf.destroy()
-    (kr, kc, kh, kout), (rr, rc, rh, rout) = results
+    (rr, rc, rh, rout), (kr, kc, kh, kout) = results
     assert torch.equal(kc, rc), f"recv_count {kc.tolist()} != reference {rc.tolist()}"
     assert torch.equal(kh.range_count.cpu(), rh.range_count.cpu()), "range_count differs"
     local = case.num_experts // r
