@@ -347,3 +347,18 @@ def test_destroy_returns_the_buffer_once(runtime):
     runtime.destroy()
     runtime.destroy()
     assert released == [1]
+
+
+def test_kernel_round_scale_bit_trick_equals_fp8_ceil_pow2():
+    """kernels/low_latency_common.cuh fp8_scale rounds up to a power of two by clearing the
+    mantissa and adding one to the exponent; the reference uses frexp. Same bits everywhere
+    scales can be (amax >= 1e-4, so scale >= 1e-4 / 448: always a normal float)."""
+    from ep_comm import fp8
+    g = torch.Generator().manual_seed(0)
+    amax = torch.cat([torch.exp(torch.randn(100000, generator=g) * 8).clamp(min=1e-4),
+                      torch.tensor([1e-4, 448.0, 896.0, 1.0, 3000.0])])
+    scale = amax / torch.full_like(amax, fp8.FP8_MAX)
+    u = scale.view(torch.int32).numpy().astype(np.uint32)
+    trick = np.where(u & 0x7FFFFF, (u & 0x7F800000) + 0x800000, u).astype(np.uint32)
+    want = fp8.ceil_pow2(scale).view(torch.int32).numpy().astype(np.uint32)
+    assert np.array_equal(trick, want)
