@@ -209,7 +209,7 @@ class LowLatencyRuntime:
     """
 
     def __init__(self, comm: Comm, num_rdma_bytes: int, allow_nvlink: bool):
-        from ep_comm import jit
+        from ep_comm import ipc, jit
         self.comm = comm
         self.rank, self.num_ranks = comm.rank, comm.num_ranks
         if self.num_ranks > MAX_RANKS:
@@ -223,7 +223,9 @@ class LowLatencyRuntime:
         self.sym = nvshmem_runtime.acquire(comm, max(num_rdma_bytes, 1))
         nvshmem_runtime.bind_module(self.module)
         self.base = self.sym.tensor.data_ptr()
-        self._status = torch.zeros(STATUS_WORDS, dtype=torch.int32).pin_memory()
+        # Pinned, mapped host memory (the same primitive as the NVLink kernels): the host
+        # reads it without synchronising, kernels write it through its device pointer.
+        self._status = ipc.HostStatus(STATUS_WORDS, self.device.index)
         self._mask = torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device)
         self._regions: dict[tuple[int, int, int], LowLatencyRegions] = {}
         self._next_half = 0
@@ -253,7 +255,7 @@ class LowLatencyRuntime:
 
     def check_status(self) -> None:
         """Raise the error a kernel reported (CommTimeoutError); no device synchronisation."""
-        words = self._status.tolist()
+        words = self._status.read()
         err = decode_status(words, self.rank, self._limit_s, self.comm.node_of())
         if err is not None:
             raise err
@@ -311,7 +313,7 @@ class LowLatencyRuntime:
             recv_count=self._ptr_of(recv_count),
             cum_stats=self._ptr_of(cumulative_local_expert_recv_stats),
             wait_stats=self._ptr_of(dispatch_wait_recv_cost_stats),
-            host_status=self._status.data_ptr(), status_claim=self._ptr(reg, "status_claim"),
+            host_status=self._status.device_ptr, status_claim=self._ptr(reg, "status_claim"),
             timeout_ns=self._timeout_ns())
         kernel = "ep_ll_dispatch_fp8" if use_fp8 else "ep_ll_dispatch_bf16"
         send_grid = grid_size(self.num_sms, t, (num_experts + 31) // 32)
@@ -383,7 +385,7 @@ class LowLatencyRuntime:
             recv_arrive_sig=self._ptr(reg, f"combine_arrive{half}"),
             done_counter=self._ptr(reg, f"combine_done{half}"), mask=self._ptr_of(self._mask),
             wait_stats=self._ptr_of(combine_wait_recv_cost_stats),
-            host_status=self._status.data_ptr(), status_claim=self._ptr(reg, "status_claim"),
+            host_status=self._status.device_ptr, status_claim=self._ptr(reg, "status_claim"),
             timeout_ns=self._timeout_ns())
         local = num_experts // r
         send_grid = grid_size(self.num_sms, local)
@@ -413,7 +415,7 @@ class LowLatencyRuntime:
         reg = self.regions(num_max_dispatch_tokens_per_rank, hidden, num_experts)
         torch.cuda.synchronize(self.device)
         self.sym.tensor[:reg.signals_end].zero_()
-        self._status.zero_()
+        self._status.clear()
         self._next_half = 0
         torch.cuda.synchronize(self.device)
         self.comm.barrier("low_latency/clean")
@@ -431,6 +433,7 @@ class LowLatencyRuntime:
         torch.cuda.synchronize(self.device)
         self.sym.release()
         self.sym = None
+        self._status.free()
 
 
 __all__ = ["LowLatencyRuntime", "pack_args", "decode_status", "grid_size", "kernel_signature",

@@ -206,7 +206,7 @@ class _FakeModule:
 
 class _FakeComm:
     def __init__(self, rank=1, num_ranks=2):
-        self.rank, self.num_ranks, self.device = rank, num_ranks, torch.device("cpu")
+        self.rank, self.num_ranks, self.device = rank, num_ranks, torch.device("cpu", 0)
         self.barriers = []
 
     def barrier(self, phase):
@@ -216,9 +216,26 @@ class _FakeComm:
         return None
 
 
+class _FakeHostStatus:
+    """ep_comm.ipc.HostStatus without CUDA: a plain int32 array."""
+
+    def __init__(self, nwords, device_index):
+        self.words = [0] * nwords
+        self.device_ptr = 0x7F0000001000
+
+    def read(self):
+        return list(self.words)
+
+    def clear(self):
+        self.words = [0] * len(self.words)
+
+    def free(self):
+        self.words = None
+
+
 @pytest.fixture
 def runtime(monkeypatch):
-    from ep_comm import jit
+    from ep_comm import ipc, jit
 
     class Props:
         multi_processor_count = 132
@@ -226,7 +243,7 @@ def runtime(monkeypatch):
     module = _FakeModule()
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: Props())
     monkeypatch.setattr(torch.cuda, "synchronize", lambda dev=None: None)
-    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+    monkeypatch.setattr(ipc, "HostStatus", _FakeHostStatus)
     monkeypatch.setattr(jit, "compile_kernels", lambda *a, **k: module)
     monkeypatch.setattr(nr, "acquire", lambda comm, n: nr.SymmetricBuffer(
         torch.zeros(nr.aligned(n), dtype=torch.uint8), nr.aligned(n)))
@@ -264,6 +281,7 @@ def test_dispatch_without_hook_is_one_launch_of_both_phases(runtime):
     assert a["recv_x"] == recv_x.data_ptr() and a["recv_scales"] == scales.data_ptr()
     assert a["src_info"] == handle.src_info.data_ptr() and a["recv_count"] == count.data_ptr()
     assert a["cum_stats"] == 0 and a["wait_stats"] == 0
+    assert a["host_status"] == runtime._status.device_ptr
     assert a["timeout_ns"] == int(ll.timeout_s() * 1e9)
     assert recv_x.shape == (e // 2, 2 * m, h) and recv_x.dtype == torch.float8_e4m3fn
     assert scales.shape == (e // 2, 2 * m, h // 128) and scales.stride() == (h // 128 * 2 * m, 1, 2 * m)
@@ -328,7 +346,7 @@ def test_combine_uses_the_half_of_its_dispatch_and_zero_copy_buffer(runtime):
 
 
 def test_status_word_raises_at_the_next_call_until_cleaned(runtime):
-    runtime._status[:7] = torch.tensor([1, 1, 0, 2, 1, 3, 4], dtype=torch.int32)
+    runtime._status.words[:7] = [1, 1, 0, 2, 1, 3, 4]
     with pytest.raises(CommTimeoutError, match="low_latency_dispatch/recv"):
         _dispatch(runtime)
     with pytest.raises(CommTimeoutError):
