@@ -89,6 +89,13 @@ def test_stuck_peer_times_out():
     assert elapsed[1] == "skipped" and 1.0 <= elapsed[0] <= 12, elapsed
 
 
+@pytest.mark.parametrize("fp8", [False, True])
+def test_graph_task_checks_with_eager_steps(cpu_ranks, fp8):
+    """The CUDA-graph task's static-input steps and checks, run eagerly (no capture on CPU)."""
+    case = NCase(seed=BASE + 11, hidden=256, fp8=fp8, num_tokens=24, num_topk=5, num_experts=16)
+    cpu_ranks(2).run(gc.task_normal_graph, "reference", case, 3, False)
+
+
 def test_graph_and_memory_tasks_skip_without_gpu(cpu_ranks):
     got = cpu_ranks(2).run(gc.task_normal_graph, "reference", NCase(seed=BASE))
     got += cpu_ranks(2).run(gc.task_normal_create_destroy, "reference")

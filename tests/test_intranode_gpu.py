@@ -1,0 +1,108 @@
+"""Normal-mode kernels (NVLink) against the reference backend on 1 and 2 GPUs (issue #8).
+
+Every test runs many cases inside one task call (kernel compile and rank start-up are paid
+once). Seeds are fresh each run and printed; replay a failure with EP_COMM_TEST_SEED=<base>.
+The test logic is proven on CPU by test_gpu_cases_on_cpu.py (the same tasks, reference vs
+reference). EP_COMM_TEST_BACKEND=reference runs this file on the reference over NCCL, which
+checks the logic on GPUs too (the CUDA-graph test then skips: the reference syncs the host).
+
+Run on the GPU machine: python -m pytest -q -m gpu tests/test_intranode_gpu.py
+"""
+import dataclasses
+import os
+
+import pytest
+
+import gpu_cases as gc
+from gpu_cases import NCase
+
+pytestmark = pytest.mark.gpu
+
+BACKEND = os.environ.get("EP_COMM_TEST_BACKEND", "kernels")
+BASE = gc.fresh_seed()
+WORLDS = [1, 2]
+
+
+def _seed(offset: int) -> int:
+    print(f"base seed {BASE} (EP_COMM_TEST_SEED={BASE} replays), case seeds from {BASE + offset}")
+    return BASE + offset
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_random_cases_bit_exact_dispatch_and_bf16_combine(gpu_ranks, world):
+    """27 fresh cases on one Buffer: hidden 2048/4096/7168/1000, top-k 1..9, -1 entries, fp8
+    tuples, expert_alignment 1/4/128, num_worst_tokens, bias, special routings; layout, recv_x,
+    top-k ids and weights, counts, handle fields bit-exact; combine within bf16 rounding."""
+    cases = gc.normal_cases(_seed(1000 * world), world, count=27)
+    assert gpu_ranks(world).run(gc.task_normal_sweep, BACKEND, cases) == [27] * world
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_edge_routings(gpu_ranks, world):
+    """Zero tokens on a rank, a single token, every token to rank 0, every entry -1, top-9 of
+    256 experts, 4096 tokens (layout at scale), each in bf16 and fp8."""
+    base = _seed(2000 + world)
+    cases = []
+    for i, (routing, hidden) in enumerate([("empty_last", 2048), ("one_token", 4096),
+                                           ("to_rank0", 7168), ("all_dropped", 2048)]):
+        for fp8 in (False, True):
+            cases.append(NCase(seed=base + 2 * i + fp8, routing=routing, hidden=hidden, fp8=fp8,
+                               num_tokens=100, num_topk=8, num_experts=64, bias=2 * fp8,
+                               worst=-1 if i == 2 else 0))
+    cases.append(NCase(seed=base + 20, hidden=7168, num_experts=256, num_topk=9, num_tokens=512,
+                       alignment=128))
+    cases.append(NCase(seed=base + 21, hidden=2048, num_experts=256, num_topk=8,
+                       num_tokens=4096, ragged=0, drop=0.0, fp8=True))
+    gpu_ranks(world).run(gc.task_normal_sweep, BACKEND, cases)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("mode", ["previous_event", "async"])
+def test_async_finish_previous_event_and_comm_stream_allocation(gpu_ranks, world, mode):
+    """Inputs land on the compute stream ~10 ms late (poison before): with previous_event the
+    kernels must wait for that event, without it for the compute stream; results read after
+    the returned event (``with event:``) must match the reference."""
+    base = _seed(3000 + world)
+    cases = [NCase(seed=base, hidden=7168, num_topk=8, num_experts=64, num_tokens=256),
+             NCase(seed=base + 1, hidden=4096, fp8=True, worst=-1, bias=1, num_tokens=128),
+             NCase(seed=base + 2, hidden=2048, num_topk=3, alignment=4, routing="to_rank0")]
+    gpu_ranks(world).run(gc.task_normal_sweep, BACKEND, cases, None, mode)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("fp8,hidden", [(False, 7168), (True, 4096)])
+def test_cuda_graph_with_num_worst_tokens_replays_changing_data(gpu_ranks, world, fp8, hidden):
+    if BACKEND == "reference":
+        pytest.skip("the reference backend synchronises with the host: not capturable")
+    case = NCase(seed=_seed(4000 + world), hidden=hidden, fp8=fp8, num_tokens=128, num_topk=8,
+                 num_experts=64)
+    gpu_ranks(world).run(gc.task_normal_graph, BACKEND, case, 4)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_backward_step_through_autograd(gpu_ranks, world):
+    for i, hidden in enumerate((2048, 7168)):
+        case = NCase(seed=_seed(5000 + 10 * world + i), hidden=hidden, num_topk=6,
+                     num_experts=64, num_tokens=200)
+        gpu_ranks(world).run(gc.task_normal_backward, BACKEND, case)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_bad_inputs_raise_before_any_kernel(gpu_ranks, world):
+    gpu_ranks(world).run(gc.task_normal_bad_inputs, BACKEND)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_create_and_destroy_100_buffers_keeps_free_memory(gpu_ranks, world):
+    got = gpu_ranks(world).run(gc.task_normal_create_destroy, BACKEND, 100, 7168, 64)
+    print(f"create/destroy x100: {got}")
+
+
+def test_stuck_peer_raises_timeout_naming_rank_and_phase(gpu_ranks):
+    """Rank 1 skips a dispatch: rank 0 gets CommTimeoutError (EP_COMM_TIMEOUT_S=3) naming
+    rank 0 and the dispatch phase within a few seconds, destroys its Buffer, and a new Buffer
+    on the same group then matches the reference. Last in the file: it stresses the group."""
+    got = gpu_ranks(2).run(gc.task_normal_stuck_peer, BACKEND, 1, "3",
+                           BACKEND != "reference")
+    print(f"timeout after {got[0]:.2f} s")
+    assert got[1] == "skipped"

@@ -1,0 +1,101 @@
+"""Low-latency kernels (NVSHMEM) against the oracle and the reference fp8 cast on 1 and 2 GPUs
+(issue #9).
+
+Cases are batched per Buffer shape inside one task call; seeds are fresh and printed (replay
+with EP_COMM_TEST_SEED=<base>). The checks (tests/low_latency_cases.py, wrapped by
+tests/gpu_cases.py) are proven on CPU by test_gpu_cases_on_cpu.py. EP_COMM_TEST_BACKEND=reference
+runs this file on the reference over NCCL (graph test skipped).
+
+Run on the GPU machine: python -m pytest -q -m gpu tests/test_low_latency_gpu.py
+"""
+import os
+
+import pytest
+
+import gpu_cases as gc
+import low_latency_cases as llc
+from low_latency_cases import LLCase
+
+pytestmark = pytest.mark.gpu
+
+BACKEND = os.environ.get("EP_COMM_TEST_BACKEND", "kernels")
+BASE = gc.fresh_seed()
+WORLDS = [1, 2]
+
+
+def _seed(offset: int) -> int:
+    print(f"base seed {BASE} (EP_COMM_TEST_SEED={BASE} replays), case seeds from {BASE + offset}")
+    return BASE + offset
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_ll_random_cases_over_nvlink(gpu_ranks, world):
+    """0..M tokens with different counts per rank, hidden 2048/4096/7168, top-k 1..9, -1
+    entries, bf16 and fp8 (plain, round_scale, ue8m0), hook and not, zero_copy and out=, stats;
+    every valid row, source index, recv_count and range checked; combine within bf16 rounding.
+    Includes the decode shape (128 tokens, hidden 7168, top-8 of 256 experts)."""
+    base = _seed(1000 * world)
+    cases = (gc.ll_cases(base, 10, max_tokens=32, hidden=2048, num_experts=32)
+             + gc.ll_cases(base + 100, 8, max_tokens=64, hidden=4096, num_experts=64)
+             + gc.ll_cases(base + 200, 8, max_tokens=128, hidden=7168, num_experts=32)
+             + [LLCase(seed=base + 300, max_tokens=128, num_tokens=128, ragged=0, hidden=7168,
+                       num_experts=256, num_topk=8, fp8=True, hook=True),
+                LLCase(seed=base + 301, max_tokens=128, num_tokens=100, ragged=28, hidden=7168,
+                       num_experts=256, num_topk=8, zero_copy=True)])
+    gpu_ranks(world).run(gc.task_ll_sweep, BACKEND, cases)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_ll_put_only_path_without_nvlink(gpu_ranks, world):
+    """allow_nvlink_for_low_latency_mode=False: every byte through NVSHMEM puts."""
+    base = _seed(2000 + world)
+    cases = (gc.ll_cases(base, 8, max_tokens=64, hidden=7168, num_experts=64, nvlink=False)
+             + gc.ll_cases(base + 50, 6, max_tokens=16, hidden=2048, num_experts=32, nvlink=False))
+    gpu_ranks(world).run(gc.task_ll_sweep, BACKEND, cases)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("variant", ["fp8-out", "bf16-hook-zero-copy"])
+def test_ll_cuda_graph_of_dispatch_and_combine_replays_changing_data(gpu_ranks, world, variant):
+    if BACKEND == "reference":
+        pytest.skip("the reference backend synchronises with the host: not capturable")
+    seed = _seed(3000 + world)
+    if variant == "fp8-out":
+        case = LLCase(seed=seed, max_tokens=64, num_tokens=64, hidden=7168, num_experts=64,
+                      num_topk=8, fp8=True, round_scale=True, use_out=True, backend=BACKEND)
+    else:
+        case = LLCase(seed=seed, max_tokens=32, num_tokens=20, hidden=2048, num_experts=32,
+                      num_topk=5, hook=True, zero_copy=True, backend=BACKEND)
+    gpu_ranks(world).run(llc.task_ll_graph, case, 4)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("hook", [False, True])
+def test_ll_two_results_alive(gpu_ranks, world, hook):
+    case = LLCase(seed=_seed(4000 + world), max_tokens=32, num_tokens=24, hidden=4096,
+                  num_experts=32, num_topk=6, fp8=True, hook=hook, backend=BACKEND)
+    gpu_ranks(world).run(llc.task_ll_two_alive, case)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_ll_clean_buffer_after_normal_mode(gpu_ranks, world):
+    gpu_ranks(world).run(gc.task_ll_clean_after_normal, BACKEND, _seed(5000 + world) % 100000,
+                         2048, 32, 32)
+
+
+def test_ll_masked_rank_that_stops_calling(gpu_ranks):
+    """Rank 1 stops calling; rank 0 masks it (low_latency_update_mask_buffer) and its next
+    three rounds finish with the oracle's answer for a world without rank 1."""
+    case = LLCase(seed=_seed(6000), max_tokens=32, num_tokens=24, hidden=2048, num_experts=32,
+                  num_topk=6, fp8=True, backend=BACKEND)
+    got = gpu_ranks(2).run(llc.task_ll_masked, case, 1)
+    assert got == ["ok", "stopped"], got
+
+
+def test_ll_skipped_dispatch_times_out_naming_rank_and_phase(gpu_ranks):
+    """Rank 1 skips a low-latency dispatch: rank 0 gets CommTimeoutError (EP_COMM_TIMEOUT_S=3)
+    naming rank 0 and the low_latency_dispatch phase within a few seconds."""
+    case = LLCase(seed=_seed(7000), max_tokens=32, hidden=2048, num_experts=32, backend=BACKEND)
+    got = gpu_ranks(2).run(gc.task_with_env, {"EP_COMM_TIMEOUT_S": "3"},
+                           llc.task_ll_skip_dispatch, case, 1)
+    assert got[1] == "skipped" and 1.5 < got[0] < 15, got
