@@ -905,21 +905,105 @@ def task_ll_sweep(ctx, backend: str, cases: list):
             for step, case in enumerate(group):
                 local = case.num_experts // r
                 stats = None
-                if case.stats:
-                    stats = (torch.zeros(local, dtype=torch.int32, device=ctx.device),
-                             torch.zeros(r, dtype=torch.int64, device=ctx.device))
                 total = torch.zeros(local, dtype=torch.int32)
+                if case.stats:
+                    # Nonzero starting values: the stats must be added to, not overwritten.
+                    total = torch.arange(local, dtype=torch.int32) * 1000 + 7
+                    stats = (total.to(ctx.device),
+                             torch.full((r,), 5, dtype=torch.int64, device=ctx.device))
                 for it in range(case.iterations):
                     total += ll_round(ctx, buf, case, step * 16 + it, fails, stats)
                 if stats is not None:
                     fails.equal("cumulative_local_expert_recv_stats", stats[0].cpu(), total)
-                    fails.check("dispatch_wait_recv_cost_stats", bool((stats[1] >= 0).all()),
-                                f"{stats[1].cpu().tolist()}")
+                    fails.check("dispatch/combine_wait_recv_cost_stats",
+                                bool((stats[1] >= 5).all()),
+                                f"{stats[1].cpu().tolist()} fell below their starting value 5")
                 check_status(buf)
         finally:
             buf.destroy()
     fails.raise_if_any(f"low-latency {backend} vs oracle")
     return len(cases)
+
+
+def task_ll_graph(ctx, backend: str, case: LLCase, replays: int = 4, capture: bool = True):
+    """Low-latency dispatch + expert function + combine captured in one CUDA graph, replayed
+    with new data and routing copied into the captured inputs; every replay checked against
+    the oracle. Rows past ``recv_count`` are poisoned with NaN inside the graph (a graph cannot
+    read counts on the host), and so is ``out=`` before each combine. ``capture=False`` runs
+    the same steps eagerly (the CPU self-test of this task)."""
+    if capture and not is_cuda(ctx):
+        return "skipped: CUDA graphs need a GPU"
+    dev, r, me = ctx.device, ctx.world_size, ctx.rank
+    # A graph has fixed shapes: every rank uses the same token count at every replay.
+    fixed = dataclasses.replace(case, ragged=0, backend=backend, iterations=1, stats=False)
+    m, h, local = fixed.max_tokens, fixed.hidden, fixed.num_experts // r
+    buf = llc.make_buffer(ctx, fixed)
+    fails = Failures(me)
+    try:
+        x0, idx0, w0 = llc.make_inputs(fixed, me, r, 0)
+        x_s, idx_s, w_s = x0.to(dev).clone(), idx0.to(dev).clone(), w0.to(dev).clone()
+        out_s = torch.empty(x0.shape[0], h, dtype=torch.bfloat16, device=dev)
+        row = torch.arange(r * m, device=dev)
+
+        def step():
+            recv, count, handle, _, hook = buf.low_latency_dispatch(
+                x_s, idx_s, m, fixed.num_experts, use_fp8=fixed.fp8, round_scale=fixed.round_scale,
+                use_ue8m0=fixed.ue8m0, return_recv_hook=fixed.hook)
+            if hook is not None:
+                hook()
+            vals = llc_dequant(recv) if fixed.fp8 else recv.float()
+            y = torch.stack([llc.expert_fn(vals[e], me * local + e) for e in range(local)]) \
+                if local else torch.empty(0, r * m, h, dtype=torch.bfloat16, device=dev)
+            valid = (row.unsqueeze(0) < count.unsqueeze(1)).unsqueeze(2)
+            y = torch.where(valid, y, torch.full_like(y, NAN))
+            src = y
+            if fixed.zero_copy:
+                src = buf.get_next_low_latency_combine_buffer(handle)
+                src.copy_(y)
+            out = None
+            if fixed.use_out:
+                out_s.fill_(NAN)
+                out = out_s
+            combined, _, chook = buf.low_latency_combine(
+                src, idx_s, w_s, handle, zero_copy=fixed.zero_copy,
+                return_recv_hook=fixed.hook, out=out)
+            if chook is not None:
+                chook()
+            return recv, count, handle, combined
+
+        res = step()  # warm-up outside the capture: compiles and loads the kernels
+        sync(ctx)
+        graph = None
+        if capture:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                res = step()
+        for rep in range(1, replays + 1):
+            fails.where = f"{fixed} graph replay {rep}"
+            ins = [llc.make_inputs(fixed, s, r, rep) for s in range(r)]
+            x, idx, w = ins[me]
+            x_s.copy_(x)
+            idx_s.copy_(idx)
+            w_s.copy_(w)
+            if graph is not None:
+                graph.replay()
+            else:
+                res = step()
+            sync(ctx)
+            check_status(buf)
+            recv, count, handle, combined = res
+            with fails.guard("dispatch vs oracle"):
+                llc.check_dispatch(ctx, fixed, recv, count, handle, ins)
+            if fixed.use_out:
+                fails.check("out=", combined.data_ptr() == out_s.data_ptr(),
+                            "combine did not return the out= tensor")
+            with fails.guard("combine vs oracle"):
+                expect, mag = llc.expected_combine(fixed, me, ins, r)
+                llc.assert_combined(combined, expect, mag, "combined_x")
+    finally:
+        buf.destroy()
+    fails.raise_if_any(f"low-latency CUDA graph ({backend})")
+    return replays
 
 
 def task_ll_clean_after_normal(ctx, backend: str, seed: int, hidden: int = 2048,

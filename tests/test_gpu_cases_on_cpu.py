@@ -96,6 +96,17 @@ def test_graph_task_checks_with_eager_steps(cpu_ranks, fp8):
     cpu_ranks(2).run(gc.task_normal_graph, "reference", case, 3, False)
 
 
+@pytest.mark.parametrize("variant", ["fp8-ue8m0-out", "bf16-hook-zero-copy"])
+def test_low_latency_graph_task_checks_with_eager_steps(cpu_ranks, variant):
+    if variant == "fp8-ue8m0-out":
+        case = LLCase(seed=BASE + 12, max_tokens=8, num_tokens=8, hidden=512, num_experts=8,
+                      fp8=True, round_scale=True, ue8m0=True, use_out=True)
+    else:
+        case = LLCase(seed=BASE + 13, max_tokens=8, num_tokens=5, hidden=256, num_experts=8,
+                      hook=True, zero_copy=True)
+    cpu_ranks(2).run(gc.task_ll_graph, "reference", case, 3, False)
+
+
 def test_graph_and_memory_tasks_skip_without_gpu(cpu_ranks):
     got = cpu_ranks(2).run(gc.task_normal_graph, "reference", NCase(seed=BASE))
     got += cpu_ranks(2).run(gc.task_normal_create_destroy, "reference")

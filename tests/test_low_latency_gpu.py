@@ -62,11 +62,11 @@ def test_ll_cuda_graph_of_dispatch_and_combine_replays_changing_data(gpu_ranks, 
     seed = _seed(3000 + world)
     if variant == "fp8-out":
         case = LLCase(seed=seed, max_tokens=64, num_tokens=64, hidden=7168, num_experts=64,
-                      num_topk=8, fp8=True, round_scale=True, use_out=True, backend=BACKEND)
+                      num_topk=8, fp8=True, round_scale=True, use_out=True)
     else:
         case = LLCase(seed=seed, max_tokens=32, num_tokens=20, hidden=2048, num_experts=32,
-                      num_topk=5, hook=True, zero_copy=True, backend=BACKEND)
-    gpu_ranks(world).run(llc.task_ll_graph, case, 4)
+                      num_topk=5, hook=True, zero_copy=True)
+    gpu_ranks(world).run(gc.task_ll_graph, BACKEND, case, 4)
 
 
 @pytest.mark.parametrize("world", WORLDS)
