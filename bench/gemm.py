@@ -52,14 +52,17 @@ SHAPES = {"gate_up": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER)}  # name: (N, 
 # Alternatives timed next to the heuristic (block_m, block_n, block_k, warps, stages[, swap]).
 CONTIG_ALT = {
     False: [(128, 256, 64, 8, 4), (128, 128, 64, 4, 4), (128, 128, 64, 8, 5), (64, 256, 64, 4, 4)],
-    # FP8: 128 x 256 = two 128-wide scale halves sharing the A tile (see ep_comm.gemm).
-    True: [(128, 256, 128, 8, 4), (128, 128, 128, 8, 4), (128, 128, 128, 8, 3), (64, 256, 128, 4, 4),
-           (64, 128, 128, 4, 4)],
+    # FP8: 128 x 256 = two 128-wide scale halves sharing the A tile (see ep_comm.gemm);
+    # 256 x 128 = one weight-scale block per tile, [256] activation-scale vector per K step.
+    True: [(128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (128, 128, 128, 4, 4),
+           (256, 128, 128, 8, 3), (256, 128, 128, 8, 4), (256, 128, 128, 16, 4),
+           (64, 256, 128, 4, 4)],
 }
 MASKED_ALT = {
     False: [(64, 128, 64, 4, 5, False), (64, 64, 64, 4, 6, True), (16, 128, 128, 4, 4, True)],
-    True: [(64, 128, 128, 4, 5, False), (64, 128, 128, 4, 4, True), (64, 128, 128, 8, 4, True),
-           (32, 128, 128, 4, 5, True), (64, 64, 128, 4, 6, True), (16, 128, 128, 4, 6, True)],
+    # FP8 (swap-AB; smem per CTA = stages x (BM + 128) x 128 B): 1 vs 2 vs 3 CTAs per SM.
+    True: [(64, 128, 128, 4, 5, True), (64, 128, 128, 4, 3, True), (32, 128, 128, 4, 4, True),
+           (32, 128, 128, 4, 3, True), (16, 128, 128, 4, 4, True), (64, 128, 128, 4, 4, False)],
 }
 
 

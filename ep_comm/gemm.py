@@ -22,9 +22,9 @@ H100/H200 (sm_90), 132 SMs, 227 KB shared memory per block:
   is <= 64 (decode-sized groups: half the padding waste), else 128. ``BLOCK_N`` = 256 when
   N >= 256 (one A tile feeds twice the MMA work; 128 x 256 is the largest fp32 accumulator that
   fits 8 warps' registers), else 128. ``BLOCK_K`` = 64 for bf16, 128 for FP8 (= the scale
-  block: the scales are applied once per K step). ``num_stages`` = 3 at BLOCK_M 128
-  (3 x 48 KB of shared memory), 4 at BLOCK_M 64; 8 warps at BLOCK_M 128, 4 at 64. The grid is
-  persistent: one program per SM.
+  block: the scales are applied once per K step). ``num_stages`` at BLOCK_M 128: 3 for bf16,
+  4 for FP8 (4 x 48 KB; 723 vs 707 TFLOP/s at 512 tokens on H200), 4 at BLOCK_M 64; 8 warps at
+  BLOCK_M 128, 4 at 64. The grid is persistent: one program per SM.
   FP8 measured 300 TFLOP/s at 128 x 256 on the first H200 run (and 125-180 at 4 warps) with
   ``acc += dot(a, b) * (a_s[:, None] * b_s[None, :])``: the product tile and a [BN] vector of
   weight scales doubled the registers of the accumulator and spilled; 128 x 128 x 8 warps (no
@@ -32,6 +32,10 @@ H100/H200 (sm_90), 132 SMs, 227 KB shared memory per block:
   (``kernels/grouped_gemm.py``: one in-place MMA per K step, a [BM] rescale vector, a scalar
   weight scale per 128-column half), so 128 x 256 (two 128-wide halves sharing each A tile)
   fits 8 warps without spilling; ``bench/gemm.py --sweep`` times it next to 128 x 128.
+  Second H200 run: 651/687/707/747 TFLOP/s (gate_up, 128-1024 tokens), 128 x 128 ~450. The
+  per-K-step scale loads were then found synchronous (loaded and used in the same step, so
+  every step waited a global-memory latency); they are now prefetched one step ahead. The
+  sweep also times 256 x 128 (8 and 16 warps: one scalar weight scale per step).
   Row-major activation scales are copied column-major once per call (M * K / 128 floats,
   about 1% of the A bytes) so each K step loads them as one contiguous vector.
 * masked (decode; weight-bandwidth bound): the token tile ``BLOCK_M`` covers the expected valid
@@ -39,6 +43,9 @@ H100/H200 (sm_90), 132 SMs, 227 KB shared memory per block:
   exactly once), rounded up to a power of two, at least 16. Up to 64 it uses ``SWAP_AB``
   (weights in the MMA's M dimension, tokens in its N dimension). ``BLOCK_N`` = 128, ``BLOCK_K``
   = 64 (bf16) / 128 (FP8), 4 warps, 5 stages: 4 weight tiles (64-128 KB) in flight per SM.
+  FP8: as many stages as keep 2 CTAs per SM (stages x (BM + 128) x 128 B <= 110 KB: 6 at
+  BM 16, 5 at 32, 4 at 64); the second H200 run had 5 stages at BM 64 (120 KB, 1 CTA per SM):
+  0.37 of HBM against 0.58-0.64 with 4 stages.
   Measured on H200 (first run): bf16 0.87-0.99 of HBM read bandwidth at 1 to 64 tokens; FP8
   0.76-0.83 at 1 to 32 tokens but 0.47-0.50 at 64 (the spilling scale product above, now
   gone); (16, 128) swap-AB is as good at 1 token and 4x worse at 64 (weights re-read per
@@ -198,7 +205,7 @@ def contiguous_config(num_rows: int, n: int, k: int, num_groups: int, fp8: bool,
     block_n = 256 if n >= 256 else 128
     block_k = 128 if fp8 else 64
     if block_m == 128:
-        return GemmConfig(block_m, block_n, block_k, num_warps=8, num_stages=3)
+        return GemmConfig(block_m, block_n, block_k, num_warps=8, num_stages=4 if fp8 else 3)
     return GemmConfig(block_m, block_n, block_k, num_warps=4, num_stages=4)
 
 
@@ -212,6 +219,9 @@ def masked_config(expected_m: int | None, n: int, k: int, fp8: bool,
     block_m = min(block_m, 128)
     block_k = 128 if fp8 else 64
     if block_m <= 64:
+        if fp8:  # 2 CTAs per SM: stages x (BM + 128) x 128 bytes <= ~110 KB (16: 6, 32: 5, 64: 4)
+            stages = min(6, (110 * 1024) // ((block_m + 128) * 128))
+            return GemmConfig(block_m, 128, block_k, num_warps=4, num_stages=stages, swap_ab=True)
         return GemmConfig(block_m, 128, block_k, num_warps=4, num_stages=5, swap_ab=True)
     return GemmConfig(block_m, 128, block_k, num_warps=8, num_stages=4)
 

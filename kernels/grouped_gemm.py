@@ -27,7 +27,10 @@ ones, low-latency dispatch produces column-major ones), ``b`` one per 128 x 128 
 columns share one weight-scale block (``BLOCK_N`` divides 128), or are two 128-wide halves with
 one scale each (``BLOCK_N`` = 256, contiguous kernel: two accumulators share every A tile).
 Every K step is one in-place MMA on a rescaled accumulator (``_fp8_dot_tile``): the promotion
-``acc += s * (a @ b)`` that DeepGEMM does, without a second register tile.
+``acc += s * (a @ b)`` that DeepGEMM does, without a second register tile. The scales are
+loaded one K step ahead into registers (the software pipeliner turns the operand tiles into
+async copies but leaves these small loads in place: loaded and used in the same step, each K
+step waited a full global-memory latency on them).
 
 ``INTERPRET`` (set by the launchers under ``TRITON_INTERPRET=1`` only) works around two
 interpreter bugs: it multiplies bfloat16 ``tl.dot`` operands wrongly (triton issue #11584), so
@@ -114,10 +117,17 @@ def _fp8_dot_tile(a_ptrs, b_ptrs, as_ptrs, bs_ptr, K, stride_ak, stride_bk, stri
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     s_prev = tl.full((BLOCK_M,), 1.0, tl.float32)
-    for _ in range(0, K, 128):
+    nk = K // 128
+    # Scales prefetched one K step ahead (registers): their load latency hides behind a step.
+    a_s_next = tl.load(as_ptrs)
+    b_s_next = tl.load(bs_ptr)
+    for kb in range(0, nk):
         a = tl.load(a_ptrs)
         b = tl.load(b_ptrs)
-        s = tl.maximum(tl.load(as_ptrs) * tl.load(bs_ptr), 1e-30)  # [BM]
+        s = tl.maximum(a_s_next * b_s_next, 1e-30)  # [BM]
+        kn = tl.minimum(kb + 1, nk - 1)  # the last step reloads its own block (unused)
+        a_s_next = tl.load(as_ptrs + kn * stride_ask)
+        b_s_next = tl.load(bs_ptr + kn * stride_bsk)
         r = s_prev / s
         if INTERPRET:
             a = a.to(tl.float32)
@@ -129,8 +139,6 @@ def _fp8_dot_tile(a_ptrs, b_ptrs, as_ptrs, bs_ptr, K, stride_ak, stride_bk, stri
         s_prev = s
         a_ptrs += 128 * stride_ak
         b_ptrs += 128 * stride_bk
-        as_ptrs += stride_ask
-        bs_ptr += stride_bsk
     if SWAP_AB:
         acc = acc * s_prev[None, :]
     else:
@@ -157,13 +165,20 @@ def _fp8_dot_tile_pair(a_ptrs, b0_ptrs, b1_ptrs, as_ptrs, bs0_ptr, bs1_ptr, K, s
     acc1 = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
     s0_prev = tl.full((BLOCK_M,), 1.0, tl.float32)
     s1_prev = tl.full((BLOCK_M,), 1.0, tl.float32)
-    for _ in range(0, K, 128):
+    nk = K // 128
+    a_s_next = tl.load(as_ptrs)  # scales one K step ahead, as in _fp8_dot_tile
+    b0_s_next = tl.load(bs0_ptr)
+    b1_s_next = tl.load(bs1_ptr)
+    for kb in range(0, nk):
         a = tl.load(a_ptrs)
         b0 = tl.load(b0_ptrs)
         b1 = tl.load(b1_ptrs)
-        a_s = tl.load(as_ptrs)
-        s0 = tl.maximum(a_s * tl.load(bs0_ptr), 1e-30)
-        s1 = tl.maximum(a_s * tl.load(bs1_ptr), 1e-30)
+        s0 = tl.maximum(a_s_next * b0_s_next, 1e-30)
+        s1 = tl.maximum(a_s_next * b1_s_next, 1e-30)
+        kn = tl.minimum(kb + 1, nk - 1)
+        a_s_next = tl.load(as_ptrs + kn * stride_ask)
+        b0_s_next = tl.load(bs0_ptr + kn * stride_bsk)
+        b1_s_next = tl.load(bs1_ptr + kn * stride_bsk)
         if INTERPRET:
             a = a.to(tl.float32)
             b0 = b0.to(tl.float32)
@@ -175,9 +190,6 @@ def _fp8_dot_tile_pair(a_ptrs, b0_ptrs, b1_ptrs, as_ptrs, bs0_ptr, bs1_ptr, K, s
         a_ptrs += 128 * stride_ak
         b0_ptrs += 128 * stride_bk
         b1_ptrs += 128 * stride_bk
-        as_ptrs += stride_ask
-        bs0_ptr += stride_bsk
-        bs1_ptr += stride_bsk
     return acc0 * s0_prev[:, None], acc1 * s1_prev[:, None]
 
 

@@ -247,6 +247,11 @@ def test_block_size_heuristic_follows_tokens_per_expert():
     dec = gemm.masked_config(8, 4096, 7168, fp8=True)
     assert dec.block_m == 16 and dec.swap_ab and dec.block_k == 128
     assert gemm.masked_config(None, 4096, 7168, fp8=False).block_m == 64
+    # FP8 masked: 2 CTAs per SM (stages x (BM + 128) x 128 B of shared memory <= 110 KB).
+    for m in (1, 16, 32, 64):
+        c = gemm.masked_config(m, 4096, 7168, fp8=True)
+        assert c.swap_ab and 2 * c.num_stages * (c.block_m + 128) * 128 <= 227 * 1024
+        assert c.num_stages >= 4
 
 
 # ----------------------------------------------------------------------------- GPU, real shapes
@@ -276,7 +281,9 @@ def test_gpu_masked_gemm_deepseek_shapes(n, k, use_fp8, expected_m):
 @pytest.mark.gpu
 @gpu_only
 @pytest.mark.parametrize("cfg", [gemm.GemmConfig(128, 256, 128, 8, 3), gemm.GemmConfig(128, 128, 128, 8, 4),
-                                 gemm.GemmConfig(64, 256, 128, 4, 4), gemm.GemmConfig(64, 128, 128, 4, 4)],
+                                 gemm.GemmConfig(64, 256, 128, 4, 4), gemm.GemmConfig(64, 128, 128, 4, 4),
+                                 gemm.GemmConfig(128, 256, 128, 8, 4), gemm.GemmConfig(256, 128, 128, 8, 4),
+                                 gemm.GemmConfig(256, 128, 128, 16, 4), gemm.GemmConfig(128, 128, 128, 4, 4)],
                          ids=lambda c: f"{c.block_m}x{c.block_n}w{c.num_warps}s{c.num_stages}")
 def test_gpu_contiguous_fp8_every_swept_config_is_right(cfg):
     # bench/gemm.py times these configurations: each must also compute the right thing.
