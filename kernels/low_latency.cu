@@ -203,19 +203,26 @@ __device__ __forceinline__ void dispatch_send_tokens(const DispatchArgs& a, int 
                     lo |= static_cast<uint32_t>(to_e4m3(__fdiv_rn(f[j], scale))) << (8 * j);
                     hi |= static_cast<uint32_t>(to_e4m3(__fdiv_rn(f[j + 4], scale))) << (8 * j);
                 }
+                // Even lanes store 16 bytes (theirs and the next lane's 8): half the store
+                // instructions, and full 16-byte NVLink writes. num_chunks is even (hidden % 128
+                // == 0), so an active even lane always has an active partner. Every lane shuffles.
+                const uint32_t nlo = __shfl_down_sync(kFullMask, lo, 1);
+                const uint32_t nhi = __shfl_down_sync(kFullMask, hi, 1);
                 if (active) {
-                    const uint2 q = make_uint2(lo, hi);
+                    const int4 q = make_int4(static_cast<int>(lo), static_cast<int>(hi),
+                                             static_cast<int>(nlo), static_cast<int>(nhi));
                     const size_t q_off = kHeaderBytes + static_cast<size_t>(c) * 8;
                     const size_t s_off = kHeaderBytes + hidden + static_cast<size_t>(c / 16) * 4;
+                    const bool writes_q = (lane & 1) == 0;
                     const bool writes_scale = (lane & 15) == 0;
                     if (stage) {
-                        *reinterpret_cast<uint2*>(stage_msg + q_off) = q;
+                        if (writes_q) *reinterpret_cast<int4*>(stage_msg + q_off) = q;
                         if (writes_scale) *reinterpret_cast<float*>(stage_msg + s_off) = scale;
                     }
                     for (int k = 0; k < k_n; ++k) {
                         uint8_t* dst = s_p2p[k];
                         if (!s_valid[k] || dst == nullptr) continue;
-                        *reinterpret_cast<uint2*>(dst + q_off) = q;
+                        if (writes_q) *reinterpret_cast<int4*>(dst + q_off) = q;
                         if (writes_scale) *reinterpret_cast<float*>(dst + s_off) = scale;
                     }
                 }
@@ -232,17 +239,18 @@ __device__ __forceinline__ void dispatch_send_tokens(const DispatchArgs& a, int 
         }
         __syncthreads();
 
-        // Arrival signals: after the whole block's stores (bar.sync, then a system fence and a
-        // release add by one thread), or a put whose signal lands after its data.
+        // Arrival signals: after the whole block's stores (bar.sync, then a release add at
+        // system scope by one thread: the barrier orders the other threads' stores before it
+        // and the release is cumulative, as DeepEP's bar.sync + st.release.sys; a separate
+        // fence.sc.sys would only add its drain latency to every token), or a put whose signal
+        // lands after its data.
         if (warp < k_n && s_valid[warp]) {
             const int pe = s_pe[warp];
             uint64_t* arrive = a.recv_arrive_sig +
                                static_cast<size_t>(s_expert[warp]) * a.num_ranks + a.rank;
             if (s_p2p[warp] != nullptr) {
-                if (lane == 0) {
-                    __threadfence_system();
+                if (lane == 0)
                     red_add_release_sys(static_cast<uint64_t*>(nvshmem_ptr(arrive, pe)), 1);
-                }
             } else {
                 nvshmemx_putmem_signal_nbi_warp(s_sym[warp], stage_msg, send_bytes, arrive, 1,
                                                 NVSHMEM_SIGNAL_ADD, pe);
@@ -318,39 +326,63 @@ __device__ __forceinline__ bool dispatch_recv(const DispatchArgs& a, int warp, i
         const int total = s_begin[r_n];
         const size_t expert_row0 = static_cast<size_t>(e) * rows;
 
-        for (int idx = warp; idx < total; idx += kWarps) {
+        // The expert's rows are copied by the whole block at once, 16-byte word by 16-byte word
+        // (a row per warp would leave most warps idle: ~R*T*K/E rows per expert, e.g. 4 of 32),
+        // with kUnroll loads in flight per thread before their stores.
+        const uint8_t* msgs0 = a.recv_msgs + static_cast<size_t>(e) * r_n * a.max_tokens *
+                                                 a.msg_stride;
+        const int n16 = kFp8 ? hidden / 16 : hidden / 8;  // payload words of a row
+        int4* recv_x = static_cast<int4*>(a.recv_x) + expert_row0 * n16;
+        const int words = total * n16;
+        constexpr int kUnroll = 4;
+        for (int base = threadIdx.x; base < words; base += kThreads * kUnroll) {
+            int4 v[kUnroll];
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) {
+                const int w = base + u * kThreads;
+                if (w < words) {
+                    const int idx = w / n16;
+                    const int s = find_block(s_begin, r_n, idx);
+                    const uint8_t* msg = msgs0 + (static_cast<size_t>(s) * a.max_tokens +
+                                                  (idx - s_begin[s])) * a.msg_stride;
+                    v[u] = ld_cg(reinterpret_cast<const int4*>(msg + kHeaderBytes) + (w - idx * n16));
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) {
+                const int w = base + u * kThreads;
+                if (w < words) recv_x[w] = v[u];
+            }
+        }
+        // Source indices and scales: one element per thread, row index fastest, so the stores
+        // into the column-major scales [L, G, R*M] are coalesced.
+        for (int idx = threadIdx.x; idx < total; idx += kThreads) {
             const int s = find_block(s_begin, r_n, idx);
-            const int i = idx - s_begin[s];
-            const uint8_t* msg = a.recv_msgs +
-                ((static_cast<size_t>(e) * r_n + s) * a.max_tokens + i) * a.msg_stride;
-            const size_t out_row = expert_row0 + idx;
-            if (lane == 0) a.src_info[out_row] = __ldcg(reinterpret_cast<const int*>(msg));
-            const int4* payload = reinterpret_cast<const int4*>(msg + kHeaderBytes);
-            if constexpr (kFp8) {
-                warp_copy(static_cast<int4*>(a.recv_x) + out_row * (hidden / 16), payload,
-                          hidden / 16, lane);
-                const float* scales = reinterpret_cast<const float*>(msg + kHeaderBytes + hidden);
+            const uint8_t* msg = msgs0 + (static_cast<size_t>(s) * a.max_tokens +
+                                          (idx - s_begin[s])) * a.msg_stride;
+            a.src_info[expert_row0 + idx] = __ldcg(reinterpret_cast<const int*>(msg));
+        }
+        if constexpr (kFp8) {
+            const int cols = a.ue8m0 ? groups / 4 : groups;
+            const int n = total * cols;
+            for (int w = threadIdx.x; w < n; w += kThreads) {
+                const int j = w / total, idx = w - j * total;
+                const int s = find_block(s_begin, r_n, idx);
+                const float* scales = reinterpret_cast<const float*>(
+                    msgs0 + (static_cast<size_t>(s) * a.max_tokens + (idx - s_begin[s])) *
+                                a.msg_stride + kHeaderBytes + hidden);
+                const size_t out = (static_cast<size_t>(e) * cols + j) * rows + idx;
                 if (!a.ue8m0) {
-                    float* out = static_cast<float*>(a.recv_scales);
-                    for (int j = lane; j < groups; j += 32)
-                        out[(static_cast<size_t>(e) * groups + j) * rows + idx] = __ldcg(scales + j);
+                    static_cast<float*>(a.recv_scales)[out] = __ldcg(scales + j);
                 } else {
                     // Four power-of-two scales -> their exponent bytes, little-endian in an int32.
-                    int* out = static_cast<int*>(a.recv_scales);
-                    const int packs = groups / 4;
-                    for (int j = lane; j < packs; j += 32) {
-                        uint32_t packed = 0;
+                    uint32_t packed = 0;
 #pragma unroll
-                        for (int q = 0; q < 4; ++q)
-                            packed |= ((__float_as_uint(__ldcg(scales + 4 * j + q)) >> 23) & 0xffu)
-                                      << (8 * q);
-                        out[(static_cast<size_t>(e) * packs + j) * rows + idx] =
-                            static_cast<int>(packed);
-                    }
+                    for (int q = 0; q < 4; ++q)
+                        packed |= ((__float_as_uint(__ldcg(scales + 4 * j + q)) >> 23) & 0xffu)
+                                  << (8 * q);
+                    static_cast<int*>(a.recv_scales)[out] = static_cast<int>(packed);
                 }
-            } else {
-                warp_copy(static_cast<int4*>(a.recv_x) + out_row * (hidden / 8), payload,
-                          hidden / 8, lane);
             }
         }
         for (int row = total + threadIdx.x; row < rows; row += kThreads)
@@ -429,32 +461,67 @@ __device__ __forceinline__ void combine_send(const CombineArgs& a, int warp, int
             signal_set(a.recv_count_sig + g, static_cast<uint64_t>(s_count[s]) + 1, s, a.nvlink);
         }
         const int total = s_cum[r_n];
+        const size_t expert_row0 = static_cast<size_t>(e) * rows;
+        // NVLink peers: the block copies all of the expert's rows for them at once, 16-byte word
+        // by 16-byte word, kUnroll loads in flight per thread (a row per warp would leave most
+        // warps idle: ~R*T*K/E rows per expert). Rows for put peers are skipped here.
+        const int words = total * n16;
+        constexpr int kUnroll = 4;
+        if (a.nvlink) {
+            for (int base = threadIdx.x; base < words; base += kThreads * kUnroll) {
+                int4 v[kUnroll];
+                int4* dst[kUnroll];
+#pragma unroll
+                for (int u = 0; u < kUnroll; ++u) {
+                    const int w = base + u * kThreads;
+                    dst[u] = nullptr;
+                    if (w < words) {
+                        const int idx = w / n16;
+                        const int s = find_block(s_cum, r_n, idx);
+                        const size_t src_row = expert_row0 + s_begin[s] + (idx - s_cum[s]);
+                        const int t = __ldg(a.src_info + src_row);
+                        const int c = w - idx * n16;
+                        int4* p2p = static_cast<int4*>(nvshmem_ptr(
+                            a.recv_rows + (static_cast<size_t>(g) * a.max_tokens + t) * hidden, s));
+                        if (p2p != nullptr) {
+                            dst[u] = p2p + c;
+                            v[u] = __ldg(reinterpret_cast<const int4*>(a.x + src_row * hidden) + c);
+                        }
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < kUnroll; ++u)
+                    if (dst[u] != nullptr) *dst[u] = v[u];
+            }
+        }
+        // Put peers: a warp per row, the put's signal lands after its data.
         for (int idx = warp; idx < total; idx += kWarps) {
             const int s = find_block(s_cum, r_n, idx);
+            if (a.nvlink && nvshmem_ptr(a.recv_rows, s) != nullptr) continue;
             const int row = s_begin[s] + (idx - s_cum[s]);
-            const size_t src_row = static_cast<size_t>(e) * rows + row;
+            const size_t src_row = expert_row0 + row;
             const int t = __ldg(a.src_info + src_row);
             const int4* src = reinterpret_cast<const int4*>(a.x + src_row * hidden);
             __nv_bfloat16* dst_sym = a.recv_rows + (static_cast<size_t>(g) * a.max_tokens + t) * hidden;
-            uint64_t* arrive = a.recv_arrive_sig + g;
-            int4* p2p = a.nvlink ? static_cast<int4*>(nvshmem_ptr(dst_sym, s)) : nullptr;
-            if (p2p != nullptr) {
-                warp_copy(p2p, src, n16, lane);
+            // Puts read from symmetric memory: the zero-copy buffer, or a copy into it.
+            const __nv_bfloat16* put_src = a.send_stage + src_row * hidden;
+            if (!a.zero_copy) {
+                warp_copy(reinterpret_cast<int4*>(a.send_stage + src_row * hidden), src, n16, lane);
                 __syncwarp();
-                if (lane == 0) {
-                    __threadfence_system();
-                    red_add_release_sys(static_cast<uint64_t*>(nvshmem_ptr(arrive, s)), 1);
-                }
-            } else {
-                // Puts read from symmetric memory: the zero-copy buffer, or a copy into it.
-                const __nv_bfloat16* put_src = a.send_stage + src_row * hidden;
-                if (!a.zero_copy) {
-                    warp_copy(reinterpret_cast<int4*>(a.send_stage + src_row * hidden), src, n16,
-                              lane);
-                    __syncwarp();
-                }
-                nvshmemx_putmem_signal_nbi_warp(dst_sym, put_src, static_cast<size_t>(hidden) * 2,
-                                                arrive, 1, NVSHMEM_SIGNAL_ADD, s);
+            }
+            nvshmemx_putmem_signal_nbi_warp(dst_sym, put_src, static_cast<size_t>(hidden) * 2,
+                                            a.recv_arrive_sig + g, 1, NVSHMEM_SIGNAL_ADD, s);
+        }
+        __syncthreads();
+        // NVLink peers' arrivals: one release add of the row count per peer after the block's
+        // stores (bar.sync orders them before the release; the receiver waits for arrivals ==
+        // rows, whether they came as one add or one per row).
+        if (a.nvlink) {
+            for (int s = threadIdx.x; s < r_n; s += kThreads) {
+                if (s_count[s] == 0 || rank_masked(a.mask, s, a.rank)) continue;
+                uint64_t* arrive = static_cast<uint64_t*>(nvshmem_ptr(a.recv_arrive_sig + g, s));
+                if (arrive != nullptr)
+                    red_add_release_sys(arrive, static_cast<uint64_t>(s_count[s]));
             }
         }
         __syncthreads();  // shared tables are rewritten for the next expert
@@ -535,14 +602,27 @@ __device__ __forceinline__ bool combine_recv(const CombineArgs& a, int warp, int
         int4* out_row = reinterpret_cast<int4*>(a.out + static_cast<size_t>(t) * hidden);
         for (int c = threadIdx.x; c < hidden / 8; c += kThreads) {
             float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            for (int k = 0; k < k_n; ++k) {
-                const __nv_bfloat16* src = s_row[k];
-                if (src == nullptr) continue;
-                float f[8];
-                bf16x8_to_float(ld_cg(reinterpret_cast<const int4*>(src) + c), f);
-                const float w = s_weight[k];
+            // kLoads rows' words are loaded before any is used, so their latencies overlap; the
+            // sum still runs over k in ascending order (the same rounding as one at a time).
+            constexpr int kLoads = 4;  // 8 spills at 64 registers (1024 threads)
+            for (int k0 = 0; k0 < k_n; k0 += kLoads) {
+                int4 v[kLoads];
 #pragma unroll
-                for (int j = 0; j < 8; ++j) acc[j] += w * f[j];
+                for (int u = 0; u < kLoads; ++u) {
+                    const int k = k0 + u;
+                    const __nv_bfloat16* src = k < k_n ? s_row[k] : nullptr;
+                    if (src != nullptr) v[u] = ld_cg(reinterpret_cast<const int4*>(src) + c);
+                }
+#pragma unroll
+                for (int u = 0; u < kLoads; ++u) {
+                    const int k = k0 + u;
+                    if (k >= k_n || s_row[k] == nullptr) continue;
+                    float f[8];
+                    bf16x8_to_float(v[u], f);
+                    const float w = s_weight[k];
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) acc[j] += w * f[j];
+                }
             }
             int4 packed;
             __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&packed);
