@@ -40,6 +40,9 @@ from ep_comm.regions import IntranodeRegions
 
 #: Threads of a dispatch/combine block (kernels/intranode_common.cuh kThreads).
 KERNEL_THREADS = 24 * 32
+#: Dynamic shared memory of a dispatch/combine block (intranode_common.cuh kStageBytes): each
+#: warp stages 8 KiB of row data through cp.async, 16 int4 per lane in flight.
+KERNEL_SMEM = 24 * 32 * 16 * 16
 #: Threads of the notify block and of a layout block.
 NOTIFY_THREADS = 256
 LAYOUT_THREADS = 256
@@ -263,7 +266,8 @@ class IntranodeRuntime:
             hidden // FP8_BLOCK if x_scales is not None else 0, topk_idx, topk_weights, num_topk,
             local, handle.is_token_in_rank, t, handle.rank_prefix_matrix, write_send_pos, recv_x,
             recv_scales, recv_idx, recv_w, handle.recv_src_idx, handle.recv_src_rank, rows,
-            num_recv_dev, 1 if pad else 0, np.uint64(self.status.device_ptr), self._timeout_ns()))
+            num_recv_dev, 1 if pad else 0, np.uint64(self.status.device_ptr), self._timeout_ns()),
+            shared_mem=KERNEL_SMEM)
         count_list = [] if pad else aligned_counts(counts_host, expert_alignment)
         return recv_x, recv_scales, recv_idx, recv_w, count_list, handle
 
@@ -291,7 +295,8 @@ class IntranodeRuntime:
             *self._buffer_args(regions), offs["payload"], offs["topk_weights"], x, hidden * 2 // 16,
             topk_weights, num_topk, handle.recv_src_idx, handle.rank_prefix_matrix,
             state["num_tokens_of_rank"], handle.is_token_in_rank, handle.send_pos, t, bias0, bias1,
-            out, out_w, np.uint64(self.status.device_ptr), self._timeout_ns()))
+            out, out_w, np.uint64(self.status.device_ptr), self._timeout_ns()),
+            shared_mem=KERNEL_SMEM)
         return out, out_w
 
     # ------------------------------------------------------------------ teardown

@@ -37,22 +37,38 @@ __device__ __forceinline__ uint64_t* word_of(char* base, long long off, int c, i
     return reinterpret_cast<uint64_t*>(base + off) + c * kMaxRanks + r;
 }
 
-// Copy n int4 with one warp: four independent 16-byte loads in flight per lane.
-template <bool kRemoteSrc>
+// This block's staging area, kStagePerWarp int4 per warp (launched with kStageBytes of dynamic
+// shared memory; see intranode_common.cuh).
+extern __shared__ int4 s_stage[];
+
+__device__ __forceinline__ int4* warp_stage() { return s_stage + (threadIdx.x >> 5) * kStagePerWarp; }
+
+// Copy n int4 with one warp, through the warp's staging area: every lane issues up to
+// kStagePerLane independent 16-byte cp.async before it waits, so a 14 KiB bf16 row takes two
+// memory round trips and a 7 KiB fp8 row one (the time of a row copy is its round trips).
+// Sources: this rank's inputs, or ring slots that peers wrote (read through L2 either way).
 __device__ __forceinline__ void warp_copy(int4* __restrict__ dst, const int4* __restrict__ src,
                                           int n, int lane) {
-    int i = lane;
-    for (; i + 96 < n; i += 128) {
-        const int4 a = kRemoteSrc ? ld_cg(src + i) : ld_nc(src + i);
-        const int4 b = kRemoteSrc ? ld_cg(src + i + 32) : ld_nc(src + i + 32);
-        const int4 c = kRemoteSrc ? ld_cg(src + i + 64) : ld_nc(src + i + 64);
-        const int4 d = kRemoteSrc ? ld_cg(src + i + 96) : ld_nc(src + i + 96);
-        dst[i] = a;
-        dst[i + 32] = b;
-        dst[i + 64] = c;
-        dst[i + 96] = d;
+    int4* stage = warp_stage() + lane;
+    src += lane;
+    dst += lane;
+    n -= lane;  // element u * 32 of this lane's view exists iff u * 32 < n
+    for (; n >= kStagePerWarp; n -= kStagePerWarp, src += kStagePerWarp, dst += kStagePerWarp) {
+#pragma unroll
+        for (int u = 0; u < kStagePerLane; ++u) cp_async16(stage + u * 32, src + u * 32);
+        cp_async_wait_all();
+#pragma unroll
+        for (int u = 0; u < kStagePerLane; ++u) dst[u * 32] = stage[u * 32];
     }
-    for (; i < n; i += 32) dst[i] = kRemoteSrc ? ld_cg(src + i) : ld_nc(src + i);
+    if (n > 0) {  // the last, partial piece of the row
+#pragma unroll
+        for (int u = 0; u < kStagePerLane; ++u)
+            if (u * 32 < n) cp_async16(stage + u * 32, src + u * 32);
+        cp_async_wait_all();
+#pragma unroll
+        for (int u = 0; u < kStagePerLane; ++u)
+            if (u * 32 < n) dst[u * 32] = stage[u * 32];
+    }
 }
 
 // Global expert id -> local id on rank d (-1 when the expert lives elsewhere or is -1).
@@ -129,64 +145,102 @@ __shared__ int s_count[kMaxRanks];
 __shared__ uint32_t s_tail[kMaxRanks];
 __shared__ int s_done[kMaxRanks];
 
+// The small fields of one token (fp8 scales, top-k ids and weights), loaded by one warp into
+// registers before its payload copy starts, so their round trip overlaps the payload's instead
+// of adding one per field. Lane l holds scales l and l + 32 (more than 64 scales, hidden >
+// 8192, are copied by a loop after the payload) and top-k entry l (K <= MAX_TOPK <= 32).
+struct SmallFields {
+    float s0, s1;
+    int64_t idx;
+    float w;
+};
+
+// From this rank's inputs (token t).
+__device__ __forceinline__ SmallFields load_small_input(const DispatchArgs& a, int t, int lane) {
+    SmallFields f{0.0f, 0.0f, -1, 0.0f};
+    if (a.x_scales != nullptr) {
+        const float* s = a.x_scales + static_cast<long long>(t) * a.num_scales;
+        if (lane < a.num_scales) f.s0 = __ldg(s + lane);
+        if (lane + 32 < a.num_scales) f.s1 = __ldg(s + lane + 32);
+    }
+    if (a.topk_idx != nullptr && lane < a.K)
+        f.idx = __ldg(a.topk_idx + static_cast<long long>(t) * a.K + lane);
+    if (a.topk_weights != nullptr && lane < a.K)
+        f.w = __ldg(a.topk_weights + static_cast<long long>(t) * a.K + lane);
+    return f;
+}
+
+// Scales of f (and any past the first 64, read from src now) to dst.
+template <bool kRemoteSrc>
+__device__ __forceinline__ void store_scales(float* dst, const float* src, const SmallFields& f,
+                                             int num_scales, int lane) {
+    if (lane < num_scales) dst[lane] = f.s0;
+    if (lane + 32 < num_scales) dst[lane + 32] = f.s1;
+    for (int i = lane + 64; i < num_scales; i += 32) dst[i] = kRemoteSrc ? __ldcg(src + i) : __ldg(src + i);
+}
+
 // Token t of this rank into a slot of a peer's ring (one warp).
 __device__ __forceinline__ void put_token_in_slot(const DispatchArgs& a, char* slot, int row,
                                                   int t, int d, int lane) {
+    const SmallFields f = load_small_input(a, t, lane);
     if (lane == 0) *reinterpret_cast<int4*>(slot) = make_int4(row, t, 0, 0);
-    warp_copy<false>(reinterpret_cast<int4*>(slot + a.off_payload),
+    warp_copy(reinterpret_cast<int4*>(slot + a.off_payload),
                      a.x + static_cast<long long>(t) * a.row_int4, a.row_int4, lane);
-    if (a.x_scales != nullptr) {
-        float* dst = reinterpret_cast<float*>(slot + a.off_scales);
-        for (int i = lane; i < a.num_scales; i += 32)
-            dst[i] = __ldg(a.x_scales + static_cast<long long>(t) * a.num_scales + i);
-    }
+    if (a.x_scales != nullptr)
+        store_scales<false>(reinterpret_cast<float*>(slot + a.off_scales),
+                            a.x_scales + static_cast<long long>(t) * a.num_scales, f,
+                            a.num_scales, lane);
     if (a.topk_idx != nullptr && lane < a.K)
-        reinterpret_cast<int*>(slot + a.off_idx)[lane] =
-            to_local(__ldg(a.topk_idx + static_cast<long long>(t) * a.K + lane), d, a.L);
+        reinterpret_cast<int*>(slot + a.off_idx)[lane] = to_local(f.idx, d, a.L);
     if (a.topk_weights != nullptr && lane < a.K)
-        reinterpret_cast<float*>(slot + a.off_w)[lane] =
-            __ldg(a.topk_weights + static_cast<long long>(t) * a.K + lane);
+        reinterpret_cast<float*>(slot + a.off_w)[lane] = f.w;
 }
 
 // Token t of this rank straight into this rank's outputs at `row` (one warp).
 __device__ __forceinline__ void put_token_local(const DispatchArgs& a, int row, int t, int lane) {
-    warp_copy<false>(a.recv_x + static_cast<long long>(row) * a.row_int4,
+    const SmallFields f = load_small_input(a, t, lane);
+    warp_copy(a.recv_x + static_cast<long long>(row) * a.row_int4,
                      a.x + static_cast<long long>(t) * a.row_int4, a.row_int4, lane);
     if (a.x_scales != nullptr)
-        for (int i = lane; i < a.num_scales; i += 32)
-            a.recv_scales[static_cast<long long>(row) * a.num_scales + i] =
-                __ldg(a.x_scales + static_cast<long long>(t) * a.num_scales + i);
+        store_scales<false>(a.recv_scales + static_cast<long long>(row) * a.num_scales,
+                            a.x_scales + static_cast<long long>(t) * a.num_scales, f,
+                            a.num_scales, lane);
     if (a.topk_idx != nullptr && lane < a.K)
-        a.recv_topk_idx[static_cast<long long>(row) * a.K + lane] =
-            to_local(__ldg(a.topk_idx + static_cast<long long>(t) * a.K + lane), a.rank, a.L);
+        a.recv_topk_idx[static_cast<long long>(row) * a.K + lane] = to_local(f.idx, a.rank, a.L);
     if (a.topk_weights != nullptr && lane < a.K)
-        a.recv_topk_weights[static_cast<long long>(row) * a.K + lane] =
-            __ldg(a.topk_weights + static_cast<long long>(t) * a.K + lane);
+        a.recv_topk_weights[static_cast<long long>(row) * a.K + lane] = f.w;
     if (lane == 0) {
         a.recv_src_idx[row] = t;
         a.recv_src_rank[row] = a.rank;
     }
 }
 
-// A slot of ring (c, s) in this rank's buffer into the outputs (one warp).
+// A slot of ring (c, s) in this rank's buffer into the outputs (one warp). The header, the
+// small fields and the first payload loads do not depend on each other: one round trip.
 __device__ __forceinline__ void take_token_from_slot(const DispatchArgs& a, const char* slot,
                                                      int s, int lane) {
     const int4 header = ld_cg(reinterpret_cast<const int4*>(slot));
-    const int row = header.x;
-    if (row < 0 || row >= a.num_rows) return;  // num_worst_tokens overflow: notify reported it
-    warp_copy<true>(a.recv_x + static_cast<long long>(row) * a.row_int4,
-                    reinterpret_cast<const int4*>(slot + a.off_payload), a.row_int4, lane);
+    const float* src_scales = reinterpret_cast<const float*>(slot + a.off_scales);
+    SmallFields f{0.0f, 0.0f, -1, 0.0f};
     if (a.x_scales != nullptr) {
-        const float* src = reinterpret_cast<const float*>(slot + a.off_scales);
-        for (int i = lane; i < a.num_scales; i += 32)
-            a.recv_scales[static_cast<long long>(row) * a.num_scales + i] = __ldcg(src + i);
+        if (lane < a.num_scales) f.s0 = __ldcg(src_scales + lane);
+        if (lane + 32 < a.num_scales) f.s1 = __ldcg(src_scales + lane + 32);
     }
     if (a.topk_idx != nullptr && lane < a.K)
-        a.recv_topk_idx[static_cast<long long>(row) * a.K + lane] =
-            __ldcg(reinterpret_cast<const int*>(slot + a.off_idx) + lane);
+        f.idx = __ldcg(reinterpret_cast<const int*>(slot + a.off_idx) + lane);
     if (a.topk_weights != nullptr && lane < a.K)
-        a.recv_topk_weights[static_cast<long long>(row) * a.K + lane] =
-            __ldcg(reinterpret_cast<const float*>(slot + a.off_w) + lane);
+        f.w = __ldcg(reinterpret_cast<const float*>(slot + a.off_w) + lane);
+    const int row = header.x;
+    if (row < 0 || row >= a.num_rows) return;  // num_worst_tokens overflow: notify reported it
+    warp_copy(a.recv_x + static_cast<long long>(row) * a.row_int4,
+                    reinterpret_cast<const int4*>(slot + a.off_payload), a.row_int4, lane);
+    if (a.x_scales != nullptr)
+        store_scales<true>(a.recv_scales + static_cast<long long>(row) * a.num_scales, src_scales,
+                           f, a.num_scales, lane);
+    if (a.topk_idx != nullptr && lane < a.K)
+        a.recv_topk_idx[static_cast<long long>(row) * a.K + lane] = f.idx;
+    if (a.topk_weights != nullptr && lane < a.K)
+        a.recv_topk_weights[static_cast<long long>(row) * a.K + lane] = f.w;
     if (lane == 0) {
         a.recv_src_idx[row] = header.y;
         a.recv_src_rank[row] = s;
@@ -223,9 +277,16 @@ __device__ void dispatch_send(const DispatchArgs& a, int c, uint32_t tag, uint32
     const uint64_t* head_word = word_of(me, a.off_head, c, d);
     uint32_t tail = 0;
     bool aborted = false;
+    // Window flags are loaded one window ahead, so their round trip overlaps the copies.
+    auto window_flag = [&](int w) {
+        return w < t1 && lane < min(a.window, t1 - w) &&
+               a.is_token_in_rank[static_cast<long long>(w + lane) * a.R + d];
+    };
+    bool in_next = window_flag(t0);
     for (int w0 = t0; w0 < t1; w0 += a.window) {
         const int nw = min(a.window, t1 - w0);
-        const bool in = lane < nw && a.is_token_in_rank[static_cast<long long>(w0 + lane) * a.R + d];
+        const bool in = in_next;
+        in_next = window_flag(w0 + a.window);
         const unsigned mask = __ballot_sync(kFullMask, in);
         const int n = __popc(mask);
         if (a.send_pos != nullptr && wig == 0 && lane < nw)
@@ -482,6 +543,47 @@ __device__ __forceinline__ int4 pack_bf16x8(const float* acc) {
     return out;
 }
 
+// The combine reduction stages kReduceBatch sources x kReduceChunks int4 per lane per round
+// trip (kStagePerLane in all) and keeps kReduceChunks x 8 float accumulators in registers.
+// 4 x 4: a bf16 row of hidden 7168 with up to 4 sources (2 ranks and 2 biases) in 7 round
+// trips, where a register-held reduction needed 14 (4 chunks of accumulators and 2 sources of
+// loads spilled: 80 registers per thread).
+constexpr int kReduceChunks = 4;
+constexpr int kReduceBatch = kStagePerLane / kReduceChunks;
+
+// Sum of row chunks [base, base + 32 * kReduceChunks) of the nsrc sources, for this lane:
+// each element gets 0 + src[0] + src[1] + ... in float32, in source order, whatever the batches.
+__device__ __forceinline__ void reduce_chunks(float (&acc)[kReduceChunks][8],
+                                              const int4* const* src, int nsrc, int base, int n,
+                                              int lane) {
+    int4* stage = warp_stage();
+#pragma unroll
+    for (int u = 0; u < kReduceChunks; ++u)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[u][e] = 0.0f;
+    for (int q0 = 0; q0 < nsrc; q0 += kReduceBatch) {
+#pragma unroll
+        for (int b = 0; b < kReduceBatch; ++b) {
+            if (q0 + b >= nsrc) break;
+            const int4* p = src[q0 + b];
+#pragma unroll
+            for (int u = 0; u < kReduceChunks; ++u) {
+                const int i = base + u * 32 + lane;
+                if (i < n) cp_async16(stage + (b * kReduceChunks + u) * 32 + lane, p + i);
+            }
+        }
+        cp_async_wait_all();
+#pragma unroll
+        for (int b = 0; b < kReduceBatch; ++b) {
+            if (q0 + b >= nsrc) break;
+#pragma unroll
+            for (int u = 0; u < kReduceChunks; ++u)
+                if (base + u * 32 + lane < n)
+                    add_bf16x8(acc[u], stage[(b * kReduceChunks + u) * 32 + lane]);
+        }
+    }
+}
+
 struct CombineArgs {
     char* const* peers;
     int rank, R, C, S, window;
@@ -544,7 +646,7 @@ __device__ void combine_send(const CombineArgs& a, int c, uint32_t tag, uint32_t
         }
         for (int j = wig; j < n; j += wpg) {
             char* slot = ring + static_cast<long long>((tail + j) % a.S) * a.slot_bytes;
-            warp_copy<false>(reinterpret_cast<int4*>(slot + a.off_payload),
+            warp_copy(reinterpret_cast<int4*>(slot + a.off_payload),
                              a.x + static_cast<long long>(r + j) * a.row_int4, a.row_int4, lane);
             if (a.topk_w != nullptr && lane < a.K)
                 reinterpret_cast<float*>(slot + a.off_w)[lane] =
@@ -605,7 +707,7 @@ __device__ void combine_recv(const CombineArgs& a, int c, uint32_t tag, uint32_t
         }
         for (int j = warp; j < nw; j += kWarps) {
             const int t = w0 + j;
-            const int4* src[kMaxRanks];
+            const int4* src[kMaxRanks + 2];  // rows in rank order, then the biases
             const float* src_w[kMaxRanks];
             int ns = 0;
 #pragma unroll
@@ -625,16 +727,17 @@ __device__ void combine_recv(const CombineArgs& a, int c, uint32_t tag, uint32_t
                 ++ns;
             }
             const long long out_row = static_cast<long long>(t) * a.row_int4;
-            for (int i = lane; i < a.row_int4; i += 32) {
-                float acc[8];
+            int nsrc = ns;
+            if (a.bias0 != nullptr) src[nsrc++] = a.bias0 + out_row;
+            if (a.bias1 != nullptr) src[nsrc++] = a.bias1 + out_row;
+            for (int base = 0; base < a.row_int4; base += 32 * kReduceChunks) {
+                float acc[kReduceChunks][8];
+                reduce_chunks(acc, src, nsrc, base, a.row_int4, lane);
 #pragma unroll
-                for (int q = 0; q < 8; ++q) acc[q] = 0.0f;
-#pragma unroll
-                for (int q = 0; q < kMaxRanks; ++q)
-                    if (q < ns) add_bf16x8(acc, ld_cg(src[q] + i));
-                if (a.bias0 != nullptr) add_bf16x8(acc, ld_nc(a.bias0 + out_row + i));
-                if (a.bias1 != nullptr) add_bf16x8(acc, ld_nc(a.bias1 + out_row + i));
-                a.out[out_row + i] = pack_bf16x8(acc);
+                for (int u = 0; u < kReduceChunks; ++u) {
+                    const int i = base + u * 32 + lane;
+                    if (i < a.row_int4) a.out[out_row + i] = pack_bf16x8(acc[u]);
+                }
             }
             if (a.out_w != nullptr && lane < a.K) {
                 float acc = 0.0f;

@@ -74,6 +74,28 @@ __device__ __forceinline__ int4 ld_nc(const int4* p) { return __ldg(p); }
 
 __device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
 
+// Staging of row copies through shared memory (intranode.cu). A copy through registers has as
+// many bytes in flight as a thread has registers to hold them (80 per thread in a 768-thread
+// block: 8 int4 at most, and the combine reduction spilled at 4), and a copy kernel's speed is
+// bytes in flight over latency. cp.async (16-byte global -> shared, no register) lets each lane
+// have kStagePerLane int4 in flight: 8 KiB per warp, 192 KiB per block (one block per SM).
+// Each lane reads back only what it staged itself, so no barrier is needed, and cp.async.cg
+// reads through L2, as data that peers write must be read.
+constexpr int kStagePerLane = 16;
+constexpr int kStagePerWarp = 32 * kStagePerLane;  // int4
+// ep_comm.intranode.KERNEL_SMEM: dynamic shared memory of a dispatch/combine block.
+constexpr int kStageBytes = kWarps * kStagePerWarp * 16;
+
+__device__ __forceinline__ void cp_async16(int4* smem_dst, const int4* gmem_src) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem_src) : "memory");
+}
+
+// Wait for every cp.async of this thread (they are then visible to this thread).
+__device__ __forceinline__ void cp_async_wait_all() {
+    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
+}
+
 // Claim the status word once for the whole buffer (device-memory CAS; atomics on host memory
 // over PCIe are not reliable), write the fields, then the code.
 __device__ __forceinline__ void report(int* host_status, uint32_t* ctrl, int code, int phase,

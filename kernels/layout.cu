@@ -23,13 +23,23 @@ extern "C" __global__ void nvl_get_dispatch_layout(const int64_t* __restrict__ t
     if (t < T) {
         const int per_rank = E / R;
         unsigned mask = 0;
-        for (int k = 0; k < K; ++k) {
-            const int64_t e = topk_idx[static_cast<int64_t>(t) * K + k];
+        const int64_t* row = topk_idx + static_cast<int64_t>(t) * K;
+        // The first kUnrolled ids are loaded before any is used: one memory round trip for a
+        // row instead of one per id (a runtime-K loop waits for each load in turn).
+        constexpr int kUnrolled = 16;
+        int64_t ids[kUnrolled];
+#pragma unroll
+        for (int k = 0; k < kUnrolled; ++k) ids[k] = k < K ? __ldg(row + k) : -1;
+        auto count = [&](int64_t e) {
             if (e >= 0 && e < E) {
                 atomicAdd(&s_expert[e], 1);
                 mask |= 1u << (static_cast<int>(e) / per_rank);
             }
-        }
+        };
+#pragma unroll
+        for (int k = 0; k < kUnrolled; ++k)
+            if (k < K) count(ids[k]);
+        for (int k = kUnrolled; k < K; ++k) count(__ldg(row + k));
         for (int r = 0; r < R; ++r) {
             const bool in = (mask >> r) & 1u;
             is_token_in_rank[static_cast<int64_t>(t) * R + r] = in;

@@ -165,3 +165,26 @@ def test_kernel_row_math_matches_reference_order(seed, num_ranks, num_channels, 
                 assert src_idx[r0:r1] == want
                 covered += list(range(r0, r1))
             assert covered == list(range(lo, hi))
+
+
+def _header_constant(name: str) -> str:
+    import pathlib
+    import re
+    text = (pathlib.Path(__file__).resolve().parents[1] / "kernels" /
+            "intranode_common.cuh").read_text()
+    m = re.search(rf"constexpr int {name} = ([^;]+);", text)
+    assert m, name
+    return m.group(1)
+
+
+def test_launch_constants_match_the_kernel_header():
+    """KERNEL_THREADS / KERNEL_SMEM of the launcher are what the kernels assume (a block whose
+    dynamic shared memory is smaller than kStageBytes would stage rows out of bounds)."""
+    from ep_comm.intranode import KERNEL_SMEM, KERNEL_THREADS
+    warps = int(_header_constant("kWarps"))
+    per_lane = int(_header_constant("kStagePerLane"))
+    assert _header_constant("kThreads") == "kWarps * 32" and KERNEL_THREADS == warps * 32
+    assert _header_constant("kStagePerWarp") == "32 * kStagePerLane"
+    assert _header_constant("kStageBytes") == "kWarps * kStagePerWarp * 16"
+    assert KERNEL_SMEM == warps * 32 * per_lane * 16
+    assert KERNEL_SMEM + 1024 <= 227 * 1024  # H100/H200 per-block limit, static smem beside it
