@@ -13,9 +13,11 @@ any case failed. Cases (``tests/low_latency_cases.py`` tasks, checked against th
 * the decode shape (128 tokens/rank, hidden 7168, top-8 of 256, fp8) compared field by field
   with the reference backend (``backend="reference"`` over NCCL) on the same inputs.
 
-Timings (median over ``--iters`` runs, each started with all ranks synchronised as
-bench/common.py does): dispatch (fp8), combine (bf16), dispatch + combine, in microseconds, for
-allow_nvlink True and False. Targets on 2x H200: 21 / 31 / 52 us.
+Timings at the decode shape, for allow_nvlink True and False (see ``timings``), as DeepEP's
+test_low_latency times: the dispatch (fp8) and combine (bf16) kernels' durations from
+torch.profiler (kineto), the end-to-end time of dispatch + combine between CUDA events with the
+host work hidden behind a long GPU sleep, the host (Python) time of each call, and the list of
+every GPU activity per dispatch + combine. Targets on 2x H200: 21 / 31 / 52 us.
 
 Each ``Buffer`` is destroyed after its case; symmetric memory is pooled and reused
 (ep_comm/nvshmem_runtime.py), so cases after the first allocate nothing collectively.
@@ -208,8 +210,40 @@ def agree(ctx, ok: bool, msg: str) -> tuple[bool, str]:
     return (not bad), (f"rank {bad[0][0]}: {bad[0][1]}" if bad else "")
 
 
-def timings(ctx, nvlink: bool, iters: int) -> dict[str, float]:
-    """Median us of dispatch (fp8), combine (bf16) and both, at the decode shape."""
+# GPU cycles of the sleep before every timed call: ~2 ms at H200 clocks, far above the host
+# time of a dispatch + combine, so the calls are enqueued before the GPU reaches them and the
+# end-to-end figure is GPU time only (printed beside the host time to show it holds).
+SLEEP_CYCLES = 4_000_000
+# Kernels of the timing harness itself (the barrier's all-reduce and the sleep), not of a call.
+HARNESS_KERNELS = ("nccl", "sleep", "spin")
+
+
+def _is_harness(name: str) -> bool:
+    low = name.lower()
+    return any(h in low for h in HARNESS_KERNELS)
+
+
+def _device_kernels(prof) -> list[tuple[str, float, float]]:
+    """(name, start_us, duration_us) of every GPU activity (kernels, memsets, copies) in a
+    torch.profiler run, in start order."""
+    out = []
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            out.append((ev.name, ev.time_range.start, ev.time_range.end - ev.time_range.start))
+    return sorted(out, key=lambda k: k[1])
+
+
+def timings(ctx, nvlink: bool, iters: int) -> dict:
+    """At the decode shape (fp8 dispatch, bf16 combine), as DeepEP's test_low_latency times:
+
+    * kernel time (torch.profiler / kineto durations) of the dispatch and the combine kernels,
+      each call of dispatch + combine preceded by a barrier and a long GPU sleep;
+    * end-to-end time of dispatch + combine between two CUDA events, the host work hidden
+      behind the sleep;
+    * host (Python) time of each call;
+    * every GPU activity launched per call (beyond the harness's barrier and sleep), so extra
+      small kernels (fills, copies, allocations' memsets) show up.
+    """
     m, h, e, k = SHAPE["max_tokens"], SHAPE["hidden"], SHAPE["num_experts"], SHAPE["num_topk"]
     dev, r = ctx.device, ctx.world_size
     import ep_comm
@@ -222,45 +256,88 @@ def timings(ctx, nvlink: bool, iters: int) -> dict[str, float]:
     w = torch.rand(m, k, device=dev, generator=g)
     y = torch.randn(e // r, r * m, h, device=dev, generator=g).to(torch.bfloat16)
     flag = torch.zeros(1, device=dev)
-    state = {}
+    host = {"dispatch": [], "combine": []}
 
     def sync():
         torch.cuda.synchronize(dev)
         dist.all_reduce(flag, group=ctx.group)
-        torch.cuda._sleep(500 * 1900)  # the host enqueues the work while this runs
+        torch.cuda._sleep(SLEEP_CYCLES)  # the host enqueues the work while this runs
 
-    def dispatch():
-        state["d"] = buf.low_latency_dispatch(x, idx, m, e, use_fp8=True)
+    def step():
+        """dispatch + combine, as DeepEP's test_func (non-hook), with their host times."""
+        t0 = time.perf_counter()
+        d = buf.low_latency_dispatch(x, idx, m, e, use_fp8=True)
+        t1 = time.perf_counter()
+        buf.low_latency_combine(y, idx, w, d[2])
+        t2 = time.perf_counter()
+        host["dispatch"].append((t1 - t0) * 1e6)
+        host["combine"].append((t2 - t1) * 1e6)
 
-    def combine():
-        buf.low_latency_combine(y, idx, w, state["d"][2])
-
-    def timed(fn) -> float:
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        return a.elapsed_time(b) * 1e3
-
-    samples = {"dispatch": [], "combine": [], "both": []}
+    res: dict = {}
     try:
-        for i in range(iters + 5):
+        for _ in range(5):  # warm-up: module load, caching allocator, NVSHMEM first touch
             sync()
-            td = timed(dispatch)
+            step()
+        torch.cuda.synchronize(dev)
+        host["dispatch"].clear()
+        host["combine"].clear()
+
+        # End to end: events around dispatch + combine, after the sleep.
+        e2e = []
+        for _ in range(iters):
             sync()
-            tc = timed(combine)
-            sync()
-            tb = timed(lambda: (dispatch(), combine()))
-            if i >= 5:
-                samples["dispatch"].append(td)
-                samples["combine"].append(tc)
-                samples["both"].append(tb)
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step()
+            b.record()
+            b.synchronize()
+            e2e.append(a.elapsed_time(b) * 1e3)
+
+        # Kernel durations from the profiler.
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                sync()
+                step()
+            torch.cuda.synchronize(dev)
+        acts = [a for a in _device_kernels(prof) if not _is_harness(a[0])]
+        per_name: dict[str, list[float]] = {}
+        for name, _, dur in acts:
+            per_name.setdefault(name, []).append(dur)
         torch.cuda.synchronize(dev)
         llc.check_status(buf)
     finally:
         buf.destroy()
-    return {k: statistics.median(v) for k, v in samples.items()}
+    disp = [d for n, ds in per_name.items() if n.startswith("ep_ll_dispatch") for d in ds]
+    comb = [d for n, ds in per_name.items() if n.startswith("ep_ll_combine") for d in ds]
+    res["kernel_dispatch"] = statistics.median(disp) if disp else float("nan")
+    res["kernel_combine"] = statistics.median(comb) if comb else float("nan")
+    res["e2e_both"] = statistics.median(e2e)
+    res["host_dispatch"] = statistics.median(host["dispatch"])
+    res["host_combine"] = statistics.median(host["combine"])
+    res["sleep_us_est"] = SLEEP_CYCLES / 1.98e3  # at the H200's 1.98 GHz boost clock
+    # Activities per dispatch + combine step: anything but one dispatch and one combine kernel
+    # is work to remove.
+    res["per_step"] = {n: (len(ds) / iters, statistics.median(ds)) for n, ds in per_name.items()}
+    return res
+
+
+def _report(say, nvlink: bool, every: list[dict]) -> None:
+    world = len(every)
+    mean = {k: sum(d[k] for d in every) / world for k in every[0] if k != "per_step"}
+    say(f"TIME  nvlink={str(nvlink):5s} 128 tok/rank h7168 top8/256 (mean over ranks, median "
+        f"over runs; targets 21 / 31 / 52 us on 2x H200)")
+    say(f"      kernel (kineto): dispatch(fp8) {mean['kernel_dispatch']:.1f} us  combine(bf16) "
+        f"{mean['kernel_combine']:.1f} us  sum {mean['kernel_dispatch'] + mean['kernel_combine']:.1f} us")
+    say(f"      end to end (events, host hidden by a ~{mean['sleep_us_est']:.0f} us sleep): "
+        f"dispatch+combine {mean['e2e_both']:.1f} us")
+    say(f"      host (Python) per call: dispatch {mean['host_dispatch']:.1f} us  combine "
+        f"{mean['host_combine']:.1f} us")
+    if mean["host_dispatch"] + mean["host_combine"] > mean["sleep_us_est"]:
+        say("      WARNING: host time exceeds the sleep: the end-to-end figure includes host time")
+    say("      GPU activities per dispatch+combine (rank 0; harness barrier/sleep excluded):")
+    for name, (per, med) in sorted(every[0]["per_step"].items(), key=lambda kv: -kv[1][0]):
+        say(f"        {per:5.2f} x  {med:8.1f} us  {name[:100]}")
 
 
 def main() -> int:
@@ -314,10 +391,7 @@ def main() -> int:
                 failed += 1
                 say(f"FAIL  timing nvlink={nvlink}: rank {bad[0][0]}: {bad[0][1][:400]}")
                 continue
-            mean = {k: sum(d[k] for _, d in every) / world for k in every[0][1]}
-            say(f"TIME  nvlink={str(nvlink):5s} 128 tok/rank h7168 top8/256: dispatch(fp8) "
-                f"{mean['dispatch']:.1f} us  combine(bf16) {mean['combine']:.1f} us  both "
-                f"{mean['both']:.1f} us   (targets 21 / 31 / 52 on 2x H200)")
+            _report(say, nvlink, [d for _, d in every])
     dist.barrier()
     # Every Buffer is destroyed and every rank is here: free the symmetric pool and finalize
     # NVSHMEM (collective), so that the exit is clean.
