@@ -8,6 +8,9 @@ graph, -1 entries, a rank with no tokens, every token to one rank, combine with 
 weights), then timings at 4096 tokens/rank, hidden 7168, top-8 of 256, 24 SMs: layout,
 dispatch BF16 / FP8 (with notify and its host sync, and cached), combine; GB/s counted as
 DeepEP does (all bytes this rank receives, its own included, over the operation's time).
+Then a breakdown: per op, the Python time per call and each kernel's GPU time (notify,
+dispatch, combine, torch fills) from the profiler, and speed-of-light lines (a torch copy of
+the same bytes; with 2+ ranks an NCCL all_to_all of the bytes that cross NVLink).
 """
 from __future__ import annotations
 
@@ -146,6 +149,75 @@ def timed(fn, iters=20, warmup=3):
     return e0.elapsed_time(e1) / iters * 1e3  # us
 
 
+def kernel_times(fn, iters=10):
+    """{kernel name: GPU us per call} of the kernels ``fn`` launches, from CUPTI (torch.profiler
+    sees cuda.core launches too), so host gaps between kernels do not count."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    dist.barrier()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for ev in prof.key_averages():
+        us = 0.0
+        for attr in ("self_device_time_total", "self_cuda_time_total"):
+            if getattr(ev, attr, None) is not None:
+                us = float(getattr(ev, attr))
+                break
+        if us > 0:
+            out[ev.key] = us / iters
+    return out
+
+
+def host_us(fn, iters=20):
+    """Python time per call with no device sync (a call that syncs itself includes its wait)."""
+    fn()
+    torch.cuda.synchronize()
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / iters * 1e6
+
+
+def breakdown(label, fn, nbytes=None):
+    """One line per op: host time per call, then each kernel's GPU time (nvl_* first)."""
+    h = host_us(fn)
+    ks = kernel_times(fn)
+    names = sorted(ks, key=lambda k: (not k.startswith("nvl_"), -ks[k]))
+    gpu = sum(ks.values())
+    parts = ", ".join(f"{k[:40]} {ks[k]:.1f}" for k in names)
+    bw = ""
+    main = [k for k in names if k in ("nvl_dispatch", "nvl_combine")]
+    if nbytes and main:
+        bw = f"; {main[0]} alone {nbytes / (ks[main[0]] * 1e-6) / 1e9:.0f} GB/s"
+    p0(f"  {label:18s} host {h:7.1f} us | GPU {gpu:7.1f} us: {parts}{bw}")
+
+
+def speed_of_light(nbytes, own_bytes):
+    """Plain torch figures for the same bytes: a local copy of all received bytes (HBM), and
+    with several ranks an NCCL all_to_all_single of the bytes that cross NVLink."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    us = timed(lambda: dst.copy_(src))
+    p0(f"  torch copy       {us:8.1f} us  {nbytes / (us * 1e-6) / 1e9:6.1f} GB/s  "
+       f"({nbytes / 2**20:.1f} MiB, local HBM: the floor of a 1-rank dispatch or combine)")
+    if world > 1:
+        per_peer = (nbytes - own_bytes) // (world - 1) // 16 * 16
+        buf_in = torch.empty(per_peer * world, dtype=torch.uint8, device="cuda")
+        buf_out = torch.empty_like(buf_in)
+        us = timed(lambda: dist.all_to_all_single(buf_out, buf_in))
+        moved = per_peer * (world - 1)
+        p0(f"  nccl all_to_all  {us:8.1f} us  {moved / (us * 1e-6) / 1e9:6.1f} GB/s  "
+           f"({moved / 2**20:.1f} MiB from peers per rank, already permuted)")
+    del src, dst
+
+
 def bench(kern, ref):
     t, hidden, k, e = 4096, 7168, 8, 256
     x, idx, w = make_inputs(7, t, hidden, k, e)
@@ -181,6 +253,15 @@ def bench(kern, ref):
     p0(f"  dispatch fp8 c   {us_fc:8.1f} us  {gbs(fp8_bytes, us_fc):6.1f} GB/s  (cached)")
     p0(f"  combine bf16     {us_c:8.1f} us  {gbs(bf16_bytes, us_c):6.1f} GB/s")
     p0(f"  reference        dispatch {us_rd:.1f} us, combine {us_rc:.1f} us")
+    p0("breakdown (host: Python time per call, no sync; GPU: CUPTI time per call of each kernel, us)")
+    breakdown("layout", lambda: kern.get_dispatch_layout(idx, e))
+    breakdown("dispatch bf16", lambda: kern.dispatch(x, **kw), bf16_bytes)
+    breakdown("dispatch bf16 c", lambda: kern.dispatch(x, handle=out[4]), bf16_bytes)
+    breakdown("dispatch bf16 w", lambda: kern.dispatch(x, **kw, num_worst_tokens=t * world))
+    breakdown("dispatch fp8 c", lambda: kern.dispatch(xq, handle=out[4]), fp8_bytes)
+    breakdown("combine bf16", lambda: kern.combine(y, out[4]), bf16_bytes)
+    own = int(out[4].recv_src_rank.eq(rank).sum()) * hidden * 2
+    speed_of_light(bf16_bytes, own)
 
 
 def main():
