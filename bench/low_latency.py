@@ -9,6 +9,9 @@ What is timed (all ranks synchronised before every timed phase, see bench/common
   dispatch_us, combine_us   each alone (combine after an untimed dispatch, ranks synchronised
                             in between).
   dispatch_combine_us       dispatch then combine, back to back.
+  dispatch_kernel_us, combine_kernel_us
+                            kernel durations (torch.profiler) of one dispatch + combine
+                            after a synchronisation, as DeepEP's bench_kineto (kernels backend).
   dispatch_send_us, dispatch_recv_us, combine_send_us, combine_recv_us
                             hook mode (``return_recv_hook=True``): the call that issues the
                             sends, and ``hook()`` that receives, with all ranks synchronised in
@@ -149,8 +152,32 @@ def _measure_ep_point(ctx, buffer, args, tokens, timer, salt, full: bool) -> dic
             ("combine_send", lambda: combine(hook=True)),
             ("combine_recv", lambda: state["c"][2]()),
         ]))
+    f = _figures(t, topk_idx, h)
+    if full and ctx.on_gpu:
+        f.update(_kernel_figures(timer, lambda: (dispatch(), combine()), timer.iters))
     state.clear()
-    return _figures(t, topk_idx, h)
+    return f
+
+
+def _kernel_figures(timer, step, iters: int) -> dict:
+    """Kernel durations (torch.profiler / kineto, as DeepEP's bench_kineto) of the dispatch and
+    combine kernels of ``step`` (one dispatch + combine), each run after ``timer.sync()``.
+    Backends whose kernels have other names (reference) report NaN."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            timer.sync()
+            step()
+        torch.cuda.synchronize()
+    found: dict[str, list[float]] = {"dispatch": [], "combine": []}
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        for phase, prefix in (("dispatch", "ep_ll_dispatch"), ("combine", "ep_ll_combine")):
+            if ev.name.startswith(prefix):
+                found[phase].append(ev.time_range.end - ev.time_range.start)
+    return {f"{phase}_kernel_us": (sorted(v)[len(v) // 2] if v else float("nan"))
+            for phase, v in found.items()}
 
 
 def measure_ep(ctx, args, backend: str):
