@@ -48,9 +48,11 @@ NOTIFY_THREADS = 256
 LAYOUT_THREADS = 256
 #: Largest window (tokens published at once): one warp ballot.
 MAX_WINDOW = 32
-#: int32 words of the host status (intranode_common.cuh: fields, then [8] received count).
-STATUS_WORDS = 16
+#: int32 words of the host status (intranode_common.cuh: fields, [8] received count, then from
+#: [16] the received count per local expert, so the host reads the counts list without a copy).
 _INFO_NUM_RECV = 8
+_INFO_EXPERT_COUNTS = 16
+STATUS_WORDS = _INFO_EXPERT_COUNTS + NVL_MAX_LOCAL_EXPERTS
 _STATUS_TIMEOUT, _STATUS_OVERFLOW = 1, 2
 _PHASES = {1: "dispatch/notify", 2: "dispatch/send", 3: "dispatch/receive",
            4: "combine/send", 5: "combine/receive"}
@@ -144,7 +146,7 @@ class IntranodeRuntime:
 
     def _raise_if_failed(self) -> None:
         """Raise the failure a kernel reported in the status word, if any (no device sync)."""
-        words = self.status.read()
+        words = self.status.read(_INFO_NUM_RECV)
         code = words[0]
         if code == 0:
             return
@@ -224,9 +226,10 @@ class IntranodeRuntime:
             else:
                 stream.synchronize()  # bounded: the kernel gives up after the timeout
                 self._raise_if_failed()
-                n_recv = self.status.read()[_INFO_NUM_RECV]
+                words = self.status.read(_INFO_EXPERT_COUNTS + local)
+                n_recv = words[_INFO_NUM_RECV]
                 rows = n_recv
-                counts_host = recv_per_expert.tolist()
+                counts_host = words[_INFO_EXPERT_COUNTS:]  # = recv_per_expert, no D2H copy
             send_pos = torch.empty(t, r, dtype=torch.int32, device=dev)
             pad = num_worst_tokens > 0
             src_idx = (torch.full if pad else _empty)((rows,), -1, dtype=torch.int32, device=dev)

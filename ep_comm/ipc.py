@@ -151,11 +151,12 @@ class HostStatus:
                                     "cudaHostGetDevicePointer"))
         self._view = (ctypes.c_int32 * nwords).from_address(self._host)
 
-    def read(self) -> list[int]:
-        """The words as the host sees them now (no device synchronisation)."""
+    def read(self, n: int | None = None) -> list[int]:
+        """The first ``n`` words (all by default) as the host sees them now (no device
+        synchronisation). Reading only the words needed keeps a per-call check cheap."""
         if not self._host:
             raise RuntimeError("ep_comm internal: HostStatus read after free()")
-        return list(self._view)
+        return self._view[:self.nwords if n is None else n]
 
     def clear(self) -> None:
         ctypes.memset(self._host, 0, self.nwords * 4)

@@ -450,6 +450,7 @@ nvl_notify(char* const* __restrict__ peers, int rank, int R, int T, int L, int n
             int acc = 0;
             for (int s = 0; s < R; ++s) acc += counts[s * kNotifyRow + 1 + R + e];
             recv_per_expert[e] = acc;
+            reinterpret_cast<volatile int*>(host_status)[kInfoExpertCounts + e] = acc;
         }
         if (threadIdx.x == 0) {
             int n = 0;

@@ -27,6 +27,7 @@ constexpr uint32_t kDoneBit = 0x80000000u;
 // writes the fields, then the code, with system fences between, so a host that sees the code
 // sees the fields: [0] code, [1] phase, [2] peer rank, [3] channel, [4] value seen,
 // [5] value wanted. [8] is the received token count written by the notify kernel.
+// int32 [16 + kMaxLocalExperts] in all (ep_comm.intranode.STATUS_WORDS).
 constexpr int kStatusTimeout = 1;
 constexpr int kStatusOverflow = 2;  // more received tokens than num_worst_tokens rows
 constexpr int kPhaseNotify = 1;
@@ -35,6 +36,9 @@ constexpr int kPhaseDispatchRecv = 3;
 constexpr int kPhaseCombineSend = 4;
 constexpr int kPhaseCombineRecv = 5;
 constexpr int kInfoNumRecv = 8;
+// [kInfoExpertCounts + e], e < L: tokens this rank receives for local expert e (notify), read by
+// the host after its sync without a device-to-host copy (ep_comm.intranode._INFO_EXPERT_COUNTS).
+constexpr int kInfoExpertCounts = 16;
 
 __device__ __forceinline__ uint64_t globaltimer_ns() {
     uint64_t t;

@@ -188,3 +188,14 @@ def test_launch_constants_match_the_kernel_header():
     assert _header_constant("kStageBytes") == "kWarps * kStagePerWarp * 16"
     assert KERNEL_SMEM == warps * 32 * per_lane * 16
     assert KERNEL_SMEM + 1024 <= 227 * 1024  # H100/H200 per-block limit, static smem beside it
+
+
+def test_status_words_hold_every_local_expert_count():
+    """The notify kernel writes each local expert's count at kInfoExpertCounts + e of the host
+    status; the host reads the counts list from there (no device-to-host copy)."""
+    from ep_comm import intranode
+    assert int(_header_constant("kInfoExpertCounts")) == intranode._INFO_EXPERT_COUNTS
+    assert int(_header_constant("kInfoNumRecv")) == intranode._INFO_NUM_RECV
+    assert intranode._INFO_NUM_RECV < intranode._INFO_EXPERT_COUNTS
+    assert intranode.STATUS_WORDS >= intranode._INFO_EXPERT_COUNTS + NVL_MAX_LOCAL_EXPERTS
+    assert int(_header_constant("kMaxLocalExperts")) == NVL_MAX_LOCAL_EXPERTS
