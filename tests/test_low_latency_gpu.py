@@ -15,6 +15,7 @@ import pytest
 import gpu_cases as gc
 import low_latency_cases as llc
 from low_latency_cases import LLCase
+from multiproc import run_ranks
 
 pytestmark = pytest.mark.gpu
 
@@ -94,8 +95,11 @@ def test_ll_masked_rank_that_stops_calling(gpu_ranks):
 
 def test_ll_skipped_dispatch_times_out_naming_rank_and_phase(gpu_ranks):
     """Rank 1 skips a low-latency dispatch: rank 0 gets CommTimeoutError (EP_COMM_TIMEOUT_S=3)
-    naming rank 0 and the low_latency_dispatch phase within a few seconds."""
+    naming rank 0 and the low_latency_dispatch phase within a few seconds. On a fresh pool of
+    2 GPU ranks (a skipped call may leave the group out of step); a hang is reported after
+    120 s."""
+    gpu_ranks(2)  # skips visibly with fewer than 2 GPUs
     case = LLCase(seed=_seed(7000), max_tokens=32, hidden=2048, num_experts=32, backend=BACKEND)
-    got = gpu_ranks(2).run(gc.task_with_env, {"EP_COMM_TIMEOUT_S": "3"},
-                           llc.task_ll_skip_dispatch, case, 1)
+    got = run_ranks(gc.task_with_env, 2, {"EP_COMM_TIMEOUT_S": "3"}, llc.task_ll_skip_dispatch,
+                    case, 1, use_gpu=True, timeout=120)
     assert got[1] == "skipped" and 1.5 < got[0] < 15, got
