@@ -513,6 +513,9 @@ def run_normal_case(ctx, buf, ref, case: NCase, fails: Failures, *, corrupt=None
         return out
 
     combined, combined_w, _ = combine_on(buf, got, True)
+    if corrupt == "combine" and combined.numel():
+        combined = combined.clone()
+        combined.view(-1)[-1] = combined.view(-1)[-1].float() * (1 + 2 ** -5) + 2 ** -10
     rcombined, rcombined_w, _ = combine_on(ref, ref_res, False)
     exact, mag = expected_combine(case, me, inputs, r, bias_cpu)
     fails.close_sum("combined_x", combined, exact, mag)
@@ -534,20 +537,30 @@ def llc_dequant(recv):
 
 # ================================================================== normal-mode tasks
 def task_normal_sweep(ctx, backend: str, cases: list, corrupt: str | None = None,
-                      stream_mode: str = "sync"):
+                      stream_mode: str = "sync", num_sms: int | None = None):
     """Many cases on one Buffer of ``backend`` (buffers reused across changing routing, sizes
     and dtypes), each compared with a reference Buffer and with the expectation. With
-    ``corrupt``, returns the failure messages instead of raising (self-test of the checks)."""
+    ``corrupt``, returns the failure messages instead of raising (self-test of the checks).
+    ``num_sms``: run under ``Buffer.set_num_sms(num_sms)`` (restored after)."""
+    import ep_comm
+    old_sms = ep_comm.Buffer.num_sms
+    if num_sms is not None:
+        ep_comm.Buffer.set_num_sms(num_sms)
     hidden = max(c.hidden for c in cases)
-    buf = normal_buffer(ctx, backend, hidden)
-    ref = normal_buffer(ctx, "reference", hidden)
     fails = Failures(ctx.rank)
+    try:
+        buf = normal_buffer(ctx, backend, hidden)
+        ref = normal_buffer(ctx, "reference", hidden)
+    except BaseException:
+        ep_comm.Buffer.num_sms = old_sms
+        raise
     try:
         for case in cases:
             run_normal_case(ctx, buf, ref, case, fails, corrupt=corrupt, stream_mode=stream_mode)
             sync(ctx)
             check_status(buf)
     finally:
+        ep_comm.Buffer.num_sms = old_sms
         buf.destroy()
         ref.destroy()
     if corrupt is not None:

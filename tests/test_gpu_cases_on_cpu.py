@@ -25,9 +25,9 @@ def test_normal_sweep_reference_against_itself_and_expectation(cpu_ranks):
     assert cpu_ranks(2).run(gc.task_normal_sweep, "reference", cases) == [12, 12]
 
 
-def test_normal_sweep_on_one_rank(cpu_ranks):
+def test_normal_sweep_on_one_rank_with_other_sm_budget(cpu_ranks):
     cases = gc.normal_cases(BASE + 1, 1, count=6, hiddens=SMALL_HIDDENS, max_tokens=30)
-    cpu_ranks(1).run(gc.task_normal_sweep, "reference", cases)
+    cpu_ranks(1).run(gc.task_normal_sweep, "reference", cases, None, "sync", 8)
 
 
 @pytest.mark.parametrize("mode", ["previous_event", "async"])
@@ -39,15 +39,16 @@ def test_normal_stream_modes(cpu_ranks, mode):
 
 @pytest.mark.parametrize("kind,field", [
     ("recv_x", "dispatch recv_x"), ("topk_weights", "dispatch recv_topk_weights"),
-    ("src_idx", "handle.recv_src_idx"), ("counts", "num_recv_tokens_per_expert_list")])
-def test_checks_catch_corrupted_dispatch(cpu_ranks, kind, field):
+    ("src_idx", "handle.recv_src_idx"), ("counts", "num_recv_tokens_per_expert_list"),
+    ("combine", "combined_x")])
+def test_checks_catch_corrupted_results(cpu_ranks, kind, field):
     case = NCase(seed=BASE + 3, hidden=256, num_tokens=20, drop=0.0)
     messages = cpu_ranks(2).run(gc.task_normal_sweep, "reference", [case], kind)
     flat = [m for per_rank in messages for m in per_rank]
     assert any(field in m for m in flat), f"corruption {kind!r} not reported: {flat}"
     # The report names the case (with its seed), the rank and the size of the difference.
     hit = next(m for m in flat if field in m)
-    assert f"seed={case.seed}" in hit and "rank " in hit and ("want" in hit or "got" in hit), hit
+    assert f"seed={case.seed}" in hit and "rank " in hit and ("want" in hit or "exact" in hit), hit
 
 
 def test_sum_check_bounds():

@@ -70,6 +70,16 @@ def test_async_finish_previous_event_and_comm_stream_allocation(gpu_ranks, world
 
 
 @pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("num_sms", [2, 48])
+def test_other_sm_budgets(gpu_ranks, world, num_sms):
+    """Buffer.set_num_sms: one channel and more channels than the default; results unchanged."""
+    base = _seed(3500 + 10 * world + num_sms)
+    cases = [NCase(seed=base, hidden=7168, num_topk=8, num_experts=64, num_tokens=300),
+             NCase(seed=base + 1, hidden=2048, fp8=True, worst=-1, num_tokens=64, bias=2)]
+    gpu_ranks(world).run(gc.task_normal_sweep, BACKEND, cases, None, "sync", num_sms)
+
+
+@pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("fp8,hidden", [(False, 7168), (True, 4096)])
 def test_cuda_graph_with_num_worst_tokens_replays_changing_data(gpu_ranks, world, fp8, hidden):
     if BACKEND == "reference":
