@@ -247,19 +247,20 @@ __device__ __forceinline__ void take_token_from_slot(const DispatchArgs& a, cons
     }
 }
 
-// Sender block of channel c: warp group g sends this channel's tokens to rank g (its own
-// tokens straight into the outputs). Rows in the receiver's output: the receiver's block for
+// Sender block of channel c: warp group g sends tokens [t0, t1) of this channel to rank g (its
+// own tokens straight into the outputs). Rows in the receiver's output: the receiver's block for
 // this rank starts at rank_prefix_matrix[rank - 1, d]; within it, tokens keep their order.
-__device__ void dispatch_send(const DispatchArgs& a, int c, uint32_t tag, uint32_t* ctrl) {
+// [t0, t1) is the whole channel, except with one rank (see nvl_dispatch).
+__device__ void dispatch_send(const DispatchArgs& a, int c, uint32_t tag, uint32_t* ctrl, int t0,
+                              int t1) {
     const int warp = threadIdx.x >> 5, lane = lane_id();
     const int wpg = kWarps / a.R;
     const int g = warp / wpg;
     if (g >= a.R) return;
     const int d = g, wig = warp % wpg, gthreads = wpg * 32, gtid = threadIdx.x - g * gthreads;
     const int bar_id = 1 + g;
-    const int t0 = channel_begin(a.T, c, a.C), t1 = channel_begin(a.T, c + 1, a.C);
 
-    // Tokens of earlier channels that go to d: where this channel's rows start.
+    // Tokens before t0 that go to d: where the rows of [t0, t1) start.
     int cnt = 0;
     for (int t = gtid; t < t0; t += gthreads)
         cnt += a.is_token_in_rank[static_cast<long long>(t) * a.R + d] ? 1 : 0;
@@ -503,10 +504,15 @@ nvl_dispatch(char* const* __restrict__ peers, int rank, int R, int C, int S, int
     }
     __syncthreads();
     const int c = blockIdx.x >> 1;
-    if ((blockIdx.x & 1) == 0)
-        dispatch_send(a, c, tag, ctrl);
-    else
-        dispatch_recv(a, c, tag, ctrl);
+    const int t0 = channel_begin(T, c, C), t1 = channel_begin(T, c + 1, C);
+    const bool receiver = (blockIdx.x & 1) != 0;
+    // One rank: no ring, so the receiver block would idle. Both blocks of the channel copy this
+    // rank's tokens, the sender the first half of the channel, the receiver the rest (after its
+    // padding rows, which are past every copied row). One call site each: inlined once.
+    int tb = t0, te = t1;
+    if (R == 1) (receiver ? tb : te) = t0 + (t1 - t0) / 2;
+    if (receiver) dispatch_recv(a, c, tag, ctrl);  // with one rank: the padding rows only
+    if (!receiver || R == 1) dispatch_send(a, c, tag, ctrl, tb, te);
     finish_block(ctrl);
 }
 
@@ -665,13 +671,14 @@ __device__ void combine_send(const CombineArgs& a, int c, uint32_t tag, uint32_t
     }
 }
 
-// Receiver block of channel c: reduces this rank's tokens of channel c, a window at a time.
+// Receiver block of channel c: reduces this rank's tokens [t0, t1) of channel c (the whole
+// channel, except with one rank: see nvl_combine), a window at a time.
 // For token t the contributions are, in rank order, its row on each rank that received it
 // (this rank's own row read from x at send_pos[t, rank], the others from the rings), summed in
 // float32 from 0, then the biases; the same order as the reference backend.
-__device__ void combine_recv(const CombineArgs& a, int c, uint32_t tag, uint32_t* ctrl) {
+__device__ void combine_recv(const CombineArgs& a, int c, uint32_t tag, uint32_t* ctrl, int t0,
+                             int t1) {
     const int warp = threadIdx.x >> 5, lane = lane_id();
-    const int t0 = channel_begin(a.T, c, a.C), t1 = channel_begin(a.T, c + 1, a.C);
     char* me = a.peers[a.rank];
     bool aborted = false;
     for (int w0 = t0; w0 < t1; w0 += a.window) {
@@ -795,9 +802,15 @@ nvl_combine(char* const* __restrict__ peers, int rank, int R, int C, int S, int 
     }
     __syncthreads();
     const int c = blockIdx.x >> 1;
-    if ((blockIdx.x & 1) == 0)
-        combine_send(a, c, tag, ctrl);
+    const int t0 = channel_begin(T, c, C), t1 = channel_begin(T, c + 1, C);
+    const bool receiver = (blockIdx.x & 1) != 0;
+    // One rank: nothing to send, so the sender block would idle; both blocks reduce, each half
+    // of the channel (no ring is read, so the halves need no coordination).
+    int tb = t0, te = t1;
+    if (R == 1) (receiver ? tb : te) = t0 + (t1 - t0) / 2;
+    if (receiver || R == 1)
+        combine_recv(a, c, tag, ctrl, tb, te);
     else
-        combine_recv(a, c, tag, ctrl);
+        combine_send(a, c, tag, ctrl);
     finish_block(ctrl);
 }

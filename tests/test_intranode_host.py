@@ -108,19 +108,27 @@ def model_dispatch(in_rank_all, num_channels, window):
             row_base = 0 if s == 0 else int(prefix[s - 1, d])
             for c in range(num_channels):
                 t0, t1 = _channel_begin(t, c, num_channels), _channel_begin(t, c + 1, num_channels)
-                sent = int(m[:t0, d].sum())  # tokens of earlier channels
-                for w0 in range(t0, t1, window):
-                    nw = min(window, t1 - w0)
-                    mask = [bool(m[w0 + lane, d]) for lane in range(nw)]
-                    for lane in range(nw):
-                        sp[w0 + lane, d] = row_base + sent + sum(mask[:lane]) if mask[lane] else -1
-                    for j, lane in enumerate(lane for lane in range(nw) if mask[lane]):
-                        row = row_base + sent + j
-                        assert row not in rows[d]
-                        rows[d][row] = (s, w0 + lane)
-                    sent += sum(mask)
+                # one rank: the channel's two blocks each copy half of it (nvl_dispatch)
+                mid = t0 + (t1 - t0) // 2
+                for b0, b1 in [(t0, t1)] if r > 1 else [(t0, mid), (mid, t1)]:
+                    model_dispatch_range(m, d, b0, b1, window, row_base, rows, sp, s)
         send_pos[s] = sp
     return rows, send_pos, prefix
+
+
+def model_dispatch_range(m, d, t0, t1, window, row_base, rows, sp, s):
+    """dispatch_send's warp group for destination d over tokens [t0, t1) of source s."""
+    sent = int(m[:t0, d].sum())  # tokens before the range
+    for w0 in range(t0, t1, window):
+        nw = min(window, t1 - w0)
+        mask = [bool(m[w0 + lane, d]) for lane in range(nw)]
+        for lane in range(nw):
+            sp[w0 + lane, d] = row_base + sent + sum(mask[:lane]) if mask[lane] else -1
+        for j, lane in enumerate(lane for lane in range(nw) if mask[lane]):
+            row = row_base + sent + j
+            assert row not in rows[d]
+            rows[d][row] = (s, w0 + lane)
+        sent += sum(mask)
 
 
 @pytest.mark.parametrize("seed", range(4))
