@@ -688,6 +688,10 @@ __device__ void combine_recv(const CombineArgs& a, int c, uint32_t tag, uint32_t
         for (int r = 0; r < kMaxRanks; ++r)
             masks[r] = __ballot_sync(kFullMask, r < a.R && lane < nw &&
                                      a.is_token_in_rank[static_cast<long long>(w0 + lane) * a.R + r]);
+        // Row of token w0 + lane in this rank's own received rows (-1 if none), loaded with the
+        // masks so a token's reduction does not wait for it (a window is at most 32 tokens).
+        const int own_row_of_lane =
+            lane < nw ? __ldg(a.send_pos + static_cast<long long>(w0 + lane) * a.R + a.rank) : -1;
         if (threadIdx.x == 0) {
             for (int r = 0; r < a.R && !s_abort[0]; ++r) {
                 const int n = __popc(masks[r]);
@@ -715,6 +719,7 @@ __device__ void combine_recv(const CombineArgs& a, int c, uint32_t tag, uint32_t
         }
         for (int j = warp; j < nw; j += kWarps) {
             const int t = w0 + j;
+            const long long own_row = __shfl_sync(kFullMask, own_row_of_lane, j);
             const int4* src[kMaxRanks + 2];  // rows in rank order, then the biases
             const float* src_w[kMaxRanks];
             int ns = 0;
@@ -722,9 +727,8 @@ __device__ void combine_recv(const CombineArgs& a, int c, uint32_t tag, uint32_t
             for (int r = 0; r < kMaxRanks; ++r) {
                 if (r >= a.R || !((masks[r] >> j) & 1u)) continue;
                 if (r == a.rank) {
-                    const long long row = a.send_pos[static_cast<long long>(t) * a.R + a.rank];
-                    src[ns] = a.x + row * a.row_int4;
-                    src_w[ns] = a.topk_w != nullptr ? a.topk_w + row * a.K : nullptr;
+                    src[ns] = a.x + own_row * a.row_int4;
+                    src_w[ns] = a.topk_w != nullptr ? a.topk_w + own_row * a.K : nullptr;
                 } else {
                     const uint32_t k = s_k[r] + __popc(masks[r] & ((1u << j) - 1u));
                     const char* slot = ring_of(me, a.off_ring, c, r, a.R, a.S, a.slot_bytes) +
