@@ -810,55 +810,72 @@ def task_normal_create_destroy(ctx, backend: str, times: int = 100, hidden: int 
     return {"lost_mib": lost, "seconds": time.monotonic() - t0}
 
 
-def task_normal_stuck_peer(ctx, backend: str, skipper: int = 1, timeout_s: str = "3",
-                           recover: bool = True):
+def task_normal_stuck_peer(ctx, backend: str, skipper: int = 1, timeout_s: str = "3"):
     """Rank ``skipper`` skips a dispatch: every other rank gets CommTimeoutError naming its rank
-    and the dispatch phase within a few seconds, then destroys its Buffer. With ``recover``,
-    a fresh Buffer on the same group must then work and match the reference (a timeout of the
-    kernels leaves nothing broken). The reference backend cannot recover on the same group: the
-    collective it was waiting in stays posted, so the CPU self-test runs it on a fresh pool with
-    ``recover=False``."""
-    from ep_comm.errors import CommTimeoutError
-    import torch.distributed as dist
+    and the dispatch phase within about ``timeout_s``; a further call on that Buffer raises an
+    EpCommError too (never a hang, never a wrong result); then its Buffer is destroyed within a
+    few seconds, without meeting the skipper.
+
+    The skipper models a rank that is gone: it makes no further call and keeps its Buffer
+    (freed when its process exits). Its sequence of collectives no longer matches the others',
+    so run this task on a fresh pool (``multiproc.run_ranks``), never on the shared one."""
+    from ep_comm.errors import CommTimeoutError, EpCommError
     old = os.environ.get("EP_COMM_TIMEOUT_S")
     os.environ["EP_COMM_TIMEOUT_S"] = timeout_s
     dev, r, me = ctx.device, ctx.world_size, ctx.rank
+    limit = float(timeout_s)
     case = NCase(seed=13, hidden=1024, num_tokens=48)
-    result = "skipped"
     try:
         buf = normal_buffer(ctx, backend, case.hidden)
         x, idx, w = (t.to(dev) for t in n_inputs(case, me, r))
         lay = buf.get_dispatch_layout(idx, case.num_experts)
-        if me != skipper:
-            t0 = time.monotonic()
-            err = None
-            try:
-                buf.dispatch(x, **layout_args(lay), topk_idx=idx, topk_weights=w)
-                sync(ctx)
-                check_status(buf)
-            except CommTimeoutError as e:
-                err = e
-            elapsed = time.monotonic() - t0
-            assert err is not None, f"rank {me}: no CommTimeoutError although rank {skipper} " \
-                                    f"skipped the dispatch ({elapsed:.1f} s)"
-            msg = str(err)
-            assert err.rank == me and f"rank {me}" in msg, f"error does not name rank {me}: {msg}"
-            assert err.phase.startswith("dispatch") and "dispatch" in msg, \
-                f"error does not name the dispatch phase: {msg}"
-            limit = float(timeout_s)
-            assert 0.5 * limit <= elapsed <= limit + 10, \
-                f"rank {me}: CommTimeoutError after {elapsed:.1f} s, expected about {limit} s"
-            result = elapsed
+        if me == skipper:
+            _keep_alive.append(buf)
+            return "skipped"
+        args = dict(**layout_args(lay), topk_idx=idx, topk_weights=w)
+        t0 = time.monotonic()
+        err = None
+        try:
+            buf.dispatch(x, **args)
+            sync(ctx)
+            check_status(buf)
+        except CommTimeoutError as e:
+            err = e
+        elapsed = time.monotonic() - t0
+        assert err is not None, f"rank {me}: no CommTimeoutError although rank {skipper} " \
+                                f"skipped the dispatch ({elapsed:.1f} s)"
+        msg = str(err)
+        assert err.rank == me and f"rank {me}" in msg, f"error does not name rank {me}: {msg}"
+        assert err.phase.startswith("dispatch") and "dispatch" in msg, \
+            f"error does not name the dispatch phase: {msg}"
+        assert 0.5 * limit <= elapsed <= limit + 10, \
+            f"rank {me}: CommTimeoutError after {elapsed:.1f} s, expected about {limit} s"
+        # The Buffer is now unusable: a further call must say so, not hang or return garbage.
+        t1 = time.monotonic()
+        again = None
+        try:
+            buf.dispatch(x, **args)
+            sync(ctx)
+            check_status(buf)
+        except EpCommError as e:
+            again = e
+        again_s = time.monotonic() - t1
+        assert again is not None, f"rank {me}: a dispatch after the timeout raised nothing"
+        assert again_s <= limit + 10, f"rank {me}: the call after the timeout took {again_s:.1f} s"
+        t2 = time.monotonic()
         buf.destroy()
+        destroy_s = time.monotonic() - t2
+        assert destroy_s <= limit + 10, f"rank {me}: destroy after the timeout took {destroy_s:.1f} s"
+        return elapsed
     finally:
         if old is None:
             os.environ.pop("EP_COMM_TIMEOUT_S", None)
         else:
             os.environ["EP_COMM_TIMEOUT_S"] = old
-    if recover:
-        dist.barrier(group=ctx.group)
-        task_normal_sweep(ctx, backend, [dataclasses.replace(case, seed=14)])
-    return result
+
+
+#: Buffers of ranks that model a vanished peer: kept (not destroyed) until the process exits.
+_keep_alive: list = []
 
 
 # ================================================================== low-latency tasks

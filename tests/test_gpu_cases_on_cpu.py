@@ -86,7 +86,7 @@ def test_bad_inputs_fail_fast_and_leave_buffer_usable(cpu_ranks):
 
 def test_stuck_peer_times_out():
     # A fresh pool: the reference leaves the skipped collective posted on the gloo group.
-    elapsed = run_ranks(gc.task_normal_stuck_peer, 2, "reference", 1, "2", False, timeout=60)
+    elapsed = run_ranks(gc.task_normal_stuck_peer, 2, "reference", 1, "2", timeout=60)
     assert elapsed[1] == "skipped" and 1.0 <= elapsed[0] <= 12, elapsed
 
 
