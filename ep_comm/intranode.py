@@ -231,9 +231,9 @@ class IntranodeRuntime:
                 rows = n_recv
                 counts_host = words[_INFO_EXPERT_COUNTS:]  # = recv_per_expert, no D2H copy
             send_pos = torch.empty(t, r, dtype=torch.int32, device=dev)
-            pad = num_worst_tokens > 0
-            src_idx = (torch.full if pad else _empty)((rows,), -1, dtype=torch.int32, device=dev)
-            src_rank = (torch.full if pad else _empty)((rows,), -1, dtype=torch.int32, device=dev)
+            # every row written by nvl_dispatch, padding rows included (-1)
+            src_idx = torch.empty(rows, dtype=torch.int32, device=dev)
+            src_rank = torch.empty(rows, dtype=torch.int32, device=dev)
             handle = DispatchHandle(
                 rank=me, num_ranks=r, num_experts=num_experts, is_token_in_rank=is_token_in_rank,
                 num_tokens_per_rank=ntpr, rank_prefix_matrix=prefix, send_pos=send_pos,
@@ -253,13 +253,12 @@ class IntranodeRuntime:
         recv_x = torch.empty(rows, hidden, dtype=x.dtype, device=dev)
         recv_scales = (torch.empty(rows, hidden // FP8_BLOCK, dtype=torch.float32, device=dev)
                        if x_scales is not None else None)
+        # Every row of these is written by nvl_dispatch (padding rows: zeros, ids -1).
         recv_idx = recv_w = None
         if topk_idx is not None:
-            recv_idx = (torch.full if pad else _empty)((rows, num_topk), -1, dtype=torch.int64,
-                                                       device=dev)
+            recv_idx = torch.empty(rows, num_topk, dtype=torch.int64, device=dev)
         if topk_weights is not None:
-            recv_w = (torch.full if pad else _empty)((rows, num_topk), 0.0, dtype=torch.float32,
-                                                     device=dev)
+            recv_w = torch.empty(rows, num_topk, dtype=torch.float32, device=dev)
         row_bytes = hidden * x.element_size()
         offs = regions.slot_offsets()
         self._module.launch("nvl_dispatch", blocks, KERNEL_THREADS, (
@@ -314,12 +313,6 @@ class IntranodeRuntime:
         if self.status is not None:
             self.status.free()
             self.status = None
-
-
-def _empty(shape, fill, *, dtype, device):
-    """``torch.empty`` with ``torch.full``'s signature (rows the kernel writes entirely)."""
-    del fill
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _intranode_state(handle: DispatchHandle) -> dict:

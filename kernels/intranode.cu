@@ -343,6 +343,20 @@ __device__ void dispatch_recv(const DispatchArgs& a, int c, uint32_t tag, uint32
             for (long long i = n_recv * a.num_scales + first;
                  i < static_cast<long long>(a.num_rows) * a.num_scales; i += stride)
                 a.recv_scales[i] = 0.0f;
+        // The padding rows' ids and weights here too (-1 and 0, as the reference pads them):
+        // torch.full on the host would cost one launch per tensor.
+        for (long long i = n_recv + first; i < a.num_rows; i += stride) {
+            a.recv_src_idx[i] = -1;
+            a.recv_src_rank[i] = -1;
+        }
+        if (a.recv_topk_idx != nullptr)
+            for (long long i = n_recv * a.K + first; i < static_cast<long long>(a.num_rows) * a.K;
+                 i += stride)
+                a.recv_topk_idx[i] = -1;
+        if (a.recv_topk_weights != nullptr)
+            for (long long i = n_recv * a.K + first; i < static_cast<long long>(a.num_rows) * a.K;
+                 i += stride)
+                a.recv_topk_weights[i] = 0.0f;
     }
     if (a.R == 1) return;
     const int warp = threadIdx.x >> 5, lane = lane_id();
@@ -475,7 +489,8 @@ nvl_notify(char* const* __restrict__ peers, int rank, int R, int T, int L, int n
 //   send_pos: [T, R] int32 written, or null (cached dispatch: the handle has it),
 //   recv_x: [N, row_int4], recv_scales: [N, num_scales], recv_topk_idx: [N, K] int64 (local
 //   ids), recv_topk_weights: [N, K], recv_src_idx / recv_src_rank: [N] int32.
-// zero_padding: rows [*num_recv_dev, N) of recv_x / recv_scales are zeroed (num_worst_tokens).
+// zero_padding: rows [*num_recv_dev, N) of recv_x / recv_scales / recv_topk_weights are zeroed,
+// of recv_topk_idx / recv_src_idx / recv_src_rank set to -1 (num_worst_tokens).
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
 nvl_dispatch(char* const* __restrict__ peers, int rank, int R, int C, int S, int window,
              long long off_ctrl, long long off_tail, long long off_head, long long off_ring,
