@@ -879,7 +879,24 @@ _keep_alive: list = []
 
 
 # ================================================================== low-latency tasks
-def ll_round(ctx, buf, case: LLCase, step: int, fails: Failures, stats=None, masked=()):
+def _ll_corrupt(kind: str | None, recv, count, handle):
+    """Deliberately damage a low-latency result (CPU self-test: each must be caught)."""
+    if kind is None:
+        return
+    e = int(torch.argmax(count.cpu()))
+    if int(count[e]) == 0:
+        return
+    payload = recv[0] if isinstance(recv, tuple) else recv
+    if kind == "row":
+        payload[e, 0].view(torch.uint8)[0] ^= 1
+    elif kind == "src_info":
+        handle.src_info[e, 0] += 1
+    elif kind == "recv_count":
+        count[e] -= 1
+
+
+def ll_round(ctx, buf, case: LLCase, step: int, fails: Failures, stats=None, masked=(),
+             corrupt: str | None = None):
     """One low-latency dispatch + combine, checked with low_latency_cases' oracle checks, with
     failures recorded (every rank still makes every call). The zero-copy buffer and ``out=``
     are poisoned with NaN first and only valid rows are written, as a user would."""
@@ -898,6 +915,7 @@ def ll_round(ctx, buf, case: LLCase, step: int, fails: Failures, stats=None, mas
         if is_cuda(ctx):
             torch.cuda._sleep(200_000)  # compute between send and receive
         hook()
+    _ll_corrupt(corrupt, recv, count, handle)
     with fails.guard("dispatch vs oracle"):
         llc.check_dispatch(ctx, case, recv, count, handle, inputs, masked)
     y = llc.expert_outputs(case, recv, count, dev, me, r)
@@ -930,9 +948,10 @@ def ll_round(ctx, buf, case: LLCase, step: int, fails: Failures, stats=None, mas
     return count.cpu()
 
 
-def task_ll_sweep(ctx, backend: str, cases: list):
+def task_ll_sweep(ctx, backend: str, cases: list, corrupt: str | None = None):
     """Many low-latency cases; cases sharing (M, hidden, E, nvlink) share one Buffer, so both
-    halves of the double buffer and every signal are reused with changing data."""
+    halves of the double buffer and every signal are reused with changing data. With
+    ``corrupt``, returns the failure messages instead of raising (self-test of the checks)."""
     groups: dict[tuple, list] = {}
     for c in cases:
         groups.setdefault((c.max_tokens, c.hidden, c.num_experts, c.nvlink), []).append(c)
@@ -951,7 +970,8 @@ def task_ll_sweep(ctx, backend: str, cases: list):
                     stats = (total.to(ctx.device),
                              torch.full((r,), 5, dtype=torch.int64, device=ctx.device))
                 for it in range(case.iterations):
-                    total += ll_round(ctx, buf, case, step * 16 + it, fails, stats)
+                    total += ll_round(ctx, buf, case, step * 16 + it, fails, stats,
+                                      corrupt=corrupt)
                 if stats is not None:
                     fails.equal("cumulative_local_expert_recv_stats", stats[0].cpu(), total)
                     fails.check("dispatch/combine_wait_recv_cost_stats",
@@ -960,6 +980,8 @@ def task_ll_sweep(ctx, backend: str, cases: list):
                 check_status(buf)
         finally:
             buf.destroy()
+    if corrupt is not None:
+        return fails.messages
     fails.raise_if_any(f"low-latency {backend} vs oracle")
     return len(cases)
 

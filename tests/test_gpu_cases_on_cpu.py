@@ -121,6 +121,18 @@ def test_low_latency_sweep(cpu_ranks):
     cpu_ranks(2).run(gc.task_ll_sweep, "reference", cases)
 
 
+@pytest.mark.parametrize("kind,fragment", [("row", "rows differ"),
+                                            ("src_info", "token order"),
+                                            ("recv_count", "recv_count")])
+def test_checks_catch_corrupted_low_latency_results(cpu_ranks, kind, fragment):
+    case = LLCase(seed=BASE + 21, max_tokens=8, num_tokens=8, hidden=256, num_experts=8,
+                  drop=0.0)
+    messages = cpu_ranks(2).run(gc.task_ll_sweep, "reference", [case], kind)
+    flat = [m for per_rank in messages for m in per_rank]
+    assert any(fragment in m and f"seed={case.seed}" in m for m in flat), \
+        f"corruption {kind!r} not reported: {flat}"
+
+
 def test_low_latency_clean_after_normal_mode(cpu_ranks):
     cpu_ranks(2).run(gc.task_ll_clean_after_normal, "reference", BASE % 100000, 512, 8, 12)
 
