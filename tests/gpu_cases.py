@@ -957,7 +957,14 @@ def task_ll_sweep(ctx, backend: str, cases: list, corrupt: str | None = None):
         groups.setdefault((c.max_tokens, c.hidden, c.num_experts, c.nvlink), []).append(c)
     fails = Failures(ctx.rank)
     r = ctx.world_size
-    for key, group in groups.items():
+    import ep_comm
+    # Largest Buffer first: released symmetric buffers go back to ep_comm's NVSHMEM pool and
+    # the smaller Buffers after it reuse that memory, so the sweep never needs the sum of all
+    # sizes in the symmetric heap (sized from the first request of the process).
+    order = sorted(groups, key=lambda k: -ep_comm.Buffer.get_low_latency_rdma_size_hint(
+        k[0], k[1], r, k[2]))
+    for key in order:
+        group = groups[key]
         buf = llc.make_buffer(ctx, dataclasses.replace(group[0], backend=backend))
         try:
             for step, case in enumerate(group):
