@@ -45,6 +45,11 @@ import triton.language as tl
 
 #: Channels per FP8 scale along K (activations and weights) and rows per weight scale along N.
 SCALE_BLOCK = 128
+#: FP8 MMAs on Hopper add into their accumulator with a reduced-precision adder; Triton's default
+#: for fp8 lets the whole K loop accumulate that way, and the rescaled accumulator carried across
+#: K blocks then lost ~1e-3 relative over K = 7168 (the GPU tests caught it). Promoting every 128
+#: (one scale block) makes the compiler add each block's MMA result into the fp32 tile exactly.
+FP8_PROMOTE_K = tl.constexpr(128)
 
 
 @triton.jit
@@ -133,9 +138,9 @@ def _fp8_dot_tile(a_ptrs, b_ptrs, as_ptrs, bs_ptr, K, stride_ak, stride_bk, stri
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         if SWAP_AB:
-            acc = tl.dot(tl.trans(b), tl.trans(a), acc * r[None, :])
+            acc = tl.dot(tl.trans(b), tl.trans(a), acc * r[None, :], max_num_imprecise_acc=FP8_PROMOTE_K)
         else:
-            acc = tl.dot(a, b, acc * r[:, None])
+            acc = tl.dot(a, b, acc * r[:, None], max_num_imprecise_acc=FP8_PROMOTE_K)
         s_prev = s
         a_ptrs += 128 * stride_ak
         b_ptrs += 128 * stride_bk
@@ -183,8 +188,8 @@ def _fp8_dot_tile_pair(a_ptrs, b0_ptrs, b1_ptrs, as_ptrs, bs0_ptr, bs1_ptr, K, s
             a = a.to(tl.float32)
             b0 = b0.to(tl.float32)
             b1 = b1.to(tl.float32)
-        acc0 = tl.dot(a, b0, acc0 * (s0_prev / s0)[:, None])
-        acc1 = tl.dot(a, b1, acc1 * (s1_prev / s1)[:, None])
+        acc0 = tl.dot(a, b0, acc0 * (s0_prev / s0)[:, None], max_num_imprecise_acc=FP8_PROMOTE_K)
+        acc1 = tl.dot(a, b1, acc1 * (s1_prev / s1)[:, None], max_num_imprecise_acc=FP8_PROMOTE_K)
         s0_prev = s0
         s1_prev = s1
         a_ptrs += 128 * stride_ak
