@@ -6,9 +6,12 @@
 #include <cstdint>
 #include <cuda_bf16.h>
 
+#include "common.cuh"
+
 namespace ep_nvl {
 
-constexpr unsigned kFullMask = 0xffffffffu;
+using namespace ep_common;
+
 // ep_comm.config.NVL_MAX_RANKS / NVL_MAX_CHANNELS / NVL_MAX_LOCAL_EXPERTS: sizes of the
 // control-word arrays of ep_comm.regions.IntranodeRegions (strides below use them).
 constexpr int kMaxRanks = 8;
@@ -40,43 +43,11 @@ constexpr int kInfoNumRecv = 8;
 // the host after its sync without a device-to-host copy (ep_comm.intranode._INFO_EXPERT_COUNTS).
 constexpr int kInfoExpertCounts = 16;
 
-__device__ __forceinline__ uint64_t globaltimer_ns() {
-    uint64_t t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
-
-__device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
-    uint64_t v;
-    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-    return v;
-}
-
-__device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
-    uint32_t v;
-    asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-
-__device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
-    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
-__device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
-    asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
 // Named barrier of one warp group (ids 1..15; 0 is __syncthreads).
 __device__ __forceinline__ void group_sync(int id, int num_threads) {
     asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(num_threads) : "memory");
 }
 
-// Data a peer wrote into this GPU's memory: read through L2 only (L1 is not coherent).
-__device__ __forceinline__ int4 ld_cg(const int4* p) { return __ldcg(p); }
-// Inputs of this kernel that nobody writes while it runs.
-__device__ __forceinline__ int4 ld_nc(const int4* p) { return __ldg(p); }
-
-__device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
 
 // Staging of row copies through shared memory (intranode.cu). A copy through registers has as
 // many bytes in flight as a thread has registers to hold them (80 per thread in a 768-thread

@@ -6,9 +6,12 @@
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 
+#include "common.cuh"
+
 namespace ep_ll {
 
-constexpr unsigned kFullMask = 0xffffffffu;
+using namespace ep_common;
+
 // Channels per FP8 scale (ep_comm.config.FP8_BLOCK).
 constexpr int kFp8Block = 128;
 // fp8 e4m3fn's largest finite value and the floor on a block's amax (ep_comm/fp8.py).
@@ -29,34 +32,6 @@ constexpr int kPhaseDispatchRecv = 1;
 constexpr int kPhaseCombineRecv = 2;
 constexpr int kAwaitCount = 0;
 constexpr int kAwaitArrivals = 1;
-
-__device__ __forceinline__ uint64_t globaltimer_ns() {
-    uint64_t t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
-
-// Loads and stores of signal words at system scope: peers write them over NVLink or NVSHMEM.
-__device__ __forceinline__ uint64_t ld_acquire_sys(const uint64_t* p) {
-    uint64_t v;
-    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-    return v;
-}
-
-__device__ __forceinline__ void st_relaxed_sys(uint64_t* p, uint64_t v) {
-    asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
-__device__ __forceinline__ void st_release_sys(uint64_t* p, uint64_t v) {
-    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
-__device__ __forceinline__ void red_add_release_sys(uint64_t* p, uint64_t v) {
-    asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
-// Received data: read through L2 only (peers wrote it; this SM's L1 may hold nothing valid).
-__device__ __forceinline__ int4 ld_cg(const int4* p) { return __ldcg(p); }
 
 // Spin until *p >= target or the deadline passes. Returns whether the target was reached and
 // the last value seen (for the error message).
