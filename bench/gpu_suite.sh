@@ -14,7 +14,8 @@
 #   SUITE_STAGES     stages to run: tests,doctor,bench (default: all)
 #   SUITE_TESTS      pytest arguments after "-m gpu" (default: the whole tests/ folder),
 #                    e.g. "tests/test_intranode_gpu.py -k dispatch"
-#   SUITE_BENCHES    normal,low_latency,imbalance (default: all)
+#   SUITE_BENCHES    smoke,normal,low_latency,imbalance,moe,gemm (default: all; smoke = the
+#                    kernels' quick PASS/FAIL + timing scripts, gemm = one GPU only)
 #   SUITE_BACKENDS   backends per bench (default nccl,reference,kernels; kernels last, so that a
 #                    crash there cannot spoil the others)
 #   SUITE_RANKS      rank counts, e.g. "2" (default: 8 4 2 1 that divide the GPU count)
@@ -34,7 +35,7 @@ OUT=${OUT:-/tmp/ep_comm_suite_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 STAGES=",${SUITE_STAGES:-tests,doctor,bench},"
-BENCHES=${SUITE_BENCHES:-normal,low_latency,imbalance}
+BENCHES=${SUITE_BENCHES:-smoke,normal,low_latency,imbalance,moe,gemm}
 BACKENDS=${SUITE_BACKENDS:-nccl,reference,kernels}
 BUDGET=${SUITE_BUDGET_S:-530}
 RESERVE=25  # seconds kept for the summary, the copies and a step's kill grace
@@ -214,7 +215,27 @@ if has_stage bench; then
     say "bench: ranks [${RANKS# }], benches $BENCHES, backends $BACKENDS"
     for n in $RANKS; do
         for bench in ${BENCHES//,/ }; do
+            bk=$BACKENDS
             case $bench in
+                smoke)
+                    if ((GPUS == 0)); then continue; fi
+                    for s in intranode low_latency; do
+                        run_step "smoke $s ${n}r" 90 "$PY" -m torch.distributed.run --standalone \
+                            --nproc-per-node="$n" "bench/smoke_$s.py"
+                        grep -E '^(PASS|FAIL|TIME|ALL)|GB/s|kernel \(kineto\)' "$STEP_OUT" \
+                            | head -n 60 >> "$OUT/smoke.txt"
+                    done
+                    continue
+                    ;;
+                gemm)
+                    if ((n != 1 || GPUS == 0)); then continue; fi
+                    run_step "bench gemm 1r" "$BENCH_TIMEOUT" "$PY" bench/gemm.py --out "$RES"
+                    continue
+                    ;;
+                moe)
+                    args=""  # its backends: kernels and reference (plain NCCL has no MoE layer)
+                    bk=$(tr ',' '\n' <<< "$BACKENDS" | grep -vx nccl | paste -sd, -)
+                    ;;
                 normal) args=$NORMAL_ARGS ;;
                 low_latency) args=$LL_ARGS ;;
                 imbalance)
@@ -229,7 +250,7 @@ if has_stage bench; then
             # shellcheck disable=SC2086  # args is a list of options
             run_step "bench $bench ${n}r" "$BENCH_TIMEOUT" \
                 "$PY" -m torch.distributed.run --standalone --nproc-per-node="$n" \
-                "bench/$bench.py" --backend "$BACKENDS" --out "$RES" $args
+                "bench/$bench.py" --backend "$bk" --out "$RES" $args
             EXPECT+=("$bench:$n:$STEP_RC")
         done
     done
