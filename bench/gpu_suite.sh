@@ -20,7 +20,7 @@
 #                    crash there cannot spoil the others)
 #   SUITE_RANKS      rank counts, e.g. "2" (default: 8 4 2 1 that divide the GPU count)
 #   SUITE_BUDGET_S   whole-script budget in seconds (default 530)
-#   SUITE_TESTS_TIMEOUT, SUITE_BENCH_TIMEOUT, SUITE_DOCTOR_TIMEOUT: step limits (240, 150, 60)
+#   SUITE_TESTS_TIMEOUT, SUITE_BENCH_TIMEOUT, SUITE_DOCTOR_TIMEOUT: step limits (300, 150, 60)
 #   SUITE_NORMAL_ARGS, SUITE_LL_ARGS, SUITE_IMB_ARGS: arguments of each bench (replace the
 #                    defaults below; set to "" for none)
 #   PYTHON           interpreter (default python3)
@@ -39,7 +39,7 @@ BENCHES=${SUITE_BENCHES:-smoke,normal,low_latency,imbalance,moe,gemm}
 BACKENDS=${SUITE_BACKENDS:-nccl,reference,kernels}
 BUDGET=${SUITE_BUDGET_S:-530}
 RESERVE=25  # seconds kept for the summary, the copies and a step's kill grace
-TESTS_TIMEOUT=${SUITE_TESTS_TIMEOUT:-240}
+TESTS_TIMEOUT=${SUITE_TESTS_TIMEOUT:-300}
 BENCH_TIMEOUT=${SUITE_BENCH_TIMEOUT:-150}
 DOCTOR_TIMEOUT=${SUITE_DOCTOR_TIMEOUT:-60}
 LOG=$OUT/suite.log
