@@ -472,6 +472,31 @@ def target_for(record: dict, figure: str):
     return None if value is None else (value, _TARGET_SOURCE[backend])
 
 
+def measure_nccl_with_sweep(ctx, args, bench: str, measure_point, sweep_warmup: int):
+    """The plain-NCCL baseline of a bench: ``measure_point(ctx, args, tokens, timer, salt)`` at
+    ``args.tokens`` (printed as a table), then at every ``--sweep-tokens`` size.
+
+    Returns ``(figures, extra, sweep_rows)``: the reduced figures of the main point, the JSON
+    extras (per-rank figures, process-group backend, ``sweep_tokens`` rows when swept) and the
+    sweep rows (``{"num_tokens": t, **figures}``; empty without a sweep) for the bench's table.
+    """
+    timer = Timer(ctx, args.warmup, args.iters, args.pad_us)
+    figures, per_rank = reduce_figures(ctx, measure_point(ctx, args, args.tokens, timer, 0))
+    figures_table(ctx, figures, per_rank,
+                  f"{bench} / nccl all_to_all_single alone / {ctx.num_ranks} rank(s), "
+                  f"{args.tokens} tokens per rank (times in us, GB/s)")
+    extra = {"per_rank": per_rank, "process_group": dist.get_backend(ctx.group)}
+    rows = []
+    sweep = parse_ints(args.sweep_tokens)
+    if sweep:
+        sweep_timer = Timer(ctx, min(args.warmup, sweep_warmup), args.sweep_iters, args.pad_us)
+        for i, tokens in enumerate(sweep):
+            f, _ = reduce_figures(ctx, measure_point(ctx, args, tokens, sweep_timer, 100 + i))
+            rows.append({"num_tokens": tokens, **f})
+        extra["sweep_tokens"] = rows
+    return figures, extra, rows
+
+
 def summary_rows(records: list[dict]) -> list[list]:
     """Rows of the summary table: bench, backend, ranks, figure, us, GB/s, target, vs target.
 

@@ -258,23 +258,9 @@ def _measure_nccl_point(ctx, args, tokens, timer, salt) -> dict:
 
 
 def measure_nccl(ctx, args):
-    timer = common.Timer(ctx, args.warmup, args.iters, args.pad_us)
-    figures, per_rank = common.reduce_figures(ctx, _measure_nccl_point(ctx, args, args.tokens,
-                                                                        timer, 0))
-    common.figures_table(ctx, figures, per_rank,
-                         f"normal / nccl all_to_all_single alone / {ctx.num_ranks} rank(s), "
-                         f"{args.tokens} tokens per rank (times in us, GB/s)")
-    extra = {"per_rank": per_rank,
-             "process_group": torch.distributed.get_backend(ctx.group)}
-    sweep_tokens = common.parse_ints(args.sweep_tokens)
-    if sweep_tokens:
-        sweep_timer = common.Timer(ctx, min(args.warmup, 2), args.sweep_iters, args.pad_us)
-        rows = []
-        for i, tokens in enumerate(sweep_tokens):
-            f, _ = common.reduce_figures(ctx, _measure_nccl_point(ctx, args, tokens, sweep_timer,
-                                                                  100 + i))
-            rows.append({"num_tokens": tokens, **f})
-        extra["sweep_tokens"] = rows
+    figures, extra, rows = common.measure_nccl_with_sweep(ctx, args, "normal",
+                                                          _measure_nccl_point, sweep_warmup=2)
+    if rows:
         _sweep_table(ctx, rows, "num_tokens", "normal / nccl: token sweep")
     if common.parse_ints(args.sweep_sms):
         ctx.log("(--sweep-sms does not apply to nccl: skipped)")
