@@ -49,6 +49,20 @@ def fresh_seed() -> int:
     return random.SystemRandom().randrange(1, 2 ** 31 - 1)
 
 
+#: What the GPU test files use: the backend under test (EP_COMM_TEST_BACKEND=reference checks the
+#: tests' own logic on GPUs), this run's base seed, and the rank counts each test runs on.
+BACKEND = os.environ.get("EP_COMM_TEST_BACKEND", "kernels")
+BASE_SEED = fresh_seed()
+WORLDS = [1, 2]
+
+
+def case_seed(offset: int) -> int:
+    """``BASE_SEED + offset``, printed with how to replay it (pytest shows it on failure)."""
+    print(f"base seed {BASE_SEED} ({SEED_ENV}={BASE_SEED} replays), case seeds from "
+          f"{BASE_SEED + offset}")
+    return BASE_SEED + offset
+
+
 # ================================================================== failure collection
 class Failures:
     """Collects failed checks with their context (case, seed, rank, field, size of the error)."""

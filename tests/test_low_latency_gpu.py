@@ -8,7 +8,6 @@ runs this file on the reference over NCCL (graph test skipped).
 
 Run on the GPU machine: python -m pytest -q -m gpu tests/test_low_latency_gpu.py
 """
-import os
 
 import pytest
 
@@ -19,14 +18,8 @@ from multiproc import run_ranks
 
 pytestmark = pytest.mark.gpu
 
-BACKEND = os.environ.get("EP_COMM_TEST_BACKEND", "kernels")
-BASE = gc.fresh_seed()
-WORLDS = [1, 2]
-
-
-def _seed(offset: int) -> int:
-    print(f"base seed {BASE} (EP_COMM_TEST_SEED={BASE} replays), case seeds from {BASE + offset}")
-    return BASE + offset
+BACKEND, WORLDS = gc.BACKEND, gc.WORLDS
+_seed = gc.case_seed
 
 
 @pytest.mark.parametrize("world", WORLDS)
