@@ -19,6 +19,9 @@
 #   SUITE_BACKENDS   backends per bench (default nccl,reference,kernels; kernels last, so that a
 #                    crash there cannot spoil the others)
 #   SUITE_RANKS      rank counts, e.g. "2" (default: 8 4 2 1 that divide the GPU count)
+#   EP_COMM_TEST_RANKS_PER_GPU  ranks the GPU tests may put on one GPU (default: 2 on a 1-GPU
+#                    machine, so the 2-rank tests run as two processes sharing it: correctness
+#                    with a real peer, no figures; 1 elsewhere)
 #   SUITE_BUDGET_S   whole-script budget in seconds (default 530)
 #   SUITE_TESTS_TIMEOUT, SUITE_BENCH_TIMEOUT, SUITE_DOCTOR_TIMEOUT: step limits (300, 150, 60)
 #   SUITE_NORMAL_ARGS, SUITE_LL_ARGS, SUITE_IMB_ARGS: arguments of each bench (replace the
@@ -172,6 +175,10 @@ say "GPUs: $GPUS   (setup took ${SECONDS}s)"
 
 # ---------------------------------------------------------------------------------- tests
 if has_stage tests; then
+    if [[ -z ${EP_COMM_TEST_RANKS_PER_GPU:-} ]] && ((GPUS == 1)); then
+        export EP_COMM_TEST_RANKS_PER_GPU=2
+    fi
+    say "tests: up to ${EP_COMM_TEST_RANKS_PER_GPU:-1} rank(s) per GPU"
     # shellcheck disable=SC2086  # SUITE_TESTS is a list of pytest arguments
     run_step "pytest -m gpu ${SUITE_TESTS:-}" "$TESTS_TIMEOUT" \
         bash -c 'cd "$0" && exec "$@"' "$TEST_DIR" \

@@ -183,12 +183,15 @@ class Buffer:
         compute.wait_stream(self._comm_stream)
         return result, EventOverlap()
 
-    def _check_nvl_size(self, hidden_bytes: int, config: Config, what: str) -> None:
+    def _check_nvl_size(self, hidden_bytes: int, config: Config, what: str,
+                        num_tokens: int) -> None:
         need = config.get_nvl_buffer_size_hint(hidden_bytes, self.comm.ranks_per_node)
         if self.num_nvl_bytes < need:
             raise BufferTooSmallError("num_nvl_bytes", need, self.num_nvl_bytes, what)
         if self.comm.num_nodes > 1:
-            need = config.get_rdma_buffer_size_hint(hidden_bytes, self.group_size)
+            need = config.get_rdma_buffer_size_hint(
+                hidden_bytes, self.group_size, ranks_per_node=self.comm.ranks_per_node,
+                num_max_tokens_per_rank=max(num_tokens, 1))
             if self.num_rdma_bytes < need:
                 raise BufferTooSmallError("num_rdma_bytes", need, self.num_rdma_bytes, what)
 
@@ -255,7 +258,7 @@ class Buffer:
         checks.alignment(expert_alignment)
         checks.worst_tokens(num_worst_tokens)
         config = config or self.get_dispatch_config(self.group_size)
-        self._check_nvl_size(hidden * max(payload.element_size(), 2), config, "dispatch")
+        self._check_nvl_size(hidden * max(payload.element_size(), 2), config, "dispatch", t)
         r = self.group_size
         if handle is not None:
             if not isinstance(handle, DispatchHandle):
@@ -349,7 +352,7 @@ class Buffer:
             checks.tensor(f"bias[{i}]", b, dtype=torch.bfloat16,
                           shape=(handle.num_tokens, x.shape[1]), device=self.device)
         config = config or self.get_combine_config(self.group_size)
-        self._check_nvl_size(x.shape[1] * 2, config, "combine")
+        self._check_nvl_size(x.shape[1] * 2, config, "combine", handle.num_tokens)
         (combined, combined_w), event = self._on_comm_stream(
             lambda: self.backend.combine(x, handle, topk_weights, biases, config),
             previous_event, async_finish, allocate_on_comm_stream, (x, topk_weights, *biases))

@@ -6,6 +6,8 @@ mpi4py communicator) and knows the node layout. Every wait it does is bounded by
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import math
 import os
 import socket
@@ -19,6 +21,23 @@ from ep_comm.errors import CommTimeoutError, InputError
 #: Environment variable that bounds every wait inside ep_comm, in seconds.
 TIMEOUT_ENV = "EP_COMM_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 10.0
+
+
+#: ``cuda`` puts the Buffers of a gloo process group on the current CUDA device, their
+#: collectives staged through CPU copies. For ranks that share a GPU (NCCL refuses two ranks on
+#: one device): tests and debugging of several ranks on one GPU, not for speed.
+GLOO_DEVICE_ENV = "EP_COMM_GLOO_DEVICE"
+
+
+def _gloo_on_cuda(backend: str) -> bool:
+    value = os.environ.get(GLOO_DEVICE_ENV, "cpu")
+    if value not in ("cpu", "cuda"):
+        raise InputError(f"{GLOO_DEVICE_ENV}={value!r}: use 'cpu' or 'cuda'")
+    if backend != "gloo" or value != "cuda":
+        return False
+    if not torch.cuda.is_available():
+        raise InputError(f"{GLOO_DEVICE_ENV}=cuda but torch sees no CUDA device")
+    return True
 
 
 def timeout_s() -> float:
@@ -93,7 +112,10 @@ class Comm:
         self.num_ranks = dist.get_world_size(group)
         self.backend = dist.get_backend(group)
         self.device = (torch.device("cuda", torch.cuda.current_device())
-                       if self.backend == "nccl" else torch.device("cpu"))
+                       if self.backend == "nccl" or _gloo_on_cuda(self.backend)
+                       else torch.device("cpu"))
+        #: CUDA tensors travel through CPU copies (gloo group on GPUs, see GLOO_DEVICE_ENV).
+        self.staged = self.backend == "gloo" and self.device.type == "cuda"
         hosts = [None] * self.num_ranks
         dist.all_gather_object(hosts, socket.gethostname(), group=group)
         self.hosts = hosts
@@ -131,22 +153,24 @@ class Comm:
     def all_to_all(self, output: torch.Tensor, input: torch.Tensor, output_splits, input_splits,
                    phase: str, what: str) -> None:
         """``all_to_all_single`` with a bounded wait; tensors may have any dtype (sent as bytes)."""
-        out_b, in_b = _as_bytes(output), _as_bytes(input)
-        work = dist.all_to_all_single(
-            out_b, in_b,
-            output_split_sizes=None if output_splits is None else list(output_splits),
-            input_split_sizes=None if input_splits is None else list(input_splits),
-            group=self.group, async_op=True)
-        self.wait(work, phase, what)
+        with self._staged(output) as out_s:
+            work = dist.all_to_all_single(
+                _as_bytes(out_s), _as_bytes(self._host(input)),
+                output_split_sizes=None if output_splits is None else list(output_splits),
+                input_split_sizes=None if input_splits is None else list(input_splits),
+                group=self.group, async_op=True)
+            self.wait(work, phase, what)
 
     def all_gather(self, output: torch.Tensor, input: torch.Tensor, phase: str, what: str):
         """``all_gather_into_tensor`` (``output`` is [R * n, ...]) with a bounded wait."""
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        work = gather(_as_bytes(output), _as_bytes(input), group=self.group, async_op=True)
-        self.wait(work, phase, what)
+        with self._staged(output) as out_s:
+            work = gather(_as_bytes(out_s), _as_bytes(self._host(input)), group=self.group,
+                          async_op=True)
+            self.wait(work, phase, what)
 
     def barrier(self, phase: str) -> None:
-        t = torch.zeros(1, device=self.device)
+        t = torch.zeros(1, device="cpu" if self.staged else self.device)
         work = dist.all_reduce(t, group=self.group, async_op=True)
         self.wait(work, phase, "a barrier")
 
@@ -155,34 +179,86 @@ class Comm:
         """Point-to-point exchange: send ``sends[peer]`` and receive ``recvs[peer]``.
 
         Only the peers named take part, so masked ranks are neither sent to nor waited for.
-        Returns, per peer received from, the seconds waited for it (for wait-cost stats).
+        Each wait is bounded by ``timeout_s()``. Returns, per peer received from, the seconds
+        waited for it (for wait-cost stats).
         """
         waited = {}
         if self.rank in recvs:  # our own rows never leave the process
             recvs[self.rank].copy_(sends[self.rank])
             waited[self.rank] = 0.0
-        sends = {p: t for p, t in sends.items() if p != self.rank}
-        recvs = {p: t for p, t in recvs.items() if p != self.rank}
-        ops = []
-        for peer, t in sends.items():
-            ops.append(dist.P2POp(dist.isend, _as_bytes(t), self._global(peer), self.group))
-        recv_order = sorted(recvs)
-        for peer in recv_order:
-            ops.append(dist.P2POp(dist.irecv, _as_bytes(recvs[peer]), self._global(peer),
-                                  self.group))
+        sends = {p: self._host(t.contiguous()) for p, t in sorted(sends.items()) if p != self.rank}
+        staged_recvs = {p: (t, torch.empty_like(t, device="cpu") if self.staged else t)
+                        for p, t in sorted(recvs.items()) if p != self.rank}
+        ops = [(peer, dist.P2POp(dist.isend, _as_bytes(t), self._global(peer), self.group))
+               for peer, t in sends.items()]
+        ops += [(peer, dist.P2POp(dist.irecv, _as_bytes(s), self._global(peer), self.group))
+                for peer, (_, s) in staged_recvs.items()]
         if not ops:
             return waited
         t0 = time.monotonic()
-        works = dist.batch_isend_irecv(ops)
-        for op, work in zip(ops, works):
-            peer = dist.get_group_rank(self.group, op.peer) if self.group is not None else op.peer
-            self.wait(work, phase, what, peer=peer)
+        works = dist.batch_isend_irecv([op for _, op in ops])
+        deadline = t0 + timeout_s()
+        for (peer, op), work in zip(ops, works):
+            what_op = what if op.op is dist.irecv else f"the receive of {what}"
+            self._wait_until(work, deadline, phase, what_op, peer)
             if op.op is dist.irecv:
                 waited[peer] = time.monotonic() - t0
+        for dst, s in staged_recvs.values():
+            if s is not dst:
+                dst.copy_(s)
         return waited
+
+    def _wait_until(self, work, deadline: float, phase: str, waited_for: str, peer: int) -> None:
+        if self.backend != "gloo":
+            self.wait(work, phase, waited_for, peer=peer)
+            return
+        # gloo's point-to-point works report completion only from wait(), not is_completed().
+        left = max(deadline - time.monotonic(), 1e-3)
+        try:
+            work.wait(timeout=datetime.timedelta(seconds=left))
+        except RuntimeError as e:
+            if "Timed out" not in str(e):
+                raise
+            raise CommTimeoutError(self.rank, phase, waited_for, timeout_s(), peer,
+                                   self.node_of()) from None
+
+    # -- CUDA tensors over gloo ------------------------------------------------------------
+    def _host(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` where this group can send it from: a CPU copy when CUDA data rides on gloo."""
+        return t.cpu() if self.staged and t.is_cuda else t
+
+    @contextlib.contextmanager
+    def _staged(self, output: torch.Tensor):
+        """Yield a tensor to receive into; on a staged group, a CPU copy written back after."""
+        if not (self.staged and output.is_cuda):
+            yield output
+            return
+        host = torch.empty_like(output, device="cpu")
+        yield host
+        output.copy_(host)
 
     def _global(self, group_rank: int) -> int:
         return dist.get_global_rank(self.group, group_rank)
+
+
+def gather_tensors(out: torch.Tensor, inp: torch.Tensor, group) -> None:
+    """``all_gather_into_tensor`` on any group: on gloo, CUDA tensors go through CPU copies."""
+    if dist.get_backend(group) == "gloo" and out.is_cuda:
+        host = torch.empty_like(out, device="cpu")
+        dist.all_gather_into_tensor(host, inp.cpu(), group=group)
+        out.copy_(host)
+    else:
+        dist.all_gather_into_tensor(out, inp, group=group)
+
+
+def reduce_scatter_tensors(out: torch.Tensor, inp: torch.Tensor, group) -> None:
+    """``reduce_scatter_tensor`` (sum) on any group: on gloo, CUDA tensors go through CPU."""
+    if dist.get_backend(group) == "gloo" and out.is_cuda:
+        host = torch.empty_like(out, device="cpu")
+        dist.reduce_scatter_tensor(host, inp.cpu(), group=group)
+        out.copy_(host)
+    else:
+        dist.reduce_scatter_tensor(out, inp, group=group)
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,15 @@ NVL_MAX_RANKS = 8
 NVL_MAX_CHANNELS = 64
 #: Most local experts per rank in the intranode notify step (per-expert counts exchanged).
 NVL_MAX_LOCAL_EXPERTS = 1024
+#: Internode path (kernels/internode.cu): most nodes (kMaxNodes), most experts in all (the
+#: notify counts rows), ranks per node at most NVL_MAX_RANKS.
+INTER_MAX_NODES = 256
+INTER_MAX_EXPERTS = 2048
+#: Received rows per token of capacity the internode combine staging holds, at most R (see
+#: ep_comm.regions.InternodeRegions): top-8 routing sends a token to 8 ranks at most.
+INTER_ROWS_PER_TOKEN = 16
+#: Tokens per rank that ``get_rdma_buffer_size_hint`` sizes the internode buffer for.
+INTER_DEFAULT_TOKENS = 4096
 
 
 def align(n: int, a: int = REGION_ALIGN) -> int:
@@ -101,17 +110,21 @@ class Config:
         from ep_comm import regions
         return regions.IntranodeRegions(self, hidden_bytes, num_ranks).total_bytes
 
-    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
-        """Bytes of RDMA buffer (``num_rdma_bytes``) this config needs for normal mode.
-
-        Zero when every rank is on one node (no RDMA leg).
+    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int,
+                                  ranks_per_node: int = NVL_MAX_RANKS,
+                                  num_max_tokens_per_rank: int = INTER_DEFAULT_TOKENS) -> int:
+        """Bytes of RDMA buffer (``num_rdma_bytes``) for normal mode across nodes.
 
         Args:
-            hidden_bytes: bytes of one token row as sent.
-            num_ranks: all ranks of the group (used as ranks per node x nodes by the caller).
+            hidden_bytes: bytes of one token row as sent: ``hidden * max(element_size, 2)``.
+            num_ranks: all ranks of the group.
+            ranks_per_node: ranks per node (the nodes are ``num_ranks / ranks_per_node``).
+            num_max_tokens_per_rank: most tokens one rank dispatches in one call.
         """
         from ep_comm import regions
-        return regions.InternodeRegions(self, hidden_bytes, num_ranks).total_bytes
+        p = min(ranks_per_node, num_ranks)
+        reg = regions.InternodeRegions(max(hidden_bytes // 2, 1), num_ranks, p, 0)
+        return reg.bytes_for(num_max_tokens_per_rank)
 
 
 def default_config(num_ranks: int, num_sms: int = DEFAULT_NUM_SMS,

@@ -65,6 +65,27 @@ _WAITED_FOR = {
 }
 
 
+def decode_status(words, rank: int, phases: dict, waited_for: dict, what: str,
+                  node: int | None = None) -> EpCommError | None:
+    """The error a kernel reported in a status word of the normal-mode kernels
+    (intranode_common.cuh: [0] code, [1] phase, [2] peer, [3] channel, [4] seen, [5] wanted),
+    or None when the code is 0."""
+    code = words[0]
+    if code == 0:
+        return None
+    phase_id, peer, channel, seen, wanted = words[1:6]
+    phase = phases.get(phase_id, f"phase {phase_id}")
+    if code == _STATUS_TIMEOUT:
+        where = f" on channel {channel}" if channel >= 0 else ""
+        return CommTimeoutError(
+            rank, phase, f"{waited_for.get(phase_id, 'a signal')}{where} (saw {seen}, wanted "
+            f"{wanted})", timeout_s(), peer, node)
+    if code == _STATUS_OVERFLOW:
+        return InputError(f"rank {rank} receives {seen} tokens, more than "
+                          f"num_worst_tokens={wanted}")
+    return EpCommError(f"{what} reported status {code} in {phase} (peer {peer})")
+
+
 def nvl_window(config: Config) -> int:
     """Tokens per window: ``nvl_chunk``, at most one warp ballot (32) and at most half the
     ring, so a combine receiver waiting for a whole window never blocks a sender that waits
@@ -146,23 +167,11 @@ class IntranodeRuntime:
 
     def _raise_if_failed(self) -> None:
         """Raise the failure a kernel reported in the status word, if any (no device sync)."""
-        words = self.status.read(_INFO_NUM_RECV)
-        code = words[0]
-        if code == 0:
-            return
-        phase_id, peer, channel, seen, wanted = words[1:6]
-        phase = _PHASES.get(phase_id, f"phase {phase_id}")
-        if code == _STATUS_TIMEOUT:
-            err: EpCommError = CommTimeoutError(
-                self.rank, phase, f"{_WAITED_FOR.get(phase_id, 'a signal')} on channel "
-                f"{channel} (saw {seen}, wanted {wanted})", timeout_s(), peer)
-        elif code == _STATUS_OVERFLOW:
-            err = InputError(f"rank {self.rank} receives {seen} tokens, more than "
-                             f"num_worst_tokens={wanted}")
-        else:
-            err = EpCommError(f"the NVLink kernels reported status {code} in {phase}")
-        self._broken = err
-        raise err
+        err = decode_status(self.status.read(_INFO_NUM_RECV), self.rank, _PHASES, _WAITED_FOR,
+                            "the NVLink kernels")
+        if err is not None:
+            self._broken = err
+            raise err
 
     def _timeout_ns(self) -> np.uint64:
         return np.uint64(int(timeout_s() * 1e9))

@@ -1,5 +1,6 @@
-"""The GPU kernels backend: normal mode over NVLink (``ep_comm.intranode``) and low-latency
-mode over NVSHMEM (``ep_comm.low_latency``), behind the one Backend interface.
+"""The GPU kernels backend: normal mode over NVLink (``ep_comm.intranode``) or, when the group
+spans several nodes, over NVSHMEM + NVLink (``ep_comm.internode``), and low-latency mode over
+NVSHMEM (``ep_comm.low_latency``), behind the one Backend interface.
 
 Each mode is a separate runtime that owns its memory; this class only routes calls, so a
 Buffer that is not in low-latency mode never initialises NVSHMEM.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from ep_comm.backend import Backend
 from ep_comm.comm import Comm
-from ep_comm.errors import BackendUnavailableError, InputError
+from ep_comm.errors import InputError
 
 
 class KernelsBackend(Backend):
@@ -18,12 +19,11 @@ class KernelsBackend(Backend):
                  low_latency_mode: bool, allow_nvlink_for_low_latency_mode: bool):
         self.comm = comm
         if comm.num_nodes > 1:
-            raise BackendUnavailableError(
-                "kernels", f"{comm.num_nodes} nodes (ranks_per_node={comm.ranks_per_node}): "
-                "the internode kernels are not implemented yet",
-                "Use backend='reference' for runs across nodes.")
-        from ep_comm.intranode import IntranodeRuntime
-        self.normal = IntranodeRuntime(comm, num_nvl_bytes)
+            from ep_comm.internode import InternodeRuntime
+            self.normal = InternodeRuntime(comm, num_rdma_bytes)
+        else:
+            from ep_comm.intranode import IntranodeRuntime
+            self.normal = IntranodeRuntime(comm, num_nvl_bytes)
         self.ll = None
         if low_latency_mode:
             from ep_comm.low_latency import LowLatencyRuntime

@@ -43,6 +43,7 @@ import triton
 
 from ep_comm import fp8 as fp8_format
 from ep_comm import gemm
+from ep_comm.comm import gather_tensors, reduce_scatter_tensors
 from ep_comm.errors import InputError
 from ep_comm.kernels import permute as _permute
 
@@ -448,7 +449,7 @@ def moe_tp(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
     def gather(v: torch.Tensor) -> torch.Tensor:
         raw = v.view(torch.uint8) if v.dtype == FP8_DTYPE else v
         out = torch.empty((r * t, *raw.shape[1:]), dtype=raw.dtype, device=raw.device)
-        dist.all_gather_into_tensor(out, raw.contiguous(), group=group)
+        gather_tensors(out, raw.contiguous(), group)
         return out.view(FP8_DTYPE) if v.dtype == FP8_DTYPE else out
 
     if use_fp8:
@@ -462,7 +463,7 @@ def moe_tp(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
     y = expert_ffn_contiguous(xp, lay, weights, impl)
     partial = unpermute(y, lay, w_all, impl)
     out = torch.empty(t, partial.shape[1], dtype=partial.dtype, device=partial.device)
-    dist.reduce_scatter_tensor(out, partial, group=group)
+    reduce_scatter_tensors(out, partial, group)
     return out
 
 
@@ -538,15 +539,20 @@ def moe_reference(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.T
         q, s = fp8_format.per_token_cast_to_fp8(v.float())
         return fp8_format.dequantize(q, s).double()
 
+    def expert(w, e):  # one expert's float64 weight (whole-tensor float64 copies of
+        # DeepSeek-V3-sized weights would take gigabytes)
+        one = (w[0][e:e + 1], w[1][e:e + 1]) if isinstance(w, tuple) else w[e:e + 1]
+        return dequantize_weight(one)[0].double()
+
     xd = act(x.double())
-    w13d, w2d = dequantize_weight(w13).double(), dequantize_weight(w2).double()
-    i = w13d.shape[1] // 2
+    num_experts = (w13[0] if isinstance(w13, tuple) else w13).shape[0]
     out = torch.zeros_like(xd)
-    for e in range(w13d.shape[0]):
+    for e in range(num_experts):
         tok, slot = torch.nonzero(topk_idx == e, as_tuple=True)
         if tok.numel() == 0:
             continue
-        gu = xd[tok] @ w13d[e].T
+        gu = xd[tok] @ expert(w13, e).T
+        i = gu.shape[1] // 2
         h = act(torch.nn.functional.silu(gu[:, :i]) * gu[:, i:])
-        out.index_add_(0, tok, (h @ w2d[e].T) * topk_weights[tok, slot].double().unsqueeze(1))
+        out.index_add_(0, tok, (h @ expert(w2, e).T) * topk_weights[tok, slot].double().unsqueeze(1))
     return out

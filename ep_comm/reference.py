@@ -10,16 +10,12 @@ ranks that are not masked, so that a failed (masked) rank is neither sent to nor
 """
 from __future__ import annotations
 
-import datetime
-import time
 
 import torch
-import torch.distributed as dist
 
 from ep_comm import fp8, layout
 from ep_comm.backend import Backend
-from ep_comm.comm import Comm, _as_bytes, timeout_s
-from ep_comm.errors import CommTimeoutError
+from ep_comm.comm import Comm
 from ep_comm.handles import DispatchHandle, LowLatencyHandle
 
 
@@ -155,7 +151,7 @@ class ReferenceBackend(Backend):
     def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, *,
                              use_fp8, round_scale, use_ue8m0, cumulative_local_expert_recv_stats,
                              dispatch_wait_recv_cost_stats, return_recv_hook):
-        comm, r, me = self.comm, self.comm.num_ranks, self.comm.rank
+        r = self.comm.num_ranks
         m, hidden, dev = num_max_dispatch_tokens_per_rank, x.shape[1], x.device
         per_rank = num_experts // r
         peers = self._active_peers()
@@ -237,49 +233,9 @@ class ReferenceBackend(Backend):
 
     def _exchange(self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor],
                   phase: str, what: str) -> dict[int, float]:
-        """Point-to-point exchange with the peers named (masked ranks take no part): send
-        ``sends[peer]``, receive ``recvs[peer]``, each wait bounded by ``timeout_s()``.
-
-        Returns, per peer received from, the seconds waited for it (for wait-cost stats).
-        Unlike ``Comm.wait``, this does not poll ``is_completed()``: gloo's point-to-point works
-        report completion only from ``wait()``, so on gloo each wait is ``wait(timeout)``.
-        """
-        comm = self.comm
-        waited: dict[int, float] = {}
-        if comm.rank in recvs:  # our own rows never leave the process
-            recvs[comm.rank].copy_(sends[comm.rank])
-            waited[comm.rank] = 0.0
-        ops = []
-        for peer, t in sorted(sends.items()):
-            if peer != comm.rank:
-                ops.append((peer, dist.P2POp(dist.isend, _as_bytes(t.contiguous()),
-                                             dist.get_global_rank(comm.group, peer), comm.group)))
-        for peer, t in sorted(recvs.items()):
-            if peer != comm.rank:
-                ops.append((peer, dist.P2POp(dist.irecv, _as_bytes(t),
-                                             dist.get_global_rank(comm.group, peer), comm.group)))
-        if not ops:
-            return waited
-        t0 = time.monotonic()
-        works = dist.batch_isend_irecv([op for _, op in ops])
-        limit = timeout_s()
-        deadline = t0 + limit
-        for (peer, op), work in zip(ops, works):
-            what_op = what if op.op is dist.irecv else f"the receive of {what}"
-            if comm.backend == "gloo":
-                left = max(deadline - time.monotonic(), 1e-3)
-                try:
-                    work.wait(timeout=datetime.timedelta(seconds=left))
-                except RuntimeError as e:
-                    if "Timed out" not in str(e):
-                        raise
-                    raise CommTimeoutError(comm.rank, phase, what_op, limit, peer,
-                                           comm.node_of()) from None
-            else:
-                comm.wait(work, phase, what_op, peer=peer)
-            if op.op is dist.irecv:
-                waited[peer] = time.monotonic() - t0
-        return waited
+        """``Comm.exchange``: only the peers named take part (masked ranks neither send nor are
+        waited for); returns the seconds waited per peer received from."""
+        return self.comm.exchange(sends, recvs, phase, what)
 
     def _exchange_keyed(self, sends, recvs, phase, what):
         """Several point-to-point exchanges ``(kind, peer)`` with one bounded wait per message."""
@@ -293,7 +249,7 @@ class ReferenceBackend(Backend):
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, *, zero_copy, use_logfmt,
                             out, return_recv_hook, combine_wait_recv_cost_stats):
-        comm, r, me = self.comm, self.comm.num_ranks, self.comm.rank
+        r = self.comm.num_ranks
         dev, hidden = topk_idx.device, handle.hidden
         per_rank = handle.num_experts // r
         src = self.get_next_low_latency_combine_buffer(handle) if zero_copy else x

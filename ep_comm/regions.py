@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from ep_comm.config import (FP8_BLOCK, MAX_TOPK, NVL_MAX_CHANNELS, NVL_MAX_LOCAL_EXPERTS,
-                            NVL_MAX_RANKS, REGION_ALIGN, Config, align, token_slot_bytes)
+from ep_comm.config import (FP8_BLOCK, INTER_MAX_EXPERTS, INTER_ROWS_PER_TOKEN, MAX_TOPK,
+                            NVL_MAX_CHANNELS, NVL_MAX_LOCAL_EXPERTS, NVL_MAX_RANKS,
+                            REGION_ALIGN, Config, align, token_slot_bytes)
 
 #: int32 words of one notify counts row: T_s, [NVL_MAX_RANKS] per-rank, [L] per-expert counts.
 NOTIFY_ROW = 1 + NVL_MAX_RANKS + NVL_MAX_LOCAL_EXPERTS
@@ -104,21 +105,86 @@ class IntranodeRegions(Carver):
 
 
 class InternodeRegions(Carver):
-    """The NVSHMEM symmetric buffer of the internode (RDMA) leg of normal mode.
+    """The NVSHMEM symmetric buffer of normal mode across nodes (kernels/internode.cu).
 
-    Sized for ``num_ranks`` peers at most (a node count at most the rank count): rings of
-    ``config.rdma_buffer`` slots per channel and source node, tail/head counters per ring.
+    R ranks = N nodes x P ranks per node, H = hidden. Control regions come first with sizes
+    that depend on R, N and ``INTER_MAX_EXPERTS`` only, so they stay put when H changes:
+
+    * ``ctrl``: uint32 [16], local: [0] kernel sequence number (tag = [0] + 1), [1] finished
+      blocks, [2] status claim, [3] tag of the last barrier passed, [4] barrier failed.
+    * ``barrier``: uint64 [R]: ``[q]`` = the tag of the last kernel rank q started (barrier).
+    * ``notify_flag``: uint64 [R]: ``[q]`` = the tag of the notify in which q wrote its row.
+    * ``counts``: int32 [R, R + N + INTER_MAX_EXPERTS]: row q, written by rank q: its tokens per
+      rank, per node, per expert.
+    * ``dispatch_arrive``, ``combine_arrive``: uint64 [2, N]: slots landed here from source node
+      n (dispatch, this rank as a proxy) or partial rows from node m (combine, as a source), one
+      set per tag parity.
+
+    Then the data regions, sized by the token capacity ``cap`` (tokens one rank may send, so
+    slots per node region) that fits in ``num_rdma_bytes``:
+
+    * ``dispatch_recv``: [N, cap] slots: as a proxy, the tokens of source (n, my local index);
+      in combine, the partial rows this rank sends back (staged for the put).
+    * ``dispatch_stage``: [N, cap] slots: tokens staged for the put to node m; in combine, the
+      partial rows that node m's proxy sends back for this rank's tokens.
+    * ``combine_src``: [rows_cap] rows of ``row_c`` bytes: this rank's combine input (bf16 row,
+      then MAX_TOPK float32 weights) where the proxies of its node read it over NVLink.
+      ``rows_cap = min(R, INTER_ROWS_PER_TOKEN) * cap`` (a rank receives at most R rows per
+      token slot of the others; top-k routing gives at most K on average).
+
+    A slot (``slot_offsets``): int4 header (source token index), P int32 output rows, then the
+    payload (bf16 or fp8), fp8 scales, top-k ids (int32) and weights (float32).
     """
 
-    def __init__(self, config: Config, hidden_bytes: int, num_ranks: int):
+    def __init__(self, hidden: int, num_ranks: int, ranks_per_node: int, num_rdma_bytes: int):
         super().__init__()
-        c, n, s = config.num_channels, num_ranks, config.rdma_buffer
-        self.slot_bytes = token_slot_bytes(hidden_bytes)
-        self.claim("status", 16 * 4)
-        self.claim("counts", n * (n + 1) * 4)
-        self.claim("ring", c * n * s * self.slot_bytes)
-        self.claim("tail", c * n * 8)
-        self.claim("head", c * n * 8)
+        r, p = num_ranks, ranks_per_node
+        n = r // p
+        self.hidden, self.num_ranks, self.ranks_per_node, self.num_nodes = hidden, r, p, n
+        self.num_scales = (hidden + FP8_BLOCK - 1) // FP8_BLOCK
+        self.header_bytes = align(16 + 4 * p, 16)
+        self.slot_bytes = align(self.header_bytes + hidden * 2 + align(self.num_scales * 4, 16)
+                                + 2 * MAX_TOPK * 4, 16)
+        self.row_c = align(hidden * 2 + MAX_TOPK * 4, 16)
+        self.row_ints = r + n + INTER_MAX_EXPERTS
+        self.claim("ctrl", 16 * 4)
+        self.claim("barrier", r * 8)
+        self.claim("notify_flag", r * 8)
+        self.claim("counts", r * self.row_ints * 4)
+        self.claim("dispatch_arrive", 2 * n * 8)
+        self.claim("combine_arrive", 2 * n * 8)
+        self.control_bytes = self.total_bytes
+        self.rows_per_token = min(r, INTER_ROWS_PER_TOKEN)
+        unit = self.bytes_per_token()
+        self.cap = max(0, (num_rdma_bytes - self.control_bytes - 3 * REGION_ALIGN) // unit)
+        self.rows_cap = self.rows_per_token * self.cap
+        self.claim("dispatch_recv", n * self.cap * self.slot_bytes)
+        self.claim("dispatch_stage", n * self.cap * self.slot_bytes)
+        self.claim("combine_src", self.rows_cap * self.row_c)
+
+    def bytes_per_token(self) -> int:
+        """Buffer bytes per token of capacity (two slots per node, the combine rows)."""
+        return 2 * self.num_nodes * self.slot_bytes + self.rows_per_token * self.row_c
+
+    def bytes_for(self, num_tokens: int) -> int:
+        """``num_rdma_bytes`` that gives a capacity of ``num_tokens`` tokens per rank."""
+        return self.control_bytes + 3 * REGION_ALIGN + num_tokens * self.bytes_per_token()
+
+    def slot_offsets(self, elem_bytes: int, num_topk: int) -> dict[str, int]:
+        """Byte offsets in a slot for a call: ``payload``, ``scales``, ``topk_idx``,
+        ``topk_weights``, ``put_bytes`` (dispatch: bytes sent from the slot start);
+        ``combine_weights`` and ``combine_put_bytes`` (combine: a bf16 row then the weights,
+        bytes sent from ``payload``)."""
+        payload = self.header_bytes
+        scales = payload + self.hidden * elem_bytes
+        idx = align(scales + self.num_scales * 4, 16)
+        w = idx + MAX_TOPK * 4
+        cw = align(payload + self.hidden * 2, 16)
+        out = {"payload": payload, "scales": scales, "topk_idx": idx, "topk_weights": w,
+               "put_bytes": align(w + num_topk * 4, 16), "combine_weights": cw,
+               "combine_put_bytes": align(cw + num_topk * 4 - payload, 16)}
+        assert out["put_bytes"] <= self.slot_bytes and cw + MAX_TOPK * 4 <= self.slot_bytes
+        return out
 
 
 def low_latency_message_bytes(hidden: int) -> int:

@@ -37,45 +37,6 @@ __device__ __forceinline__ uint64_t* word_of(char* base, long long off, int c, i
     return reinterpret_cast<uint64_t*>(base + off) + c * kMaxRanks + r;
 }
 
-// This block's staging area, kStagePerWarp int4 per warp (launched with kStageBytes of dynamic
-// shared memory; see intranode_common.cuh).
-extern __shared__ int4 s_stage[];
-
-__device__ __forceinline__ int4* warp_stage() { return s_stage + (threadIdx.x >> 5) * kStagePerWarp; }
-
-// Copy n int4 with one warp, through the warp's staging area: every lane issues up to
-// kStagePerLane independent 16-byte cp.async before it waits, so a 14 KiB bf16 row takes two
-// memory round trips and a 7 KiB fp8 row one (the time of a row copy is its round trips).
-// Sources: this rank's inputs, or ring slots that peers wrote (read through L2 either way).
-__device__ __forceinline__ void warp_copy(int4* __restrict__ dst, const int4* __restrict__ src,
-                                          int n, int lane) {
-    int4* stage = warp_stage() + lane;
-    src += lane;
-    dst += lane;
-    n -= lane;  // element u * 32 of this lane's view exists iff u * 32 < n
-    for (; n >= kStagePerWarp; n -= kStagePerWarp, src += kStagePerWarp, dst += kStagePerWarp) {
-#pragma unroll
-        for (int u = 0; u < kStagePerLane; ++u) cp_async16(stage + u * 32, src + u * 32);
-        cp_async_wait_all();
-#pragma unroll
-        for (int u = 0; u < kStagePerLane; ++u) dst[u * 32] = stage[u * 32];
-    }
-    if (n > 0) {  // the last, partial piece of the row
-#pragma unroll
-        for (int u = 0; u < kStagePerLane; ++u)
-            if (u * 32 < n) cp_async16(stage + u * 32, src + u * 32);
-        cp_async_wait_all();
-#pragma unroll
-        for (int u = 0; u < kStagePerLane; ++u)
-            if (u * 32 < n) dst[u * 32] = stage[u * 32];
-    }
-}
-
-// Global expert id -> local id on rank d (-1 when the expert lives elsewhere or is -1).
-__device__ __forceinline__ int to_local(int64_t e, int d, int L) {
-    const int64_t lo = static_cast<int64_t>(d) * L;
-    return (e >= lo && e < lo + L) ? static_cast<int>(e - lo) : -1;
-}
 
 // Wait (one thread) until the ring has room for n more slots. Returns false on timeout.
 __device__ bool wait_for_room(const uint64_t* head_word, uint32_t tag, uint32_t tail, int n,
@@ -217,29 +178,31 @@ __device__ __forceinline__ void put_token_local(const DispatchArgs& a, int row, 
 
 // A slot of ring (c, s) in this rank's buffer into the outputs (one warp). The header, the
 // small fields and the first payload loads do not depend on each other: one round trip.
+// Which fields travel is decided by this rank's outputs, not its inputs: a rank without tokens
+// of its own passes empty (null) x_scales / topk tensors but still receives those fields.
 __device__ __forceinline__ void take_token_from_slot(const DispatchArgs& a, const char* slot,
                                                      int s, int lane) {
     const int4 header = ld_cg(reinterpret_cast<const int4*>(slot));
     const float* src_scales = reinterpret_cast<const float*>(slot + a.off_scales);
     SmallFields f{0.0f, 0.0f, -1, 0.0f};
-    if (a.x_scales != nullptr) {
+    if (a.recv_scales != nullptr) {
         if (lane < a.num_scales) f.s0 = __ldcg(src_scales + lane);
         if (lane + 32 < a.num_scales) f.s1 = __ldcg(src_scales + lane + 32);
     }
-    if (a.topk_idx != nullptr && lane < a.K)
+    if (a.recv_topk_idx != nullptr && lane < a.K)
         f.idx = __ldcg(reinterpret_cast<const int*>(slot + a.off_idx) + lane);
-    if (a.topk_weights != nullptr && lane < a.K)
+    if (a.recv_topk_weights != nullptr && lane < a.K)
         f.w = __ldcg(reinterpret_cast<const float*>(slot + a.off_w) + lane);
     const int row = header.x;
     if (row < 0 || row >= a.num_rows) return;  // num_worst_tokens overflow: notify reported it
     warp_copy(a.recv_x + static_cast<long long>(row) * a.row_int4,
                     reinterpret_cast<const int4*>(slot + a.off_payload), a.row_int4, lane);
-    if (a.x_scales != nullptr)
+    if (a.recv_scales != nullptr)
         store_scales<true>(a.recv_scales + static_cast<long long>(row) * a.num_scales, src_scales,
                            f, a.num_scales, lane);
-    if (a.topk_idx != nullptr && lane < a.K)
+    if (a.recv_topk_idx != nullptr && lane < a.K)
         a.recv_topk_idx[static_cast<long long>(row) * a.K + lane] = f.idx;
-    if (a.topk_weights != nullptr && lane < a.K)
+    if (a.recv_topk_weights != nullptr && lane < a.K)
         a.recv_topk_weights[static_cast<long long>(row) * a.K + lane] = f.w;
     if (lane == 0) {
         a.recv_src_idx[row] = header.y;

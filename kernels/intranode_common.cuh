@@ -71,6 +71,46 @@ __device__ __forceinline__ void cp_async_wait_all() {
     asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
 }
 
+// This block's staging area, kStagePerWarp int4 per warp (launched with kStageBytes of dynamic
+// shared memory).
+extern __shared__ int4 s_stage[];
+
+__device__ __forceinline__ int4* warp_stage() { return s_stage + (threadIdx.x >> 5) * kStagePerWarp; }
+
+// Copy n int4 with one warp, through the warp's staging area: every lane issues up to
+// kStagePerLane independent 16-byte cp.async before it waits, so a 14 KiB bf16 row takes two
+// memory round trips and a 7 KiB fp8 row one (the time of a row copy is its round trips).
+// Sources: this rank's inputs, or ring slots that peers wrote (read through L2 either way).
+__device__ __forceinline__ void warp_copy(int4* __restrict__ dst, const int4* __restrict__ src,
+                                          int n, int lane) {
+    int4* stage = warp_stage() + lane;
+    src += lane;
+    dst += lane;
+    n -= lane;  // element u * 32 of this lane's view exists iff u * 32 < n
+    for (; n >= kStagePerWarp; n -= kStagePerWarp, src += kStagePerWarp, dst += kStagePerWarp) {
+#pragma unroll
+        for (int u = 0; u < kStagePerLane; ++u) cp_async16(stage + u * 32, src + u * 32);
+        cp_async_wait_all();
+#pragma unroll
+        for (int u = 0; u < kStagePerLane; ++u) dst[u * 32] = stage[u * 32];
+    }
+    if (n > 0) {  // the last, partial piece of the row
+#pragma unroll
+        for (int u = 0; u < kStagePerLane; ++u)
+            if (u * 32 < n) cp_async16(stage + u * 32, src + u * 32);
+        cp_async_wait_all();
+#pragma unroll
+        for (int u = 0; u < kStagePerLane; ++u)
+            if (u * 32 < n) dst[u * 32] = stage[u * 32];
+    }
+}
+
+// Global expert id -> local id on rank d (-1 when the expert lives elsewhere or is -1).
+__device__ __forceinline__ int to_local(int64_t e, int d, int L) {
+    const int64_t lo = static_cast<int64_t>(d) * L;
+    return (e >= lo && e < lo + L) ? static_cast<int>(e - lo) : -1;
+}
+
 // Claim the status word once for the whole buffer (device-memory CAS; atomics on host memory
 // over PCIe are not reliable), write the fields, then the code.
 __device__ __forceinline__ void report(int* host_status, uint32_t* ctrl, int code, int phase,

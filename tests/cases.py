@@ -78,7 +78,7 @@ def make_buffer(ctx, case: Case, low_latency_max_tokens: int = 0, hidden: int | 
     r = ctx.world_size
     cfg = ep_comm.Buffer.get_dispatch_config(r)
     nvl = cfg.get_nvl_buffer_size_hint(hidden * 2, r)
-    rdma = cfg.get_rdma_buffer_size_hint(hidden * 2, r)
+    rdma = cfg.get_rdma_buffer_size_hint(hidden * 2, r, ranks_per_node=case.ranks_per_node or r)
     if low_latency_max_tokens:
         rdma = max(rdma, ep_comm.Buffer.get_low_latency_rdma_size_hint(
             low_latency_max_tokens, hidden, r, case.num_experts))

@@ -44,13 +44,25 @@ def gpu_count() -> int:
         return 0
 
 
+#: Ranks allowed per GPU (default 1). With 2 on a 1-GPU machine the 2-rank GPU tests run as two
+#: processes sharing the GPU (gloo between them, kernels time-sliced): a correctness check with a
+#: real peer where no 2-GPU machine is at hand; figures from such runs mean nothing.
+RANKS_PER_GPU_ENV = "EP_COMM_TEST_RANKS_PER_GPU"
+
+
+def ranks_per_gpu() -> int:
+    return int(os.environ.get(RANKS_PER_GPU_ENV, "1") or 1)
+
+
 @pytest.fixture(scope="session")
 def gpu_ranks():
-    """``gpu_ranks(n).run(task, *args)``: n NCCL ranks, one GPU each; skips if too few GPUs."""
+    """``gpu_ranks(n).run(task, *args)``: n ranks on the GPUs (NCCL, one GPU each; or gloo with
+    several ranks per GPU under EP_COMM_TEST_RANKS_PER_GPU); skips if too few GPUs."""
     def make(n):
-        have = gpu_count()
-        if have < n:
-            pytest.skip(f"needs {n} GPUs, this machine has {have}")
+        have, share = gpu_count(), ranks_per_gpu()
+        if have == 0 or have * share < n:
+            pytest.skip(f"needs {n} GPUs, this machine has {have} "
+                        f"({RANKS_PER_GPU_ENV}={share} rank(s) per GPU)")
         return PoolRunner(n, use_gpu=True)
     return make
 

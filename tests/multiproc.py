@@ -1,7 +1,7 @@
 """Run a function on N ranks (processes) and report each rank's failure with its rank number.
 
 ``RankPool(n)`` starts n processes once, joined in a gloo (CPU) or NCCL (one GPU each) process
-group, and runs tasks on all of them: ``pool.run(fn, *args)`` calls ``fn(ctx, *args)`` on every
+group (gloo with the Buffers on GPUs when there are more ranks than GPUs), and runs tasks on all of them: ``pool.run(fn, *args)`` calls ``fn(ctx, *args)`` on every
 rank, where ``ctx`` has ``rank``, ``world_size``, ``group`` and ``device``, and returns the list
 of results by rank. Starting processes costs seconds (importing torch), so tests share a pool
 per world size; a test that breaks its group (a timeout test) uses ``run_ranks`` for a fresh one.
@@ -44,7 +44,13 @@ def _worker(rank, world_size, port, use_gpu, env, tasks, results):
         if use_gpu:
             torch.cuda.set_device(rank % torch.cuda.device_count())
             dev = torch.device("cuda", torch.cuda.current_device())
-            dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=dev)
+            if world_size > torch.cuda.device_count():
+                # Ranks share GPUs: NCCL refuses that, so gloo carries the collectives and
+                # ep_comm puts the Buffers on the GPUs (see ep_comm.comm.GLOO_DEVICE_ENV).
+                os.environ["EP_COMM_GLOO_DEVICE"] = "cuda"
+                dist.init_process_group("gloo", rank=rank, world_size=world_size)
+            else:
+                dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=dev)
         else:
             dev = torch.device("cpu")
             dist.init_process_group("gloo", rank=rank, world_size=world_size)

@@ -142,3 +142,14 @@ def test_low_latency_timeout_through_env_wrapper():
     got = run_ranks(gc.task_with_env, 2, {"EP_COMM_TIMEOUT_S": "2"}, task_ll_skip_dispatch,
                     LLCase(seed=BASE % 1000), 1, timeout=60)
     assert got[1] == "skipped" and 1.0 <= got[0] <= 12, got
+
+
+@pytest.mark.parametrize("world,rpn", [(2, 1), (4, 2)], ids=["2x1", "2x2"])
+def test_normal_sweep_as_several_nodes(cpu_ranks, world, rpn):
+    """The internode GPU tests' setting (EP_COMM_TEST_RANKS_PER_NODE below the rank count):
+    the reference on 2 nodes matches itself and the expectation, num_tokens_per_rdma_rank
+    included."""
+    cases = gc.normal_cases(gc.fresh_seed(), world, count=4, max_tokens=48)
+    got = cpu_ranks(world).run(gc.task_with_env, {gc.RANKS_PER_NODE_ENV: str(rpn)},
+                               gc.task_normal_sweep, "reference", cases)
+    assert got == [4] * world

@@ -121,10 +121,12 @@ def task_moe_layer(ctx, case: MoECase):
     torch.manual_seed(case.seed)
     w13, w2 = make_weights(case)
     x, idx, w = make_inputs(case, ctx.rank)
-    ref = moe.moe_reference(x, idx, w, *reference_weights(case, w13, w2),
-                            fp8_activations=case.fp8)
     dev = ctx.device
     x, idx, w = x.to(dev), idx.to(dev), w.to(dev)
+    # The float64 oracle on the rank's device: on one CPU thread it takes minutes at
+    # DeepSeek-V3 sizes.
+    ref = moe.moe_reference(x, idx, w, *reference_weights(case, w13.to(dev), w2.to(dev)),
+                            fp8_activations=case.fp8)
     max_tokens = max(tokens_of(case, r) for r in range(ctx.world_size))
     buf = make_buffer(ctx, case, max_tokens) if case.parallel == "ep" else None
     w13d, w2d = w13.to(dev), w2.to(dev)
