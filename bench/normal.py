@@ -49,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--topk", type=int, help="experts per token (8)")
     p.add_argument("--experts", type=int, help="experts in all (GPU 256, CPU 64)")
     p.add_argument("--num-sms", type=int, help="SMs of the kernels (Buffer.set_num_sms; 24)")
+    p.add_argument("--ranks-per-node", type=int, default=None,
+                   help="split the ranks into nodes of this many (the internode path; results "
+                        "named internode-*.json); default: one node")
     p.add_argument("--sweep-sms", default="", help="e.g. 8,16,24,32,48 (ep_comm backends)")
     p.add_argument("--sweep-tokens", default="", help="tokens per rank, e.g. 256,1024,4096,16384")
     p.add_argument("--sweep-iters", type=int, default=None, help="timed runs per sweep point")
@@ -58,14 +61,15 @@ def parse_args(argv=None):
 def config_of(args) -> dict:
     return {"num_tokens": args.tokens, "hidden": args.hidden, "num_topk": args.topk,
             "num_experts": args.experts, "num_sms": args.num_sms, "warmup": args.warmup,
-            "iters": args.iters, "pad_us": args.pad_us, "seed": args.seed}
+            "iters": args.iters, "pad_us": args.pad_us, "seed": args.seed,
+            "ranks_per_node": args.ranks_per_node}
 
 
 # ------------------------------------------------------------------------------ ep_comm backends
 def _check_point(ctx, buffer, x, topk_idx, weights, lay, num_experts, cfg, ccfg) -> tuple:
     """One checked dispatch + combine. Returns (handle, recv_x, recv_tokens)."""
     problems = []
-    ntpr, _, ntpe, in_rank = lay
+    ntpr, per_node, ntpe, in_rank = lay
     ref = layout.compute_dispatch_layout(topk_idx, num_experts, ctx.num_ranks, ctx.num_ranks)
     for name, got, want in (("num_tokens_per_rank", ntpr, ref[0]),
                             ("num_tokens_per_expert", ntpe, ref[2]),
@@ -73,8 +77,8 @@ def _check_point(ctx, buffer, x, topk_idx, weights, lay, num_experts, cfg, ccfg)
         if not torch.equal(got.cpu(), want.cpu()):
             problems.append(f"get_dispatch_layout: {name} differs from the reference layout")
     recv_x, _, _, counts, handle, _ = buffer.dispatch(
-        x, num_tokens_per_rank=ntpr, is_token_in_rank=in_rank, num_tokens_per_expert=ntpe,
-        topk_idx=topk_idx, topk_weights=weights, config=cfg)
+        x, num_tokens_per_rank=ntpr, num_tokens_per_rdma_rank=per_node, is_token_in_rank=in_rank,
+        num_tokens_per_expert=ntpe, topk_idx=topk_idx, topk_weights=weights, config=cfg)
     # What every rank sends to me, from their own layouts: row counts, and the float sum of the
     # rows each source sends to each destination (a cheap checksum of the payload).
     r, me = ctx.num_ranks, ctx.rank
@@ -115,14 +119,14 @@ def _measure_ep_point(ctx, buffer, args, tokens, cfg, timer, salt, full: bool) -
     x = common.make_x(ctx, tokens, args.hidden, args.seed, salt)
     x_fp8 = fp8.per_token_cast_to_fp8(x)
     lay = buffer.get_dispatch_layout(topk_idx, args.experts)[:4]
-    ntpr, _, ntpe, in_rank = lay
+    ntpr, per_node, ntpe, in_rank = lay
     if full:
         handle, recv_x, recv_tokens = _check_point(ctx, buffer, x, topk_idx, weights, lay,
                                                    args.experts, cfg, ccfg)
     else:
         recv_x, _, _, _, handle, _ = buffer.dispatch(
-            x, num_tokens_per_rank=ntpr, is_token_in_rank=in_rank, num_tokens_per_expert=ntpe,
-            config=cfg)
+            x, num_tokens_per_rank=ntpr, num_tokens_per_rdma_rank=per_node,
+            is_token_in_rank=in_rank, num_tokens_per_expert=ntpe, config=cfg)
         recv_tokens = recv_x.shape[0]
         if recv_tokens != handle.num_recv_tokens:
             common.agree(ctx, [f"received {recv_tokens} rows, handle says {handle.num_recv_tokens}"])
@@ -134,8 +138,9 @@ def _measure_ep_point(ctx, buffer, args, tokens, cfg, timer, salt, full: bool) -
     if full:
         phases = [("layout", lambda: buffer.get_dispatch_layout(topk_idx, args.experts))] + phases
         phases.append(("dispatch_bf16_notify", lambda: buffer.dispatch(
-            x, num_tokens_per_rank=ntpr, is_token_in_rank=in_rank, num_tokens_per_expert=ntpe,
-            topk_idx=topk_idx, topk_weights=weights, config=cfg)))
+            x, num_tokens_per_rank=ntpr, num_tokens_per_rdma_rank=per_node,
+            is_token_in_rank=in_rank, num_tokens_per_expert=ntpe, topk_idx=topk_idx,
+            topk_weights=weights, config=cfg)))
     t = timer.run(phases)
     return _figures(t, recv_tokens, args.hidden)
 
@@ -187,8 +192,14 @@ def measure_ep(ctx, args, backend: str):
     sweep_tokens = common.parse_ints(args.sweep_tokens)
     ep_comm.Buffer.set_num_sms(args.num_sms)
     nvl_bytes = _nvl_bytes(ctx.num_ranks, args.hidden, [args.num_sms] + sweep_sms)
-    buffer = ep_comm.Buffer(ctx.group, num_nvl_bytes=nvl_bytes, backend=backend,
-                            explicitly_destroy=True)
+    rpn = args.ranks_per_node
+    rdma_bytes = 0
+    if rpn:
+        most = max([args.tokens] + sweep_tokens)
+        rdma_bytes = ep_comm.Buffer.get_dispatch_config(ctx.num_ranks).get_rdma_buffer_size_hint(
+            args.hidden * 2, ctx.num_ranks, ranks_per_node=rpn, num_max_tokens_per_rank=most)
+    buffer = ep_comm.Buffer(ctx.group, num_nvl_bytes=nvl_bytes, num_rdma_bytes=rdma_bytes,
+                            backend=backend, explicitly_destroy=True, ranks_per_node=rpn)
     try:
         timer = common.Timer(ctx, args.warmup, args.iters, args.pad_us)
         cfg = _configs(ctx.num_ranks)
@@ -280,7 +291,8 @@ def main(argv=None) -> int:
     def measure(backend):
         return measure_nccl(ctx, args) if backend == "nccl" else measure_ep(ctx, args, backend)
 
-    code = common.run_backends(ctx, "normal", backends, args.out, config_of(args), measure)
+    bench = "internode" if args.ranks_per_node and args.ranks_per_node < ctx.num_ranks else "normal"
+    code = common.run_backends(ctx, bench, backends, args.out, config_of(args), measure)
     return common.finish(ctx, code)
 
 

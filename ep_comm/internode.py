@@ -76,6 +76,7 @@ class InternodeRuntime:
         self.base = self.sym.tensor.data_ptr()
         self.status = ipc.HostStatus(STATUS_WORDS, self.device.index)
         self._stream = torch.cuda.Stream(self.device)
+        self._net_bytes: torch.Tensor | None = None
         control = InternodeRegions(16, self.num_ranks, self.ranks_per_node, 0).control_bytes
         self.sym.tensor[:control].zero_()
         # Peers signal into this buffer as soon as they pass their first barrier.
@@ -127,6 +128,23 @@ class InternodeRuntime:
             raise BufferTooSmallError("num_rdma_bytes", reg.bytes_for(num_tokens),
                                       self.sym.nbytes, f"an internode call with {num_tokens} "
                                       "tokens on this rank")
+
+    def count_network_bytes(self, on: bool = True) -> torch.Tensor | None:
+        """Count the bytes the kernels put to other nodes (for benchmarks; off by default, an
+        atomic per put when on). Returns the int64 [2] counter (dispatch, combine), zeroed, or
+        None when turned off. Graph-capture safe: the counter's address is fixed."""
+        self._net_bytes = torch.zeros(2, dtype=torch.int64, device=self.device) if on else None
+        return self._net_bytes
+
+    def _counter(self, i: int):
+        return None if self._net_bytes is None else self._net_bytes[i:i + 1]
+
+    def network_bytes_per_token(self, hidden: int, elem_bytes: int, num_topk: int) -> tuple:
+        """(dispatch, combine) bytes one token copy puts to one other node: the slot bytes sent
+        (header with the rows on that node, payload, scales, top-k ids and weights) and the
+        partial row (bf16 and weights)."""
+        offs = self.regions(hidden).slot_offsets(elem_bytes, num_topk)
+        return offs["put_bytes"], offs["combine_put_bytes"]
 
     # ------------------------------------------------------------------ layout
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
@@ -244,7 +262,7 @@ class InternodeRuntime:
             handle.rank_prefix_matrix, state["node_counts"], write_send_pos, offs["payload"],
             offs["scales"], offs["topk_idx"], offs["topk_weights"], offs["put_bytes"], recv_x,
             recv_scales, recv_idx, recv_w, handle.recv_src_idx, handle.recv_src_rank,
-            write_proxy_rows, rows, state["num_recv"], int(pad),
+            write_proxy_rows, rows, state["num_recv"], int(pad), self._counter(0),
             np.uint64(self.status.device_ptr), self._timeout_ns()),
             shared_mem=KERNEL_SMEM)
         count_list = [] if pad else aligned_counts(state["counts_host"], expert_alignment)
@@ -287,7 +305,7 @@ class InternodeRuntime:
             hidden * 2 // 16, num_topk, int(topk_weights is not None), state["proxy_rows"],
             state["node_counts"], state["node_pos"], state["tokens_per_node"], offs["payload"],
             offs["combine_weights"], offs["combine_put_bytes"], bias0, bias1, out, out_w,
-            np.uint64(self.status.device_ptr), self._timeout_ns()),
+            self._counter(1), np.uint64(self.status.device_ptr), self._timeout_ns()),
             shared_mem=KERNEL_SMEM)
         return out, out_w
 

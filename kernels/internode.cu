@@ -277,7 +277,8 @@ inter_notify(EP_INTER_REGION_PARAMS, int rank, int R, int P, int N, int E, int n
 //   recv_topk_idx [num_rows, K] int64 (local ids, when has_idx), recv_topk_weights [num_rows,
 //   K] (when has_w), recv_src_idx / recv_src_rank [num_rows] int32;
 //   proxy_rows: [N, cap, P] int32, written when not null: the rows of every slot this rank
-//   received as a proxy (combine needs them; the slots themselves are reused).
+//   received as a proxy (combine needs them; the slots themselves are reused);
+//   net_bytes: when not null, bytes put to other nodes are added to it (benchmark counters).
 // Slot layout (bytes from the slot start): int4 header {token, 0, 0, 0}, then P int32 rows,
 // payload at off_payload, scales at off_scales, top-k ids (int32, global) at off_idx, weights
 // at off_w; put_bytes bytes from the start are sent.
@@ -294,7 +295,8 @@ inter_dispatch(EP_INTER_REGION_PARAMS, int rank, int R, int P, int N, int T, int
                float* __restrict__ recv_topk_weights, int* __restrict__ recv_src_idx,
                int* __restrict__ recv_src_rank, int* __restrict__ proxy_rows, int num_rows,
                const int* __restrict__ num_recv_dev, int zero_padding,
-               int* __restrict__ host_status, unsigned long long timeout_ns) {
+               unsigned long long* __restrict__ net_bytes, int* __restrict__ host_status,
+               unsigned long long timeout_ns) {
     const Regions g = EP_INTER_REGIONS;
     uint32_t* ctrl = ctrl_of(g);
     const uint32_t tag = *reinterpret_cast<volatile uint32_t*>(ctrl) + 1u;
@@ -366,6 +368,7 @@ inter_dispatch(EP_INTER_REGION_PARAMS, int rank, int R, int P, int N, int T, int
                 nvshmemx_putmem_signal_nbi_warp(slot_of(g, g.off_drecv, node, pos), slot,
                                                 static_cast<size_t>(put_bytes), arrive, 1,
                                                 NVSHMEM_SIGNAL_ADD, m * P + local);
+                if (net_bytes != nullptr && lane == 0) atomicAdd(net_bytes, put_bytes);
             }
         }
     }
@@ -433,7 +436,8 @@ inter_dispatch(EP_INTER_REGION_PARAMS, int rank, int R, int P, int N, int T, int
 // int4) then, when has_w, its K float32 weights.
 //   proxy_rows [N, cap, P] and node_counts [P, N] from the dispatch; node_pos [T, N] int32 and
 //   tokens_per_node [N] int32 (this rank's tokens per node) from its own dispatch;
-//   bias0 / bias1: [T, row_int4] bf16 or null; out [T, row_int4] bf16; out_w [T, K] or null.
+//   bias0 / bias1: [T, row_int4] bf16 or null; out [T, row_int4] bf16; out_w [T, K] or null;
+//   net_bytes: when not null, bytes put to other nodes are added to it.
 // Partial rows travel in the slots of the dstage region (the source's combine receive region,
 // [m][pos] for node m), payload at off_payload and weights at off_w; put_bytes bytes from
 // off_payload are sent.
@@ -443,7 +447,8 @@ inter_combine(EP_INTER_REGION_PARAMS, int rank, int R, int P, int N, int T, int 
               const int* __restrict__ node_pos, const int* __restrict__ tokens_per_node,
               int off_payload, int off_w, int put_bytes, const int4* __restrict__ bias0,
               const int4* __restrict__ bias1, int4* __restrict__ out, float* __restrict__ out_w,
-              int* __restrict__ host_status, unsigned long long timeout_ns) {
+              unsigned long long* __restrict__ net_bytes, int* __restrict__ host_status,
+              unsigned long long timeout_ns) {
     const Regions g = EP_INTER_REGIONS;
     uint32_t* ctrl = ctrl_of(g);
     const uint32_t tag = *reinterpret_cast<volatile uint32_t*>(ctrl) + 1u;
@@ -518,6 +523,7 @@ inter_combine(EP_INTER_REGION_PARAMS, int rank, int R, int P, int N, int T, int 
             nvshmemx_putmem_signal_nbi_warp(slot_of(g, g.off_dstage, node, i) + off_payload,
                                             slot + off_payload, static_cast<size_t>(put_bytes),
                                             arrive, 1, NVSHMEM_SIGNAL_ADD, n * P + local);
+            if (net_bytes != nullptr && lane == 0) atomicAdd(net_bytes, put_bytes);
         }
     }
 

@@ -1135,6 +1135,46 @@ def task_ll_clean_after_normal(ctx, backend: str, seed: int, hidden: int = 2048,
     fails.raise_if_any(f"normal mode then clean_low_latency_buffer then low latency ({backend})")
 
 
+def task_internode_network_bytes(ctx, backend: str, case: NCase, rpn: int):
+    """Bytes the internode kernels put to other nodes, counted by the kernels, against the
+    minimum: every (token, other node holding one of its experts) pair once, each way. Returns
+    (counted dispatch, counted combine, minimum pairs) summed over all ranks."""
+    import torch.distributed as dist
+    r, me, dev = ctx.world_size, ctx.rank, ctx.device
+    buf = normal_buffer(ctx, backend, case.hidden)
+    runtime = buf.backend.normal
+    counter = runtime.count_network_bytes(True)
+    try:
+        inputs = [n_inputs(case, s, r) for s in range(r)]
+        x, idx, w = (t.to(dev) for t in inputs[me])
+        layout = buf.get_dispatch_layout(idx, case.num_experts)
+        recv_x, recv_idx, recv_w, _, handle, _ = buf.dispatch(
+            x, topk_idx=idx, topk_weights=w, **layout_args(layout))
+        buf.combine(recv_x, handle, topk_weights=recv_w)
+        sync(ctx)
+        check_status(buf)
+        counted = counter.cpu()
+    finally:
+        runtime.count_network_bytes(False)
+        buf.destroy()
+    per = case.num_experts // r
+    pairs = 0
+    for s, (_, sidx, _) in enumerate(inputs):
+        ranks = torch.where(sidx >= 0, sidx // per, -1)
+        for n in range(r // rpn):
+            if n == s // rpn:
+                continue
+            pairs += int(((ranks >= n * rpn) & (ranks < (n + 1) * rpn)).any(dim=1).sum())
+    d_bytes, c_bytes = runtime.network_bytes_per_token(case.hidden, 2, case.num_topk)
+    on_gloo = dist.get_backend(ctx.group) == "gloo"
+    total = counted.clone() if on_gloo else counted.to(dev)
+    dist.all_reduce(total, group=ctx.group)
+    total = total.cpu()
+    assert int(total[0]) == pairs * d_bytes, (int(total[0]), pairs, d_bytes)
+    assert int(total[1]) == pairs * c_bytes, (int(total[1]), pairs, c_bytes)
+    return int(total[0]), int(total[1]), pairs
+
+
 def task_with_env(ctx, env: dict, fn, *args):
     """Run ``fn(ctx, *args)`` with ``env`` set in this rank's environment (restored after), so
     Buffers created inside see it (e.g. EP_COMM_TIMEOUT_S)."""

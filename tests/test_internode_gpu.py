@@ -96,3 +96,16 @@ def test_stuck_peer_raises_timeout_naming_rank_node_and_phase(gpu_ranks):
                     use_gpu=True, timeout=120)
     print(f"timeout after {got[0]:.2f} s")
     assert got[1] == "skipped"
+
+
+@pytest.mark.parametrize("world,rpn", LAYOUTS, ids=_ids)
+def test_bytes_across_nodes_are_the_minimum(gpu_ranks, world, rpn):
+    """The kernels' own counters: one slot per (token, other node) in dispatch and one partial
+    row per (token, other node) in combine, summed over ranks."""
+    if BACKEND == "reference":
+        pytest.skip("counters belong to the kernels")
+    case = NCase(seed=_seed(16000 + world), hidden=7168, num_topk=8, num_experts=64,
+                 num_tokens=300)
+    got = gpu_ranks(world).run(gc.task_with_env, _env(rpn), gc.task_internode_network_bytes,
+                               BACKEND, case, rpn)
+    print(f"network bytes (dispatch, combine, token-node pairs): {got[0]}")
