@@ -1154,6 +1154,7 @@ def task_internode_network_bytes(ctx, backend: str, case: NCase, rpn: int):
         sync(ctx)
         check_status(buf)
         counted = counter.cpu()
+        d_bytes, c_bytes = runtime.network_bytes_per_token(case.hidden, 2, case.num_topk)
     finally:
         runtime.count_network_bytes(False)
         buf.destroy()
@@ -1165,7 +1166,6 @@ def task_internode_network_bytes(ctx, backend: str, case: NCase, rpn: int):
             if n == s // rpn:
                 continue
             pairs += int(((ranks >= n * rpn) & (ranks < (n + 1) * rpn)).any(dim=1).sum())
-    d_bytes, c_bytes = runtime.network_bytes_per_token(case.hidden, 2, case.num_topk)
     on_gloo = dist.get_backend(ctx.group) == "gloo"
     total = counted.clone() if on_gloo else counted.to(dev)
     dist.all_reduce(total, group=ctx.group)
