@@ -823,10 +823,17 @@ def task_normal_create_destroy(ctx, backend: str, times: int = 100, hidden: int 
         buf.destroy()
 
     def free_bytes():
+        # Ranks may share the GPU (EP_COMM_TEST_RANKS_PER_GPU): the free memory is then the
+        # device's, so every rank empties its caches before anyone measures, and nobody
+        # allocates again before everyone has.
+        import torch.distributed as dist
         sync(ctx)
         gc.collect()
         torch.cuda.empty_cache()
-        return torch.cuda.mem_get_info(dev)[0]
+        dist.barrier(group=ctx.group)
+        free = torch.cuda.mem_get_info(dev)[0]
+        dist.barrier(group=ctx.group)
+        return free
 
     cycle(0)  # first use: kernel modules, CUDA context pieces, allocator pools
     before = free_bytes()
