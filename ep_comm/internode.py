@@ -37,6 +37,8 @@ from ep_comm.intranode import (_INFO_EXPERT_COUNTS, _INFO_NUM_RECV, _PHASES, _WA
                                aligned_counts, decode_status)
 from ep_comm.regions import InternodeRegions
 
+#: Status code of kernels/internode.cu: a rank of this node has no P2P mapping (kStatusNoP2P).
+_STATUS_NO_P2P = 3
 #: Phases of kernels/internode.cu beyond the NVLink kernels' (kPhaseBarrier).
 PHASES = {**_PHASES, 6: "barrier (start of an internode kernel)"}
 WAITED_FOR = {
@@ -89,8 +91,16 @@ class InternodeRuntime:
 
     def check_status(self) -> None:
         """Raise the failure a kernel reported in the status word, if any (no device sync)."""
-        err = decode_status(self.status.read(_INFO_NUM_RECV), self.rank, PHASES, WAITED_FOR,
-                            "the internode kernels", self.node)
+        words = self.status.read(_INFO_NUM_RECV)
+        if words[0] == _STATUS_NO_P2P:
+            err: EpCommError | None = BackendUnavailableError(
+                "kernels", f"rank {self.rank} (node {self.node}) cannot reach rank {words[2]} of "
+                "its node through NVSHMEM's P2P mapping (nvshmem_ptr is null): the ranks given "
+                "as one node must share NVLink or PCIe P2P", "Check ranks_per_node and run "
+                "python -m ep_comm.doctor.")
+        else:
+            err = decode_status(words, self.rank, PHASES, WAITED_FOR, "the internode kernels",
+                                self.node)
         if err is not None:
             self._broken = err
             raise err
