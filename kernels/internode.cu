@@ -104,6 +104,20 @@ __device__ bool wait_word(const uint64_t* p, uint64_t want, bool is_tag, uint64_
 
 __shared__ int s_fail;
 
+// The block waits (a thread per rank) until every rank's flag carries `tag`; a flag that does
+// not come in time is reported and sets s_fail.
+__device__ void wait_all_flags(const uint64_t* flags, uint32_t tag, int R, int phase,
+                               int* host_status, uint32_t* ctrl, uint64_t timeout_ns) {
+    for (int q = threadIdx.x; q < R; q += blockDim.x) {
+        uint64_t seen;
+        if (!wait_word(flags + q, tag, true, timeout_ns, &seen)) {
+            report(host_status, ctrl, kStatusTimeout, phase, q, -1,
+                   static_cast<long long>(static_cast<uint32_t>(seen)), tag);
+            s_fail = 1;
+        }
+    }
+}
+
 // All ranks meet (block 0 does it, the other blocks wait for its word), then block 0 clears
 // the other parity's counters. Returns false on a timeout (reported) for every block.
 __device__ bool start_kernel(const Regions& g, uint32_t tag, int rank, int R, int N,
@@ -119,14 +133,7 @@ __device__ bool start_kernel(const Regions& g, uint32_t tag, int rank, int R, in
             else
                 nvshmemx_signal_op(flags + rank, tag, NVSHMEM_SIGNAL_SET, q);
         }
-        for (int q = threadIdx.x; q < R; q += blockDim.x) {
-            uint64_t seen;
-            if (!wait_word(flags + q, tag, true, timeout_ns, &seen)) {
-                report(host_status, ctrl, kStatusTimeout, kPhaseBarrier, q, -1,
-                       static_cast<long long>(static_cast<uint32_t>(seen)), tag);
-                s_fail = 1;
-            }
-        }
+        wait_all_flags(flags, tag, R, kPhaseBarrier, host_status, ctrl, timeout_ns);
         __syncthreads();
         const int nxt = (tag + 1) & 1;
         for (int n = threadIdx.x; n < N; n += blockDim.x) {
@@ -162,25 +169,6 @@ __device__ __forceinline__ int out_row(const int* prefix, const int* local_pos, 
     const int p = __ldg(local_pos + static_cast<long long>(t) * R + d);
     if (p < 0) return -1;
     return (rank == 0 ? 0 : __ldg(prefix + (rank - 1) * R + d)) + p;
-}
-
-// Float sums of 8 bf16 (one int4) into acc.
-__device__ __forceinline__ void add_bf16x8(float* acc, const int4& v) {
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const float2 f = __bfloat1622float2(h[i]);
-        acc[2 * i] += f.x;
-        acc[2 * i + 1] += f.y;
-    }
-}
-
-__device__ __forceinline__ int4 to_bf16x8(const float* acc) {
-    int4 out;
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&out);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-    return out;
 }
 
 }  // namespace
@@ -221,14 +209,7 @@ inter_notify(EP_INTER_REGION_PARAMS, int rank, int R, int P, int N, int E, int n
             nvshmem_putmem_signal_nbi(mine, mine, static_cast<size_t>(row_ints) * 4, flags + rank,
                                       tag, NVSHMEM_SIGNAL_SET, q);
     }
-    for (int q = threadIdx.x; q < R; q += blockDim.x) {
-        uint64_t seen;
-        if (!wait_word(flags + q, tag, true, timeout_ns, &seen)) {
-            report(host_status, ctrl, kStatusTimeout, kPhaseNotify, q, -1,
-                   static_cast<long long>(static_cast<uint32_t>(seen)), tag);
-            s_fail = 1;
-        }
-    }
+    wait_all_flags(flags, tag, R, kPhaseNotify, host_status, ctrl, timeout_ns);
     __syncthreads();
     if (!s_fail) {
         const int nxt = (tag + 1) & 1;
@@ -499,7 +480,7 @@ inter_combine(EP_INTER_REGION_PARAMS, int rank, int R, int P, int N, int T, int 
                 add_bf16x8(acc, __ldcg(reinterpret_cast<const int4*>(
                                     s_csrc[j] + static_cast<long long>(row) * g.row_c) + c));
             }
-            dst[c] = to_bf16x8(acc);
+            dst[c] = pack_bf16x8(acc);
         }
         if (has_w && lane < K) {
             float acc = 0.0f;
@@ -552,7 +533,7 @@ inter_combine(EP_INTER_REGION_PARAMS, int rank, int R, int P, int N, int T, int 
             }
             if (bias0 != nullptr) add_bf16x8(acc, __ldg(bias0 + out_row + c));
             if (bias1 != nullptr) add_bf16x8(acc, __ldg(bias1 + out_row + c));
-            out[out_row + c] = to_bf16x8(acc);
+            out[out_row + c] = pack_bf16x8(acc);
         }
         if (out_w != nullptr && lane < K) {
             float acc = 0.0f;

@@ -510,24 +510,6 @@ __device__ __forceinline__ int lower_bound(const int* v, int lo, int hi, int key
     return lo;
 }
 
-__device__ __forceinline__ void add_bf16x8(float* acc, int4 v) {
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-        const float2 f = __bfloat1622float2(h[q]);
-        acc[2 * q] += f.x;
-        acc[2 * q + 1] += f.y;
-    }
-}
-
-__device__ __forceinline__ int4 pack_bf16x8(const float* acc) {
-    int4 out;
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&out);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) h[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
-    return out;
-}
-
 // The combine reduction stages kReduceBatch sources x kReduceChunks int4 per lane per round
 // trip (kStagePerLane in all) and keeps kReduceChunks x 8 float accumulators in registers.
 // 4 x 4: a bf16 row of hidden 7168 with up to 4 sources (2 ranks and 2 biases) in 7 round

@@ -111,6 +111,25 @@ __device__ __forceinline__ int to_local(int64_t e, int d, int L) {
     return (e >= lo && e < lo + L) ? static_cast<int>(e - lo) : -1;
 }
 
+// Float sums of 8 bf16 (one int4) into acc, and 8 floats rounded to bf16 (one int4).
+__device__ __forceinline__ void add_bf16x8(float* acc, int4 v) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const float2 f = __bfloat1622float2(h[q]);
+        acc[2 * q] += f.x;
+        acc[2 * q + 1] += f.y;
+    }
+}
+
+__device__ __forceinline__ int4 pack_bf16x8(const float* acc) {
+    int4 out;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&out);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) h[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
+    return out;
+}
+
 // Claim the status word once for the whole buffer (device-memory CAS; atomics on host memory
 // over PCIe are not reliable), write the fields, then the code.
 __device__ __forceinline__ void report(int* host_status, uint32_t* ctrl, int code, int phase,
