@@ -49,20 +49,23 @@ from ep_comm.moe import quantize_weight_fp8  # noqa: E402
 HIDDEN, INTER, EXPERTS, LL_M = 7168, 2048, 64, 512
 SHAPES = {"gate_up": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER)}  # name: (N, K)
 
-# Alternatives timed next to the heuristic (block_m, block_n, block_k, warps, stages[, swap]).
+# Alternatives timed next to the heuristic (block_m, block_n, block_k, warps, stages[, swap]),
+# each with pointer loads and with TMA (the sweep's last config field).
 CONTIG_ALT = {
-    False: [(128, 256, 64, 8, 4), (128, 128, 64, 4, 4), (128, 128, 64, 8, 5), (64, 256, 64, 4, 4)],
+    False: [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 4, 4), (128, 128, 64, 8, 5),
+            (64, 256, 64, 4, 4), (128, 256, 128, 8, 2)],
     # FP8: 128 x 256 = two 128-wide scale halves sharing the A tile (see ep_comm.gemm);
     # 256 x 128 = one weight-scale block per tile, [256] activation-scale vector per K step.
-    True: [(128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (128, 128, 128, 4, 4),
-           (256, 128, 128, 8, 3), (256, 128, 128, 8, 4), (256, 128, 128, 16, 4),
+    True: [(128, 256, 128, 8, 3), (128, 256, 128, 8, 4), (128, 128, 128, 8, 4),
+           (128, 128, 128, 4, 4), (256, 128, 128, 8, 3), (256, 128, 128, 8, 4),
            (64, 256, 128, 4, 4)],
 }
 MASKED_ALT = {
     False: [(64, 128, 64, 4, 5, False), (64, 64, 64, 4, 6, True), (16, 128, 128, 4, 4, True)],
     # FP8 (swap-AB; smem per CTA = stages x (BM + 128) x 128 B): 1 vs 2 vs 3 CTAs per SM.
     True: [(64, 128, 128, 4, 5, True), (64, 128, 128, 4, 3, True), (32, 128, 128, 4, 4, True),
-           (32, 128, 128, 4, 3, True), (16, 128, 128, 4, 4, True), (64, 128, 128, 4, 4, False)],
+           (16, 128, 128, 4, 4, True), (64, 128, 128, 4, 4, False), (64, 64, 128, 4, 6, True),
+           (64, 128, 128, 8, 4, True), (64, 64, 128, 4, 4, True)],
 }
 
 
@@ -202,7 +205,7 @@ def bench_contiguous(args, dev, weights, tokens: int, name: str, log: list, swee
     r["bf16_config"], r["fp8_config"] = list(cfg16.__dict__.values()), list(cfg8.__dict__.values())
     if args.sweep and tokens in ((16,) if DRY_RUN else (128, 512)):
         for use_fp8, alts in CONTIG_ALT.items():
-            for alt in alts:
+            for alt in [(*a_, False, t) for a_ in alts for t in (False, True)]:
                 cfg = gemm.GemmConfig(*alt)
                 aa, bb = (a8, b8) if use_fp8 else (a, b16)
                 try:
@@ -259,7 +262,7 @@ def bench_masked(args, dev, weights, valid: int, name: str, hbm_gbps: float, log
         r[f"{key}_hbm_fraction"] = r[f"{key}_hbm_gbps"] / hbm_gbps
     if args.sweep and valid in ((1,) if DRY_RUN else (1, 32, 64)):
         for use_fp8, alts in MASKED_ALT.items():
-            for alt in alts:
+            for alt in [(*a_, t) for a_ in alts for t in (False, True)]:
                 cfg = gemm.GemmConfig(*alt)
                 aa, bb = (a8, b8) if use_fp8 else (a, b16)
                 try:
@@ -337,7 +340,7 @@ def main(argv=None) -> int:
         rows = [[s["layout"], s["shape"], s["tokens"], "fp8" if s["fp8"] else "bf16",
                  str(s["config"]), s.get("tflops", s.get("hbm_fraction")),
                  s.get("heuristic_tflops", s.get("heuristic_hbm_fraction"))] for s in sweep]
-        common.print_table(None, ["layout", "shape", "tokens", "dtype", "config (bm,bn,bk,w,s[,swap])",
+        common.print_table(None, ["layout", "shape", "tokens", "dtype", "config (bm,bn,bk,w,s,swap,tma)",
                                   "alt (TFLOP/s | HBM frac)", "heuristic"], rows,
                            "\nblock configuration sweep (alternatives vs the heuristic's choice)")
 

@@ -86,6 +86,10 @@ class GemmConfig:
     num_warps: int
     num_stages: int
     swap_ab: bool = False
+    #: Load operands with TMA (tensor descriptors) instead of pointers: None = wherever the
+    #: operands allow it (16-byte aligned base and row strides, ``[E, N]`` dims of the weights
+    #: mergeable into one), False = pointers, True = TMA or an error.
+    tma: bool | None = None
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -193,6 +197,37 @@ def _check_out(out, shape, dev):
     return out
 
 
+def _tma_ok(t: torch.Tensor, rows_dims: int) -> bool:
+    """True when ``t`` (K-contiguous) can be described as a 2D TMA tensor ``[rows, K]`` whose
+    rows merge its first ``rows_dims`` dims: 16-byte aligned base and row stride, and the merged
+    dims laid out as one (``stride[i] == shape[i+1] * stride[i+1]``)."""
+    es = t.element_size()
+    if t.data_ptr() % 16 or (t.stride(-2) * es) % 16 or t.shape[-1] * es < 16:
+        return False
+    return all(t.stride(i) == t.shape[i + 1] * t.stride(i + 1) for i in range(rows_dims - 1))
+
+
+def _use_tma(cfg: GemmConfig, operands: list[tuple[str, torch.Tensor, int]]) -> bool:
+    """Resolves ``cfg.tma`` against the operands [(name, tensor, rows_dims)]."""
+    if cfg.tma is False:
+        return False
+    if not _gg.HAS_TMA:
+        if cfg.tma:
+            _fail("config.tma=True, but this Triton has no host tensor descriptors")
+        return False
+    bad = [name for name, t, dims in operands if not _tma_ok(t, dims)]
+    if bad and cfg.tma:
+        _fail(f"config.tma=True, but {', '.join(bad)} cannot be TMA-described (needs 16-byte "
+              f"aligned base and row stride, and the leading dims contiguous)")
+    return not bad
+
+
+def _desc(t: torch.Tensor, rows_dims: int, block: list[int]):
+    """2D tensor descriptor of ``t`` with its first ``rows_dims`` dims merged into rows."""
+    shape = [t.numel() // t.shape[-1] if t.numel() else 0, t.shape[-1]]
+    return _gg.TensorDescriptor(t, shape, [t.stride(-2), 1], block)
+
+
 # ----------------------------------------------------------------------------- heuristics
 def contiguous_config(num_rows: int, n: int, k: int, num_groups: int, fp8: bool,
                       interpret: bool = False) -> GemmConfig:
@@ -291,15 +326,22 @@ def grouped_gemm_contiguous(a, b, group_end: torch.Tensor, *, group_rows: torch.
     b_s_ = b_s if fp8 else b
     as_strides = (a_s.stride(0), a_s.stride(1)) if fp8 else (0, 0)
     bs_strides = (b_s.stride(0), b_s.stride(1), b_s.stride(2)) if fp8 else (0, 0, 0)
+    tma = _use_tma(cfg, [("a", a, 1), ("b", b, 2)])
+    a_arg, b_arg = a, b
+    if tma:
+        bn = SCALE_BLOCK if fp8 and cfg.block_n > SCALE_BLOCK else cfg.block_n
+        a_arg = _desc(a, 1, [cfg.block_m, cfg.block_k])
+        b_arg = _desc(b, 2, [bn, cfg.block_k])
     _gg.contiguous_gemm_kernel[(num_programs,)](
-        a, b, out, a_s_, b_s_, group_end, group_rows if group_rows is not None else group_end,
+        a_arg, b_arg, out, a_s_, b_s_, group_end, group_rows if group_rows is not None else group_end,
         m, n, k, e,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2),
         out.stride(0), out.stride(1), *as_strides, *bs_strides,
         NUM_PROGRAMS=num_programs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, E_POW2=max(16, triton.next_power_of_2(e)),
         HAS_ROWS=group_rows is not None, FP8=fp8, INTERPRET=interp,
-        EVEN_K=k % cfg.block_k == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        EVEN_K=k % cfg.block_k == 0, TMA=tma, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     return out
 
 
@@ -343,12 +385,14 @@ def grouped_gemm_masked(a, b, count: torch.Tensor, *, expected_m: int | None = N
     as_strides = (a_s.stride(0), a_s.stride(1), a_s.stride(2)) if fp8 else (0, 0, 0)
     bs_strides = (b_s.stride(0), b_s.stride(1), b_s.stride(2)) if fp8 else (0, 0, 0)
     grid = (triton.cdiv(n, cfg.block_n), e)
+    tma = _use_tma(cfg, [("b", b, 2)])
+    b_arg = _desc(b, 2, [cfg.block_n, cfg.block_k]) if tma else b
     _gg.masked_gemm_kernel[grid](
-        a, b, out, a_s_, b_s_, count, m, n, k,
+        a, b_arg, out, a_s_, b_s_, count, m, n, k,
         a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
         out.stride(0), out.stride(1), out.stride(2), *as_strides, *bs_strides,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, FP8=fp8,
-        INTERPRET=interp, EVEN_K=k % cfg.block_k == 0, SWAP_AB=cfg.swap_ab,
+        INTERPRET=interp, EVEN_K=k % cfg.block_k == 0, SWAP_AB=cfg.swap_ab, TMA=tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 

@@ -43,6 +43,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+try:  # host-side TMA descriptors (Triton >= 3.4); without them the kernels load by pointers
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    HAS_TMA = True
+except ImportError:  # pragma: no cover - older Triton
+    TensorDescriptor = None
+    HAS_TMA = False
+
 #: Channels per FP8 scale along K (activations and weights) and rows per weight scale along N.
 SCALE_BLOCK = 128
 #: FP8 MMAs on Hopper add into their accumulator with a reduced-precision adder; Triton's default
@@ -62,26 +69,47 @@ def bf16_rne(x):
 
 
 @triton.jit
-def _dot_tile(a_ptrs, b_ptrs, K, stride_ak, stride_bk,
+def _load_ab(a_src, a_row, b_src, b_row, k0, K, offs_k, stride_ak, stride_bk,
+             A_TMA: tl.constexpr, B_TMA: tl.constexpr, EVEN_K: tl.constexpr):
+    """The K step at ``k0`` of both operands: ``a [BM, BK]`` and ``b [BK, BN]``.
+
+    Pointer mode: ``a_src [BM, 1]`` / ``b_src [1, BN]`` point at k = 0 of the tile's rows /
+    columns. TMA mode: ``a_src`` / ``b_src`` are 2D tensor descriptors (blocks [BM, BK] and
+    [BN, BK]) and ``a_row`` / ``b_row`` the tile's first row in them; TMA zero-fills past the
+    tensor's end, so the K tail needs no mask.
+    """
+    if A_TMA:
+        a = a_src.load([a_row, k0])
+    elif EVEN_K:
+        a = tl.load(a_src + (k0 + offs_k)[None, :] * stride_ak)
+    else:
+        a = tl.load(a_src + (k0 + offs_k)[None, :] * stride_ak,
+                    mask=(k0 + offs_k < K)[None, :], other=0.0)
+    if B_TMA:
+        b = tl.trans(b_src.load([b_row, k0]))
+    elif EVEN_K:
+        b = tl.load(b_src + (k0 + offs_k)[:, None] * stride_bk)
+    else:
+        b = tl.load(b_src + (k0 + offs_k)[:, None] * stride_bk,
+                    mask=(k0 + offs_k < K)[:, None], other=0.0)
+    return a, b
+
+
+@triton.jit
+def _dot_tile(a_src, a_row, b_src, b_row, K, stride_ak, stride_bk,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              INTERPRET: tl.constexpr, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr):
-    """One bf16 output tile: the K loop over ``a_ptrs [BM, 1]`` rows and ``b_ptrs [1, BN]``
-    columns. Returns the fp32 accumulator, ``[BN, BM]`` when ``SWAP_AB`` else ``[BM, BN]``."""
+              INTERPRET: tl.constexpr, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr,
+              A_TMA: tl.constexpr, B_TMA: tl.constexpr):
+    """One bf16 output tile: the K loop over the operands that ``_load_ab`` describes. Returns
+    the fp32 accumulator, ``[BN, BM]`` when ``SWAP_AB`` else ``[BM, BN]``."""
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptrs + offs_k[None, :] * stride_ak  # [BM, BK]
-    b_ptrs = b_ptrs + offs_k[:, None] * stride_bk  # [BK, BN]
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            k_ok = offs_k + k0 < K
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        a, b = _load_ab(a_src, a_row, b_src, b_row, k0, K, offs_k, stride_ak, stride_bk,
+                        A_TMA, B_TMA, EVEN_K)
         if INTERPRET:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -89,22 +117,21 @@ def _dot_tile(a_ptrs, b_ptrs, K, stride_ak, stride_bk,
             acc = tl.dot(tl.trans(b), tl.trans(a), acc)
         else:
             acc = tl.dot(a, b, acc)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
     return acc
 
 
 @triton.jit
-def _fp8_dot_tile(a_ptrs, b_ptrs, as_ptrs, bs_ptr, K, stride_ak, stride_bk, stride_ask,
-                  stride_bsk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  INTERPRET: tl.constexpr, SWAP_AB: tl.constexpr):
+def _fp8_dot_tile(a_src, a_row, b_src, b_row, as_ptrs, bs_ptr, K, stride_ak, stride_bk,
+                  stride_ask, stride_bsk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  INTERPRET: tl.constexpr, SWAP_AB: tl.constexpr,
+                  A_TMA: tl.constexpr, B_TMA: tl.constexpr):
     """One FP8 output tile with per-128 K-block scales, ``BLOCK_K`` = 128 = the scale block.
 
-    ``a_ptrs [BM, 1]`` / ``b_ptrs [1, BN]`` point at k = 0 of the tile's rows / columns (the
-    columns lie inside one 128-row block of the weight scales: ``BLOCK_N`` divides 128);
-    ``as_ptrs [BM]`` at the rows' k-block-0 activation scales, ``bs_ptr`` (scalar) at the
-    tile's k-block-0 weight scale. Returns the fp32 accumulator ``[BM, BN]`` (``[BN, BM]`` when
-    ``SWAP_AB``) of ``sum_kb s[kb] * (a_kb @ b_kb)`` with ``s[kb] = a_s[row, kb] * b_s[kb]``.
+    Operands as in ``_load_ab`` (the columns lie inside one 128-row block of the weight
+    scales: ``BLOCK_N`` divides 128); ``as_ptrs [BM]`` point at the rows' k-block-0 activation
+    scales, ``bs_ptr`` (scalar) at the tile's k-block-0 weight scale. Returns the fp32
+    accumulator ``[BM, BN]`` (``[BN, BM]`` when ``SWAP_AB``) of ``sum_kb s[kb] * (a_kb @ b_kb)``
+    with ``s[kb] = a_s[row, kb] * b_s[kb]``.
 
     Rescaled accumulator: instead of ``acc += dot(a, b) * s`` (a second [BM, BN] fp32 register
     tile for the product and a [BN] vector of weight scales, which spilled at 128 x 256), the
@@ -115,8 +142,6 @@ def _fp8_dot_tile(a_ptrs, b_ptrs, as_ptrs, bs_ptr, K, stride_ak, stride_bk, stri
     ``acc'`` stays finite while ``|acc| / s`` < 3e38.
     """
     offs_k = tl.arange(0, 128)
-    a_ptrs = a_ptrs + offs_k[None, :] * stride_ak  # [BM, 128]
-    b_ptrs = b_ptrs + offs_k[:, None] * stride_bk  # [128, BN]
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
@@ -127,8 +152,8 @@ def _fp8_dot_tile(a_ptrs, b_ptrs, as_ptrs, bs_ptr, K, stride_ak, stride_bk, stri
     a_s_next = tl.load(as_ptrs)
     b_s_next = tl.load(bs_ptr)
     for kb in range(0, nk):
-        a = tl.load(a_ptrs)
-        b = tl.load(b_ptrs)
+        a, b = _load_ab(a_src, a_row, b_src, b_row, kb * 128, K, offs_k, stride_ak, stride_bk,
+                        A_TMA, B_TMA, True)
         s = tl.maximum(a_s_next * b_s_next, 1e-30)  # [BM]
         kn = tl.minimum(kb + 1, nk - 1)  # the last step reloads its own block (unused)
         a_s_next = tl.load(as_ptrs + kn * stride_ask)
@@ -142,8 +167,6 @@ def _fp8_dot_tile(a_ptrs, b_ptrs, as_ptrs, bs_ptr, K, stride_ak, stride_bk, stri
         else:
             acc = tl.dot(a, b, acc * r[:, None], max_num_imprecise_acc=FP8_PROMOTE_K)
         s_prev = s
-        a_ptrs += 128 * stride_ak
-        b_ptrs += 128 * stride_bk
     if SWAP_AB:
         acc = acc * s_prev[None, :]
     else:
@@ -152,20 +175,20 @@ def _fp8_dot_tile(a_ptrs, b_ptrs, as_ptrs, bs_ptr, K, stride_ak, stride_bk, stri
 
 
 @triton.jit
-def _fp8_dot_tile_pair(a_ptrs, b0_ptrs, b1_ptrs, as_ptrs, bs0_ptr, bs1_ptr, K, stride_ak,
-                       stride_bk, stride_ask, stride_bsk,
-                       BLOCK_M: tl.constexpr, INTERPRET: tl.constexpr):
+def _fp8_dot_tile_pair(a_src, a_row, b0_src, b1_src, b_row, as_ptrs, bs0_ptr, bs1_ptr, K,
+                       stride_ak, stride_bk, stride_ask, stride_bsk,
+                       BLOCK_M: tl.constexpr, INTERPRET: tl.constexpr,
+                       A_TMA: tl.constexpr, B_TMA: tl.constexpr):
     """``_fp8_dot_tile`` for a [BM, 256] tile as two [BM, 128] accumulators that share each
     activation tile (one A load feeds two MMAs: half the A traffic of two 128-wide tiles).
 
-    ``b0_ptrs`` / ``b1_ptrs [1, 128]`` point at k = 0 of the two halves' columns (clamped into
-    the expert's N rows), ``bs0_ptr`` / ``bs1_ptr`` (scalars) at their k-block-0 weight scales.
-    Returns (acc0, acc1), fp32 [BM, 128] each.
+    Pointer mode: ``b0_src`` / ``b1_src [1, 128]`` point at k = 0 of the two halves' columns
+    (clamped into the expert's N rows). TMA mode: both are the weight descriptor (block
+    [128, 128]) and the halves start at rows ``b_row`` and ``b_row + 128``. ``bs0_ptr`` /
+    ``bs1_ptr`` (scalars) point at the halves' k-block-0 weight scales. Returns (acc0, acc1),
+    fp32 [BM, 128] each.
     """
     offs_k = tl.arange(0, 128)
-    a_ptrs = a_ptrs + offs_k[None, :] * stride_ak  # [BM, 128]
-    b0_ptrs = b0_ptrs + offs_k[:, None] * stride_bk  # [128, 128]
-    b1_ptrs = b1_ptrs + offs_k[:, None] * stride_bk
     acc0 = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
     s0_prev = tl.full((BLOCK_M,), 1.0, tl.float32)
@@ -175,9 +198,12 @@ def _fp8_dot_tile_pair(a_ptrs, b0_ptrs, b1_ptrs, as_ptrs, bs0_ptr, bs1_ptr, K, s
     b0_s_next = tl.load(bs0_ptr)
     b1_s_next = tl.load(bs1_ptr)
     for kb in range(0, nk):
-        a = tl.load(a_ptrs)
-        b0 = tl.load(b0_ptrs)
-        b1 = tl.load(b1_ptrs)
+        a, b0 = _load_ab(a_src, a_row, b0_src, b_row, kb * 128, K, offs_k, stride_ak, stride_bk,
+                         A_TMA, B_TMA, True)
+        if B_TMA:
+            b1 = tl.trans(b1_src.load([b_row + 128, kb * 128]))
+        else:
+            b1 = tl.load(b1_src + (kb * 128 + offs_k)[:, None] * stride_bk)
         s0 = tl.maximum(a_s_next * b0_s_next, 1e-30)
         s1 = tl.maximum(a_s_next * b1_s_next, 1e-30)
         kn = tl.minimum(kb + 1, nk - 1)
@@ -192,9 +218,6 @@ def _fp8_dot_tile_pair(a_ptrs, b0_ptrs, b1_ptrs, as_ptrs, bs0_ptr, bs1_ptr, K, s
         acc1 = tl.dot(a, b1, acc1 * (s1_prev / s1)[:, None], max_num_imprecise_acc=FP8_PROMOTE_K)
         s0_prev = s0
         s1_prev = s1
-        a_ptrs += 128 * stride_ak
-        b0_ptrs += 128 * stride_bk
-        b1_ptrs += 128 * stride_bk
     return acc0 * s0_prev[:, None], acc1 * s1_prev[:, None]
 
 
@@ -222,7 +245,11 @@ def contiguous_gemm_kernel(
         stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
         NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, E_POW2: tl.constexpr, HAS_ROWS: tl.constexpr, FP8: tl.constexpr,
-        INTERPRET: tl.constexpr, EVEN_K: tl.constexpr):
+        INTERPRET: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr):
+    """``TMA``: ``a_ptr`` is a descriptor of ``a [M, K]`` (block [BM, BK]) and ``b_ptr`` one of
+    ``b`` viewed as ``[E * N, K]`` (block [BN, BK], or [128, 128] for the FP8 256-wide pair);
+    rows of a tile past its expert's valid rows (or columns past N) then load the next group's
+    data (or TMA's zeros past the end) into rows / columns that are never stored."""
     pid = tl.program_id(0)
     # Per-expert row ranges and tile counts (E <= E_POW2, a few hundred at most), once per
     # program: the tile loop below only selects from these vectors.
@@ -253,36 +280,48 @@ def contiguous_gemm_kernel(
         # Clamp instead of masking: out-of-range rows/columns reload a valid one, never stored.
         rows_a = (start + tl.minimum(offs_m, nrows - 1)).to(tl.int64)
         e64 = e.to(tl.int64)
-        a_ptrs = a_ptr + rows_a[:, None] * stride_am
+        a_row = start + pid_m * BLOCK_M  # TMA coordinates
+        b_row = e * N + pid_n * BLOCK_N
+        if TMA:
+            a_src = a_ptr
+        else:
+            a_src = a_ptr + rows_a[:, None] * stride_am
         c_base = c_ptr + start.to(tl.int64) * stride_cm
         if FP8 and BLOCK_N > 128:  # two 128-column halves, one scale block each
             offs_n = pid_n * BLOCK_N + tl.arange(0, 128)
-            b_e = b_ptr + e64 * stride_be
-            b0_ptrs = b_e + tl.minimum(offs_n, N - 1)[None, :].to(tl.int64) * stride_bn
-            b1_ptrs = b_e + tl.minimum(offs_n + 128, N - 1)[None, :].to(tl.int64) * stride_bn
+            if TMA:
+                b0_src = b_ptr
+                b1_src = b_ptr
+            else:
+                b_e = b_ptr + e64 * stride_be
+                b0_src = b_e + tl.minimum(offs_n, N - 1)[None, :].to(tl.int64) * stride_bn
+                b1_src = b_e + tl.minimum(offs_n + 128, N - 1)[None, :].to(tl.int64) * stride_bn
             nb = pid_n * (BLOCK_N // 128)  # scale block of the first half
             bs_e = bs_ptr + e64 * stride_bse
             bs1 = tl.minimum(nb + 1, (N - 1) // 128)  # a half past N: clamped, never stored
             acc0, acc1 = _fp8_dot_tile_pair(
-                a_ptrs, b0_ptrs, b1_ptrs, as_ptr + rows_a * stride_asm, bs_e + nb * stride_bsn,
-                bs_e + bs1 * stride_bsn, K, stride_ak, stride_bk, stride_ask, stride_bsk,
-                BLOCK_M, INTERPRET)
+                a_src, a_row, b0_src, b1_src, b_row, as_ptr + rows_a * stride_asm,
+                bs_e + nb * stride_bsn, bs_e + bs1 * stride_bsn, K, stride_ak, stride_bk,
+                stride_ask, stride_bsk, BLOCK_M, INTERPRET, TMA, TMA)
             _store_tile(c_base, acc0, offs_m, offs_n, nrows, N, stride_cm, stride_cn,
                         INTERPRET, False)
             _store_tile(c_base, acc1, offs_m, offs_n + 128, nrows, N, stride_cm, stride_cn,
                         INTERPRET, False)
         else:
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            cols_b = tl.minimum(offs_n, N - 1)
-            b_ptrs = b_ptr + e64 * stride_be + cols_b[None, :].to(tl.int64) * stride_bn
+            if TMA:
+                b_src = b_ptr
+            else:
+                cols_b = tl.minimum(offs_n, N - 1)
+                b_src = b_ptr + e64 * stride_be + cols_b[None, :].to(tl.int64) * stride_bn
             if FP8:  # BLOCK_N divides 128: the tile's columns share one weight-scale block
                 bs_ptrs = bs_ptr + e64 * stride_bse + ((pid_n * BLOCK_N) // 128) * stride_bsn
-                acc = _fp8_dot_tile(a_ptrs, b_ptrs, as_ptr + rows_a * stride_asm, bs_ptrs, K,
-                                    stride_ak, stride_bk, stride_ask, stride_bsk, BLOCK_M,
-                                    BLOCK_N, INTERPRET, False)
+                acc = _fp8_dot_tile(a_src, a_row, b_src, b_row, as_ptr + rows_a * stride_asm,
+                                    bs_ptrs, K, stride_ak, stride_bk, stride_ask, stride_bsk,
+                                    BLOCK_M, BLOCK_N, INTERPRET, False, TMA, TMA)
             else:
-                acc = _dot_tile(a_ptrs, b_ptrs, K, stride_ak, stride_bk, BLOCK_M, BLOCK_N,
-                                BLOCK_K, INTERPRET, EVEN_K, False)
+                acc = _dot_tile(a_src, a_row, b_src, b_row, K, stride_ak, stride_bk, BLOCK_M,
+                                BLOCK_N, BLOCK_K, INTERPRET, EVEN_K, False, TMA, TMA)
             _store_tile(c_base, acc, offs_m, offs_n, nrows, N, stride_cm, stride_cn,
                         INTERPRET, False)
 
@@ -295,13 +334,21 @@ def masked_gemm_kernel(
         stride_ce, stride_cm, stride_cn,
         stride_ase, stride_asm, stride_ask, stride_bse, stride_bsn, stride_bsk,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        FP8: tl.constexpr, INTERPRET: tl.constexpr, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr):
+        FP8: tl.constexpr, INTERPRET: tl.constexpr, EVEN_K: tl.constexpr, SWAP_AB: tl.constexpr,
+        TMA: tl.constexpr):
+    """``TMA``: ``b_ptr`` is a descriptor of the weights viewed as ``[E * N, K]`` (block
+    [BN, BK]); the activations are always loaded through (clamped) pointers, so rows past an
+    expert's count are never read."""
     pid_n = tl.program_id(0)
     e = tl.program_id(1).to(tl.int64)
     count = tl.minimum(tl.load(count_ptr + e), M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols_b = tl.minimum(offs_n, N - 1)
-    b_ptrs = b_ptr + e * stride_be + cols_b[None, :].to(tl.int64) * stride_bn
+    b_row = (e * N + pid_n * BLOCK_N).to(tl.int32)
+    if TMA:
+        b_src = b_ptr
+    else:
+        cols_b = tl.minimum(offs_n, N - 1)
+        b_src = b_ptr + e * stride_be + cols_b[None, :].to(tl.int64) * stride_bn
     # FP8: BLOCK_N divides 128, so the tile's weight rows share one scale block.
     bs_ptrs = bs_ptr + e * stride_bse + ((pid_n * BLOCK_N) // 128) * stride_bsn
     c_base = c_ptr + e * stride_ce
@@ -311,10 +358,11 @@ def masked_gemm_kernel(
         a_ptrs = a_ptr + e * stride_ae + rows_a[:, None] * stride_am
         if FP8:
             as_ptrs = as_ptr + e * stride_ase + rows_a * stride_asm
-            acc = _fp8_dot_tile(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, K, stride_ak, stride_bk,
-                                stride_ask, stride_bsk, BLOCK_M, BLOCK_N, INTERPRET, SWAP_AB)
+            acc = _fp8_dot_tile(a_ptrs, 0, b_src, b_row, as_ptrs, bs_ptrs, K, stride_ak,
+                                stride_bk, stride_ask, stride_bsk, BLOCK_M, BLOCK_N, INTERPRET,
+                                SWAP_AB, False, TMA)
         else:
-            acc = _dot_tile(a_ptrs, b_ptrs, K, stride_ak, stride_bk, BLOCK_M, BLOCK_N, BLOCK_K,
-                            INTERPRET, EVEN_K, SWAP_AB)
+            acc = _dot_tile(a_ptrs, 0, b_src, b_row, K, stride_ak, stride_bk, BLOCK_M, BLOCK_N,
+                            BLOCK_K, INTERPRET, EVEN_K, SWAP_AB, False, TMA)
         _store_tile(c_base, acc, offs_m, offs_n, count, N, stride_cm, stride_cn, INTERPRET,
                     SWAP_AB)

@@ -6,6 +6,7 @@ DeepSeek-V3 shapes on a GPU.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -111,15 +112,21 @@ SMALL = gemm.GemmConfig(16, 32, 32, 4, 1)
 SMALL_FP8 = gemm.GemmConfig(16, 32, 128, 4, 1)
 
 
+TMA_IDS = {False: "pointers", True: "tma"}
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=TMA_IDS.get)
 @pytest.mark.parametrize("use_fp8", [False, True], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("counts,alignment", [
     ([5, 0, 37, 16], 1),          # an empty expert, counts off the block size
     ([0, 0, 3, 0, 40, 1], 16),    # mostly empty experts, groups padded to 16 rows
     ([33], 1),                    # a single expert
 ])
-def test_contiguous_gemm_ragged_groups_match_float64(counts, alignment, use_fp8):
+def test_contiguous_gemm_ragged_groups_match_float64(counts, alignment, use_fp8, tma):
+    # TMA: tiles past a group's rows load the next group's rows (never stored); pointers: clamped
+    cfg = dataclasses.replace(SMALL_FP8 if use_fp8 else SMALL, tma=tma)
     check_contiguous(counts, n=96, k=256, use_fp8=use_fp8, alignment=alignment, seed=len(counts),
-                     config=SMALL_FP8 if use_fp8 else SMALL)
+                     config=cfg)
 
 
 @pytest.mark.parametrize("use_fp8", [False, True], ids=["bf16", "fp8"])
@@ -129,11 +136,12 @@ def test_contiguous_gemm_default_config_and_padding_rows_computed(use_fp8):
                      pass_rows=False)
 
 
+@pytest.mark.parametrize("tma", [False, True], ids=TMA_IDS.get)
 @pytest.mark.parametrize("n", [300, 256, 128], ids=["n300_half_past_n", "n256", "n128"])
-def test_contiguous_fp8_256_wide_tiles_two_scale_blocks_match_float64(n):
+def test_contiguous_fp8_256_wide_tiles_two_scale_blocks_match_float64(n, tma):
     # BLOCK_N 256 = two 128-column halves with their own weight scales; at N=300 the second
     # half of the last tile is partly past N and at N=128 wholly past it (clamped, not stored).
-    cfg = gemm.GemmConfig(16, 256, 128, 4, 1)
+    cfg = gemm.GemmConfig(16, 256, 128, 4, 1, tma=tma)
     check_contiguous([5, 0, 21, 16], n=n, k=384, use_fp8=True, alignment=1, seed=11, config=cfg)
 
 
@@ -179,18 +187,33 @@ def test_fp8_config_rules_are_enforced():
                                  config=gemm.GemmConfig(16, 256, 128, 4, 1))
 
 
-def test_contiguous_gemm_k_not_multiple_of_block():
-    check_contiguous([9, 0, 17], n=48, k=72, use_fp8=False, alignment=1, seed=4, config=SMALL)
+@pytest.mark.parametrize("tma", [False, True], ids=TMA_IDS.get)
+def test_contiguous_gemm_k_not_multiple_of_block(tma):
+    check_contiguous([9, 0, 17], n=48, k=72, use_fp8=False, alignment=1, seed=4,
+                     config=dataclasses.replace(SMALL, tma=tma))
+
+
+def test_tma_falls_back_to_pointers_where_operands_do_not_allow_it():
+    # K = 12 bf16: a 24-byte row stride is not 16-byte aligned, so TMA cannot describe it;
+    # auto picks pointers, tma=True says why it cannot.
+    check_contiguous([3, 5], n=32, k=12, use_fp8=False, alignment=1, seed=14,
+                     config=dataclasses.replace(SMALL, block_k=16))
+    g = torch.Generator().manual_seed(15)
+    ends, rows, m = counts_to_groups([3, 5], 1)
+    with pytest.raises(InputError, match="cannot be TMA-described"):
+        gemm.grouped_gemm_contiguous(make_act(m, 12, False, g), make_weight(2, 32, 12, False, g),
+                                     ends, config=gemm.GemmConfig(16, 32, 16, 4, 1, tma=True))
 
 
 def test_contiguous_gemm_all_experts_empty_writes_nothing():
     check_contiguous([0, 0, 0], n=32, k=128, use_fp8=False, alignment=1, seed=5, config=SMALL)
 
 
+@pytest.mark.parametrize("tma", [False, True], ids=TMA_IDS.get)
 @pytest.mark.parametrize("use_fp8", [False, True], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("swap_ab", [False, True], ids=["mk", "swap"])
-def test_masked_gemm_reads_and_writes_only_valid_rows(use_fp8, swap_ab):
-    cfg = gemm.GemmConfig(16, 32, 128 if use_fp8 else 32, 4, 1, swap_ab=swap_ab)
+def test_masked_gemm_reads_and_writes_only_valid_rows(use_fp8, swap_ab, tma):
+    cfg = gemm.GemmConfig(16, 32, 128 if use_fp8 else 32, 4, 1, swap_ab=swap_ab, tma=tma)
     # 0 tokens, 1 token, a count spanning 3 m tiles, a full expert, a count above M (clamped)
     check_masked([0, 1, 37, 48, 60], m=48, n=96, k=256, use_fp8=use_fp8, seed=6, config=cfg)
 
@@ -260,12 +283,15 @@ H, I = 7168, 2048
 
 @pytest.mark.gpu
 @gpu_only
+@pytest.mark.parametrize("tma", [False, True], ids=TMA_IDS.get)
 @pytest.mark.parametrize("use_fp8", [False, True], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("n,k", [(2 * I, H), (H, I)], ids=["gate_up", "down"])
-def test_gpu_contiguous_gemm_deepseek_shapes(n, k, use_fp8):
+def test_gpu_contiguous_gemm_deepseek_shapes(n, k, use_fp8, tma):
     counts = [0, 1, 127, 128, 129, 517, 1000, 0, 64, 300, 2, 255, 256, 0, 33, 700]
-    check_contiguous(counts, n=n, k=k, use_fp8=use_fp8, alignment=128, seed=100)
-    check_contiguous(counts, n=n, k=k, use_fp8=use_fp8, alignment=1, seed=101)
+    m = sum(counts)
+    cfg = dataclasses.replace(gemm.contiguous_config(m, n, k, len(counts), use_fp8), tma=tma)
+    check_contiguous(counts, n=n, k=k, use_fp8=use_fp8, alignment=128, seed=100, config=cfg)
+    check_contiguous(counts, n=n, k=k, use_fp8=use_fp8, alignment=1, seed=101, config=cfg)
 
 
 @pytest.mark.gpu
@@ -273,9 +299,11 @@ def test_gpu_contiguous_gemm_deepseek_shapes(n, k, use_fp8):
 @pytest.mark.parametrize("use_fp8", [False, True], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("n,k", [(2 * I, H), (H, I)], ids=["gate_up", "down"])
 @pytest.mark.parametrize("expected_m", [None, 8, 128])
-def test_gpu_masked_gemm_deepseek_shapes(n, k, use_fp8, expected_m):
+@pytest.mark.parametrize("tma", [False, True], ids=TMA_IDS.get)
+def test_gpu_masked_gemm_deepseek_shapes(n, k, use_fp8, expected_m, tma):
     counts = [0, 1, 7, 16, 17, 64, 65, 200, 256, 3, 0, 40]
-    check_masked(counts, m=256, n=n, k=k, use_fp8=use_fp8, seed=102, expected_m=expected_m)
+    cfg = dataclasses.replace(gemm.masked_config(expected_m, n, k, use_fp8), tma=tma)
+    check_masked(counts, m=256, n=n, k=k, use_fp8=use_fp8, seed=102, config=cfg)
 
 
 @pytest.mark.gpu
@@ -285,7 +313,9 @@ def test_gpu_masked_gemm_deepseek_shapes(n, k, use_fp8, expected_m):
                                  gemm.GemmConfig(128, 256, 128, 8, 4), gemm.GemmConfig(256, 128, 128, 8, 4),
                                  gemm.GemmConfig(256, 128, 128, 16, 4), gemm.GemmConfig(128, 128, 128, 4, 4)],
                          ids=lambda c: f"{c.block_m}x{c.block_n}w{c.num_warps}s{c.num_stages}")
-def test_gpu_contiguous_fp8_every_swept_config_is_right(cfg):
+@pytest.mark.parametrize("tma", [False, True], ids=TMA_IDS.get)
+def test_gpu_contiguous_fp8_every_swept_config_is_right(cfg, tma):
     # bench/gemm.py times these configurations: each must also compute the right thing.
     counts = [0, 1, 127, 129, 517, 0, 64, 300]
-    check_contiguous(counts, n=2 * I, k=H, use_fp8=True, alignment=1, seed=103, config=cfg)
+    check_contiguous(counts, n=2 * I, k=H, use_fp8=True, alignment=1, seed=103,
+                     config=dataclasses.replace(cfg, tma=tma))
