@@ -18,38 +18,34 @@ Block-size heuristic (``contiguous_config`` / ``masked_config``)
 ---------------------------------------------------------------
 H100/H200 (sm_90), 132 SMs, 227 KB shared memory per block:
 
+* operand loads: TMA (host tensor descriptors; ``GemmConfig.tma`` None = wherever the
+  operands allow it, else pointer loads). Third H200 run, same configurations: BF16 gate_up at
+  512 tokens 520-580 TFLOP/s with pointers, 604-633 with TMA; FP8 765-803 vs 846-890. The masked
+  kernel loads only the weights by TMA (the activations by clamped pointers: rows past an
+  expert's count are never read); there TMA and pointers measured the same.
 * contiguous: ``BLOCK_M`` = 64 when the average rows per expert (``M / E``, known on the host)
   is <= 64 (decode-sized groups: half the padding waste), else 128. ``BLOCK_N`` = 256 when
   N >= 256 (one A tile feeds twice the MMA work; 128 x 256 is the largest fp32 accumulator that
   fits 8 warps' registers), else 128. ``BLOCK_K`` = 64 for bf16, 128 for FP8 (= the scale
-  block: the scales are applied once per K step). ``num_stages`` at BLOCK_M 128: 3 for bf16,
-  4 for FP8 (4 x 48 KB; 723 vs 707 TFLOP/s at 512 tokens on H200), 4 at BLOCK_M 64; 8 warps at
-  BLOCK_M 128, 4 at 64. The grid is persistent: one program per SM.
-  FP8 measured 300 TFLOP/s at 128 x 256 on the first H200 run (and 125-180 at 4 warps) with
-  ``acc += dot(a, b) * (a_s[:, None] * b_s[None, :])``: the product tile and a [BN] vector of
-  weight scales doubled the registers of the accumulator and spilled; 128 x 128 x 8 warps (no
-  spill) reached 514. The kernel now keeps the accumulator in units of the current scale
-  (``kernels/grouped_gemm.py``: one in-place MMA per K step, a [BM] rescale vector, a scalar
-  weight scale per 128-column half), so 128 x 256 (two 128-wide halves sharing each A tile)
-  fits 8 warps without spilling; ``bench/gemm.py --sweep`` times it next to 128 x 128.
-  Second H200 run: 651/687/707/747 TFLOP/s (gate_up, 128-1024 tokens), 128 x 128 ~450. The
-  per-K-step scale loads were then found synchronous (loaded and used in the same step, so
-  every step waited a global-memory latency); they are now prefetched one step ahead. The
-  sweep also times 256 x 128 (8 and 16 warps: one scalar weight scale per step).
+  block: the scales are applied once per K step). 8 warps and 3 stages at BLOCK_M 128, 4 warps
+  and 4 stages at 64. FP8 with >= 256 rows per expert: 256 x 128 (one scalar weight scale and a
+  [256] activation-scale vector per K step; 842-890 TFLOP/s at 512 tokens vs 758-864 for
+  128 x 256), 3 stages (3 x 48 KB). The grid is persistent: one program per SM.
+  FP8 history: 300 TFLOP/s at 128 x 256 on the first H200 run with
+  ``acc += dot(a, b) * (a_s[:, None] * b_s[None, :])`` (the product tile spilled); the
+  accumulator is now kept in units of the current scale (``kernels/grouped_gemm.py``: one
+  in-place MMA per K step), the scales are prefetched one K step ahead, and TMA feeds the MMAs.
   Row-major activation scales are copied column-major once per call (M * K / 128 floats,
   about 1% of the A bytes) so each K step loads them as one contiguous vector.
 * masked (decode; weight-bandwidth bound): the token tile ``BLOCK_M`` covers the expected valid
   rows per expert (``expected_m``, default 64: up to 64 tokens per expert read each weight tile
-  exactly once), rounded up to a power of two, at least 16. Up to 64 it uses ``SWAP_AB``
-  (weights in the MMA's M dimension, tokens in its N dimension). ``BLOCK_N`` = 128, ``BLOCK_K``
-  = 64 (bf16) / 128 (FP8), 4 warps, 5 stages: 4 weight tiles (64-128 KB) in flight per SM.
-  FP8: as many stages as keep 2 CTAs per SM (stages x (BM + 128) x 128 B <= 110 KB: 6 at
-  BM 16, 5 at 32, 4 at 64); the second H200 run had 5 stages at BM 64 (120 KB, 1 CTA per SM):
-  0.37 of HBM against 0.58-0.64 with 4 stages.
-  Measured on H200 (first run): bf16 0.87-0.99 of HBM read bandwidth at 1 to 64 tokens; FP8
-  0.76-0.83 at 1 to 32 tokens but 0.47-0.50 at 64 (the spilling scale product above, now
-  gone); (16, 128) swap-AB is as good at 1 token and 4x worse at 64 (weights re-read per
-  16-token tile), so BLOCK_M follows ``expected_m``.
+  exactly once), rounded up to a power of two, at least 16. ``BLOCK_N`` = 128, ``BLOCK_K`` = 64
+  (bf16) / 128 (FP8). bf16 up to 64: ``SWAP_AB`` (weights in the MMA's M dimension, tokens in
+  its N dimension), 4 warps, 5 stages: 0.87-0.99 of HBM read bandwidth. FP8 up to 32: swap-AB,
+  4 warps, 4 stages (0.83-0.90 at 1 token; 6 stages measured 0.80-0.86: fewer CTAs per SM);
+  FP8 at 64: no swap, 64 x 128, 4 stages (0.79-0.82; swap-AB there measured 0.60-0.68).
+  Above 64: 8 warps, 4 stages, no swap. (16, 128) is as good at 1 token and 4x worse at 64
+  (weights re-read per 16-token tile), so BLOCK_M follows ``expected_m``.
 * under ``TRITON_INTERPRET=1`` (CPU tests) small blocks, and bf16 operands are upcast to fp32
   inside the kernel (the interpreter's bf16 ``tl.dot`` is wrong).
 
@@ -236,11 +232,13 @@ def contiguous_config(num_rows: int, n: int, k: int, num_groups: int, fp8: bool,
         avg = num_rows / max(num_groups, 1)
         return GemmConfig(16 if avg <= 16 else 32, 32, 128 if fp8 else 32, 4, 1)
     avg = num_rows / max(num_groups, 1)
+    if fp8 and avg >= 256:  # one weight-scale block per tile; no padding waste at >= 256 rows
+        return GemmConfig(256, 128, 128, num_warps=8, num_stages=3)
     block_m = 64 if avg <= 64 else 128
     block_n = 256 if n >= 256 else 128
     block_k = 128 if fp8 else 64
     if block_m == 128:
-        return GemmConfig(block_m, block_n, block_k, num_warps=8, num_stages=4 if fp8 else 3)
+        return GemmConfig(block_m, block_n, block_k, num_warps=8, num_stages=3)
     return GemmConfig(block_m, block_n, block_k, num_warps=4, num_stages=4)
 
 
@@ -253,10 +251,11 @@ def masked_config(expected_m: int | None, n: int, k: int, fp8: bool,
         return GemmConfig(min(block_m, 32), 32, 128 if fp8 else 32, 4, 1, swap_ab=block_m <= 16)
     block_m = min(block_m, 128)
     block_k = 128 if fp8 else 64
+    if fp8 and block_m <= 32:
+        return GemmConfig(block_m, 128, block_k, num_warps=4, num_stages=4, swap_ab=True)
+    if fp8 and block_m == 64:
+        return GemmConfig(64, 128, block_k, num_warps=4, num_stages=4)
     if block_m <= 64:
-        if fp8:  # 2 CTAs per SM: stages x (BM + 128) x 128 bytes <= ~110 KB (16: 6, 32: 5, 64: 4)
-            stages = min(6, (110 * 1024) // ((block_m + 128) * 128))
-            return GemmConfig(block_m, 128, block_k, num_warps=4, num_stages=stages, swap_ab=True)
         return GemmConfig(block_m, 128, block_k, num_warps=4, num_stages=5, swap_ab=True)
     return GemmConfig(block_m, 128, block_k, num_warps=8, num_stages=4)
 

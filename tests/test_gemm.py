@@ -266,15 +266,21 @@ def test_gemm_rejects_bad_arguments_with_clear_errors():
 def test_block_size_heuristic_follows_tokens_per_expert():
     small = gemm.contiguous_config(64 * 32, 4096, 7168, 64, fp8=False)
     large = gemm.contiguous_config(64 * 512, 4096, 7168, 64, fp8=True)
-    assert small.block_m == 64 and large.block_m == 128 and large.block_k == 128
+    mid = gemm.contiguous_config(64 * 128, 4096, 7168, 64, fp8=True)
+    assert small.block_m == 64 and large.block_m == 256 and large.block_k == 128
+    assert (mid.block_m, mid.block_n) == (128, 256)
+    for cfg in (small, large, mid):  # 3 or 4 stages of A + B tiles fit 227 KB of shared memory
+        elem = 1 if cfg.block_k == 128 else 2
+        assert cfg.num_stages * (cfg.block_m + cfg.block_n) * cfg.block_k * elem <= 200 * 1024
     dec = gemm.masked_config(8, 4096, 7168, fp8=True)
     assert dec.block_m == 16 and dec.swap_ab and dec.block_k == 128
     assert gemm.masked_config(None, 4096, 7168, fp8=False).block_m == 64
-    # FP8 masked: 2 CTAs per SM (stages x (BM + 128) x 128 B of shared memory <= 110 KB).
-    for m in (1, 16, 32, 64):
+    # FP8 masked: swap-AB up to 32 tokens, a 64-row token tile without swap at 64
+    for m in (1, 16, 32):
         c = gemm.masked_config(m, 4096, 7168, fp8=True)
-        assert c.swap_ab and 2 * c.num_stages * (c.block_m + 128) * 128 <= 227 * 1024
-        assert c.num_stages >= 4
+        assert c.swap_ab and c.num_stages == 4 and c.block_m == max(16, m)
+    c64 = gemm.masked_config(64, 4096, 7168, fp8=True)
+    assert c64.block_m == 64 and not c64.swap_ab
 
 
 # ----------------------------------------------------------------------------- GPU, real shapes
