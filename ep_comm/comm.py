@@ -57,7 +57,8 @@ def timeout_s() -> float:
 def group_from_mpi(comm, use_gpu: bool | None = None) -> "dist.ProcessGroup":
     """A torch process group with the ranks of the mpi4py communicator ``comm``.
 
-    Initialises torch.distributed (NCCL when ``use_gpu``, default: CUDA available; else gloo)
+    Initialises torch.distributed (NCCL when ``use_gpu``, default: CUDA available, unless
+    ``EP_COMM_GLOO_DEVICE=cuda``; else gloo)
     with a TCP rendezvous whose address rank 0 broadcasts over MPI, and selects the GPU of the
     local rank. ``comm`` must span the whole job when torch.distributed is not yet initialised.
     """
@@ -76,7 +77,8 @@ def group_from_mpi(comm, use_gpu: bool | None = None) -> "dist.ProcessGroup":
     backend = "gloo"
     if use_gpu:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        backend = "nccl"
+        # gloo with Buffers on the GPU when ranks share GPUs (GLOO_DEVICE_ENV), else NCCL
+        backend = "gloo" if os.environ.get(GLOO_DEVICE_ENV) == "cuda" else "nccl"
     dist.init_process_group(backend, init_method=address, rank=rank, world_size=size)
     return dist.group.WORLD
 
