@@ -46,6 +46,12 @@ INTER_MAX_EXPERTS = 2048
 #: Received rows per token of capacity the internode combine staging holds, at most R (see
 #: ep_comm.regions.InternodeRegions): top-8 routing sends a token to 8 ranks at most.
 INTER_ROWS_PER_TOKEN = 16
+#: Arrival counters per source node and tag parity of internode dispatch: a proxy's slots from
+#: one source node are counted in this many chunks, so the ranks of its node forward a chunk as
+#: soon as it has landed (kernels/internode.cu), not after the whole batch.
+INTER_DISPATCH_CHUNKS = 64
+#: Fewest slots per chunk (small batches: fewer, fuller chunks).
+INTER_MIN_CHUNK_SLOTS = 16
 #: Tokens per rank that ``get_rdma_buffer_size_hint`` sizes the internode buffer for.
 INTER_DEFAULT_TOKENS = 4096
 

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from ep_comm.comm import timeout_s
-from ep_comm.config import (FP8_BLOCK, INTER_MAX_EXPERTS, INTER_MAX_NODES, MAX_TOPK,
-                            NVL_MAX_LOCAL_EXPERTS, NVL_MAX_RANKS)
+from ep_comm.config import (FP8_BLOCK, INTER_DISPATCH_CHUNKS, INTER_MAX_EXPERTS,
+                            INTER_MAX_NODES, MAX_TOPK, NVL_MAX_LOCAL_EXPERTS, NVL_MAX_RANKS)
 from ep_comm.errors import BackendUnavailableError, BufferTooSmallError, EpCommError, InputError
 from ep_comm.handles import DispatchHandle
 from ep_comm.intranode import (_INFO_EXPERT_COUNTS, _INFO_NUM_RECV, _PHASES, _WAITED_FOR,
@@ -123,8 +123,9 @@ class InternodeRuntime:
         r = reg.regions
         return (np.uint64(self.base), *(np.int64(r[name].offset) for name in (
             "ctrl", "barrier", "notify_flag", "counts", "dispatch_arrive", "combine_arrive",
-            "dispatch_recv", "dispatch_stage", "combine_src")),
-            np.int64(reg.slot_bytes), np.int64(reg.row_c), reg.cap)
+            "dispatch_work", "dispatch_recv", "dispatch_stage", "combine_src")),
+            np.int64(reg.slot_bytes), np.int64(reg.row_c), reg.cap, INTER_DISPATCH_CHUNKS,
+            reg.chunk_slots)
 
     def _grid(self, config) -> int:
         blocks = config.num_sms

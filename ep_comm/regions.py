@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from ep_comm.config import (FP8_BLOCK, INTER_MAX_EXPERTS, INTER_ROWS_PER_TOKEN, MAX_TOPK,
+from ep_comm.config import (FP8_BLOCK, INTER_DISPATCH_CHUNKS, INTER_MAX_EXPERTS,
+                            INTER_MIN_CHUNK_SLOTS, INTER_ROWS_PER_TOKEN, MAX_TOPK,
                             NVL_MAX_CHANNELS, NVL_MAX_LOCAL_EXPERTS, NVL_MAX_RANKS,
                             REGION_ALIGN, Config, align, token_slot_bytes)
 
@@ -116,9 +117,13 @@ class InternodeRegions(Carver):
     * ``notify_flag``: uint64 [R]: ``[q]`` = the tag of the notify in which q wrote its row.
     * ``counts``: int32 [R, R + N + INTER_MAX_EXPERTS]: row q, written by rank q: its tokens per
       rank, per node, per expert.
-    * ``dispatch_arrive``, ``combine_arrive``: uint64 [2, N]: slots landed here from source node
-      n (dispatch, this rank as a proxy) or partial rows from node m (combine, as a source), one
+    * ``dispatch_arrive``: uint64 [2, N, INTER_DISPATCH_CHUNKS]: slots landed here from source
+      node n (this rank as a proxy), counted per chunk of ``chunk_slots`` consecutive slots, one
       set per tag parity.
+    * ``combine_arrive``: uint64 [2, N]: partial rows landed here from node m (combine, as a
+      source), one set per tag parity.
+    * ``dispatch_work``: uint64 [2]: local, per tag parity: the next forwarding work item of
+      dispatch (blocks claim (chunk, proxy, source node) items in chunk order).
 
     Then the data regions, sized by the token capacity ``cap`` (tokens one rank may send, so
     slots per node region) that fits in ``num_rdma_bytes``:
@@ -151,13 +156,17 @@ class InternodeRegions(Carver):
         self.claim("barrier", r * 8)
         self.claim("notify_flag", r * 8)
         self.claim("counts", r * self.row_ints * 4)
-        self.claim("dispatch_arrive", 2 * n * 8)
+        self.claim("dispatch_arrive", 2 * n * INTER_DISPATCH_CHUNKS * 8)
         self.claim("combine_arrive", 2 * n * 8)
+        self.claim("dispatch_work", 2 * 8)
         self.control_bytes = self.total_bytes
         self.rows_per_token = min(r, INTER_ROWS_PER_TOKEN)
         unit = self.bytes_per_token()
         self.cap = max(0, (num_rdma_bytes - self.control_bytes - 3 * REGION_ALIGN) // unit)
         self.rows_cap = self.rows_per_token * self.cap
+        #: Slots per dispatch arrival chunk: the capacity split in INTER_DISPATCH_CHUNKS chunks
+        #: (a buffer sized for far more tokens than sent forwards in coarser chunks).
+        self.chunk_slots = max(INTER_MIN_CHUNK_SLOTS, -(-self.cap // INTER_DISPATCH_CHUNKS))
         self.claim("dispatch_recv", n * self.cap * self.slot_bytes)
         self.claim("dispatch_stage", n * self.cap * self.slot_bytes)
         self.claim("combine_src", self.rows_cap * self.row_c)

@@ -10,6 +10,8 @@
 // (-1 where it does not go), so the ranks of node m then pull their tokens from the proxies'
 // regions over NVLink (nvshmem_ptr) straight into their outputs, in the contract's order (by
 // source rank, then token index: the rows were fixed by the notify step's prefix matrix).
+// Pipelined: arrivals are counted per chunk of a source node's slots, half of the blocks send
+// while the others forward each chunk as soon as it has landed (the senders join them after).
 //
 // Combine, the reverse. Each rank first stages its expert outputs (and weights) in its symmetric
 // buffer (the host copies them there, ep_comm/internode.py). The proxy (m, l) sums, for every
@@ -50,22 +52,25 @@ constexpr int kCtrlAbort = 4;
 
 // Offsets of the regions of this Buffer's symmetric allocation (ep_comm.regions.
 // InternodeRegions), the same on every rank.
+// chunks / chunk_slots: dispatch arrivals are counted per chunk of chunk_slots consecutive
+// slots of a source node (ep_comm.config.INTER_DISPATCH_CHUNKS counters per node and parity).
 struct Regions {
     char* base;
-    long long off_ctrl, off_bar, off_nflag, off_counts, off_darr, off_carr, off_drecv, off_dstage,
-        off_csrc;
+    long long off_ctrl, off_bar, off_nflag, off_counts, off_darr, off_carr, off_dwork, off_drecv,
+        off_dstage, off_csrc;
     long long slot_bytes, row_c;
-    int cap;
+    int cap, chunks, chunk_slots;
 };
 
 #define EP_INTER_REGION_PARAMS                                                                 \
     char *base, long long off_ctrl, long long off_bar, long long off_nflag, long long off_counts, \
-        long long off_darr, long long off_carr, long long off_drecv, long long off_dstage,       \
-        long long off_csrc, long long slot_bytes, long long row_c, int cap
+        long long off_darr, long long off_carr, long long off_dwork, long long off_drecv,        \
+        long long off_dstage, long long off_csrc, long long slot_bytes, long long row_c, int cap, \
+        int chunks, int chunk_slots
 #define EP_INTER_REGIONS                                                                       \
     Regions {                                                                                  \
-        base, off_ctrl, off_bar, off_nflag, off_counts, off_darr, off_carr, off_drecv,         \
-            off_dstage, off_csrc, slot_bytes, row_c, cap                                       \
+        base, off_ctrl, off_bar, off_nflag, off_counts, off_darr, off_carr, off_dwork,         \
+            off_drecv, off_dstage, off_csrc, slot_bytes, row_c, cap, chunks, chunk_slots       \
     }
 
 __device__ __forceinline__ uint32_t* ctrl_of(const Regions& g) {
@@ -74,6 +79,21 @@ __device__ __forceinline__ uint32_t* ctrl_of(const Regions& g) {
 __device__ __forceinline__ uint64_t* words(const Regions& g, long long off) {
     return reinterpret_cast<uint64_t*>(g.base + off);
 }
+// Dispatch arrival counter of chunk c of source node n, tag parity `parity` (this rank's copy).
+__device__ __forceinline__ long long darr_offset(const Regions& g, int parity, int N, int n, int c) {
+    return g.off_darr + ((static_cast<long long>(parity) * N + n) * g.chunks + c) * 8;
+}
+
+// Clears the counters of the other tag parity for the next kernel: nobody reads them any more
+// (this kernel's barrier has passed) and nobody writes them before the next kernel's barrier.
+__device__ void clear_next_parity(const Regions& g, uint32_t tag, int N) {
+    const int nxt = (tag + 1) & 1;
+    for (int i = threadIdx.x; i < N * g.chunks; i += blockDim.x)
+        words(g, g.off_darr)[static_cast<long long>(nxt) * N * g.chunks + i] = 0;
+    for (int n = threadIdx.x; n < N; n += blockDim.x) words(g, g.off_carr)[nxt * N + n] = 0;
+    if (threadIdx.x == 0) words(g, g.off_dwork)[nxt] = 0;
+}
+
 // Slot i of region n (a source node for dispatch, a destination node for combine).
 __device__ __forceinline__ char* slot_of(const Regions& g, long long off, int n, long long i) {
     return g.base + off + (static_cast<long long>(n) * g.cap + i) * g.slot_bytes;
@@ -135,11 +155,7 @@ __device__ bool start_kernel(const Regions& g, uint32_t tag, int rank, int R, in
         }
         wait_all_flags(flags, tag, R, kPhaseBarrier, host_status, ctrl, timeout_ns);
         __syncthreads();
-        const int nxt = (tag + 1) & 1;
-        for (int n = threadIdx.x; n < N; n += blockDim.x) {
-            words(g, g.off_darr)[nxt * N + n] = 0;
-            words(g, g.off_carr)[nxt * N + n] = 0;
-        }
+        clear_next_parity(g, tag, N);
         __syncthreads();
         if (threadIdx.x == 0) {
             if (s_fail) st_release_sys(ctrl + kCtrlAbort, 1u);
@@ -212,11 +228,7 @@ inter_notify(EP_INTER_REGION_PARAMS, int rank, int R, int P, int N, int E, int n
     wait_all_flags(flags, tag, R, kPhaseNotify, host_status, ctrl, timeout_ns);
     __syncthreads();
     if (!s_fail) {
-        const int nxt = (tag + 1) & 1;
-        for (int n = threadIdx.x; n < N; n += blockDim.x) {
-            words(g, g.off_darr)[nxt * N + n] = 0;
-            words(g, g.off_carr)[nxt * N + n] = 0;
-        }
+        clear_next_parity(g, tag, N);
         for (int j = threadIdx.x; j < R; j += blockDim.x) {
             int sum = 0;
             for (int q = 0; q < R; ++q) {
@@ -309,9 +321,11 @@ inter_dispatch(EP_INTER_REGION_PARAMS, int rank, int R, int P, int N, int T, int
         }
     }
 
-    // ---- send: one warp per token, one slot per destination node of the token.
-    const int total_warps = gridDim.x * kWarps;
-    for (int t = blockIdx.x * kWarps + warp; t < T; t += total_warps) {
+    // ---- send (the first half of the blocks; all of one block): one warp per token, one slot
+    // per destination node of the token. The other blocks start forwarding at once.
+    const int send_blocks = gridDim.x > 1 ? (gridDim.x + 1) / 2 : 1;
+    const int send_warps = send_blocks * kWarps;
+    for (int t = blockIdx.x * kWarps + warp; blockIdx.x < send_blocks && t < T; t += send_warps) {
         if (send_pos != nullptr)
             for (int d = lane; d < R; d += 32)
                 send_pos[static_cast<long long>(t) * R + d] =
@@ -338,7 +352,8 @@ inter_dispatch(EP_INTER_REGION_PARAMS, int rank, int R, int P, int N, int T, int
             if (has_w && lane < K)
                 reinterpret_cast<float*>(slot + off_w)[lane] =
                     __ldg(topk_weights + static_cast<long long>(t) * K + lane);
-            uint64_t* arrive = words(g, g.off_darr) + parity * N + node;
+            uint64_t* arrive = reinterpret_cast<uint64_t*>(
+                g.base + darr_offset(g, parity, N, node, pos / g.chunk_slots));
             if (own) {
                 __threadfence_system();  // every lane's slot stores before the count moves
                 __syncwarp();
@@ -354,34 +369,58 @@ inter_dispatch(EP_INTER_REGION_PARAMS, int rank, int R, int P, int N, int T, int
         }
     }
 
-    // ---- receive: work item (l, n) = the slots proxy (node, l) received from source node n.
+    // ---- forward: work item (c, l, n) = chunk c of the slots proxy (node, l) received from
+    // source node n. Blocks claim items in chunk order from a counter, so a chunk is forwarded
+    // as soon as it has landed while later ones are still on the way; the sending blocks join
+    // when their tokens are out. A failure ends every block's claims (kStopItems).
+    constexpr unsigned kStopItems = 1u << 30;
     __shared__ char* s_src;
-    __shared__ int s_count;
-    for (int item = blockIdx.x; item < P * N; item += gridDim.x) {
-        const int l = item / N, n = item % N, proxy = node * P + l, src_rank = n * P + l;
+    __shared__ unsigned s_item;
+    __shared__ int s_max_count;
+    if (threadIdx.x == 0) s_max_count = 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < P * N; i += kThreads) atomicMax(&s_max_count, __ldg(node_counts + i));
+    __syncthreads();
+    const unsigned num_items = static_cast<unsigned>(
+        (s_max_count + g.chunk_slots - 1) / g.chunk_slots * P * N);
+    unsigned* work = reinterpret_cast<unsigned*>(words(g, g.off_dwork) + parity);
+    while (true) {
         if (threadIdx.x == 0) {
-            s_count = __ldg(node_counts + item);
-            char* base = static_cast<char*>(nvshmem_ptr(g.base, proxy));
-            s_src = base;
-            if (base == nullptr) {
-                report(host_status, ctrl, kStatusNoP2P, kPhaseDispatchRecv, proxy, -1, 0, 0);
-            } else {
-                const uint64_t* arrive = reinterpret_cast<const uint64_t*>(
-                    base + g.off_darr + (static_cast<long long>(parity) * N + n) * 8);
-                uint64_t seen;
-                if (!wait_word(arrive, static_cast<uint64_t>(s_count), false, timeout_ns, &seen)) {
-                    report(host_status, ctrl, kStatusTimeout, kPhaseDispatchRecv, src_rank, -1,
-                           static_cast<long long>(seen), s_count);
-                    s_src = nullptr;
+            s_item = atomicAdd(work, 1u);
+            s_src = nullptr;
+            if (s_item < num_items) {
+                const int c = s_item / (P * N), l = (s_item / N) % P, n = s_item % N;
+                const int proxy = node * P + l, src_rank = n * P + l;
+                const int lo = c * g.chunk_slots;
+                const int hi = min(__ldg(node_counts + l * N + n), lo + g.chunk_slots);
+                char* base = lo < hi ? static_cast<char*>(nvshmem_ptr(g.base, proxy)) : nullptr;
+                if (lo < hi && base == nullptr) {
+                    report(host_status, ctrl, kStatusNoP2P, kPhaseDispatchRecv, proxy, -1, 0, 0);
+                    atomicMax(work, kStopItems);
+                } else if (lo < hi) {
+                    const uint64_t* arrive =
+                        reinterpret_cast<const uint64_t*>(base + darr_offset(g, parity, N, n, c));
+                    uint64_t seen;
+                    if (wait_word(arrive, static_cast<uint64_t>(hi - lo), false, timeout_ns, &seen)) {
+                        s_src = base;
+                    } else {
+                        report(host_status, ctrl, kStatusTimeout, kPhaseDispatchRecv, src_rank, -1,
+                               static_cast<long long>(seen + lo), hi);
+                        atomicMax(work, kStopItems);
+                    }
                 }
             }
         }
         __syncthreads();
+        const unsigned item = s_item;
         char* base = s_src;
-        const int count = s_count;
         __syncthreads();
-        if (base == nullptr) break;
-        for (int i = warp; i < count; i += kWarps) {
+        if (item >= num_items) break;
+        if (base == nullptr) continue;  // an empty chunk (or a failure: the next claim stops)
+        const int c = item / (P * N), l = (item / N) % P, n = item % N, src_rank = n * P + l;
+        const int lo = c * g.chunk_slots;
+        const int hi = min(__ldg(node_counts + l * N + n), lo + g.chunk_slots);
+        for (int i = lo + warp; i < hi; i += kWarps) {
             const char* slot = base + g.off_drecv + (static_cast<long long>(n) * g.cap + i) * g.slot_bytes;
             const int* rows = reinterpret_cast<const int*>(slot + 16);
             if (l == local && proxy_rows != nullptr)

@@ -44,3 +44,15 @@ def test_slot_fields_fit_and_do_not_overlap(elem, k):
 
 def test_zero_bytes_gives_zero_capacity():
     assert InternodeRegions(2048, 4, 2, 0).cap == 0
+
+
+@pytest.mark.parametrize("tokens", [1, 100, 4096, 50000])
+def test_dispatch_chunks_cover_the_capacity(tokens):
+    from ep_comm.config import INTER_DISPATCH_CHUNKS, INTER_MIN_CHUNK_SLOTS
+    probe = InternodeRegions(7168, 16, 8, 1 << 20)
+    reg = InternodeRegions(7168, 16, 8, probe.bytes_for(tokens))
+    assert reg.cap >= tokens
+    # every slot position maps to one of the chunk counters, chunks are never tiny
+    assert (reg.cap - 1) // reg.chunk_slots < INTER_DISPATCH_CHUNKS
+    assert reg.chunk_slots >= INTER_MIN_CHUNK_SLOTS
+    assert reg.regions["dispatch_arrive"].nbytes >= 2 * reg.num_nodes * INTER_DISPATCH_CHUNKS * 8
