@@ -92,8 +92,14 @@ def init(args) -> BenchContext:
     from ep_comm.launcher import init_distributed
     group = init_distributed(use_gpu=False if args.cpu else None)
     rank, n = dist.get_rank(group), dist.get_world_size(group)
+    from ep_comm.comm import GLOO_DEVICE_ENV
+    shared = (not args.cpu and dist.get_backend(group) == "gloo"
+              and os.environ.get(GLOO_DEVICE_ENV) == "cuda" and torch.cuda.is_available())
     device = (torch.device("cuda", torch.cuda.current_device())
-              if dist.get_backend(group) == "nccl" else torch.device("cpu"))
+              if dist.get_backend(group) == "nccl" or shared else torch.device("cpu"))
+    if shared and rank == 0:
+        print(f"note: {GLOO_DEVICE_ENV}=cuda (gloo group, ranks may share GPUs): a check of the "
+              "code path; its timings are not measurements of anything", flush=True)
     return BenchContext(rank, n, group, device)
 
 
@@ -261,20 +267,28 @@ def a2a_rows(ctx: BenchContext, out: torch.Tensor, inp: torch.Tensor, out_splits
 
 
 # ------------------------------------------------------------------------------ results
+def shares_gpus(ctx: BenchContext) -> bool:
+    """True when this run's ranks share GPUs (a gloo group on CUDA): timings mean nothing."""
+    return (ctx.on_gpu and ctx.group is not None and dist.get_backend(ctx.group) == "gloo")
+
+
 def device_name(ctx: BenchContext) -> str:
     """``"<GPU name> x <ranks>"`` or ``"cpu x <ranks>"`` (devices this run used)."""
     if ctx.on_gpu:
-        return f"{torch.cuda.get_device_name(ctx.device)} x {ctx.num_ranks}"
+        name = f"{torch.cuda.get_device_name(ctx.device)} x {ctx.num_ranks}"
+        return name + " (ranks sharing GPUs)" if shares_gpus(ctx) else name
     return f"cpu x {ctx.num_ranks}"
 
 
 def device_slug(ctx: BenchContext) -> str:
-    """Short device name for file names: ``h200``, ``h100``, ``cpu``."""
+    """Short device name for file names: ``h200``, ``h100``, ``cpu`` (``h200-shared`` when the
+    ranks share GPUs, so such a run never replaces a measurement)."""
     if not ctx.on_gpu:
         return "cpu"
     words = [w for w in torch.cuda.get_device_name(ctx.device).lower().split()
              if w not in ("nvidia", "tesla", "geforce")]
-    return re.sub(r"[^a-z0-9]", "", words[0] if words else "gpu") or "gpu"
+    slug = re.sub(r"[^a-z0-9]", "", words[0] if words else "gpu") or "gpu"
+    return slug + "-shared" if shares_gpus(ctx) else slug
 
 
 _GIT: tuple | None = None
