@@ -39,8 +39,8 @@ NVL_MAX_RANKS = 8
 NVL_MAX_CHANNELS = 64
 #: Most local experts per rank in the intranode notify step (per-expert counts exchanged).
 NVL_MAX_LOCAL_EXPERTS = 1024
-#: Internode path (kernels/internode.cu): most nodes (kMaxNodes), most experts in all (the
-#: notify counts rows), ranks per node at most NVL_MAX_RANKS.
+#: Internode path (kernels/internode.cu): most nodes (checked on the host), most experts in
+#: all (the notify counts rows), ranks per node at most NVL_MAX_RANKS.
 INTER_MAX_NODES = 256
 INTER_MAX_EXPERTS = 2048
 #: Received rows per token of capacity the internode combine staging holds, at most R (see

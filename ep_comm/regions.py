@@ -120,10 +120,12 @@ class InternodeRegions(Carver):
     * ``dispatch_arrive``: uint64 [2, N, INTER_DISPATCH_CHUNKS]: slots landed here from source
       node n (this rank as a proxy), counted per chunk of ``chunk_slots`` consecutive slots, one
       set per tag parity.
-    * ``combine_arrive``: uint64 [2, N]: partial rows landed here from node m (combine, as a
-      source), one set per tag parity.
-    * ``dispatch_work``: uint64 [2]: local, per tag parity: the next forwarding work item of
-      dispatch (blocks claim (chunk, proxy, source node) items in chunk order).
+    * ``combine_arrive``: uint64 [2, N, INTER_DISPATCH_CHUNKS]: partial rows landed here from
+      node m (combine, this rank as a source), counted per chunk of slot positions, one set per
+      tag parity.
+    * ``dispatch_work``: uint64 [2]: local, per tag parity: the next work item of the running
+      kernel (dispatch: (chunk, proxy, source node) forwarding items in chunk order; combine:
+      runs of tokens to sum, in order).
 
     Then the data regions, sized by the token capacity ``cap`` (tokens one rank may send, so
     slots per node region) that fits in ``num_rdma_bytes``:
@@ -157,7 +159,7 @@ class InternodeRegions(Carver):
         self.claim("notify_flag", r * 8)
         self.claim("counts", r * self.row_ints * 4)
         self.claim("dispatch_arrive", 2 * n * INTER_DISPATCH_CHUNKS * 8)
-        self.claim("combine_arrive", 2 * n * 8)
+        self.claim("combine_arrive", 2 * n * INTER_DISPATCH_CHUNKS * 8)
         self.claim("dispatch_work", 2 * 8)
         self.control_bytes = self.total_bytes
         self.rows_per_token = min(r, INTER_ROWS_PER_TOKEN)

@@ -18,7 +18,9 @@
 // slot it received from source node n, the rows of the ranks of node m that got the token (over
 // NVLink) and sends that one partial row back to the source (n, l) with a put; the source adds
 // the partial rows of the token's nodes (and the bias) into its output. So the network carries
-// one row per token and node each way, the minimum.
+// one row per token and node each way, the minimum. Pipelined like dispatch: half of the blocks
+// work as proxies (slot positions in order across source nodes), the others sum runs of tokens
+// whose partial rows have landed (arrivals counted per chunk of positions).
 //
 // Synchronisation. Every kernel starts with a barrier of all ranks (flags set with NVSHMEM
 // signals, each carrying the kernel's tag: a sequence number kept on the device, the same on
@@ -42,8 +44,6 @@ namespace {
 // Phases of the host status word beyond the NVLink kernels' (ep_comm/internode.py _PHASES).
 constexpr int kPhaseBarrier = 6;
 constexpr int kStatusNoP2P = 3;  // a rank of this node is not reachable with nvshmem_ptr
-// ep_comm.config.INTER_MAX_NODES: nodes (combine's per-block table of slot ranges).
-constexpr int kMaxNodes = 256;
 
 // ctrl words (uint32, this rank's buffer): [0] sequence, [1] finish count, [2] status claim,
 // [3] tag of the last barrier passed (blocks other than 0 wait for it), [4] barrier failed.
@@ -79,18 +79,25 @@ __device__ __forceinline__ uint32_t* ctrl_of(const Regions& g) {
 __device__ __forceinline__ uint64_t* words(const Regions& g, long long off) {
     return reinterpret_cast<uint64_t*>(g.base + off);
 }
-// Dispatch arrival counter of chunk c of source node n, tag parity `parity` (this rank's copy).
+// Arrival counter of chunk c of node n's slots, tag parity `parity`, in the counter region at
+// `off` (off_darr: dispatch, slots from source node n; off_carr: combine, partial rows from
+// node n), at the same offset on every rank.
+__device__ __forceinline__ long long chunk_counter(long long off, const Regions& g, int parity,
+                                                   int N, int n, int c) {
+    return off + ((static_cast<long long>(parity) * N + n) * g.chunks + c) * 8;
+}
 __device__ __forceinline__ long long darr_offset(const Regions& g, int parity, int N, int n, int c) {
-    return g.off_darr + ((static_cast<long long>(parity) * N + n) * g.chunks + c) * 8;
+    return chunk_counter(g.off_darr, g, parity, N, n, c);
 }
 
 // Clears the counters of the other tag parity for the next kernel: nobody reads them any more
 // (this kernel's barrier has passed) and nobody writes them before the next kernel's barrier.
 __device__ void clear_next_parity(const Regions& g, uint32_t tag, int N) {
     const int nxt = (tag + 1) & 1;
-    for (int i = threadIdx.x; i < N * g.chunks; i += blockDim.x)
+    for (int i = threadIdx.x; i < N * g.chunks; i += blockDim.x) {
         words(g, g.off_darr)[static_cast<long long>(nxt) * N * g.chunks + i] = 0;
-    for (int n = threadIdx.x; n < N; n += blockDim.x) words(g, g.off_carr)[nxt * N + n] = 0;
+        words(g, g.off_carr)[static_cast<long long>(nxt) * N * g.chunks + i] = 0;
+    }
     if (threadIdx.x == 0) words(g, g.off_dwork)[nxt] = 0;
 }
 
@@ -474,22 +481,14 @@ inter_combine(EP_INTER_REGION_PARAMS, int rank, int R, int P, int N, int T, int 
     const uint32_t tag = *reinterpret_cast<volatile uint32_t*>(ctrl) + 1u;
     const int parity = tag & 1, node = rank / P, local = rank % P;
     const int warp = threadIdx.x >> 5, lane = lane_id();
-    const int total_warps = gridDim.x * kWarps;
     if (!start_kernel(g, tag, rank, R, N, host_status, timeout_ns)) {
         finish_block(ctrl);
         return;
     }
     __shared__ const char* s_csrc[kMaxRanks];
-    __shared__ int s_begin[kMaxNodes + 1];
-    // Work of the proxy step: the slots of every source node, numbered across nodes.
-    if (threadIdx.x == 0) {
-        int sum = 0;
-        for (int n = 0; n < N; ++n) {
-            s_begin[n] = sum;
-            sum += __ldg(node_counts + local * N + n);
-        }
-        s_begin[N] = sum;
-    }
+    __shared__ int s_max_count;
+    __shared__ unsigned s_item;
+    if (threadIdx.x == 0) s_max_count = 0;
     if (threadIdx.x < P) {
         const char* p = static_cast<const char*>(nvshmem_ptr(g.base, node * P + threadIdx.x));
         s_csrc[threadIdx.x] = p == nullptr ? nullptr : p + g.off_csrc;
@@ -498,15 +497,22 @@ inter_combine(EP_INTER_REGION_PARAMS, int rank, int R, int P, int N, int T, int 
                    0, 0);
     }
     __syncthreads();
+    for (int n = threadIdx.x; n < N; n += kThreads) atomicMax(&s_max_count, __ldg(node_counts + local * N + n));
+    __syncthreads();
     bool ok = true;
     for (int j = 0; j < P; ++j) ok = ok && s_csrc[j] != nullptr;
 
-    // ---- proxy: sum the node's rows of each received slot, send one partial row back.
-    const int total = s_begin[N];
-    for (int w = blockIdx.x * kWarps + warp; ok && w < total; w += total_warps) {
-        int n = 0;
-        while (s_begin[n + 1] <= w) ++n;
-        const long long i = w - s_begin[n];
+    // ---- proxy (the first half of the blocks; all of one block): sum the node's rows of each
+    // received slot, send one partial row back. Slots are taken position-major across the
+    // source nodes (slot i of every node before slot i + 1), so every source's first tokens
+    // complete first and the other blocks can sum them while later ones are on the way.
+    const int send_blocks = gridDim.x > 1 ? (gridDim.x + 1) / 2 : 1;
+    const long long total = static_cast<long long>(s_max_count) * N;
+    for (long long w = blockIdx.x * kWarps + warp; blockIdx.x < send_blocks && ok && w < total;
+         w += send_blocks * kWarps) {
+        const int n = static_cast<int>(w % N);
+        const long long i = w / N;
+        if (i >= __ldg(node_counts + local * N + n)) continue;
         const int* rows = proxy_rows + (static_cast<long long>(n) * g.cap + i) * P;
         const bool to_self = n == node;  // the source is this rank: write its receive slot
         char* slot = to_self ? slot_of(g, g.off_dstage, node, i) : slot_of(g, g.off_drecv, n, i);
@@ -532,7 +538,8 @@ inter_combine(EP_INTER_REGION_PARAMS, int rank, int R, int P, int N, int T, int 
             }
             reinterpret_cast<float*>(slot + off_w)[lane] = acc;
         }
-        uint64_t* arrive = words(g, g.off_carr) + parity * N + node;
+        uint64_t* arrive = reinterpret_cast<uint64_t*>(
+            g.base + chunk_counter(g.off_carr, g, parity, N, node, static_cast<int>(i / g.chunk_slots)));
         if (to_self) {
             __threadfence_system();
             __syncwarp();
@@ -547,42 +554,71 @@ inter_combine(EP_INTER_REGION_PARAMS, int rank, int R, int P, int N, int T, int 
         }
     }
 
-    // ---- source: wait for every node's partial rows, add them (and the bias) per token.
-    if (threadIdx.x < N && ok) {
-        const int m = threadIdx.x;
-        const uint64_t want = static_cast<uint64_t>(__ldg(tokens_per_node + m));
-        uint64_t seen;
-        if (!wait_word(words(g, g.off_carr) + parity * N + m, want, false, timeout_ns, &seen)) {
-            report(host_status, ctrl, kStatusTimeout, kPhaseCombineRecv, m * P + local, -1,
-                   static_cast<long long>(seen), static_cast<long long>(want));
-            s_fail = 1;
-        }
-    }
-    __syncthreads();
-    if (s_fail) ok = false;
-    for (int t = blockIdx.x * kWarps + warp; ok && t < T; t += total_warps) {
-        const long long out_row = static_cast<long long>(t) * row_int4;
-        for (int c = lane; c < row_int4; c += 32) {
-            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            for (int m = 0; m < N; ++m) {
+    // ---- source: items of kCombineTokens consecutive tokens, claimed in order; an item waits
+    // for the chunks that hold its tokens' partial rows from each of their nodes, then adds
+    // them (and the bias) per token. A failure ends every block's claims.
+    constexpr int kCombineTokens = 32;
+    constexpr unsigned kStopItems = 1u << 30;
+    const unsigned num_items = static_cast<unsigned>((T + kCombineTokens - 1) / kCombineTokens);
+    unsigned* work = reinterpret_cast<unsigned*>(words(g, g.off_dwork) + parity);
+    while (ok) {
+        if (threadIdx.x == 0) s_item = atomicAdd(work, 1u);
+        __syncthreads();
+        const unsigned item = s_item;
+        if (item >= num_items) break;
+        const int t0 = static_cast<int>(item) * kCombineTokens, t1 = min(T, t0 + kCombineTokens);
+        for (int m = threadIdx.x; m < N; m += kThreads) {
+            int lo = -1, hi = -1;  // this item's slot positions in node m's region (increasing)
+            for (int t = t0; t < t1; ++t) {
                 const int pos = __ldg(node_pos + static_cast<long long>(t) * N + m);
                 if (pos < 0) continue;
-                add_bf16x8(acc, __ldcg(reinterpret_cast<const int4*>(
-                                    slot_of(g, g.off_dstage, m, pos) + off_payload) + c));
+                if (lo < 0) lo = pos;
+                hi = pos;
             }
-            if (bias0 != nullptr) add_bf16x8(acc, __ldg(bias0 + out_row + c));
-            if (bias1 != nullptr) add_bf16x8(acc, __ldg(bias1 + out_row + c));
-            out[out_row + c] = pack_bf16x8(acc);
-        }
-        if (out_w != nullptr && lane < K) {
-            float acc = 0.0f;
-            for (int m = 0; m < N; ++m) {
-                const int pos = __ldg(node_pos + static_cast<long long>(t) * N + m);
-                if (pos < 0) continue;
-                acc += __ldcg(reinterpret_cast<const float*>(slot_of(g, g.off_dstage, m, pos) + off_w) + lane);
+            if (lo < 0) continue;
+            const int count = __ldg(tokens_per_node + m);
+            for (int c = lo / g.chunk_slots; c <= hi / g.chunk_slots; ++c) {
+                const uint64_t want = static_cast<uint64_t>(min(g.chunk_slots, count - c * g.chunk_slots));
+                uint64_t seen;
+                if (!wait_word(reinterpret_cast<const uint64_t*>(
+                                   g.base + chunk_counter(g.off_carr, g, parity, N, m, c)),
+                               want, false, timeout_ns, &seen)) {
+                    report(host_status, ctrl, kStatusTimeout, kPhaseCombineRecv, m * P + local, -1,
+                           static_cast<long long>(c) * g.chunk_slots + static_cast<long long>(seen),
+                           static_cast<long long>(c) * g.chunk_slots + static_cast<long long>(want));
+                    s_fail = 1;
+                    atomicMax(work, kStopItems);
+                    break;
+                }
             }
-            out_w[static_cast<long long>(t) * K + lane] = acc;
         }
+        __syncthreads();
+        if (s_fail) break;
+        for (int t = t0 + warp; t < t1; t += kWarps) {
+            const long long out_row = static_cast<long long>(t) * row_int4;
+            for (int c = lane; c < row_int4; c += 32) {
+                float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+                for (int m = 0; m < N; ++m) {
+                    const int pos = __ldg(node_pos + static_cast<long long>(t) * N + m);
+                    if (pos < 0) continue;
+                    add_bf16x8(acc, __ldcg(reinterpret_cast<const int4*>(
+                                        slot_of(g, g.off_dstage, m, pos) + off_payload) + c));
+                }
+                if (bias0 != nullptr) add_bf16x8(acc, __ldg(bias0 + out_row + c));
+                if (bias1 != nullptr) add_bf16x8(acc, __ldg(bias1 + out_row + c));
+                out[out_row + c] = pack_bf16x8(acc);
+            }
+            if (out_w != nullptr && lane < K) {
+                float acc = 0.0f;
+                for (int m = 0; m < N; ++m) {
+                    const int pos = __ldg(node_pos + static_cast<long long>(t) * N + m);
+                    if (pos < 0) continue;
+                    acc += __ldcg(reinterpret_cast<const float*>(slot_of(g, g.off_dstage, m, pos) + off_w) + lane);
+                }
+                out_w[static_cast<long long>(t) * K + lane] = acc;
+            }
+        }
+        __syncthreads();  // s_item is rewritten by the next claim
     }
     __threadfence_system();
     finish_block(ctrl);
