@@ -35,6 +35,8 @@ H100/H200 (sm_90), 132 SMs, 227 KB shared memory per block:
   ``acc += dot(a, b) * (a_s[:, None] * b_s[None, :])`` (the product tile spilled); the
   accumulator is now kept in units of the current scale (``kernels/grouped_gemm.py``: one
   in-place MMA per K step), the scales are prefetched one K step ahead, and TMA feeds the MMAs.
+  Re-checked on H200 with TMA (gate_up, 512 and 1024 tokens, alternating timed runs): rescaled
+  accumulator 881-981 TFLOP/s, ``acc += dot(a, b) * s`` per K block 699-714 at every config.
   Row-major activation scales are copied column-major once per call (M * K / 128 floats,
   about 1% of the A bytes) so each K step loads them as one contiguous vector.
 * masked (decode; weight-bandwidth bound): the token tile ``BLOCK_M`` covers the expected valid
