@@ -514,9 +514,13 @@ class Buffer:
 
 
 def _tensors(obj):
-    """Every tensor inside nested tuples/lists/dataclass handles (for record_stream)."""
+    """Every tensor inside nested tuples/lists (for record_stream). Lists of numbers (the
+    per-expert counts, hundreds of ints) are skipped whole: walking them item by item was the
+    largest host cost of a dispatch (bench/host_overhead.py)."""
     if isinstance(obj, torch.Tensor):
         yield obj
     elif isinstance(obj, (tuple, list)):
+        if obj and isinstance(obj[0], (int, float)):
+            return
         for o in obj:
             yield from _tensors(o)

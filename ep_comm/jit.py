@@ -631,6 +631,11 @@ def _to_kernel_arg(arg: Any, index: int):
     the widths must match the C++ signature: a Python int becomes int32 (``int``), and a 64-bit
     parameter (``size_t``, ``int64_t``, ``uint64_t``) must be passed as ``np.uint64``/``np.int64``.
     """
+    if hasattr(arg, "data_ptr"):  # a tensor: the common case first (host time per launch)
+        if not arg.is_cuda:
+            raise InputError(f"kernel argument {index} is a tensor on {arg.device}; kernels "
+                             "need CUDA tensors")
+        return np.uint64(arg.data_ptr())
     if isinstance(arg, np.generic):
         return arg
     if isinstance(arg, bool):
@@ -644,12 +649,6 @@ def _to_kernel_arg(arg: Any, index: int):
         return np.float32(arg)
     if arg is None:
         return np.uint64(0)
-    data_ptr = getattr(arg, "data_ptr", None)
-    if data_ptr is not None:
-        if arg.device.type != "cuda":
-            raise InputError(f"kernel argument {index} is a tensor on {arg.device}; kernels "
-                             "need CUDA tensors")
-        return np.uint64(data_ptr())
     raise InputError(f"kernel argument {index} has type {type(arg).__name__}; pass a torch "
                      "tensor, None, bool, int, float or a numpy scalar")
 
