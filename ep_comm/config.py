@@ -46,12 +46,10 @@ INTER_MAX_EXPERTS = 2048
 #: Received rows per token of capacity the internode combine staging holds, at most R (see
 #: ep_comm.regions.InternodeRegions): top-8 routing sends a token to 8 ranks at most.
 INTER_ROWS_PER_TOKEN = 16
-#: Arrival counters per source node and tag parity of internode dispatch: a proxy's slots from
-#: one source node are counted in this many chunks, so the ranks of its node forward a chunk as
-#: soon as it has landed (kernels/internode.cu), not after the whole batch.
+#: Arrival counters per node and tag parity of the internode kernels: a node's slots are
+#: counted in at most this many chunks of ``Config.rdma_chunk`` or more slots, so a chunk is
+#: forwarded (dispatch) or summed (combine) as soon as it has landed (kernels/internode.cu).
 INTER_DISPATCH_CHUNKS = 64
-#: Fewest slots per chunk (small batches: fewer, fuller chunks).
-INTER_MIN_CHUNK_SLOTS = 16
 #: Tokens per rank that ``get_rdma_buffer_size_hint`` sizes the internode buffer for.
 INTER_DEFAULT_TOKENS = 4096
 
@@ -82,8 +80,11 @@ class Config:
         num_sms: SMs the kernel may occupy (even: one sender and one receiver block per channel).
         nvl_chunk: tokens a sender writes to a peer ring before publishing its tail.
         nvl_buffer: ring size in tokens per channel and peer (a multiple of ``nvl_chunk``).
-        rdma_chunk: same as ``nvl_chunk`` for the RDMA (internode) leg.
-        rdma_buffer: same as ``nvl_buffer`` for the RDMA leg.
+        rdma_chunk: internode: fewest slots per arrival chunk (a node's slots are counted in
+            chunks of ``max(rdma_chunk, capacity / INTER_DISPATCH_CHUNKS)``; a chunk is
+            forwarded or summed once all of it has landed). The same on every rank of a call.
+        rdma_buffer: kept for DeepEP's signature; the internode kernels hold a whole batch in
+            the ``num_rdma_bytes`` buffer (no ring), so nothing reads it.
     """
 
     num_sms: int = DEFAULT_NUM_SMS

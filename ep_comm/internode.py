@@ -119,13 +119,13 @@ class InternodeRuntime:
     def regions(self, hidden: int) -> InternodeRegions:
         return InternodeRegions(hidden, self.num_ranks, self.ranks_per_node, self.sym.nbytes)
 
-    def _region_args(self, reg: InternodeRegions) -> tuple:
+    def _region_args(self, reg: InternodeRegions, config) -> tuple:
         r = reg.regions
         return (np.uint64(self.base), *(np.int64(r[name].offset) for name in (
             "ctrl", "barrier", "notify_flag", "counts", "dispatch_arrive", "combine_arrive",
             "dispatch_work", "dispatch_recv", "dispatch_stage", "combine_src")),
             np.int64(reg.slot_bytes), np.int64(reg.row_c), reg.cap, INTER_DISPATCH_CHUNKS,
-            reg.chunk_slots)
+            reg.chunk_slots(config.rdma_chunk))
 
     def _grid(self, config) -> int:
         blocks = config.num_sms
@@ -217,8 +217,8 @@ class InternodeRuntime:
             num_recv_dev = torch.empty(1, dtype=torch.int32, device=dev)
             ntpr = num_tokens_per_rank.to(torch.int32)
             self._module.launch("inter_notify", 1, KERNEL_THREADS, (
-                *self._region_args(reg), me, r, p, n_nodes, num_experts, num_worst_tokens, ntpr,
-                tokens_per_node, num_tokens_per_expert.to(torch.int32), prefix, recv_per_expert,
+                *self._region_args(reg, config), me, r, p, n_nodes, num_experts,
+                num_worst_tokens, ntpr, tokens_per_node, num_tokens_per_expert.to(torch.int32), prefix, recv_per_expert,
                 node_counts, num_recv_dev, np.uint64(self.status.device_ptr), self._timeout_ns()))
             if num_worst_tokens > 0:
                 n_recv, rows, counts_host = -1, num_worst_tokens, None
@@ -266,7 +266,8 @@ class InternodeRuntime:
                   if topk_weights is not None else None)
         offs = reg.slot_offsets(x.element_size(), num_topk)
         self._module.launch("inter_dispatch", grid, KERNEL_THREADS, (
-            *self._region_args(reg), me, r, p, n_nodes, t, local, x, hidden * x.element_size() // 16,
+            *self._region_args(reg, config), me, r, p, n_nodes, t, local, x,
+            hidden * x.element_size() // 16,
             x_scales, hidden // FP8_BLOCK if x_scales is not None else 0, topk_idx, topk_weights,
             num_topk, int(x_scales is not None), int(topk_idx is not None),
             int(topk_weights is not None), state["local_pos"], state["node_pos"],
@@ -312,7 +313,7 @@ class InternodeRuntime:
         bias1 = biases[1] if len(biases) > 1 else None
         offs = reg.slot_offsets(2, num_topk)
         self._module.launch("inter_combine", grid, KERNEL_THREADS, (
-            *self._region_args(reg), me, r, self.ranks_per_node, self.num_nodes, t,
+            *self._region_args(reg, config), me, r, self.ranks_per_node, self.num_nodes, t,
             hidden * 2 // 16, num_topk, int(topk_weights is not None), state["proxy_rows"],
             state["node_counts"], state["node_pos"], state["tokens_per_node"], offs["payload"],
             offs["combine_weights"], offs["combine_put_bytes"], bias0, bias1, out, out_w,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from ep_comm.config import (FP8_BLOCK, INTER_DISPATCH_CHUNKS, INTER_MAX_EXPERTS,
-                            INTER_MIN_CHUNK_SLOTS, INTER_ROWS_PER_TOKEN, MAX_TOPK,
+                            INTER_ROWS_PER_TOKEN, MAX_TOPK,
                             NVL_MAX_CHANNELS, NVL_MAX_LOCAL_EXPERTS, NVL_MAX_RANKS,
                             REGION_ALIGN, Config, align, token_slot_bytes)
 
@@ -166,12 +166,15 @@ class InternodeRegions(Carver):
         unit = self.bytes_per_token()
         self.cap = max(0, (num_rdma_bytes - self.control_bytes - 3 * REGION_ALIGN) // unit)
         self.rows_cap = self.rows_per_token * self.cap
-        #: Slots per dispatch arrival chunk: the capacity split in INTER_DISPATCH_CHUNKS chunks
-        #: (a buffer sized for far more tokens than sent forwards in coarser chunks).
-        self.chunk_slots = max(INTER_MIN_CHUNK_SLOTS, -(-self.cap // INTER_DISPATCH_CHUNKS))
         self.claim("dispatch_recv", n * self.cap * self.slot_bytes)
         self.claim("dispatch_stage", n * self.cap * self.slot_bytes)
         self.claim("combine_src", self.rows_cap * self.row_c)
+
+    def chunk_slots(self, rdma_chunk: int) -> int:
+        """Slots per arrival chunk: at least ``rdma_chunk`` (``Config.rdma_chunk``), and few
+        enough chunks for INTER_DISPATCH_CHUNKS counters to cover the capacity (a buffer sized
+        for far more tokens than sent forwards in coarser chunks)."""
+        return max(rdma_chunk, -(-self.cap // INTER_DISPATCH_CHUNKS))
 
     def bytes_per_token(self) -> int:
         """Buffer bytes per token of capacity (two slots per node, the combine rows)."""

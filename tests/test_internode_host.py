@@ -48,11 +48,16 @@ def test_zero_bytes_gives_zero_capacity():
 
 @pytest.mark.parametrize("tokens", [1, 100, 4096, 50000])
 def test_dispatch_chunks_cover_the_capacity(tokens):
-    from ep_comm.config import INTER_DISPATCH_CHUNKS, INTER_MIN_CHUNK_SLOTS
+    from ep_comm.config import INTER_DISPATCH_CHUNKS
     probe = InternodeRegions(7168, 16, 8, 1 << 20)
-    reg = InternodeRegions(7168, 16, 8, probe.bytes_for(tokens))
+    nbytes = probe.bytes_for(tokens)
+    reg = InternodeRegions(7168, 16, 8, nbytes)
     assert reg.cap >= tokens
+    # the data regions are carved after the counters and fit the buffer
+    assert reg.total_bytes <= nbytes
+    assert reg.regions["combine_src"].offset > reg.regions["dispatch_work"].offset
     # every slot position maps to one of the chunk counters, chunks are never tiny
-    assert (reg.cap - 1) // reg.chunk_slots < INTER_DISPATCH_CHUNKS
-    assert reg.chunk_slots >= INTER_MIN_CHUNK_SLOTS
+    for rdma_chunk in (1, 16, 1000):
+        slots = reg.chunk_slots(rdma_chunk)
+        assert (reg.cap - 1) // slots < INTER_DISPATCH_CHUNKS and slots >= rdma_chunk
     assert reg.regions["dispatch_arrive"].nbytes >= 2 * reg.num_nodes * INTER_DISPATCH_CHUNKS * 8
