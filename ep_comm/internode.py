@@ -34,7 +34,7 @@ from ep_comm.errors import BackendUnavailableError, BufferTooSmallError, EpCommE
 from ep_comm.handles import DispatchHandle
 from ep_comm.intranode import (_INFO_EXPERT_COUNTS, _INFO_NUM_RECV, _PHASES, _WAITED_FOR,
                                KERNEL_SMEM, KERNEL_THREADS, LAYOUT_THREADS, STATUS_WORDS,
-                               aligned_counts, decode_status)
+                               aligned_counts, combine_outputs, decode_status, dispatch_outputs)
 from ep_comm.regions import InternodeRegions
 
 #: Status code of kernels/internode.cu: a rank of this node has no P2P mapping (kStatusNoP2P).
@@ -257,13 +257,8 @@ class InternodeRuntime:
             write_send_pos = write_proxy_rows = None  # the handle has them: same routes
         state = handle.backend_state
         pad = handle.num_worst_tokens > 0
-        recv_x = torch.empty(rows, hidden, dtype=x.dtype, device=dev)
-        recv_scales = (torch.empty(rows, hidden // FP8_BLOCK, dtype=torch.float32, device=dev)
-                       if x_scales is not None else None)
-        recv_idx = (torch.empty(rows, num_topk, dtype=torch.int64, device=dev)
-                    if topk_idx is not None else None)
-        recv_w = (torch.empty(rows, num_topk, dtype=torch.float32, device=dev)
-                  if topk_weights is not None else None)
+        recv_x, recv_scales, recv_idx, recv_w = dispatch_outputs(rows, x, x_scales, topk_idx,
+                                                                 topk_weights)
         offs = reg.slot_offsets(x.element_size(), num_topk)
         self._module.launch("inter_dispatch", grid, KERNEL_THREADS, (
             *self._region_args(reg, config), me, r, p, n_nodes, t, local, x,
@@ -285,7 +280,7 @@ class InternodeRuntime:
         """See ``Backend.combine``. x: [N, H] bf16 -> ([T, H] bf16, [T, K] float32 or None)."""
         self._check_alive()
         state = _internode_state(handle)
-        r, me, dev = self.num_ranks, self.rank, x.device
+        r, me = self.num_ranks, self.rank
         rows, hidden = x.shape
         num_topk = topk_weights.shape[1] if topk_weights is not None else 0
         if num_topk > MAX_TOPK:
@@ -306,9 +301,7 @@ class InternodeRuntime:
             if topk_weights is not None:
                 src[:, hidden * 2:hidden * 2 + num_topk * 4].copy_(
                     topk_weights.contiguous().view(torch.uint8).view(rows, num_topk * 4))
-        out = torch.empty(t, hidden, dtype=torch.bfloat16, device=dev)
-        out_w = (torch.empty(t, num_topk, dtype=torch.float32, device=dev)
-                 if topk_weights is not None else None)
+        out, out_w = combine_outputs(t, x, topk_weights)
         bias0 = biases[0] if len(biases) > 0 else None
         bias1 = biases[1] if len(biases) > 1 else None
         offs = reg.slot_offsets(2, num_topk)

@@ -122,6 +122,33 @@ def check_sizes(num_ranks: int, num_experts: int, num_topk: int) -> None:
         raise InputError(f"top-k {num_topk} is more than the {MAX_TOPK} the kernels carry")
 
 
+def dispatch_outputs(rows: int, x: torch.Tensor, x_scales, topk_idx, topk_weights):
+    """Uninitialised outputs of a dispatch kernel (it writes every row, padding included):
+    recv_x [rows, H] (x's dtype), recv_scales [rows, H / 128] float32 (FP8 only), recv_idx
+    [rows, K] int64 and recv_w [rows, K] float32 (when the call has top-k ids / weights)."""
+    dev, hidden = x.device, x.shape[1]
+    num_topk = topk_idx.shape[1] if topk_idx is not None else (
+        topk_weights.shape[1] if topk_weights is not None else 0)
+    recv_x = torch.empty(rows, hidden, dtype=x.dtype, device=dev)
+    recv_scales = (torch.empty(rows, hidden // FP8_BLOCK, dtype=torch.float32, device=dev)
+                   if x_scales is not None else None)
+    recv_idx = (torch.empty(rows, num_topk, dtype=torch.int64, device=dev)
+                if topk_idx is not None else None)
+    recv_w = (torch.empty(rows, num_topk, dtype=torch.float32, device=dev)
+              if topk_weights is not None else None)
+    return recv_x, recv_scales, recv_idx, recv_w
+
+
+def combine_outputs(num_tokens: int, x: torch.Tensor, topk_weights):
+    """Outputs of a combine kernel for input rows ``x`` [N, H]: out [T, H] bf16 and, with
+    weights, out_w [T, K] float32."""
+    dev = x.device
+    out = torch.empty(num_tokens, x.shape[1], dtype=torch.bfloat16, device=dev)
+    out_w = (torch.empty(num_tokens, topk_weights.shape[1], dtype=torch.float32, device=dev)
+             if topk_weights is not None else None)
+    return out, out_w
+
+
 def aligned_counts(counts: list[int], alignment: int) -> list[int]:
     return [(c + alignment - 1) // alignment * alignment for c in counts]
 
@@ -259,15 +286,9 @@ class IntranodeRuntime:
             rows = handle.num_recv_rows
             write_send_pos = None  # the handle has it: same routes
         pad = handle.num_worst_tokens > 0
-        recv_x = torch.empty(rows, hidden, dtype=x.dtype, device=dev)
-        recv_scales = (torch.empty(rows, hidden // FP8_BLOCK, dtype=torch.float32, device=dev)
-                       if x_scales is not None else None)
         # Every row of these is written by nvl_dispatch (padding rows: zeros, ids -1).
-        recv_idx = recv_w = None
-        if topk_idx is not None:
-            recv_idx = torch.empty(rows, num_topk, dtype=torch.int64, device=dev)
-        if topk_weights is not None:
-            recv_w = torch.empty(rows, num_topk, dtype=torch.float32, device=dev)
+        recv_x, recv_scales, recv_idx, recv_w = dispatch_outputs(rows, x, x_scales, topk_idx,
+                                                                 topk_weights)
         row_bytes = hidden * x.element_size()
         offs = regions.slot_offsets()
         self._module.launch("nvl_dispatch", blocks, KERNEL_THREADS, (
@@ -287,7 +308,7 @@ class IntranodeRuntime:
         """See ``Backend.combine``. x: [N, H] bf16 -> ([T, H] bf16, [T, K] float32 or None)."""
         self._check_alive()
         state = _intranode_state(handle)
-        r, me, dev = self.num_ranks, self.rank, x.device
+        r, me = self.num_ranks, self.rank
         rows, hidden = x.shape
         num_topk = topk_weights.shape[1] if topk_weights is not None else 0
         check_sizes(r, handle.num_experts, num_topk)
@@ -295,9 +316,7 @@ class IntranodeRuntime:
         regions = regions_for(config, hidden, r)
         self._check_fits(regions)
         t = handle.num_tokens
-        out = torch.empty(t, hidden, dtype=torch.bfloat16, device=dev)
-        out_w = (torch.empty(t, num_topk, dtype=torch.float32, device=dev)
-                 if topk_weights is not None else None)
+        out, out_w = combine_outputs(t, x, topk_weights)
         bias0 = biases[0] if len(biases) > 0 else None
         bias1 = biases[1] if len(biases) > 1 else None
         offs = regions.slot_offsets()
