@@ -848,6 +848,16 @@ def task_normal_create_destroy(ctx, backend: str, times: int = 100, hidden: int 
     return {"lost_mib": lost, "seconds": time.monotonic() - t0}
 
 
+def _timed_raise(call, exc_type):
+    """Runs ``call``; returns (the ``exc_type`` error it raised, or None; seconds it took)."""
+    t0 = time.monotonic()
+    try:
+        call()
+    except exc_type as e:
+        return e, time.monotonic() - t0
+    return None, time.monotonic() - t0
+
+
 def task_normal_stuck_peer(ctx, backend: str, skipper: int = 1, timeout_s: str = "3"):
     """Rank ``skipper`` skips a dispatch: every other rank gets CommTimeoutError naming its rank
     and the dispatch phase within about ``timeout_s``; a further call on that Buffer raises an
@@ -871,15 +881,13 @@ def task_normal_stuck_peer(ctx, backend: str, skipper: int = 1, timeout_s: str =
             _keep_alive.append(buf)
             return "skipped"
         args = dict(**layout_args(lay), topk_idx=idx, topk_weights=w)
-        t0 = time.monotonic()
-        err = None
-        try:
+
+        def attempt():
             buf.dispatch(x, **args)
             sync(ctx)
             check_status(buf)
-        except CommTimeoutError as e:
-            err = e
-        elapsed = time.monotonic() - t0
+
+        err, elapsed = _timed_raise(attempt, CommTimeoutError)
         assert err is not None, f"rank {me}: no CommTimeoutError although rank {skipper} " \
                                 f"skipped the dispatch ({elapsed:.1f} s)"
         msg = str(err)
@@ -889,15 +897,7 @@ def task_normal_stuck_peer(ctx, backend: str, skipper: int = 1, timeout_s: str =
         assert 0.5 * limit <= elapsed <= limit + 10, \
             f"rank {me}: CommTimeoutError after {elapsed:.1f} s, expected about {limit} s"
         # The Buffer is now unusable: a further call must say so, not hang or return garbage.
-        t1 = time.monotonic()
-        again = None
-        try:
-            buf.dispatch(x, **args)
-            sync(ctx)
-            check_status(buf)
-        except EpCommError as e:
-            again = e
-        again_s = time.monotonic() - t1
+        again, again_s = _timed_raise(attempt, EpCommError)
         assert again is not None, f"rank {me}: a dispatch after the timeout raised nothing"
         assert again_s <= limit + 10, f"rank {me}: the call after the timeout took {again_s:.1f} s"
         t2 = time.monotonic()
