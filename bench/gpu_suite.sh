@@ -14,7 +14,7 @@
 #   SUITE_STAGES     stages to run: tests,doctor,bench (default: all)
 #   SUITE_TESTS      pytest arguments after "-m gpu" (default: the whole tests/ folder),
 #                    e.g. "tests/test_intranode_gpu.py -k dispatch"
-#   SUITE_BENCHES    smoke,normal,low_latency,imbalance,moe,gemm (default: all; smoke = the
+#   SUITE_BENCHES    smoke,normal,internode,low_latency,imbalance,moe,gemm,host (default: all; smoke = the
 #                    kernels' quick PASS/FAIL + timing scripts, gemm = one GPU only)
 #   SUITE_BACKENDS   backends per bench (default nccl,reference,kernels; kernels last, so that a
 #                    crash there cannot spoil the others)
@@ -38,7 +38,7 @@ OUT=${OUT:-/tmp/ep_comm_suite_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 STAGES=",${SUITE_STAGES:-tests,doctor,bench},"
-BENCHES=${SUITE_BENCHES:-smoke,normal,low_latency,imbalance,moe,gemm}
+BENCHES=${SUITE_BENCHES:-smoke,normal,internode,low_latency,imbalance,moe,gemm,host}
 BACKENDS=${SUITE_BACKENDS:-nccl,reference,kernels}
 BUDGET=${SUITE_BUDGET_S:-530}
 RESERVE=25  # seconds kept for the summary, the copies and a step's kill grace
@@ -239,6 +239,20 @@ if has_stage bench; then
                     run_step "bench gemm 1r" "$BENCH_TIMEOUT" "$PY" bench/gemm.py --out "$RES"
                     continue
                     ;;
+                host)  # Python time per call of the kernels backend, 1 GPU
+                    if ((n != 1 || GPUS == 0)); then continue; fi
+                    run_step "bench host_overhead 1r" "$BENCH_TIMEOUT" "$PY" bench/host_overhead.py \
+                        --out "$RES"
+                    continue
+                    ;;
+                internode)  # normal mode as 2 nodes of n / 2 GPUs, beside the NVLink run above
+                    if ((n < 2 || GPUS == 0)); then continue; fi
+                    run_step "bench internode ${n}r $((n / 2))/node" "$BENCH_TIMEOUT" \
+                        "$PY" -m torch.distributed.run --standalone --nproc-per-node="$n" \
+                        bench/normal.py --backend kernels,nccl --ranks-per-node $((n / 2)) \
+                        --out "$RES" --sweep-tokens 256,1024,4096
+                    continue
+                    ;;
                 moe)
                     args=""  # its backends: kernels and reference (plain NCCL has no MoE layer)
                     bk=$(tr ',' '\n' <<< "$BACKENDS" | grep -vx nccl | paste -sd, -)
@@ -261,6 +275,8 @@ if has_stage bench; then
             EXPECT+=("$bench:$n:$STEP_RC")
         done
     done
+    # the internode model reads the NVLink and internode runs just written (else its defaults)
+    run_step "internode model" 60 "$PY" bench/internode_model.py --out "$RES"
     mkdir -p bench/results
     if compgen -G "$RES/*" > /dev/null; then
         cp "$RES"/* bench/results/

@@ -31,8 +31,8 @@ Parameters: ``--nic-gbps`` (stated: 50), ``--nvl-gbps`` (H800 NVLink: DeepEP quo
 scaled by the fraction of the NVLink peak our kernels reach in ``bench/results/normal-kernels-
 2r-*.json`` when a 2-GPU run exists, else 0.9 assumed), ``--fixed-us`` (from
 ``bench/results/internode-kernels-*.json`` dispatch at the smallest token sweep point when
-present, else 25 us assumed), ``--hbm-gbps`` (H800 3350 GB/s x 0.7 for copies). The printout
-names the source of each.
+present, else 25 us assumed), ``--hbm-gbps`` (H800 3350 GB/s x 0.7 for copies). Measured
+files are looked up in ``--out``. The printout names the source of each.
 
     python bench/internode_model.py                 # prints the table, writes the JSON
     python bench/internode_model.py --nic-gbps 25   # a 200 Gb/s NIC per GPU
@@ -117,12 +117,15 @@ def predict(stats: dict, p: dict, tokens: int, hidden: int, topk: int, ranks_per
     return out
 
 
-def _latest(pattern: str) -> dict | None:
-    paths = sorted(glob.glob(str(common.DEFAULT_OUT / pattern)))
+def _latest(folder: Path, pattern: str) -> dict | None:
+    """The newest-named GPU result matching ``pattern`` in ``folder`` (not CPU runs, not runs
+    of ranks sharing GPUs), with ``_path`` added; None if there is none."""
+    paths = sorted(glob.glob(str(folder / pattern)))
     for path in reversed(paths):
         rec = json.loads(Path(path).read_text())
-        if rec.get("status", "ok") == "ok" and "cpu" not in rec.get("device", "cpu"):
-            rec["_path"] = os.path.relpath(path, common.DEFAULT_OUT.parent.parent)
+        device = rec.get("device", "cpu")
+        if rec.get("status", "ok") == "ok" and "cpu" not in device and "sharing" not in device:
+            rec["_path"] = os.path.relpath(path)
             return rec
     return None
 
@@ -133,7 +136,7 @@ def parameters(a) -> tuple[dict, dict]:
     if a.nvl_gbps is not None:
         p["nvl_gbps"], src["nvl_gbps"] = a.nvl_gbps, "--nvl-gbps"
     else:
-        rec = _latest("normal-kernels-2r-*.json")
+        rec = _latest(Path(a.out), "normal-kernels-2r-*.json")
         frac, how = 0.9, "assumed fraction 0.9 (no 2-GPU normal-kernels run yet)"
         if rec and rec["figures"].get("dispatch_bf16_gbps"):
             # 2 ranks: half of what a rank receives is its own (local) rows; the other half
@@ -145,12 +148,12 @@ def parameters(a) -> tuple[dict, dict]:
     if a.fixed_us is not None:
         p["fixed_us"], src["fixed_us"] = a.fixed_us, "--fixed-us"
     else:
-        rec = _latest("internode-kernels-*.json")
-        sweep = (rec or {}).get("sweeps", {}).get("tokens") if rec else None
-        small = min(sweep, key=lambda s: s.get("tokens", 1 << 30)) if sweep else None
+        rec = _latest(Path(a.out), "internode-kernels-*.json")
+        sweep = rec.get("sweep_tokens") if rec else None  # bench/normal.py --sweep-tokens
+        small = min(sweep, key=lambda s: s.get("num_tokens", 1 << 30)) if sweep else None
         if small and small.get("dispatch_bf16_us"):
             p["fixed_us"] = float(small["dispatch_bf16_us"])
-            src["fixed_us"] = (f"measured: internode dispatch at {small['tokens']} tokens "
+            src["fixed_us"] = (f"measured: internode dispatch at {small['num_tokens']} tokens "
                                f"({rec['_path']})")
         else:
             p["fixed_us"] = 25.0

@@ -60,3 +60,24 @@ def test_internode_model_phases_and_counted_bandwidth():
     # twice the NIC bandwidth halves the network phase
     r2 = internode_model.predict(stats, dict(p, nic_gbps=100.0), 4096, 7168, 8, 8)
     assert r2["dispatch"]["phases_us"]["network"] == pytest.approx(r["dispatch"]["phases_us"]["network"] / 2)
+
+
+def test_internode_model_reads_measured_parameters(tmp_path):
+    # A 2-GPU normal run and an internode token sweep feed the NVLink fraction and fixed cost.
+    import json
+    (tmp_path / "normal-kernels-2r-h200.json").write_text(json.dumps(
+        {"status": "ok", "device": "NVIDIA H200 x 2", "figures": {"dispatch_bf16_gbps": 381.6}}))
+    (tmp_path / "internode-kernels-2r-h200.json").write_text(json.dumps(
+        {"status": "ok", "device": "NVIDIA H200 x 2", "figures": {},
+         "sweep_tokens": [{"num_tokens": 1024, "dispatch_bf16_us": 80.0},
+                          {"num_tokens": 256, "dispatch_bf16_us": 31.5}]}))
+    # shared-GPU runs never feed the model
+    (tmp_path / "internode-kernels-4r-h200-shared.json").write_text(json.dumps(
+        {"status": "ok", "device": "NVIDIA H200 x 2 (ranks sharing GPUs)", "figures": {},
+         "sweep_tokens": [{"num_tokens": 1, "dispatch_bf16_us": 9999.0}]}))
+    args = internode_model.argparse.Namespace(nic_gbps=50.0, nvl_gbps=None, fixed_us=None,
+                                              hbm_gbps=None, out=str(tmp_path))
+    p, src = internode_model.parameters(args)
+    assert p["fixed_us"] == 31.5 and "measured" in src["fixed_us"]
+    assert p["nvl_gbps"] == pytest.approx(160 * 381.6 / 2 / 477)
+    assert "measured" in src["nvl_gbps"]
