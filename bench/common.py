@@ -473,9 +473,32 @@ _DEFAULT_SIZES = {"normal": {"num_tokens": 4096, "hidden": 7168, "num_topk": 8, 
                                   "num_experts": 256}}
 
 
-def target_for(record: dict, figure: str):
+#: Internode results (simulated nodes on one host) against the NVLink kernels of the same run
+#: and size: at most this many times their time (issue target).
+INTERNODE_VS_NVLINK = 1.3
+
+
+def _internode_targets(records: list[dict]) -> dict:
+    """{ranks: {figure_us: target}} for internode/kernels results: INTERNODE_VS_NVLINK x the
+    normal/kernels time of the same ranks and sizes in ``records``."""
+    out = {}
+    for rec in records:
+        if (rec.get("bench"), rec.get("backend"), rec.get("status", "ok")) != ("normal", "kernels", "ok"):
+            continue
+        twins = [r for r in records if (r.get("bench"), r.get("backend")) == ("internode", "kernels")
+                 and r.get("num_ranks") == rec.get("num_ranks") and r.get("config") == rec.get("config")]
+        if twins:
+            out[rec["num_ranks"]] = {k: INTERNODE_VS_NVLINK * v for k, v in rec["figures"].items()
+                                     if k.endswith("_us") and isinstance(v, (int, float))}
+    return out
+
+
+def target_for(record: dict, figure: str, internode: dict | None = None):
     """(value, source) of the reference figure for this result, or None."""
     bench, backend, ranks = record.get("bench"), record.get("backend"), record.get("num_ranks")
+    if bench == "internode" and backend == "kernels":
+        value = (internode or {}).get(ranks, {}).get(figure)
+        return None if value is None else (round(value, 1), f"{INTERNODE_VS_NVLINK}x NVLink")
     sizes = _DEFAULT_SIZES.get(bench)
     cfg = record.get("config", {})
     if not sizes or any(cfg.get(k) != v for k, v in sizes.items()):
@@ -520,6 +543,7 @@ def summary_rows(records: list[dict]) -> list[list]:
     target (from the time when there is one, else from the bandwidth).
     """
     rows = []
+    internode = _internode_targets(records)
     for rec in sorted(records, key=lambda r: (r.get("bench", ""), -int(r.get("num_ranks") or 0),
                                               r.get("backend", ""))):
         head = [rec.get("bench"), rec.get("backend"), rec.get("num_ranks")]
@@ -547,7 +571,8 @@ def summary_rows(records: list[dict]) -> list[list]:
                 label, us = f"{base[:-5]} send + recv", f"{fmt(us)} + {fmt(recv)}"
             elif us is None and gb is None:
                 us = figures[name]
-            t_us, t_gb = target_for(rec, f"{base}_us"), target_for(rec, f"{base}_gbps")
+            t_us = target_for(rec, f"{base}_us", internode)
+            t_gb = target_for(rec, f"{base}_gbps", internode)
             note, ratio = [], None
             if t_us:
                 note.append(f"{t_us[0]} us")
