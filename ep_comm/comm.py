@@ -243,24 +243,24 @@ class Comm:
         return dist.get_global_rank(self.group, group_rank)
 
 
-def gather_tensors(out: torch.Tensor, inp: torch.Tensor, group) -> None:
-    """``all_gather_into_tensor`` on any group: on gloo, CUDA tensors go through CPU copies."""
+def _collective(op, out: torch.Tensor, inp: torch.Tensor, group) -> None:
+    """``op(out, inp, group=group)`` on any group: on gloo, CUDA tensors go through CPU copies."""
     if dist.get_backend(group) == "gloo" and out.is_cuda:
         host = torch.empty_like(out, device="cpu")
-        dist.all_gather_into_tensor(host, inp.cpu(), group=group)
+        op(host, inp.cpu(), group=group)
         out.copy_(host)
     else:
-        dist.all_gather_into_tensor(out, inp, group=group)
+        op(out, inp, group=group)
+
+
+def gather_tensors(out: torch.Tensor, inp: torch.Tensor, group) -> None:
+    """``all_gather_into_tensor`` on any group (gloo: staged through CPU)."""
+    _collective(dist.all_gather_into_tensor, out, inp, group)
 
 
 def reduce_scatter_tensors(out: torch.Tensor, inp: torch.Tensor, group) -> None:
-    """``reduce_scatter_tensor`` (sum) on any group: on gloo, CUDA tensors go through CPU."""
-    if dist.get_backend(group) == "gloo" and out.is_cuda:
-        host = torch.empty_like(out, device="cpu")
-        dist.reduce_scatter_tensor(host, inp.cpu(), group=group)
-        out.copy_(host)
-    else:
-        dist.reduce_scatter_tensor(out, inp, group=group)
+    """``reduce_scatter_tensor`` (sum) on any group (gloo: staged through CPU)."""
+    _collective(dist.reduce_scatter_tensor, out, inp, group)
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:

@@ -1198,6 +1198,22 @@ def task_with_env(ctx, env: dict, fn, *args):
 
 
 # ================================================================== case lists
+def edge_routing_cases(base: int) -> list:
+    """Normal-mode edge routings, each in bf16 and fp8: zero tokens on the last rank, a single
+    token, every token to rank 0 (with num_worst_tokens), every top-k entry -1; then top-9 of
+    256 experts with expert_alignment 128."""
+    cases = []
+    for i, (routing, hidden) in enumerate([("empty_last", 2048), ("one_token", 4096),
+                                           ("to_rank0", 7168), ("all_dropped", 2048)]):
+        for fp8 in (False, True):
+            cases.append(NCase(seed=base + 2 * i + fp8, routing=routing, hidden=hidden, fp8=fp8,
+                               num_tokens=100, num_topk=8, num_experts=64, bias=2 * fp8,
+                               worst=-1 if i == 2 else 0))
+    cases.append(NCase(seed=base + 20, hidden=7168, num_experts=256, num_topk=9, num_tokens=512,
+                       alignment=128))
+    return cases
+
+
 def normal_cases(base: int, num_ranks: int, count: int, hiddens=(2048, 4096, 7168, 1000),
                  max_tokens: int = 384) -> list:
     """``count`` cases from ``base``: top-k cycles 1..9, hidden cycles through ``hiddens``, the

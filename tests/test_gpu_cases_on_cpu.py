@@ -153,3 +153,9 @@ def test_normal_sweep_as_several_nodes(cpu_ranks, world, rpn):
     got = cpu_ranks(world).run(gc.task_with_env, {gc.RANKS_PER_NODE_ENV: str(rpn)},
                                gc.task_normal_sweep, "reference", cases)
     assert got == [4] * world
+
+
+def test_edge_routing_cases_on_cpu_ranks(cpu_ranks):
+    # the edge routings the NVLink and internode GPU tests share, on the reference backend
+    cases = gc.edge_routing_cases(BASE + 500)
+    assert cpu_ranks(2).run(gc.task_normal_sweep, "reference", cases) == [len(cases)] * 2

@@ -45,15 +45,7 @@ def test_random_cases_bit_exact_dispatch_and_bf16_combine(gpu_ranks, world, rpn)
 @pytest.mark.parametrize("world,rpn", LAYOUTS, ids=_ids)
 def test_edge_routings(gpu_ranks, world, rpn):
     base = _seed(12000 + world)
-    cases = []
-    for i, (routing, hidden) in enumerate([("empty_last", 2048), ("one_token", 4096),
-                                           ("to_rank0", 7168), ("all_dropped", 2048)]):
-        for fp8 in (False, True):
-            cases.append(NCase(seed=base + 2 * i + fp8, routing=routing, hidden=hidden, fp8=fp8,
-                               num_tokens=100, num_topk=8, num_experts=64, bias=2 * fp8,
-                               worst=-1 if i == 2 else 0))
-    cases.append(NCase(seed=base + 20, hidden=7168, num_experts=256, num_topk=9, num_tokens=512,
-                       alignment=128))
+    cases = gc.edge_routing_cases(base)
     gpu_ranks(world).run(gc.task_with_env, _env(rpn), gc.task_normal_sweep, BACKEND, cases)
 
 

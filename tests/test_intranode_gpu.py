@@ -35,15 +35,7 @@ def test_edge_routings(gpu_ranks, world):
     """Zero tokens on a rank, a single token, every token to rank 0, every entry -1, top-9 of
     256 experts, 4096 tokens (layout at scale), each in bf16 and fp8."""
     base = _seed(2000 + world)
-    cases = []
-    for i, (routing, hidden) in enumerate([("empty_last", 2048), ("one_token", 4096),
-                                           ("to_rank0", 7168), ("all_dropped", 2048)]):
-        for fp8 in (False, True):
-            cases.append(NCase(seed=base + 2 * i + fp8, routing=routing, hidden=hidden, fp8=fp8,
-                               num_tokens=100, num_topk=8, num_experts=64, bias=2 * fp8,
-                               worst=-1 if i == 2 else 0))
-    cases.append(NCase(seed=base + 20, hidden=7168, num_experts=256, num_topk=9, num_tokens=512,
-                       alignment=128))
+    cases = gc.edge_routing_cases(base)
     cases.append(NCase(seed=base + 21, hidden=2048, num_experts=256, num_topk=8,
                        num_tokens=4096, ragged=0, drop=0.0, fp8=True))
     gpu_ranks(world).run(gc.task_normal_sweep, BACKEND, cases)
