@@ -60,6 +60,8 @@ CONTIG_ALT = {
     True: [(128, 256, 128, 8, 3), (128, 256, 128, 8, 4), (128, 128, 128, 8, 4),
            (256, 128, 128, 8, 3), (256, 128, 128, 8, 4), (64, 256, 128, 4, 4)],
 }
+# FP8 only, TMA only: the warp-specialized Gluon kernel (fixed 128 x 256 x 128 tile), by ring depth.
+WS_ALT = [(128, 256, 128, 4, s, False, True, True) for s in (2, 3, 4)]
 MASKED_ALT = {
     False: [(64, 128, 64, 4, 5, False), (64, 64, 64, 4, 6, True), (16, 128, 128, 4, 4, True)],
     # FP8 (swap-AB; smem per CTA = stages x (BM + 128) x 128 B): 1 vs 2 vs 3 CTAs per SM.
@@ -191,7 +193,16 @@ def bench_contiguous(args, dev, weights, tokens: int, name: str, log: list, swee
         for ex in range(e):
             torch.mm(a[ex * tokens:(ex + 1) * tokens], bt[ex], out=out[ex * tokens:(ex + 1) * tokens])
     r["loop_mm_ms"] = bench_ms(loop, args.rep)
-    r["fp8_ms"] = bench_ms(lambda: gemm.grouped_gemm_contiguous(a8, b8, ends, out=out), args.rep)
+    # FP8: the heuristic's kernel (warp-specialized on Hopper) and the Triton kernel's own best
+    # configuration, alternately as above.
+    cfg8_triton = gemm.contiguous_config(m, n, k, e, fp8=True, warp_specialized=False)
+    fp8_ms, fp8_triton_ms = [], []
+    for _ in range(1 if DRY_RUN else 3):
+        fp8_ms.append(bench_ms(lambda: gemm.grouped_gemm_contiguous(a8, b8, ends, out=out), args.rep))
+        fp8_triton_ms.append(bench_ms(lambda: gemm.grouped_gemm_contiguous(
+            a8, b8, ends, out=out, config=cfg8_triton), args.rep))
+    r["fp8_ms"] = sorted(fp8_ms)[len(fp8_ms) // 2]
+    r["fp8_triton_ms"] = sorted(fp8_triton_ms)[len(fp8_triton_ms) // 2]
     try:
         qa, sa = rowwise_fp8(a, 1)
         qb, sb = rowwise_fp8(b16, 2)  # [E, N] scales
@@ -203,7 +214,7 @@ def bench_contiguous(args, dev, weights, tokens: int, name: str, log: list, swee
     except Exception as ex:  # noqa: BLE001 - the baseline is optional (torch version)
         log.append(f"torch._scaled_grouped_mm unavailable: {type(ex).__name__}: {str(ex)[:120]}")
         r["scaled_grouped_mm_ms"] = None
-    for key in ("bf16", "grouped_mm", "loop_mm", "fp8", "scaled_grouped_mm"):
+    for key in ("bf16", "grouped_mm", "loop_mm", "fp8", "fp8_triton", "scaled_grouped_mm"):
         ms = r[f"{key}_ms"]
         r[f"{key}_tflops"] = tflops(m, n, k, ms) if ms else None
     cfg16 = gemm.contiguous_config(m, n, k, e, fp8=False)
@@ -211,7 +222,8 @@ def bench_contiguous(args, dev, weights, tokens: int, name: str, log: list, swee
     r["bf16_config"], r["fp8_config"] = list(cfg16.__dict__.values()), list(cfg8.__dict__.values())
     if args.sweep and tokens in ((16,) if DRY_RUN else (128, 512)):
         for use_fp8, alts in CONTIG_ALT.items():
-            for alt in [(*a_, False, t) for a_ in alts for t in (False, True)]:
+            extra = WS_ALT if use_fp8 and gemm.ws_available() is None else []
+            for alt in [(*a_, False, t) for a_ in alts for t in (False, True)] + extra:
                 cfg = gemm.GemmConfig(*alt)
                 aa, bb = (a8, b8) if use_fp8 else (a, b16)
                 try:
@@ -319,11 +331,12 @@ def main(argv=None) -> int:
         for t in tokens:
             contiguous[name][t] = bench_contiguous(args, dev, weights, t, name, log, sweep)
         rows = [[t, c["bf16_tflops"], c["grouped_mm_tflops"], c["loop_mm_tflops"],
-                 c["bf16_tflops"] / c["grouped_mm_tflops"], c["fp8_tflops"],
+                 c["bf16_tflops"] / c["grouped_mm_tflops"], c["fp8_tflops"], c["fp8_triton_tflops"],
                  c["scaled_grouped_mm_tflops"], str(c["bf16_config"]), str(c["fp8_config"])]
                 for t, c in contiguous[name].items()]
         common.print_table(None, ["tokens/expert", "ours bf16", "_grouped_mm", "loop mm",
-                                  "ours/_grouped_mm", "ours fp8", "_scaled_grouped_mm rowwise",
+                                  "ours/_grouped_mm", "ours fp8", "fp8 Triton kernel",
+                                  "_scaled_grouped_mm rowwise",
                                   "bf16 config", "fp8 config"], rows,
                            f"\ncontiguous {name} (N={SHAPES[name][0]}, K={SHAPES[name][1]}), TFLOP/s")
         print(f"[{time.time() - t_start:.0f} s]", flush=True)

@@ -68,6 +68,7 @@ import triton
 from ep_comm import fp8 as fp8_format
 from ep_comm.errors import InputError
 from ep_comm.kernels import grouped_gemm as _gg
+from ep_comm.kernels import grouped_gemm_ws as _ws
 from ep_comm.kernels import quant as _quant
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -88,6 +89,15 @@ class GemmConfig:
     #: operands allow it (16-byte aligned base and row strides, ``[E, N]`` dims of the weights
     #: mergeable into one), False = pointers, True = TMA or an error.
     tma: bool | None = None
+    #: Contiguous FP8 only: the warp-specialized Gluon kernel (``kernels/grouped_gemm_ws.py``;
+    #: Hopper, TMA operands, tile fixed at 128 x 256 x 128, ``num_stages`` = ring depth 2-4,
+    #: ``num_warps`` = 4 per consumer warpgroup).
+    warp_specialized: bool = False
+
+
+#: The warp-specialized FP8 configuration (``contiguous_config`` picks it on Hopper).
+WS_FP8_CONFIG = GemmConfig(_ws.BLOCK_M, _ws.BLOCK_N, _ws.BLOCK_K, num_warps=4,
+                           num_stages=_ws.STAGES, tma=True, warp_specialized=True)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -227,13 +237,32 @@ def _desc(t: torch.Tensor, rows_dims: int, block: list[int]):
 
 
 # ----------------------------------------------------------------------------- heuristics
+def ws_available(device: torch.device | None = None) -> str | None:
+    """None when the warp-specialized FP8 kernel can run on ``device`` (default: the current
+    CUDA device), else why not."""
+    if not _ws.HAS_GLUON:
+        return "this Triton has no Gluon Hopper API (triton.experimental.gluon)"
+    if interpreting():
+        return "Gluon kernels do not run under TRITON_INTERPRET"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    cap = torch.cuda.get_device_capability(device)
+    if cap != (9, 0):
+        return f"it is written for Hopper (sm_90); this GPU is sm_{cap[0]}{cap[1]}"
+    return None
+
+
 def contiguous_config(num_rows: int, n: int, k: int, num_groups: int, fp8: bool,
-                      interpret: bool = False) -> GemmConfig:
-    """Block sizes of the contiguous grouped GEMM (see the module docstring for the reasons)."""
+                      interpret: bool = False, warp_specialized: bool | None = None) -> GemmConfig:
+    """Block sizes of the contiguous grouped GEMM (see the module docstring for the reasons).
+    ``warp_specialized``: None = the Gluon FP8 kernel where ``ws_available()`` says it runs,
+    False = the Triton kernel."""
     if interpret:
         avg = num_rows / max(num_groups, 1)
         return GemmConfig(16 if avg <= 16 else 32, 32, 128 if fp8 else 32, 4, 1)
     avg = num_rows / max(num_groups, 1)
+    if fp8 and avg > 64 and n >= 256 and warp_specialized is not False and ws_available() is None:
+        return WS_FP8_CONFIG
     if fp8 and avg >= 256:  # one weight-scale block per tile; no padding waste at >= 256 rows
         return GemmConfig(256, 128, 128, num_warps=8, num_stages=3)
     block_m = 64 if avg <= 64 else 128
@@ -260,6 +289,21 @@ def masked_config(expected_m: int | None, n: int, k: int, fp8: bool,
     if block_m <= 64:
         return GemmConfig(block_m, 128, block_k, num_warps=4, num_stages=5, swap_ab=True)
     return GemmConfig(block_m, 128, block_k, num_warps=8, num_stages=4)
+
+
+def _check_ws_config(cfg: GemmConfig, fp8: bool, dev: torch.device):
+    if not fp8:
+        _fail("config.warp_specialized is for fp8 operands only")
+    if (cfg.block_m, cfg.block_n, cfg.block_k) != (_ws.BLOCK_M, _ws.BLOCK_N, _ws.BLOCK_K):
+        _fail(f"config.warp_specialized needs blocks ({_ws.BLOCK_M}, {_ws.BLOCK_N}, "
+              f"{_ws.BLOCK_K}), got ({cfg.block_m}, {cfg.block_n}, {cfg.block_k})")
+    if not 2 <= cfg.num_stages <= 4:
+        _fail(f"config.warp_specialized needs num_stages in 2..4 (48 KB each), got {cfg.num_stages}")
+    if cfg.tma is False:
+        _fail("config.warp_specialized loads by TMA: tma=False contradicts it")
+    why = ws_available(dev)
+    if why is not None:
+        _fail(f"config.warp_specialized cannot run here: {why}")
 
 
 def _check_config(cfg: GemmConfig, fp8: bool, max_block_n_fp8: int):
@@ -313,7 +357,12 @@ def grouped_gemm_contiguous(a, b, group_end: torch.Tensor, *, group_rows: torch.
     if m == 0 or n == 0 or e == 0:
         return out
     cfg = config or contiguous_config(m, n, k, e, fp8, interp)
-    _check_config(cfg, fp8, 2 * SCALE_BLOCK)
+    if cfg.warp_specialized and config is None and not _use_tma(cfg, [("a", a, 1), ("b", b, 2)]):
+        cfg = contiguous_config(m, n, k, e, fp8, interp, warp_specialized=False)
+    if cfg.warp_specialized:
+        _check_ws_config(cfg, fp8, dev)
+    else:
+        _check_config(cfg, fp8, 2 * SCALE_BLOCK)
     if cfg.swap_ab:
         _fail("the contiguous GEMM has no swap_ab variant")
     if fp8 and a_s.stride(0) != 1 and m > 1:
@@ -323,6 +372,9 @@ def grouped_gemm_contiguous(a, b, group_end: torch.Tensor, *, group_rows: torch.
     max_tiles = (triton.cdiv(m, cfg.block_m) + e) * n_tiles
     sms = 4 if interp else _num_sms(dev.index if dev.index is not None else torch.cuda.current_device())
     num_programs = max(1, min(sms, max_tiles))
+    if cfg.warp_specialized:
+        _launch_ws(a, a_s, b, b_s, out, group_end, group_rows, cfg, num_programs)
+        return out
     a_s_ = a_s if fp8 else a
     b_s_ = b_s if fp8 else b
     as_strides = (a_s.stride(0), a_s.stride(1)) if fp8 else (0, 0)
@@ -344,6 +396,27 @@ def grouped_gemm_contiguous(a, b, group_end: torch.Tensor, *, group_rows: torch.
         EVEN_K=k % cfg.block_k == 0, TMA=tma, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
     return out
+
+
+def _launch_ws(a, a_s, b, b_s, out, group_end, group_rows, cfg: GemmConfig, num_programs: int):
+    """The warp-specialized FP8 kernel on checked operands (``kernels/grouped_gemm_ws.py``)."""
+    bad = [name for name, t, dims in (("a", a, 1), ("b", b, 2)) if not _tma_ok(t, dims)]
+    if bad:
+        _fail(f"config.warp_specialized loads by TMA, but {', '.join(bad)} cannot be "
+              f"TMA-described (needs 16-byte aligned base and row stride, leading dims contiguous)")
+    m, k = a.shape
+    e, n = b.shape[0], b.shape[1]
+    la, lb = _ws.smem_layouts()
+    a_desc = _ws.TensorDescriptor(a, [m, k], [a.stride(0), 1], [_ws.BLOCK_M, _ws.BLOCK_K], la)
+    b_desc = _ws.TensorDescriptor(b, [e * n, k], [b.stride(1), 1], [_ws.BLOCK_N, _ws.BLOCK_K], lb)
+    _ws.fp8_contiguous_ws_kernel[(num_programs,)](
+        a_desc, b_desc, out, a_s, b_s, group_end,
+        group_rows if group_rows is not None else group_end,
+        m, n, k, e, out.stride(0), a_s.stride(0), a_s.stride(1),
+        b_s.stride(0), b_s.stride(1), b_s.stride(2),
+        NUM_PROGRAMS=num_programs, E_POW2=max(32, triton.next_power_of_2(e)),
+        HAS_ROWS=group_rows is not None, NUM_STAGES=cfg.num_stages,
+        num_warps=4, maxnreg=_ws.LAUNCH_MAXNREG)
 
 
 def grouped_gemm_masked(a, b, count: torch.Tensor, *, expected_m: int | None = None,

@@ -265,8 +265,8 @@ def test_gemm_rejects_bad_arguments_with_clear_errors():
 
 def test_block_size_heuristic_follows_tokens_per_expert():
     small = gemm.contiguous_config(64 * 32, 4096, 7168, 64, fp8=False)
-    large = gemm.contiguous_config(64 * 512, 4096, 7168, 64, fp8=True)
-    mid = gemm.contiguous_config(64 * 128, 4096, 7168, 64, fp8=True)
+    large = gemm.contiguous_config(64 * 512, 4096, 7168, 64, fp8=True, warp_specialized=False)
+    mid = gemm.contiguous_config(64 * 128, 4096, 7168, 64, fp8=True, warp_specialized=False)
     assert small.block_m == 64 and large.block_m == 256 and large.block_k == 128
     assert (mid.block_m, mid.block_n) == (128, 256)
     for cfg in (small, large, mid):  # 3 or 4 stages of A + B tiles fit 227 KB of shared memory
@@ -281,6 +281,26 @@ def test_block_size_heuristic_follows_tokens_per_expert():
         assert c.swap_ab and c.num_stages == 4 and c.block_m == max(16, m)
     c64 = gemm.masked_config(64, 4096, 7168, fp8=True)
     assert c64.block_m == 64 and not c64.swap_ab
+    # The warp-specialized FP8 kernel where it runs (Hopper), the Triton kernel elsewhere.
+    auto = gemm.contiguous_config(64 * 512, 4096, 7168, 64, fp8=True)
+    assert auto.warp_specialized == (gemm.ws_available() is None)
+    assert not gemm.contiguous_config(64 * 512, 4096, 7168, 64, fp8=False).warp_specialized
+    assert not gemm.contiguous_config(64 * 32, 4096, 7168, 64, fp8=True).warp_specialized
+
+
+@pytest.mark.skipif(gemm.ws_available() is None, reason="the warp-specialized kernel runs here")
+def test_warp_specialized_config_says_why_it_cannot_run():
+    ends, rows, m = counts_to_groups([3, 5], 1)
+    g = torch.Generator().manual_seed(7)
+    a, b = make_act(m, 128, True, g), make_weight(2, 256, 128, True, g)
+    with pytest.raises(InputError, match="warp_specialized cannot run here"):
+        gemm.grouped_gemm_contiguous(a, b, ends, config=gemm.WS_FP8_CONFIG)
+    with pytest.raises(InputError, match="fp8 operands only"):
+        gemm.grouped_gemm_contiguous(make_act(m, 128, False, g), make_weight(2, 256, 128, False, g),
+                                     ends, config=gemm.WS_FP8_CONFIG)
+    with pytest.raises(InputError, match="needs blocks"):
+        gemm.grouped_gemm_contiguous(a, b, ends, config=dataclasses.replace(
+            gemm.WS_FP8_CONFIG, block_m=256, block_n=128))
 
 
 # ----------------------------------------------------------------------------- GPU, real shapes
@@ -295,7 +315,9 @@ H, I = 7168, 2048
 def test_gpu_contiguous_gemm_deepseek_shapes(n, k, use_fp8, tma):
     counts = [0, 1, 127, 128, 129, 517, 1000, 0, 64, 300, 2, 255, 256, 0, 33, 700]
     m = sum(counts)
-    cfg = dataclasses.replace(gemm.contiguous_config(m, n, k, len(counts), use_fp8), tma=tma)
+    # The Triton kernel's configuration (the warp-specialized one has its own tests below).
+    cfg = dataclasses.replace(gemm.contiguous_config(m, n, k, len(counts), use_fp8,
+                                                     warp_specialized=False), tma=tma)
     check_contiguous(counts, n=n, k=k, use_fp8=use_fp8, alignment=128, seed=100, config=cfg)
     check_contiguous(counts, n=n, k=k, use_fp8=use_fp8, alignment=1, seed=101, config=cfg)
 
@@ -325,3 +347,56 @@ def test_gpu_contiguous_fp8_every_swept_config_is_right(cfg, tma):
     counts = [0, 1, 127, 129, 517, 0, 64, 300]
     check_contiguous(counts, n=2 * I, k=H, use_fp8=True, alignment=1, seed=103,
                      config=dataclasses.replace(cfg, tma=tma))
+
+
+ws_only = pytest.mark.skipif(gemm.ws_available() is not None,
+                             reason=f"warp-specialized FP8 GEMM: {gemm.ws_available()}")
+
+
+@pytest.mark.gpu
+@gpu_only
+@ws_only
+@pytest.mark.parametrize("stages", [2, 3, 4])
+@pytest.mark.parametrize("n,k", [(2 * I, H), (H, I), (300, 1024)], ids=["gate_up", "down", "n300"])
+def test_gpu_contiguous_fp8_warp_specialized_matches_float64(n, k, stages):
+    # Ragged groups (empty, 1 row, one under / over a 128-row tile, several tiles), with and
+    # without alignment padding and valid-row counts; n=300: the second 128-column half of the
+    # last tile lies partly past N (its weight-scale block clamped, its columns not stored).
+    cfg = dataclasses.replace(gemm.WS_FP8_CONFIG, num_stages=stages)
+    counts = [0, 1, 127, 128, 129, 517, 1000, 0, 64, 300, 2, 255, 256, 0, 33, 700]
+    check_contiguous(counts, n=n, k=k, use_fp8=True, alignment=128, seed=200 + stages, config=cfg)
+    check_contiguous(counts, n=n, k=k, use_fp8=True, alignment=1, seed=210 + stages, config=cfg,
+                     pass_rows=False)
+
+
+@pytest.mark.gpu
+@gpu_only
+@ws_only
+def test_gpu_contiguous_fp8_warp_specialized_many_experts_and_one_row():
+    # 256 experts (the whole tile table in one [256] vector per role), most of them empty or
+    # tiny; then a single row in a single expert.
+    g = torch.Generator().manual_seed(220)
+    counts = torch.randint(0, 6, (256,), generator=g).tolist()
+    counts[17], counts[200] = 300, 129
+    check_contiguous(counts, n=512, k=256, use_fp8=True, alignment=1, seed=221,
+                     config=gemm.WS_FP8_CONFIG)
+    check_contiguous([1], n=256, k=128, use_fp8=True, alignment=1, seed=222,
+                     config=gemm.WS_FP8_CONFIG)
+
+
+@pytest.mark.gpu
+@gpu_only
+@ws_only
+def test_gpu_default_fp8_config_is_warp_specialized_and_repeatable():
+    # The heuristic picks the Gluon kernel on Hopper; two runs give the same bits (no race in the
+    # ring: a slot overwritten before both consumer warpgroups released it would show).
+    g = torch.Generator().manual_seed(230)
+    counts = [512] * 8
+    ends, rows, m = counts_to_groups(counts, 1)
+    a, b = make_act(m, H, True, g), make_weight(8, 2 * I, H, True, g)
+    assert gemm.contiguous_config(m, 2 * I, H, 8, True).warp_specialized
+    outs = [gemm.grouped_gemm_contiguous(a, b, ends) for _ in range(3)]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    ref = gemm.grouped_gemm_contiguous(a, b, ends, config=gemm.contiguous_config(
+        m, 2 * I, H, 8, True, warp_specialized=False))
+    assert_bf16_close(outs[0], ref.double(), "warp-specialized vs Triton kernel")
