@@ -32,6 +32,7 @@ Writes ``bench/results/gemm-kernels-1r-<device>.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -193,16 +194,21 @@ def bench_contiguous(args, dev, weights, tokens: int, name: str, log: list, swee
         for ex in range(e):
             torch.mm(a[ex * tokens:(ex + 1) * tokens], bt[ex], out=out[ex * tokens:(ex + 1) * tokens])
     r["loop_mm_ms"] = bench_ms(loop, args.rep)
-    # FP8: the heuristic's kernel (warp-specialized on Hopper) and the Triton kernel's own best
-    # configuration, alternately as above.
+    # FP8: the heuristic's kernel (warp-specialized on Hopper), the Triton kernel's own best
+    # configuration and, where it runs, the warp-specialized kernel at each ring depth,
+    # alternately as above (5 rounds: these differ by a few percent).
     cfg8_triton = gemm.contiguous_config(m, n, k, e, fp8=True, warp_specialized=False)
-    fp8_ms, fp8_triton_ms = [], []
-    for _ in range(1 if DRY_RUN else 3):
-        fp8_ms.append(bench_ms(lambda: gemm.grouped_gemm_contiguous(a8, b8, ends, out=out), args.rep))
-        fp8_triton_ms.append(bench_ms(lambda: gemm.grouped_gemm_contiguous(
-            a8, b8, ends, out=out, config=cfg8_triton), args.rep))
-    r["fp8_ms"] = sorted(fp8_ms)[len(fp8_ms) // 2]
-    r["fp8_triton_ms"] = sorted(fp8_triton_ms)[len(fp8_triton_ms) // 2]
+    variants = {"fp8": None, "fp8_triton": cfg8_triton}
+    if gemm.ws_available() is None:
+        for st in (2, 3, 4):
+            variants[f"fp8_ws{st}"] = dataclasses.replace(gemm.WS_FP8_CONFIG, num_stages=st)
+    times = {key: [] for key in variants}
+    for _ in range(1 if DRY_RUN else 5):
+        for key, cfg in variants.items():
+            times[key].append(bench_ms(lambda: gemm.grouped_gemm_contiguous(
+                a8, b8, ends, out=out, config=cfg), args.rep))
+    for key, ts in times.items():
+        r[f"{key}_ms"] = sorted(ts)[len(ts) // 2]
     try:
         qa, sa = rowwise_fp8(a, 1)
         qb, sb = rowwise_fp8(b16, 2)  # [E, N] scales
@@ -214,7 +220,7 @@ def bench_contiguous(args, dev, weights, tokens: int, name: str, log: list, swee
     except Exception as ex:  # noqa: BLE001 - the baseline is optional (torch version)
         log.append(f"torch._scaled_grouped_mm unavailable: {type(ex).__name__}: {str(ex)[:120]}")
         r["scaled_grouped_mm_ms"] = None
-    for key in ("bf16", "grouped_mm", "loop_mm", "fp8", "fp8_triton", "scaled_grouped_mm"):
+    for key in ("bf16", "grouped_mm", "loop_mm", "scaled_grouped_mm", *variants):
         ms = r[f"{key}_ms"]
         r[f"{key}_tflops"] = tflops(m, n, k, ms) if ms else None
     cfg16 = gemm.contiguous_config(m, n, k, e, fp8=False)
@@ -332,10 +338,13 @@ def main(argv=None) -> int:
             contiguous[name][t] = bench_contiguous(args, dev, weights, t, name, log, sweep)
         rows = [[t, c["bf16_tflops"], c["grouped_mm_tflops"], c["loop_mm_tflops"],
                  c["bf16_tflops"] / c["grouped_mm_tflops"], c["fp8_tflops"], c["fp8_triton_tflops"],
+                 "/".join(f"{c[f'fp8_ws{st}_tflops']:.0f}" if c.get(f"fp8_ws{st}_tflops") else "-"
+                          for st in (2, 3, 4)),
                  c["scaled_grouped_mm_tflops"], str(c["bf16_config"]), str(c["fp8_config"])]
                 for t, c in contiguous[name].items()]
         common.print_table(None, ["tokens/expert", "ours bf16", "_grouped_mm", "loop mm",
                                   "ours/_grouped_mm", "ours fp8", "fp8 Triton kernel",
+                                  "fp8 warp-spec. 2/3/4 stages",
                                   "_scaled_grouped_mm rowwise",
                                   "bf16 config", "fp8 config"], rows,
                            f"\ncontiguous {name} (N={SHAPES[name][0]}, K={SHAPES[name][1]}), TFLOP/s")

@@ -397,6 +397,10 @@ def test_gpu_default_fp8_config_is_warp_specialized_and_repeatable():
     assert gemm.contiguous_config(m, 2 * I, H, 8, True).warp_specialized
     outs = [gemm.grouped_gemm_contiguous(a, b, ends) for _ in range(3)]
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
-    ref = gemm.grouped_gemm_contiguous(a, b, ends, config=gemm.contiguous_config(
-        m, 2 * I, H, 8, True, warp_specialized=False))
-    assert_bf16_close(outs[0], ref.double(), "warp-specialized vs Triton kernel")
+    other = gemm.grouped_gemm_contiguous(a, b, ends, config=gemm.contiguous_config(
+        m, 2 * I, H, 8, True, warp_specialized=False)).double()
+    # Each is within half a bf16 ulp (plus summation error) of the exact product, so the two
+    # differ by at most one ulp: 2**-7 relative.
+    err = (outs[0].double() - other).abs()
+    assert (err <= 2.0 ** -7 * other.abs() + 2.0 ** -11 * other.abs().max()).all(), \
+        f"warp-specialized vs Triton kernel: worst {err.max().item():.4g}"
