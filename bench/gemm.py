@@ -388,6 +388,14 @@ def main(argv=None) -> int:
         "masked_fp8_hbm_fraction": min(fracs8),
         "hbm_read_gbps": hbm["hbm_read_gbps"],
     }
+    # What ep_comm.cost_model takes from this run: HBM bandwidth and, per dtype, the fraction of
+    # it at which the masked GEMM streams weights in the decode regime (<= 4 valid rows).
+    def stream_fraction(key):
+        fr = [c[key] for s in masked.values() for v, c in s.items() if v <= 4]
+        return sum(fr) / len(fr) if fr else None
+    calibration = {"hbm_gbps": hbm["hbm_read_gbps"],
+                   "weight_stream_fraction_bf16": stream_fraction("bf16_hbm_fraction"),
+                   "weight_stream_fraction_fp8": stream_fraction("fp8_hbm_fraction")}
     checks = [
         ("BF16 >= 0.9x torch._grouped_mm at every size", min(ratios) >= 0.9, f"min {min(ratios):.2f}x"),
         ("BF16 >= 550 TFLOP/s at 512 tokens/expert (gate_up)", c512["bf16_tflops"] >= 550,
@@ -411,6 +419,7 @@ def main(argv=None) -> int:
                                contiguous={k: {str(t): v for t, v in d.items()} for k, d in contiguous.items()},
                                masked={k: {str(t): v for t, v in d.items()} for k, d in masked.items()},
                                hbm=hbm, sweep=sweep, targets={n: ok for n, ok, _ in checks},
+                               calibration=calibration,
                                notes=log)
     print(f"\nwrote {path} in {time.time() - t_start:.0f} s")
     return 0

@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import glob
 import sys
+from pathlib import Path
 
 if "--dry-run" in sys.argv and "--cpu" not in sys.argv:
     sys.argv.append("--cpu")
@@ -328,11 +329,13 @@ def link_bandwidths(ctx, timer, a, tokens: int, row_bytes: int) -> dict:
             "small_gather_us": ms["small"] * 1e6}
 
 
-def hbm_gbps_from_gemm_results(slug: str) -> float | None:
-    """HBM read bandwidth measured by bench/gemm.py on this kind of device, if committed."""
-    for path in sorted(glob.glob(str(common.DEFAULT_OUT / f"gemm-kernels-1r-{slug}.json"))):
-        hw = cost_model.hardware_from_results(gemm_json=path)
-        return hw.hbm_gbps
+def memory_from_gemm_results(slug: str, dtype: str, out_dir) -> tuple[float, float] | None:
+    """(HBM read GB/s, weight-streaming fraction of it for ``dtype``) measured by bench/gemm.py
+    on this kind of device: this run's --out first, else the committed results."""
+    for d in dict.fromkeys([Path(out_dir), common.DEFAULT_OUT]):
+        for path in sorted(glob.glob(str(d / f"gemm-kernels-1r-{slug}.json"))):
+            hw = cost_model.hardware_from_results(gemm_json=path, dtype=dtype)
+            return hw.hbm_gbps, hw.weight_stream_fraction
     return None
 
 
@@ -441,13 +444,14 @@ def derive(ctx, a, f: dict, rows: dict, links: dict, layer_cfg):
     # fixed per-collective cost: a one-row all_gather.
     lk = links.get("prefill") or links.get("decode") or {}
     base = cost_model.Hardware(ranks_per_node=n)
-    hbm = hbm_gbps_from_gemm_results(common.device_slug(ctx)) if ctx.on_gpu else None
-    base.hbm_gbps = hbm or base.hbm_gbps
+    dtype = "fp8" if layer_cfg.fp8 else "bf16"
+    mem = memory_from_gemm_results(common.device_slug(ctx), dtype, a.out) if ctx.on_gpu else None
+    if mem:
+        base.hbm_gbps, base.weight_stream_fraction = mem
     base.nvlink_gbps = lk.get("a2a_gbps") or base.nvlink_gbps
     base.collective_gbps = lk.get("all_gather_gbps") or base.collective_gbps
     if lk.get("small_gather_us"):
         base.collective_fixed_us = lk["small_gather_us"]
-    dtype = "fp8" if layer_cfg.fp8 else "bf16"
 
     def hw_for(key: str, masked: bool):
         """The model's hardware with this variant's and case's measured GEMM throughput."""
@@ -476,6 +480,7 @@ def derive(ctx, a, f: dict, rows: dict, links: dict, layer_cfg):
             if meas:
                 f[f"model_error_{v}_{case}"] = meas / (pr["layer"] * 1e3) - 1
     f["model_hbm_gbps"] = base.hbm_gbps
+    f["model_weight_stream_fraction"] = base.weight_stream_fraction
     f["model_nvlink_gbps"] = base.nvlink_gbps
     f["model_collective_gbps"] = base.collective_gbps
     f["model_collective_fixed_us"] = base.collective_fixed_us

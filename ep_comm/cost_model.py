@@ -263,9 +263,11 @@ def markdown(rows: list[dict], layer: Layer, hw: Hardware) -> str:
 
 
 def hardware_from_results(gemm_json: str | None = None, moe_json: str | None = None,
-                          **overrides) -> Hardware:
+                          dtype: str | None = None, **overrides) -> Hardware:
     """A ``Hardware`` whose measured fields come from ``bench/gemm.py`` and/or ``bench/moe.py``
-    results (their ``calibration`` entries), the rest from the defaults or ``overrides``."""
+    results (their ``calibration`` entries), the rest from the defaults or ``overrides``.
+    ``dtype`` ("bf16" / "fp8"): take ``weight_stream_fraction_<dtype>`` where a result has it
+    (the masked GEMM streams FP8 and BF16 weights at different fractions of HBM)."""
     hw = Hardware()
     for path in (gemm_json, moe_json):
         if not path:
@@ -279,6 +281,8 @@ def hardware_from_results(gemm_json: str | None = None, moe_json: str | None = N
                     "collective_gbps", "ep_fixed_us", "collective_fixed_us"):
             if cal.get(key) is not None:
                 setattr(hw, key, float(cal[key]))
+        if dtype and cal.get(f"weight_stream_fraction_{dtype}") is not None:
+            hw.weight_stream_fraction = float(cal[f"weight_stream_fraction_{dtype}"])
         if rec.get("bench") == "gemm" and cal.get("hbm_gbps") is None:
             hbm = (rec.get("figures") or {}).get("hbm_read_gbps")
             if hbm:

@@ -39,6 +39,13 @@ H100/H200 (sm_90), 132 SMs, 227 KB shared memory per block:
   accumulator 881-981 TFLOP/s, ``acc += dot(a, b) * s`` per K block 699-714 at every config.
   Row-major activation scales are copied column-major once per call (M * K / 128 floats,
   about 1% of the A bytes) so each K step loads them as one contiguous vector.
+* FP8 on Hopper: the warp-specialized Gluon kernel (``kernels/grouped_gemm_ws.py``, 128 x 256
+  tiles, a TMA producer warp, two consumer warpgroups that are not in lockstep) where N >= 256,
+  more than 64 rows per expert, and K >= 4096 or at most 256 rows per expert. One H200, 5
+  alternating rounds, TFLOP/s ws / Triton kernel: gate_up (K = 7168) 835/758 at 128 rows,
+  949/883 at 256, 947-972/924 at 512, 1000/954 at 1024; down (K = 2048) 691/668, 792/778,
+  815/842, 831/866: with 16 K steps per tile its per-tile costs (tile decode, unstaged epilogue)
+  weigh more, and the Triton kernel wins from 512 rows on.
 * masked (decode; weight-bandwidth bound): the token tile ``BLOCK_M`` covers the expected valid
   rows per expert (``expected_m``, default 64: up to 64 tokens per expert read each weight tile
   exactly once), rounded up to a power of two, at least 16. ``BLOCK_N`` = 128, ``BLOCK_K`` = 64
@@ -261,7 +268,8 @@ def contiguous_config(num_rows: int, n: int, k: int, num_groups: int, fp8: bool,
         avg = num_rows / max(num_groups, 1)
         return GemmConfig(16 if avg <= 16 else 32, 32, 128 if fp8 else 32, 4, 1)
     avg = num_rows / max(num_groups, 1)
-    if fp8 and avg > 64 and n >= 256 and warp_specialized is not False and ws_available() is None:
+    if (fp8 and avg > 64 and n >= 256 and (k >= 4096 or avg <= 256)
+            and warp_specialized is not False and ws_available() is None):
         return WS_FP8_CONFIG
     if fp8 and avg >= 256:  # one weight-scale block per tile; no padding waste at >= 256 rows
         return GemmConfig(256, 128, 128, num_warps=8, num_stages=3)

@@ -30,7 +30,7 @@ the flat tile list; within an expert the m tiles are the inner index so that con
 blocks share the weight tile through L2); every role decodes the same tile sequence from the
 group ends itself, so no host synchronisation and no tile table in memory.
 
-Shared memory: ``STAGES`` x (128 x 128 + 256 x 128) bytes = 48 KB per stage, 4 stages.
+Shared memory: ``STAGES`` x (128 x 128 + 256 x 128) bytes = 48 KB per stage, 3 stages.
 Gluon kernels do not run under ``TRITON_INTERPRET``; the CPU tests exercise the Triton kernel and
 the GPU tests compare this one with the float64 reference and with the Triton kernel.
 """
@@ -54,8 +54,10 @@ except ImportError:  # pragma: no cover - Triton without Gluon's Hopper API
 BLOCK_M = 128
 BLOCK_N = 256
 BLOCK_K = 128
-#: Depth of the shared-memory ring (4 x 48 KB).
-STAGES = 4
+#: Depth of the shared-memory ring (3 x 48 KB): on one H200, 5 alternating rounds at
+#: DeepSeek-V3 shapes, 128-1024 rows per expert, summed over both GEMMs, 3 stages beat 4 by 1%
+#: and 2 by 3% (bench/results/logs/gemm-bench-h200-ws.txt).
+STAGES = 3
 #: Registers per thread of the consumer warpgroups and of the producer warp's warpgroup
 #: (setmaxnreg; 2 x 128 x 232 + 128 x 40 = 64512 of the SM's 65536).
 CONSUMER_REGS = 232

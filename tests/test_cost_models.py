@@ -1,4 +1,5 @@
 """The cost models: ep_comm.cost_model (EP vs TP layer) and bench/internode_model.py."""
+import json
 import math
 import os
 import sys
@@ -81,3 +82,22 @@ def test_internode_model_reads_measured_parameters(tmp_path):
     assert p["fixed_us"] == 31.5 and "measured" in src["fixed_us"]
     assert p["nvl_gbps"] == pytest.approx(160 * 381.6 / 2 / 477)
     assert "measured" in src["nvl_gbps"]
+
+
+def test_hardware_from_gemm_results_takes_the_weight_stream_fraction_of_the_dtype(tmp_path):
+    # bench/gemm.py's calibration: HBM bandwidth and, per dtype, the decode-regime fraction of it
+    # at which the masked GEMM streams weights; the decode GEMM time follows it.
+    path = tmp_path / "gemm-kernels-1r-x.json"
+    path.write_text(json.dumps({"bench": "gemm", "calibration": {
+        "hbm_gbps": 4000.0, "weight_stream_fraction_bf16": 0.97,
+        "weight_stream_fraction_fp8": 0.5}}))
+    fp8 = cost_model.hardware_from_results(gemm_json=str(path), dtype="fp8")
+    bf16 = cost_model.hardware_from_results(gemm_json=str(path), dtype="bf16")
+    plain = cost_model.hardware_from_results(gemm_json=str(path))
+    assert fp8.hbm_gbps == bf16.hbm_gbps == 4000.0
+    assert (fp8.weight_stream_fraction, bf16.weight_stream_fraction) == (0.5, 0.97)
+    assert plain.weight_stream_fraction == cost_model.Hardware().weight_stream_fraction
+    layer = cost_model.Layer(7168, 2048, 256, 8, fp8=True)
+    t_half = cost_model.gemm_time_s(layer, fp8, 256, 1, masked=True)
+    fp8.weight_stream_fraction = 1.0
+    assert t_half == pytest.approx(2 * cost_model.gemm_time_s(layer, fp8, 256, 1, masked=True))
