@@ -264,7 +264,9 @@ def contiguous_gemm_kernel(
     m_tiles = (rows + BLOCK_M - 1) // BLOCK_M
     n_tiles = tl.cdiv(N, BLOCK_N)
     tiles = m_tiles * n_tiles
-    cum = tl.cumsum(tiles, 0)  # inclusive: expert e's tiles are [cum[e] - tiles[e], cum[e])
+    # inclusive: expert e's tiles are [cum[e] - tiles[e], cum[e]); grouped_gemm_ws.py's
+    # _group_table / _tile_coords write the same schedule in Gluon
+    cum = tl.cumsum(tiles, 0)
     total = tl.sum(tiles, 0)
     for tile in range(pid, total, NUM_PROGRAMS):
         e = tl.sum((cum <= tile).to(tl.int32), 0)

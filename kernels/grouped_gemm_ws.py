@@ -103,7 +103,9 @@ if HAS_GLUON:
 
     @gluon.jit
     def _tile_coords(tile, eidx, starts, rows, m_tiles, cum, tiles):
-        """Flat tile index -> (expert, first row, valid rows, m tile, n tile)."""
+        """Flat tile index -> (expert, first row, valid rows, m tile, n tile). The same schedule
+        as ``kernels/grouped_gemm.py``'s ``contiguous_gemm_kernel`` (Gluon functions cannot call
+        Triton ones): keep the two in step, the GPU tests compare the kernels' outputs."""
         e = gl.sum((cum <= tile).to(gl.int32), 0)
         sel = eidx == e
         first = gl.sum(gl.where(sel, cum - tiles, 0), 0)
