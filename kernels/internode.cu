@@ -184,6 +184,21 @@ __device__ bool start_kernel(const Regions& g, uint32_t tag, int rank, int R, in
     return s_fail == 0;
 }
 
+// The start of the dispatch and combine kernels (which take EP_INTER_REGION_PARAMS, rank, R,
+// P, N, host_status and timeout_ns): this call's tag and its parity, this rank's node and index
+// in it, the thread's warp and lane, then start_kernel's barrier; a block that cannot start
+// (a peer missing, a previous call aborted) finishes at once.
+#define EP_INTER_KERNEL_START()                                                  \
+    const Regions g = EP_INTER_REGIONS;                                          \
+    uint32_t* ctrl = ctrl_of(g);                                                 \
+    const uint32_t tag = *reinterpret_cast<volatile uint32_t*>(ctrl) + 1u;       \
+    const int parity = tag & 1, node = rank / P, local = rank % P;              \
+    const int warp = threadIdx.x >> 5, lane = lane_id();                         \
+    if (!start_kernel(g, tag, rank, R, N, host_status, timeout_ns)) {            \
+        finish_block(ctrl);                                                      \
+        return;                                                                  \
+    }
+
 // Output row of token t on rank d: rank d's rows from this rank start after those of ranks
 // before it (prefix[rank - 1, d]); local_pos is the token's position among this rank's tokens
 // for d (-1: not sent).
@@ -297,15 +312,7 @@ inter_dispatch(EP_INTER_REGION_PARAMS, int rank, int R, int P, int N, int T, int
                const int* __restrict__ num_recv_dev, int zero_padding,
                unsigned long long* __restrict__ net_bytes, int* __restrict__ host_status,
                unsigned long long timeout_ns) {
-    const Regions g = EP_INTER_REGIONS;
-    uint32_t* ctrl = ctrl_of(g);
-    const uint32_t tag = *reinterpret_cast<volatile uint32_t*>(ctrl) + 1u;
-    const int parity = tag & 1, node = rank / P, local = rank % P;
-    const int warp = threadIdx.x >> 5, lane = lane_id();
-    if (!start_kernel(g, tag, rank, R, N, host_status, timeout_ns)) {
-        finish_block(ctrl);
-        return;
-    }
+    EP_INTER_KERNEL_START();
     if (zero_padding) {  // num_worst_tokens: rows past the received count are zero / -1
         const long long n_recv = *num_recv_dev;
         const long long stride = static_cast<long long>(gridDim.x) * kThreads;
@@ -476,15 +483,7 @@ inter_combine(EP_INTER_REGION_PARAMS, int rank, int R, int P, int N, int T, int 
               const int4* __restrict__ bias1, int4* __restrict__ out, float* __restrict__ out_w,
               unsigned long long* __restrict__ net_bytes, int* __restrict__ host_status,
               unsigned long long timeout_ns) {
-    const Regions g = EP_INTER_REGIONS;
-    uint32_t* ctrl = ctrl_of(g);
-    const uint32_t tag = *reinterpret_cast<volatile uint32_t*>(ctrl) + 1u;
-    const int parity = tag & 1, node = rank / P, local = rank % P;
-    const int warp = threadIdx.x >> 5, lane = lane_id();
-    if (!start_kernel(g, tag, rank, R, N, host_status, timeout_ns)) {
-        finish_block(ctrl);
-        return;
-    }
+    EP_INTER_KERNEL_START();
     __shared__ const char* s_csrc[kMaxRanks];
     __shared__ int s_max_count;
     __shared__ unsigned s_item;

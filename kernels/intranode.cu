@@ -106,6 +106,34 @@ __shared__ int s_count[kMaxRanks];
 __shared__ uint32_t s_tail[kMaxRanks];
 __shared__ int s_done[kMaxRanks];
 
+// The start of a dispatch or combine block. Grid 2 * C: block 2c sends channel c, block 2c + 1
+// receives it. With one rank there is no ring and one of the two would idle, so both take half
+// of the channel's tokens [tb, te); otherwise [tb, te) is the whole channel. The caller zeroes
+// its own shared per-rank array first; the barrier here covers it and s_abort.
+struct ChannelBlock {
+    uint32_t* ctrl;  // this rank's control words (ctrl[0]: calls so far)
+    uint32_t tag;    // this call's number
+    int c;           // channel
+    bool receiver;
+    int tb, te;
+};
+
+__device__ __forceinline__ ChannelBlock begin_channel_block(char* const* peers, int rank, int R,
+                                                            int C, int T, long long off_ctrl) {
+    ChannelBlock b;
+    b.ctrl = reinterpret_cast<uint32_t*>(peers[rank] + off_ctrl);
+    b.tag = *reinterpret_cast<volatile uint32_t*>(b.ctrl) + 1u;
+    if (threadIdx.x < kMaxRanks) s_abort[threadIdx.x] = 0;
+    __syncthreads();
+    b.c = blockIdx.x >> 1;
+    b.receiver = (blockIdx.x & 1) != 0;
+    const int t0 = channel_begin(T, b.c, C), t1 = channel_begin(T, b.c + 1, C);
+    b.tb = t0;
+    b.te = t1;
+    if (R == 1) (b.receiver ? b.tb : b.te) = t0 + (t1 - t0) / 2;
+    return b;
+}
+
 // The small fields of one token (fp8 scales, top-k ids and weights), loaded by one warp into
 // registers before its payload copy starts, so their round trip overlaps the payload's instead
 // of adding one per field. Lane l holds scales l and l + 32 (more than 64 scales, hidden >
@@ -474,24 +502,13 @@ nvl_dispatch(char* const* __restrict__ peers, int rank, int R, int C, int S, int
                          rank_prefix_matrix, send_pos, recv_x, recv_scales, recv_topk_idx,
                          recv_topk_weights, recv_src_idx, recv_src_rank, num_rows, num_recv_dev,
                          zero_padding, host_status, timeout_ns};
-    uint32_t* ctrl = reinterpret_cast<uint32_t*>(peers[rank] + off_ctrl);
-    const uint32_t tag = *reinterpret_cast<volatile uint32_t*>(ctrl) + 1u;
-    if (threadIdx.x < kMaxRanks) {
-        s_abort[threadIdx.x] = 0;
-        s_count[threadIdx.x] = 0;
-    }
-    __syncthreads();
-    const int c = blockIdx.x >> 1;
-    const int t0 = channel_begin(T, c, C), t1 = channel_begin(T, c + 1, C);
-    const bool receiver = (blockIdx.x & 1) != 0;
-    // One rank: no ring, so the receiver block would idle. Both blocks of the channel copy this
-    // rank's tokens, the sender the first half of the channel, the receiver the rest (after its
-    // padding rows, which are past every copied row). One call site each: inlined once.
-    int tb = t0, te = t1;
-    if (R == 1) (receiver ? tb : te) = t0 + (t1 - t0) / 2;
-    if (receiver) dispatch_recv(a, c, tag, ctrl);  // with one rank: the padding rows only
-    if (!receiver || R == 1) dispatch_send(a, c, tag, ctrl, tb, te);
-    finish_block(ctrl);
+    if (threadIdx.x < kMaxRanks) s_count[threadIdx.x] = 0;
+    const ChannelBlock b = begin_channel_block(peers, rank, R, C, T, off_ctrl);
+    // One rank: the receiver block writes the padding rows only (after every copied row), then
+    // copies its half of the channel like the sender. One call site each: inlined once.
+    if (b.receiver) dispatch_recv(a, b.c, b.tag, b.ctrl);
+    if (!b.receiver || R == 1) dispatch_send(a, b.c, b.tag, b.ctrl, b.tb, b.te);
+    finish_block(b.ctrl);
 }
 
 // ----------------------------------------------------------------------------------- combine
@@ -758,23 +775,13 @@ nvl_combine(char* const* __restrict__ peers, int rank, int R, int C, int S, int 
                         slot_bytes, off_payload, off_w, x, row_int4, topk_w, K, recv_src_idx,
                         rank_prefix_matrix, num_tokens_of_rank, is_token_in_rank, send_pos, T,
                         bias0, bias1, out, out_w, host_status, timeout_ns};
-    uint32_t* ctrl = reinterpret_cast<uint32_t*>(peers[rank] + off_ctrl);
-    const uint32_t tag = *reinterpret_cast<volatile uint32_t*>(ctrl) + 1u;
-    if (threadIdx.x < kMaxRanks) {
-        s_abort[threadIdx.x] = 0;
-        s_k[threadIdx.x] = 0;
-    }
-    __syncthreads();
-    const int c = blockIdx.x >> 1;
-    const int t0 = channel_begin(T, c, C), t1 = channel_begin(T, c + 1, C);
-    const bool receiver = (blockIdx.x & 1) != 0;
-    // One rank: nothing to send, so the sender block would idle; both blocks reduce, each half
-    // of the channel (no ring is read, so the halves need no coordination).
-    int tb = t0, te = t1;
-    if (R == 1) (receiver ? tb : te) = t0 + (t1 - t0) / 2;
-    if (receiver || R == 1)
-        combine_recv(a, c, tag, ctrl, tb, te);
+    if (threadIdx.x < kMaxRanks) s_k[threadIdx.x] = 0;
+    const ChannelBlock b = begin_channel_block(peers, rank, R, C, T, off_ctrl);
+    // One rank: nothing to send; both blocks reduce, each its half of the channel (no ring is
+    // read, so the halves need no coordination).
+    if (b.receiver || R == 1)
+        combine_recv(a, b.c, b.tag, b.ctrl, b.tb, b.te);
     else
-        combine_send(a, c, tag, ctrl);
-    finish_block(ctrl);
+        combine_send(a, b.c, b.tag, b.ctrl);
+    finish_block(b.ctrl);
 }
