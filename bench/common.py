@@ -130,6 +130,19 @@ def parse_backends(spec: str | None, ctx: BenchContext) -> list[str]:
     return names
 
 
+def start_sweep_bench(args, gpu: dict, cpu: dict) -> tuple[BenchContext, list[str]]:
+    """The start of the dispatch/combine benches (normal, low_latency): process group and
+    device, this machine's defaults, ``--sweep-iters`` (half of ``--iters``, at least 2), the
+    expert count checked against the ranks. Returns (ctx, the backends to run)."""
+    ctx = init(args)
+    fill_defaults(args, ctx, gpu, cpu)
+    if args.sweep_iters is None:
+        args.sweep_iters = max(2, args.iters // 2)
+    if args.experts % ctx.num_ranks:
+        raise SystemExit(f"--experts {args.experts} must divide by the {ctx.num_ranks} ranks")
+    return ctx, parse_backends(args.backend, ctx)
+
+
 def parse_ints(spec: str | None) -> list[int]:
     """``"8,16,24"`` -> ``[8, 16, 24]``; None or "" -> ``[]``."""
     return [int(s) for s in spec.split(",") if s.strip()] if spec else []

@@ -280,13 +280,7 @@ def measure_nccl(ctx, args):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    ctx = common.init(args)
-    common.fill_defaults(args, ctx, GPU_DEFAULTS, CPU_DEFAULTS)
-    if args.sweep_iters is None:
-        args.sweep_iters = max(2, args.iters // 2)
-    backends = common.parse_backends(args.backend, ctx)
-    if args.experts % ctx.num_ranks:
-        raise SystemExit(f"--experts {args.experts} must divide by the {ctx.num_ranks} ranks")
+    ctx, backends = common.start_sweep_bench(args, GPU_DEFAULTS, CPU_DEFAULTS)
 
     def measure(backend):
         return measure_nccl(ctx, args) if backend == "nccl" else measure_ep(ctx, args, backend)
