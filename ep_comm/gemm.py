@@ -119,6 +119,11 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
 def _fail(msg: str):
     raise InputError(msg)
 
@@ -253,7 +258,9 @@ def ws_available(device: torch.device | None = None) -> str | None:
         return "Gluon kernels do not run under TRITON_INTERPRET"
     if not torch.cuda.is_available():
         return "no CUDA device"
-    cap = torch.cuda.get_device_capability(device)
+    index = device.index if device is not None and device.index is not None else \
+        torch.cuda.current_device()
+    cap = _capability(index)
     if cap != (9, 0):
         return f"it is written for Hopper (sm_90); this GPU is sm_{cap[0]}{cap[1]}"
     return None
@@ -299,7 +306,8 @@ def masked_config(expected_m: int | None, n: int, k: int, fp8: bool,
     return GemmConfig(block_m, 128, block_k, num_warps=8, num_stages=4)
 
 
-def _check_ws_config(cfg: GemmConfig, fp8: bool, dev: torch.device):
+def _check_ws_config(cfg: GemmConfig, fp8: bool, dev: torch.device, no_tma: list[str]):
+    """``no_tma``: the operands that cannot be TMA-described."""
     if not fp8:
         _fail("config.warp_specialized is for fp8 operands only")
     if (cfg.block_m, cfg.block_n, cfg.block_k) != (_ws.BLOCK_M, _ws.BLOCK_N, _ws.BLOCK_K):
@@ -309,6 +317,9 @@ def _check_ws_config(cfg: GemmConfig, fp8: bool, dev: torch.device):
         _fail(f"config.warp_specialized needs num_stages in 2..4 (48 KB each), got {cfg.num_stages}")
     if cfg.tma is False:
         _fail("config.warp_specialized loads by TMA: tma=False contradicts it")
+    if no_tma:
+        _fail(f"config.warp_specialized loads by TMA, but {', '.join(no_tma)} cannot be "
+              f"TMA-described (needs 16-byte aligned base and row stride, leading dims contiguous)")
     why = ws_available(dev)
     if why is not None:
         _fail(f"config.warp_specialized cannot run here: {why}")
@@ -365,11 +376,13 @@ def grouped_gemm_contiguous(a, b, group_end: torch.Tensor, *, group_rows: torch.
     if m == 0 or n == 0 or e == 0:
         return out
     cfg = config or contiguous_config(m, n, k, e, fp8, interp)
-    if cfg.warp_specialized and config is None and not _use_tma(cfg, [("a", a, 1), ("b", b, 2)]):
-        cfg = contiguous_config(m, n, k, e, fp8, interp, warp_specialized=False)
     if cfg.warp_specialized:
-        _check_ws_config(cfg, fp8, dev)
-    else:
+        no_tma = [name for name, t, dims in (("a", a, 1), ("b", b, 2)) if not _tma_ok(t, dims)]
+        if no_tma and config is None:  # the heuristic's choice: the Triton kernel instead
+            cfg = contiguous_config(m, n, k, e, fp8, interp, warp_specialized=False)
+        else:
+            _check_ws_config(cfg, fp8, dev, no_tma)
+    if not cfg.warp_specialized:
         _check_config(cfg, fp8, 2 * SCALE_BLOCK)
     if cfg.swap_ab:
         _fail("the contiguous GEMM has no swap_ab variant")
@@ -407,11 +420,8 @@ def grouped_gemm_contiguous(a, b, group_end: torch.Tensor, *, group_rows: torch.
 
 
 def _launch_ws(a, a_s, b, b_s, out, group_end, group_rows, cfg: GemmConfig, num_programs: int):
-    """The warp-specialized FP8 kernel on checked operands (``kernels/grouped_gemm_ws.py``)."""
-    bad = [name for name, t, dims in (("a", a, 1), ("b", b, 2)) if not _tma_ok(t, dims)]
-    if bad:
-        _fail(f"config.warp_specialized loads by TMA, but {', '.join(bad)} cannot be "
-              f"TMA-described (needs 16-byte aligned base and row stride, leading dims contiguous)")
+    """The warp-specialized FP8 kernel on operands ``_check_ws_config`` passed
+    (``kernels/grouped_gemm_ws.py``)."""
     m, k = a.shape
     e, n = b.shape[0], b.shape[1]
     la, lb = _ws.smem_layouts()

@@ -301,9 +301,7 @@ class InternodeRuntime:
             if topk_weights is not None:
                 src[:, hidden * 2:hidden * 2 + num_topk * 4].copy_(
                     topk_weights.contiguous().view(torch.uint8).view(rows, num_topk * 4))
-        out, out_w = combine_outputs(t, x, topk_weights)
-        bias0 = biases[0] if len(biases) > 0 else None
-        bias1 = biases[1] if len(biases) > 1 else None
+        out, out_w, bias0, bias1 = combine_outputs(t, x, topk_weights, biases)
         offs = reg.slot_offsets(2, num_topk)
         self._module.launch("inter_combine", grid, KERNEL_THREADS, (
             *self._region_args(reg, config), me, r, self.ranks_per_node, self.num_nodes, t,

@@ -139,14 +139,16 @@ def dispatch_outputs(rows: int, x: torch.Tensor, x_scales, topk_idx, topk_weight
     return recv_x, recv_scales, recv_idx, recv_w
 
 
-def combine_outputs(num_tokens: int, x: torch.Tensor, topk_weights):
+def combine_outputs(num_tokens: int, x: torch.Tensor, topk_weights, biases):
     """Outputs of a combine kernel for input rows ``x`` [N, H]: out [T, H] bf16 and, with
-    weights, out_w [T, K] float32."""
+    weights, out_w [T, K] float32; and the kernel's two bias pointers from ``biases`` (0 to 2
+    [T, H] bf16 tensors, checked by the Buffer), None where absent."""
     dev = x.device
     out = torch.empty(num_tokens, x.shape[1], dtype=torch.bfloat16, device=dev)
     out_w = (torch.empty(num_tokens, topk_weights.shape[1], dtype=torch.float32, device=dev)
              if topk_weights is not None else None)
-    return out, out_w
+    bias0, bias1 = (tuple(biases) + (None, None))[:2]
+    return out, out_w, bias0, bias1
 
 
 def aligned_counts(counts: list[int], alignment: int) -> list[int]:
@@ -316,9 +318,7 @@ class IntranodeRuntime:
         regions = regions_for(config, hidden, r)
         self._check_fits(regions)
         t = handle.num_tokens
-        out, out_w = combine_outputs(t, x, topk_weights)
-        bias0 = biases[0] if len(biases) > 0 else None
-        bias1 = biases[1] if len(biases) > 1 else None
+        out, out_w, bias0, bias1 = combine_outputs(t, x, topk_weights, biases)
         offs = regions.slot_offsets()
         self._module.launch("nvl_combine", blocks, KERNEL_THREADS, (
             self.nvl.peer_ptrs_dev, me, r, channels, config.nvl_buffer, nvl_window(config),

@@ -101,6 +101,14 @@ class Failures:
         if not ok:
             self.add(field, detail)
 
+    def outcome(self, corrupt, what: str, count: int):
+        """The end of a sweep task: the failure messages when it ran as a self-test of the
+        checks (``corrupt`` set), else ``count`` after raising if any check failed."""
+        if corrupt is not None:
+            return self.messages
+        self.raise_if_any(what)
+        return count
+
     def raise_if_any(self, what: str) -> None:
         if self.messages:
             more = "" if len(self.messages) < self.limit else f"\n(first {self.limit} shown)"
@@ -594,10 +602,7 @@ def task_normal_sweep(ctx, backend: str, cases: list, corrupt: str | None = None
         ep_comm.Buffer.num_sms = old_sms
         buf.destroy()
         ref.destroy()
-    if corrupt is not None:
-        return fails.messages
-    fails.raise_if_any(f"normal-mode {backend} vs reference ({stream_mode})")
-    return len(cases)
+    return fails.outcome(corrupt, f"normal-mode {backend} vs reference ({stream_mode})", len(cases))
 
 
 def task_normal_graph(ctx, backend: str, case: NCase, replays: int = 4, capture: bool = True):
@@ -1025,10 +1030,7 @@ def task_ll_sweep(ctx, backend: str, cases: list, corrupt: str | None = None):
                 check_status(buf)
         finally:
             buf.destroy()
-    if corrupt is not None:
-        return fails.messages
-    fails.raise_if_any(f"low-latency {backend} vs oracle")
-    return len(cases)
+    return fails.outcome(corrupt, f"low-latency {backend} vs oracle", len(cases))
 
 
 def task_ll_graph(ctx, backend: str, case: LLCase, replays: int = 4, capture: bool = True):
