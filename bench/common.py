@@ -7,7 +7,8 @@ file per backend as ``/work/shared/RESULTS.md`` describes:
 
 Timing (``Timer``): each timed run of an operation starts with every rank synchronised. On CUDA
 that is a device synchronise, a one-element NCCL all-reduce and then a short spin kernel
-(``--pad-us``, 500 us by default) before the start event: the all-reduce ends on every GPU at
+(``--pad-us``, 500 us by default; longer for a phase whose host launch takes longer, see
+``Timer``) before the start event: the all-reduce ends on every GPU at
 about the same moment, and while the spin kernel runs the host enqueues the operation, so the
 events measure GPU time from a common start, without the Python launch overhead (as DeepEP's
 back-to-back ``bench`` loop does). ``--pad-us 0`` measures host overhead too. On CPU it is a
@@ -156,45 +157,71 @@ class Timer:
     phase all ranks synchronise, so each phase is timed alone even when the previous one left
     work in flight on other ranks (e.g. the send half of a hooked dispatch). Returns the median
     seconds of each phase on this rank. Phases may pass results along through a closure.
+
+    The spin kernel before a phase lasts ``pad_us`` or, when the phase's host launch time (the
+    wall time of the ``fn`` call, measured on every run) was longer, 1.25 x that time: a phase
+    that launches many kernels (a whole MoE layer: tens of launches, hundreds of us of Python)
+    is then still fully enqueued before its first kernel starts, so the events measure GPU time
+    as documented above, not the GPU waiting for the host. ``pad_us = 0`` keeps measuring the
+    host too. ``host`` holds the median host launch seconds of each phase of the last ``run``.
     """
 
     def __init__(self, ctx: BenchContext, warmup: int, iters: int, pad_us: float = 500.0):
         self.ctx, self.warmup, self.iters = ctx, max(0, warmup), max(1, iters)
-        self.pad_cycles = int(pad_us * _CYCLES_PER_US) if ctx.on_gpu else 0
+        self.pad_us = pad_us if ctx.on_gpu else 0.0
+        self.host: dict[str, float] = {}
         if ctx.on_gpu:
             self._flag = torch.zeros(1, device=ctx.device)
 
-    def sync(self) -> None:
-        """All ranks meet here (and on CUDA, their GPUs are idle and start together)."""
+    def sync(self, pad_us: float | None = None) -> None:
+        """All ranks meet here (and on CUDA, their GPUs are idle and start together, then spin
+        ``pad_us``, default the Timer's)."""
         if self.ctx.on_gpu:
             torch.cuda.synchronize(self.ctx.device)
             dist.all_reduce(self._flag, group=self.ctx.group)  # the current stream waits on it
-            if self.pad_cycles and hasattr(torch.cuda, "_sleep"):
-                torch.cuda._sleep(self.pad_cycles)
+            pad = self.pad_us if pad_us is None else pad_us
+            if pad and hasattr(torch.cuda, "_sleep"):
+                torch.cuda._sleep(int(pad * _CYCLES_PER_US))
         else:
             dist.barrier(group=self.ctx.group)
 
-    def _timed(self, fn) -> float:
+    def _timed(self, fn) -> tuple[float, float]:
+        """(measured seconds, host launch seconds) of one call."""
         if self.ctx.on_gpu:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            t0 = time.perf_counter()
             fn()
+            host = time.perf_counter() - t0
             end.record()
             end.synchronize()
-            return start.elapsed_time(end) / 1e3
+            return start.elapsed_time(end) / 1e3, host
         t0 = time.perf_counter()
         fn()
-        return time.perf_counter() - t0
+        host = time.perf_counter() - t0
+        return host, host
 
     def run(self, phases) -> dict[str, float]:
         samples: dict[str, list[float]] = {name: [] for name, _ in phases}
+        hosts: dict[str, list[float]] = {name: [] for name, _ in phases}
+        pad = {name: self.pad_us for name, _ in phases}
         for i in range(self.warmup + self.iters):
+            if i == self.warmup and self.pad_us and self.ctx.on_gpu:
+                # the timed runs: every rank spins as long as the slowest rank's launch needs,
+                # so that all start together
+                v = torch.tensor(list(pad.values()), dtype=torch.float64, device=self.ctx.device)
+                dist.all_reduce(v, op=dist.ReduceOp.MAX, group=self.ctx.group)
+                pad = dict(zip(pad, v.tolist()))
             for name, fn in phases:
-                self.sync()
-                t = self._timed(fn)
+                self.sync(pad[name])
+                t, host = self._timed(fn)
+                if self.pad_us and i < self.warmup:
+                    pad[name] = max(pad[name], 1.25 * host * 1e6)
+                hosts[name].append(host)
                 if i >= self.warmup:
                     samples[name].append(t)
         self.sync()
+        self.host = {name: statistics.median(v[self.warmup:] or v) for name, v in hosts.items()}
         return {name: statistics.median(v) for name, v in samples.items()}
 
 

@@ -24,6 +24,12 @@ What is timed (median over ``--iters`` runs, every phase started with all ranks 
                                         ep_<case>_gemm_tflops = 6 * valid rows * H * I / time.
   ep_<case>_combine_ms                  combine (decode: LL combine).
   tp_<case>_gather_ms / _experts_ms / _reduce_scatter_ms / _gemms_ms   the same for TP.
+  <variant>_<case>_host_ms              the host's launch time of the whole layer (Python, torch
+                                        and Triton launch overhead). The _ms figures are GPU
+                                        time: the timer queues a phase's launches behind a spin
+                                        kernel longer than this (bench/common.py ``Timer``), as
+                                        under CUDA graphs; host_ms above the layer's _ms means
+                                        an eager (no graph) caller would be host-bound.
   <variant>_<case>_layer_over_parts     layer / (dispatch + experts + combine): glue overhead
                                         (target EP <= 1.1).
   tp_over_ep_<case>                     TP time / EP time (> 1: EP faster; target >= 1).
@@ -361,6 +367,7 @@ def measure(ctx, a, backend: str, cases: list[str], ep_w, tp_w, use_fp8: bool, i
         for name, fn in tp_ph[1:]:  # a first run of the parts fills the state
             fn()
         tp_ms = timer.run(tp_ph)
+        mine[f"tp_{case}_host_ms"] = timer.host["layer"] * 1e3
         tp_gemms, tp_rows = contiguous_gemm_phase(tp_st, tp_w, impl)
         tp_ms["gemms"] = timer.run([("gemms", tp_gemms)])["gemms"]
         gemm_rows[f"tp_{case}"] = tp_rows
@@ -386,6 +393,7 @@ def measure(ctx, a, backend: str, cases: list[str], ep_w, tp_w, use_fp8: bool, i
             for name, fn in ph[1:]:
                 fn()
             ep_ms = timer.run(ph)
+            mine[f"ep_{case}_host_ms"] = timer.host["layer"] * 1e3
             if low_latency:
                 gemms, rows = masked_gemm_phase(st, ep_w, impl, expected_m)
             else:

@@ -275,7 +275,7 @@ def contiguous_config(num_rows: int, n: int, k: int, num_groups: int, fp8: bool,
         avg = num_rows / max(num_groups, 1)
         return GemmConfig(16 if avg <= 16 else 32, 32, 128 if fp8 else 32, 4, 1)
     avg = num_rows / max(num_groups, 1)
-    if (fp8 and avg > 64 and n >= 256 and (k >= 4096 or avg <= 256)
+    if (fp8 and avg > 64 and n >= 256
             and warp_specialized is not False and ws_available() is None):
         return WS_FP8_CONFIG
     if fp8 and avg >= 256:  # one weight-scale block per tile; no padding waste at >= 256 rows

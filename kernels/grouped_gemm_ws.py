@@ -30,7 +30,8 @@ the flat tile list; within an expert the m tiles are the inner index so that con
 blocks share the weight tile through L2); every role decodes the same tile sequence from the
 group ends itself, so no host synchronisation and no tile table in memory.
 
-Shared memory: ``STAGES`` x (128 x 128 + 256 x 128) bytes = 48 KB per stage, 3 stages.
+Shared memory: ``STAGES`` x (128 x 128 + 256 x 128) bytes = 48 KB per stage, 3 stages, and the
+epilogue's layout-conversion scratch (8 KB per consumer warpgroup, allocated by the compiler).
 Gluon kernels do not run under ``TRITON_INTERPRET``; the CPU tests exercise the Triton kernel and
 the GPU tests compare this one with the float64 reference and with the Triton kernel.
 """
@@ -161,7 +162,11 @@ if HAS_GLUON:
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, HALF_N, 32])
         row_l: gl.constexpr = gl.SliceLayout(1, mma)
-        col_l: gl.constexpr = gl.SliceLayout(0, mma)
+        # the epilogue's store layout: 8 bf16 (16 bytes) per thread, 16 threads per 128-column
+        # row, a warp on 2 rows, the warpgroup's 4 warps down the 64 rows
+        st_l: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+        st_row_l: gl.constexpr = gl.SliceLayout(1, st_l)
+        st_col_l: gl.constexpr = gl.SliceLayout(0, st_l)
         eidx, starts, rows, m_tiles, cum, tiles, total = _group_table(
             group_end_ptr, group_rows_ptr, M, E, N, E_POW2, HAS_ROWS, TILE_M, TILE_N, 4)
         nk = K // TILE_K
@@ -214,12 +219,20 @@ if HAS_GLUON:
                 mbarrier.arrive(empty.index(s), count=1)
                 acc1 = acc1 + p * s1
                 it += 1
-            rmask = gl.expand_dims(local < nrows, 1)
-            cols = pid_n * TILE_N + gl.arange(0, HALF_N, layout=col_l)
-            c_rows = c_ptr + (start + local).to(gl.int64) * stride_cm
+            # Epilogue: each half is moved (through shared memory) from the MMA layout, where a
+            # thread holds column pairs of 8 rows (4-byte stores, half-filled sectors), into
+            # one where a warp writes two whole 256-byte rows with 16-byte stores. On one H200
+            # that took the gate_up GEMM at 512 rows per expert from 955-969 to 1034-1039
+            # TFLOP/s and the down GEMM (16 K steps, so the epilogue weighs more) from 797-826
+            # to 968-981 (bench/results/logs/gemm-ws-epilogue-h200.txt).
+            rows_st = pid_m * TILE_M + HALF * WG_M + gl.arange(0, WG_M, layout=st_row_l)
+            rmask = gl.expand_dims(rows_st < nrows, 1)
+            cols = pid_n * TILE_N + gl.arange(0, HALF_N, layout=st_col_l)
+            c_rows = c_ptr + (start + rows_st).to(gl.int64) * stride_cm
             ptrs = gl.expand_dims(c_rows, 1) + gl.expand_dims(cols, 0)
-            gl.store(ptrs, acc0.to(gl.bfloat16), mask=rmask & gl.expand_dims(cols < N, 0))
-            gl.store(ptrs + HALF_N, acc1.to(gl.bfloat16),
+            gl.store(ptrs, gl.convert_layout(acc0.to(gl.bfloat16), st_l),
+                     mask=rmask & gl.expand_dims(cols < N, 0))
+            gl.store(ptrs + HALF_N, gl.convert_layout(acc1.to(gl.bfloat16), st_l),
                      mask=rmask & gl.expand_dims(cols + HALF_N < N, 0))
 
     @gluon.jit
