@@ -158,12 +158,16 @@ class Timer:
     work in flight on other ranks (e.g. the send half of a hooked dispatch). Returns the median
     seconds of each phase on this rank. Phases may pass results along through a closure.
 
-    The spin kernel before a phase lasts ``pad_us`` or, when the phase's host launch time (the
-    wall time of the ``fn`` call, measured on every run) was longer, 1.25 x that time: a phase
-    that launches many kernels (a whole MoE layer: tens of launches, hundreds of us of Python)
-    is then still fully enqueued before its first kernel starts, so the events measure GPU time
-    as documented above, not the GPU waiting for the host. ``pad_us = 0`` keeps measuring the
-    host too. ``host`` holds the median host launch seconds of each phase of the last ``run``.
+    The spin kernel before a phase lasts ``pad_us`` or, when the phase's host launch time was
+    longer, 1.25 x that time (the largest over ranks): a phase that launches many kernels (a
+    whole MoE layer: tens of launches, milliseconds of Python on a slow host) is then fully
+    enqueued before its first kernel starts, so the events measure GPU time as documented
+    above, not the GPU waiting for the host. The host launch time is the wall time of one call
+    of the phase, made first with the GPU idle and no spin kernel; for a phase that waits for
+    the GPU itself (normal-mode dispatch reads its receive counts) it includes that wait, and
+    what the host launches after the wait stays in the measured time: no spin kernel can cover
+    it. ``pad_us = 0`` keeps measuring the host too. ``host`` holds the host launch seconds of
+    each phase of the last ``run``.
     """
 
     def __init__(self, ctx: BenchContext, warmup: int, iters: int, pad_us: float = 500.0):
@@ -203,25 +207,23 @@ class Timer:
 
     def run(self, phases) -> dict[str, float]:
         samples: dict[str, list[float]] = {name: [] for name, _ in phases}
-        hosts: dict[str, list[float]] = {name: [] for name, _ in phases}
-        pad = {name: self.pad_us for name, _ in phases}
+        self.host = {}
+        for name, fn in phases:  # the host launch time of each phase (also a warm-up call)
+            self.sync(0.0)
+            self.host[name] = self._timed(fn)[1]
+        pad = {name: max(self.pad_us, 1.25 * h * 1e6) if self.pad_us else 0.0
+               for name, h in self.host.items()}
+        if self.ctx.on_gpu and self.pad_us:  # every rank spins as long as the slowest needs
+            v = torch.tensor(list(pad.values()), dtype=torch.float64, device=self.ctx.device)
+            dist.all_reduce(v, op=dist.ReduceOp.MAX, group=self.ctx.group)
+            pad = dict(zip(pad, v.tolist()))
         for i in range(self.warmup + self.iters):
-            if i == self.warmup and self.pad_us and self.ctx.on_gpu:
-                # the timed runs: every rank spins as long as the slowest rank's launch needs,
-                # so that all start together
-                v = torch.tensor(list(pad.values()), dtype=torch.float64, device=self.ctx.device)
-                dist.all_reduce(v, op=dist.ReduceOp.MAX, group=self.ctx.group)
-                pad = dict(zip(pad, v.tolist()))
             for name, fn in phases:
                 self.sync(pad[name])
-                t, host = self._timed(fn)
-                if self.pad_us and i < self.warmup:
-                    pad[name] = max(pad[name], 1.25 * host * 1e6)
-                hosts[name].append(host)
+                t = self._timed(fn)[0]
                 if i >= self.warmup:
                     samples[name].append(t)
         self.sync()
-        self.host = {name: statistics.median(v[self.warmup:] or v) for name, v in hosts.items()}
         return {name: statistics.median(v) for name, v in samples.items()}
 
 

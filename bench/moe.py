@@ -24,12 +24,13 @@ What is timed (median over ``--iters`` runs, every phase started with all ranks 
                                         ep_<case>_gemm_tflops = 6 * valid rows * H * I / time.
   ep_<case>_combine_ms                  combine (decode: LL combine).
   tp_<case>_gather_ms / _experts_ms / _reduce_scatter_ms / _gemms_ms   the same for TP.
-  <variant>_<case>_host_ms              the host's launch time of the whole layer (Python, torch
-                                        and Triton launch overhead). The _ms figures are GPU
-                                        time: the timer queues a phase's launches behind a spin
-                                        kernel longer than this (bench/common.py ``Timer``), as
-                                        under CUDA graphs; host_ms above the layer's _ms means
-                                        an eager (no graph) caller would be host-bound.
+  <variant>_<case>_host_ms              wall time of one call of the whole layer with the GPU
+                                        idle (Python, torch and Triton launch overhead; EP
+                                        prefill also waits in dispatch for the receive counts).
+                                        The _ms figures are GPU time: the timer queues a phase's
+                                        launches behind a spin kernel longer than this
+                                        (bench/common.py ``Timer``), as under CUDA graphs; only
+                                        what EP prefill launches after dispatch's wait stays in.
   <variant>_<case>_layer_over_parts     layer / (dispatch + experts + combine): glue overhead
                                         (target EP <= 1.1).
   tp_over_ep_<case>                     TP time / EP time (> 1: EP faster; target >= 1).

@@ -40,12 +40,12 @@ H100/H200 (sm_90), 132 SMs, 227 KB shared memory per block:
   Row-major activation scales are copied column-major once per call (M * K / 128 floats,
   about 1% of the A bytes) so each K step loads them as one contiguous vector.
 * FP8 on Hopper: the warp-specialized Gluon kernel (``kernels/grouped_gemm_ws.py``, 128 x 256
-  tiles, a TMA producer warp, two consumer warpgroups that are not in lockstep) where N >= 256,
-  more than 64 rows per expert, and K >= 4096 or at most 256 rows per expert. One H200, 5
-  alternating rounds, TFLOP/s ws / Triton kernel: gate_up (K = 7168) 835/758 at 128 rows,
-  949/883 at 256, 947-972/924 at 512, 1000/954 at 1024; down (K = 2048) 691/668, 792/778,
-  815/842, 831/866: with 16 K steps per tile its per-tile costs (tile decode, unstaged epilogue)
-  weigh more, and the Triton kernel wins from 512 rows on.
+  tiles, a TMA producer warp, two consumer warpgroups that are not in lockstep, coalesced
+  epilogue) where N >= 256 and more than 64 rows per expert. One H200, 5 alternating rounds,
+  TFLOP/s ws / Triton kernel: gate_up (K = 7168) 844/728 at 128 rows, 986/862 at 256,
+  1015/904 at 512, 1040/952 at 1024; down (K = 2048) 739/657, 896/773, 954/821, 986/846
+  (bench/results/gemm-kernels-1r-h200.json). Before the coalesced epilogue the down GEMM lost to
+  the Triton kernel from 512 rows on, hence no K condition any more.
 * masked (decode; weight-bandwidth bound): the token tile ``BLOCK_M`` covers the expected valid
   rows per expert (``expected_m``, default 64: up to 64 tokens per expert read each weight tile
   exactly once), rounded up to a power of two, at least 16. ``BLOCK_N`` = 128, ``BLOCK_K`` = 64
