@@ -198,7 +198,8 @@ def ep_normal_phases(a, x, idx, w, weights: moe.ExpertWeights, buf, impl: str, u
             topk_weights=w)
 
     def experts():
-        lay = moe.expert_layout(st["recv_idx"], local, 1, num_rows=sum(st["counts"]))
+        lay = moe.expert_layout(st["recv_idx"], local, 1, num_rows=sum(st["counts"]),
+                                 impl=impl)
         xp = moe.permute(st["recv_x"], lay, impl)
         y = moe.expert_ffn_contiguous(xp, lay, weights, impl)
         st["rows"] = moe.unpermute(y, lay, st["recv_w"], impl)
@@ -295,7 +296,7 @@ def tp_phases(ctx, a, x, idx, w, weights: moe.ExpertWeights, impl: str, use_fp8:
         st["idx_all"], st["w_all"] = gather_one(idx), gather_one(w)
 
     def experts():
-        lay = moe.expert_layout(st["idx_all"], weights.num_experts, 1)
+        lay = moe.expert_layout(st["idx_all"], weights.num_experts, 1, impl=impl)
         xp = moe.permute(st["x_all"], lay, impl)
         y = moe.expert_ffn_contiguous(xp, lay, weights, impl)
         st["partial"] = moe.unpermute(y, lay, st["w_all"], impl)

@@ -658,10 +658,16 @@ def _stream(cc, stream):
     ``cudaStream_t`` int, or a cuda.core Stream."""
     if stream is None:
         import torch
-        stream = torch.cuda.current_stream()
-    if isinstance(stream, cc.Stream):
+        # the raw handle of torch's current stream, straight from the C++ side:
+        # torch.cuda.current_stream() resolves its device through a chain of Python calls
+        # (is_available, an environment lookup) that cost more than the launch itself.
+        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        handle = (raw(torch.cuda.current_device()) if raw is not None
+                  else torch.cuda.current_stream().cuda_stream)
+    elif isinstance(stream, cc.Stream):
         return stream
-    handle = int(getattr(stream, "cuda_stream", stream))
+    else:
+        handle = int(getattr(stream, "cuda_stream", stream))
     wrapped = _STREAMS.get(handle)
     if wrapped is None:  # a wrapper does not own the stream, so keeping it is harmless
         wrapped = _STREAMS[handle] = cc.Stream.from_handle(handle)

@@ -169,15 +169,41 @@ class ExpertLayout:
 
 
 def expert_layout(topk_idx: torch.Tensor, num_experts: int, alignment: int = 1,
-                  num_rows: int | None = None) -> ExpertLayout:
-    """Per-expert contiguous layout of ``topk_idx [N, K]`` (local expert ids in ``[0, E)``,
-    anything else = not here), with each expert's group padded to ``alignment`` rows.
+                  num_rows: int | None = None, impl: str = "auto") -> ExpertLayout:
+    """Per-expert contiguous layout of ``topk_idx [N, K]`` (any integer dtype; local expert ids
+    in ``[0, E)``, anything else = not here), with each expert's group padded to ``alignment``
+    rows.
 
-    Within an expert, copies keep the order of their rows (source rank, then token): a stable
-    sort of the (row, slot) pairs by expert. Device ops only, no host synchronisation.
-    ``num_rows``: the padded total if known (e.g. ``sum(num_recv_tokens_per_expert_list)``).
+    Within an expert, copies keep the order of their rows (source rank, then token) and slots:
+    a stable sort of the (row, slot) pairs by expert. Device work only, no host
+    synchronisation. ``num_rows``: the padded total if known (e.g.
+    ``sum(num_recv_tokens_per_expert_list)``). ``impl``: ``"triton"`` runs two kernels
+    (``kernels/permute.py``: in normal mode this runs right after dispatch's host wait, when
+    every microsecond of host launch time is GPU idle time), ``"torch"`` the same layout in
+    torch ops; ``"auto"`` as for the GEMMs.
     """
     n, k = topk_idx.shape
+    if alignment < 1:
+        raise InputError(f"alignment must be >= 1, got {alignment}")
+    if num_rows is None:
+        num_rows = n * k + num_experts * (alignment - 1)
+    if _use_triton(impl, topk_idx):
+        dev = topk_idx.device
+        dest = torch.empty(n, k, dtype=torch.int32, device=dev)
+        group_rows = torch.empty(num_experts, dtype=torch.int32, device=dev)
+        group_end = torch.empty(num_experts, dtype=torch.int32, device=dev)
+        if num_experts:
+            block = min(2048, max(16, triton.next_power_of_2(n * k)))
+            warps = 8 if block >= 2048 else 4
+            strides = (topk_idx.stride(0), topk_idx.stride(1))
+            _permute.expert_count_kernel[(num_experts,)](
+                topk_idx, group_rows, dest, n * k, k, num_experts, *strides, BLOCK=block,
+                num_warps=warps)
+            _permute.expert_dest_kernel[(num_experts,)](
+                topk_idx, group_rows, dest, group_end, n * k, k, num_experts, alignment,
+                *strides, BLOCK=block, E_POW2=triton.next_power_of_2(num_experts),
+                num_warps=warps)
+        return ExpertLayout(dest, group_end, group_rows, int(num_rows))
     dev = topk_idx.device
     flat = topk_idx.reshape(-1).to(torch.int64)
     key = torch.where((flat >= 0) & (flat < num_experts), flat,
@@ -194,8 +220,6 @@ def expert_layout(topk_idx: torch.Tensor, num_experts: int, alignment: int = 1,
     dest_sorted = torch.where(sorted_key < num_experts, seg_start[sorted_key] + rank_in_group,
                               torch.full_like(sorted_key, -1))
     dest = torch.empty_like(dest_sorted).scatter_(0, order, dest_sorted)
-    if num_rows is None:
-        num_rows = n * k + num_experts * (alignment - 1)
     return ExpertLayout(dest.view(n, k).to(torch.int32), group_end.to(torch.int32),
                         cnt.to(torch.int32), int(num_rows))
 
@@ -211,14 +235,15 @@ def _use_triton(impl: str, t: torch.Tensor) -> bool:
 def permute(x, layout: ExpertLayout, impl: str = "auto"):
     """Rows of ``x [N, H]`` (bf16 or the FP8 tuple) copied to their experts' groups:
     ``out[layout.dest[n, k]] = x[n]``. Returns ``[layout.num_rows, H]`` (padding rows
-    uninitialised), an FP8 tuple (row-major scales) for an FP8 input."""
+    uninitialised), an FP8 tuple for an FP8 input, its scales ``[num_rows, H / 128]`` stored
+    column-major (stride(0) == 1: the layout the grouped GEMM reads, so it needs no copy)."""
     data, scales = (x if isinstance(x, (tuple, list)) else (x, None))
     n, h = data.shape
     out = torch.empty(layout.num_rows, h, dtype=data.dtype, device=data.device)
     outs = None
     if scales is not None:
-        outs = torch.empty(layout.num_rows, scales.shape[1], dtype=scales.dtype,
-                           device=data.device)
+        outs = torch.empty(scales.shape[1], layout.num_rows, dtype=scales.dtype,
+                           device=data.device).t()
     if n and layout.num_rows:
         if _use_triton(impl, data):
             k = layout.dest.shape[1]
@@ -374,7 +399,7 @@ def moe_ep_normal(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.T
         x_in, num_tokens_per_rank=n_rank, num_tokens_per_rdma_rank=n_rdma,
         is_token_in_rank=in_rank, num_tokens_per_expert=n_expert, topk_idx=topk_idx,
         topk_weights=topk_weights, expert_alignment=expert_alignment)
-    lay = expert_layout(recv_idx, local, expert_alignment, num_rows=sum(counts))
+    lay = expert_layout(recv_idx, local, expert_alignment, num_rows=sum(counts), impl=impl)
     xp = permute(recv_x, lay, impl)
     y = expert_ffn_contiguous(xp, lay, weights, impl)
     rows = unpermute(y, lay, recv_w, impl)
@@ -458,7 +483,7 @@ def moe_tp(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
     else:
         x_all = gather(x)
     idx_all, w_all = gather(topk_idx), gather(topk_weights)
-    lay = expert_layout(idx_all, weights.num_experts, expert_alignment)
+    lay = expert_layout(idx_all, weights.num_experts, expert_alignment, impl=impl)
     xp = permute(x_all, lay, impl)
     y = expert_ffn_contiguous(xp, lay, weights, impl)
     partial = unpermute(y, lay, w_all, impl)

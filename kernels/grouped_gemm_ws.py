@@ -37,6 +37,8 @@ the GPU tests compare this one with the float64 reference and with the Triton ke
 """
 from __future__ import annotations
 
+import functools
+
 __all__ = ["HAS_GLUON", "TensorDescriptor", "fp8_contiguous_ws_kernel", "smem_layouts"]
 
 try:
@@ -67,9 +69,10 @@ PRODUCER_REGS = 40
 LAUNCH_MAXNREG = 168
 
 
+@functools.lru_cache(maxsize=None)
 def smem_layouts():
     """(A tile, B tile) NVMMA shared layouts: K-contiguous, 128-byte swizzle (what TMA writes
-    and wgmma reads)."""
+    and wgmma reads). Cached: building them costs tens of microseconds per GEMM launch."""
     return (gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.float8e4nv),
             gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.float8e4nv))
 

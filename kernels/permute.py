@@ -5,6 +5,16 @@ local expert ids (``recv_topk_idx``, -1 = not on this rank). ``dest [N, K] int32
 ``ep_comm.moe.expert_layout``) names the row of the expert-contiguous buffer that copy k of row
 n goes to (-1: none).
 
+* ``expert_count_kernel`` / ``expert_dest_kernel``: the layout itself, one program per expert
+  (grid ``[E]``). Program e reads the whole ``[N, K]`` id array in chunks; the count kernel
+  sums ``id == e`` (program 0 also writes ``dest = -1`` for ids outside ``[0, E)``), the dest
+  kernel gets its group's start from all experts' aligned counts and numbers its copies by a
+  running prefix sum, so copies keep their (row, slot) order within an expert: the same layout
+  as the stable sort of ``ep_comm.moe.expert_layout``'s torch path, in two launches instead of
+  some thirty torch ops. That is what matters here: in normal mode this runs right after
+  dispatch's host wait, with the GPU idle until the first GEMM is launched, so host launch time
+  is GPU time (a read of N * K ids per expert is a few microseconds of L2 traffic at
+  DeepSeek-V3 sizes).
 * ``permute_kernel``: ``out[dest[n, k]] = x[n]`` for every k with ``dest >= 0``; one load of the
   row, up to K stores. With ``HAS_SCALES`` the FP8 scales row is copied along (program 0 of the
   row's column blocks).
@@ -19,6 +29,56 @@ import triton
 import triton.language as tl
 
 from ep_comm.kernels.grouped_gemm import bf16_rne
+
+
+@triton.jit
+def _load_ids(idx_ptr, start, NK, TOPK, stride_in, stride_ik, BLOCK: tl.constexpr):
+    """Ids ``start .. start + BLOCK`` of the row-major flattened ``[N, K]`` array (their own
+    integer type, compared exactly; -1 past the end) and their flat positions."""
+    i = start + tl.arange(0, BLOCK)
+    ok = i < NK
+    n = (i // TOPK).to(tl.int64)
+    key = tl.load(idx_ptr + n * stride_in + (i % TOPK) * stride_ik, mask=ok, other=-1)
+    return key, i, ok
+
+
+@triton.jit
+def expert_count_kernel(idx_ptr, counts_ptr, dest_ptr, NK, TOPK, E,
+                        stride_in, stride_ik, BLOCK: tl.constexpr):
+    """counts[e] = #{(n, k): idx[n, k] == e}; program 0 also sets dest = -1 where the id is
+    not a local expert (dest flat, contiguous ``[N, K]``)."""
+    e = tl.program_id(0)
+    total = tl.zeros((BLOCK,), dtype=tl.int32)
+    for start in range(0, NK, BLOCK):
+        key, i, ok = _load_ids(idx_ptr, start, NK, TOPK, stride_in, stride_ik, BLOCK)
+        total += (key == e).to(tl.int32)
+        if e == 0:
+            tl.store(dest_ptr + i, tl.full((BLOCK,), -1, tl.int32),
+                     mask=ok & ((key < 0) | (key >= E)))
+    tl.store(counts_ptr + e, tl.sum(total, axis=0))
+
+
+@triton.jit
+def expert_dest_kernel(idx_ptr, counts_ptr, dest_ptr, group_end_ptr,
+                       NK, TOPK, E, ALIGN, stride_in, stride_ik,
+                       BLOCK: tl.constexpr, E_POW2: tl.constexpr):
+    """dest of every copy of expert e (program e): its group's start (the aligned counts of
+    the experts before it) + the number of its copies earlier in (row, slot) order; also
+    group_end[e]."""
+    e = tl.program_id(0)
+    es = tl.arange(0, E_POW2)
+    cnt = tl.load(counts_ptr + es, mask=es < E, other=0)
+    aligned = (cnt + ALIGN - 1) // ALIGN * ALIGN
+    start_e = tl.sum(tl.where(es < e, aligned, 0), axis=0)
+    mine_aligned = tl.sum(tl.where(es == e, aligned, 0), axis=0)
+    tl.store(group_end_ptr + e, start_e + mine_aligned)
+    seen = start_e
+    for start in range(0, NK, BLOCK):
+        key, i, ok = _load_ids(idx_ptr, start, NK, TOPK, stride_in, stride_ik, BLOCK)
+        hit = (key == e).to(tl.int32)
+        before = tl.cumsum(hit, axis=0) - hit  # copies of e earlier in this chunk
+        tl.store(dest_ptr + i, seen + before, mask=ok & (hit != 0))
+        seen += tl.sum(hit, axis=0)
 
 
 @triton.jit

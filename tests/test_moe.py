@@ -251,7 +251,7 @@ def test_expert_layout_groups_copies_by_expert_in_row_order(alignment, impl):
     idx = torch.randint(-1, e + 2, (n, k), generator=g)  # -1 and ids >= e are "not here"
     idx[:, 0][idx[:, 0] == 2] = 3  # expert 2 may get nothing
     idx[idx == 2] = -1
-    lay = moe.expert_layout(idx.to(DEV), e, alignment)
+    lay = moe.expert_layout(idx.to(DEV), e, alignment, impl=impl)
     dest, ends, rows = layout_oracle(idx, e, alignment)
     assert torch.equal(lay.dest.cpu(), dest)
     assert lay.group_end.tolist() == ends and lay.group_rows.tolist() == rows
@@ -280,6 +280,53 @@ def test_expert_layout_groups_copies_by_expert_in_row_order(alignment, impl):
             if dest[r, j] >= 0:
                 ref[r] += float(w[r, j]) * y[int(dest[r, j])].double().cpu()
     assert ((out.double().cpu() - ref).abs() <= 2.0 ** -8 * ref.abs() + 1e-6).all()
+
+
+def check_layout_kernels(n, k, e, alignment, dtype, seed, strided=False, dev=DEV):
+    """The Triton layout (two kernels) equals the torch one (stable sort) exactly, dest and
+    group ends and counts, on ids with -1, ids >= E, an expert without copies and repeats of
+    one expert within a row; and permute copies every FP8 row and scale row exactly."""
+    g = torch.Generator().manual_seed(seed)
+    wide = torch.randint(-1, e + 2, (n, 2 * k if strided else k), generator=g).to(dtype)
+    if e > 2:
+        wide[wide == 1] = -1  # expert 1: no copies
+    idx = (wide[:, ::2] if strided else wide).to(dev)
+    if strided:
+        assert not idx.is_contiguous()
+    got = moe.expert_layout(idx, e, alignment, impl="triton")
+    want = moe.expert_layout(idx.cpu(), e, alignment, impl="torch")
+    assert torch.equal(got.dest.cpu(), want.dest), "dest differs from the stable-sort layout"
+    assert torch.equal(got.group_end.cpu(), want.group_end)
+    assert torch.equal(got.group_rows.cpu(), want.group_rows)
+    assert got.num_rows == want.num_rows
+    assert got.dest.dtype == got.group_end.dtype == got.group_rows.dtype == torch.int32
+    h = 256
+    from ep_comm import fp8 as fp8_format
+    x = torch.randn(n, h, generator=g).to(torch.bfloat16).to(dev)
+    q, s = moe.gemm.quantize_fp8(x) if dev.type == "cuda" else fp8_format.per_token_cast_to_fp8(x)
+    qp, sp = moe.permute((q, s), got, "triton")
+    assert sp.stride(0) == 1, "permute must return column-major scales (the GEMM's layout)"
+    d = got.dest.flatten().long().cpu()
+    ok = d >= 0
+    src = torch.arange(n).repeat_interleave(k)[ok]
+    assert torch.equal(qp.cpu()[d[ok]].view(torch.uint8), q.cpu()[src].view(torch.uint8))
+    assert torch.equal(sp.cpu()[d[ok]], s.cpu()[src])
+
+
+@pytest.mark.parametrize("n,k,e,alignment,dtype,strided", [
+    (0, 4, 5, 1, torch.int64, False),           # no rows: empty groups
+    (1, 1, 3, 1, torch.int64, False),           # one copy
+    (700, 4, 5, 3, torch.int64, False),         # 2800 ids: two chunks of the count/dest loops
+    (37, 3, 9, 1, torch.int32, True),           # int32 ids, a strided view
+    (50, 8, 1, 4, torch.int64, False),          # one expert
+], ids=["empty", "one", "two_chunks_aligned", "int32_strided", "one_expert"])
+def test_layout_kernels_equal_the_stable_sort_layout(n, k, e, alignment, dtype, strided):
+    check_layout_kernels(n, k, e, alignment, dtype, seed=n + 7 * e, strided=strided)
+
+
+def test_expert_layout_rejects_bad_alignment():
+    with pytest.raises(InputError, match="alignment"):
+        moe.expert_layout(torch.zeros(2, 2, dtype=torch.int64), 4, 0)
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
@@ -341,6 +388,18 @@ def test_shards_reject_uneven_splits():
 
 
 # ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,e,alignment", [(4096, 8, 256, 1), (32768, 8, 32, 1),
+                                             (6000, 6, 70, 128), (1, 8, 256, 1)],
+                         ids=["ep_1gpu_prefill", "tp_8gpu_rows", "odd_experts_aligned", "one_row"])
+def test_gpu_layout_kernels_equal_the_stable_sort_layout(n, k, e, alignment):
+    """The layout kernels at prefill sizes (DeepSeek-V3 top-8, 256 local experts) against the
+    torch layout, exactly; permute of FP8 rows and column-major scales, exactly."""
+    if not GPU:
+        pytest.skip("needs CUDA")
+    check_layout_kernels(n, k, e, alignment, torch.int64, seed=5 * n + e)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("world", [1, 2], ids=["1gpu", "2gpu"])
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
