@@ -12,7 +12,9 @@
 #
 # Environment (all optional):
 #   SUITE_STAGES     stages to run: tests,doctor,bench (default: all)
-#   SUITE_TESTS      pytest arguments after "-m gpu" (default: the whole tests/ folder),
+#   SUITE_TESTS      pytest arguments after "-m gpu" (default: every GPU test file, the
+#                    multi-rank ones first, so that a step timeout cuts the single-GPU GEMM
+#                    tests, whose Triton compiles take minutes, not the 2-GPU ones),
 #                    e.g. "tests/test_intranode_gpu.py -k dispatch"
 #   SUITE_BENCHES    smoke,normal,internode,low_latency,imbalance,moe,gemm,host (default: all; smoke = the
 #                    kernels' quick PASS/FAIL + timing scripts, gemm = one GPU only)
@@ -179,8 +181,16 @@ if has_stage tests; then
         export EP_COMM_TEST_RANKS_PER_GPU=2
     fi
     say "tests: up to ${EP_COMM_TEST_RANKS_PER_GPU:-1} rank(s) per GPU"
+    DEFAULT_TESTS="tests/test_intranode_gpu.py tests/test_low_latency_gpu.py \
+tests/test_internode_gpu.py tests/test_reference_gpu.py tests/test_launch.py tests/test_moe.py \
+tests/test_jit.py tests/test_gemm.py tests/test_quant.py"
+    for f in tests/test_*.py; do  # a GPU test file added later runs too (last)
+        [[ " $DEFAULT_TESTS " == *" $f "* ]] || DEFAULT_TESTS="$DEFAULT_TESTS $f"
+    done
+    TEST_LABEL="pytest -m gpu ${SUITE_TESTS:-(all GPU test files)}"
+    SUITE_TESTS=${SUITE_TESTS:-$DEFAULT_TESTS}
     # shellcheck disable=SC2086  # SUITE_TESTS is a list of pytest arguments
-    run_step "pytest -m gpu ${SUITE_TESTS:-}" "$TESTS_TIMEOUT" \
+    run_step "$TEST_LABEL" "$TESTS_TIMEOUT" \
         bash -c 'cd "$0" && exec "$@"' "$TEST_DIR" \
         "$PY" -m pytest -m gpu -q -p no:cacheprovider ${SUITE_TESTS:-}
     # pytest's own summary: failures by name, then the counts line.
