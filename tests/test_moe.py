@@ -391,7 +391,7 @@ def test_shards_reject_uneven_splits():
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k,e,alignment", [(4096, 8, 256, 1), (32768, 8, 32, 1),
                                              (6000, 6, 70, 128), (1, 8, 256, 1)],
-                         ids=["ep_1gpu_prefill", "tp_8gpu_rows", "odd_experts_aligned", "one_row"])
+                         ids=["ep_prefill", "tp_8rank_rows", "odd_experts_aligned", "one_row"])
 def test_gpu_layout_kernels_equal_the_stable_sort_layout(n, k, e, alignment):
     """The layout kernels at prefill sizes (DeepSeek-V3 top-8, 256 local experts) against the
     torch layout, exactly; permute of FP8 rows and column-major scales, exactly."""
