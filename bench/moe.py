@@ -17,6 +17,10 @@ and plain torch on CPU (``--dry-run``) in both.
 What is timed (median over ``--iters`` runs, every phase started with all ranks synchronised,
 ``bench/common.py``'s ``Timer``):
   ep_<case>_ms / tp_<case>_ms           the whole layer.
+  ep_prefill_nosync_ms                  the EP normal layer with ``num_worst_tokens`` = R * T:
+                                        dispatch does not wait for the counts, nothing in the
+                                        layer syncs with the host (tp_over_ep_prefill_nosync,
+                                        model_error_ep_prefill_nosync beside it).
   ep_<case>_dispatch_ms                 [FP8 cast +] layout + dispatch (decode: LL dispatch).
   ep_<case>_experts_ms                  permute + grouped GEMMs + SiLU * up + unpermute
                                         (decode: the masked GEMMs and SiLU * up).
@@ -178,14 +182,20 @@ def try_buffer(ctx, a, backend: str, low_latency: bool, max_tokens: int):
 
 
 # ----------------------------------------------------------------------------- phases
-def ep_normal_phases(a, x, idx, w, weights: moe.ExpertWeights, buf, impl: str, use_fp8: bool):
-    """Timed phases of the EP layer in normal mode: the whole layer and its parts."""
+def ep_normal_phases(a, x, idx, w, weights: moe.ExpertWeights, buf, impl: str, use_fp8: bool,
+                     num_ranks: int):
+    """Timed phases of the EP layer in normal mode: the whole layer (exact sizes: dispatch
+    waits for the counts; and with ``num_worst_tokens``: no wait) and its parts."""
     triton_ = impl == "triton"
     local = weights.num_experts
     st = {}
 
     def layer():
         return moe.moe_ep_normal(x, idx, w, weights, buf, a.experts, impl=impl)
+
+    def layer_nosync():  # every rank has T tokens: at most R * T arrive
+        return moe.moe_ep_normal(x, idx, w, weights, buf, a.experts, impl=impl,
+                                 num_worst_tokens=num_ranks * x.shape[0])
 
     def dispatch():
         x_in = x
@@ -209,7 +219,7 @@ def ep_normal_phases(a, x, idx, w, weights: moe.ExpertWeights, buf, impl: str, u
         buf.combine(st["rows"], st["handle"])
 
     return st, [("layer", layer), ("dispatch", dispatch), ("experts", experts),
-                ("combine", combine)]
+                ("combine", combine), ("layer_nosync", layer_nosync)]
 
 
 def contiguous_gemm_phase(st, weights: moe.ExpertWeights, impl: str):
@@ -386,16 +396,24 @@ def measure(ctx, a, backend: str, cases: list[str], ep_w, tp_w, use_fp8: bool, i
                 st, expected_m, ph = ep_ll_phases(a, x, idx, w, ep_w, buf, impl, use_fp8, t,
                                                   ctx.num_ranks)
             else:
-                st, ph = ep_normal_phases(a, x, idx, w, ep_w, buf, impl, use_fp8)
+                st, ph = ep_normal_phases(a, x, idx, w, ep_w, buf, impl, use_fp8,
+                                          ctx.num_ranks)
             ep_out = ph[0][1]()
             diffs[case] = common.calc_diff(ep_out, tp_out)
             problems = [] if diffs[case] < 5e-3 else [
                 f"{case}: EP and TP outputs differ (calc_diff {diffs[case]:.3g})"]
+            if not low_latency:
+                diffs[f"{case}_nosync"] = common.calc_diff(dict(ph)["layer_nosync"](), tp_out)
+                if diffs[f"{case}_nosync"] >= 5e-3:
+                    problems.append(f"{case}: EP (num_worst_tokens) and TP outputs differ "
+                                    f"(calc_diff {diffs[f'{case}_nosync']:.3g})")
             common.agree(ctx, problems)
             for name, fn in ph[1:]:
                 fn()
             ep_ms = timer.run(ph)
             mine[f"ep_{case}_host_ms"] = timer.host["layer"] * 1e3
+            if "layer_nosync" in timer.host:
+                mine[f"ep_{case}_nosync_host_ms"] = timer.host["layer_nosync"] * 1e3
             if low_latency:
                 gemms, rows = masked_gemm_phase(st, ep_w, impl, expected_m)
             else:
@@ -405,7 +423,8 @@ def measure(ctx, a, backend: str, cases: list[str], ep_w, tp_w, use_fp8: bool, i
         finally:
             buf.destroy()
         for k, v in ep_ms.items():
-            mine[f"ep_{case}_ms" if k == "layer" else f"ep_{case}_{k}_ms"] = v * 1e3
+            k = {"layer": "", "layer_nosync": "_nosync"}.get(k, f"_{k}")
+            mine[f"ep_{case}{k}_ms"] = v * 1e3
     if unavailable and len(unavailable) == len(cases):  # no EP figure at all: the row is
         # "unavailable" with the reason (TP alone is in the other backend's row)
         raise BackendUnavailableError(backend, "; ".join(f"{k}: {v}" for k, v in
@@ -440,8 +459,9 @@ def derive(ctx, a, f: dict, rows: dict, links: dict, layer_cfg):
                 f[f"{p}_parts_sum_ms"] = sum(parts)
                 f[f"{p}_layer_over_parts"] = f[f"{p}_ms"] / sum(parts)
     for case in ("prefill", "decode"):
-        if f.get(f"ep_{case}_ms") and f.get(f"tp_{case}_ms"):
-            f[f"tp_over_ep_{case}"] = f[f"tp_{case}_ms"] / f[f"ep_{case}_ms"]
+        for sfx in ("", "_nosync"):
+            if f.get(f"ep_{case}{sfx}_ms") and f.get(f"tp_{case}_ms"):
+                f[f"tp_over_ep_{case}{sfx}"] = f[f"tp_{case}_ms"] / f[f"ep_{case}{sfx}_ms"]
     # GEMM throughput of this run: 6 * rows * H * I flops per variant and case.
     tflops = {}
     for key, r in rows.items():
@@ -486,9 +506,10 @@ def derive(ctx, a, f: dict, rows: dict, links: dict, layer_cfg):
             if f.get(f"{v}_{case}_ms") is None and f.get(f"tp_{case}_ms") is None:
                 continue
             f[f"model_{v}_{case}_ms"] = pr["layer"] * 1e3
-            meas = f.get(f"{v}_{case}_ms")
-            if meas:
-                f[f"model_error_{v}_{case}"] = meas / (pr["layer"] * 1e3) - 1
+            for sfx in ("", "_nosync") if v == "ep" else ("",):
+                meas = f.get(f"{v}_{case}{sfx}_ms")
+                if meas:
+                    f[f"model_error_{v}_{case}{sfx}"] = meas / (pr["layer"] * 1e3) - 1
     f["model_hbm_gbps"] = base.hbm_gbps
     f["model_weight_stream_fraction"] = base.weight_stream_fraction
     f["model_nvlink_gbps"] = base.nvlink_gbps

@@ -10,7 +10,8 @@ ids, -1 = none) and ``topk_weights [T, K]``::
 Weights (``ExpertWeights``): ``w13 [E, 2I, H]`` (gate rows ``[0, I)``, up rows ``[I, 2I)``) and
 ``w2 [E, H, I]``, bf16 or FP8 tuples with 128 x 128 block scales (``quantize_weight_fp8``).
 
-EP, normal mode (prefill, training; host-synchronising like dispatch itself)::
+EP, normal mode (prefill, training; host-synchronising like dispatch itself, unless
+``num_worst_tokens`` sizes the buffers in advance)::
 
     get_dispatch_layout -> dispatch (bf16 or FP8) -> expert_layout + permute (per-expert
     contiguous rows) -> grouped GEMM w13 -> silu(gate) * up [-> FP8] -> grouped GEMM w2 ->
@@ -365,7 +366,8 @@ def _check_inputs(x, topk_idx, topk_weights, weights: ExpertWeights):
 
 def moe_ep_normal(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                   weights: ExpertWeights, buffer, num_experts: int, *, use_fp8: bool | None = None,
-                  expert_alignment: int = 1, impl: str = "auto") -> torch.Tensor:
+                  expert_alignment: int = 1, num_worst_tokens: int = 0,
+                  impl: str = "auto") -> torch.Tensor:
     """Expert-parallel MoE layer, normal mode.
 
     Args:
@@ -376,6 +378,15 @@ def moe_ep_normal(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.T
         num_experts: E, all experts of the layer.
         use_fp8: dispatch FP8 (needs FP8 weights); None: FP8 exactly when the weights are.
         expert_alignment: rows each expert's group is padded to (our GEMMs need none: 1).
+        num_worst_tokens: 0: dispatch waits on the host for the receive counts and every buffer
+            has its exact size. > 0 (at least the most rows a rank can receive, e.g. the sum of
+            all ranks' T): dispatch sizes its outputs to this, the layout counts on the GPU and
+            the permuted buffer takes its upper bound (``num_worst_tokens * K`` rows plus
+            alignment padding), so nothing in the layer waits for the host and, on the kernels
+            backend with ``impl="triton"``, the whole layer can be captured in a CUDA graph.
+            The price is memory (expert buffers sized by the bound, about twice the exact size
+            at top-8 over many ranks); the gain is that the GPU does not idle while the host
+            launches the expert work after dispatch's wait.
         impl: GEMM implementation (see the module docstring).
 
     Returns:
@@ -398,8 +409,10 @@ def moe_ep_normal(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.T
     recv_x, recv_idx, recv_w, counts, handle, _ = buffer.dispatch(
         x_in, num_tokens_per_rank=n_rank, num_tokens_per_rdma_rank=n_rdma,
         is_token_in_rank=in_rank, num_tokens_per_expert=n_expert, topk_idx=topk_idx,
-        topk_weights=topk_weights, expert_alignment=expert_alignment)
-    lay = expert_layout(recv_idx, local, expert_alignment, num_rows=sum(counts), impl=impl)
+        topk_weights=topk_weights, expert_alignment=expert_alignment,
+        num_worst_tokens=num_worst_tokens)
+    lay = expert_layout(recv_idx, local, expert_alignment,
+                        num_rows=None if num_worst_tokens else sum(counts), impl=impl)
     xp = permute(recv_x, lay, impl)
     y = expert_ffn_contiguous(xp, lay, weights, impl)
     rows = unpermute(y, lay, recv_w, impl)
@@ -507,7 +520,7 @@ class MoE(torch.nn.Module):
             ``num_max_dispatch_tokens_per_rank``).
         use_fp8: FP8 weights (128 x 128 block scales) and FP8 activations.
         num_max_dispatch_tokens_per_rank: low-latency M.
-        expert_alignment, impl: as ``moe_ep_normal``.
+        expert_alignment, num_worst_tokens, impl: as ``moe_ep_normal`` (EP normal mode).
 
     ``forward(x [T, H] bf16, topk_idx [T, K] int64, topk_weights [T, K] float32) -> [T, H]``.
     """
@@ -515,7 +528,7 @@ class MoE(torch.nn.Module):
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor, group, *, parallel: str = "ep",
                  buffer=None, mode: str = "normal", use_fp8: bool = False,
                  num_max_dispatch_tokens_per_rank: int | None = None, expert_alignment: int = 1,
-                 impl: str = "auto"):
+                 num_worst_tokens: int = 0, impl: str = "auto"):
         super().__init__()
         if parallel not in ("ep", "tp"):
             raise InputError(f"parallel must be 'ep' or 'tp', got {parallel!r}")
@@ -528,6 +541,7 @@ class MoE(torch.nn.Module):
         self.group, self.buffer, self.parallel, self.mode = group, buffer, parallel, mode
         self.num_experts = w13.shape[0]
         self.use_fp8, self.impl, self.expert_alignment = use_fp8, impl, expert_alignment
+        self.num_worst_tokens = num_worst_tokens
         self.num_max_dispatch_tokens_per_rank = num_max_dispatch_tokens_per_rank
         rank, r = dist.get_rank(group), dist.get_world_size(group)
         shard = ExpertWeights.shard_ep if parallel == "ep" else ExpertWeights.shard_tp
@@ -544,7 +558,7 @@ class MoE(torch.nn.Module):
                                       impl=self.impl)
         return moe_ep_normal(x, topk_idx, topk_weights, self.weights, self.buffer,
                              self.num_experts, expert_alignment=self.expert_alignment,
-                             impl=self.impl)
+                             num_worst_tokens=self.num_worst_tokens, impl=self.impl)
 
 
 # ----------------------------------------------------------------------------- reference

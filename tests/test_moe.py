@@ -52,6 +52,7 @@ class MoECase:
     impl: str = "auto"
     backend: str = "reference"
     module: bool = False          # through the MoE nn.Module instead of the functions
+    worst: bool = False           # EP normal: num_worst_tokens > all ranks' tokens (no host sync)
 
 
 def tokens_of(case: MoECase, rank: int) -> int:
@@ -128,12 +129,15 @@ def task_moe_layer(ctx, case: MoECase):
     ref = moe.moe_reference(x, idx, w, *reference_weights(case, w13.to(dev), w2.to(dev)),
                             fp8_activations=case.fp8)
     max_tokens = max(tokens_of(case, r) for r in range(ctx.world_size))
+    # + 3: padding rows on every rank, even one that receives every token
+    worst = sum(tokens_of(case, r) for r in range(ctx.world_size)) + 3 if case.worst else 0
     buf = make_buffer(ctx, case, max_tokens) if case.parallel == "ep" else None
     w13d, w2d = w13.to(dev), w2.to(dev)
     if case.module:
         layer = moe.MoE(w13d, w2d, ctx.group, parallel=case.parallel, buffer=buf,
                         mode=case.mode, use_fp8=case.fp8, expert_alignment=case.alignment,
-                        num_max_dispatch_tokens_per_rank=max_tokens, impl=case.impl)
+                        num_max_dispatch_tokens_per_rank=max_tokens, num_worst_tokens=worst,
+                        impl=case.impl)
         out = layer(x, idx, w)
     elif case.parallel == "tp":
         weights = moe.ExpertWeights.shard_tp(w13d, w2d, ctx.rank, ctx.world_size, case.fp8)
@@ -146,10 +150,52 @@ def task_moe_layer(ctx, case: MoECase):
                                          impl=case.impl)
         else:
             out = moe.moe_ep_normal(x, idx, w, weights, buf, case.num_experts,
-                                    expert_alignment=case.alignment, impl=case.impl)
+                                    expert_alignment=case.alignment, num_worst_tokens=worst,
+                                    impl=case.impl)
     if buf is not None:
         buf.destroy()
     assert_layer_close(out, ref, case.fp8, f"rank {ctx.rank} {case}")
+    return True
+
+
+def task_moe_normal_graph(ctx, case: MoECase, replays: int = 3):
+    """``moe_ep_normal`` with ``num_worst_tokens`` captured in one CUDA graph (which fails if
+    anything in the layer waits for the host), replayed with new tokens and new routing copied
+    into the captured inputs; every replay against the dense float64 MoE of its inputs."""
+    import torch.distributed as dist
+    dev, r = ctx.device, ctx.world_size
+    w13, w2 = make_weights(case)
+    w13d, w2d = w13.to(dev), w2.to(dev)
+    weights = moe.ExpertWeights.shard_ep(w13d, w2d, ctx.rank, r, case.fp8)
+    refw = reference_weights(case, w13d, w2d)
+    worst = sum(tokens_of(case, q) for q in range(r)) + 3
+    buf = make_buffer(ctx, case, max(tokens_of(case, q) for q in range(r)))
+    try:
+        x0, idx0, w0 = make_inputs(case, ctx.rank)
+        xs, idxs, ws = x0.to(dev), idx0.to(dev), w0.to(dev)
+
+        def layer():
+            return moe.moe_ep_normal(xs, idxs, ws, weights, buf, case.num_experts,
+                                     num_worst_tokens=worst, impl="triton")
+        layer()  # compiles every kernel outside the capture
+        torch.cuda.synchronize()
+        dist.barrier(group=ctx.group)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer()
+        for rep in range(1, replays + 1):
+            x, idx, w = make_inputs(dataclasses.replace(case, seed=case.seed + 100 * rep), ctx.rank)
+            xs.copy_(x)
+            idxs.copy_(idx)
+            ws.copy_(w)
+            out.fill_(float("nan"))  # a row the replay does not write shows
+            graph.replay()
+            torch.cuda.synchronize()
+            ref = moe.moe_reference(xs, idxs, ws, *refw, fp8_activations=case.fp8)
+            assert_layer_close(out, ref, case.fp8, f"rank {ctx.rank} graph replay {rep} {case}")
+            dist.barrier(group=ctx.group)
+    finally:
+        buf.destroy()
     return True
 
 
@@ -217,6 +263,16 @@ def test_moe_module_forward_matches_dense_moe(interp_ranks, parallel, mode):
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 def test_ep_layer_with_torch_gemms_matches_dense_moe(interp_ranks, fp8):
     interp_ranks(2).run(task_moe_layer, MoECase(seed=61, impl="torch", fp8=fp8))
+
+
+@pytest.mark.parametrize("fp8,alignment,module", [(False, 1, False), (True, 4, False),
+                                                  (False, 1, True)],
+                         ids=["bf16", "fp8-aligned", "module"])
+def test_ep_normal_layer_with_num_worst_tokens_matches_dense_moe(interp_ranks, fp8, alignment,
+                                                                 module):
+    """Buffers sized in advance (no host sync): padding rows must not reach any expert."""
+    interp_ranks(2).run(task_moe_layer, MoECase(seed=75, fp8=fp8, alignment=alignment,
+                                                module=module, worst=True))
 
 
 def test_ep_layer_with_a_rank_without_tokens(interp_ranks):
@@ -398,6 +454,19 @@ def test_gpu_layout_kernels_equal_the_stable_sort_layout(n, k, e, alignment):
     if not GPU:
         pytest.skip("needs CUDA")
     check_layout_kernels(n, k, e, alignment, torch.int64, seed=5 * n + e)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", [1, 2], ids=["1gpu", "2gpu"])
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_gpu_ep_normal_layer_with_num_worst_tokens_in_a_cuda_graph(gpu_ranks, world, fp8):
+    """The whole normal-mode EP layer (dispatch, layout, GEMMs, combine) without a host sync:
+    captured once, replayed with new data and routing, each replay against the dense MoE
+    (tolerances as ``test_gpu_moe_layer_kernels_backend_matches_dense_moe``)."""
+    case = MoECase(seed=95 + world, hidden=7168, intermediate=2048, num_experts=32, num_topk=8,
+                   num_tokens=128, ragged=16, fp8=fp8, backend="kernels", impl="triton",
+                   worst=True)
+    gpu_ranks(world).run(task_moe_normal_graph, case)
 
 
 @pytest.mark.gpu
