@@ -183,9 +183,16 @@ def expert_layout(topk_idx: torch.Tensor, num_experts: int, alignment: int = 1,
     every microsecond of host launch time is GPU idle time), ``"torch"`` the same layout in
     torch ops; ``"auto"`` as for the GEMMs.
     """
+    if (not isinstance(topk_idx, torch.Tensor) or topk_idx.dim() != 2
+            or topk_idx.dtype.is_floating_point or topk_idx.dtype.is_complex
+            or topk_idx.dtype == torch.bool):
+        raise InputError(f"topk_idx must be a [N, K] integer tensor, got "
+                         f"{getattr(topk_idx, 'dtype', type(topk_idx).__name__)} "
+                         f"{list(getattr(topk_idx, 'shape', []))}")
+    if num_experts < 0 or alignment < 1:
+        raise InputError(f"num_experts must be >= 0 and alignment >= 1, got {num_experts} "
+                         f"and {alignment}")
     n, k = topk_idx.shape
-    if alignment < 1:
-        raise InputError(f"alignment must be >= 1, got {alignment}")
     if num_rows is None:
         num_rows = n * k + num_experts * (alignment - 1)
     if _use_triton(impl, topk_idx):

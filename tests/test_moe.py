@@ -380,9 +380,13 @@ def test_layout_kernels_equal_the_stable_sort_layout(n, k, e, alignment, dtype, 
     check_layout_kernels(n, k, e, alignment, dtype, seed=n + 7 * e, strided=strided)
 
 
-def test_expert_layout_rejects_bad_alignment():
+def test_expert_layout_rejects_bad_input():
     with pytest.raises(InputError, match="alignment"):
         moe.expert_layout(torch.zeros(2, 2, dtype=torch.int64), 4, 0)
+    with pytest.raises(InputError, match="integer tensor"):
+        moe.expert_layout(torch.zeros(2, 2), 4)
+    with pytest.raises(InputError, match=r"\[N, K\]"):
+        moe.expert_layout(torch.zeros(4, dtype=torch.int64), 4)
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
