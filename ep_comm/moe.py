@@ -50,6 +50,9 @@ from ep_comm.kernels import permute as _permute
 
 FP8_DTYPE = torch.float8_e4m3fn
 BLOCK = 128
+#: Layout kernels (``expert_layout``): chunks of ids per program and the most id slices.
+LAYOUT_CHUNKS = 4
+LAYOUT_MAX_SLICES = 64
 
 
 # ----------------------------------------------------------------------------- weights
@@ -201,16 +204,22 @@ def expert_layout(topk_idx: torch.Tensor, num_experts: int, alignment: int = 1,
         group_rows = torch.empty(num_experts, dtype=torch.int32, device=dev)
         group_end = torch.empty(num_experts, dtype=torch.int32, device=dev)
         if num_experts:
-            block = min(2048, max(16, triton.next_power_of_2(n * k)))
+            nk = n * k
+            block = min(2048, max(16, triton.next_power_of_2(nk)))
             warps = 8 if block >= 2048 else 4
+            # at most LAYOUT_CHUNKS chunks per program (short dependent loops), at most
+            # LAYOUT_MAX_SLICES slices (the dest kernel sums an [S, E] table per program)
+            span = block * max(LAYOUT_CHUNKS, triton.cdiv(triton.cdiv(nk, LAYOUT_MAX_SLICES), block))
+            slices = max(1, triton.cdiv(nk, span))
+            part = torch.empty(slices, num_experts, dtype=torch.int32, device=dev)
             strides = (topk_idx.stride(0), topk_idx.stride(1))
-            _permute.expert_count_kernel[(num_experts,)](
-                topk_idx, group_rows, dest, n * k, k, num_experts, *strides, BLOCK=block,
+            _permute.expert_count_kernel[(num_experts, slices)](
+                topk_idx, part, dest, nk, k, num_experts, span, *strides, BLOCK=block,
                 num_warps=warps)
-            _permute.expert_dest_kernel[(num_experts,)](
-                topk_idx, group_rows, dest, group_end, n * k, k, num_experts, alignment,
-                *strides, BLOCK=block, E_POW2=triton.next_power_of_2(num_experts),
-                num_warps=warps)
+            _permute.expert_dest_kernel[(num_experts, slices)](
+                topk_idx, part, dest, group_end, group_rows, nk, k, num_experts, slices, span,
+                alignment, *strides, BLOCK=block, E_POW2=triton.next_power_of_2(num_experts),
+                S_POW2=triton.next_power_of_2(slices), num_warps=warps)
         return ExpertLayout(dest, group_end, group_rows, int(num_rows))
     dev = topk_idx.device
     flat = topk_idx.reshape(-1).to(torch.int64)

@@ -5,17 +5,23 @@ local expert ids (``recv_topk_idx``, -1 = not on this rank). ``dest [N, K] int32
 ``ep_comm.moe.expert_layout``) names the row of the expert-contiguous buffer that copy k of row
 n goes to (-1: none).
 
-* ``expert_count_kernel`` / ``expert_dest_kernel``: the layout itself, one program per expert
-  (grid ``[E]``). Program e reads the whole ``[N, K]`` id array in chunks; the count kernel
-  sums ``id == e`` (program 0 also writes ``dest = -1`` for ids outside ``[0, E)``), the dest
-  kernel gets its group's start from all experts' aligned counts and numbers its copies by a
-  running prefix sum, so copies keep their (row, slot) order within an expert: the same layout
+* ``expert_count_kernel`` / ``expert_dest_kernel``: the layout itself, grid ``[E, S]``: the
+  row-major flattened ``[N, K]`` ids are cut into S slices of SPAN ids, and program (e, s)
+  reads slice s in chunks. The count kernel sums ``id == e`` per slice (the programs of
+  expert 0 also write ``dest = -1`` for ids outside ``[0, E)``); the dest kernel gets its
+  group's start from all experts' aligned totals, adds expert e's copies in the slices before
+  s and numbers its own by a running prefix sum, so copies keep their (row, slot) order within
+  an expert: the same layout
   as the stable sort of ``ep_comm.moe.expert_layout``'s torch path, in two launches instead of
   some thirty torch ops. That is what matters here: in normal mode this runs right after
   dispatch's host wait, with the GPU idle until the first GEMM is launched, so host launch time
   is GPU time: on one H200 the layout's host time went from 0.9-1.0 ms to 85 us. The price is
-  E reads of the id array per kernel (256 experts x 32768 int64 ids: 67 MB, mostly from L2,
-  tens of microseconds), paid where the torch path's sort paid its own.
+  E reads of the id array per kernel (256 experts x 32768 int64 ids: 67 MB, mostly from L2);
+  the slices keep every program's loop short. GPU time on one H200
+  (``bench/results/logs/layout-kernels-gpu-time-h200.txt``): 47 us for 32768 ids and 256
+  experts (torch path 165), 50 us for 65536 ids and 128 experts (178), 46 us for 262144 ids and
+  32 experts (272; 241 with one program per expert), 328 us for 262144 ids and 256 experts
+  (228: there the reads of E x N x K ids, 537 MB, bound it; TP at 8 ranks).
 * ``permute_kernel``: ``out[dest[n, k]] = x[n]`` for every k with ``dest >= 0``; one load of the
   row, up to K stores. With ``HAS_SCALES`` the FP8 scales row is copied along (program 0 of the
   row's column blocks).
@@ -44,38 +50,47 @@ def _load_ids(idx_ptr, start, NK, TOPK, stride_in, stride_ik, BLOCK: tl.constexp
 
 
 @triton.jit
-def expert_count_kernel(idx_ptr, counts_ptr, dest_ptr, NK, TOPK, E,
+def expert_count_kernel(idx_ptr, part_ptr, dest_ptr, NK, TOPK, E, SPAN,
                         stride_in, stride_ik, BLOCK: tl.constexpr):
-    """counts[e] = #{(n, k): idx[n, k] == e}; program 0 also sets dest = -1 where the id is
-    not a local expert (dest flat, contiguous ``[N, K]``)."""
+    """Program (e, s): part[s, e] = #{ids == e among flat ids [s * SPAN, (s + 1) * SPAN)};
+    the programs of e == 0 also set dest = -1 where the id is not a local expert (dest flat,
+    contiguous ``[N, K]``)."""
     e = tl.program_id(0)
+    sl = tl.program_id(1)
     total = tl.zeros((BLOCK,), dtype=tl.int32)
-    for start in range(0, NK, BLOCK):
-        key, i, ok = _load_ids(idx_ptr, start, NK, TOPK, stride_in, stride_ik, BLOCK)
+    for j in range(0, SPAN, BLOCK):
+        key, i, ok = _load_ids(idx_ptr, sl * SPAN + j, NK, TOPK, stride_in, stride_ik, BLOCK)
         total += (key == e).to(tl.int32)
         if e == 0:
             tl.store(dest_ptr + i, tl.full((BLOCK,), -1, tl.int32),
                      mask=ok & ((key < 0) | (key >= E)))
-    tl.store(counts_ptr + e, tl.sum(total, axis=0))
+    tl.store(part_ptr + sl * E + e, tl.sum(total, axis=0))
 
 
 @triton.jit
-def expert_dest_kernel(idx_ptr, counts_ptr, dest_ptr, group_end_ptr,
-                       NK, TOPK, E, ALIGN, stride_in, stride_ik,
-                       BLOCK: tl.constexpr, E_POW2: tl.constexpr):
-    """dest of every copy of expert e (program e): its group's start (the aligned counts of
-    the experts before it) + the number of its copies earlier in (row, slot) order; also
-    group_end[e]."""
+def expert_dest_kernel(idx_ptr, part_ptr, dest_ptr, group_end_ptr, group_rows_ptr,
+                       NK, TOPK, E, S, SPAN, ALIGN, stride_in, stride_ik,
+                       BLOCK: tl.constexpr, E_POW2: tl.constexpr, S_POW2: tl.constexpr):
+    """Program (e, s): dest of the copies of expert e among flat ids [s * SPAN, (s + 1) *
+    SPAN): its group's start (the aligned totals of the experts before it) + its copies in the
+    slices before s + its copies earlier in this slice, in (row, slot) order. The programs of
+    slice 0 also write group_end[e] and group_rows[e]."""
     e = tl.program_id(0)
+    sl = tl.program_id(1)
     es = tl.arange(0, E_POW2)
-    cnt = tl.load(counts_ptr + es, mask=es < E, other=0)
+    ss = tl.arange(0, S_POW2)
+    part = tl.load(part_ptr + ss[:, None] * E + es[None, :],
+                   mask=(ss[:, None] < S) & (es[None, :] < E), other=0)
+    cnt = tl.sum(part, axis=0)
     aligned = (cnt + ALIGN - 1) // ALIGN * ALIGN
     start_e = tl.sum(tl.where(es < e, aligned, 0), axis=0)
-    mine_aligned = tl.sum(tl.where(es == e, aligned, 0), axis=0)
-    tl.store(group_end_ptr + e, start_e + mine_aligned)
-    seen = start_e
-    for start in range(0, NK, BLOCK):
-        key, i, ok = _load_ids(idx_ptr, start, NK, TOPK, stride_in, stride_ik, BLOCK)
+    if sl == 0:
+        tl.store(group_end_ptr + e, start_e + tl.sum(tl.where(es == e, aligned, 0), axis=0))
+        tl.store(group_rows_ptr + e, tl.sum(tl.where(es == e, cnt, 0), axis=0))
+    seen = start_e + tl.sum(tl.sum(tl.where((ss[:, None] < sl) & (es[None, :] == e), part, 0),
+                                   axis=1), axis=0)
+    for j in range(0, SPAN, BLOCK):
+        key, i, ok = _load_ids(idx_ptr, sl * SPAN + j, NK, TOPK, stride_in, stride_ik, BLOCK)
         hit = (key == e).to(tl.int32)
         before = tl.cumsum(hit, axis=0) - hit  # copies of e earlier in this chunk
         tl.store(dest_ptr + i, seen + before, mask=ok & (hit != 0))

@@ -373,9 +373,10 @@ def check_layout_kernels(n, k, e, alignment, dtype, seed, strided=False, dev=DEV
     (0, 4, 5, 1, torch.int64, False),           # no rows: empty groups
     (1, 1, 3, 1, torch.int64, False),           # one copy
     (700, 4, 5, 3, torch.int64, False),         # 2800 ids: two chunks of the count/dest loops
+    (520, 16, 5, 2, torch.int64, False),        # 8320 ids: two slices (grid [E, 2])
     (37, 3, 9, 1, torch.int32, True),           # int32 ids, a strided view
     (50, 8, 1, 4, torch.int64, False),          # one expert
-], ids=["empty", "one", "two_chunks_aligned", "int32_strided", "one_expert"])
+], ids=["empty", "one", "two_chunks_aligned", "two_slices", "int32_strided", "one_expert"])
 def test_layout_kernels_equal_the_stable_sort_layout(n, k, e, alignment, dtype, strided):
     check_layout_kernels(n, k, e, alignment, dtype, seed=n + 7 * e, strided=strided)
 
@@ -450,8 +451,10 @@ def test_shards_reject_uneven_splits():
 # ----------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k,e,alignment", [(4096, 8, 256, 1), (32768, 8, 32, 1),
-                                             (6000, 6, 70, 128), (1, 8, 256, 1)],
-                         ids=["ep_prefill", "tp_8rank_rows", "odd_experts_aligned", "one_row"])
+                                             (32768, 8, 256, 1), (6000, 6, 70, 128),
+                                             (1, 8, 256, 1)],
+                         ids=["ep_prefill", "tp_8rank_rows_32_experts", "tp_8rank_rows",
+                              "odd_experts_aligned", "one_row"])
 def test_gpu_layout_kernels_equal_the_stable_sort_layout(n, k, e, alignment):
     """The layout kernels at prefill sizes (DeepSeek-V3 top-8, 256 local experts) against the
     torch layout, exactly; permute of FP8 rows and column-major scales, exactly."""
