@@ -196,10 +196,10 @@ def expert_layout(topk_idx: torch.Tensor, num_experts: int, alignment: int = 1,
         raise InputError(f"num_experts must be >= 0 and alignment >= 1, got {num_experts} "
                          f"and {alignment}")
     n, k = topk_idx.shape
+    dev = topk_idx.device
     if num_rows is None:
         num_rows = n * k + num_experts * (alignment - 1)
     if _use_triton(impl, topk_idx):
-        dev = topk_idx.device
         dest = torch.empty(n, k, dtype=torch.int32, device=dev)
         group_rows = torch.empty(num_experts, dtype=torch.int32, device=dev)
         group_end = torch.empty(num_experts, dtype=torch.int32, device=dev)
@@ -221,7 +221,6 @@ def expert_layout(topk_idx: torch.Tensor, num_experts: int, alignment: int = 1,
                 alignment, *strides, BLOCK=block, E_POW2=triton.next_power_of_2(num_experts),
                 S_POW2=triton.next_power_of_2(slices), num_warps=warps)
         return ExpertLayout(dest, group_end, group_rows, int(num_rows))
-    dev = topk_idx.device
     flat = topk_idx.reshape(-1).to(torch.int64)
     key = torch.where((flat >= 0) & (flat < num_experts), flat,
                       torch.full_like(flat, num_experts))
