@@ -1,7 +1,7 @@
 """Shared helpers of the benchmarks in ``bench/``: start-up, timing, checks, JSON results, tables.
 
 Every benchmark runs under torchrun (one process per GPU, NCCL) or on CPU (gloo, reference
-backend, small sizes), starts through ``ep_comm.launcher.init_distributed`` and writes one JSON
+backend, small sizes), starts through ``ep_comm.runtime.launcher.init_distributed`` and writes one JSON
 file per backend as ``/work/shared/RESULTS.md`` describes:
 ``<out>/<bench>-<backend>-<ranks>r-<device>.json``.
 
@@ -90,10 +90,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 
 def init(args) -> BenchContext:
     """Start torch.distributed (torchrun, mpirun or a single process) and describe this rank."""
-    from ep_comm.launcher import init_distributed
+    from ep_comm.runtime.launcher import init_distributed
     group = init_distributed(use_gpu=False if args.cpu else None)
     rank, n = dist.get_rank(group), dist.get_world_size(group)
-    from ep_comm.comm import GLOO_DEVICE_ENV
+    from ep_comm.runtime.comm import GLOO_DEVICE_ENV
     shared = (not args.cpu and dist.get_backend(group) == "gloo"
               and os.environ.get(GLOO_DEVICE_ENV) == "cuda" and torch.cuda.is_available())
     device = (torch.device("cuda", torch.cuda.current_device())

@@ -18,7 +18,7 @@ ours and ``torch._grouped_mm`` BF16 timed alternately three times, the median of
   measured in the same run (the best of ``torch.sum`` and a Triton streaming read of 4 GiB).
   Target >= 0.75.
 * ``--sweep`` (default on): alternative block configurations next to the heuristic's choice, so
-  that ``ep_comm.gemm.contiguous_config`` / ``masked_config`` can be checked on this machine.
+  that ``ep_comm.moe.gemm.contiguous_config`` / ``masked_config`` can be checked on this machine.
 
 Before timing, each kernel's output is compared with torch (BF16: ``torch._grouped_mm``; FP8:
 float32 GEMMs of the dequantised operands) on a sample of experts.
@@ -45,7 +45,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from ep_comm import gemm  # noqa: E402
+from ep_comm.moe import gemm  # noqa: E402
 from ep_comm.moe import quantize_weight_fp8  # noqa: E402
 
 HIDDEN, INTER, EXPERTS, LL_M = 7168, 2048, 64, 512
@@ -56,7 +56,7 @@ SHAPES = {"gate_up": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER)}  # name: (N, 
 CONTIG_ALT = {
     False: [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 4, 4), (128, 128, 64, 8, 5),
             (64, 256, 64, 4, 4), (128, 256, 128, 8, 2)],
-    # FP8: 128 x 256 = two 128-wide scale halves sharing the A tile (see ep_comm.gemm);
+    # FP8: 128 x 256 = two 128-wide scale halves sharing the A tile (see ep_comm.moe.gemm);
     # 256 x 128 = one weight-scale block per tile, [256] activation-scale vector per K step.
     True: [(128, 256, 128, 8, 3), (128, 256, 128, 8, 4), (128, 128, 128, 8, 4),
            (256, 128, 128, 8, 3), (256, 128, 128, 8, 4), (64, 256, 128, 4, 4)],
@@ -388,7 +388,7 @@ def main(argv=None) -> int:
         "masked_fp8_hbm_fraction": min(fracs8),
         "hbm_read_gbps": hbm["hbm_read_gbps"],
     }
-    # What ep_comm.cost_model takes from this run: HBM bandwidth and, per dtype, the fraction of
+    # What ep_comm.moe.cost_model takes from this run: HBM bandwidth and, per dtype, the fraction of
     # it at which the masked GEMM streams weights in the decode regime (<= 4 valid rows).
     def stream_fraction(key):
         fr = [c[key] for s in masked.values() for v, c in s.items() if v <= 4]

@@ -27,7 +27,7 @@ import common
 import torch
 
 import ep_comm
-from ep_comm import layout
+from ep_comm.core import routing
 
 GPU_DEFAULTS = dict(normal_tokens=512, ll_tokens=16, hidden=7168, topk=8, experts=256,
                     warmup=3, iters=15)
@@ -227,7 +227,7 @@ class NcclRunner:
     def phases(self, x, topk_idx, weights):
         ctx, r, e, h = self.ctx, self.ctx.num_ranks, self.args.experts, self.args.hidden
         if self.mode == "normal":
-            send_counts = layout.is_token_in_rank(topk_idx, e, r).sum(0).tolist()
+            send_counts = routing.is_token_in_rank(topk_idx, e, r).sum(0).tolist()
         else:
             owners = torch.div(topk_idx[topk_idx >= 0], e // r, rounding_mode="floor")
             send_counts = torch.bincount(owners, minlength=r).tolist()

@@ -38,7 +38,7 @@ import common
 import torch
 
 import ep_comm
-from ep_comm import fp8
+from ep_comm.core import fp8
 
 GPU_DEFAULTS = dict(tokens=128, hidden=7168, topk=8, experts=256, warmup=10, iters=50)
 CPU_DEFAULTS = dict(tokens=32, hidden=1024, topk=8, experts=64, warmup=1, iters=3)

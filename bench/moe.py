@@ -38,7 +38,7 @@ What is timed (median over ``--iters`` runs, every phase started with all ranks 
   <variant>_<case>_layer_over_parts     layer / (dispatch + experts + combine): glue overhead
                                         (target EP <= 1.1).
   tp_over_ep_<case>                     TP time / EP time (> 1: EP faster; target >= 1).
-  model_<variant>_<case>_ms             ``ep_comm.cost_model`` prediction, fed with this run's
+  model_<variant>_<case>_ms             ``ep_comm.moe.cost_model`` prediction, fed with this run's
                                         GEMM throughput (the "gemms" phase of the same
                                         variant and case), the NCCL all_to_all / all_gather
                                         bandwidth of prefill-sized messages and a one-row
@@ -72,8 +72,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import ep_comm  # noqa: E402
-from ep_comm import cost_model, gemm, moe  # noqa: E402
-from ep_comm import fp8 as fp8_format  # noqa: E402
+from ep_comm.moe import cost_model  # noqa: E402
+from ep_comm.moe import gemm
+from ep_comm import moe
+from ep_comm.core import fp8 as fp8_format  # noqa: E402
 from ep_comm.errors import BackendUnavailableError  # noqa: E402
 
 MOE_BACKENDS = ("kernels", "reference")
@@ -208,7 +210,7 @@ def ep_normal_phases(a, x, idx, w, weights: moe.ExpertWeights, buf, impl: str, u
             topk_weights=w)
 
     def experts():
-        lay = moe.expert_layout(st["recv_idx"], local, 1, num_rows=sum(st["counts"]),
+        lay = moe.group_by_expert(st["recv_idx"], local, 1, num_rows=sum(st["counts"]),
                                  impl=impl)
         xp = moe.permute(st["recv_x"], lay, impl)
         y = moe.expert_ffn_contiguous(xp, lay, weights, impl)
@@ -306,7 +308,7 @@ def tp_phases(ctx, a, x, idx, w, weights: moe.ExpertWeights, impl: str, use_fp8:
         st["idx_all"], st["w_all"] = gather_one(idx), gather_one(w)
 
     def experts():
-        lay = moe.expert_layout(st["idx_all"], weights.num_experts, 1, impl=impl)
+        lay = moe.group_by_expert(st["idx_all"], weights.num_experts, 1, impl=impl)
         xp = moe.permute(st["x_all"], lay, impl)
         y = moe.expert_ffn_contiguous(xp, lay, weights, impl)
         st["partial"] = moe.unpermute(y, lay, st["w_all"], impl)

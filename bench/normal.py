@@ -35,7 +35,8 @@ import common
 import torch
 
 import ep_comm
-from ep_comm import fp8, layout
+from ep_comm.core import fp8
+from ep_comm.core import routing
 
 GPU_DEFAULTS = dict(tokens=4096, hidden=7168, topk=8, experts=256, num_sms=24, warmup=5, iters=20)
 CPU_DEFAULTS = dict(tokens=256, hidden=1024, topk=8, experts=64, num_sms=24, warmup=1, iters=3)
@@ -70,7 +71,7 @@ def _check_point(ctx, buffer, x, topk_idx, weights, lay, num_experts, cfg, ccfg)
     """One checked dispatch + combine. Returns (handle, recv_x, recv_tokens)."""
     problems = []
     ntpr, per_node, ntpe, in_rank = lay
-    ref = layout.compute_dispatch_layout(topk_idx, num_experts, ctx.num_ranks, ctx.num_ranks)
+    ref = routing.compute_dispatch_layout(topk_idx, num_experts, ctx.num_ranks, ctx.num_ranks)
     for name, got, want in (("num_tokens_per_rank", ntpr, ref[0]),
                             ("num_tokens_per_expert", ntpe, ref[2]),
                             ("is_token_in_rank", in_rank, ref[3])):
@@ -247,7 +248,7 @@ def _sweep_table(ctx, rows: list[dict], key: str, title: str) -> None:
 def _measure_nccl_point(ctx, args, tokens, timer, salt) -> dict:
     """all_to_all_single of the rows dispatch would move, input already permuted."""
     topk_idx, _ = common.make_routing(ctx, tokens, args.experts, args.topk, args.seed, salt)
-    in_rank = layout.is_token_in_rank(topk_idx, args.experts, ctx.num_ranks)
+    in_rank = routing.is_token_in_rank(topk_idx, args.experts, ctx.num_ranks)
     send_counts = in_rank.sum(0).tolist()
     recv_counts = common.exchange_counts(ctx, send_counts)
     n_send, n_recv = sum(send_counts), sum(recv_counts)

@@ -30,7 +30,7 @@ dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.curren
                         timeout=datetime.timedelta(seconds=60))
 
 import ep_comm  # noqa: E402
-from ep_comm import fp8  # noqa: E402
+from ep_comm.core import fp8  # noqa: E402
 
 T0 = time.time()
 

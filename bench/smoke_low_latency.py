@@ -20,7 +20,7 @@ host work hidden behind a long GPU sleep, the host (Python) time of each call, a
 every GPU activity per dispatch + combine. Targets on 2x H200: 21 / 31 / 52 us.
 
 Each ``Buffer`` is destroyed after its case; symmetric memory is pooled and reused
-(ep_comm/nvshmem_runtime.py), so cases after the first allocate nothing collectively.
+(ep_comm/nvshmem.py), so cases after the first allocate nothing collectively.
 """
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def make_kernels_buffer(group, rdma_bytes: int, nvlink: bool):
     except ImportError as e:
         if "intranode" not in str(e):
             raise
-    from ep_comm.low_latency import LowLatencyRuntime
+    from ep_comm.backends.kernels.low_latency import LowLatencyRuntime
     buf = ep_comm.Buffer(group, num_rdma_bytes=rdma_bytes, low_latency_mode=True,
                          backend="reference", explicitly_destroy=True)
     buf._backend.destroy()
@@ -395,9 +395,9 @@ def main() -> int:
     dist.barrier()
     # Every Buffer is destroyed and every rank is here: free the symmetric pool and finalize
     # NVSHMEM (collective), so that the exit is clean.
-    from ep_comm import nvshmem_runtime
+    from ep_comm.runtime import nvshmem
     try:
-        nvshmem_runtime.finalize()
+        nvshmem.finalize()
     except Exception as e:  # the results above stand; say why the exit is not clean
         failed += 1
         say(f"FAIL  nvshmem finalize: {type(e).__name__}: {e}")

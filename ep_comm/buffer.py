@@ -1,21 +1,21 @@
 """``ep_comm.Buffer``: expert-parallel dispatch and combine, DeepEP's calling convention.
 
 This module owns the public API: argument checks, buffer-size checks, stream and event
-handling. The work itself is done by a backend (``ep_comm.reference`` or the GPU kernels),
+handling. The work itself is done by a backend (``ep_comm.backends.reference`` or the GPU kernels),
 chosen explicitly at construction and never switched silently.
 """
 from __future__ import annotations
 
 import torch
 
-from ep_comm import checks
-from ep_comm.backend import Backend
-from ep_comm.comm import Comm, group_from_mpi
+from ep_comm.core import checks
+from ep_comm.backends.base import Backend
+from ep_comm.runtime.comm import Comm, group_from_mpi
 from ep_comm.config import DEFAULT_NUM_SMS, Config, default_config
 from ep_comm.errors import BackendUnavailableError, BufferTooSmallError, EpCommError, InputError
 from ep_comm.event import EventOverlap, capture_event
 from ep_comm.handles import DispatchHandle, LowLatencyHandle
-from ep_comm.regions import LowLatencyRegions
+from ep_comm.core.regions import LowLatencyRegions
 
 BACKENDS = ("auto", "kernels", "reference")
 
@@ -88,10 +88,10 @@ class Buffer:
 
     def _make_backend(self) -> Backend:
         if self.backend_name == "reference":
-            from ep_comm.reference import ReferenceBackend
+            from ep_comm.backends.reference import ReferenceBackend
             return ReferenceBackend(self.comm)
         try:
-            from ep_comm.kernels_backend import KernelsBackend
+            from ep_comm.backends.kernels.backend import KernelsBackend
         except ImportError as e:
             raise BackendUnavailableError(
                 "kernels", f"the GPU kernels backend could not be imported ({e})",
@@ -132,13 +132,11 @@ class Buffer:
 
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
-        """The analytic normal-mode dispatch ``Config`` for ``num_ranks`` ranks."""
+        """The analytic normal-mode ``Config`` for ``num_ranks`` ranks (dispatch and combine)."""
         return default_config(num_ranks, Buffer.num_sms)
 
-    @staticmethod
-    def get_combine_config(num_ranks: int) -> Config:
-        """The analytic normal-mode combine ``Config`` for ``num_ranks`` ranks."""
-        return default_config(num_ranks, Buffer.num_sms)
+    #: DeepEP has both names; combine and dispatch use the same analytic config here.
+    get_combine_config = get_dispatch_config
 
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int,

@@ -1,10 +1,10 @@
 """Exceptions raised by ep_comm.
 
 Every error a user can hit names what was wrong and what to do. Setup and timeout errors point
-to ``python -m ep_comm.doctor``, which checks the machine end to end.
+to ``python -m ep_comm.tools.doctor``, which checks the machine end to end.
 """
 
-DOCTOR_HINT = ("Run `python -m ep_comm.doctor` to check this machine's setup; "
+DOCTOR_HINT = ("Run `python -m ep_comm.tools.doctor` to check this machine's setup; "
                "docs/troubleshooting.md maps each error to its cause and fix.")
 
 

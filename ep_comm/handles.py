@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class DispatchHandle:
     """Routes of one normal-mode dispatch; what combine and a cached dispatch need.
 
@@ -62,7 +62,7 @@ class DispatchHandle:
         return self.num_worst_tokens if self.num_worst_tokens > 0 else self.num_recv_tokens
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class LowLatencyHandle:
     """Layout of one low-latency dispatch; what low-latency combine needs.
 

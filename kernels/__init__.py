@@ -1,1 +1,2 @@
-"""Device code of ep_comm: CUDA sources compiled at run time and Triton kernels (``ep_comm.kernels``)."""
+"""Device code of ep_comm (``ep_comm.kernels``): CUDA C++ in ``cuda/`` (compiled at first use by
+``ep_comm.runtime.jit``) and Triton kernels in the subpackage ``triton``."""

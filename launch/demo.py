@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import ep_comm
-from ep_comm.launcher import init_distributed
+from ep_comm.runtime.launcher import init_distributed
 
 
 def make_layer(hidden: int, num_experts: int, seed: int = 0):

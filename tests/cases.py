@@ -88,7 +88,7 @@ def make_buffer(ctx, case: Case, low_latency_max_tokens: int = 0, hidden: int | 
 
 
 def fp8_cast(x):
-    from ep_comm import fp8
+    from ep_comm.core import fp8
     return fp8.per_token_cast_to_fp8(x)
 
 
@@ -219,7 +219,7 @@ def task_dispatch_combine(ctx, case: Case):
 
 
 def dequant_rows(recv):
-    from ep_comm import fp8
+    from ep_comm.core import fp8
     return fp8.dequantize(*recv) if isinstance(recv, tuple) else recv.float()
 
 

@@ -243,14 +243,14 @@ def n_inputs(case: NCase, rank: int, num_ranks: int, step: int = 0):
 
 
 def fp8_cast(x: torch.Tensor):
-    from ep_comm import fp8
+    from ep_comm.core import fp8
     return fp8.per_token_cast_to_fp8(x)
 
 
 def sent_f32(case: NCase, x: torch.Tensor) -> torch.Tensor:
     """float32 values a token arrives with (its fp8 cast dequantised, or x itself)."""
     if case.fp8:
-        from ep_comm import fp8
+        from ep_comm.core import fp8
         return fp8.dequantize(*fp8_cast(x))
     return x.float()
 
@@ -570,7 +570,7 @@ def run_normal_case(ctx, buf, ref, case: NCase, fails: Failures, *, corrupt=None
 
 
 def llc_dequant(recv):
-    from ep_comm import fp8
+    from ep_comm.core import fp8
     return fp8.dequantize(*recv)
 
 

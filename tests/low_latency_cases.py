@@ -7,7 +7,7 @@ kernels backend over NCCL (GPUs).
 
 What is checked after a dispatch (see ``check_dispatch``): per local expert and source rank, the
 (begin, count) range of the handle, the rows inside it (bf16 bit-exact, or fp8 payload and
-scales bit-exact against ``ep_comm.fp8``'s cast), their source token indices, ``recv_count``,
+scales bit-exact against ``ep_comm.core.fp8``'s cast), their source token indices, ``recv_count``,
 that the ranges of one expert tile ``[0, recv_count)`` without overlap, ``-1`` source indices
 past the count, and the column-major layout of the scales. Blocks of different source ranks may
 be in any order, so rows are located through the ranges, never by absolute position.
@@ -103,7 +103,7 @@ def expert_fn(rows_f32: torch.Tensor, global_expert: int) -> torch.Tensor:
 
 def sent_values(case: LLCase, x: torch.Tensor):
     """What a token is sent as: x itself (bf16), or its fp8 cast (payload, scales)."""
-    from ep_comm import fp8
+    from ep_comm.core import fp8
     if case.fp8:
         return fp8.per_token_cast_to_fp8(x, round_scale=case.round_scale, use_ue8m0=case.ue8m0)
     return x, None
@@ -111,7 +111,7 @@ def sent_values(case: LLCase, x: torch.Tensor):
 
 def received_f32(case: LLCase, recv, rows: slice | torch.Tensor, e: int) -> torch.Tensor:
     """float32 values of rows of local expert e of a dispatch result (dequantised for fp8)."""
-    from ep_comm import fp8
+    from ep_comm.core import fp8
     if case.fp8:
         q, s = recv
         return fp8.dequantize(q[e, rows], s[e, rows])
@@ -217,7 +217,7 @@ def expected_combine(case: LLCase, me: int, inputs, num_ranks, masked=()):
     x, idx, w = inputs[me]
     q, s = sent_values(case, x)
     if case.fp8:
-        from ep_comm import fp8
+        from ep_comm.core import fp8
         vals = fp8.dequantize(q, s)
     else:
         vals = x.float()
@@ -422,7 +422,7 @@ def task_ll_graph(ctx, case: LLCase, replays: int = 3):
                 hook()
             # Expert outputs for every row (padding rows too: a graph cannot read counts).
             rows = recv[0] if fixed.fp8 else recv
-            from ep_comm import fp8
+            from ep_comm.core import fp8
             vals = fp8.dequantize(recv[0], recv[1]) if fixed.fp8 else rows.float()
             y = torch.empty(local, r * m, h, dtype=torch.bfloat16, device=dev)
             for e in range(local):

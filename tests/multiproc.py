@@ -46,7 +46,7 @@ def _worker(rank, world_size, port, use_gpu, env, tasks, results):
             dev = torch.device("cuda", torch.cuda.current_device())
             if world_size > torch.cuda.device_count():
                 # Ranks share GPUs: NCCL refuses that, so gloo carries the collectives and
-                # ep_comm puts the Buffers on the GPUs (see ep_comm.comm.GLOO_DEVICE_ENV).
+                # ep_comm puts the Buffers on the GPUs (see ep_comm.runtime.comm.GLOO_DEVICE_ENV).
                 os.environ["EP_COMM_GLOO_DEVICE"] = "cuda"
                 dist.init_process_group("gloo", rank=rank, world_size=world_size)
             else:

@@ -1,4 +1,4 @@
-"""The cost models: ep_comm.cost_model (EP vs TP layer) and bench/internode_model.py."""
+"""The cost models: ep_comm.moe.cost_model (EP vs TP layer) and bench/internode_model.py."""
 import json
 import math
 import os
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from ep_comm import cost_model
+from ep_comm.moe import cost_model
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 import internode_model  # noqa: E402

@@ -1,4 +1,4 @@
-"""``python -m ep_comm.doctor``: it runs on a CPU machine, says clearly that there is no GPU,
+"""``python -m ep_comm.tools.doctor``: it runs on a CPU machine, says clearly that there is no GPU,
 passes on the reference backend, writes its JSON, and turns each setup failure it can see here
 (nvcc missing, unwritable kernel cache, unavailable backend, a hanging rank, NVSHMEM transport
 failures) into a named line and a nonzero exit code instead of a crash or a hang."""
@@ -13,14 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from ep_comm import doctor, jit
+from ep_comm.runtime import jit
+from ep_comm.tools.doctor import nvshmem, report, roundtrip, software, toolchain
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _doctor(*args, env=None, timeout=120):
     full_env = dict(os.environ, CUDA_VISIBLE_DEVICES="", **(env or {}))
-    p = subprocess.run([sys.executable, "-m", "ep_comm.doctor", *args], capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "ep_comm.tools.doctor", *args], capture_output=True,
                        text=True, timeout=timeout, env=full_env, cwd=ROOT)
     return p.returncode, p.stdout + p.stderr
 
@@ -33,8 +34,8 @@ def _line(out: str, name: str) -> str:
 
 
 def test_doctor_passes_on_cpu_reports_no_gpu_and_writes_json(tmp_path):
-    report = tmp_path / "doctor.json"
-    code, out = _doctor("--json", str(report))
+    json_path = tmp_path / "doctor.json"
+    code, out = _doctor("--json", str(json_path))
     assert code == 0, out
     assert "no GPU" in _line(out, "gpu/CUDA")
     for mode in ("normal", "low_latency"):
@@ -43,7 +44,7 @@ def test_doctor_passes_on_cpu_reports_no_gpu_and_writes_json(tmp_path):
     assert "skipped: no GPU" in _line(out, "nvshmem/transport IBGDA")
     assert "OK: every check that applies passed" in out
 
-    data = json.loads(report.read_text())
+    data = json.loads(json_path.read_text())
     assert data["ok"] is True and data["exit_code"] == 0
     for key in ("python", "torch", "triton", "cuda", "nvcc", "cache", "p2p", "nvshmem",
                 "nics", "mpi", "roundtrip", "checks"):
@@ -85,12 +86,12 @@ def no_nvcc_anywhere(tmp_path, monkeypatch):
 
 
 def test_nvcc_missing_from_path_fails_where_kernels_need_it(no_nvcc_anywhere):
-    with_gpu = {c.name: c for c in doctor.check_toolchain({}, have_gpu=True)}
-    assert with_gpu["nvcc"].status == doctor.FAIL
+    with_gpu = {c.name: c for c in toolchain.check_toolchain({}, have_gpu=True)}
+    assert with_gpu["nvcc"].status == report.FAIL
     assert "nvcc (the CUDA compiler) was not found" in with_gpu["nvcc"].detail
     assert "pip install nvidia-cuda-nvcc" in with_gpu["nvcc"].detail
-    without_gpu = {c.name: c for c in doctor.check_toolchain({}, have_gpu=False)}
-    assert without_gpu["nvcc"].status == doctor.WARN  # CPU users need no compiler
+    without_gpu = {c.name: c for c in toolchain.check_toolchain({}, have_gpu=False)}
+    assert without_gpu["nvcc"].status == report.WARN  # CPU users need no compiler
 
 
 def test_nvcc_found_off_path_says_where(tmp_path, monkeypatch):
@@ -103,15 +104,15 @@ def test_nvcc_found_off_path_says_where(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_HOME", str(tmp_path / "cuda"))
     jit.nvcc_version.cache_clear()
     facts = {}
-    checks = {c.name: c for c in doctor.check_toolchain(facts, have_gpu=True)}
-    assert checks["nvcc"].status == doctor.PASS
+    checks = {c.name: c for c in toolchain.check_toolchain(facts, have_gpu=True)}
+    assert checks["nvcc"].status == report.PASS
     assert facts["nvcc"]["source"] == "CUDA_HOME" and str(fake) in checks["nvcc"].detail
     jit.nvcc_version.cache_clear()
 
 
 def _kernels_roundtrip_on_cpu(ctx):
     events = []
-    results = doctor.run_roundtrips(ctx.group, ctx.device, ["kernels"], events.append)
+    results = roundtrip.run_roundtrips(ctx.group, ctx.device, ["kernels"], events.append)
     return results, events
 
 
@@ -119,7 +120,7 @@ def test_unavailable_backend_is_a_failed_line_not_a_crash(cpu_ranks):
     per_rank = cpu_ranks(2).run(_kernels_roundtrip_on_cpu)
     for results, events in per_rank:
         assert [(r["backend"], r["mode"], r["status"]) for r in results] == [
-            ("kernels", "normal", doctor.FAIL), ("kernels", "low_latency", doctor.FAIL)]
+            ("kernels", "normal", report.FAIL), ("kernels", "low_latency", report.FAIL)]
         assert all("backend unavailable" in r["detail"] for r in results)
         assert [e["event"] for e in events] == ["start", "result", "start", "result"]
 
@@ -129,22 +130,22 @@ def test_a_rank_that_hangs_is_reported_as_a_hang():
               {"event": "start", "rank": 0, "backend": "kernels", "mode": "normal"},
               {"event": "start", "rank": 1, "backend": "kernels", "mode": "normal"},
               {"event": "result", "rank": 0, "backend": "kernels", "mode": "normal",
-               "status": doctor.PASS, "ms": 1.0, "first_ms": 2.0},
+               "status": report.PASS, "ms": 1.0, "first_ms": 2.0},
               {"event": "timeout", "seconds": 5}]
-    rows = doctor._merge(events, 2, ["kernels"], "rank 1 log tail")
-    assert rows[0]["status"] == doctor.FAIL
+    rows = roundtrip.merge_events(events, 2, ["kernels"], "rank 1 log tail")
+    assert rows[0]["status"] == report.FAIL
     assert "ranks [1] started but never finished" in rows[0]["detail"]
     assert "hang" in rows[0]["detail"]
-    assert rows[1]["status"] == doctor.FAIL and "earlier check hung" in rows[1]["detail"]
+    assert rows[1]["status"] == report.FAIL and "earlier check hung" in rows[1]["detail"]
 
 
 def test_spawned_ranks_past_the_time_limit_are_killed_and_reported():
     t0 = time.monotonic()
-    events, _ = doctor.spawn_roundtrips(2, False, ["reference"], timeout=0.5,
-                                        ranks_per_node=None)
+    events, _ = roundtrip.spawn_roundtrips(2, False, ["reference"], timeout=0.5,
+                                           ranks_per_node=None)
     assert time.monotonic() - t0 < 15
-    rows = doctor._merge(events, 2, ["reference"], "")
-    assert all(r["status"] == doctor.FAIL for r in rows)
+    rows = roundtrip.merge_events(events, 2, ["reference"], "")
+    assert all(r["status"] == report.FAIL for r in rows)
 
 
 IBRC_FAILS = """\
@@ -161,24 +162,43 @@ EP_COMM_PROBE {"pe": 0, "ok": true, "n_pes": 1}
 
 
 def test_nvshmem_probe_output_is_read_into_status_and_reason():
-    ibrc = doctor._parse_probe("IBRC", [IBRC_FAILS], timed_out=False, timeout=30)
+    ibrc = nvshmem.parse_probe("IBRC", [IBRC_FAILS], timed_out=False, timeout=30)
     assert ibrc["ok"] is False and "no active IB device" in ibrc["reason"]
-    assert doctor._parse_probe("IBGDA", [IBGDA_WORKS], False, 30)["ok"] is True
-    p2p = doctor._parse_probe("P2P", [IBRC_FAILS, IBRC_FAILS], False, 30)
+    assert nvshmem.parse_probe("IBGDA", [IBGDA_WORKS], False, 30)["ok"] is True
+    p2p = nvshmem.parse_probe("P2P", [IBRC_FAILS, IBRC_FAILS], False, 30)
     assert p2p["ok"] is True and "2 PE" in p2p["reason"]
-    hung = doctor._parse_probe("P2P", ["", ""], timed_out=True, timeout=30)
+    hung = nvshmem.parse_probe("P2P", ["", ""], timed_out=True, timeout=30)
     assert hung["ok"] is False and "did not finish within 30 s" in hung["reason"]
-    crashed = doctor._parse_probe("UCX", ['EP_COMM_PROBE {"pe": 0, "ok": false, "error": '
+    crashed = nvshmem.parse_probe("UCX", ['EP_COMM_PROBE {"pe": 0, "ok": false, "error": '
                                           '"ImportError: no nvshmem"}'], False, 30)
     assert crashed["ok"] is False and "ImportError" in crashed["reason"]
 
 
 def test_doctor_under_torchrun_uses_the_jobs_group():
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-                        "-m", "ep_comm.doctor", "--nodes", "1"], capture_output=True, text=True,
-                       timeout=120, cwd=ROOT, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+                        "-m", "ep_comm.tools.doctor", "--nodes", "1"], capture_output=True,
+                       text=True, timeout=120, cwd=ROOT,
+                       env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     out = p.stdout + p.stderr
     assert p.returncode == 0, out
     assert out.count("ep_comm doctor on") == 1, "only rank 0 prints the report"
     assert " pass " in _line(out, "roundtrip/nodes")
     assert "2 ranks on 1 node(s)" in _line(out, "roundtrip/reference low_latency")
+
+
+def test_mpi4py_that_fails_to_import_is_reported_with_its_error(tmp_path, monkeypatch):
+    """The probe runs in a subprocess, so a failing mpi4py is planted on its PYTHONPATH; the
+    line must name the exception, not the first line of the traceback."""
+    fake = tmp_path / "mpi4py"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        'raise ImportError("libmpi.so.40: cannot open shared object file")\n')
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    facts = {}
+    line = {c.name: c for c in software.check_mpi(facts)}["mpi4py"]
+    assert line.status == report.WARN
+    assert "ImportError: libmpi.so.40: cannot open shared object file" in line.detail, line.detail
+    assert "Traceback" not in line.detail
+    assert facts["mpi"]["mpi4py"]["error"] == \
+        "ImportError: libmpi.so.40: cannot open shared object file"

@@ -15,7 +15,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from ep_comm import fp8, gemm  # noqa: E402
+from ep_comm.core import fp8  # noqa: E402
+from ep_comm.moe import gemm
 from ep_comm.errors import InputError  # noqa: E402
 from ep_comm.moe import quantize_weight_fp8  # noqa: E402
 

@@ -1,9 +1,11 @@
 """Host-side pieces of the internode path that need no GPU: the symmetric buffer layout
-(``ep_comm.regions.InternodeRegions``) and the size hint it feeds."""
+(``ep_comm.core.regions.InternodeRegions``) and the size hint it feeds."""
 import pytest
 
-from ep_comm.config import MAX_TOPK, REGION_ALIGN, Config
-from ep_comm.regions import InternodeRegions
+from ep_comm.config import Config
+from ep_comm.core.constants import NORMAL_MAX_TOPK as MAX_TOPK
+from ep_comm.core.constants import REGION_ALIGN
+from ep_comm.core.regions import InternodeRegions
 
 
 @pytest.mark.parametrize("ranks,rpn", [(2, 1), (4, 2), (16, 8), (64, 8)])
@@ -48,7 +50,7 @@ def test_zero_bytes_gives_zero_capacity():
 
 @pytest.mark.parametrize("tokens", [1, 100, 4096, 50000])
 def test_dispatch_chunks_cover_the_capacity(tokens):
-    from ep_comm.config import INTER_DISPATCH_CHUNKS
+    from ep_comm.core.constants import INTER_DISPATCH_CHUNKS
     probe = InternodeRegions(7168, 16, 8, 1 << 20)
     nbytes = probe.bytes_for(tokens)
     reg = InternodeRegions(7168, 16, 8, nbytes)

@@ -1,6 +1,6 @@
 """CPU tests of the host-side math of the NVLink kernels: buffer regions, launch geometry, size
 checks, and a Python model of the kernels' index arithmetic (channels, windows, rows, ring
-slots) checked against the reference layout (ep_comm.layout)."""
+slots) checked against the reference layout (ep_comm.core.routing)."""
 from __future__ import annotations
 
 import bisect
@@ -8,13 +8,16 @@ import bisect
 import pytest
 import torch
 
-from ep_comm import layout
-from ep_comm.config import (MAX_TOPK, NVL_MAX_CHANNELS, NVL_MAX_LOCAL_EXPERTS, NVL_MAX_RANKS,
-                            NVL_WINDOW_TOKENS, Config, default_config)
+from ep_comm.core import routing
+from ep_comm.config import Config, default_config
+from ep_comm.core.constants import NORMAL_MAX_TOPK as MAX_TOPK
+from ep_comm.core.constants import (NVL_MAX_CHANNELS, NVL_MAX_LOCAL_EXPERTS, NVL_MAX_RANKS,
+                                    NVL_WINDOW_TOKENS)
 from ep_comm.errors import InputError
-from ep_comm.intranode import (aligned_counts, check_sizes, launch_geometry, nvl_window,
+from ep_comm.backends.kernels.intranode import (aligned_counts, check_sizes, launch_geometry, nvl_window,
                                regions_for)
-from ep_comm.regions import NOTIFY_ROW, IntranodeRegions
+from ep_comm.core.constants import NVL_NOTIFY_ROW as NOTIFY_ROW
+from ep_comm.core.regions import IntranodeRegions
 
 
 @pytest.mark.parametrize("hidden", [8, 136, 264, 2048, 4096, 7168])
@@ -142,7 +145,7 @@ def test_kernel_row_math_matches_reference_order(seed, num_ranks, num_channels, 
     in_rank_all = []
     for t in tokens:
         idx = torch.randint(-1, experts, (t, 3), generator=g)
-        in_rank_all.append(layout.is_token_in_rank(idx, experts, num_ranks))
+        in_rank_all.append(routing.is_token_in_rank(idx, experts, num_ranks))
     rows, send_pos, prefix = model_dispatch(in_rank_all, num_channels, window)
     for d in range(num_ranks):
         n = int(prefix[-1, d])
@@ -153,7 +156,7 @@ def test_kernel_row_math_matches_reference_order(seed, num_ranks, num_channels, 
         assert got == want  # by source rank, then token index
     for s in range(num_ranks):
         offset = prefix[s] - torch.stack([m.sum(0, dtype=torch.int32) for m in in_rank_all])[s]
-        assert torch.equal(send_pos[s], layout.send_positions(in_rank_all[s], offset))
+        assert torch.equal(send_pos[s], routing.send_positions(in_rank_all[s], offset))
     # combine: rows of source d in channel c, found by binary search on recv_src_idx
     for me in range(num_ranks):
         n = int(prefix[-1, me])
@@ -176,19 +179,24 @@ def test_kernel_row_math_matches_reference_order(seed, num_ranks, num_channels, 
 
 
 def _header_constant(name: str) -> str:
+    """The value of ``constexpr int name`` in intranode_common.cuh, with the ``EP_*`` constants
+    the compiler defines (ep_comm.core.constants) substituted."""
     import pathlib
     import re
-    text = (pathlib.Path(__file__).resolve().parents[1] / "kernels" /
+
+    from ep_comm.core.constants import device_defines
+    text = (pathlib.Path(__file__).resolve().parents[1] / "kernels" / "cuda" /
             "intranode_common.cuh").read_text()
     m = re.search(rf"constexpr int {name} = ([^;]+);", text)
     assert m, name
-    return m.group(1)
+    value = m.group(1).split("//")[0].strip()
+    return device_defines().get(value, value)
 
 
 def test_launch_constants_match_the_kernel_header():
     """KERNEL_THREADS / KERNEL_SMEM of the launcher are what the kernels assume (a block whose
     dynamic shared memory is smaller than kStageBytes would stage rows out of bounds)."""
-    from ep_comm.intranode import KERNEL_SMEM, KERNEL_THREADS
+    from ep_comm.backends.kernels.intranode import KERNEL_SMEM, KERNEL_THREADS
     warps = int(_header_constant("kWarps"))
     per_lane = int(_header_constant("kStagePerLane"))
     assert _header_constant("kThreads") == "kWarps * 32" and KERNEL_THREADS == warps * 32
@@ -201,9 +209,9 @@ def test_launch_constants_match_the_kernel_header():
 def test_status_words_hold_every_local_expert_count():
     """The notify kernel writes each local expert's count at kInfoExpertCounts + e of the host
     status; the host reads the counts list from there (no device-to-host copy)."""
-    from ep_comm import intranode
-    assert int(_header_constant("kInfoExpertCounts")) == intranode._INFO_EXPERT_COUNTS
-    assert int(_header_constant("kInfoNumRecv")) == intranode._INFO_NUM_RECV
-    assert intranode._INFO_NUM_RECV < intranode._INFO_EXPERT_COUNTS
-    assert intranode.STATUS_WORDS >= intranode._INFO_EXPERT_COUNTS + NVL_MAX_LOCAL_EXPERTS
+    from ep_comm.core import constants as c
+    assert int(_header_constant("kInfoExpertCounts")) == c.NVL_INFO_EXPERT_COUNTS
+    assert int(_header_constant("kInfoNumRecv")) == c.NVL_INFO_NUM_RECV
+    assert c.NVL_INFO_NUM_RECV < c.NVL_INFO_EXPERT_COUNTS
+    assert c.NVL_STATUS_WORDS >= c.NVL_INFO_EXPERT_COUNTS + NVL_MAX_LOCAL_EXPERTS
     assert int(_header_constant("kMaxLocalExperts")) == NVL_MAX_LOCAL_EXPERTS

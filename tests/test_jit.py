@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ep_comm import jit
+from ep_comm.runtime import jit
 
 ARCH = "90a"
 
@@ -37,7 +37,7 @@ def _nvshmem_or_none():
 
 NVCC = _nvcc_or_none()
 NVSHMEM = _nvshmem_or_none()
-needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (see ep_comm.jit.find_nvcc)")
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (see ep_comm.runtime.jit.find_nvcc)")
 needs_nvshmem = pytest.mark.skipif(
     NVSHMEM is None, reason="NVSHMEM headers not found: pip install nvidia-nvshmem-cu13")
 
@@ -206,7 +206,7 @@ def test_missing_nvcc_named_by_env_is_a_clear_error(src, tmp_path, monkeypatch):
     with pytest.raises(jit.ToolchainError) as info:
         _compile_trivial(src)
     message = str(info.value)
-    assert "EP_COMM_NVCC" in message and "ep_comm.doctor" in message
+    assert "EP_COMM_NVCC" in message and "ep_comm.tools.doctor" in message
     assert "pip install nvidia-cuda-nvcc" in message
 
 
@@ -216,7 +216,7 @@ def test_nvcc_found_nowhere_is_a_clear_error(src, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setattr(jit, "_SYSTEM_CUDA_HOME", tmp_path / "no_cuda")
     monkeypatch.setattr(jit, "_pip_nvcc", lambda: None)
-    with pytest.raises(jit.ToolchainError, match="nvcc .* was not found.*ep_comm.doctor"):
+    with pytest.raises(jit.ToolchainError, match="nvcc .* was not found.*ep_comm.tools.doctor"):
         _compile_trivial(src)
 
 
@@ -328,7 +328,7 @@ class _FakeCudaCore:
 
 def _fake_module(tmp_path, monkeypatch, nvshmem=False):
     fake = _FakeCudaCore()
-    monkeypatch.setattr(jit, "_cuda_core", lambda: fake)
+    monkeypatch.setattr(jit, "cuda_core", lambda: fake)
     monkeypatch.setattr(jit, "_current_device", lambda: 0)
     monkeypatch.setattr(jit, "_LOADED", {})
     monkeypatch.setattr(jit, "_STREAMS", {})
@@ -369,7 +369,7 @@ def test_cache_info_reports_dir_cubins_and_toolchain(cache):
 
 def test_import_needs_neither_cuda_core_nor_nvshmem():
     code = ("import sys; sys.modules['cuda'] = None; sys.modules['nvshmem'] = None; "
-            "import ep_comm.jit")
+            "import ep_comm.runtime.jit")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
 
 

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from ep_comm import low_latency as ll
-from ep_comm import nvshmem_runtime as nr
-from ep_comm.config import REGION_ALIGN
+from ep_comm.backends.kernels import args
+from ep_comm.backends.kernels import low_latency as ll
+from ep_comm.runtime import nvshmem as nr
+from ep_comm.core.constants import REGION_ALIGN
 from ep_comm.errors import CommTimeoutError, EpCommError, KernelError
-from ep_comm.regions import LowLatencyRegions, low_latency_message_bytes
+from ep_comm.core.regions import LowLatencyRegions, low_latency_message_bytes
 
 SIZES = [(1, 128, 1, 8), (16, 256, 2, 16), (128, 7168, 2, 256), (128, 7168, 8, 256),
          (7, 2048, 4, 32), (256, 4096, 2, 64)]
@@ -68,73 +69,56 @@ def test_size_hint_is_the_regions_total():
 
 
 # ------------------------------------------------------------------- argument packing
-@pytest.mark.parametrize("kernel,params", [("ep_ll_dispatch_fp8", ll.DISPATCH_PARAMS),
-                                           ("ep_ll_dispatch_bf16", ll.DISPATCH_PARAMS),
-                                           ("ep_ll_combine", ll.COMBINE_PARAMS)])
+@pytest.mark.parametrize("kernel,params", [("ep_ll_dispatch_fp8", args.LL_DISPATCH),
+                                           ("ep_ll_dispatch_bf16", args.LL_DISPATCH),
+                                           ("ep_ll_combine", args.LL_COMBINE)])
 def test_packed_arguments_match_the_kernel_signature(kernel, params):
-    sig = ll.kernel_signature(ll._kernel_source(), kernel)
+    sig = args.kernel_signature(args.kernel_source("low_latency.cu"), kernel)
     assert sig == list(params)
 
 
 def test_dispatch_args_macro_passes_every_parameter_in_order():
     """The argument struct is filled from the parameters in the same order they are declared."""
-    src = ll._kernel_source().replace("\\\n", " ")
+    src = args.kernel_source("low_latency.cu").replace("\\\n", " ")
     body = src[src.index("#define EP_LL_DISPATCH_ARGS"):]
     body = body[body.index("{") + 1:body.index("}")]
     names = [n.strip().split()[0] for n in body.split(",")]
     cleaned = [n.replace("!=", "").strip() for n in names]
-    assert cleaned == [n for n, _ in ll.DISPATCH_PARAMS]
+    assert cleaned == [n for n, _ in args.LL_DISPATCH]
 
 
 def test_pack_args_gives_int32_and_uint64_scalars():
-    values = {n: (1 << 40) + i if k != "i" else i for i, (n, k) in enumerate(ll.COMBINE_PARAMS)}
-    packed = ll.pack_args(ll.COMBINE_PARAMS, values)
-    for (name, kind), v in zip(ll.COMBINE_PARAMS, packed):
+    values = {n: (1 << 40) + i if k != "i" else i for i, (n, k) in enumerate(args.LL_COMBINE)}
+    packed = args.pack(args.LL_COMBINE, values)
+    for (name, kind), v in zip(args.LL_COMBINE, packed):
         assert isinstance(v, np.int32 if kind == "i" else np.uint64), name
         assert int(v) == values[name]
 
 
 def test_pack_args_rejects_missing_unknown_and_out_of_range():
-    values = {n: 0 for n, _ in ll.DISPATCH_PARAMS}
+    values = {n: 0 for n, _ in args.LL_DISPATCH}
     with pytest.raises(EpCommError, match="missing"):
-        ll.pack_args(ll.DISPATCH_PARAMS, {k: v for k, v in values.items() if k != "x"})
+        args.pack(args.LL_DISPATCH, {k: v for k, v in values.items() if k != "x"})
     with pytest.raises(EpCommError, match="unknown"):
-        ll.pack_args(ll.DISPATCH_PARAMS, dict(values, bogus=1))
+        args.pack(args.LL_DISPATCH, dict(values, bogus=1))
     with pytest.raises(EpCommError, match="int32"):
-        ll.pack_args(ll.DISPATCH_PARAMS, dict(values, hidden=2**31))
+        args.pack(args.LL_DISPATCH, dict(values, hidden=2**31))
 
 
-def test_kernel_limits_match_the_cu_constants():
-    src = ll._kernel_source()
-    assert "constexpr int kThreads = 1024;" in src and ll.THREADS == 1024
-    common = (ll._kernel_source.__globals__["Path"](ll.__file__).parent.parent / "kernels" /
-              "low_latency_common.cuh").read_text()
-    assert f"constexpr int kSendPhase = {ll.SEND_PHASE};" in common
-    assert f"constexpr int kRecvPhase = {ll.RECV_PHASE};" in common
-    assert f"constexpr int kStatusTimeout = {ll.STATUS_TIMEOUT};" in common
-
-
-# ------------------------------------------------------------------------ status word
-def test_zero_status_is_no_error():
-    assert ll.decode_status([0] * 8, 0, 5.0) is None
-
-
-def test_dispatch_timeout_names_rank_phase_peer_and_expert():
-    err = ll.decode_status([1, 1, 3, 7, 0, 0, 1, 0], rank=2, limit_s=5.0)
+def test_status_decoder_names_rank_phase_peer_and_expert():
+    from ep_comm.backends.kernels import status
+    assert status.decode_status([0] * 8, status.LOW_LATENCY, 0, 5.0) is None
+    err = status.decode_status([1, 1, 3, 7, 0, 0, 1, 0], status.LOW_LATENCY, rank=2, limit_s=5.0)
     assert isinstance(err, CommTimeoutError)
     assert err.rank == 2 and err.peer == 3 and err.phase == "low_latency_dispatch/recv"
     assert "local expert 7" in str(err) and "rank 2" in str(err) and "rank 3" in str(err)
     assert "doctor" in str(err)
-
-
-def test_combine_arrival_timeout_reports_seen_and_wanted():
-    err = ll.decode_status([1, 2, 0, 250, 1, 3, 9, 0], rank=1, limit_s=2.0)
+    err = status.decode_status([1, 2, 0, 250, 1, 3, 9, 0], status.LOW_LATENCY, rank=1,
+                               limit_s=2.0)
     assert err.phase == "low_latency_combine/recv" and err.peer == 0
     assert "3 of 9 arrived" in str(err) and "global expert 250" in str(err)
-
-
-def test_unknown_status_code_is_a_kernel_error():
-    assert isinstance(ll.decode_status([7, 0, 0, 0, 0, 0, 0, 0], 0, 1.0), KernelError)
+    assert isinstance(status.decode_status([7, 0, 0, 0, 0, 0, 0, 0], status.LOW_LATENCY, 0, 1.0),
+                      KernelError)
 
 
 # ------------------------------------------------------------------------ launch shapes
@@ -183,7 +167,7 @@ def test_allocation_sizes_are_aligned_and_never_zero():
 
 def test_import_needs_no_gpu_packages():
     # (torch itself imports cuda.bindings, so only the packages ep_comm could pull in are checked)
-    code = ("import sys, ep_comm, ep_comm.low_latency, ep_comm.nvshmem_runtime\n"
+    code = ("import sys, ep_comm, ep_comm.backends.kernels.low_latency, ep_comm.runtime.nvshmem\n"
             "bad = [m for m in ('cuda.core', 'nvshmem', 'cupy') if m in sys.modules]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -198,10 +182,10 @@ class _FakeModule:
     def __init__(self):
         self.launches = []
 
-    def launch(self, kernel, grid, block, args, stream=None):
-        params = ll.DISPATCH_PARAMS if "dispatch" in kernel else ll.COMBINE_PARAMS
-        assert len(args) == len(params) and block == ll.THREADS
-        self.launches.append((kernel, grid, {n: int(a) for (n, _), a in zip(params, args)}))
+    def launch(self, kernel, grid, block, packed, stream=None):
+        params = args.LL_DISPATCH if "dispatch" in kernel else args.LL_COMBINE
+        assert len(packed) == len(params) and block == ll.THREADS
+        self.launches.append((kernel, grid, {n: int(a) for (n, _), a in zip(params, packed)}))
 
 
 class _FakeComm:
@@ -217,7 +201,7 @@ class _FakeComm:
 
 
 class _FakeHostStatus:
-    """ep_comm.ipc.HostStatus without CUDA: a plain int32 array."""
+    """ep_comm.runtime.ipc.HostStatus without CUDA: a plain int32 array."""
 
     def __init__(self, nwords, device_index):
         self.words = [0] * nwords
@@ -235,7 +219,8 @@ class _FakeHostStatus:
 
 @pytest.fixture
 def runtime(monkeypatch):
-    from ep_comm import ipc, jit
+    from ep_comm.runtime import ipc
+    from ep_comm.runtime import jit
 
     class Props:
         multi_processor_count = 132
@@ -371,7 +356,7 @@ def test_kernel_round_scale_bit_trick_equals_fp8_ceil_pow2():
     """kernels/low_latency_common.cuh fp8_scale rounds up to a power of two by clearing the
     mantissa and adding one to the exponent; the reference uses frexp. Same bits everywhere
     scales can be (amax >= 1e-4, so scale >= 1e-4 / 448: always a normal float)."""
-    from ep_comm import fp8
+    from ep_comm.core import fp8
     g = torch.Generator().manual_seed(0)
     amax = torch.cat([torch.exp(torch.randn(100000, generator=g) * 8).clamp(min=1e-4),
                       torch.tensor([1e-4, 448.0, 896.0, 1.0, 3000.0])])

@@ -301,13 +301,13 @@ def layout_oracle(topk_idx, e, alignment):
 
 @pytest.mark.parametrize("alignment", [1, 4])
 @pytest.mark.parametrize("impl", ["triton", "torch"])
-def test_expert_layout_groups_copies_by_expert_in_row_order(alignment, impl):
+def test_group_by_expert_groups_copies_by_expert_in_row_order(alignment, impl):
     g = torch.Generator().manual_seed(alignment)
     e, n, k, h = 6, 21, 3, 128
     idx = torch.randint(-1, e + 2, (n, k), generator=g)  # -1 and ids >= e are "not here"
     idx[:, 0][idx[:, 0] == 2] = 3  # expert 2 may get nothing
     idx[idx == 2] = -1
-    lay = moe.expert_layout(idx.to(DEV), e, alignment, impl=impl)
+    lay = moe.group_by_expert(idx.to(DEV), e, alignment, impl=impl)
     dest, ends, rows = layout_oracle(idx, e, alignment)
     assert torch.equal(lay.dest.cpu(), dest)
     assert lay.group_end.tolist() == ends and lay.group_rows.tolist() == rows
@@ -319,7 +319,7 @@ def test_expert_layout_groups_copies_by_expert_in_row_order(alignment, impl):
         for j in range(k):
             if dest[r, j] >= 0:
                 assert torch.equal(xp[int(dest[r, j])], x[r])
-    from ep_comm import fp8
+    from ep_comm.core import fp8
     q, s = fp8.per_token_cast_to_fp8(x)
     qp, sp = moe.permute((q, s), lay, impl)
     ok = dest.flatten() >= 0
@@ -349,15 +349,15 @@ def check_layout_kernels(n, k, e, alignment, dtype, seed, strided=False, dev=DEV
     idx = (wide[:, ::2] if strided else wide).to(dev)
     if strided:
         assert not idx.is_contiguous()
-    got = moe.expert_layout(idx, e, alignment, impl="triton")
-    want = moe.expert_layout(idx.cpu(), e, alignment, impl="torch")
+    got = moe.group_by_expert(idx, e, alignment, impl="triton")
+    want = moe.group_by_expert(idx.cpu(), e, alignment, impl="torch")
     assert torch.equal(got.dest.cpu(), want.dest), "dest differs from the stable-sort layout"
     assert torch.equal(got.group_end.cpu(), want.group_end)
     assert torch.equal(got.group_rows.cpu(), want.group_rows)
     assert got.num_rows == want.num_rows
     assert got.dest.dtype == got.group_end.dtype == got.group_rows.dtype == torch.int32
     h = 256
-    from ep_comm import fp8 as fp8_format
+    from ep_comm.core import fp8 as fp8_format
     x = torch.randn(n, h, generator=g).to(torch.bfloat16).to(dev)
     q, s = moe.gemm.quantize_fp8(x) if dev.type == "cuda" else fp8_format.per_token_cast_to_fp8(x)
     qp, sp = moe.permute((q, s), got, "triton")
@@ -381,13 +381,13 @@ def test_layout_kernels_equal_the_stable_sort_layout(n, k, e, alignment, dtype, 
     check_layout_kernels(n, k, e, alignment, dtype, seed=n + 7 * e, strided=strided)
 
 
-def test_expert_layout_rejects_bad_input():
+def test_group_by_expert_rejects_bad_input():
     with pytest.raises(InputError, match="alignment"):
-        moe.expert_layout(torch.zeros(2, 2, dtype=torch.int64), 4, 0)
+        moe.group_by_expert(torch.zeros(2, 2, dtype=torch.int64), 4, 0)
     with pytest.raises(InputError, match="integer tensor"):
-        moe.expert_layout(torch.zeros(2, 2), 4)
+        moe.group_by_expert(torch.zeros(2, 2), 4)
     with pytest.raises(InputError, match=r"\[N, K\]"):
-        moe.expert_layout(torch.zeros(4, dtype=torch.int64), 4)
+        moe.group_by_expert(torch.zeros(4, dtype=torch.int64), 4)
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
@@ -400,7 +400,7 @@ def test_expert_ffns_on_both_layouts_match_dense_moe(fp8):
     weights = moe.ExpertWeights.shard_ep(w13.to(DEV), w2.to(DEV), 0, 1, fp8)
     xd, idxd, wd = x.to(DEV), idx.to(DEV), w.to(DEV)
     # contiguous
-    lay = moe.expert_layout(idxd, case.num_experts, 1)
+    lay = moe.group_by_expert(idxd, case.num_experts, 1)
     xin = moe.gemm.quantize_fp8(xd) if fp8 else xd
     y = moe.expert_ffn_contiguous(moe.permute(xin, lay), lay, weights)
     assert_layer_close(moe.unpermute(y, lay, wd), ref, fp8, "contiguous")

@@ -1,4 +1,4 @@
-"""The Triton FP8 quantiser and SiLU(gate) * up, against ``ep_comm.fp8`` and float64.
+"""The Triton FP8 quantiser and SiLU(gate) * up, against ``ep_comm.core.fp8`` and float64.
 
 Without CUDA the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set before ep_comm
 is imported); ``-m gpu`` repeats the checks at DeepSeek-V3 shapes on a GPU.
@@ -13,7 +13,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from ep_comm import fp8, gemm  # noqa: E402
+from ep_comm.core import fp8  # noqa: E402
+from ep_comm.moe import gemm
 from ep_comm.errors import InputError  # noqa: E402
 
 GPU = torch.cuda.is_available()

@@ -1,0 +1,346 @@
+"""Normal mode across nodes: the host side of ``kernels/internode.cu``.
+
+``InternodeRuntime(comm, num_rdma_bytes)`` owns this rank's part of an NVSHMEM symmetric buffer
+(``ep_comm.core.regions.InternodeRegions``), a host-mapped status word, the communication stream and
+the compiled kernels. ``ep_comm.backends.kernels.backend`` routes normal-mode calls here when the group
+spans several nodes (``Buffer(..., ranks_per_node=k)`` with k below the group size, or ranks on
+several hosts). Results equal the reference backend's bit for bit (dispatch) and within bf16
+rounding (combine), handles included.
+
+The design is in the header of ``kernels/internode.cu``: a token crosses the network once per
+destination node (to the rank of that node with the sender's local index, its proxy), and the
+ranks of the node pull it from the proxy over NVLink; combine sums each token's rows inside the
+node first and sends one row per token and node back.
+
+A fresh dispatch is: plain torch ops for the token positions (``local_pos``: a token's place
+among this rank's tokens for each rank; ``node_pos``: for each node), ``inter_notify`` (counts to
+every rank, prefix matrix on the GPU), then ``inter_dispatch``. Without ``num_worst_tokens`` the
+host waits for the notify kernel to size the outputs (after checking the status word); with it,
+nothing waits and the call is CUDA-graph capturable. A cached dispatch runs ``inter_dispatch``
+alone; combine copies its input into the symmetric buffer and runs ``inter_combine``.
+
+Failures: every wait is bounded by ``EP_COMM_TIMEOUT_S``; a kernel that gives up writes the
+status word, and the host raises ``CommTimeoutError`` naming rank, node, phase and peer.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from ep_comm.runtime.comm import timeout_s
+from ep_comm.core.constants import (FP8_BLOCK, INTER_DISPATCH_CHUNKS, INTER_MAX_EXPERTS,
+                                    INTER_MAX_NODES, NORMAL_MAX_TOPK, NVL_MAX_LOCAL_EXPERTS,
+                                    NVL_MAX_RANKS)
+from ep_comm.errors import BackendUnavailableError, BufferTooSmallError, EpCommError, InputError
+from ep_comm.handles import DispatchHandle
+from ep_comm.backends.kernels import status
+from ep_comm.backends.kernels.intranode import (KERNEL_SMEM, KERNEL_THREADS, LAYOUT_THREADS,
+                                                aligned_counts, combine_outputs,
+                                                dispatch_outputs)
+from ep_comm.core.constants import NVL_INFO_EXPERT_COUNTS, NVL_INFO_NUM_RECV, NVL_STATUS_WORDS
+from ep_comm.core.regions import InternodeRegions
+
+
+@dataclasses.dataclass(slots=True)
+class InternodeDispatchState:
+    """The internode dispatch's part of a ``DispatchHandle`` (``backend_state``); device
+    tensors unless said otherwise, T tokens, N nodes, P ranks per node.
+
+    Attributes:
+        local_pos: [T, P] int32, row of each token in the proxy's forward to local rank p.
+        node_pos: [T, N] int32, slot of each token in node n's region (-1: not sent there).
+        tokens_per_node: [N] int32, tokens this rank sends to each node.
+        node_counts: counts rows of the notify step (per source node and rank).
+        proxy_rows: [N, cap, P] int32, as a proxy: the output row of each forwarded slot.
+        num_recv: [1] int32, rows received.
+        counts_host: received rows per local expert (host list), None with num_worst_tokens.
+        num_topk: top-k of the dispatch (a cached dispatch has no topk_idx to read it from).
+        cap: slots per node region of the buffer layout the handle was made with.
+    """
+
+    local_pos: torch.Tensor
+    node_pos: torch.Tensor
+    tokens_per_node: torch.Tensor
+    node_counts: torch.Tensor
+    proxy_rows: torch.Tensor
+    num_recv: torch.Tensor
+    counts_host: list | None
+    num_topk: int
+    cap: int
+
+
+class InternodeRuntime:
+    """Normal-mode dispatch/combine of one Buffer across nodes (see the module docstring)."""
+
+    def __init__(self, comm, num_rdma_bytes: int):
+        from ep_comm.runtime import ipc
+        from ep_comm.runtime import jit
+        from ep_comm.runtime import nvshmem
+        self.comm = comm
+        self.rank, self.num_ranks = comm.rank, comm.num_ranks
+        self.ranks_per_node, self.num_nodes = comm.ranks_per_node, comm.num_nodes
+        self.node, self.local_rank = comm.node, comm.local_rank
+        self.device = comm.device
+        if self.ranks_per_node > NVL_MAX_RANKS or self.num_nodes > INTER_MAX_NODES:
+            raise BackendUnavailableError(
+                "kernels", f"{self.num_nodes} nodes x {self.ranks_per_node} ranks: the internode "
+                f"kernels support at most {INTER_MAX_NODES} nodes of {NVL_MAX_RANKS} ranks",
+                "Use backend='reference'.")
+        if num_rdma_bytes <= 0:
+            raise InputError("normal mode across nodes needs num_rdma_bytes > 0 "
+                             "(Config.get_rdma_buffer_size_hint)")
+        self.num_rdma_bytes = num_rdma_bytes
+        self.num_device_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        self._broken: EpCommError | None = None
+        self._module = jit.compile_kernels("internode", ["internode.cu"], nvshmem=True)
+        self._layout_module = jit.compile_kernels("layout", ["layout.cu"], nvshmem=False)
+        self.sym = nvshmem.acquire(comm, num_rdma_bytes)
+        nvshmem.bind_module(self._module)
+        self.base = self.sym.tensor.data_ptr()
+        self.status = ipc.HostStatus(NVL_STATUS_WORDS, self.device.index)
+        self._stream = torch.cuda.Stream(self.device)
+        self._net_bytes: torch.Tensor | None = None
+        control = InternodeRegions(16, self.num_ranks, self.ranks_per_node, 0).control_bytes
+        self.sym.tensor[:control].zero_()
+        # Peers signal into this buffer as soon as they pass their first barrier.
+        torch.cuda.synchronize(self.device)
+        comm.barrier("internode/init")
+
+    # ------------------------------------------------------------------ plumbing
+    def comm_stream(self):
+        return self._stream
+
+    def check_status(self) -> None:
+        """Raise the failure a kernel reported in the status word, if any (no device sync)."""
+        err = status.decode_status(self.status.read(NVL_INFO_NUM_RECV), status.INTERNODE,
+                                   self.rank, timeout_s(), self.node)
+        if err is not None:
+            self._broken = err
+            raise err
+
+    def _check_alive(self) -> None:
+        if self._broken is not None:
+            raise EpCommError(f"this Buffer's internode kernels failed earlier ({self._broken}); "
+                              "destroy it and create a new one") from self._broken
+        if self.sym is None:
+            raise EpCommError("this Buffer was destroyed")
+        self.check_status()
+
+    def _timeout_ns(self) -> np.uint64:
+        return np.uint64(int(timeout_s() * 1e9))
+
+    def regions(self, hidden: int) -> InternodeRegions:
+        return InternodeRegions(hidden, self.num_ranks, self.ranks_per_node, self.sym.nbytes)
+
+    def _region_args(self, reg: InternodeRegions, config) -> tuple:
+        r = reg.regions
+        return (np.uint64(self.base), *(np.int64(r[name].offset) for name in (
+            "ctrl", "barrier", "notify_flag", "counts", "dispatch_arrive", "combine_arrive",
+            "dispatch_work", "dispatch_recv", "dispatch_stage", "combine_src")),
+            np.int64(reg.slot_bytes), np.int64(reg.row_c), reg.cap, INTER_DISPATCH_CHUNKS,
+            reg.chunk_slots(config.rdma_chunk))
+
+    def _grid(self, config) -> int:
+        blocks = config.num_sms
+        if blocks > self.num_device_sms:
+            raise InputError(f"Config.num_sms={config.num_sms} is more than the "
+                             f"{self.num_device_sms} SMs of this GPU")
+        return blocks
+
+    def _check_capacity(self, reg: InternodeRegions, num_tokens: int) -> None:
+        if num_tokens > reg.cap:
+            raise BufferTooSmallError("num_rdma_bytes", reg.bytes_for(num_tokens),
+                                      self.sym.nbytes, f"an internode call with {num_tokens} "
+                                      "tokens on this rank")
+
+    def count_network_bytes(self, on: bool = True) -> torch.Tensor | None:
+        """Count the bytes the kernels put to other nodes (for benchmarks; off by default, an
+        atomic per put when on). Returns the int64 [2] counter (dispatch, combine), zeroed, or
+        None when turned off. Graph-capture safe: the counter's address is fixed."""
+        self._net_bytes = torch.zeros(2, dtype=torch.int64, device=self.device) if on else None
+        return self._net_bytes
+
+    def _counter(self, i: int):
+        return None if self._net_bytes is None else self._net_bytes[i:i + 1]
+
+    def network_bytes_per_token(self, hidden: int, elem_bytes: int, num_topk: int) -> tuple:
+        """(dispatch, combine) bytes one token copy puts to one other node: the slot bytes sent
+        (header with the rows on that node, payload, scales, top-k ids and weights) and the
+        partial row (bf16 and weights)."""
+        offs = self.regions(hidden).slot_offsets(elem_bytes, num_topk)
+        return offs["put_bytes"], offs["combine_put_bytes"]
+
+    # ------------------------------------------------------------------ layout
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
+        """-> (num_tokens_per_rank [R] int32, num_tokens_per_rdma_rank [N] int32,
+        num_tokens_per_expert [E] int32, is_token_in_rank [T, R] bool)."""
+        t, k = topk_idx.shape
+        r, dev = self.num_ranks, topk_idx.device
+        counts = torch.zeros(r + num_experts, dtype=torch.int32, device=dev)
+        in_rank = torch.empty(t, r, dtype=torch.bool, device=dev)
+        if t > 0:
+            self._layout_module.launch(
+                "nvl_get_dispatch_layout", (t + LAYOUT_THREADS - 1) // LAYOUT_THREADS,
+                LAYOUT_THREADS, (topk_idx, t, k, num_experts, r, counts[:r], counts[r:], in_rank),
+                shared_mem=(r + num_experts) * 4)
+        per_node = self._in_node(in_rank).sum(0, dtype=torch.int32)
+        return counts[:r], per_node, counts[r:], in_rank
+
+    def _in_node(self, is_token_in_rank: torch.Tensor) -> torch.Tensor:
+        t = is_token_in_rank.shape[0]
+        return is_token_in_rank.view(t, self.num_nodes, self.ranks_per_node).any(2)
+
+    @staticmethod
+    def _positions(mask: torch.Tensor) -> torch.Tensor:
+        """[T, X] int32: the row's place among the rows with ``mask`` set in its column, -1 where
+        not set (an exclusive count down each column)."""
+        m = mask.to(torch.int32)
+        return torch.where(mask, torch.cumsum(m, 0, dtype=torch.int32) - 1,
+                           torch.full_like(m, -1))
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch(self, x, x_scales, *, handle, num_tokens_per_rank, num_tokens_per_rdma_rank,
+                 is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights, num_experts,
+                 expert_alignment, num_worst_tokens, config):
+        """See ``Backend.dispatch``. x: [T, H] bf16 or fp8, x_scales: [T, H / 128] float32."""
+        self._check_alive()
+        r, me, dev = self.num_ranks, self.rank, x.device
+        p, n_nodes = self.ranks_per_node, self.num_nodes
+        t, hidden = x.shape
+        num_topk = topk_idx.shape[1] if topk_idx is not None else (
+            _internode_state(handle).num_topk if handle is not None else 0)
+        if num_topk > NORMAL_MAX_TOPK:
+            raise InputError(f"top-k {num_topk} is more than the {NORMAL_MAX_TOPK} the kernels carry")
+        if num_experts > INTER_MAX_EXPERTS or num_experts // r > NVL_MAX_LOCAL_EXPERTS:
+            raise InputError(f"{num_experts} experts: the internode kernels support at most "
+                             f"{INTER_MAX_EXPERTS}")
+        reg = self.regions(hidden)
+        self._check_capacity(reg, t)
+        grid = self._grid(config)
+        local = num_experts // r
+        if handle is None:
+            in_node = self._in_node(is_token_in_rank)
+            local_pos = self._positions(is_token_in_rank)
+            node_pos = self._positions(in_node)
+            tokens_per_node = (num_tokens_per_rdma_rank if num_tokens_per_rdma_rank is not None
+                               else in_node.sum(0, dtype=torch.int32)).to(torch.int32)
+            prefix = torch.empty(r, r, dtype=torch.int32, device=dev)
+            recv_per_expert = torch.empty(local, dtype=torch.int32, device=dev)
+            node_counts = torch.empty(p, n_nodes, dtype=torch.int32, device=dev)
+            num_recv_dev = torch.empty(1, dtype=torch.int32, device=dev)
+            ntpr = num_tokens_per_rank.to(torch.int32)
+            self._module.launch("inter_notify", 1, KERNEL_THREADS, (
+                *self._region_args(reg, config), me, r, p, n_nodes, num_experts,
+                num_worst_tokens, ntpr, tokens_per_node, num_tokens_per_expert.to(torch.int32), prefix, recv_per_expert,
+                node_counts, num_recv_dev, np.uint64(self.status.device_ptr), self._timeout_ns()))
+            if num_worst_tokens > 0:
+                n_recv, rows, counts_host = -1, num_worst_tokens, None
+            else:
+                torch.cuda.current_stream(dev).synchronize()  # bounded: the kernel gives up
+                self.check_status()
+                words = self.status.read(NVL_INFO_EXPERT_COUNTS + local)
+                n_recv = rows = words[NVL_INFO_NUM_RECV]
+                counts_host = words[NVL_INFO_EXPERT_COUNTS:]
+            if rows > reg.rows_cap:
+                raise BufferTooSmallError(
+                    "num_rdma_bytes", reg.bytes_for(-(-rows // reg.rows_per_token)),
+                    self.sym.nbytes, f"staging the {rows} rows this rank receives for combine")
+            send_pos = torch.empty(t, r, dtype=torch.int32, device=dev)
+            handle = DispatchHandle(
+                rank=me, num_ranks=r, num_experts=num_experts, is_token_in_rank=is_token_in_rank,
+                num_tokens_per_rank=ntpr, rank_prefix_matrix=prefix, send_pos=send_pos,
+                recv_src_idx=torch.empty(rows, dtype=torch.int32, device=dev),
+                recv_src_rank=torch.empty(rows, dtype=torch.int32, device=dev),
+                num_recv_tokens=n_recv, num_recv_tokens_per_expert=recv_per_expert,
+                num_worst_tokens=num_worst_tokens,
+                num_tokens_per_rdma_rank=num_tokens_per_rdma_rank,
+                backend_state=InternodeDispatchState(
+                    local_pos=local_pos, node_pos=node_pos, tokens_per_node=tokens_per_node,
+                    node_counts=node_counts,
+                    proxy_rows=torch.empty(n_nodes, reg.cap, p, dtype=torch.int32, device=dev),
+                    num_recv=num_recv_dev, counts_host=counts_host, num_topk=num_topk,
+                    cap=reg.cap))
+            write_send_pos, write_proxy_rows = send_pos, handle.backend_state.proxy_rows
+        else:
+            state = _internode_state(handle)
+            if state.cap != reg.cap:
+                raise InputError("a cached internode dispatch must use the hidden size of the "
+                                 "dispatch that made the handle")
+            rows = handle.num_recv_rows
+            write_send_pos = write_proxy_rows = None  # the handle has them: same routes
+        state = handle.backend_state
+        pad = handle.num_worst_tokens > 0
+        recv_x, recv_scales, recv_idx, recv_w = dispatch_outputs(rows, x, x_scales, topk_idx,
+                                                                 topk_weights)
+        offs = reg.slot_offsets(x.element_size(), num_topk)
+        self._module.launch("inter_dispatch", grid, KERNEL_THREADS, (
+            *self._region_args(reg, config), me, r, p, n_nodes, t, local, x,
+            hidden * x.element_size() // 16,
+            x_scales, hidden // FP8_BLOCK if x_scales is not None else 0, topk_idx, topk_weights,
+            num_topk, int(x_scales is not None), int(topk_idx is not None),
+            int(topk_weights is not None), state.local_pos, state.node_pos,
+            handle.rank_prefix_matrix, state.node_counts, write_send_pos, offs["payload"],
+            offs["scales"], offs["topk_idx"], offs["topk_weights"], offs["put_bytes"], recv_x,
+            recv_scales, recv_idx, recv_w, handle.recv_src_idx, handle.recv_src_rank,
+            write_proxy_rows, rows, state.num_recv, int(pad), self._counter(0),
+            np.uint64(self.status.device_ptr), self._timeout_ns()),
+            shared_mem=KERNEL_SMEM)
+        count_list = [] if pad else aligned_counts(state.counts_host, expert_alignment)
+        return recv_x, recv_scales, recv_idx, recv_w, count_list, handle
+
+    # ------------------------------------------------------------------ combine
+    def combine(self, x, handle, topk_weights, biases, config):
+        """See ``Backend.combine``. x: [N, H] bf16 -> ([T, H] bf16, [T, K] float32 or None)."""
+        self._check_alive()
+        state = _internode_state(handle)
+        r, me = self.num_ranks, self.rank
+        rows, hidden = x.shape
+        num_topk = topk_weights.shape[1] if topk_weights is not None else 0
+        if num_topk > NORMAL_MAX_TOPK:
+            raise InputError(f"top-k {num_topk} is more than the {NORMAL_MAX_TOPK} the kernels carry")
+        reg = self.regions(hidden)
+        if state.cap != reg.cap:
+            raise InputError("combine must use the hidden size of the dispatch that made the "
+                             "handle")
+        if rows > reg.rows_cap:
+            raise BufferTooSmallError("num_rdma_bytes", reg.bytes_for(-(-rows // reg.rows_per_token)),
+                                      self.sym.nbytes, f"staging {rows} combine rows")
+        grid = self._grid(config)
+        t = handle.num_tokens
+        # Stage the input where the proxies of this node read it (row: bf16 x, then weights).
+        src = self.sym.tensor[reg["combine_src"].offset:][:rows * reg.row_c].view(rows, reg.row_c)
+        if rows:
+            src[:, :hidden * 2].copy_(x.contiguous().view(torch.uint8).view(rows, hidden * 2))
+            if topk_weights is not None:
+                src[:, hidden * 2:hidden * 2 + num_topk * 4].copy_(
+                    topk_weights.contiguous().view(torch.uint8).view(rows, num_topk * 4))
+        out, out_w, bias0, bias1 = combine_outputs(t, x, topk_weights, biases)
+        offs = reg.slot_offsets(2, num_topk)
+        self._module.launch("inter_combine", grid, KERNEL_THREADS, (
+            *self._region_args(reg, config), me, r, self.ranks_per_node, self.num_nodes, t,
+            hidden * 2 // 16, num_topk, int(topk_weights is not None), state.proxy_rows,
+            state.node_counts, state.node_pos, state.tokens_per_node, offs["payload"],
+            offs["combine_weights"], offs["combine_put_bytes"], bias0, bias1, out, out_w,
+            self._counter(1), np.uint64(self.status.device_ptr), self._timeout_ns()),
+            shared_mem=KERNEL_SMEM)
+        return out, out_w
+
+    # ------------------------------------------------------------------ teardown
+    def destroy(self) -> None:
+        """Give the symmetric buffer back to the pool (local) and free the status word."""
+        torch.cuda.synchronize(self.device)
+        if self.sym is not None:
+            self.sym.release()
+            self.sym = None
+        if self.status is not None:
+            self.status.free()
+            self.status = None
+
+
+def _internode_state(handle: DispatchHandle) -> InternodeDispatchState:
+    state = handle.backend_state
+    if not isinstance(state, InternodeDispatchState):
+        raise InputError("this handle was not made by the kernels backend's internode dispatch")
+    return state

@@ -1,0 +1,334 @@
+"""Host runtime of low-latency (decode) mode: ``kernels/low_latency.cu`` over NVSHMEM.
+
+``LowLatencyRuntime`` owns one symmetric buffer (``ep_comm.runtime.nvshmem``), carved by
+``ep_comm.core.regions.LowLatencyRegions`` for the sizes of each call, and launches the dispatch and
+combine kernels on torch's current stream. Nothing here synchronises with the host or
+allocates outside torch's caching allocator, so a dispatch + combine step can be captured in a
+CUDA graph and replayed.
+
+Halves of the double buffer
+---------------------------
+Consecutive dispatches alternate between two halves of the buffer (``handle.buffer_idx``);
+a combine uses the half of its dispatch. So two dispatch results can be alive at once. Results
+themselves (``recv_x``, scales, handle tensors) are fresh torch tensors, never views of the
+symmetric buffer, except the zero-copy combine input (``get_next_low_latency_combine_buffer``).
+
+Reuse of a half
+---------------
+Signal words (per half: count and arrival words of dispatch and combine) are zero between
+calls: a receiver resets each word after reading it. A sender writes a word of half ``b`` again
+only in a later call on ``b``; that call starts after the receiver's reset because of the
+chain of waits between them: rank p's next send on ``b`` comes after p received the call in
+between (on the other half), which this rank sent only after its own receive on ``b`` (stream
+order). The chain holds as long as every rank receives (calls the hook of) a dispatch or
+combine before it sends the call after next; that is the "at most two results alive" rule of
+the API. ``clean_low_latency_buffer`` zeroes every word (after normal-mode use, or after a
+timeout) and synchronises the ranks.
+
+Bounded waits
+-------------
+Every wait in the kernels compares ``%globaltimer`` with a deadline of
+``ep_comm.runtime.comm.timeout_s()`` seconds. The first block that times out writes a status word into
+pinned host memory and every waiting block exits. The host reads the word (no
+synchronisation: it is host memory) at the start of every call, in each hook and in
+``check_status()``, and raises ``CommTimeoutError`` naming this rank, the phase, the peer and
+what was awaited. A buffer that timed out stays failed (every call raises) until
+``clean_low_latency_buffer``.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ep_comm.core import fp8
+from ep_comm.runtime import nvshmem
+from ep_comm.runtime.comm import Comm, timeout_s
+from ep_comm.backends.kernels import args, status
+from ep_comm.core.constants import (FP8_BLOCK, LL_MAX_RANKS, LL_MAX_TOPK, LL_STATUS_WORDS,
+                                    LL_THREADS)
+from ep_comm.errors import CommTimeoutError, EpCommError, InputError, KernelError
+from ep_comm.handles import LowLatencyHandle
+from ep_comm.core.regions import LowLatencyRegions
+
+#: Threads per block of both kernels (kernels/cuda/low_latency.cu ``kThreads``).
+THREADS = LL_THREADS
+
+# Phase bits (kernels/cuda/low_latency_common.cuh kSendPhase / kRecvPhase).
+SEND_PHASE = 1
+RECV_PHASE = 2
+
+def grid_size(num_sms: int, *work: int) -> int:
+    """Blocks of a launch: one per unit of the largest piece of work, at most one per SM (the
+    kernels wait on each other's blocks, so every block must be resident), at least one."""
+    return max(1, min(num_sms, max(work, default=1)))
+
+
+def scales_shape(hidden: int, use_ue8m0: bool) -> tuple[int, torch.dtype]:
+    """(columns, dtype) of the fp8 scales of one row: ``H / 128`` float32 or ``H / 512`` int32."""
+    if use_ue8m0:
+        return hidden // (4 * FP8_BLOCK), torch.int32
+    return hidden // FP8_BLOCK, torch.float32
+
+
+def _aligned16(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous with a 16-byte aligned data pointer (the kernels move rows as int4);
+    a copy only for a view that starts mid-row of its storage."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+@dataclasses.dataclass(slots=True)
+class LowLatencyState:
+    """The kernels' part of a ``LowLatencyHandle`` (``backend_state``).
+
+    Attributes:
+        half: which half of the double buffer the dispatch used (its combine uses it too).
+        keep: the dispatch's inputs (x, topk_idx), referenced until the receive is launched.
+    """
+
+    half: int
+    keep: tuple
+
+
+class LowLatencyRuntime:
+    """Low-latency dispatch/combine for one Buffer (see the module docstring).
+
+    Args:
+        comm: the Buffer's Comm (rank, group, device).
+        num_rdma_bytes: bytes of symmetric memory to hold (``Buffer.get_low_latency_rdma_size_hint``).
+        allow_nvlink: store straight into NVLink peers' memory; False sends every byte with
+            NVSHMEM puts (the RDMA path).
+    """
+
+    def __init__(self, comm: Comm, num_rdma_bytes: int, allow_nvlink: bool):
+        from ep_comm.runtime import ipc
+        from ep_comm.runtime import jit
+        self.comm = comm
+        self.rank, self.num_ranks = comm.rank, comm.num_ranks
+        if self.num_ranks > LL_MAX_RANKS:
+            raise InputError(f"low-latency kernels support at most {LL_MAX_RANKS} ranks, got "
+                             f"{self.num_ranks}")
+        self.device = comm.device
+        self.nvlink = bool(allow_nvlink)
+        self.num_rdma_bytes = num_rdma_bytes
+        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        self.module = jit.compile_kernels("low_latency", ["low_latency.cu"], nvshmem=True)
+        self.sym = nvshmem.acquire(comm, max(num_rdma_bytes, 1))
+        nvshmem.bind_module(self.module)
+        self.base = self.sym.tensor.data_ptr()
+        # Pinned, mapped host memory (the same primitive as the NVLink kernels): the host
+        # reads it without synchronising, kernels write it through its device pointer.
+        self._status = ipc.HostStatus(LL_STATUS_WORDS, self.device.index)
+        self._mask = torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device)
+        self._regions: dict[tuple[int, int, int], LowLatencyRegions] = {}
+        self._next_half = 0
+        self._limit_s = timeout_s()
+        # Peers may write into this buffer as soon as they return: everyone's zeroes first.
+        torch.cuda.synchronize(self.device)
+        comm.barrier("low_latency/init")
+
+    # ------------------------------------------------------------------ helpers
+    def regions(self, m: int, hidden: int, num_experts: int) -> LowLatencyRegions:
+        key = (m, hidden, num_experts)
+        reg = self._regions.get(key)
+        if reg is None:
+            reg = LowLatencyRegions(m, hidden, self.num_ranks, num_experts)
+            if reg.total_bytes > self.sym.nbytes:
+                raise InputError(f"low-latency call needs {reg.total_bytes} symmetric bytes, the "
+                                 f"Buffer holds {self.sym.nbytes}")
+            self._regions[key] = reg
+        return reg
+
+    def _ptr(self, reg: LowLatencyRegions, name: str) -> int:
+        return self.base + reg[name].offset
+
+    def _timeout_ns(self) -> int:
+        self._limit_s = timeout_s()
+        return int(self._limit_s * 1e9)
+
+    def check_status(self) -> None:
+        """Raise the error a kernel reported (CommTimeoutError); no device synchronisation."""
+        words = self._status.read()
+        err = status.decode_status(words, status.LOW_LATENCY, self.rank, self._limit_s,
+                                   self.comm.node_of())
+        if err is not None:
+            raise err
+
+    def _launch(self, kernel: str, grid: int, params, values: dict) -> None:
+        self.module.launch(kernel, grid, THREADS, args.pack(params, values))
+
+    @staticmethod
+    def _ptr_of(t: torch.Tensor | None) -> int:
+        return 0 if t is None else t.data_ptr()
+
+    # ------------------------------------------------------------------ dispatch
+    def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int,
+                             num_experts: int, *, use_fp8: bool, round_scale: bool,
+                             use_ue8m0: bool, cumulative_local_expert_recv_stats,
+                             dispatch_wait_recv_cost_stats, return_recv_hook: bool):
+        """See ``Backend.low_latency_dispatch``. Returns (recv_x [L, R*M, H] fp8 or bf16,
+        scales [L, R*M, G] column-major or None, recv_count [L] int32, handle, hook or None)."""
+        self.check_status()
+        r, m, dev = self.num_ranks, num_max_dispatch_tokens_per_rank, self.device
+        t, hidden = x.shape
+        k = topk_idx.shape[1]
+        if k > LL_MAX_TOPK:
+            raise InputError(f"low-latency kernels support top-k <= {LL_MAX_TOPK}, got {k}")
+        local = num_experts // r
+        rows = r * m
+        reg = self.regions(m, hidden, num_experts)
+        half = self._next_half
+        self._next_half ^= 1
+        x = _aligned16(x)
+        topk_idx = topk_idx.contiguous()
+        recv_x = torch.empty(local, rows, hidden, dtype=fp8.FP8_DTYPE if use_fp8 else x.dtype,
+                             device=dev)
+        recv_scales = None
+        if use_fp8:
+            g, sdtype = scales_shape(hidden, use_ue8m0)
+            recv_scales = torch.empty(local, g, rows, dtype=sdtype, device=dev).transpose(1, 2)
+        src_info = torch.empty(local, rows, dtype=torch.int32, device=dev)
+        range_begin = torch.empty(local, r, dtype=torch.int32, device=dev)
+        range_count = torch.empty(local, r, dtype=torch.int32, device=dev)
+        recv_count = torch.empty(local, dtype=torch.int32, device=dev)
+        values = dict(
+            x=self._ptr_of(x), topk_idx=self._ptr_of(topk_idx), num_tokens=t, num_topk=k,
+            hidden=hidden, num_experts=num_experts, num_ranks=r, rank=self.rank, max_tokens=m,
+            round_scale=int(round_scale or use_ue8m0), ue8m0=int(use_ue8m0),
+            nvlink=int(self.nvlink), phases=0,
+            send_stage=self._ptr(reg, f"dispatch_send{half}"),
+            recv_msgs=self._ptr(reg, f"dispatch_recv{half}"),
+            recv_count_sig=self._ptr(reg, f"dispatch_count{half}"),
+            recv_arrive_sig=self._ptr(reg, f"dispatch_arrive{half}"),
+            msg_stride=reg.msg_bytes, mask=self._ptr_of(self._mask),
+            recv_x=self._ptr_of(recv_x),
+            recv_scales=self._ptr_of(recv_scales), src_info=self._ptr_of(src_info),
+            range_begin=self._ptr_of(range_begin), range_count=self._ptr_of(range_count),
+            recv_count=self._ptr_of(recv_count),
+            cum_stats=self._ptr_of(cumulative_local_expert_recv_stats),
+            wait_stats=self._ptr_of(dispatch_wait_recv_cost_stats),
+            host_status=self._status.device_ptr, status_claim=self._ptr(reg, "status_claim"),
+            timeout_ns=self._timeout_ns())
+        kernel = "ep_ll_dispatch_fp8" if use_fp8 else "ep_ll_dispatch_bf16"
+        send_grid = grid_size(self.num_sms, t, (num_experts + 31) // 32)
+        recv_grid = grid_size(self.num_sms, local)
+        # Inputs stay referenced by the hook (and the handle) until the receive is launched.
+        keep = (x, topk_idx)
+        handle = LowLatencyHandle(
+            src_info=src_info, range_begin=range_begin, range_count=range_count,
+            recv_count=recv_count, num_max_dispatch_tokens_per_rank=m, hidden=hidden,
+            num_experts=num_experts, buffer_idx=half, use_fp8=use_fp8,
+            backend_state=LowLatencyState(half=half, keep=keep))
+        if not return_recv_hook:
+            values["phases"] = SEND_PHASE | RECV_PHASE
+            self._launch(kernel, max(send_grid, recv_grid), args.LL_DISPATCH, values)
+            return recv_x, recv_scales, recv_count, handle, None
+        values["phases"] = SEND_PHASE
+        self._launch(kernel, send_grid, args.LL_DISPATCH, values)
+        recv_values = dict(values, phases=RECV_PHASE)
+        return recv_x, recv_scales, recv_count, handle, self._hook(
+            kernel, recv_grid, args.LL_DISPATCH, recv_values, keep)
+
+    def _hook(self, kernel, grid, params, values, keep):
+        """A callable that launches the receive phase once, on the caller's current stream."""
+        called = []
+
+        def hook():
+            if called:
+                raise InputError("this receive hook was already called (each hook receives once)")
+            called.append(True)
+            self.check_status()
+            _ = keep  # the send's inputs live until the receive is launched
+            self._launch(kernel, grid, params, values)
+
+        return hook
+
+    # ------------------------------------------------------------------ combine
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle: LowLatencyHandle, *,
+                            zero_copy: bool, use_logfmt: bool, out, return_recv_hook: bool,
+                            combine_wait_recv_cost_stats):
+        """See ``Backend.low_latency_combine``. Returns (combined_x [T, H] bf16, hook or None)."""
+        self.check_status()
+        r = self.num_ranks
+        m, hidden, num_experts = (handle.num_max_dispatch_tokens_per_rank, handle.hidden,
+                                  handle.num_experts)
+        t, k = topk_idx.shape
+        if k > LL_MAX_TOPK:
+            raise InputError(f"low-latency kernels support top-k <= {LL_MAX_TOPK}, got {k}")
+        reg = self.regions(m, hidden, num_experts)
+        half = handle.buffer_idx
+        send_stage = self.get_next_low_latency_combine_buffer(handle)
+        src = send_stage if zero_copy else _aligned16(x)
+        topk_idx = topk_idx.contiguous()
+        topk_weights = topk_weights.contiguous()
+        if out is not None and (not out.is_contiguous() or out.data_ptr() % 16):
+            raise InputError("out= must be a contiguous [T, H] bf16 tensor whose data is "
+                             "16-byte aligned (the kernels store 16 bytes at a time)")
+        result = out if out is not None else torch.empty(t, hidden, dtype=torch.bfloat16,
+                                                         device=self.device)
+        values = dict(
+            x=self._ptr_of(src), zero_copy=int(zero_copy), src_info=self._ptr_of(handle.src_info),
+            range_begin=self._ptr_of(handle.range_begin),
+            range_count=self._ptr_of(handle.range_count), topk_idx=self._ptr_of(topk_idx),
+            topk_weights=self._ptr_of(topk_weights), out=self._ptr_of(result), num_tokens=t,
+            num_topk=k, hidden=hidden, num_experts=num_experts, num_ranks=r, rank=self.rank,
+            max_tokens=m, nvlink=int(self.nvlink), phases=0,
+            send_stage=self._ptr_of(send_stage),
+            recv_rows=self._ptr(reg, f"combine_recv{half}"),
+            recv_count_sig=self._ptr(reg, f"combine_count{half}"),
+            recv_arrive_sig=self._ptr(reg, f"combine_arrive{half}"),
+            done_counter=self._ptr(reg, f"combine_done{half}"), mask=self._ptr_of(self._mask),
+            wait_stats=self._ptr_of(combine_wait_recv_cost_stats),
+            host_status=self._status.device_ptr, status_claim=self._ptr(reg, "status_claim"),
+            timeout_ns=self._timeout_ns())
+        local = num_experts // r
+        send_grid = grid_size(self.num_sms, local)
+        recv_grid = grid_size(self.num_sms, t)
+        keep = (src, topk_idx, topk_weights, handle)
+        if not return_recv_hook:
+            values["phases"] = SEND_PHASE | RECV_PHASE
+            self._launch("ep_ll_combine", max(send_grid, recv_grid), args.LL_COMBINE, values)
+            return result, None
+        values["phases"] = SEND_PHASE
+        self._launch("ep_ll_combine", send_grid, args.LL_COMBINE, values)
+        return result, self._hook("ep_ll_combine", recv_grid, args.LL_COMBINE,
+                                  dict(values, phases=RECV_PHASE), keep)
+
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
+        """[L, R * M, H] bf16 view of the symmetric combine buffer of the handle's half."""
+        m, hidden, e = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
+        reg = self.regions(m, hidden, e)
+        region = reg[f"combine_send{handle.buffer_idx}"]
+        shape = (e // self.num_ranks, self.num_ranks * m, hidden)
+        return self.sym.view(region.offset, region.nbytes, torch.bfloat16, shape)
+
+    # ------------------------------------------------------------------ maintenance
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int,
+                                 num_experts: int) -> None:
+        """Zero every signal word and the status, then synchronise the ranks (collective)."""
+        reg = self.regions(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        torch.cuda.synchronize(self.device)
+        self.sym.tensor[:reg.signals_end].zero_()
+        self._status.clear()
+        self._next_half = 0
+        torch.cuda.synchronize(self.device)
+        self.comm.barrier("low_latency/clean")
+
+    def mask_buffer(self) -> torch.Tensor:
+        """[R] int32 device tensor, 1 = masked: neither sent to nor waited for."""
+        return self._mask
+
+    def destroy(self) -> None:
+        """Return the symmetric buffer to the pool (local; see ep_comm.runtime.nvshmem)."""
+        if self.sym is None:
+            return
+        # Kernels still in flight would write into memory a later Buffer may get. They are
+        # bounded by the timeout, so this wait is bounded too.
+        torch.cuda.synchronize(self.device)
+        self.sym.release()
+        self.sym = None
+        self._status.free()
+
+
+__all__ = ["LowLatencyRuntime", "grid_size", "scales_shape"]

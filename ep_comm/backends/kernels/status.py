@@ -1,0 +1,111 @@
+"""The one decoder of the host status words that every kernel family writes.
+
+Each runtime owns a host-mapped int32 status word (``ep_comm.runtime.ipc.HostStatus``). The
+first block of a kernel that gives up (a bounded wait timed out, too many rows arrived) claims
+it, writes the fields, then the code, with system fences between, so a host that sees the code
+sees the fields. The host reads it without synchronising (it is host memory).
+
+Layouts (the device side: ``kernels/cuda/intranode_common.cuh`` and ``low_latency_common.cuh``;
+codes and phases: ``ep_comm.core.constants``):
+
+* normal mode, NVLink and internode (``NVLINK``, ``INTERNODE``): ``[0]`` code, ``[1]`` phase,
+  ``[2]`` peer rank, ``[3]`` channel (-1: none), ``[4]`` value seen, ``[5]`` value wanted;
+  ``[8]`` the received row count and from ``[16]`` the per-expert counts (notify's results,
+  not errors).
+* low-latency (``LOW_LATENCY``): ``[0]`` code, ``[1]`` phase, ``[2]`` peer rank, ``[3]`` expert
+  index, ``[4]`` what was awaited (0: a count word, 1: arrivals), ``[5]`` seen, ``[6]`` wanted.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ep_comm.core.constants import (PHASE_BARRIER, PHASE_COMBINE_RECV, PHASE_COMBINE_SEND,
+                                    PHASE_DISPATCH_RECV, PHASE_DISPATCH_SEND,
+                                    PHASE_LL_COMBINE_RECV, PHASE_LL_DISPATCH_RECV, PHASE_NOTIFY,
+                                    STATUS_NO_P2P, STATUS_OK, STATUS_OVERFLOW, STATUS_TIMEOUT)
+from ep_comm.errors import BackendUnavailableError, CommTimeoutError, EpCommError, InputError, \
+    KernelError
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How one kernel family names its phases and what each phase waits for."""
+
+    name: str
+    phases: dict
+    waited_for: dict
+
+
+NVLINK = Family(
+    "the NVLink kernels",
+    {PHASE_NOTIFY: "dispatch/notify", PHASE_DISPATCH_SEND: "dispatch/send",
+     PHASE_DISPATCH_RECV: "dispatch/receive", PHASE_COMBINE_SEND: "combine/send",
+     PHASE_COMBINE_RECV: "combine/receive"},
+    {PHASE_NOTIFY: "its token counts (the notify step of dispatch: did it call dispatch?)",
+     PHASE_DISPATCH_SEND: "free ring slots or the final acknowledgement (the peer's dispatch "
+                          "receiver)",
+     PHASE_DISPATCH_RECV: "token slots (the peer's dispatch sender)",
+     PHASE_COMBINE_SEND: "free ring slots or the final acknowledgement (the peer's combine "
+                         "receiver)",
+     PHASE_COMBINE_RECV: "expert output rows (the peer's combine sender)"},
+)
+
+INTERNODE = Family(
+    "the internode kernels",
+    {**NVLINK.phases, PHASE_BARRIER: "barrier (start of an internode kernel)"},
+    {**NVLINK.waited_for,
+     PHASE_DISPATCH_RECV: "the tokens its proxy received from it (dispatch)",
+     PHASE_COMBINE_RECV: "partial rows from the proxy of that rank's node (combine)",
+     PHASE_BARRIER: "the start of the same kernel (did it make the same call?)"},
+)
+
+LOW_LATENCY = Family(
+    "the low-latency kernels",
+    {PHASE_LL_DISPATCH_RECV: "low_latency_dispatch/recv",
+     PHASE_LL_COMBINE_RECV: "low_latency_combine/recv"},
+    {PHASE_LL_DISPATCH_RECV: "tokens for local expert {index}",
+     PHASE_LL_COMBINE_RECV: "expert outputs of global expert {index}"},
+)
+
+
+def decode_status(words, family: Family, rank: int, limit_s: float,
+                  node: int | None = None) -> EpCommError | None:
+    """The error a status word reports, or None when its code is 0.
+
+    Args:
+        words: the int32 words of the status (at least 6 for normal mode, 7 for low-latency).
+        family: ``NVLINK``, ``INTERNODE`` or ``LOW_LATENCY``.
+        rank: this rank (the one whose kernel reported).
+        limit_s: the timeout the kernel ran with, in seconds.
+        node: this rank's node, named in the error when the group spans nodes.
+    """
+    code = int(words[0])
+    if code == STATUS_OK:
+        return None
+    phase_id, peer = int(words[1]), int(words[2])
+    phase = family.phases.get(phase_id, f"phase {phase_id}")
+    if family is LOW_LATENCY:
+        if code != STATUS_TIMEOUT:
+            return KernelError(f"rank {rank}: low-latency kernel reported unknown status {code} "
+                               f"(words {list(map(int, words[:8]))})")
+        index, what, seen, wanted = (int(w) for w in words[3:7])
+        thing = family.waited_for.get(phase_id, "a signal").format(index=index)
+        waited = (f"the count of {thing} (count word still {seen})" if what == 0
+                  else f"{thing} ({seen} of {wanted} arrived)")
+        return CommTimeoutError(rank, phase, waited, limit_s, peer, node)
+    channel, seen, wanted = (int(w) for w in words[3:6])
+    if code == STATUS_TIMEOUT:
+        where = f" on channel {channel}" if channel >= 0 else ""
+        return CommTimeoutError(
+            rank, phase, f"{family.waited_for.get(phase_id, 'a signal')}{where} (saw {seen}, "
+            f"wanted {wanted})", limit_s, peer, node)
+    if code == STATUS_OVERFLOW:
+        return InputError(f"rank {rank} receives {seen} tokens, more than "
+                          f"num_worst_tokens={wanted}")
+    if code == STATUS_NO_P2P and family is INTERNODE:
+        return BackendUnavailableError(
+            "kernels", f"rank {rank}: rank {peer} of this node is not reachable with "
+            "nvshmem_ptr (no NVLink/P2P mapping between the GPUs of one node)",
+            "Check `python -m ep_comm.doctor` (P2P matrix) or set ranks_per_node to the ranks "
+            "that share NVLink.")
+    return EpCommError(f"{family.name} reported status {code} in {phase} (peer {peer})")

@@ -1,0 +1,132 @@
+"""Every number that host and device code must agree on, written once.
+
+The CUDA sources never restate these: ``ep_comm.runtime.jit`` passes ``DEVICE_CONSTANTS`` to
+nvcc as ``-D`` defines on every compile (and hashes them into the cache key), and the headers
+read them (``kernels/cuda/*.cuh``: ``constexpr int kMaxRanks = EP_NVL_MAX_RANKS;``). A .cu file
+compiled without them stops with ``#error``. ``tests/test_layout.py`` checks that every
+``EP_*`` name the sources use is defined here and that every name here is used.
+
+Why each value is what it is:
+
+* ``FP8_BLOCK``: channels per FP8 scale (DeepSeek-V3's 1 x 128 activation blocks, 128 x 128
+  weight blocks).
+* ``FP8_MAX`` / ``FP8_AMAX_MIN``: e4m3fn's largest finite value; the floor on a block's amax so
+  that an all-zero block gets a finite, non-zero scale.
+* ``REGION_ALIGN``: bytes every region of a communication buffer is aligned to (16-byte vector
+  stores, and 128 keeps regions on separate cache lines).
+* ``NORMAL_MAX_TOPK``: top-k entries a normal-mode token slot carries (ids and weights travel in
+  the slot; 16 covers every published MoE, DeepSeek-V3's top-8 twice over).
+* ``NVL_*``: sizes of the control-word arrays of the NVLink buffer (``core.regions``): most ranks
+  per NVLink domain, most channels (``num_sms // 2``), most local experts in the notify row.
+* ``NVL_WARPS``: warps of an NVLink dispatch/combine block: a multiple of every sender group
+  (24 / R for R in 1, 2, 3, 4, 6, 8) and of the default window ``NVL_WINDOW_TOKENS``.
+* ``NVL_WINDOW_TOKENS`` / ``NVL_RING_CHUNKS``: tokens a sender publishes at once (at most 32:
+  one warp ballot) and windows per ring (see ``ep_comm.config``).
+* ``INTER_*``: the internode kernels' limits (``kernels/cuda/internode.cu``).
+* ``LL_THREADS``: threads of a low-latency block. One routing warp per top-k slot gives
+  ``LL_MAX_TOPK`` = 32, one waiting thread per source rank gives ``LL_MAX_RANKS`` = 1024.
+* ``STATUS_*`` / ``PHASE_*``: the codes and phases kernels write into their host status word
+  (``ep_comm.backends.kernels.status`` decodes them).
+"""
+from __future__ import annotations
+
+# ---------------------------------------------------------------------------------- formats
+FP8_BLOCK = 128
+FP8_MAX = 448.0
+FP8_AMAX_MIN = 1e-4
+REGION_ALIGN = 128
+
+# ------------------------------------------------------------------------- normal mode limits
+NORMAL_MAX_TOPK = 16
+DEFAULT_NUM_SMS = 24
+NVL_WINDOW_TOKENS = 24
+NVL_RING_CHUNKS = 4
+NVL_MAX_RANKS = 8
+NVL_MAX_CHANNELS = 64
+NVL_MAX_LOCAL_EXPERTS = 1024
+NVL_WARPS = 24
+#: Largest window: tokens of one warp ballot.
+NVL_MAX_WINDOW = 32
+#: int32 words of one notify counts row: T_s, [NVL_MAX_RANKS] per-rank, [L] per-expert counts.
+NVL_NOTIFY_ROW = 1 + NVL_MAX_RANKS + NVL_MAX_LOCAL_EXPERTS
+#: Host status word of the NVLink/internode kernels: [0..5] the error fields, [8] the received
+#: row count (notify), from [16] the received count per local expert.
+NVL_INFO_NUM_RECV = 8
+NVL_INFO_EXPERT_COUNTS = 16
+NVL_STATUS_WORDS = NVL_INFO_EXPERT_COUNTS + NVL_MAX_LOCAL_EXPERTS
+
+INTER_MAX_NODES = 256
+INTER_MAX_EXPERTS = 2048
+#: Received rows per token of capacity that the internode combine staging holds, at most R.
+INTER_ROWS_PER_TOKEN = 16
+#: Arrival counters per node and tag parity: a node's slots are counted in at most this many
+#: chunks, so a chunk is forwarded (dispatch) or summed (combine) as soon as it has landed.
+INTER_DISPATCH_CHUNKS = 64
+#: Tokens per rank that ``Config.get_rdma_buffer_size_hint`` sizes the internode buffer for.
+INTER_DEFAULT_TOKENS = 4096
+
+# ---------------------------------------------------------------------- low-latency limits
+LL_THREADS = 1024
+LL_MAX_TOPK = LL_THREADS // 32
+LL_MAX_RANKS = LL_THREADS
+#: int32 words of the low-latency host status word.
+LL_STATUS_WORDS = 8
+
+# ------------------------------------------------------------------------ status words
+STATUS_OK = 0
+STATUS_TIMEOUT = 1
+#: More received tokens than ``num_worst_tokens`` rows (normal mode).
+STATUS_OVERFLOW = 2
+#: A rank of this node is not reachable with nvshmem_ptr (internode).
+STATUS_NO_P2P = 3
+
+#: Phases of the normal-mode kernels (NVLink and internode).
+PHASE_NOTIFY = 1
+PHASE_DISPATCH_SEND = 2
+PHASE_DISPATCH_RECV = 3
+PHASE_COMBINE_SEND = 4
+PHASE_COMBINE_RECV = 5
+PHASE_BARRIER = 6
+#: Phases of the low-latency kernels.
+PHASE_LL_DISPATCH_RECV = 1
+PHASE_LL_COMBINE_RECV = 2
+
+#: name -> value of every constant the CUDA sources read, as ``-DEP_<name>=<value>``.
+DEVICE_CONSTANTS: dict[str, int | float] = {
+    "FP8_BLOCK": FP8_BLOCK,
+    "FP8_MAX": FP8_MAX,
+    "FP8_AMAX_MIN": FP8_AMAX_MIN,
+    "NVL_MAX_RANKS": NVL_MAX_RANKS,
+    "NVL_MAX_CHANNELS": NVL_MAX_CHANNELS,
+    "NVL_MAX_LOCAL_EXPERTS": NVL_MAX_LOCAL_EXPERTS,
+    "NVL_WARPS": NVL_WARPS,
+    "NVL_INFO_NUM_RECV": NVL_INFO_NUM_RECV,
+    "NVL_INFO_EXPERT_COUNTS": NVL_INFO_EXPERT_COUNTS,
+    "LL_THREADS": LL_THREADS,
+    "STATUS_TIMEOUT": STATUS_TIMEOUT,
+    "STATUS_OVERFLOW": STATUS_OVERFLOW,
+    "STATUS_NO_P2P": STATUS_NO_P2P,
+    "PHASE_NOTIFY": PHASE_NOTIFY,
+    "PHASE_DISPATCH_SEND": PHASE_DISPATCH_SEND,
+    "PHASE_DISPATCH_RECV": PHASE_DISPATCH_RECV,
+    "PHASE_COMBINE_SEND": PHASE_COMBINE_SEND,
+    "PHASE_COMBINE_RECV": PHASE_COMBINE_RECV,
+    "PHASE_BARRIER": PHASE_BARRIER,
+    "PHASE_LL_DISPATCH_RECV": PHASE_LL_DISPATCH_RECV,
+    "PHASE_LL_COMBINE_RECV": PHASE_LL_COMBINE_RECV,
+}
+
+
+def device_defines() -> dict[str, str]:
+    """``DEVICE_CONSTANTS`` as nvcc defines: ``{"EP_FP8_MAX": "448.0f", ...}`` (floats get an
+    ``f`` suffix so that device code computes in float32, as the host reference does)."""
+    out = {}
+    for name, value in DEVICE_CONSTANTS.items():
+        out[f"EP_{name}"] = f"{float(value)!r}f" if isinstance(value, float) else str(int(value))
+    return out
+
+
+def align(n: int, a: int = REGION_ALIGN) -> int:
+    """``n`` rounded up to a multiple of ``a`` (the one rounding helper: byte offsets, token
+    counts, expert alignment)."""
+    return (n + a - 1) // a * a

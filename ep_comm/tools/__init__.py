@@ -1,0 +1,1 @@
+"""Command-line tools: ``doctor`` (``python -m ep_comm.doctor``)."""

@@ -1,0 +1,183 @@
+// Helpers of the normal-mode NVLink kernels (layout.cu, intranode.cu): limits that must match
+// ep_comm/core/constants.py, memory-model primitives for words that peers write over NVLink,
+// bounded waits, and the status word the host decodes (ep_comm/backends/kernels/status.py).
+#pragma once
+
+#include <cstdint>
+#include <cuda_bf16.h>
+
+#include "common.cuh"
+
+namespace ep_nvl {
+
+using namespace ep_common;
+
+// Sizes of the control-word arrays of ep_comm.core.regions.IntranodeRegions (strides below use
+// them): most ranks, channels, local experts.
+constexpr int kMaxRanks = EP_NVL_MAX_RANKS;
+constexpr int kMaxChannels = EP_NVL_MAX_CHANNELS;
+constexpr int kMaxLocalExperts = EP_NVL_MAX_LOCAL_EXPERTS;
+// NVL_NOTIFY_ROW: T_s, per-rank counts, per-local-expert counts.
+constexpr int kNotifyRow = 1 + kMaxRanks + kMaxLocalExperts;
+// Warps of a dispatch/combine block: a multiple of every sender group (24 / R for R in
+// 1, 2, 3, 4, 6, 8) and of the default window (NVL_WINDOW_TOKENS = 24).
+constexpr int kWarps = EP_NVL_WARPS;
+constexpr int kThreads = kWarps * 32;
+// Bit 31 of a tail word's count: the sender has published its last slot.
+constexpr uint32_t kDoneBit = 0x80000000u;
+
+// Host status word (int32 [16], host-mapped). The first failing block claims it (ctrl[2]),
+// writes the fields, then the code, with system fences between, so a host that sees the code
+// sees the fields: [0] code, [1] phase, [2] peer rank, [3] channel, [4] value seen,
+// [5] value wanted. [8] is the received token count written by the notify kernel.
+// int32 [16 + kMaxLocalExperts] in all (NVL_STATUS_WORDS; ep_comm.backends.kernels.status
+// decodes it).
+constexpr int kStatusTimeout = EP_STATUS_TIMEOUT;
+constexpr int kStatusOverflow = EP_STATUS_OVERFLOW;  // more received tokens than num_worst_tokens
+constexpr int kPhaseNotify = EP_PHASE_NOTIFY;
+constexpr int kPhaseDispatchSend = EP_PHASE_DISPATCH_SEND;
+constexpr int kPhaseDispatchRecv = EP_PHASE_DISPATCH_RECV;
+constexpr int kPhaseCombineSend = EP_PHASE_COMBINE_SEND;
+constexpr int kPhaseCombineRecv = EP_PHASE_COMBINE_RECV;
+constexpr int kInfoNumRecv = EP_NVL_INFO_NUM_RECV;
+// [kInfoExpertCounts + e], e < L: tokens this rank receives for local expert e (notify), read by
+// the host after its sync without a device-to-host copy.
+constexpr int kInfoExpertCounts = EP_NVL_INFO_EXPERT_COUNTS;
+
+// Named barrier of one warp group (ids 1..15; 0 is __syncthreads).
+__device__ __forceinline__ void group_sync(int id, int num_threads) {
+    asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(num_threads) : "memory");
+}
+
+
+// Staging of row copies through shared memory (intranode.cu). A copy through registers has as
+// many bytes in flight as a thread has registers to hold them (80 per thread in a 768-thread
+// block: 8 int4 at most, and the combine reduction spilled at 4), and a copy kernel's speed is
+// bytes in flight over latency. cp.async (16-byte global -> shared, no register) lets each lane
+// have kStagePerLane int4 in flight: 8 KiB per warp, 192 KiB per block (one block per SM).
+// Each lane reads back only what it staged itself, so no barrier is needed, and cp.async.cg
+// reads through L2, as data that peers write must be read.
+constexpr int kStagePerLane = 16;
+constexpr int kStagePerWarp = 32 * kStagePerLane;  // int4
+// ep_comm.intranode.KERNEL_SMEM: dynamic shared memory of a dispatch/combine block.
+constexpr int kStageBytes = kWarps * kStagePerWarp * 16;
+
+__device__ __forceinline__ void cp_async16(int4* smem_dst, const int4* gmem_src) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem_src) : "memory");
+}
+
+// Wait for every cp.async of this thread (they are then visible to this thread).
+__device__ __forceinline__ void cp_async_wait_all() {
+    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
+}
+
+// This block's staging area, kStagePerWarp int4 per warp (launched with kStageBytes of dynamic
+// shared memory).
+extern __shared__ int4 s_stage[];
+
+__device__ __forceinline__ int4* warp_stage() { return s_stage + (threadIdx.x >> 5) * kStagePerWarp; }
+
+// Copy n int4 with one warp, through the warp's staging area: every lane issues up to
+// kStagePerLane independent 16-byte cp.async before it waits, so a 14 KiB bf16 row takes two
+// memory round trips and a 7 KiB fp8 row one (the time of a row copy is its round trips).
+// Sources: this rank's inputs, or ring slots that peers wrote (read through L2 either way).
+__device__ __forceinline__ void warp_copy(int4* __restrict__ dst, const int4* __restrict__ src,
+                                          int n, int lane) {
+    int4* stage = warp_stage() + lane;
+    src += lane;
+    dst += lane;
+    n -= lane;  // element u * 32 of this lane's view exists iff u * 32 < n
+    for (; n >= kStagePerWarp; n -= kStagePerWarp, src += kStagePerWarp, dst += kStagePerWarp) {
+#pragma unroll
+        for (int u = 0; u < kStagePerLane; ++u) cp_async16(stage + u * 32, src + u * 32);
+        cp_async_wait_all();
+#pragma unroll
+        for (int u = 0; u < kStagePerLane; ++u) dst[u * 32] = stage[u * 32];
+    }
+    if (n > 0) {  // the last, partial piece of the row
+#pragma unroll
+        for (int u = 0; u < kStagePerLane; ++u)
+            if (u * 32 < n) cp_async16(stage + u * 32, src + u * 32);
+        cp_async_wait_all();
+#pragma unroll
+        for (int u = 0; u < kStagePerLane; ++u)
+            if (u * 32 < n) dst[u * 32] = stage[u * 32];
+    }
+}
+
+// Global expert id -> local id on rank d (-1 when the expert lives elsewhere or is -1).
+__device__ __forceinline__ int to_local(int64_t e, int d, int L) {
+    const int64_t lo = static_cast<int64_t>(d) * L;
+    return (e >= lo && e < lo + L) ? static_cast<int>(e - lo) : -1;
+}
+
+// Float sums of 8 bf16 (one int4) into acc, and 8 floats rounded to bf16 (one int4).
+__device__ __forceinline__ void add_bf16x8(float* acc, int4 v) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const float2 f = __bfloat1622float2(h[q]);
+        acc[2 * q] += f.x;
+        acc[2 * q + 1] += f.y;
+    }
+}
+
+__device__ __forceinline__ int4 pack_bf16x8(const float* acc) {
+    int4 out;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&out);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) h[q] = __floats2bfloat162_rn(acc[2 * q], acc[2 * q + 1]);
+    return out;
+}
+
+// Claim the status word once for the whole buffer (device-memory CAS; atomics on host memory
+// over PCIe are not reliable), write the fields, then the code.
+__device__ __forceinline__ void report(int* host_status, uint32_t* ctrl, int code, int phase,
+                                       int peer, int channel, long long seen, long long wanted) {
+    if (atomicCAS(reinterpret_cast<unsigned*>(ctrl + 2), 0u, 1u) != 0u) return;
+    volatile int* s = host_status;
+    s[1] = phase;
+    s[2] = peer;
+    s[3] = channel;
+    s[4] = static_cast<int>(seen);
+    s[5] = static_cast<int>(wanted);
+    __threadfence_system();
+    s[0] = code;
+    __threadfence_system();
+}
+
+// Every block of a communicating kernel calls this last (all threads): the last block to
+// finish advances the sequence number ctrl[0], so the next kernel on this rank uses a new tag.
+// All blocks read ctrl[0] at their start, before they can be counted here.
+__device__ __forceinline__ void finish_block(uint32_t* ctrl) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        const unsigned prev = atomicAdd(ctrl + 1, 1u);
+        if (prev == gridDim.x - 1) {
+            ctrl[1] = 0;
+            ctrl[0] = ctrl[0] + 1;
+            __threadfence();
+        }
+    }
+}
+
+// The token range [begin, end) of channel c when T tokens are split over C channels.
+__device__ __forceinline__ int channel_begin(int num_tokens, int c, int num_channels) {
+    return static_cast<int>((static_cast<long long>(num_tokens) * c) / num_channels);
+}
+
+// Tag and count of a tail/head word.
+__device__ __forceinline__ uint32_t word_tag(uint64_t w) { return static_cast<uint32_t>(w >> 32); }
+__device__ __forceinline__ uint32_t word_count(uint64_t w) {
+    return static_cast<uint32_t>(w) & ~kDoneBit;
+}
+__device__ __forceinline__ bool word_done(uint64_t w) {
+    return (static_cast<uint32_t>(w) & kDoneBit) != 0u;
+}
+__device__ __forceinline__ uint64_t make_word(uint32_t tag, uint32_t count, bool done) {
+    return (static_cast<uint64_t>(tag) << 32) | count | (done ? kDoneBit : 0u);
+}
+
+}  // namespace ep_nvl

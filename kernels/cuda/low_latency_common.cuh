@@ -1,0 +1,117 @@
+// Helpers of the low-latency kernels: memory-model primitives, bounded waits that report
+// through a host-mapped status word, and the FP8 cast of ep_comm/fp8.py reproduced bit for bit.
+#pragma once
+
+#include <cstdint>
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+
+#include "common.cuh"
+
+namespace ep_ll {
+
+using namespace ep_common;
+
+// Channels per FP8 scale; fp8 e4m3fn's largest finite value and the floor on a block's amax
+// (ep_comm/core/fp8.py defines the format).
+constexpr int kFp8Block = EP_FP8_BLOCK;
+constexpr float kFp8Max = EP_FP8_MAX;
+constexpr float kAmaxMin = EP_FP8_AMAX_MIN;
+
+// Phase bits of a launch: the send part, the receive part, or both (no hook).
+constexpr int kSendPhase = 1;
+constexpr int kRecvPhase = 2;
+
+// Host status word (int32[8], host-mapped), written once by the first block that times out:
+//   [0] code (0 = fine, 1 = timeout), [1] phase, [2] peer rank, [3] index (expert),
+//   [4] what was awaited (0 = a count word, 1 = arrivals), [5] value seen, [6] value wanted.
+// The fields are written before the code, with a system fence between, so a host that sees the
+// code sees the fields. ep_comm/backends/kernels/status.py decodes it.
+constexpr int kStatusTimeout = EP_STATUS_TIMEOUT;
+constexpr int kPhaseDispatchRecv = EP_PHASE_LL_DISPATCH_RECV;
+constexpr int kPhaseCombineRecv = EP_PHASE_LL_COMBINE_RECV;
+constexpr int kAwaitCount = 0;
+constexpr int kAwaitArrivals = 1;
+
+// Spin until *p >= target or the deadline passes. Returns whether the target was reached and
+// the last value seen (for the error message).
+__device__ __forceinline__ bool wait_at_least(const uint64_t* p, uint64_t target,
+                                              uint64_t deadline_ns, uint64_t* seen) {
+    uint64_t v;
+    int spins = 0;
+    while ((v = ld_acquire_sys(p)) < target) {
+        // The timer is read every few polls only: it is a slow register.
+        if ((++spins & 63) == 0 && globaltimer_ns() > deadline_ns) {
+            *seen = v;
+            return false;
+        }
+    }
+    *seen = v;
+    return true;
+}
+
+// The first caller in the whole buffer claims the status word (device-memory CAS: atomics on
+// host memory over PCIe are not reliable), writes the fields, then the code.
+__device__ __forceinline__ void report_timeout(volatile int* host_status, int* claim, int phase,
+                                               int peer, int index, int what, uint64_t seen,
+                                               uint64_t wanted) {
+    if (host_status == nullptr || atomicCAS(claim, 0, 1) != 0) return;
+    host_status[1] = phase;
+    host_status[2] = peer;
+    host_status[3] = index;
+    host_status[4] = what;
+    host_status[5] = static_cast<int>(seen);
+    host_status[6] = static_cast<int>(wanted);
+    __threadfence_system();
+    host_status[0] = kStatusTimeout;
+    __threadfence_system();
+}
+
+__device__ __forceinline__ bool rank_masked(const int* mask, int peer, int me) {
+    // A rank never masks itself: its own tokens always go to its own experts.
+    return peer != me && mask[peer] != 0;
+}
+
+// ---------------------------------------------------------------------------------- FP8 cast
+// Per block of 128 channels (ep_comm/fp8.py, each step exact IEEE arithmetic):
+//   amax = max(|x|, 1e-4); scale = amax / 448 (correctly rounded division);
+//   scale = next power of two >= scale (round_scale); q = e4m3fn(x / scale), nearest-even.
+__device__ __forceinline__ float fp8_scale(float amax, bool round_scale) {
+    float s = __fdiv_rn(fmaxf(amax, kAmaxMin), kFp8Max);
+    if (round_scale) {
+        // s > 0 and normal (>= 1e-4 / 448): a power of two has no mantissa bits; any other
+        // value goes up to the next exponent.
+        uint32_t u = __float_as_uint(s);
+        if (u & 0x7fffffu) u = (u & 0x7f800000u) + 0x800000u;
+        s = __uint_as_float(u);
+    }
+    return s;
+}
+
+// |x / scale| <= 448 * (1 + 2^-24) by construction, which rounds to 448: saturation never
+// changes a value, it only keeps the instruction's contract.
+__device__ __forceinline__ uint8_t to_e4m3(float v) {
+    return static_cast<uint8_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
+}
+
+__device__ __forceinline__ void bf16x8_to_float(const int4& v, float (&f)[8]) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        float2 p = __bfloat1622float2(h[j]);
+        f[2 * j] = p.x;
+        f[2 * j + 1] = p.y;
+    }
+}
+
+// Max over the 16 lanes of a half warp (lanes 0-15 and 16-31 are two 128-channel blocks when
+// each lane holds 8 channels). Every lane of the warp must call it.
+__device__ __forceinline__ float half_warp_max(float v) {
+#pragma unroll
+    for (int o = 8; o >= 1; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
+    return v;
+}
+
+__device__ __forceinline__ int warp_sum(int v) { return __reduce_add_sync(kFullMask, v); }
+
+}  // namespace ep_ll
