@@ -3,6 +3,16 @@
 # at every rank count that fits, and prints a one-line-per-figure table last.
 #
 #   bash bench/gpu_suite.sh            (from the repo root; $OUT: folder whose files come back)
+#   bash bench/gpu_suite.sh --quick    the headline figures only (normal and low-latency
+#                                      dispatch/combine, layout, GEMM at 512 rows/expert, host
+#                                      time per call), within 3 minutes
+#
+# Where the time goes, and what keeps the full suite inside 9 minutes on one H200: the CUDA
+# modules are compiled once, in parallel, before anything else (every later process finds them
+# in the cache); the GPU tests run as two pytest processes at once, the communication tests
+# (multi-rank, light on the CPU) beside the Triton ones (GEMM, quantiser, MoE layer: minutes of
+# Triton compiles on the CPU cores); the benches sweep a few sizes that span the range instead
+# of every size.
 #
 # It writes at most 4 files into $OUT: suite.log (everything), summary.txt (the final tables),
 # results.tar.gz (the benchmark JSON and PNG files), doctor.json. The JSON files also land in
@@ -24,7 +34,7 @@
 #   EP_COMM_TEST_RANKS_PER_GPU  ranks the GPU tests may put on one GPU (default: 2 on a 1-GPU
 #                    machine, so the 2-rank tests run as two processes sharing it: correctness
 #                    with a real peer, no figures; 1 elsewhere)
-#   SUITE_BUDGET_S   whole-script budget in seconds (default 530)
+#   SUITE_BUDGET_S   whole-script budget in seconds (default 530; 170 with --quick)
 #   SUITE_TESTS_TIMEOUT, SUITE_BENCH_TIMEOUT, SUITE_DOCTOR_TIMEOUT: step limits (300, 150, 60)
 #   SUITE_NORMAL_ARGS, SUITE_LL_ARGS, SUITE_IMB_ARGS: arguments of each bench (replace the
 #                    defaults below; set to "" for none)
@@ -36,16 +46,31 @@ REPO=$(pwd)
 export PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 
+QUICK=0
+for arg in "$@"; do
+    case $arg in
+        --quick) QUICK=1 ;;
+        *) echo "usage: bash bench/gpu_suite.sh [--quick]" >&2; exit 2 ;;
+    esac
+done
+
 OUT=${OUT:-/tmp/ep_comm_suite_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-STAGES=",${SUITE_STAGES:-tests,doctor,bench},"
-BENCHES=${SUITE_BENCHES:-smoke,normal,internode,low_latency,imbalance,moe,gemm,host}
-BACKENDS=${SUITE_BACKENDS:-nccl,reference,kernels}
-BUDGET=${SUITE_BUDGET_S:-530}
+if ((QUICK)); then
+    STAGES=",${SUITE_STAGES:-bench},"
+    BENCHES=${SUITE_BENCHES:-normal,low_latency,gemm,host}
+    BACKENDS=${SUITE_BACKENDS:-kernels}
+    BUDGET=${SUITE_BUDGET_S:-170}
+else
+    STAGES=",${SUITE_STAGES:-tests,doctor,bench},"
+    BENCHES=${SUITE_BENCHES:-smoke,normal,internode,low_latency,imbalance,moe,gemm,host,soak,hf}
+    BACKENDS=${SUITE_BACKENDS:-nccl,reference,kernels}
+    BUDGET=${SUITE_BUDGET_S:-530}
+fi
 RESERVE=25  # seconds kept for the summary, the copies and a step's kill grace
-TESTS_TIMEOUT=${SUITE_TESTS_TIMEOUT:-300}
-BENCH_TIMEOUT=${SUITE_BENCH_TIMEOUT:-150}
+TESTS_TIMEOUT=${SUITE_TESTS_TIMEOUT:-270}
+BENCH_TIMEOUT=${SUITE_BENCH_TIMEOUT:-120}
 DOCTOR_TIMEOUT=${SUITE_DOCTOR_TIMEOUT:-60}
 LOG=$OUT/suite.log
 WORK=$(mktemp -d /tmp/ep_comm_suite.XXXXXX)
@@ -174,6 +199,19 @@ fi
 GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)" 2> /dev/null)
 GPUS=${GPUS:-0}
 say "GPUs: $GPUS   (setup took ${SECONDS}s)"
+if ((GPUS > 0)); then
+    # every CUDA module once, in parallel (jit compiles a module's sources concurrently and the
+    # modules one after the other; the cache then serves every later process)
+    run_step "compile CUDA kernels" 120 "$PY" -c "
+import concurrent.futures as cf
+from ep_comm.runtime import jit
+mods = [('intranode', ['intranode.cu'], False), ('layout', ['layout.cu'], False),
+        ('low_latency', ['low_latency.cu'], True), ('internode', ['internode.cu'], True)]
+with cf.ThreadPoolExecutor(len(mods)) as ex:
+    for m in ex.map(lambda a: jit.compile_kernels(a[0], a[1], nvshmem=a[2]), mods):
+        print(m.name, 'cached' if m.from_cache else 'compiled', m.cubin_path)
+"
+fi
 
 # ---------------------------------------------------------------------------------- tests
 if has_stage tests; then
@@ -181,22 +219,51 @@ if has_stage tests; then
         export EP_COMM_TEST_RANKS_PER_GPU=2
     fi
     say "tests: up to ${EP_COMM_TEST_RANKS_PER_GPU:-1} rank(s) per GPU"
-    DEFAULT_TESTS="tests/test_intranode_gpu.py tests/test_low_latency_gpu.py \
-tests/test_internode_gpu.py tests/test_reference_gpu.py tests/test_launch.py tests/test_moe.py \
-tests/test_jit.py tests/test_gemm.py tests/test_quant.py"
-    for f in tests/test_*.py; do  # a GPU test file added later runs too (last)
-        [[ " $DEFAULT_TESTS " == *" $f "* ]] || DEFAULT_TESTS="$DEFAULT_TESTS $f"
+    # Two groups run at once: the communication tests (multi-rank, ranks sharing the GPU, light
+    # on the CPU) and the compute tests (Triton compiles on the CPU cores). A GPU test file
+    # added later runs in the compute group, unless SUITE_TESTS names the files.
+    COMM_TESTS="tests/test_intranode_gpu.py tests/test_low_latency_gpu.py \
+tests/test_internode_gpu.py tests/test_reference_gpu.py tests/test_launch.py tests/test_faults.py"
+    COMPUTE_TESTS="tests/test_moe.py tests/test_jit.py tests/test_gemm.py tests/test_quant.py"
+    for f in tests/test_*.py; do
+        [[ " $COMM_TESTS $COMPUTE_TESTS " == *" $f "* ]] || COMPUTE_TESTS="$COMPUTE_TESTS $f"
     done
-    TEST_LABEL="pytest -m gpu ${SUITE_TESTS:-(all GPU test files)}"
-    SUITE_TESTS=${SUITE_TESTS:-$DEFAULT_TESTS}
-    # shellcheck disable=SC2086  # SUITE_TESTS is a list of pytest arguments
-    run_step "$TEST_LABEL" "$TESTS_TIMEOUT" \
-        bash -c 'cd "$0" && exec "$@"' "$TEST_DIR" \
-        "$PY" -m pytest -m gpu -q -p no:cacheprovider ${SUITE_TESTS:-}
-    # pytest's own summary: failures by name, then the counts line.
-    grep -E '^(FAILED|ERROR) ' "$STEP_OUT" | head -n 30 | sed 's/^/    /'
-    grep -E '(passed|failed|skipped|error|no tests ran|deselected)' "$STEP_OUT" | tail -n 1 \
-        | sed 's/^/    pytest: /' | tee -a "$LOG"
+    COMM_TESTS=$(for f in $COMM_TESTS; do [[ -f $f ]] && printf '%s ' "$f"; done)
+    if [[ -n ${SUITE_TESTS:-} ]]; then
+        GROUPS_=("$SUITE_TESTS")
+        NAMES_=("pytest -m gpu $SUITE_TESTS")
+    else
+        GROUPS_=("$COMM_TESTS" "$COMPUTE_TESTS")
+        NAMES_=("pytest -m gpu (communication tests)" "pytest -m gpu (compute tests)")
+    fi
+    left=$((BUDGET - SECONDS - RESERVE))
+    limit=$TESTS_TIMEOUT
+    ((limit > left)) && limit=$left
+    PIDS=()
+    for i in "${!GROUPS_[@]}"; do
+        # shellcheck disable=SC2086  # a list of pytest arguments
+        (cd "$TEST_DIR" && timeout -k 10 "$limit" "$PY" -m pytest -m gpu -q -p no:cacheprovider \
+            --durations=12 ${GROUPS_[$i]} > "$WORK/tests$i.out" 2>&1; echo $? > "$WORK/tests$i.rc") &
+        PIDS+=($!)
+    done
+    t0=$SECONDS
+    wait "${PIDS[@]}"
+    for i in "${!GROUPS_[@]}"; do
+        rc=$(cat "$WORK/tests$i.rc" 2> /dev/null || echo 1)
+        { echo; echo "===== ${NAMES_[$i]} (limit ${limit}s)"; cat "$WORK/tests$i.out"; } >> "$LOG"
+        case $rc in
+            0) status=OK ;;
+            5) status="NO TESTS (rc=5)" ;;
+            124 | 137) status="TIMEOUT (${limit}s)" ;;
+            *) status="FAIL (rc=$rc)" ;;
+        esac
+        say "[$status] ${NAMES_[$i]} ($((SECONDS - t0))s for the groups together)"
+        grep -E '^(FAILED|ERROR) ' "$WORK/tests$i.out" | head -n 30 | sed 's/^/    /' | tee -a "$LOG"
+        grep -E '(passed|failed|skipped|error|no tests ran|deselected)' "$WORK/tests$i.out" \
+            | tail -n 1 | sed 's/^/    pytest: /' | tee -a "$LOG"
+        printf '%s\t%s\t%s\n' "${NAMES_[$i]}" "$status" "$((SECONDS - t0))" >> "$STEPS"
+        cp "$WORK/tests$i.out" "$OUT/tests-group$i.log"
+    done
 fi
 
 # ---------------------------------------------------------------------------------- doctor
@@ -221,12 +288,22 @@ if has_stage bench; then
     else
         RANKS=2  # CPU: 2 gloo processes, the benches' small CPU sizes
     fi
-    if ((GPUS > 0)); then
-        NORMAL_ARGS=${SUITE_NORMAL_ARGS-"--sweep-sms 8,16,24,32,48 --sweep-tokens 256,512,1024,2048,4096,8192,16384"}
-        LL_ARGS=${SUITE_LL_ARGS-"--sweep-tokens 1,2,4,8,16,32,64,128,256"}
+    if ((GPUS > 0 && QUICK)); then
+        NORMAL_ARGS=${SUITE_NORMAL_ARGS-""}
+        LL_ARGS=${SUITE_LL_ARGS-""}
+        GEMM_ARGS="--tokens 512 --masked-tokens 64 --no-sweep"
+        HOST_ARGS="--calls 100"
+    elif ((GPUS > 0)); then
+        # sizes that span the range (a curve, not every point): the SM sweep at 4096 tokens
+        NORMAL_ARGS=${SUITE_NORMAL_ARGS-"--sweep-sms 16,24,32 --sweep-tokens 512,4096,16384"}
+        LL_ARGS=${SUITE_LL_ARGS-"--sweep-tokens 1,16,128,256"}
+        GEMM_ARGS=""
+        HOST_ARGS=""
     else
         NORMAL_ARGS=${SUITE_NORMAL_ARGS-"--sweep-tokens 64,256"}
         LL_ARGS=${SUITE_LL_ARGS-"--sweep-tokens 1,8"}
+        GEMM_ARGS=""
+        HOST_ARGS=""
     fi
     IMB_ARGS=${SUITE_IMB_ARGS-""}
     say "bench: ranks [${RANKS# }], benches $BENCHES, backends $BACKENDS"
@@ -246,13 +323,26 @@ if has_stage bench; then
                     ;;
                 gemm)
                     if ((n != 1 || GPUS == 0)); then continue; fi
-                    run_step "bench gemm 1r" "$BENCH_TIMEOUT" "$PY" bench/gemm.py --out "$RES"
+                    # shellcheck disable=SC2086
+                    run_step "bench gemm 1r" "$BENCH_TIMEOUT" "$PY" bench/gemm.py --out "$RES" $GEMM_ARGS
                     continue
                     ;;
                 host)  # Python time per call of the kernels backend, 1 GPU
                     if ((n != 1 || GPUS == 0)); then continue; fi
+                    # shellcheck disable=SC2086
                     run_step "bench host_overhead 1r" "$BENCH_TIMEOUT" "$PY" bench/host_overhead.py \
-                        --out "$RES"
+                        --out "$RES" $HOST_ARGS
+                    continue
+                    ;;
+                soak)  # faults injected and recovered, results checked exactly (2 ranks)
+                    if ((n != 1 || GPUS == 0)) || [[ ! -f bench/soak.py ]]; then continue; fi
+                    run_step "bench soak 2 ranks on 1 GPU" "$BENCH_TIMEOUT" "$PY" bench/soak.py \
+                        --ranks 2 --calls ${SUITE_SOAK_CALLS:-2000} --out "$RES"
+                    continue
+                    ;;
+                hf)  # a transformers MoE model decoding on ep_comm (1 GPU)
+                    if ((n != 1 || GPUS == 0)) || [[ ! -f bench/hf_decode.py ]]; then continue; fi
+                    run_step "bench hf_decode 1r" "$BENCH_TIMEOUT" "$PY" bench/hf_decode.py --out "$RES"
                     continue
                     ;;
                 internode)  # normal mode as 2 nodes of n / 2 GPUs, beside the NVLink run above
@@ -286,7 +376,9 @@ if has_stage bench; then
         done
     done
     # the internode model reads the NVLink and internode runs just written (else its defaults)
-    run_step "internode model" 60 "$PY" bench/internode_model.py --out "$RES"
+    if ((!QUICK)); then
+        run_step "internode model" 60 "$PY" bench/internode_model.py --out "$RES"
+    fi
     mkdir -p bench/results
     if compgen -G "$RES/*" > /dev/null; then
         cp "$RES"/* bench/results/
