@@ -6,6 +6,8 @@ chosen explicitly at construction and never switched silently.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ep_comm.core import checks
@@ -71,6 +73,10 @@ class Buffer:
         self.device = self.comm.device
         self.backend_name = self._resolve_backend(backend)
         self._backend: Backend | None = self._make_backend()
+        # Keys (checks.sig of every argument) of the calls that passed full validation; a call
+        # with a known key skips the checks it already passed. EP_COMM_DEBUG=1 validates all.
+        self._validated: set = set()
+        self._debug = os.environ.get("EP_COMM_DEBUG", "0") not in ("", "0")
         self._comm_stream = None
         if self.device.type == "cuda":
             self._comm_stream = self._backend.comm_stream() or torch.cuda.Stream(self.device)
@@ -158,6 +164,10 @@ class Buffer:
         """Run ``fn`` on the communication stream after ``previous_event`` (or the current
         stream), then either return an event (``async_finish``) or make the current stream
         wait. Returns ``(fn's result, EventOverlap)``."""
+        if previous_event is None and not async_finish and not allocate_on_comm_stream:
+            # Synchronous: run on the current stream. Same order as switching to the comm
+            # stream and back, without the switch, the waits and a record_stream per tensor.
+            return fn(), EventOverlap()
         checks.comm_stream_flags(previous_event, async_finish, allocate_on_comm_stream)
         if self._comm_stream is None:
             if previous_event is not None:
@@ -210,8 +220,11 @@ class Buffer:
             is_token_in_rank: [T, R] bool.
             event: EventOverlap (with ``async_finish``) or an empty one.
         """
-        checks.num_experts(num_experts, self.group_size)
-        checks.topk_idx(topk_idx, self.device)
+        key = ("layout", num_experts, checks.sig(topk_idx))
+        if self._debug or key not in self._validated:
+            checks.num_experts(num_experts, self.group_size)
+            checks.topk_idx(topk_idx, self.device)
+            self._validated.add(key)
         result, event = self._on_comm_stream(
             lambda: self.backend.get_dispatch_layout(topk_idx, num_experts),
             previous_event, async_finish, allocate_on_comm_stream, (topk_idx,))
@@ -250,12 +263,58 @@ class Buffer:
             handle: DispatchHandle for combine and cached dispatch.
             event: EventOverlap.
         """
+        is_pair = isinstance(x, (tuple, list))
+        key = ("dispatch", tuple(map(checks.sig, x)) if is_pair else checks.sig(x),
+               None if handle is None else (type(handle), getattr(handle, "num_tokens", None),
+                                            getattr(handle, "num_experts", None),
+                                            getattr(handle, "num_worst_tokens", None)),
+               checks.sig(num_tokens_per_rank), checks.sig(num_tokens_per_rdma_rank),
+               checks.sig(is_token_in_rank), checks.sig(num_tokens_per_expert),
+               checks.sig(topk_idx), checks.sig(topk_weights), expert_alignment,
+               num_worst_tokens, config, Buffer.num_sms)
+        if self._debug or key not in self._validated:
+            self._validate_dispatch(x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank,
+                                    is_token_in_rank, num_tokens_per_expert, topk_idx,
+                                    topk_weights, expert_alignment, num_worst_tokens, config)
+            self._validated.add(key)
+        payload, scales = x if is_pair else (x, None)
+        config = config or self._default_config()
+        if handle is not None:
+            num_experts = handle.num_experts
+            num_worst_tokens = handle.num_worst_tokens
+        else:
+            num_experts = num_tokens_per_expert.shape[0]
+
+        def run():
+            return self.backend.dispatch(
+                payload, scales, handle=handle, num_tokens_per_rank=num_tokens_per_rank,
+                num_tokens_per_rdma_rank=num_tokens_per_rdma_rank,
+                is_token_in_rank=is_token_in_rank, num_tokens_per_expert=num_tokens_per_expert,
+                topk_idx=topk_idx, topk_weights=topk_weights, num_experts=num_experts,
+                expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens,
+                config=config)
+
+        inputs = (payload, scales, topk_idx, topk_weights, is_token_in_rank)
+        (recv_x, recv_scales, recv_idx, recv_w, counts, new_handle), event = \
+            self._on_comm_stream(run, previous_event, async_finish, allocate_on_comm_stream, inputs)
+        recv = (recv_x, recv_scales) if scales is not None else recv_x
+        if handle is not None:
+            return recv, None, None, counts, new_handle, event
+        return recv, recv_idx, recv_w, counts, new_handle, event
+
+    def _default_config(self) -> Config:
+        return self.get_dispatch_config(self.group_size)
+
+    def _validate_dispatch(self, x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank,
+                           is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
+                           expert_alignment, num_worst_tokens, config) -> None:
+        """Every check of ``dispatch``'s arguments (InputError / BufferTooSmallError)."""
         payload, scales = checks.x_payload(x, self.device)
         t, hidden = payload.shape
         checks.hidden_ok(hidden)
         checks.alignment(expert_alignment)
         checks.worst_tokens(num_worst_tokens)
-        config = config or self.get_dispatch_config(self.group_size)
+        config = config or self._default_config()
         self._check_nvl_size(hidden * max(payload.element_size(), 2), config, "dispatch", t)
         r = self.group_size
         if handle is not None:
@@ -295,23 +354,6 @@ class Buffer:
             elif topk_weights is not None:
                 raise InputError("topk_weights without topk_idx: pass both or neither")
 
-        def run():
-            return self.backend.dispatch(
-                payload, scales, handle=handle, num_tokens_per_rank=num_tokens_per_rank,
-                num_tokens_per_rdma_rank=num_tokens_per_rdma_rank,
-                is_token_in_rank=is_token_in_rank, num_tokens_per_expert=num_tokens_per_expert,
-                topk_idx=topk_idx, topk_weights=topk_weights, num_experts=num_experts,
-                expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens,
-                config=config)
-
-        inputs = (payload, scales, topk_idx, topk_weights, is_token_in_rank)
-        (recv_x, recv_scales, recv_idx, recv_w, counts, new_handle), event = \
-            self._on_comm_stream(run, previous_event, async_finish, allocate_on_comm_stream, inputs)
-        recv = (recv_x, recv_scales) if scales is not None else recv_x
-        if handle is not None:
-            return recv, None, None, counts, new_handle, event
-        return recv, recv_idx, recv_w, counts, new_handle, event
-
     def combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights=None, bias=None,
                 config: Config | None = None, previous_event: EventOverlap | None = None,
                 async_finish: bool = False, allocate_on_comm_stream: bool = False):
@@ -330,6 +372,23 @@ class Buffer:
             combined_topk_weights: [T, K] float32 or None.
             event: EventOverlap.
         """
+        key = ("combine", checks.sig(x), type(handle),
+               getattr(handle, "num_recv_rows", None), getattr(handle, "num_tokens", None),
+               checks.sig(topk_weights),
+               tuple(map(checks.sig, bias)) if isinstance(bias, (tuple, list)) else
+               checks.sig(bias), config, Buffer.num_sms)
+        if self._debug or key not in self._validated:
+            self._validate_combine(x, handle, topk_weights, bias, config)
+            self._validated.add(key)
+        biases = () if bias is None else (tuple(bias) if isinstance(bias, (tuple, list)) else (bias,))
+        config = config or self._default_config()
+        (combined, combined_w), event = self._on_comm_stream(
+            lambda: self.backend.combine(x, handle, topk_weights, biases, config),
+            previous_event, async_finish, allocate_on_comm_stream, (x, topk_weights, *biases))
+        return combined, combined_w, event
+
+    def _validate_combine(self, x, handle, topk_weights, bias, config) -> None:
+        """Every check of ``combine``'s arguments (InputError / BufferTooSmallError)."""
         if not isinstance(handle, DispatchHandle):
             raise InputError(f"handle must be the DispatchHandle of a dispatch, got "
                              f"{type(handle).__name__}")
@@ -349,12 +408,8 @@ class Buffer:
         for i, b in enumerate(biases):
             checks.tensor(f"bias[{i}]", b, dtype=torch.bfloat16,
                           shape=(handle.num_tokens, x.shape[1]), device=self.device)
-        config = config or self.get_combine_config(self.group_size)
+        config = config or self._default_config()
         self._check_nvl_size(x.shape[1] * 2, config, "combine", handle.num_tokens)
-        (combined, combined_w), event = self._on_comm_stream(
-            lambda: self.backend.combine(x, handle, topk_weights, biases, config),
-            previous_event, async_finish, allocate_on_comm_stream, (x, topk_weights, *biases))
-        return combined, combined_w, event
 
     # ------------------------------------------------------------------ low-latency mode
     def _check_low_latency(self, m: int, hidden: int, num_experts: int, what: str) -> None:

@@ -12,6 +12,7 @@ import torch
 
 from ep_comm.backends.kernels import args
 from ep_comm.backends.kernels import low_latency as ll
+from ep_comm.runtime import jit
 from ep_comm.runtime import nvshmem as nr
 from ep_comm.core.constants import REGION_ALIGN
 from ep_comm.errors import CommTimeoutError, EpCommError, KernelError
@@ -68,41 +69,7 @@ def test_size_hint_is_the_regions_total():
         LowLatencyRegions(128, 7168, 2, 256).total_bytes
 
 
-# ------------------------------------------------------------------- argument packing
-@pytest.mark.parametrize("kernel,params", [("ep_ll_dispatch_fp8", args.LL_DISPATCH),
-                                           ("ep_ll_dispatch_bf16", args.LL_DISPATCH),
-                                           ("ep_ll_combine", args.LL_COMBINE)])
-def test_packed_arguments_match_the_kernel_signature(kernel, params):
-    sig = args.kernel_signature(args.kernel_source("low_latency.cu"), kernel)
-    assert sig == list(params)
-
-
-def test_dispatch_args_macro_passes_every_parameter_in_order():
-    """The argument struct is filled from the parameters in the same order they are declared."""
-    src = args.kernel_source("low_latency.cu").replace("\\\n", " ")
-    body = src[src.index("#define EP_LL_DISPATCH_ARGS"):]
-    body = body[body.index("{") + 1:body.index("}")]
-    names = [n.strip().split()[0] for n in body.split(",")]
-    cleaned = [n.replace("!=", "").strip() for n in names]
-    assert cleaned == [n for n, _ in args.LL_DISPATCH]
-
-
-def test_pack_args_gives_int32_and_uint64_scalars():
-    values = {n: (1 << 40) + i if k != "i" else i for i, (n, k) in enumerate(args.LL_COMBINE)}
-    packed = args.pack(args.LL_COMBINE, values)
-    for (name, kind), v in zip(args.LL_COMBINE, packed):
-        assert isinstance(v, np.int32 if kind == "i" else np.uint64), name
-        assert int(v) == values[name]
-
-
-def test_pack_args_rejects_missing_unknown_and_out_of_range():
-    values = {n: 0 for n, _ in args.LL_DISPATCH}
-    with pytest.raises(EpCommError, match="missing"):
-        args.pack(args.LL_DISPATCH, {k: v for k, v in values.items() if k != "x"})
-    with pytest.raises(EpCommError, match="unknown"):
-        args.pack(args.LL_DISPATCH, dict(values, bogus=1))
-    with pytest.raises(EpCommError, match="int32"):
-        args.pack(args.LL_DISPATCH, dict(values, hidden=2**31))
+# (argument tables and their signature checks: tests/test_kernel_args.py)
 
 
 def test_status_decoder_names_rank_phase_peer_and_expert():
@@ -182,10 +149,13 @@ class _FakeModule:
     def __init__(self):
         self.launches = []
 
-    def launch(self, kernel, grid, block, packed, stream=None):
+    def prepare(self, kernel, arg_buffer, grid, block, shared_mem=0):
         params = args.LL_DISPATCH if "dispatch" in kernel else args.LL_COMBINE
-        assert len(packed) == len(params) and block == ll.THREADS
-        self.launches.append((kernel, grid, {n: int(a) for (n, _), a in zip(params, packed)}))
+        assert arg_buffer.params == params and block == ll.THREADS
+        return jit.PreparedLaunch(kernel, arg_buffer, grid, block, shared_mem, self._record)
+
+    def _record(self, prepared, stream):
+        self.launches.append((prepared.name, prepared.grid, prepared.args.values()))
 
 
 class _FakeComm:
@@ -233,6 +203,7 @@ def runtime(monkeypatch):
     monkeypatch.setattr(nr, "acquire", lambda comm, n: nr.SymmetricBuffer(
         torch.zeros(nr.aligned(n), dtype=torch.uint8), nr.aligned(n)))
     monkeypatch.setattr(nr, "bind_module", lambda m: None)
+    monkeypatch.setattr(jit, "current_stream_handle", lambda index: 0)
     m, h, e = 8, 256, 8
     rt = ll.LowLatencyRuntime(_FakeComm(), LowLatencyRegions(m, h, 2, e).total_bytes, True)
     rt.fake_module, rt.sizes = module, (m, h, e)

@@ -110,3 +110,15 @@ def alignment(expert_alignment: int) -> None:
 def worst_tokens(num_worst_tokens: int) -> None:
     if not isinstance(num_worst_tokens, int) or num_worst_tokens < 0:
         _fail(f"num_worst_tokens must be an int >= 0, got {num_worst_tokens!r}")
+
+
+def sig(t):
+    """What the checks of a tensor argument look at (dtype, shape, device, contiguity), as a
+    hashable key; a non-tensor gives its type, so it never matches a validated tensor.
+
+    ``Buffer`` validates a call fully the first time its key is seen (and always under
+    ``EP_COMM_DEBUG=1``); a later call whose key is in the validated set passed the same
+    checks, so this comparison is its guard."""
+    if isinstance(t, torch.Tensor):
+        return (t.dtype, t.shape, t.device, t.is_contiguous())
+    return (type(t),)

@@ -25,6 +25,10 @@ Public functions:
         compile-only path that CI uses to check every ``.cu`` file.
     CompiledModule.kernel(name), .init_nvshmem(), .finalize_nvshmem(), .launch(...)
         Load the cubin with cuda.core (lazily, once per process) and launch on torch's stream.
+    CompiledModule.prepare(name, arg_buffer, grid, block, shared_mem) -> PreparedLaunch
+        The hot path: a launch whose arguments live in C memory, patched by the caller and
+        launched with cuda.bindings' ``cuLaunchKernel`` (no per-argument conversion).
+    current_stream_handle(device_index): torch's current raw stream, cheaply.
     compile_all_kernels(arch=None) -> list[CompiledModule]: every ``kernels/*.cu`` on its own.
     kernel_sources(), uses_nvshmem(source), kernels_dir(): what there is to compile.
     find_nvcc(), find_nvshmem(), resolve_arch(arch=None), cache_dir(), cache_info().
@@ -72,7 +76,7 @@ __all__ = [
     "JitError", "ToolchainError", "CompileError", "CacheDirError", "CompiledModule",
     "compile_kernels", "compile_all_kernels", "kernel_sources", "uses_nvshmem", "kernels_dir",
     "find_nvcc", "nvcc_version", "find_nvshmem", "NvshmemInstall", "resolve_arch",
-    "cache_dir", "cache_info",
+    "cache_dir", "cache_info", "PreparedLaunch", "current_stream_handle",
 ]
 
 log = logging.getLogger(__name__)
@@ -806,3 +810,74 @@ class CompiledModule:
         converted = [_to_kernel_arg(a, i) for i, a in enumerate(args)]
         config = _launch_config(cc, grid, block, shared_mem, cooperative)
         cc.launch(_stream(cc, stream), config, kernel, *converted)
+
+    def prepare(self, kernel_name: str, arg_buffer, grid: int, block: int,
+                shared_mem: int = 0) -> "PreparedLaunch":
+        """A launch of ``kernel_name`` whose arguments are read from ``arg_buffer`` (anything
+        with ``address``: the address of a ``void*[n]`` array, e.g.
+        ``ep_comm.backends.kernels.args.ArgBuffer``) at each ``PreparedLaunch.launch``.
+
+        The kernel is looked up, its shared memory limit raised and (for an NVSHMEM module) the
+        init checked once, here; each launch is then one ``cuLaunchKernel`` call.
+        """
+        loaded = self._loaded()
+        if self.nvshmem and loaded.nvshmem_obj is None:
+            raise JitError(f"module {self.name} links NVSHMEM: call init_nvshmem() (after "
+                           "nvshmem.core.init) before launching its kernels")
+        kernel = self._kernel(loaded, kernel_name)
+        if shared_mem > _DEFAULT_MAX_DYNAMIC_SMEM:
+            _allow_dynamic_smem(loaded, kernel_name, kernel, shared_mem)
+        return PreparedLaunch(kernel_name, arg_buffer, grid, block, shared_mem,
+                              _driver_launcher(kernel))
+
+
+def current_stream_handle(device_index: int) -> int:
+    """The raw ``cudaStream_t`` of torch's current stream on ``device_index``, from torch's C++
+    side (``torch.cuda.current_stream()`` costs several microseconds of Python)."""
+    import torch
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return raw(device_index)
+    return torch.cuda.current_stream(device_index).cuda_stream
+
+
+def _driver_launcher(kernel):
+    """``fn(prepared, stream_handle)`` that launches ``kernel`` (a cuda.core Kernel) with
+    cuda.bindings' ``cuLaunchKernel`` on the prepared argument array."""
+    from cuda.bindings import driver
+    # A CUkernel (cuda.core loads libraries) may be launched as a CUfunction (CUDA >= 12.0).
+    func = driver.CUfunction(int(kernel.handle))
+    success = driver.CUresult.CUDA_SUCCESS
+    streams: dict[int, Any] = {}
+    cu_launch = driver.cuLaunchKernel
+
+    def launch(p: "PreparedLaunch", stream: int) -> None:
+        s = streams.get(stream)
+        if s is None:
+            s = streams[stream] = driver.CUstream(stream)
+        err, = cu_launch(func, p.grid, 1, 1, p.block, 1, 1, p.shared_mem, s, p.args.address, 0)
+        if err != success:
+            raise JitError(f"cuLaunchKernel({p.name}, grid={p.grid}, block={p.block}, "
+                           f"smem={p.shared_mem}) failed: {err.name}")
+
+    return launch
+
+
+class PreparedLaunch:
+    """One kernel of a launch plan: its argument array (``args``), grid, block and shared
+    memory, kept between calls. The caller patches ``args`` slots (and ``grid`` if it
+    changes) and calls ``launch(stream_handle)``.
+
+    ``launcher`` is ``fn(prepared, stream_handle)``: the cuLaunchKernel call on a GPU, a
+    recorder in CPU tests and in ``bench/host_overhead.py --fake-gpu``.
+    """
+
+    __slots__ = ("name", "args", "grid", "block", "shared_mem", "_launcher")
+
+    def __init__(self, name: str, args, grid: int, block: int, shared_mem: int, launcher):
+        self.name, self.args, self.grid, self.block = name, args, grid, block
+        self.shared_mem, self._launcher = shared_mem, launcher
+
+    def launch(self, stream: int) -> None:
+        """Launch asynchronously on the raw stream handle ``stream`` with the current args."""
+        self._launcher(self, stream)

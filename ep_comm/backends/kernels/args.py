@@ -4,11 +4,15 @@ A table lists a kernel's parameters in signature order, each with its C kind: ``
 pointer (passed as uint64), ``"i"`` an ``int`` (int32), ``"i64"`` a ``long long``, ``"u64"`` a
 ``uint64_t``. A launch builds a ``{name: value}`` dict and ``pack`` turns it into the numpy
 scalars cuda.core passes by value, refusing a missing, unknown or out-of-range argument.
-``tests/test_kernel_args.py`` parses each .cu file and checks every table against the
+A launch plan keeps its arguments in an ``ArgBuffer`` instead: packed once (checked as
+``pack`` checks), then only the slots that change (pointers, counts) are overwritten per call,
+and the driver reads the kernel parameters straight from it (``ep_comm.runtime.jit``
+``PreparedLaunch``). ``tests/test_kernel_args.py`` parses each .cu file and checks every table against the
 kernel's signature (``kernel_signature``), so an argument can never shift by position.
 """
 from __future__ import annotations
 
+import ctypes
 import re
 from pathlib import Path
 
@@ -16,9 +20,7 @@ import numpy as np
 
 from ep_comm.errors import EpCommError
 
-# Kernel parameters in signature order (kernels/low_latency.cu EP_LL_LL_DISPATCH and
-# ep_ll_combine), each with its C kind: "p" pointer (uint64), "i" int (int32), "u64" uint64_t.
-# tests/test_low_latency_host.py parses the .cu file and checks both lists against it.
+# Low-latency mode (kernels/cuda/low_latency.cu EP_LL_DISPATCH_PARAMS and ep_ll_combine).
 LL_DISPATCH = (
     ("x", "p"), ("topk_idx", "p"), ("num_tokens", "i"), ("num_topk", "i"), ("hidden", "i"),
     ("num_experts", "i"), ("num_ranks", "i"), ("rank", "i"), ("max_tokens", "i"),
@@ -38,6 +40,86 @@ LL_COMBINE = (
     ("done_counter", "p"), ("mask", "p"), ("wait_stats", "p"), ("host_status", "p"),
     ("status_claim", "p"), ("timeout_ns", "u64"),
 )
+
+
+# Normal mode over NVLink (kernels/cuda/layout.cu, intranode.cu).
+NVL_LAYOUT = (
+    ("topk_idx", "p"), ("T", "i"), ("K", "i"), ("E", "i"), ("R", "i"),
+    ("num_tokens_per_rank", "p"), ("num_tokens_per_expert", "p"), ("is_token_in_rank", "p"),
+)
+NVL_NOTIFY = (
+    ("peers", "p"), ("rank", "i"), ("R", "i"), ("T", "i"), ("L", "i"), ("num_worst_tokens", "i"),
+    ("num_tokens_per_rank", "p"), ("num_tokens_per_expert", "p"), ("off_ctrl", "i64"),
+    ("off_flag", "i64"), ("off_counts", "i64"), ("rank_prefix_matrix", "p"),
+    ("recv_per_expert", "p"), ("num_tokens_of_rank", "p"), ("num_recv_dev", "p"),
+    ("host_status", "p"), ("timeout_ns", "u64"),
+)
+_NVL_RING = (
+    ("peers", "p"), ("rank", "i"), ("R", "i"), ("C", "i"), ("S", "i"), ("window", "i"),
+    ("off_ctrl", "i64"), ("off_tail", "i64"), ("off_head", "i64"), ("off_ring", "i64"),
+    ("slot_bytes", "i64"),
+)
+NVL_DISPATCH = _NVL_RING + (
+    ("off_payload", "i"), ("off_scales", "i"), ("off_idx", "i"), ("off_w", "i"), ("x", "p"),
+    ("row_int4", "i"), ("x_scales", "p"), ("num_scales", "i"), ("topk_idx", "p"),
+    ("topk_weights", "p"), ("K", "i"), ("L", "i"), ("is_token_in_rank", "p"), ("T", "i"),
+    ("rank_prefix_matrix", "p"), ("send_pos", "p"), ("recv_x", "p"), ("recv_scales", "p"),
+    ("recv_topk_idx", "p"), ("recv_topk_weights", "p"), ("recv_src_idx", "p"),
+    ("recv_src_rank", "p"), ("num_rows", "i"), ("num_recv_dev", "p"), ("zero_padding", "i"),
+    ("host_status", "p"), ("timeout_ns", "u64"),
+)
+NVL_COMBINE = _NVL_RING + (
+    ("off_payload", "i"), ("off_w", "i"), ("x", "p"), ("row_int4", "i"), ("topk_w", "p"),
+    ("K", "i"), ("recv_src_idx", "p"), ("rank_prefix_matrix", "p"), ("num_tokens_of_rank", "p"),
+    ("is_token_in_rank", "p"), ("send_pos", "p"), ("T", "i"), ("bias0", "p"), ("bias1", "p"),
+    ("out", "p"), ("out_w", "p"), ("host_status", "p"), ("timeout_ns", "u64"),
+)
+
+# Normal mode across nodes (kernels/cuda/internode.cu). Every kernel starts with the
+# EP_INTER_REGION_PARAMS macro: the symmetric buffer's base and the byte offsets of its regions.
+INTER_REGIONS = (
+    ("base", "p"), ("off_ctrl", "i64"), ("off_bar", "i64"), ("off_nflag", "i64"),
+    ("off_counts", "i64"), ("off_darr", "i64"), ("off_carr", "i64"), ("off_dwork", "i64"),
+    ("off_drecv", "i64"), ("off_dstage", "i64"), ("off_csrc", "i64"), ("slot_bytes", "i64"),
+    ("row_c", "i64"), ("cap", "i"), ("chunks", "i"), ("chunk_slots", "i"),
+)
+INTER_NOTIFY = INTER_REGIONS + (
+    ("rank", "i"), ("R", "i"), ("P", "i"), ("N", "i"), ("E", "i"), ("num_worst_tokens", "i"),
+    ("tokens_per_rank", "p"), ("tokens_per_node", "p"), ("tokens_per_expert", "p"),
+    ("rank_prefix_matrix", "p"), ("recv_per_expert", "p"), ("node_counts", "p"),
+    ("num_recv_dev", "p"), ("host_status", "p"), ("timeout_ns", "u64"),
+)
+INTER_DISPATCH = INTER_REGIONS + (
+    ("rank", "i"), ("R", "i"), ("P", "i"), ("N", "i"), ("T", "i"), ("L", "i"), ("x", "p"),
+    ("row_int4", "i"), ("x_scales", "p"), ("num_scales", "i"), ("topk_idx", "p"),
+    ("topk_weights", "p"), ("K", "i"), ("has_scales", "i"), ("has_idx", "i"), ("has_w", "i"),
+    ("local_pos", "p"), ("node_pos", "p"), ("rank_prefix_matrix", "p"), ("node_counts", "p"),
+    ("send_pos", "p"), ("off_payload", "i"), ("off_scales", "i"), ("off_idx", "i"),
+    ("off_w", "i"), ("put_bytes", "i"), ("recv_x", "p"), ("recv_scales", "p"),
+    ("recv_topk_idx", "p"), ("recv_topk_weights", "p"), ("recv_src_idx", "p"),
+    ("recv_src_rank", "p"), ("proxy_rows", "p"), ("num_rows", "i"), ("num_recv_dev", "p"),
+    ("zero_padding", "i"), ("net_bytes", "p"), ("host_status", "p"), ("timeout_ns", "u64"),
+)
+INTER_COMBINE = INTER_REGIONS + (
+    ("rank", "i"), ("R", "i"), ("P", "i"), ("N", "i"), ("T", "i"), ("row_int4", "i"), ("K", "i"),
+    ("has_w", "i"), ("proxy_rows", "p"), ("node_counts", "p"), ("node_pos", "p"),
+    ("tokens_per_node", "p"), ("off_payload", "i"), ("off_w", "i"), ("put_bytes", "i"),
+    ("bias0", "p"), ("bias1", "p"), ("out", "p"), ("out_w", "p"), ("net_bytes", "p"),
+    ("host_status", "p"), ("timeout_ns", "u64"),
+)
+
+#: Every table with the .cu file and the kernels that take it (for tests/test_kernel_args.py).
+TABLES = {
+    "LL_DISPATCH": ("low_latency.cu", ("ep_ll_dispatch_fp8", "ep_ll_dispatch_bf16"), LL_DISPATCH),
+    "LL_COMBINE": ("low_latency.cu", ("ep_ll_combine",), LL_COMBINE),
+    "NVL_LAYOUT": ("layout.cu", ("nvl_get_dispatch_layout",), NVL_LAYOUT),
+    "NVL_NOTIFY": ("intranode.cu", ("nvl_notify",), NVL_NOTIFY),
+    "NVL_DISPATCH": ("intranode.cu", ("nvl_dispatch",), NVL_DISPATCH),
+    "NVL_COMBINE": ("intranode.cu", ("nvl_combine",), NVL_COMBINE),
+    "INTER_NOTIFY": ("internode.cu", ("inter_notify",), INTER_NOTIFY),
+    "INTER_DISPATCH": ("internode.cu", ("inter_dispatch",), INTER_DISPATCH),
+    "INTER_COMBINE": ("internode.cu", ("inter_combine",), INTER_COMBINE),
+}
 
 
 def pack(params, values: dict) -> list:
@@ -74,28 +156,79 @@ def pack(params, values: dict) -> list:
     return out
 
 
-def kernel_signature(source: str, kernel: str) -> list[tuple[str, str]]:
-    """(name, kind) of each parameter of ``kernel`` in the .cu text (macros expanded one level).
+_CTYPES = {"p": ctypes.c_uint64, "u64": ctypes.c_uint64, "i64": ctypes.c_int64,
+           "i": ctypes.c_int32}
 
-    For the CPU test that keeps every table of this module in step with the kernels.
+
+class ArgBuffer:
+    """A kernel's arguments in C memory: one ctypes scalar per parameter and the ``void*``
+    array pointing at them that ``cuLaunchKernel`` takes (``address``).
+
+    Built from a full ``{name: value}`` dict (checked like ``pack``). ``set`` overwrites one
+    value with the same checks; the hot path holds ``slot(name)`` and assigns ``.value``
+    directly (a pointer or a count it already knows to be in range).
     """
-    text = re.sub(r"\\\n", " ", source)
-    macros = dict(re.findall(r"#define\s+(\w+)\s+(.*)", text))
-    m = re.search(r"\b" + kernel + r"\s*\(([^)]*)\)", text)
-    if m is None:
-        raise ValueError(f"kernel {kernel} not found")
-    params = m.group(1).strip()
-    if params in macros:
-        params = macros[params]
-    out = []
-    for p in params.split(","):
+
+    __slots__ = ("params", "index", "slots", "pointers", "address")
+
+    def __init__(self, params, values: dict):
+        packed = pack(params, values)  # the checks: names complete, values in range
+        self.params = tuple(params)
+        self.index = {n: i for i, (n, _) in enumerate(params)}
+        self.slots = [_CTYPES[k](int(v)) for (_, k), v in zip(params, packed)]
+        self.pointers = (ctypes.c_void_p * max(1, len(self.slots)))(
+            *[ctypes.addressof(s) for s in self.slots])
+        self.address = ctypes.addressof(self.pointers)
+
+    def slot(self, name: str):
+        """The ctypes scalar of parameter ``name`` (assign ``.value`` to patch it)."""
+        try:
+            return self.slots[self.index[name]]
+        except KeyError:
+            raise EpCommError(f"ep_comm internal: unknown kernel argument {name!r}") from None
+
+    def set(self, name: str, value: int) -> None:
+        """Overwrite one argument, range-checked for its C kind."""
+        slot = self.slot(name)
+        kind = self.params[self.index[name]][1]
+        pack(((name, kind),), {name: value})
+        slot.value = int(value)
+
+    def values(self) -> dict:
+        """name -> int, as the kernel would receive them (for tests and fakes)."""
+        return {n: s.value for (n, _), s in zip(self.params, self.slots)}
+
+
+def kernel_signature(source: str, kernel: str) -> list[tuple[str, str]]:
+    """(name, kind) of each parameter of the ``__global__`` function ``kernel`` in the .cu text.
+
+    Comments are dropped and parameter macros (``EP_LL_DISPATCH_PARAMS``,
+    ``EP_INTER_REGION_PARAMS``) expanded, wherever they stand in the list. For the CPU test that
+    keeps every table of this module in step with the kernels.
+    """
+    text = re.sub(r"//[^\n]*", "", source)
+    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    text = re.sub(r"\\\n", " ", text)
+    macros = dict(re.findall(r"#define\s+(\w+)[ \t]+([^\n]*)", text))
+    found = None
+    for m in re.finditer(r"\b" + re.escape(kernel) + r"\s*\(([^)]*)\)\s*\{", text):
+        if "__global__" in text[max(0, m.start() - 200):m.start()]:
+            found = m
+            break
+    if found is None:
+        raise ValueError(f"__global__ kernel {kernel} not found")
+    parts = []
+    for p in found.group(1).split(","):
         p = p.strip()
+        parts.extend(x.strip() for x in macros[p].split(",")) if p in macros else parts.append(p)
+    out = []
+    for p in parts:
         name = re.findall(r"\w+", p)[-1]
         if "*" in p:
             kind = "p"
-        elif re.search(r"\buint64_t\b", p):
+        elif re.search(r"\b(uint64_t|unsigned\s+long\s+long|size_t)\b", p):
             kind = "u64"
-        elif re.search(r"\b(long long|int64_t)\b", p):
+        elif re.search(r"\b(long\s+long|int64_t)\b", p):
             kind = "i64"
         elif re.search(r"\bint\b", p):
             kind = "i"

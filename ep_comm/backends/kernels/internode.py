@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import torch
 
 from ep_comm.runtime.comm import timeout_s
@@ -35,7 +34,7 @@ from ep_comm.core.constants import (FP8_BLOCK, INTER_DISPATCH_CHUNKS, INTER_MAX_
                                     NVL_MAX_RANKS)
 from ep_comm.errors import BackendUnavailableError, BufferTooSmallError, EpCommError, InputError
 from ep_comm.handles import DispatchHandle
-from ep_comm.backends.kernels import status
+from ep_comm.backends.kernels import args, status
 from ep_comm.backends.kernels.intranode import (KERNEL_SMEM, KERNEL_THREADS, LAYOUT_THREADS,
                                                 aligned_counts, combine_outputs,
                                                 dispatch_outputs)
@@ -102,6 +101,9 @@ class InternodeRuntime:
         self.status = ipc.HostStatus(NVL_STATUS_WORDS, self.device.index)
         self._stream = torch.cuda.Stream(self.device)
         self._net_bytes: torch.Tensor | None = None
+        # Read once per Buffer: a change of EP_COMM_TIMEOUT_S applies to Buffers created later.
+        self._timeout_s = timeout_s()
+        self._timeout_ns = int(self._timeout_s * 1e9)
         control = InternodeRegions(16, self.num_ranks, self.ranks_per_node, 0).control_bytes
         self.sym.tensor[:control].zero_()
         # Peers signal into this buffer as soon as they pass their first barrier.
@@ -115,7 +117,7 @@ class InternodeRuntime:
     def check_status(self) -> None:
         """Raise the failure a kernel reported in the status word, if any (no device sync)."""
         err = status.decode_status(self.status.read(NVL_INFO_NUM_RECV), status.INTERNODE,
-                                   self.rank, timeout_s(), self.node)
+                                   self.rank, self._timeout_s, self.node)
         if err is not None:
             self._broken = err
             raise err
@@ -128,19 +130,23 @@ class InternodeRuntime:
             raise EpCommError("this Buffer was destroyed")
         self.check_status()
 
-    def _timeout_ns(self) -> np.uint64:
-        return np.uint64(int(timeout_s() * 1e9))
-
     def regions(self, hidden: int) -> InternodeRegions:
         return InternodeRegions(hidden, self.num_ranks, self.ranks_per_node, self.sym.nbytes)
 
-    def _region_args(self, reg: InternodeRegions, config) -> tuple:
+    def _region_values(self, reg: InternodeRegions, config) -> dict:
+        """The EP_INTER_REGION_PARAMS arguments (args.INTER_REGIONS) of every kernel."""
         r = reg.regions
-        return (np.uint64(self.base), *(np.int64(r[name].offset) for name in (
-            "ctrl", "barrier", "notify_flag", "counts", "dispatch_arrive", "combine_arrive",
-            "dispatch_work", "dispatch_recv", "dispatch_stage", "combine_src")),
-            np.int64(reg.slot_bytes), np.int64(reg.row_c), reg.cap, INTER_DISPATCH_CHUNKS,
-            reg.chunk_slots(config.rdma_chunk))
+        return dict(base=self.base, off_ctrl=r["ctrl"].offset, off_bar=r["barrier"].offset,
+                    off_nflag=r["notify_flag"].offset, off_counts=r["counts"].offset,
+                    off_darr=r["dispatch_arrive"].offset, off_carr=r["combine_arrive"].offset,
+                    off_dwork=r["dispatch_work"].offset, off_drecv=r["dispatch_recv"].offset,
+                    off_dstage=r["dispatch_stage"].offset, off_csrc=r["combine_src"].offset,
+                    slot_bytes=reg.slot_bytes, row_c=reg.row_c, cap=reg.cap,
+                    chunks=INTER_DISPATCH_CHUNKS, chunk_slots=reg.chunk_slots(config.rdma_chunk))
+
+    def _launch(self, kernel: str, grid: int, params, values: dict, shared_mem: int = 0):
+        self._module.launch(kernel, grid, KERNEL_THREADS, args.pack(params, values),
+                            shared_mem=shared_mem)
 
     def _grid(self, config) -> int:
         blocks = config.num_sms
@@ -183,7 +189,11 @@ class InternodeRuntime:
         if t > 0:
             self._layout_module.launch(
                 "nvl_get_dispatch_layout", (t + LAYOUT_THREADS - 1) // LAYOUT_THREADS,
-                LAYOUT_THREADS, (topk_idx, t, k, num_experts, r, counts[:r], counts[r:], in_rank),
+                LAYOUT_THREADS, args.pack(args.NVL_LAYOUT, dict(
+                    topk_idx=topk_idx.data_ptr(), T=t, K=k, E=num_experts, R=r,
+                    num_tokens_per_rank=counts[:r].data_ptr(),
+                    num_tokens_per_expert=counts[r:].data_ptr(),
+                    is_token_in_rank=in_rank.data_ptr())),
                 shared_mem=(r + num_experts) * 4)
         per_node = self._in_node(in_rank).sum(0, dtype=torch.int32)
         return counts[:r], per_node, counts[r:], in_rank
@@ -231,10 +241,14 @@ class InternodeRuntime:
             node_counts = torch.empty(p, n_nodes, dtype=torch.int32, device=dev)
             num_recv_dev = torch.empty(1, dtype=torch.int32, device=dev)
             ntpr = num_tokens_per_rank.to(torch.int32)
-            self._module.launch("inter_notify", 1, KERNEL_THREADS, (
-                *self._region_args(reg, config), me, r, p, n_nodes, num_experts,
-                num_worst_tokens, ntpr, tokens_per_node, num_tokens_per_expert.to(torch.int32), prefix, recv_per_expert,
-                node_counts, num_recv_dev, np.uint64(self.status.device_ptr), self._timeout_ns()))
+            self._launch("inter_notify", 1, args.INTER_NOTIFY, dict(
+                self._region_values(reg, config), rank=me, R=r, P=p, N=n_nodes, E=num_experts,
+                num_worst_tokens=num_worst_tokens, tokens_per_rank=_ptr(ntpr),
+                tokens_per_node=_ptr(tokens_per_node),
+                tokens_per_expert=_ptr(num_tokens_per_expert.to(torch.int32)),
+                rank_prefix_matrix=_ptr(prefix), recv_per_expert=_ptr(recv_per_expert),
+                node_counts=_ptr(node_counts), num_recv_dev=_ptr(num_recv_dev),
+                host_status=self.status.device_ptr, timeout_ns=self._timeout_ns))
             if num_worst_tokens > 0:
                 n_recv, rows, counts_host = -1, num_worst_tokens, None
             else:
@@ -275,18 +289,23 @@ class InternodeRuntime:
         recv_x, recv_scales, recv_idx, recv_w = dispatch_outputs(rows, x, x_scales, topk_idx,
                                                                  topk_weights)
         offs = reg.slot_offsets(x.element_size(), num_topk)
-        self._module.launch("inter_dispatch", grid, KERNEL_THREADS, (
-            *self._region_args(reg, config), me, r, p, n_nodes, t, local, x,
-            hidden * x.element_size() // 16,
-            x_scales, hidden // FP8_BLOCK if x_scales is not None else 0, topk_idx, topk_weights,
-            num_topk, int(x_scales is not None), int(topk_idx is not None),
-            int(topk_weights is not None), state.local_pos, state.node_pos,
-            handle.rank_prefix_matrix, state.node_counts, write_send_pos, offs["payload"],
-            offs["scales"], offs["topk_idx"], offs["topk_weights"], offs["put_bytes"], recv_x,
-            recv_scales, recv_idx, recv_w, handle.recv_src_idx, handle.recv_src_rank,
-            write_proxy_rows, rows, state.num_recv, int(pad), self._counter(0),
-            np.uint64(self.status.device_ptr), self._timeout_ns()),
-            shared_mem=KERNEL_SMEM)
+        self._launch("inter_dispatch", grid, args.INTER_DISPATCH, dict(
+            self._region_values(reg, config), rank=me, R=r, P=p, N=n_nodes, T=t, L=local,
+            x=_ptr(x), row_int4=hidden * x.element_size() // 16, x_scales=_ptr(x_scales),
+            num_scales=hidden // FP8_BLOCK if x_scales is not None else 0,
+            topk_idx=_ptr(topk_idx), topk_weights=_ptr(topk_weights), K=num_topk,
+            has_scales=int(x_scales is not None), has_idx=int(topk_idx is not None),
+            has_w=int(topk_weights is not None), local_pos=_ptr(state.local_pos),
+            node_pos=_ptr(state.node_pos), rank_prefix_matrix=_ptr(handle.rank_prefix_matrix),
+            node_counts=_ptr(state.node_counts), send_pos=_ptr(write_send_pos),
+            off_payload=offs["payload"], off_scales=offs["scales"], off_idx=offs["topk_idx"],
+            off_w=offs["topk_weights"], put_bytes=offs["put_bytes"], recv_x=_ptr(recv_x),
+            recv_scales=_ptr(recv_scales), recv_topk_idx=_ptr(recv_idx),
+            recv_topk_weights=_ptr(recv_w), recv_src_idx=_ptr(handle.recv_src_idx),
+            recv_src_rank=_ptr(handle.recv_src_rank), proxy_rows=_ptr(write_proxy_rows),
+            num_rows=rows, num_recv_dev=_ptr(state.num_recv), zero_padding=int(pad),
+            net_bytes=_ptr(self._counter(0)), host_status=self.status.device_ptr,
+            timeout_ns=self._timeout_ns), shared_mem=KERNEL_SMEM)
         count_list = [] if pad else aligned_counts(state.counts_host, expert_alignment)
         return recv_x, recv_scales, recv_idx, recv_w, count_list, handle
 
@@ -318,13 +337,16 @@ class InternodeRuntime:
                     topk_weights.contiguous().view(torch.uint8).view(rows, num_topk * 4))
         out, out_w, bias0, bias1 = combine_outputs(t, x, topk_weights, biases)
         offs = reg.slot_offsets(2, num_topk)
-        self._module.launch("inter_combine", grid, KERNEL_THREADS, (
-            *self._region_args(reg, config), me, r, self.ranks_per_node, self.num_nodes, t,
-            hidden * 2 // 16, num_topk, int(topk_weights is not None), state.proxy_rows,
-            state.node_counts, state.node_pos, state.tokens_per_node, offs["payload"],
-            offs["combine_weights"], offs["combine_put_bytes"], bias0, bias1, out, out_w,
-            self._counter(1), np.uint64(self.status.device_ptr), self._timeout_ns()),
-            shared_mem=KERNEL_SMEM)
+        self._launch("inter_combine", grid, args.INTER_COMBINE, dict(
+            self._region_values(reg, config), rank=me, R=r, P=self.ranks_per_node,
+            N=self.num_nodes, T=t, row_int4=hidden * 2 // 16, K=num_topk,
+            has_w=int(topk_weights is not None), proxy_rows=_ptr(state.proxy_rows),
+            node_counts=_ptr(state.node_counts), node_pos=_ptr(state.node_pos),
+            tokens_per_node=_ptr(state.tokens_per_node), off_payload=offs["payload"],
+            off_w=offs["combine_weights"], put_bytes=offs["combine_put_bytes"],
+            bias0=_ptr(bias0), bias1=_ptr(bias1), out=_ptr(out), out_w=_ptr(out_w),
+            net_bytes=_ptr(self._counter(1)), host_status=self.status.device_ptr,
+            timeout_ns=self._timeout_ns), shared_mem=KERNEL_SMEM)
         return out, out_w
 
     # ------------------------------------------------------------------ teardown
@@ -337,6 +359,10 @@ class InternodeRuntime:
         if self.status is not None:
             self.status.free()
             self.status = None
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
 
 
 def _internode_state(handle: DispatchHandle) -> InternodeDispatchState:

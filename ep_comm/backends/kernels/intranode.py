@@ -17,7 +17,14 @@ Launch geometry (``launch_geometry``): ``config.num_sms`` blocks, one sender and
 block per channel, ``KERNEL_THREADS`` threads each; tokens travel in windows of
 ``nvl_window(config)`` tokens through rings of ``config.nvl_buffer`` slots.
 
-Failures: every wait in the kernels is bounded by ``EP_COMM_TIMEOUT_S``. A kernel that gives up
+Host path: the first call of a shape builds a launch plan (checks, regions, grid, every constant
+kernel argument packed once into C memory, ``args.ArgBuffer``); later calls patch the pointers
+and counts and launch with one ``cuLaunchKernel`` (``jit.PreparedLaunch``). The count wait of a
+dispatch without ``num_worst_tokens`` waits for an event recorded right after the notify kernel
+(``last_count_wait_ns`` holds its host time for the bench).
+
+Failures: every wait in the kernels is bounded by ``EP_COMM_TIMEOUT_S``, read once when the
+Buffer is created. A kernel that gives up
 writes the status word; the host reads it after the notify synchronisation and before every
 call, and raises ``CommTimeoutError`` naming this rank, the phase, the peer and the channel.
 The runtime is then unusable (peers disagree about the sequence of calls) but ``destroy()``
@@ -27,13 +34,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
-import numpy as np
+import time
+
 import torch
 
 from ep_comm.runtime.comm import timeout_s
-from ep_comm.backends.kernels import status
+from ep_comm.backends.kernels import args, status
 from ep_comm.config import Config
 from ep_comm.core.constants import (FP8_BLOCK, NORMAL_MAX_TOPK, NVL_INFO_EXPERT_COUNTS,
                                     NVL_INFO_NUM_RECV, NVL_MAX_CHANNELS, NVL_MAX_LOCAL_EXPERTS,
@@ -42,6 +49,7 @@ from ep_comm.core.constants import (FP8_BLOCK, NORMAL_MAX_TOPK, NVL_INFO_EXPERT_
 from ep_comm.errors import BackendUnavailableError, EpCommError, InputError
 from ep_comm.handles import DispatchHandle
 from ep_comm.core.regions import IntranodeRegions
+from ep_comm.runtime import jit
 
 #: Threads of a dispatch/combine block (kernels/cuda/intranode_common.cuh kThreads).
 KERNEL_THREADS = NVL_WARPS * 32
@@ -166,6 +174,15 @@ class IntranodeRuntime:
         self.status = ipc.HostStatus(NVL_STATUS_WORDS, self.device.index)
         self.nvl = ipc.NvlBuffer(comm, num_nvl_bytes) if num_nvl_bytes > 0 else None
         self._stream = torch.cuda.Stream(self.device)
+        # Read once per Buffer: a change of EP_COMM_TIMEOUT_S applies to Buffers created later.
+        self._timeout_s = timeout_s()
+        self._timeout_ns = int(self._timeout_s * 1e9)
+        self._status_ptr = int(self.status.device_ptr)
+        self._dev_index = self.device.index
+        self._plans: dict = {}
+        self._notify_done = torch.cuda.Event()  # the count wait waits for this, not the stream
+        #: ns the host spent in the last dispatch-from-layout's count wait (for the bench).
+        self.last_count_wait_ns = 0
 
     # ------------------------------------------------------------------ plumbing
     def comm_stream(self):
@@ -181,25 +198,41 @@ class IntranodeRuntime:
 
     def _raise_if_failed(self) -> None:
         """Raise the failure a kernel reported in the status word, if any (no device sync)."""
-        err = status.decode_status(self.status.read(NVL_INFO_NUM_RECV), status.NVLINK,
-                                   self.rank, timeout_s())
+        words = self.status.read(NVL_INFO_NUM_RECV)
+        if not any(words):
+            return
+        err = status.decode_status(words, status.NVLINK, self.rank, self._timeout_s)
         if err is not None:
             self._broken = err
             raise err
 
-    def _timeout_ns(self) -> np.uint64:
-        return np.uint64(int(timeout_s() * 1e9))
-
-    def _buffer_args(self, regions: IntranodeRegions):
-        r = regions.regions
-        return (np.int64(r["ctrl"].offset), np.int64(r["tail"].offset), np.int64(r["head"].offset),
-                np.int64(r["ring"].offset), np.int64(regions.slot_bytes))
+    def _stream_handle(self) -> int:
+        return jit.current_stream_handle(self._dev_index)
 
     def _check_fits(self, regions: IntranodeRegions) -> None:
         if regions.total_bytes > self.num_nvl_bytes:
             from ep_comm.errors import BufferTooSmallError
             raise BufferTooSmallError("num_nvl_bytes", regions.total_bytes, self.num_nvl_bytes,
                                       "this NVLink call")
+
+    # ------------------------------------------------------------------ plans
+    def _plan(self, key, build):
+        """The launch plan of a shape ``key``, built (with every check) on its first call."""
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = build()
+        return plan
+
+    def _prepare(self, module, kernel, params, values, grid, block, smem=0):
+        return module.prepare(kernel, args.ArgBuffer(params, values), grid, block, smem)
+
+    def _ring_values(self, regions: IntranodeRegions, config: Config, channels: int) -> dict:
+        r = regions.regions
+        return dict(peers=self.nvl.peer_ptrs_dev.data_ptr(), rank=self.rank, R=self.num_ranks,
+                    C=channels, S=config.nvl_buffer, window=nvl_window(config),
+                    off_ctrl=r["ctrl"].offset, off_tail=r["tail"].offset,
+                    off_head=r["head"].offset, off_ring=r["ring"].offset,
+                    slot_bytes=regions.slot_bytes)
 
     # ------------------------------------------------------------------ layout
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
@@ -209,54 +242,127 @@ class IntranodeRuntime:
         r, dev = self.num_ranks, topk_idx.device
         counts = torch.zeros(r + num_experts, dtype=torch.int32, device=dev)
         in_rank = torch.empty(t, r, dtype=torch.bool, device=dev)
+        per_rank, per_expert = counts[:r], counts[r:]
         if t > 0:
-            self._layout_module.launch(
-                "nvl_get_dispatch_layout", math.ceil(t / LAYOUT_THREADS), LAYOUT_THREADS,
-                (topk_idx, t, k, num_experts, r, counts[:r], counts[r:], in_rank),
-                shared_mem=(r + num_experts) * 4)
-        return counts[:r], None, counts[r:], in_rank
+            launch = self.layout_launch(self._layout_module, k, num_experts)
+            a = launch.args.slots
+            a[0].value, a[1].value = topk_idx.data_ptr(), t
+            a[5].value, a[6].value = per_rank.data_ptr(), per_expert.data_ptr()
+            a[7].value = in_rank.data_ptr()
+            launch.grid = -(-t // LAYOUT_THREADS)
+            launch.launch(self._stream_handle())
+        return per_rank, None, per_expert, in_rank
+
+    def layout_launch(self, module, num_topk: int, num_experts: int):
+        """The prepared layout kernel for (K, E); pointers and T are patched per call."""
+        key = ("layout", num_topk, num_experts)
+        plan = self._plans.get(key)
+        if plan is None:
+            values = {n: 0 for n, _ in args.NVL_LAYOUT}
+            values.update(K=num_topk, E=num_experts, R=self.num_ranks)
+            plan = self._plans[key] = self._prepare(
+                module, "nvl_get_dispatch_layout", args.NVL_LAYOUT, values, 1, LAYOUT_THREADS,
+                (self.num_ranks + num_experts) * 4)
+        return plan
 
     # ------------------------------------------------------------------ dispatch
-    def dispatch(self, x, x_scales, *, handle, num_tokens_per_rank, num_tokens_per_rdma_rank,
-                 is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights, num_experts,
-                 expert_alignment, num_worst_tokens, config):
-        """See ``Backend.dispatch``. x: [T, H] bf16 or fp8, x_scales: [T, H / 128] float32."""
-        self._check_alive()
-        r, me, dev = self.num_ranks, self.rank, x.device
-        t, hidden = x.shape
-        num_topk = topk_idx.shape[1] if topk_idx is not None else 0
+    def _dispatch_plan(self, fresh, x, x_scales, num_topk, has_idx, has_w, num_experts,
+                       num_worst_tokens, config):
+        """(notify launch or None, dispatch launch, regions) for one shape: the checks, the
+        regions, the grid and every constant argument, done once."""
+        r, hidden = self.num_ranks, x.shape[1]
         check_sizes(r, num_experts, num_topk)
         channels, blocks = launch_geometry(config, self.num_device_sms)
         regions = regions_for(config, hidden, r)
         self._check_fits(regions)
         local = num_experts // r
-        stream = torch.cuda.current_stream(dev)
-        if handle is None:
-            prefix = torch.empty(r, r, dtype=torch.int32, device=dev)
-            recv_per_expert = torch.empty(local, dtype=torch.int32, device=dev)
-            tokens_of_rank = torch.empty(r, dtype=torch.int32, device=dev)
-            num_recv_dev = torch.empty(1, dtype=torch.int32, device=dev)
-            ntpr = num_tokens_per_rank.to(torch.int32)
+        notify = None
+        if fresh:
             reg = regions.regions
-            self._module.launch("nvl_notify", 1, NOTIFY_THREADS, (
-                self.nvl.peer_ptrs_dev, me, r, t, local, num_worst_tokens, ntpr,
-                num_tokens_per_expert, np.int64(reg["ctrl"].offset),
-                np.int64(reg["notify_flag"].offset), np.int64(reg["notify_counts"].offset),
-                prefix, recv_per_expert, tokens_of_rank, num_recv_dev, np.uint64(self.status.device_ptr),
-                self._timeout_ns()))
+            values = {n: 0 for n, _ in args.NVL_NOTIFY}
+            values.update(peers=self.nvl.peer_ptrs_dev.data_ptr(), rank=self.rank, R=r, L=local,
+                          num_worst_tokens=num_worst_tokens, off_ctrl=reg["ctrl"].offset,
+                          off_flag=reg["notify_flag"].offset,
+                          off_counts=reg["notify_counts"].offset,
+                          host_status=self._status_ptr, timeout_ns=self._timeout_ns)
+            notify = self._prepare(self._module, "nvl_notify", args.NVL_NOTIFY, values, 1,
+                                   NOTIFY_THREADS)
+        offs = regions.slot_offsets()
+        values = {n: 0 for n, _ in args.NVL_DISPATCH}
+        values.update(self._ring_values(regions, config, channels))
+        values.update(off_payload=offs["payload"], off_scales=offs["scales"],
+                      off_idx=offs["topk_idx"], off_w=offs["topk_weights"],
+                      row_int4=hidden * x.element_size() // 16,
+                      num_scales=hidden // FP8_BLOCK if x_scales is not None else 0, K=num_topk,
+                      L=local, zero_padding=int(num_worst_tokens > 0),
+                      host_status=self._status_ptr, timeout_ns=self._timeout_ns)
+        launch = self._prepare(self._module, "nvl_dispatch", args.NVL_DISPATCH, values, blocks,
+                               KERNEL_THREADS, KERNEL_SMEM)
+        slots = {n: launch.args.slot(n) for n in (
+            "x", "x_scales", "topk_idx", "topk_weights", "is_token_in_rank", "T",
+            "rank_prefix_matrix", "send_pos", "recv_x", "recv_scales", "recv_topk_idx",
+            "recv_topk_weights", "recv_src_idx", "recv_src_rank", "num_rows", "num_recv_dev")}
+        return notify, launch, slots
+
+    def dispatch(self, x, x_scales, *, handle, num_tokens_per_rank, num_tokens_per_rdma_rank,
+                 is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights, num_experts,
+                 expert_alignment, num_worst_tokens, config):
+        """See ``Backend.dispatch``. x: [T, H] bf16 or fp8, x_scales: [T, H / 128] float32.
+
+        The first call of a shape (fresh or cached, dtype, hidden, scales, top-k, experts,
+        worst-case rows, config) builds its plan; later calls patch pointers and launch."""
+        self._check_alive()
+        r, me, dev = self.num_ranks, self.rank, x.device
+        t, hidden = x.shape
+        fresh = handle is None
+        num_topk = topk_idx.shape[1] if topk_idx is not None else 0
+        if not fresh:
+            num_worst_tokens = handle.num_worst_tokens
+        key = ("dispatch", fresh, hidden, x.dtype, x_scales is not None, num_topk,
+               topk_idx is not None, topk_weights is not None, num_experts, num_worst_tokens,
+               config)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._dispatch_plan(
+                fresh, x, x_scales, num_topk, topk_idx is not None, topk_weights is not None,
+                num_experts, num_worst_tokens, config)
+        notify, launch, s = plan
+        local = num_experts // r
+        stream = self._stream_handle()
+        if fresh:
+            # one allocation for the four small notify outputs
+            small = torch.empty(r * r + local + r + 1, dtype=torch.int32, device=dev)
+            prefix = small[:r * r].view(r, r)
+            recv_per_expert = small[r * r:r * r + local]
+            tokens_of_rank = small[r * r + local:r * r + local + r]
+            num_recv_dev = small[r * r + local + r:]
+            ntpr = num_tokens_per_rank if num_tokens_per_rank.dtype == torch.int32 else \
+                num_tokens_per_rank.to(torch.int32)
+            a = notify.args.slots
+            a[3].value = t
+            a[6].value, a[7].value = ntpr.data_ptr(), num_tokens_per_expert.data_ptr()
+            a[11].value, a[12].value = prefix.data_ptr(), recv_per_expert.data_ptr()
+            a[13].value, a[14].value = tokens_of_rank.data_ptr(), num_recv_dev.data_ptr()
+            notify.launch(stream)
             if num_worst_tokens > 0:
                 n_recv, rows, counts_host = -1, num_worst_tokens, None
             else:
-                stream.synchronize()  # bounded: the kernel gives up after the timeout
+                # Wait for exactly the notify kernel (bounded: it gives up after the timeout),
+                # not for whatever else is queued on the stream.
+                t0 = time.perf_counter_ns()
+                self._notify_done.record()
+                self._notify_done.synchronize()
+                self.last_count_wait_ns = time.perf_counter_ns() - t0
                 self._raise_if_failed()
                 words = self.status.read(NVL_INFO_EXPERT_COUNTS + local)
                 n_recv = words[NVL_INFO_NUM_RECV]
                 rows = n_recv
                 counts_host = words[NVL_INFO_EXPERT_COUNTS:]  # = recv_per_expert, no D2H copy
-            send_pos = torch.empty(t, r, dtype=torch.int32, device=dev)
+            route = torch.empty(t * r + 2 * rows, dtype=torch.int32, device=dev)
+            send_pos = route[:t * r].view(t, r)
             # every row written by nvl_dispatch, padding rows included (-1)
-            src_idx = torch.empty(rows, dtype=torch.int32, device=dev)
-            src_rank = torch.empty(rows, dtype=torch.int32, device=dev)
+            src_idx = route[t * r:t * r + rows]
+            src_rank = route[t * r + rows:]
             handle = DispatchHandle(
                 rank=me, num_ranks=r, num_experts=num_experts, is_token_in_rank=is_token_in_rank,
                 num_tokens_per_rank=ntpr, rank_prefix_matrix=prefix, send_pos=send_pos,
@@ -265,53 +371,81 @@ class IntranodeRuntime:
                 num_tokens_per_rdma_rank=num_tokens_per_rdma_rank,
                 backend_state=NvlDispatchState(num_tokens_of_rank=tokens_of_rank,
                                               num_recv=num_recv_dev, counts_host=counts_host))
-            write_send_pos = send_pos
+            s["send_pos"].value = send_pos.data_ptr()
         else:
             state = _intranode_state(handle)
             num_recv_dev = state.num_recv
             counts_host = state.counts_host
             rows = handle.num_recv_rows
-            write_send_pos = None  # the handle has it: same routes
-        pad = handle.num_worst_tokens > 0
+            s["send_pos"].value = 0  # the handle has it: same routes
         # Every row of these is written by nvl_dispatch (padding rows: zeros, ids -1).
         recv_x, recv_scales, recv_idx, recv_w = dispatch_outputs(rows, x, x_scales, topk_idx,
                                                                  topk_weights)
-        row_bytes = hidden * x.element_size()
-        offs = regions.slot_offsets()
-        self._module.launch("nvl_dispatch", blocks, KERNEL_THREADS, (
-            self.nvl.peer_ptrs_dev, me, r, channels, config.nvl_buffer, nvl_window(config),
-            *self._buffer_args(regions), offs["payload"], offs["scales"], offs["topk_idx"],
-            offs["topk_weights"], x, row_bytes // 16, x_scales,
-            hidden // FP8_BLOCK if x_scales is not None else 0, topk_idx, topk_weights, num_topk,
-            local, handle.is_token_in_rank, t, handle.rank_prefix_matrix, write_send_pos, recv_x,
-            recv_scales, recv_idx, recv_w, handle.recv_src_idx, handle.recv_src_rank, rows,
-            num_recv_dev, 1 if pad else 0, np.uint64(self.status.device_ptr), self._timeout_ns()),
-            shared_mem=KERNEL_SMEM)
-        count_list = [] if pad else aligned_counts(counts_host, expert_alignment)
+        s["x"].value = x.data_ptr()
+        s["x_scales"].value = 0 if x_scales is None else x_scales.data_ptr()
+        s["topk_idx"].value = 0 if topk_idx is None else topk_idx.data_ptr()
+        s["topk_weights"].value = 0 if topk_weights is None else topk_weights.data_ptr()
+        s["is_token_in_rank"].value = handle.is_token_in_rank.data_ptr()
+        s["T"].value = t
+        s["rank_prefix_matrix"].value = handle.rank_prefix_matrix.data_ptr()
+        s["recv_x"].value = recv_x.data_ptr()
+        s["recv_scales"].value = 0 if recv_scales is None else recv_scales.data_ptr()
+        s["recv_topk_idx"].value = 0 if recv_idx is None else recv_idx.data_ptr()
+        s["recv_topk_weights"].value = 0 if recv_w is None else recv_w.data_ptr()
+        s["recv_src_idx"].value = handle.recv_src_idx.data_ptr()
+        s["recv_src_rank"].value = handle.recv_src_rank.data_ptr()
+        s["num_rows"].value = rows
+        s["num_recv_dev"].value = num_recv_dev.data_ptr()
+        launch.launch(stream)
+        count_list = [] if num_worst_tokens > 0 else aligned_counts(counts_host, expert_alignment)
         return recv_x, recv_scales, recv_idx, recv_w, count_list, handle
 
     # ------------------------------------------------------------------ combine
+    def _combine_plan(self, hidden, num_topk, num_experts, config):
+        r = self.num_ranks
+        check_sizes(r, num_experts, num_topk)
+        channels, blocks = launch_geometry(config, self.num_device_sms)
+        regions = regions_for(config, hidden, r)
+        self._check_fits(regions)
+        offs = regions.slot_offsets()
+        values = {n: 0 for n, _ in args.NVL_COMBINE}
+        values.update(self._ring_values(regions, config, channels))
+        values.update(off_payload=offs["payload"], off_w=offs["topk_weights"],
+                      row_int4=hidden * 2 // 16, K=num_topk, host_status=self._status_ptr,
+                      timeout_ns=self._timeout_ns)
+        launch = self._prepare(self._module, "nvl_combine", args.NVL_COMBINE, values, blocks,
+                               KERNEL_THREADS, KERNEL_SMEM)
+        slots = {n: launch.args.slot(n) for n in (
+            "x", "topk_w", "recv_src_idx", "rank_prefix_matrix", "num_tokens_of_rank",
+            "is_token_in_rank", "send_pos", "T", "bias0", "bias1", "out", "out_w")}
+        return launch, slots
+
     def combine(self, x, handle, topk_weights, biases, config):
         """See ``Backend.combine``. x: [N, H] bf16 -> ([T, H] bf16, [T, K] float32 or None)."""
         self._check_alive()
         state = _intranode_state(handle)
-        r, me = self.num_ranks, self.rank
-        rows, hidden = x.shape
         num_topk = topk_weights.shape[1] if topk_weights is not None else 0
-        check_sizes(r, handle.num_experts, num_topk)
-        channels, blocks = launch_geometry(config, self.num_device_sms)
-        regions = regions_for(config, hidden, r)
-        self._check_fits(regions)
+        key = ("combine", x.shape[1], num_topk, handle.num_experts, config)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._combine_plan(x.shape[1], num_topk,
+                                                         handle.num_experts, config)
+        launch, s = plan
         t = handle.num_tokens
         out, out_w, bias0, bias1 = combine_outputs(t, x, topk_weights, biases)
-        offs = regions.slot_offsets()
-        self._module.launch("nvl_combine", blocks, KERNEL_THREADS, (
-            self.nvl.peer_ptrs_dev, me, r, channels, config.nvl_buffer, nvl_window(config),
-            *self._buffer_args(regions), offs["payload"], offs["topk_weights"], x, hidden * 2 // 16,
-            topk_weights, num_topk, handle.recv_src_idx, handle.rank_prefix_matrix,
-            state.num_tokens_of_rank, handle.is_token_in_rank, handle.send_pos, t, bias0, bias1,
-            out, out_w, np.uint64(self.status.device_ptr), self._timeout_ns()),
-            shared_mem=KERNEL_SMEM)
+        s["x"].value = x.data_ptr()
+        s["topk_w"].value = 0 if topk_weights is None else topk_weights.data_ptr()
+        s["recv_src_idx"].value = handle.recv_src_idx.data_ptr()
+        s["rank_prefix_matrix"].value = handle.rank_prefix_matrix.data_ptr()
+        s["num_tokens_of_rank"].value = state.num_tokens_of_rank.data_ptr()
+        s["is_token_in_rank"].value = handle.is_token_in_rank.data_ptr()
+        s["send_pos"].value = handle.send_pos.data_ptr()
+        s["T"].value = t
+        s["bias0"].value = 0 if bias0 is None else bias0.data_ptr()
+        s["bias1"].value = 0 if bias1 is None else bias1.data_ptr()
+        s["out"].value = out.data_ptr()
+        s["out_w"].value = 0 if out_w is None else out_w.data_ptr()
+        launch.launch(self._stream_handle())
         return out, out_w
 
     # ------------------------------------------------------------------ teardown

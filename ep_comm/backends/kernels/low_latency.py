@@ -42,7 +42,7 @@ import dataclasses
 import torch
 
 from ep_comm.core import fp8
-from ep_comm.runtime import nvshmem
+from ep_comm.runtime import jit, nvshmem
 from ep_comm.runtime.comm import Comm, timeout_s
 from ep_comm.backends.kernels import args, status
 from ep_comm.core.constants import (FP8_BLOCK, LL_MAX_RANKS, LL_MAX_TOPK, LL_STATUS_WORDS,
@@ -110,6 +110,7 @@ class LowLatencyRuntime:
             raise InputError(f"low-latency kernels support at most {LL_MAX_RANKS} ranks, got "
                              f"{self.num_ranks}")
         self.device = comm.device
+        self._dev_index = self.device.index
         self.nvlink = bool(allow_nvlink)
         self.num_rdma_bytes = num_rdma_bytes
         self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
@@ -123,7 +124,10 @@ class LowLatencyRuntime:
         self._mask = torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device)
         self._regions: dict[tuple[int, int, int], LowLatencyRegions] = {}
         self._next_half = 0
+        # Read once per Buffer: a change of EP_COMM_TIMEOUT_S applies to Buffers created later.
         self._limit_s = timeout_s()
+        self._timeout_ns_value = int(self._limit_s * 1e9)
+        self._plans: dict = {}  # kernel name -> jit.PreparedLaunch (arguments in C memory)
         # Peers may write into this buffer as soon as they return: everyone's zeroes first.
         torch.cuda.synchronize(self.device)
         comm.barrier("low_latency/init")
@@ -144,19 +148,31 @@ class LowLatencyRuntime:
         return self.base + reg[name].offset
 
     def _timeout_ns(self) -> int:
-        self._limit_s = timeout_s()
-        return int(self._limit_s * 1e9)
+        return self._timeout_ns_value
 
     def check_status(self) -> None:
         """Raise the error a kernel reported (CommTimeoutError); no device synchronisation."""
         words = self._status.read()
+        if not any(words):
+            return
         err = status.decode_status(words, status.LOW_LATENCY, self.rank, self._limit_s,
                                    self.comm.node_of())
         if err is not None:
             raise err
 
     def _launch(self, kernel: str, grid: int, params, values: dict) -> None:
-        self.module.launch(kernel, grid, THREADS, args.pack(params, values))
+        """Launch ``kernel`` with ``values``: the first time through a checked ``ArgBuffer``,
+        later by overwriting its slots (every value here is a pointer or a size the first
+        call's checks bound) and one ``cuLaunchKernel``."""
+        plan = self._plans.get(kernel)
+        if plan is None:
+            plan = self._plans[kernel] = self.module.prepare(
+                kernel, args.ArgBuffer(params, values), grid, THREADS)
+        else:
+            for slot, (name, _) in zip(plan.args.slots, params):
+                slot.value = values[name]
+        plan.grid = grid
+        plan.launch(jit.current_stream_handle(self._dev_index))
 
     @staticmethod
     def _ptr_of(t: torch.Tensor | None) -> int:

@@ -1,0 +1,118 @@
+"""A CPU stand-in for the GPU under the kernels backend's host path: compiled modules whose
+prepared launches record instead of calling cuLaunchKernel, a host status word in plain
+memory, no IPC. It runs the real Python of ``IntranodeRuntime`` / ``LowLatencyRuntime`` (plans,
+argument patching, allocations, handles) on CPU tensors, so tests can check what a launch
+receives and ``bench/host_overhead.py --fake-gpu`` can time the Python per call."""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+
+import torch
+
+from ep_comm.runtime import jit
+
+
+class FakeModule:
+    """A compiled module whose launches are recorded: (kernel, grid, {name: value})."""
+
+    cubin_path = "fake.cubin"
+
+    def __init__(self, record: bool = True):
+        self.launches = []
+        self.record = record
+
+    def prepare(self, kernel, arg_buffer, grid, block, shared_mem=0):
+        return jit.PreparedLaunch(kernel, arg_buffer, grid, block, shared_mem, self._launch)
+
+    def _launch(self, prepared, stream):
+        if self.record:
+            self.launches.append((prepared.name, prepared.grid, prepared.args.values()))
+
+
+class FakeHostStatus:
+    """ep_comm.runtime.ipc.HostStatus in plain memory (the notify 'kernel' writes nothing, so
+    a count wait reads zeros unless a test sets ``words``)."""
+
+    def __init__(self, nwords, device_index=0):
+        self.nwords = nwords
+        self._view = (ctypes.c_int32 * nwords)()
+        self.device_ptr = ctypes.addressof(self._view)
+
+    def read(self, n=None):
+        return self._view[:self.nwords if n is None else n]
+
+    def clear(self):
+        ctypes.memset(self.device_ptr, 0, self.nwords * 4)
+
+    def free(self):
+        pass
+
+
+class FakeNvl:
+    def __init__(self, num_ranks):
+        self.peer_ptrs_dev = torch.zeros(num_ranks, dtype=torch.int64)
+
+    def free(self, synchronize_peers=True):
+        pass
+
+
+class FakeEvent:
+    def record(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+class FakeComm:
+    def __init__(self, rank=0, num_ranks=1):
+        self.rank, self.num_ranks, self.device = rank, num_ranks, torch.device("cpu", 0)
+        self.barriers = []
+
+    def barrier(self, phase):
+        self.barriers.append(phase)
+
+    def node_of(self):
+        return None
+
+
+@contextlib.contextmanager
+def patched(monkeypatch=None):
+    """Patch torch.cuda / ipc / jit for the fake runtimes (pytest's monkeypatch, or our own)."""
+    from ep_comm.runtime import ipc, nvshmem
+
+    class Props:
+        multi_processor_count = 132
+
+    mp = monkeypatch or _MonkeyPatch()
+    module = FakeModule()
+    mp.setattr(torch.cuda, "get_device_properties", lambda dev: Props())
+    mp.setattr(torch.cuda, "synchronize", lambda dev=None: None)
+    mp.setattr(torch.cuda, "Stream", lambda dev=None: None)
+    mp.setattr(torch.cuda, "Event", FakeEvent)
+    mp.setattr(ipc, "HostStatus", FakeHostStatus)
+    mp.setattr(ipc, "NvlBuffer", lambda comm, n: FakeNvl(comm.num_ranks))
+    mp.setattr(jit, "compile_kernels", lambda *a, **k: module)
+    mp.setattr(jit, "current_stream_handle", lambda index: 0)
+    mp.setattr(nvshmem, "acquire", lambda comm, n: nvshmem.SymmetricBuffer(
+        torch.zeros(nvshmem.aligned(n), dtype=torch.uint8), nvshmem.aligned(n)))
+    mp.setattr(nvshmem, "bind_module", lambda m: None)
+    try:
+        yield module
+    finally:
+        if monkeypatch is None:
+            mp.undo()
+
+
+class _MonkeyPatch:
+    def __init__(self):
+        self._saved = []
+
+    def setattr(self, obj, name, value):
+        self._saved.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, value)
+
+    def undo(self):
+        for obj, name, value in reversed(self._saved):
+            setattr(obj, name, value)

@@ -1,0 +1,107 @@
+"""The host path of the kernels backend on a fake GPU (tests/fake_gpu.py): launch plans are
+built once per shape and later calls only patch pointers and counts; the Buffer's guard still
+rejects bad input after a shape was validated."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ep_comm.backends.kernels import args
+from ep_comm.backends.kernels.intranode import IntranodeRuntime
+from ep_comm.config import default_config
+
+import fake_gpu
+
+
+@pytest.fixture
+def nvl(monkeypatch):
+    with fake_gpu.patched(monkeypatch) as module:
+        rt = IntranodeRuntime(fake_gpu.FakeComm(0, 1), 1 << 30)
+        rt.fake_module = module
+        yield rt
+
+
+def _layout_and_dispatch(rt, t=16, h=256, e=8, k=2, worst=0):
+    idx = torch.arange(t * k, dtype=torch.int64).view(t, k) % e
+    ntpr, _, ntpe, in_rank = rt.get_dispatch_layout(idx, e)
+    x = torch.zeros(t, h, dtype=torch.bfloat16)
+    w = torch.ones(t, k)
+    return rt.dispatch(x, None, handle=None, num_tokens_per_rank=ntpr,
+                       num_tokens_per_rdma_rank=None, is_token_in_rank=in_rank,
+                       num_tokens_per_expert=ntpe, topk_idx=idx, topk_weights=w,
+                       num_experts=e, expert_alignment=1, num_worst_tokens=worst,
+                       config=default_config(1)), x
+
+
+def test_plans_are_built_once_per_shape_and_pointers_follow_each_call(nvl):
+    (recv_x, _, _, _, _, handle), x = _layout_and_dispatch(nvl, worst=32)
+    plans = dict(nvl._plans)
+    (recv_x2, _, _, _, _, handle2), x2 = _layout_and_dispatch(nvl, worst=32)
+    assert nvl._plans.keys() == plans.keys() and all(nvl._plans[k] is plans[k] for k in plans)
+    names = [n for n, _, _ in nvl.fake_module.launches]
+    assert names == ["nvl_get_dispatch_layout", "nvl_notify", "nvl_dispatch"] * 2
+    last = nvl.fake_module.launches[-1][2]
+    assert last["x"] == x2.data_ptr() and last["recv_x"] == recv_x2.data_ptr()
+    assert last["num_rows"] == 32 and last["zero_padding"] == 1 and last["T"] == 16
+    assert last["recv_src_idx"] == handle2.recv_src_idx.data_ptr()
+    assert set(last) == {n for n, _ in args.NVL_DISPATCH}
+
+
+def test_cached_dispatch_and_combine_launch_with_the_handle_tensors(nvl):
+    (recv_x, _, _, _, _, handle), x = _layout_and_dispatch(nvl, worst=32)
+    nvl.dispatch(x, None, handle=handle, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
+                 is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None,
+                 topk_weights=None, num_experts=8, expert_alignment=1, num_worst_tokens=0,
+                 config=default_config(1))
+    name, _, a = nvl.fake_module.launches[-1]
+    assert name == "nvl_dispatch" and a["send_pos"] == 0 and a["topk_idx"] == 0
+    assert a["rank_prefix_matrix"] == handle.rank_prefix_matrix.data_ptr()
+    out, _ = nvl.combine(recv_x, handle, None, (), default_config(1))
+    name, _, a = nvl.fake_module.launches[-1]
+    assert name == "nvl_combine" and a["out"] == out.data_ptr() and a["T"] == 16
+    assert a["send_pos"] == handle.send_pos.data_ptr()
+
+
+def test_timeout_is_read_when_the_runtime_is_created(nvl, monkeypatch):
+    before = nvl._timeout_ns
+    monkeypatch.setenv("EP_COMM_TIMEOUT_S", "1234")
+    _layout_and_dispatch(nvl, worst=32)
+    assert nvl.fake_module.launches[-1][2]["timeout_ns"] == before
+
+
+def _guard_task(ctx, debug):
+    """After a valid call of a shape, bad inputs still raise the first call's InputError."""
+    import os
+    if debug:
+        os.environ["EP_COMM_DEBUG"] = "1"
+    from check_cases import _buffer, _dispatch, _inputs
+    from ep_comm.errors import InputError
+    x, idx, w = _inputs()
+    buf = _buffer(ctx)
+    try:
+        handle = _dispatch(buf, x, idx, w)[4]  # validates and remembers this shape
+        _dispatch(buf, x, idx, w)  # the guard path
+        assert len(buf._validated) >= 2 and buf._debug == debug
+        bad = {
+            "must have dtype torch.bfloat16": lambda: _dispatch(buf, x.float(), idx, w),
+            "contiguous": lambda: _dispatch(buf, x.t().contiguous().t(), idx, w),
+            "topk_weights must have shape": lambda: _dispatch(buf, x, idx, w[:, :1].contiguous()),
+            "topk_idx must have dtype": lambda: buf.get_dispatch_layout(idx.int(), 8),
+            "combine x has": lambda: buf.combine(torch.zeros(3, x.shape[1],
+                                                             dtype=torch.bfloat16), handle),
+        }
+        for message, call in bad.items():
+            try:
+                call()
+            except InputError as e:
+                assert message in str(e), (message, str(e))
+            else:
+                raise AssertionError(f"no InputError for {message!r}")
+    finally:
+        buf.destroy()
+        os.environ.pop("EP_COMM_DEBUG", None)
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_guard_rejects_bad_input_after_a_shape_was_validated(cpu_ranks, debug):
+    cpu_ranks(1).run(_guard_task, debug)
