@@ -412,7 +412,7 @@ fi
     if has_stage bench; then
         echo
         echo "=== figures (value: mean over ranks; vs target > 1 is better than the target)"
-        "$PY" bench/common.py summary --dir "$RES" --backends "$BACKENDS" --expect "${EXPECT[@]}"
+        "$PY" bench/summary.py --dir "$RES" --backends "$BACKENDS" --expect "${EXPECT[@]}"
     fi
 } > "$OUT/summary.txt" 2>&1
 cat "$OUT/summary.txt" | tee -a "$LOG"

@@ -1,9 +1,9 @@
-"""bench/common.py's summary: internode results are held against 1.3x the NVLink kernels."""
+"""bench/summary.py: internode results are held against 1.3x the NVLink kernels."""
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-import common  # noqa: E402
+import summary  # noqa: E402
 
 CFG = {"num_tokens": 4096, "hidden": 7168, "num_topk": 8, "num_experts": 256, "num_sms": 24}
 
@@ -14,7 +14,7 @@ def _rec(bench, us, cfg=CFG):
 
 
 def test_internode_rows_compare_with_the_nvlink_run_of_the_same_size():
-    rows = common.summary_rows([_rec("normal", 300.0), _rec("internode", 360.0)])
+    rows = summary.summary_rows([_rec("normal", 300.0), _rec("internode", 360.0)])
     inter = [r for r in rows if r[0] == "internode" and r[3] == "dispatch_bf16"]
     assert len(inter) == 1
     assert "390" in inter[0][6] and "1.3x NVLink" in inter[0][6]
@@ -23,6 +23,6 @@ def test_internode_rows_compare_with_the_nvlink_run_of_the_same_size():
 
 def test_internode_rows_without_a_matching_nvlink_run_have_no_target():
     other = dict(CFG, num_tokens=1024)
-    rows = common.summary_rows([_rec("normal", 300.0, other), _rec("internode", 360.0)])
+    rows = summary.summary_rows([_rec("normal", 300.0, other), _rec("internode", 360.0)])
     inter = [r for r in rows if r[0] == "internode" and r[3] == "dispatch_bf16"]
     assert inter and inter[0][6] == "" and inter[0][7] == ""
