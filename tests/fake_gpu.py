@@ -69,6 +69,9 @@ class FakeComm:
     def __init__(self, rank=0, num_ranks=1):
         self.rank, self.num_ranks, self.device = rank, num_ranks, torch.device("cpu", 0)
         self.barriers = []
+        # what ep_comm.Buffer reads of a Comm: one node holding every rank
+        self.group, self.backend = None, "fake"
+        self.ranks_per_node, self.num_nodes, self.node, self.local_rank = num_ranks, 1, 0, rank
 
     def barrier(self, phase):
         self.barriers.append(phase)
@@ -100,6 +103,29 @@ def patched(monkeypatch=None):
     mp.setattr(nvshmem, "bind_module", lambda m: None)
     try:
         yield module
+    finally:
+        if monkeypatch is None:
+            mp.undo()
+
+
+@contextlib.contextmanager
+def fake_buffer(monkeypatch=None, **buffer_kw):
+    """An ``ep_comm.Buffer`` of one rank on the fake GPU, kernels backend: the public calls run
+    their real Python (checks, guard, runtimes, plans) on CPU tensors. Yields (buffer, the fake
+    module whose ``launches`` record what was launched)."""
+    import ep_comm
+    from ep_comm import buffer as buffer_mod
+
+    mp = monkeypatch or _MonkeyPatch()
+    mp.setattr(buffer_mod, "Comm", lambda group, ranks_per_node=None: FakeComm(0, 1))
+    mp.setattr(buffer_mod.Buffer, "_resolve_backend", lambda self, backend: "kernels")
+    try:
+        with patched(mp) as module:
+            buf = ep_comm.Buffer(None, backend="kernels", explicitly_destroy=True, **buffer_kw)
+            try:
+                yield buf, module
+            finally:
+                buf.destroy()
     finally:
         if monkeypatch is None:
             mp.undo()

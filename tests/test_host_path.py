@@ -105,3 +105,40 @@ def _guard_task(ctx, debug):
 @pytest.mark.parametrize("debug", [False, True])
 def test_guard_rejects_bad_input_after_a_shape_was_validated(cpu_ranks, debug):
     cpu_ranks(1).run(_guard_task, debug)
+
+
+def test_fake_buffer_runs_the_public_calls_through_the_kernels_runtimes():
+    import ep_comm
+    nvl = ep_comm.Buffer.get_dispatch_config(1).get_nvl_buffer_size_hint(256 * 2, 1)
+    with fake_gpu.fake_buffer(num_nvl_bytes=nvl) as (buf, module):
+        idx = torch.arange(16 * 2, dtype=torch.int64).view(16, 2) % 8
+        x, w = torch.zeros(16, 256, dtype=torch.bfloat16), torch.ones(16, 2)
+        n_rank, n_rdma, n_exp, in_rank, _ = buf.get_dispatch_layout(idx, 8)
+        recv = buf.dispatch(x, num_tokens_per_rank=n_rank, num_tokens_per_rdma_rank=n_rdma,
+                            is_token_in_rank=in_rank, num_tokens_per_expert=n_exp, topk_idx=idx,
+                            topk_weights=w, num_worst_tokens=16)
+        buf.combine(recv[0], recv[4])
+        assert buf.backend_name == "kernels"
+        assert [n for n, _, _ in module.launches] == [
+            "nvl_get_dispatch_layout", "nvl_notify", "nvl_dispatch", "nvl_combine"]
+
+
+def test_host_overhead_bench_runs_on_the_fake_gpu(capsys):
+    import importlib.util
+    import pathlib
+    import sys
+    bench = pathlib.Path(__file__).resolve().parent.parent / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("host_overhead", bench / "host_overhead.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        assert mod.main(["--fake-gpu", "--quick", "--calls", "2", "--tokens", "8",
+                         "--hidden", "256", "--experts", "16", "--topk", "4"]) == 0
+    finally:
+        sys.path.remove(str(bench))
+    out = capsys.readouterr().out
+    for figure in ("layout_host_us", "ll_dispatch_host_us", "ll_combine_host_us",
+                   "dispatch_host_minus_wait_us"):
+        line = next(l for l in out.splitlines() if l.startswith(figure))
+        assert "PASS" in line or "FAIL" in line, line

@@ -36,6 +36,7 @@ torch. The choice is made once per call from the inputs, never after a failure.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -200,18 +201,18 @@ def group_by_expert(topk_idx: torch.Tensor, num_experts: int, alignment: int = 1
     if num_rows is None:
         num_rows = n * k + num_experts * (alignment - 1)
     if _use_triton(impl, topk_idx):
-        dest = torch.empty(n, k, dtype=torch.int32, device=dev)
-        group_rows = torch.empty(num_experts, dtype=torch.int32, device=dev)
-        group_end = torch.empty(num_experts, dtype=torch.int32, device=dev)
+        nk = n * k
+        block, warps, span, slices = _grouping_geometry(nk, num_experts)
+        # One allocation for the four int32 outputs and scratch; each part starts on a
+        # 16-byte boundary (Triton specialises pointer arguments on that alignment).
+        sizes = [_pad4(nk), _pad4(num_experts), _pad4(num_experts), slices * num_experts]
+        flat = torch.empty(sum(sizes), dtype=torch.int32, device=dev)
+        starts = [sum(sizes[:i]) for i in range(4)]
+        dest = flat[:nk].view(n, k)
+        group_rows = flat[starts[1]:starts[1] + num_experts]
+        group_end = flat[starts[2]:starts[2] + num_experts]
         if num_experts:
-            nk = n * k
-            block = min(2048, max(16, triton.next_power_of_2(nk)))
-            warps = 8 if block >= 2048 else 4
-            # at most GROUPING_CHUNKS chunks per program (short dependent loops), at most
-            # GROUPING_MAX_SLICES slices (the dest kernel sums an [S, E] table per program)
-            span = block * max(GROUPING_CHUNKS, triton.cdiv(triton.cdiv(nk, GROUPING_MAX_SLICES), block))
-            slices = max(1, triton.cdiv(nk, span))
-            part = torch.empty(slices, num_experts, dtype=torch.int32, device=dev)
+            part = flat[starts[3]:].view(slices, num_experts)
             strides = (topk_idx.stride(0), topk_idx.stride(1))
             _permute.expert_count_kernel[(num_experts, slices)](
                 topk_idx, part, dest, nk, k, num_experts, span, *strides, BLOCK=block,
@@ -238,6 +239,23 @@ def group_by_expert(topk_idx: torch.Tensor, num_experts: int, alignment: int = 1
     dest = torch.empty_like(dest_sorted).scatter_(0, order, dest_sorted)
     return ExpertGroups(dest.view(n, k).to(torch.int32), group_end.to(torch.int32),
                         cnt.to(torch.int32), int(num_rows))
+
+
+def _pad4(n: int) -> int:
+    return (n + 3) // 4 * 4
+
+
+@functools.lru_cache(maxsize=256)
+def _grouping_geometry(nk: int, num_experts: int) -> tuple[int, int, int, int]:
+    """(BLOCK, warps, span, slices) of the grouping kernels for ``nk`` (row, slot) pairs:
+    computed once per shape (the layer calls this every step with the same sizes)."""
+    block = min(2048, max(16, triton.next_power_of_2(max(nk, 1))))
+    warps = 8 if block >= 2048 else 4
+    # at most GROUPING_CHUNKS chunks per program (short dependent loops), at most
+    # GROUPING_MAX_SLICES slices (the dest kernel sums an [S, E] table per program)
+    span = block * max(GROUPING_CHUNKS, triton.cdiv(triton.cdiv(nk, GROUPING_MAX_SLICES), block))
+    slices = max(1, triton.cdiv(nk, span))
+    return block, warps, span, slices
 
 
 def _use_triton(impl: str, t: torch.Tensor) -> bool:
