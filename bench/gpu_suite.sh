@@ -292,7 +292,7 @@ if has_stage bench; then
         NORMAL_ARGS=${SUITE_NORMAL_ARGS-""}
         LL_ARGS=${SUITE_LL_ARGS-""}
         GEMM_ARGS="--tokens 512 --masked-tokens 64 --no-sweep"
-        HOST_ARGS="--calls 100"
+        HOST_ARGS="--quick"
     elif ((GPUS > 0)); then
         # sizes that span the range (a curve, not every point): the SM sweep at 4096 tokens
         NORMAL_ARGS=${SUITE_NORMAL_ARGS-"--sweep-sms 16,24,32 --sweep-tokens 512,4096,16384"}
