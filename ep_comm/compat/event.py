@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ep_comm.event import EventOverlap as _BaseEventOverlap
+
 
 class EventHandle:
     """A CUDA event recorded on the current stream when constructed (nothing without CUDA)."""
@@ -43,3 +45,21 @@ class EventHandle:
 
     def __repr__(self):
         return f"EventHandle(cuda_event={self.event is not None})"
+
+
+class EventOverlap(_BaseEventOverlap):
+    """``ep_comm.EventOverlap`` that also holds an ``EventHandle`` (DeepEP's
+    ``EventOverlap(EventHandle())``): waiting goes through the handle, so it works without
+    CUDA too."""
+
+    def current_stream_wait(self) -> None:
+        if isinstance(self.event, EventHandle):
+            self.event.current_stream_wait()
+        else:
+            super().current_stream_wait()
+
+    def synchronize(self) -> None:
+        if isinstance(self.event, EventHandle):
+            self.event.synchronize()
+        else:
+            super().synchronize()

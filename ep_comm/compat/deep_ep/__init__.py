@@ -5,12 +5,11 @@ v1 names (``Buffer``, ``Config``, ``EventOverlap``, ``topk_idx_t``) and v2 names
 v2 exports both generations too.
 """
 from ep_comm.buffer import Buffer
-from ep_comm.compat.event import EventHandle
+from ep_comm.compat.event import EventHandle, EventOverlap
 from ep_comm.config import Config
 from ep_comm.core.checks import topk_idx_t
 from ep_comm.elastic import (ElasticBuffer, EPHandle, get_logical_domain_size,
                              get_physical_domain_size)
-from ep_comm.event import EventOverlap
 from ep_comm.compat.deep_ep import buffer, utils  # noqa: F401  (deep_ep.utils, deep_ep.buffer)
 
 #: Marks this module as ep_comm's alias (``install_deep_ep`` never replaces a real DeepEP).

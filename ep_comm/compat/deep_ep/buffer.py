@@ -1,8 +1,7 @@
 """``deep_ep.buffer`` as ep_comm answers it (v1 kept ``Buffer`` and ``EventHandle`` here)."""
 from ep_comm.buffer import Buffer
-from ep_comm.compat.event import EventHandle
+from ep_comm.compat.event import EventHandle, EventOverlap
 from ep_comm.config import Config
-from ep_comm.event import EventOverlap
 
 EP_COMM_ALIAS = True
 

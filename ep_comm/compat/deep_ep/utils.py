@@ -1,7 +1,6 @@
 """``deep_ep.utils`` as ep_comm answers it: ``EventOverlap``, ``EventHandle`` and
 ``check_nvlink_connections`` (Megatron-LM builds ``EventOverlap(EventHandle())``)."""
-from ep_comm.compat.event import EventHandle
-from ep_comm.event import EventOverlap
+from ep_comm.compat.event import EventHandle, EventOverlap
 
 EP_COMM_ALIAS = True
 
