@@ -28,7 +28,7 @@
 #
 # Environment: NPROC (processes per test, default 1; DeepEP's init_dist binds rank i to
 # cuda:i, so NPROC needs NPROC GPUs), V1_INTRANODE_ARGS, V1_LL_ARGS, V2_EP_ARGS (extra
-# arguments), TEST_TIMEOUT (seconds per test, default 900), LOG_DIR (default $OUT or the temp
+# arguments), ONLY (regex of test names to run), TEST_TIMEOUT (seconds per test, default 900), LOG_DIR (default $OUT or the temp
 # folder), PYTHON (default python).
 set -uo pipefail
 V1=567632d
@@ -90,6 +90,7 @@ export EP_SUPPRESS_NCCL_CHECK=1
 pass=0; fail=0; port=29600
 run() {  # run NAME DIR ARGS...
     local name="$1" dir="$2"; shift 2
+    if [ -n "${ONLY:-}" ] && ! [[ "$name" =~ $ONLY ]]; then return; fi
     local log="$LOG_DIR/deepep-$name.log" t0=$SECONDS rc
     port=$((port + 7))
     (cd "$dir" && MASTER_PORT=$port timeout "$TIMEOUT" "$PY" "$@") > "$log" 2>&1
