@@ -11,6 +11,7 @@ and GPU kernels), ``runtime`` (compiler, IPC, NVSHMEM, process groups, launcher)
 from ep_comm.buffer import Buffer
 from ep_comm.core.checks import topk_idx_t
 from ep_comm.config import Config
+from ep_comm.elastic import ElasticBuffer, EPHandle
 from ep_comm.errors import (BackendUnavailableError, BufferTooSmallError, CommTimeoutError,
                             EpCommError, InputError, KernelError)
 from ep_comm.event import EventOverlap
@@ -19,6 +20,6 @@ from ep_comm.runtime.launcher import init_distributed
 
 __version__ = "0.1.0"
 
-__all__ = ["Buffer", "Config", "EventOverlap", "DispatchHandle", "LowLatencyHandle", "topk_idx_t",
+__all__ = ["Buffer", "ElasticBuffer", "EPHandle", "Config", "EventOverlap", "DispatchHandle", "LowLatencyHandle", "topk_idx_t",
            "EpCommError", "InputError", "BufferTooSmallError", "BackendUnavailableError",
            "CommTimeoutError", "KernelError", "init_distributed"]

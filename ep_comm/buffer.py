@@ -37,6 +37,11 @@ class Buffer:
             chooses its own over NVLink).
         allow_nvlink_for_low_latency_mode: low-latency kernels may store straight into peer
             memory over NVLink; False sends every byte with NVSHMEM puts (the RDMA path).
+        allow_mnnvl, use_fabric: DeepEP's multi-node NVLink (MNNVL) and fabric-handle options.
+            ep_comm shares memory by CUDA IPC within a node and NVSHMEM across nodes, so True
+            raises ``BackendUnavailableError`` (never ignored).
+        enable_shrink: DeepEP's rank masking for low-latency mode. ep_comm's mask calls
+            (``low_latency_update_mask_buffer`` ...) always work; the flag is kept as an attribute.
         explicitly_destroy: if True, buffers live until ``destroy()``; else until garbage
             collection.
         comm: an mpi4py communicator, used when ``group`` is None (initialises
@@ -53,8 +58,17 @@ class Buffer:
 
     def __init__(self, group=None, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
                  low_latency_mode: bool = False, num_qps_per_rank: int = 24,
-                 allow_nvlink_for_low_latency_mode: bool = True, explicitly_destroy: bool = False,
-                 comm=None, backend: str = "auto", ranks_per_node: int | None = None):
+                 allow_nvlink_for_low_latency_mode: bool = True, allow_mnnvl: bool = False,
+                 use_fabric: bool = False, explicitly_destroy: bool = False,
+                 enable_shrink: bool = False, comm=None, backend: str = "auto",
+                 ranks_per_node: int | None = None):
+        for name, on in (("allow_mnnvl", allow_mnnvl), ("use_fabric", use_fabric)):
+            if on:
+                raise BackendUnavailableError(
+                    "kernels", f"{name}=True asks for multi-node NVLink fabric memory, which "
+                    "ep_comm does not use (CUDA IPC within a node, NVSHMEM across nodes)",
+                    f"Drop {name}=True; the ranks of one node still use NVLink.")
+        self.enable_shrink = enable_shrink
         if backend not in BACKENDS:
             raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
         for name, v in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
@@ -155,9 +169,49 @@ class Buffer:
         """The CUDA stream normal-mode communication runs on (None on CPU)."""
         return self._comm_stream
 
-    def capture(self) -> EventOverlap:
-        """An EventOverlap recorded now on the current stream (pass it as ``previous_event``)."""
-        return capture_event(self.device)
+    @staticmethod
+    def capture() -> EventOverlap:
+        """An EventOverlap recorded now on the current CUDA stream (pass it as
+        ``previous_event``); empty without CUDA. Static, as DeepEP's (``Buffer.capture()``)."""
+        return capture_event(torch.device("cuda") if torch.cuda.is_available()
+                             else torch.device("cpu"))
+
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        """True: the kernels are compiled at run time for the device, FP8 (sm_90) included."""
+        return True
+
+    def get_local_buffer_tensor(self, dtype: torch.dtype, size=None, offset: int = 0,
+                                use_rdma_buffer: bool = False) -> torch.Tensor:
+        """This rank's communication buffer as a tensor of ``dtype`` from byte ``offset``
+        (1-D over the rest of the buffer, or ``size`` if given), as DeepEP's. See
+        ``ep_comm.compat.local_buffer``."""
+        from ep_comm.compat.local_buffer import local_buffer_tensor
+        return local_buffer_tensor(self, dtype, size, offset, use_rdma_buffer)
+
+    def internode_dispatch(self, x, handle=None, num_tokens_per_rank=None,
+                           num_tokens_per_rdma_rank=None, is_token_in_rank=None,
+                           num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
+                           expert_alignment: int = 1, num_worst_tokens: int = 0,
+                           config: Config | None = None, previous_event=None,
+                           async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """DeepEP's explicit internode entry: ``dispatch`` with a required ``config`` (ep_comm
+        picks the internode path itself whenever the group spans nodes)."""
+        if config is None:
+            raise InputError("internode_dispatch needs config (as DeepEP's)")
+        return self.dispatch(x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank,
+                             is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
+                             expert_alignment, num_worst_tokens, config, previous_event,
+                             async_finish, allocate_on_comm_stream)
+
+    def internode_combine(self, x, handle, topk_weights=None, bias=None,
+                          config: Config | None = None, previous_event=None,
+                          async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """DeepEP's explicit internode entry: ``combine`` with a required ``config``."""
+        if config is None:
+            raise InputError("internode_combine needs config (as DeepEP's)")
+        return self.combine(x, handle, topk_weights, bias, config, previous_event, async_finish,
+                            allocate_on_comm_stream)
 
     # ------------------------------------------------------------------ stream plumbing
     def _on_comm_stream(self, fn, previous_event, async_finish, allocate_on_comm_stream, inputs):
@@ -263,6 +317,9 @@ class Buffer:
             handle: DispatchHandle for combine and cached dispatch.
             event: EventOverlap.
         """
+        if isinstance(x, (tuple, list)) and len(x) == 2 and isinstance(x[1], torch.Tensor) \
+                and not x[1].is_contiguous():
+            x = (x[0], x[1].contiguous())  # DeepEP takes any scale strides (e.g. column-major)
         is_pair = isinstance(x, (tuple, list))
         key = ("dispatch", tuple(map(checks.sig, x)) if is_pair else checks.sig(x),
                None if handle is None else (type(handle), getattr(handle, "num_tokens", None),
@@ -298,6 +355,8 @@ class Buffer:
         (recv_x, recv_scales, recv_idx, recv_w, counts, new_handle), event = \
             self._on_comm_stream(run, previous_event, async_finish, allocate_on_comm_stream, inputs)
         recv = (recv_x, recv_scales) if scales is not None else recv_x
+        if handle is None and new_handle.num_channels == 0:
+            new_handle.num_channels = config.num_channels  # DeepEP's C of the tuple view
         if handle is not None:
             return recv, None, None, counts, new_handle, event
         return recv, recv_idx, recv_w, counts, new_handle, event

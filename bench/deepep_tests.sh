@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Run DeepEP's own tests against ep_comm, from a temporary folder, with only the import line
+# changed. Prints one PASS/FAIL line per test and a summary line.
+#
+#   bash bench/deepep_tests.sh DEEPEP                 run (DEEPEP: see below)
+#   bash bench/deepep_tests.sh --export GITDIR DEST   extract the needed DeepEP files from a git
+#                                                     dir (e.g. a bare mirror) into DEST, to carry
+#                                                     to a machine without network (DEST under
+#                                                     build/, which git ignores)
+#
+# DEEPEP is either a DeepEP git dir (its files are extracted with `git archive`) or a folder
+# made by --export (v1/ = commit 567632d, v2/ = commit dd758ca). DeepEP's code is never copied
+# into the repository: it is extracted into mktemp -d and run there.
+#
+# What the harness changes, exactly (nothing else; no assertion):
+#   * every test:            `import deep_ep` -> `import ep_comm.compat.deep_ep as deep_ep` (DeepEP v1 semantics:
+#                            dispatch zeroes the weights of experts on other ranks)
+#   * v1 tests/utils.py:     two lines appended that wrap bench_kineto with
+#                            ep_comm.compat.kineto.wrap_bench_kineto: the hook-mode timing
+#                            (num_kernels_per_period > 1) looks for C++ '::dispatch' /
+#                            '::combine' kernel names that ep_comm's extern "C" kernels lack; the
+#                            wrapper times ep_comm's kernels by substring instead. Timing only.
+#   * v2:                    DeepEP's deep_ep/utils/*.py are used verbatim under the package name
+#                            deep_ep; its __init__.py is replaced by a two-line shim re-exporting
+#                            ep_comm.compat.deep_ep, and deep_ep/_C.py re-exports
+#                            ep_comm.compat.deepep_c (topk_idx_t, Config, EventHandle, ...).
+#   * v2 test_ep runs with --skip-perf-test (its own flag): its perf section profiles
+#     DeepEP's kernel names (dispatch_impl, ...), which ep_comm's kernels do not have.
+#
+# Environment: NPROC (processes per test, default 1; DeepEP's init_dist binds rank i to
+# cuda:i, so NPROC needs NPROC GPUs), V1_INTRANODE_ARGS, V1_LL_ARGS, V2_EP_ARGS (extra
+# arguments), ONLY (regex of test names to run), TEST_TIMEOUT (seconds per test, default 900), LOG_DIR (default $OUT or the temp
+# folder), PYTHON (default python).
+set -uo pipefail
+V1=567632d
+V2=dd758ca
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+
+extract() {  # extract GITDIR DEST: the DeepEP files the harness needs, both commits
+    local git="$1" dest="$2" tmp
+    mkdir -p "$dest/v1" "$dest/v2"
+    tmp="$(mktemp -d)"
+    git --git-dir="$git" archive "$V1" tests | tar -x -C "$tmp" && cp -r "$tmp/tests" "$dest/v1/"
+    rm -rf "$tmp"; tmp="$(mktemp -d)"
+    git --git-dir="$git" archive "$V2" deep_ep/utils tests | tar -x -C "$tmp" \
+        && cp -r "$tmp/deep_ep" "$tmp/tests" "$dest/v2/"
+    rm -rf "$tmp"
+}
+
+if [ "${1:-}" = "--export" ]; then
+    [ $# -eq 3 ] || { echo "usage: $0 --export GITDIR DEST" >&2; exit 2; }
+    extract "$2" "$3" && echo "DeepEP test files of $V1 and $V2 in $3"
+    exit $?
+fi
+[ $# -eq 1 ] || { echo "usage: $0 DEEPEP_GITDIR_OR_EXPORTED_FOLDER" >&2; exit 2; }
+SRC="$1"
+PY="${PYTHON:-python}"
+NPROC="${NPROC:-1}"
+TIMEOUT="${TEST_TIMEOUT:-900}"
+WORK="$(mktemp -d /tmp/deepep_tests.XXXXXX)"
+LOG_DIR="${LOG_DIR:-${OUT:-$WORK}}"
+mkdir -p "$LOG_DIR"
+
+if [ -d "$SRC/v1/tests" ] && [ -d "$SRC/v2/deep_ep/utils" ]; then
+    cp -r "$SRC/v1" "$SRC/v2" "$WORK/"
+else
+    extract "$SRC" "$WORK" || { echo "FAIL  extract DeepEP files from $SRC"; exit 1; }
+fi
+
+# The import line, and nothing else, in every test that runs.
+for f in "$WORK/v1/tests/test_intranode.py" "$WORK/v1/tests/test_low_latency.py" \
+         "$WORK/v2/tests/elastic/test_ep.py"; do
+    sed -i 's/^import deep_ep$/import ep_comm.compat.deep_ep as deep_ep/' "$f"
+    grep -q '^import ep_comm.compat.deep_ep as deep_ep$' "$f" || { echo "FAIL  import line not found in $f"; exit 1; }
+done
+cat >> "$WORK/v1/tests/utils.py" <<'EOF'
+from ep_comm.compat.kineto import wrap_bench_kineto as _ep_comm_wrap_bench_kineto  # ep_comm harness
+bench_kineto = _ep_comm_wrap_bench_kineto(bench_kineto)  # ep_comm harness: hook-mode timing by ep_comm kernel names
+EOF
+cat > "$WORK/v2/deep_ep/__init__.py" <<'EOF'
+# ep_comm harness: DeepEP's deep_ep/utils run verbatim; the package's names come from ep_comm.
+from ep_comm.compat.deep_ep import *  # noqa: F401,F403
+EOF
+cat > "$WORK/v2/deep_ep/_C.py" <<'EOF'
+# ep_comm harness: DeepEP's compiled module, answered by ep_comm.
+from ep_comm.compat.deepep_c import *  # noqa: F401,F403
+EOF
+
+export PYTHONPATH="$ROOT:$WORK/v2${PYTHONPATH:+:$PYTHONPATH}"
+export EP_SUPPRESS_NCCL_CHECK=1
+pass=0; fail=0; port=29600
+run() {  # run NAME DIR ARGS...
+    local name="$1" dir="$2"; shift 2
+    if [ -n "${ONLY:-}" ] && ! [[ "$name" =~ $ONLY ]]; then return; fi
+    local log="$LOG_DIR/deepep-$name.log" t0=$SECONDS rc
+    port=$((port + 7))
+    (cd "$dir" && MASTER_PORT=$port timeout "$TIMEOUT" "$PY" "$@") > "$log" 2>&1
+    rc=$?
+    if [ $rc -eq 0 ]; then
+        pass=$((pass + 1)); printf 'PASS  %-28s %4ds  %s\n' "$name" $((SECONDS - t0)) "$log"
+    else
+        fail=$((fail + 1)); printf 'FAIL  %-28s %4ds  rc=%d  %s\n' "$name" $((SECONDS - t0)) $rc "$log"
+        grep -E 'Error|assert' "$log" | tail -3 | sed 's/^/      /'
+    fi
+}
+
+run v1-test_intranode "$WORK/v1/tests" test_intranode.py --num-processes "$NPROC" ${V1_INTRANODE_ARGS:-}
+run v1-test_low_latency "$WORK/v1/tests" test_low_latency.py --num-processes "$NPROC" ${V1_LL_ARGS:-}
+run v2-test_ep "$WORK/v2" tests/elastic/test_ep.py --num-processes "$NPROC" --skip-perf-test ${V2_EP_ARGS:-}
+run v2-test_ep-deterministic "$WORK/v2" tests/elastic/test_ep.py --num-processes "$NPROC" --skip-perf-test --deterministic ${V2_EP_ARGS:-}
+run v2-test_ep-no-cpu-sync "$WORK/v2" tests/elastic/test_ep.py --num-processes "$NPROC" --skip-perf-test --do-cpu-sync 0 --masked-ratio 0.1 ${V2_EP_ARGS:-}
+
+echo "deepep_tests: $pass passed, $fail failed (NPROC=$NPROC, DeepEP v1 $V1 / v2 $V2, logs in $LOG_DIR)"
+[ $fail -eq 0 ]
