@@ -58,10 +58,37 @@ counts not divisible by the group size. These raise ``UnsupportedModelError`` na
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
+import os
+import sys
 
 import torch
 import torch.distributed as dist
-from transformers.integrations.moe import ExpertsInterface
+
+
+def _import_transformers_moe():
+    """``transformers.integrations.moe``, imported with the Hugging Face ``kernels`` package
+    (a dependency of transformers 5.x) as the top-level ``kernels``. Run from this repository's
+    root (``python -m pytest``), the current directory comes first on ``sys.path`` and its
+    ``kernels/`` folder (our device code, installed as ``ep_comm.kernels``) would shadow it:
+    transformers then fails on ``from kernels import CUDAProperties``. So the entries that
+    point at the repository root are left out of ``sys.path`` while transformers loads."""
+    root = os.path.realpath(os.path.join(os.path.dirname(__file__), "..", ".."))
+    spec = importlib.util.find_spec("kernels") if "kernels" not in sys.modules else None
+    origin = os.path.realpath(spec.origin) if spec is not None and spec.origin else ""
+    if not origin.startswith(os.path.join(root, "kernels") + os.sep):
+        return importlib.import_module("transformers.integrations.moe")
+    saved = sys.path[:]
+    sys.path[:] = [p for p in saved if os.path.realpath(p or os.getcwd()) != root]
+    try:
+        return importlib.import_module("transformers.integrations.moe")
+    finally:
+        sys.path[:] = saved
+
+
+_hf_moe = _import_transformers_moe()
+ExpertsInterface = _hf_moe.ExpertsInterface
 
 from ep_comm import moe
 from ep_comm.buffer import Buffer
@@ -313,10 +340,9 @@ def _looks_like_moe_block(m) -> bool:
 def _fast_path_ok(m) -> bool:
     """Experts that ep_comm.moe's GEMMs compute exactly: SiLU(gate) * up with concatenated
     [E, 2I, H] gate/up (gate rows first), [E, H, I] down, no biases, no post norm."""
-    from transformers.integrations.moe import _default_apply_gate  # noqa: PLC0415
     return (m.has_gate and m.is_concatenated and not m.is_transposed and not m.has_bias
             and not m.has_post_expert_norm
-            and getattr(type(m), "_apply_gate", None) is _default_apply_gate
+            and getattr(type(m), "_apply_gate", None) is getattr(_hf_moe, "_default_apply_gate", 0)
             and isinstance(getattr(m, "act_fn", None), torch.nn.Module)
             and type(m.act_fn).__name__ in ("SiLU", "SiLUActivation"))
 
