@@ -269,7 +269,11 @@ def generic_rows(module, recv_x: torch.Tensor, recv_idx: torch.Tensor,
     for e in torch.unique(recv_idx[recv_idx >= 0]).tolist():
         tok, slot = torch.where(recv_idx == e)
         y = generic_batched(module, recv_x[tok].unsqueeze(0), slice(e, e + 1))[0]
-        out.index_add_(0, tok, y.float() * recv_w[tok, slot].unsqueeze(1))
+        # Each weighted output rounded to bf16 before the sum, as transformers' eager forward
+        # does: with top-2 routing the combined row is then the eager result bit for bit,
+        # wherever the two experts live (combine adds the ranks' rows in float32).
+        out.index_add_(0, tok, (y.float() * recv_w[tok, slot].unsqueeze(1))
+                       .to(torch.bfloat16).float())
     return out.to(torch.bfloat16)
 
 
