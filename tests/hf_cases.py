@@ -17,6 +17,8 @@ import torch
 
 LOGITS_TOL = 2.0 ** -6
 GAP_MIN = 2 * LOGITS_TOL
+#: Candidate prompts per batch row (a few percent of random prompts are decisive).
+POOL_PER_ROW = 64
 NEW_TOKENS = 16
 VOCAB = 32
 
@@ -74,25 +76,35 @@ class HFCase:
     seed: int = 0
 
 
-def decisive_prompts(ref, batch: int, seq: int, seed: int, dev):
+def decisive_prompts(ctx, ref, batch: int, seq: int, seed: int, dev):
     """``batch`` random prompts [batch, seq] whose reference greedy continuation (returned too,
     [batch, seq + NEW_TOKENS]) is decisive: at every step the best token leads the second by
     at least ``GAP_MIN * max|logits|``. Where two tokens are within bf16 rounding of each other
     the reference's own choice is a coin toss, and "identical tokens" would test rounding, not
-    the integration. Candidates are drawn from a seeded pool, the same on every rank."""
-    pool = 16 * batch
+    the integration. Rank 0 draws a seeded pool of candidates and broadcasts its choice."""
+    import torch.distributed as dist
+    pool = POOL_PER_ROW * batch
     cand = torch.randint(3, VOCAB, (pool, seq),
                          generator=torch.Generator().manual_seed(seed + 1)).to(dev)
+    keep = torch.full((batch,), -1, dtype=torch.int64)
+    if ctx.rank == 0:
+        with torch.no_grad():
+            gen = ref.generate(cand, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                               do_sample=False)
+            logits = ref(gen[:, :-1]).logits.float()[:, seq - 1:]
+        top2 = logits.topk(2, dim=-1).values
+        gap = (top2[..., 0] - top2[..., 1]).min(dim=1).values
+        good = torch.nonzero(gap >= GAP_MIN * logits.abs().max()).flatten()[:batch].cpu()
+        keep[:good.numel()] = good
+    on = keep.to(dev) if dist.get_backend(ctx.group) == "nccl" else keep
+    dist.broadcast(on, 0, group=ctx.group)
+    keep = on.cpu()
+    assert (keep >= 0).all(), f"only {(keep >= 0).sum().item()} of {pool} prompts are decisive"
+    ids = cand[keep.to(dev)]
     with torch.no_grad():
-        gen = ref.generate(cand, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                           do_sample=False)
-        logits = ref(gen[:, :-1]).logits.float()[:, seq - 1:]
-    top2 = logits.topk(2, dim=-1).values
-    gap = (top2[..., 0] - top2[..., 1]).min(dim=1).values
-    keep = torch.nonzero(gap >= GAP_MIN * logits.abs().max()).flatten()[:batch]
-    assert keep.numel() == batch, (f"only {keep.numel()} of {pool} prompts are decisive "
-                                   f"(gaps {sorted(gap.tolist())[-batch:]})")
-    return cand[keep], gen[keep]
+        ref_gen = ref.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                               do_sample=False)
+    return ids, ref_gen
 
 
 def rows_of(rank: int, world: int) -> tuple[int, int]:
@@ -108,7 +120,7 @@ def task_hf_model(ctx, case: HFCase):
     dev = ctx.device
     ref = build_model(case.kind, dev, case.seed)
     batch = 2 * ctx.world_size + 1
-    ids, ref_gen = decisive_prompts(ref, batch, case.seq, case.seed, dev)
+    ids, ref_gen = decisive_prompts(ctx, ref, batch, case.seq, case.seed, dev)
     a, b = rows_of(ctx.rank, ctx.world_size)
     with torch.no_grad():
         ref_logits = ref(ids).logits.float()
