@@ -1,0 +1,194 @@
+"""Rank tasks for tests/test_hf_integration.py: tiny random-weight transformers MoE models (no
+download) run unsplit on the whole batch and expert-parallel with the batch split over ranks.
+
+Tolerance (bf16): the EP model's logits must be within ``LOGITS_TOL * max|reference logits|``
+of the unsplit model's (``LOGITS_TOL = 2**-6``, about 4 bf16 ulps at the top of the range: the
+two compute the same sums in different orders and round the expert outputs to bf16 at different
+points, through two to three layers); greedy generation of 16 tokens must be identical, on prompts whose reference continuation
+never has two tokens within ``GAP_MIN = 2 * LOGITS_TOL`` of each other (``decisive_prompts``;
+closer than that, bf16 rounding alone may pick either).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+
+LOGITS_TOL = 2.0 ** -6
+GAP_MIN = 2 * LOGITS_TOL
+#: Candidate prompts per batch row (a few percent of random prompts are decisive).
+POOL_PER_ROW = 64
+NEW_TOKENS = 16
+VOCAB = 32
+
+
+def tiny_config(kind: str):
+    """A tiny config of ``kind`` (qwen3_moe, mixtral, deepseek_v3, gpt_oss): hidden 64, 8 experts,
+    top-2, vocab 128. ``initializer_range`` 0.1 (not 0.02) so that the logits spread out and
+    greedy choices are not decided by bf16 rounding."""
+    import transformers as tf
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=128,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.1)
+    if kind == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**common, intermediate_size=96, moe_intermediate_size=32,
+                                 num_experts=8, norm_topk_prob=True, head_dim=16)
+    if kind == "mixtral":
+        return tf.MixtralConfig(**common, intermediate_size=32, num_local_experts=8, head_dim=16)
+    if kind == "deepseek_v3":
+        return tf.DeepseekV3Config(**{**common, "num_key_value_heads": 4, "num_hidden_layers": 3},
+                                   intermediate_size=96, moe_intermediate_size=32,
+                                   n_routed_experts=8, n_shared_experts=1, n_group=2, topk_group=1,
+                                   first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32,
+                                   qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                                   routed_scaling_factor=2.5, norm_topk_prob=True)
+    if kind == "gpt_oss":
+        return tf.GptOssConfig(**common, intermediate_size=32, num_local_experts=8, head_dim=16,
+                               sliding_window=8)
+    raise ValueError(kind)
+
+
+def build_model(kind: str, device, seed: int = 0):
+    """The reference model: bf16, eval, experts_implementation="eager", same weights on every
+    rank (seeded)."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind), dtype=torch.bfloat16,
+                                             experts_implementation="eager")
+    with torch.no_grad():
+        # DeepSeek-V3's correction bias starts at zero; give it values so that the grouped
+        # top-k really uses it.
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.randn_like(buf) * 0.05)
+    return model.to(device).eval()
+
+
+@dataclasses.dataclass
+class HFCase:
+    kind: str
+    implementation: str = "ep_comm"  # or "ep_comm_ll"
+    seq: int = 6
+    graphs: bool = False            # GPU: decode steps replayed from CUDA graphs
+    backend: str = "auto"
+    use_fp8: bool = False
+    seed: int = 0
+
+
+def decisive_prompts(ctx, ref, batch: int, seq: int, seed: int, dev):
+    """``batch`` random prompts [batch, seq] whose reference greedy continuation (returned too,
+    [batch, seq + NEW_TOKENS]) is decisive: at every step the best token leads the second by
+    at least ``GAP_MIN * max|logits|``. Where two tokens are within bf16 rounding of each other
+    the reference's own choice is a coin toss, and "identical tokens" would test rounding, not
+    the integration. Rank 0 draws a seeded pool of candidates and broadcasts its choice."""
+    import torch.distributed as dist
+    pool = POOL_PER_ROW * batch
+    cand = torch.randint(3, VOCAB, (pool, seq),
+                         generator=torch.Generator().manual_seed(seed + 1)).to(dev)
+    keep = torch.full((batch,), -1, dtype=torch.int64)
+    if ctx.rank == 0:
+        with torch.no_grad():
+            gen = ref.generate(cand, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                               do_sample=False)
+            logits = ref(gen[:, :-1]).logits.float()[:, seq - 1:]
+        top2 = logits.topk(2, dim=-1).values
+        gap = (top2[..., 0] - top2[..., 1]).min(dim=1).values
+        good = torch.nonzero(gap >= GAP_MIN * logits.abs().max()).flatten()[:batch].cpu()
+        keep[:good.numel()] = good
+    on = keep.to(dev) if dist.get_backend(ctx.group) == "nccl" else keep
+    dist.broadcast(on, 0, group=ctx.group)
+    keep = on.cpu()
+    assert (keep >= 0).all(), f"only {(keep >= 0).sum().item()} of {pool} prompts are decisive"
+    ids = cand[keep.to(dev)]
+    with torch.no_grad():
+        ref_gen = ref.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                               do_sample=False)
+    return ids, ref_gen
+
+
+def rows_of(rank: int, world: int) -> tuple[int, int]:
+    """Uneven split of a (2 * world + 1)-row batch: rank 0 takes 3 rows, the others 2."""
+    start = 0 if rank == 0 else 3 + 2 * (rank - 1)
+    return start, start + (3 if rank == 0 else 2)
+
+
+def task_hf_model(ctx, case: HFCase):
+    """Unsplit reference on the whole batch vs the EP model on this rank's rows: logits of one
+    forward (bf16 tolerance) and 16 greedy tokens (identical). Returns a dict of figures."""
+    import ep_comm.integrations.transformers as ep_hf
+    dev = ctx.device
+    ref = build_model(case.kind, dev, case.seed)
+    batch = 2 * ctx.world_size + 1
+    ids, ref_gen = decisive_prompts(ctx, ref, batch, case.seq, case.seed, dev)
+    a, b = rows_of(ctx.rank, ctx.world_size)
+    with torch.no_grad():
+        ref_logits = ref(ids).logits.float()
+    model = copy.deepcopy(ref)
+    model.set_experts_implementation(case.implementation)
+    full_bytes = sum(m.gate_up_proj.numel() for m in ep_hf.experts_modules(model).values())
+    ll_m = 8 if case.implementation == "ep_comm_ll" else None
+    ep = ep_hf.shard_experts(model, ctx.group, num_max_dispatch_tokens_per_rank=ll_m,
+                             use_fp8=case.use_fp8, backend=case.backend)
+    kept = sum(m.gate_up_proj.numel() for m in ep_hf.experts_modules(model).values())
+    assert kept * ctx.world_size == full_bytes, (kept, full_bytes)
+    try:
+        # every rank makes all its calls before any assertion: a rank that stopped early would
+        # leave the others waiting in a collective
+        with torch.no_grad():
+            logits = model(ids[a:b]).logits.float()
+            err = (logits - ref_logits[a:b]).abs().max().item()
+            scale = ref_logits.abs().max().item()
+            if case.graphs:
+                gen = greedy_with_cuda_graph(model, ids[a:b], NEW_TOKENS)
+            else:
+                gen = model.generate(ids[a:b], max_new_tokens=NEW_TOKENS,
+                                     min_new_tokens=NEW_TOKENS, do_sample=False)
+        assert err <= LOGITS_TOL * scale, (
+            f"{case}: max |logits - ref| {err:.4g} > {LOGITS_TOL} * {scale:.4g}")
+        same = torch.equal(gen, ref_gen[a:b])
+        assert same, (f"{case} rank {ctx.rank}: greedy tokens differ\nEP  {gen.tolist()}\n"
+                      f"ref {ref_gen[a:b].tolist()}")
+        if case.implementation == "ep_comm_ll":
+            assert ep.calls["low_latency"] > 0 and ep.calls["normal"] > 0, ep.calls
+        else:
+            assert ep.calls["low_latency"] == 0, ep.calls
+        return {"err": err, "scale": scale, "calls": dict(ep.calls)}
+    finally:
+        ep.destroy()
+
+
+def greedy_with_cuda_graph(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy decoding with a static KV cache: the prompt in one eager forward (normal mode),
+    then every decode step replayed from one CUDA graph (low-latency mode under
+    ``ep_comm_ll``). ids [B, S] -> [B, S + new_tokens]."""
+    from transformers import StaticCache
+    bsz, s = ids.shape
+    cache = StaticCache(config=model.config, max_cache_len=s + new_tokens)
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True,
+                cache_position=torch.arange(s, device=ids.device))
+    tok = out.logits[:, -1].argmax(-1, keepdim=True)
+    toks = [tok]
+    static_tok = tok.clone()
+    static_pos = torch.tensor([s], device=ids.device)
+
+    def step():
+        return model(input_ids=static_tok, past_key_values=cache, use_cache=True,
+                     cache_position=static_pos).logits
+
+    # warm-up on a side stream (allocator, Triton autotuning), then rewind the cache slot
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_logits = step()
+    for i in range(new_tokens - 1):
+        static_tok.copy_(tok)
+        static_pos.fill_(s + i)
+        graph.replay()
+        tok = static_logits[:, -1].argmax(-1, keepdim=True)
+        toks.append(tok)
+    return torch.cat([ids] + toks, dim=1)

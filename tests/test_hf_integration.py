@@ -1,0 +1,103 @@
+"""ep_comm.integrations.transformers: transformers MoE models (Qwen3-MoE, Mixtral, DeepSeek-V3,
+GPT-OSS; tiny random-weight configs, no download) expert-parallel on ep_comm, against the same
+model unsplit on the same input (tolerance: see tests/hf_cases.py).
+
+CPU: 2 and 4 gloo ranks, reference backend. GPU (marked gpu): 2 ranks sharing one GPU
+(EP_COMM_TEST_RANKS_PER_GPU=2), kernels backend, normal mode and low-latency mode with the
+decode steps in CUDA graphs.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import ep_comm.integrations.transformers as ep_hf  # noqa: E402
+from hf_cases import HFCase, build_model, task_hf_model  # noqa: E402
+
+KINDS = ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"]
+
+
+# ----------------------------------------------------------------------------- one process
+@pytest.mark.parametrize("kind", KINDS)
+def test_local_math_matches_the_models_own_experts(kind):
+    """The generic local compute (the module's own math, used for GPT-OSS) and the fast-path
+    weights layout reproduce the eager experts forward on all experts of one layer."""
+    model = build_model(kind, "cpu")
+    name, m = next(iter(ep_hf.experts_modules(model).items()))
+    torch.manual_seed(1)
+    t, k, e = 10, 2, m.gate_up_proj.shape[0]
+    x = torch.randn(t, 64, dtype=torch.bfloat16)
+    idx = torch.stack([torch.randperm(e)[:k] for _ in range(t)])
+    w = torch.rand(t, k)
+    with torch.no_grad():
+        ref = m(x, idx, w).float()
+        got = ep_hf.generic_rows(m, x, idx, w).float()
+    assert (got - ref).abs().max().item() <= 2 ** -6 * ref.abs().max().item()
+    assert ep_hf._fast_path_ok(m) == (kind != "gpt_oss")
+
+
+def test_unsupported_model_names_the_class():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(ep_hf.UnsupportedModelError, match="LlamaForCausalLM"):
+        ep_hf.shard_experts(model)
+
+
+def test_moe_block_not_routed_through_the_interface_names_the_block():
+    class OldStyleSparseMoeBlock(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(2))
+
+    model = build_model("qwen3_moe", "cpu")
+    model.model.layers[1].mlp = OldStyleSparseMoeBlock()
+    with pytest.raises(ep_hf.UnsupportedModelError, match="OldStyleSparseMoeBlock"):
+        ep_hf.shard_experts(model)
+
+
+def test_forward_before_sharding_says_what_to_call():
+    model = copy.deepcopy(build_model("mixtral", "cpu"))
+    model.set_experts_implementation("ep_comm")
+    with pytest.raises(ep_comm_error(), match="shard_experts"):
+        model(torch.randint(3, 30, (1, 4)))
+
+
+def ep_comm_error():
+    from ep_comm.errors import InputError
+    return InputError
+
+
+def test_implementations_are_registered():
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    assert {"ep_comm", "ep_comm_ll"} <= set(ALL_EXPERTS_FUNCTIONS.keys())
+
+
+# ----------------------------------------------------------------------------- CPU ranks
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("implementation", ["ep_comm", "ep_comm_ll"])
+def test_cpu_2_ranks(cpu_ranks, kind, implementation):
+    res = cpu_ranks(2).run(task_hf_model, HFCase(kind, implementation, backend="reference"))
+    assert len(res) == 2
+
+
+@pytest.mark.parametrize("kind,implementation", [("qwen3_moe", "ep_comm"),
+                                                 ("deepseek_v3", "ep_comm_ll"),
+                                                 ("gpt_oss", "ep_comm_ll")])
+def test_cpu_4_ranks(cpu_ranks, kind, implementation):
+    res = cpu_ranks(4).run(task_hf_model, HFCase(kind, implementation, backend="reference"))
+    assert len(res) == 4
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("implementation,graphs", [("ep_comm", False), ("ep_comm_ll", False),
+                                                   ("ep_comm_ll", True)])
+def test_gpu_2_ranks_kernels(gpu_ranks, kind, implementation, graphs):
+    gpu_ranks(2).run(task_hf_model, HFCase(kind, implementation, graphs=graphs,
+                                           backend="kernels"))
