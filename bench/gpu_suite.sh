@@ -219,22 +219,29 @@ if has_stage tests; then
         export EP_COMM_TEST_RANKS_PER_GPU=2
     fi
     say "tests: up to ${EP_COMM_TEST_RANKS_PER_GPU:-1} rank(s) per GPU"
-    # Two groups run at once: the communication tests (multi-rank, ranks sharing the GPU, light
-    # on the CPU) and the compute tests (Triton compiles on the CPU cores). A GPU test file
-    # added later runs in the compute group, unless SUITE_TESTS names the files.
+    # Three groups run at once: the communication tests (multi-rank, ranks sharing the GPU, light
+    # on the CPU), the compute tests (Triton compiles on the CPU cores) and the clients on top
+    # (transformers models, DeepEP's API). A GPU test file added later runs in the compute
+    # group, unless SUITE_TESTS names the files.
     COMM_TESTS="tests/test_intranode_gpu.py tests/test_low_latency_gpu.py \
 tests/test_internode_gpu.py tests/test_reference_gpu.py tests/test_launch.py tests/test_faults.py"
     COMPUTE_TESTS="tests/test_moe.py tests/test_jit.py tests/test_gemm.py tests/test_quant.py"
+    # the clients on top: transformers models, DeepEP compatibility, the host path
+    CLIENT_TESTS="tests/test_hf_integration.py tests/test_compat_v1.py tests/test_elastic.py \
+tests/test_host_path.py"
     for f in tests/test_*.py; do
-        [[ " $COMM_TESTS $COMPUTE_TESTS " == *" $f "* ]] || COMPUTE_TESTS="$COMPUTE_TESTS $f"
+        [[ " $COMM_TESTS $COMPUTE_TESTS $CLIENT_TESTS " == *" $f "* ]] \
+            || COMPUTE_TESTS="$COMPUTE_TESTS $f"
     done
     COMM_TESTS=$(for f in $COMM_TESTS; do [[ -f $f ]] && printf '%s ' "$f"; done)
+    CLIENT_TESTS=$(for f in $CLIENT_TESTS; do [[ -f $f ]] && printf '%s ' "$f"; done)
     if [[ -n ${SUITE_TESTS:-} ]]; then
         GROUPS_=("$SUITE_TESTS")
         NAMES_=("pytest -m gpu $SUITE_TESTS")
     else
-        GROUPS_=("$COMM_TESTS" "$COMPUTE_TESTS")
-        NAMES_=("pytest -m gpu (communication tests)" "pytest -m gpu (compute tests)")
+        GROUPS_=("$COMM_TESTS" "$COMPUTE_TESTS" "$CLIENT_TESTS")
+        NAMES_=("pytest -m gpu (communication tests)" "pytest -m gpu (compute tests)"
+            "pytest -m gpu (clients: transformers, DeepEP API, host path)")
     fi
     left=$((BUDGET - SECONDS - RESERVE))
     limit=$TESTS_TIMEOUT
