@@ -7,8 +7,8 @@ kernels backend over NCCL (GPUs).
 
 What is checked after a dispatch (see ``check_dispatch``): per local expert and source rank, the
 (begin, count) range of the handle, the rows inside it (bf16 bit-exact, or fp8 payload and
-scales bit-exact against ``ep_comm.core.fp8``'s cast), their source token indices, ``recv_count``,
-that the ranges of one expert tile ``[0, recv_count)`` without overlap, ``-1`` source indices
+scales bit-exact against the independent FP8 oracle of tests/oracle.py), their source token
+indices, ``recv_count``, that the ranges of one expert tile ``[0, recv_count)`` without overlap, ``-1`` source indices
 past the count, and the column-major layout of the scales. Blocks of different source ranks may
 be in any order, so rows are located through the ranges, never by absolute position.
 
@@ -102,10 +102,10 @@ def expert_fn(rows_f32: torch.Tensor, global_expert: int) -> torch.Tensor:
 
 
 def sent_values(case: LLCase, x: torch.Tensor):
-    """What a token is sent as: x itself (bf16), or its fp8 cast (payload, scales)."""
-    from ep_comm.core import fp8
+    """What a token must arrive as: x itself (bf16), or its fp8 cast by the independent oracle
+    (uint8 e4m3 codes, scales float32 or packed ue8m0 int32), to compare bit for bit."""
     if case.fp8:
-        return fp8.per_token_cast_to_fp8(x, round_scale=case.round_scale, use_ue8m0=case.ue8m0)
+        return oracle.fp8_quantize(x, round_scale=case.round_scale, use_ue8m0=case.ue8m0)
     return x, None
 
 
@@ -217,8 +217,7 @@ def expected_combine(case: LLCase, me: int, inputs, num_ranks, masked=()):
     x, idx, w = inputs[me]
     q, s = sent_values(case, x)
     if case.fp8:
-        from ep_comm.core import fp8
-        vals = fp8.dequantize(q, s)
+        vals = oracle.fp8_dequantize(q, s).float()
     else:
         vals = x.float()
 
