@@ -262,3 +262,73 @@ def _assert_bf16_sum(got: torch.Tensor, expect: torch.Tensor, terms: int):
     tol = expect.abs() * 2 ** -8 + 1e-6 * terms
     bad = err > tol
     assert not bad.any(), f"combine off by up to {err.max():.3g} at {bad.nonzero()[:4].tolist()}"
+
+
+def task_dispatch_without_topk(ctx, case: Case):
+    """dispatch with the layout but no topk_idx / topk_weights: the same rows arrive (in the
+    contract's order), no top-k outputs, counts from num_tokens_per_expert; combine still sums."""
+    dev, r, me = ctx.device, ctx.world_size, ctx.rank
+    inputs = all_inputs(case, r)
+    x, idx, _ = (t.to(dev) for t in inputs[me])
+    buf = make_buffer(ctx, case)
+    per_rank, per_node, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, case.num_experts)
+    send = fp8_cast(x) if case.fp8 else x
+    recv, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
+        send, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_node,
+        is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+    xs = [i[0] for i in inputs]
+    want = oracle.dispatch(me, xs, [i[1] for i in inputs], None, case.num_experts)
+    n = len(want["rows"])
+    assert recv_idx is None and recv_w is None, (type(recv_idx), type(recv_w))
+    assert handle.num_recv_tokens == n
+    assert counts == want["aligned"], (counts, want["aligned"])
+    if case.fp8:
+        _assert_fp8_rows(recv, n, me, xs, inputs, case, "dispatch without top-k")
+    elif n:
+        assert torch.equal(recv[:n].cpu(), torch.stack(want["rows"])), "recv_x differs"
+    assert handle.recv_src_rank[:n].cpu().tolist() == [s for s, _ in want["src"]]
+    assert handle.recv_src_idx[:n].cpu().tolist() == [t for _, t in want["src"]]
+    recv_f = dequant_rows(recv)[:n]
+    combined, combined_w, _ = buf.combine(recv_f.to(torch.bfloat16), handle)
+    assert combined_w is None
+    srcs = [_recv_src(case, r, d, inputs) for d in range(r)]
+    sent = [xx.float() if not case.fp8 else
+            oracle.fp8_dequantize(*oracle.fp8_quantize(xx)).float() for xx in xs]
+    rows = [oracle.dispatch(d, sent, [i[1] for i in inputs], None, case.num_experts)["rows"]
+            for d in range(r)]
+    ys = [torch.stack(rw).to(torch.bfloat16) if rw else torch.zeros(0, case.hidden)
+          for rw in rows]
+    _assert_bf16_sum(combined.cpu(), oracle.combine(me, x.shape[0], srcs, ys), terms=r)
+    buf.destroy()
+
+
+def task_worst_tokens_overflow(ctx, case: Case):
+    """num_worst_tokens=1 while every rank receives more: every rank raises an ep_comm error
+    that names num_worst_tokens and the receive count (rows must never be dropped silently)."""
+    import ep_comm
+    dev, r, me = ctx.device, ctx.world_size, ctx.rank
+    case = dataclasses.replace(case, routing="random", drop=0.0, num_tokens=max(case.num_tokens, 8))
+    inputs = all_inputs(case, r)
+    x, idx, w = (t.to(dev) for t in inputs[me])
+    want = oracle.dispatch(me, [i[0] for i in inputs], [i[1] for i in inputs], None,
+                           case.num_experts)
+    assert len(want["rows"]) > 1, "the case must overflow num_worst_tokens=1 on every rank"
+    buf = make_buffer(ctx, case)
+    layout = buf.get_dispatch_layout(idx, case.num_experts)[:4]
+    kw = dict(num_tokens_per_rank=layout[0], num_tokens_per_rdma_rank=layout[1],
+              is_token_in_rank=layout[3], num_tokens_per_expert=layout[2], topk_idx=idx,
+              topk_weights=w)
+    outcome = "returned"
+    try:
+        recv = buf.dispatch(x, num_worst_tokens=1, **kw)[0]
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        for name in ("normal", "ll"):  # the kernels report through a status word
+            runtime = getattr(buf.backend, name, None)
+            if runtime is not None and hasattr(runtime, "check_status"):
+                runtime.check_status()
+    except ep_comm.EpCommError as e:
+        assert "num_worst_tokens" in str(e) and str(len(want["rows"])) in str(e), str(e)
+        outcome = "raised"
+    assert outcome == "raised", f"rank {me}: overflow not reported (got {recv.shape[0]} rows)"
+    return outcome
