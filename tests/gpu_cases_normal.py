@@ -1,27 +1,9 @@
-"""Tasks that decide whether the kernels backend is right, written against the public API only.
-
-Every task takes the backend under test as a parameter. On the GPU machine it is ``"kernels"``
-and each result is compared with a second Buffer on the same process group using
-``backend="reference"`` (bit-exact where the contract fixes the bits) and with independent
-expectations computed here from every rank's inputs (each rank regenerates all ranks' inputs
-from the case seed, so no communication is needed to know the answer). On CPU
-(``test_gpu_cases_on_cpu.py``) the backend under test is ``"reference"`` on gloo: that run
-proves the test logic itself (layouts, comparisons, tolerances), so that a GPU failure points at
-the kernels.
-
-Failures are collected, not raised at once: a rank that stopped at its first wrong value would
-leave the other ranks waiting in the next collective until a timeout. Every rank runs the same
-sequence of calls whatever it finds, and raises one AssertionError at the end listing each
-differing field with its case, seed, rank, first differing index and the size of the error.
-
-Tolerances (one place, used by every combine check): a combine returns the bf16 rounding of a
-float32 sum, so ``|got - exact| <= |exact| * 2**-8 + sum(|terms|) * 2**-20``: half a bf16 ulp
-(relative 2**-8) for the final rounding, plus float32 accumulation error (at most 16 terms of
-relative 2**-24 each) which, under cancellation, scales with the sum of the magnitudes.
-"""
+"""Normal-mode GPU cases (NVLink; over nodes with EP_COMM_TEST_RANKS_PER_NODE): inputs from
+seeds, expectations from every rank's inputs, checks against a reference Buffer, the sweep,
+CUDA-graph, backward, bad-input, create/destroy and stuck-peer tasks, and the case lists.
+See gpu_common for how the comparisons work."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import os
@@ -30,157 +12,8 @@ import time
 
 import torch
 
-import low_latency_cases as llc
-from low_latency_cases import LLCase
-
-NAN = float("nan")
-#: Relative bound of one bf16 rounding (half an ulp of an 8-bit significand).
-BF16_ROUNDING = 2.0 ** -8
-#: Relative bound of float32 accumulation of up to 16 terms, applied to the sum of |terms|.
-F32_ACCUMULATION = 2.0 ** -20
-SEED_ENV = "EP_COMM_TEST_SEED"
-
-
-def fresh_seed() -> int:
-    """A new random base seed, or ``EP_COMM_TEST_SEED`` to replay a failure."""
-    value = os.environ.get(SEED_ENV)
-    if value:
-        return int(value)
-    return random.SystemRandom().randrange(1, 2 ** 31 - 1)
-
-
-#: What the GPU test files use: the backend under test (EP_COMM_TEST_BACKEND=reference checks the
-#: tests' own logic on GPUs), this run's base seed, and the rank counts each test runs on.
-BACKEND = os.environ.get("EP_COMM_TEST_BACKEND", "kernels")
-BASE_SEED = fresh_seed()
-WORLDS = [1, 2]
-
-
-def case_seed(offset: int) -> int:
-    """``BASE_SEED + offset``, printed with how to replay it (pytest shows it on failure)."""
-    print(f"base seed {BASE_SEED} ({SEED_ENV}={BASE_SEED} replays), case seeds from "
-          f"{BASE_SEED + offset}")
-    return BASE_SEED + offset
-
-
-# ================================================================== failure collection
-class Failures:
-    """Collects failed checks with their context (case, seed, rank, field, size of the error)."""
-
-    def __init__(self, rank: int, limit: int = 40):
-        self.rank, self.limit = rank, limit
-        self.messages: list[str] = []
-        self.where = ""
-
-    def add(self, field: str, detail: str) -> None:
-        if len(self.messages) < self.limit:
-            self.messages.append(f"rank {self.rank} | {self.where} | {field}: {detail}")
-
-    @contextlib.contextmanager
-    def guard(self, field: str):
-        """Record an AssertionError of a reused checker (low_latency_cases) and go on."""
-        try:
-            yield
-        except AssertionError as e:
-            self.add(field, str(e) or repr(e))
-
-    def equal(self, field: str, got, want) -> bool:
-        detail = describe_difference(got, want)
-        if detail is not None:
-            self.add(field, detail)
-        return detail is None
-
-    def close_sum(self, field: str, got: torch.Tensor, exact: torch.Tensor,
-                  magnitude: torch.Tensor) -> bool:
-        detail = describe_sum_error(got, exact, magnitude)
-        if detail is not None:
-            self.add(field, detail)
-        return detail is None
-
-    def check(self, field: str, ok: bool, detail: str) -> None:
-        if not ok:
-            self.add(field, detail)
-
-    def outcome(self, corrupt, what: str, count: int):
-        """The end of a sweep task: the failure messages when it ran as a self-test of the
-        checks (``corrupt`` set), else ``count`` after raising if any check failed."""
-        if corrupt is not None:
-            return self.messages
-        self.raise_if_any(what)
-        return count
-
-    def raise_if_any(self, what: str) -> None:
-        if self.messages:
-            more = "" if len(self.messages) < self.limit else f"\n(first {self.limit} shown)"
-            raise AssertionError(f"{what}: {len(self.messages)} check(s) failed (replay with "
-                                 f"{SEED_ENV}=<base seed>):\n" + "\n".join(self.messages) + more)
-
-
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def describe_difference(got, want) -> str | None:
-    """None if ``got`` and ``want`` are identical (bit for bit for floats, NaN included), else
-    a line with dtype/shape, the number of differing elements, the first one and the largest
-    difference."""
-    if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor):
-        if isinstance(got, torch.Tensor) or isinstance(want, torch.Tensor):
-            return f"got {type(got).__name__}, want {type(want).__name__}"
-        return None if got == want else f"got {got!r}, want {want!r}"
-    if got.dtype != want.dtype:
-        return f"dtype {got.dtype}, want {want.dtype}"
-    if tuple(got.shape) != tuple(want.shape):
-        return f"shape {list(got.shape)}, want {list(want.shape)}"
-    g = got.detach().contiguous().cpu()
-    w = want.detach().contiguous().cpu()
-    if g.dtype == torch.bool:
-        bad = g != w
-    else:
-        view = _INT_VIEW[g.element_size()]
-        bad = g.view(view) != w.view(view)
-    if not bool(bad.any()):
-        return None
-    first = bad.nonzero()[0].tolist()
-    at = tuple(first)
-    msg = (f"{int(bad.sum())} of {g.numel()} elements differ; first at {first}: got "
-           f"{g[at].item()!r}, want {w[at].item()!r}")
-    if g.is_floating_point():
-        diff = (g.float() - w.float()).abs()[bad]
-        msg += f"; largest |difference| {diff.nan_to_num(nan=float('inf')).max().item():.4g}"
-    elif g.dtype != torch.bool:
-        msg += f"; largest |difference| {(g.long() - w.long()).abs()[bad].max().item()}"
-    return msg
-
-
-def _partial_rounding() -> float:
-    """Error bound per unit of sum(|terms|) beyond the final rounding: float32 accumulation, or,
-    on the internode path with several ranks per node, one more bf16 rounding (each node's
-    partial sum crosses the network as a bf16 row; |partial| <= sum(|terms|))."""
-    rpn = int(os.environ.get(RANKS_PER_NODE_ENV) or 0)
-    return BF16_ROUNDING + F32_ACCUMULATION if rpn > 1 else F32_ACCUMULATION
-
-
-def describe_sum_error(got: torch.Tensor, exact: torch.Tensor, magnitude: torch.Tensor) -> str | None:
-    """None if bf16 ``got`` is within one bf16 rounding of the float64 ``exact`` sum plus float32
-    accumulation error (see the module docstring), else where and by how much it is not."""
-    g = got.detach().cpu()
-    if g.dtype != torch.bfloat16 or tuple(g.shape) != tuple(exact.shape):
-        return f"got {g.dtype} {list(g.shape)}, want torch.bfloat16 {list(exact.shape)}"
-    nan = torch.isnan(g)
-    if bool(nan.any()):
-        return (f"{int(nan.sum())} NaN elements (poisoned padding rows leaked?), first at "
-                f"{nan.nonzero()[0].tolist()}")
-    err = (g.double() - exact).abs()
-    tol = exact.abs() * BF16_ROUNDING + magnitude * _partial_rounding()
-    bad = err > tol
-    if not bool(bad.any()):
-        return None
-    at = tuple(bad.nonzero()[0].tolist())
-    worst = (err - tol)[bad].max().item()
-    return (f"{int(bad.sum())} of {g.numel()} elements outside bf16 rounding; first at "
-            f"{list(at)}: got {g[at].item():.6g}, exact {exact[at].item():.6g}, tolerance "
-            f"{tol[at].item():.3g}; largest excess over tolerance {worst:.3g}, largest error "
-            f"{err.max().item():.3g}")
+from cases import add_duplicates_and_holes
+from gpu_common import Failures, NAN, check_status, is_cuda, llc_dequant, normal_buffer, sync
 
 
 # ================================================================== normal-mode inputs
@@ -195,6 +28,7 @@ class NCase:
     num_topk: int = 4
     drop: float = 0.1             # probability of a -1 top-k entry
     routing: str = "random"       # random | to_rank0 | empty_last | one_token | all_dropped
+    dups: bool = False            # duplicate ids in rows, -1 in every slot, rows routed nowhere
     fp8: bool = False
     alignment: int = 1
     worst: int = 0                # num_worst_tokens; -1 = the largest possible receive count
@@ -219,8 +53,8 @@ def worst_tokens(case: NCase, num_ranks: int) -> int:
 
 
 def n_inputs(case: NCase, rank: int, num_ranks: int, step: int = 0):
-    """(x bf16 [T, H], topk_idx int64 [T, K] distinct experts per row, topk_weights float32),
-    on CPU, from the seed: every rank computes every rank's inputs."""
+    """(x bf16 [T, H], topk_idx int64 [T, K] (distinct experts per row unless ``case.dups``),
+    topk_weights float32), on CPU, from the seed: every rank computes every rank's inputs."""
     g = torch.Generator().manual_seed(case.seed * 1_000_003 + step * 7919 + rank)
     t, h, e, k = n_tokens(case, rank, num_ranks), case.hidden, case.num_experts, case.num_topk
     # Rows of very different magnitudes, an all-zero row and an outlier: the fp8 scales and the
@@ -238,6 +72,8 @@ def n_inputs(case: NCase, rank: int, num_ranks: int, step: int = 0):
         idx = torch.cat([idx, torch.full((t, k - kk), -1, dtype=torch.int64)], dim=1)
     drop = 1.0 if case.routing == "all_dropped" else case.drop
     idx[torch.rand(t, k, generator=g) < drop] = -1
+    if case.dups:
+        add_duplicates_and_holes(idx, g)
     w = torch.rand(t, k, generator=g).float() + 0.1
     return x, idx, w
 
@@ -270,7 +106,9 @@ def expected_dispatch(case: NCase, dst: int, inputs, num_ranks: int):
         parts["w"].append(w[sel])
         parts["src_rank"].append(torch.full((len(sel),), s, dtype=torch.int32))
         parts["src_idx"].append(sel.to(torch.int32))
-        counts += torch.bincount((idx[sel] - lo)[mine[sel]], minlength=per)[:per]
+        for row in (idx[sel] - lo).tolist():  # once per distinct local expert of a token
+            for e in {v for v in row if 0 <= v < per}:
+                counts[e] += 1
     out = {k: torch.cat(v) if k != "x" else v for k, v in parts.items()}
     if case.fp8:
         out["x"] = (torch.cat([q for q, _ in parts["x"]]), torch.cat([s for _, s in parts["x"]]))
@@ -317,42 +155,6 @@ def expected_combined_weights(case: NCase, me: int, inputs, num_ranks: int):
         holds = ((idx >= d * per) & (idx < (d + 1) * per)).any(dim=1)
         acc += w.double() * (d + 2) * holds.unsqueeze(1)
     return acc
-
-
-# ================================================================== buffers
-#: Ranks per node for the normal-mode Buffers of the tasks: set (by task_with_env) below the
-#: rank count, the same tasks test the internode path (test_internode_gpu.py).
-RANKS_PER_NODE_ENV = "EP_COMM_TEST_RANKS_PER_NODE"
-
-
-def normal_buffer(ctx, backend: str, hidden: int, max_tokens: int = 4096, **kw):
-    import ep_comm
-    r = ctx.world_size
-    rpn = int(os.environ.get(RANKS_PER_NODE_ENV) or r)
-    cfg = ep_comm.Buffer.get_dispatch_config(r)
-    nvl = cfg.get_nvl_buffer_size_hint(hidden * 2, rpn)
-    rdma = (cfg.get_rdma_buffer_size_hint(hidden * 2, r, ranks_per_node=rpn,
-                                          num_max_tokens_per_rank=max_tokens) if rpn < r else 0)
-    return ep_comm.Buffer(ctx.group, num_nvl_bytes=nvl, num_rdma_bytes=rdma, backend=backend,
-                          explicitly_destroy=True, ranks_per_node=rpn if rpn < r else None, **kw)
-
-
-def check_status(buf) -> None:
-    """Raise a pending kernel error (the kernels report through a status word the host reads;
-    the reference raises inside the call)."""
-    for name in ("normal", "ll"):
-        runtime = getattr(buf.backend, name, None)
-        if runtime is not None and hasattr(runtime, "check_status"):
-            runtime.check_status()
-
-
-def sync(ctx) -> None:
-    if ctx.device.type == "cuda":
-        torch.cuda.synchronize(ctx.device)
-
-
-def is_cuda(ctx) -> bool:
-    return ctx.device.type == "cuda"
 
 
 # ================================================================== normal-mode checks
@@ -568,10 +370,6 @@ def run_normal_case(ctx, buf, ref, case: NCase, fails: Failures, *, corrupt=None
                     f"off by up to {err.max().item() if err.numel() else 0:.3g} (tolerance "
                     f"relative 2**-21)")
 
-
-def llc_dequant(recv):
-    from ep_comm.core import fp8
-    return fp8.dequantize(*recv)
 
 
 # ================================================================== normal-mode tasks
@@ -921,283 +719,6 @@ def task_normal_stuck_peer(ctx, backend: str, skipper: int = 1, timeout_s: str =
 _keep_alive: list = []
 
 
-# ================================================================== low-latency tasks
-def _ll_corrupt(kind: str | None, recv, count, handle):
-    """Deliberately damage a low-latency result (CPU self-test: each must be caught)."""
-    if kind is None:
-        return
-    e = int(torch.argmax(count.cpu()))
-    if int(count[e]) == 0:
-        return
-    payload = recv[0] if isinstance(recv, tuple) else recv
-    if kind == "row":
-        payload[e, 0].view(torch.uint8)[0] ^= 1
-    elif kind == "src_info":
-        handle.src_info[e, 0] += 1
-    elif kind == "recv_count":
-        count[e] -= 1
-
-
-def ll_round(ctx, buf, case: LLCase, step: int, fails: Failures, stats=None, masked=(),
-             corrupt: str | None = None):
-    """One low-latency dispatch + combine, checked with low_latency_cases' oracle checks, with
-    failures recorded (every rank still makes every call). The zero-copy buffer and ``out=``
-    are poisoned with NaN first and only valid rows are written, as a user would."""
-    dev, r, me = ctx.device, ctx.world_size, ctx.rank
-    fails.where = f"{case} step {step}"
-    inputs = [llc.make_inputs(case, s, r, step) for s in range(r)]
-    x, idx, w = (t.to(dev) for t in inputs[me])
-    cum, wait = stats if stats is not None else (None, None)
-    recv, count, handle, _, hook = buf.low_latency_dispatch(
-        x, idx, case.max_tokens, case.num_experts, cumulative_local_expert_recv_stats=cum,
-        dispatch_wait_recv_cost_stats=wait, use_fp8=case.fp8, round_scale=case.round_scale,
-        use_ue8m0=case.ue8m0, return_recv_hook=case.hook)
-    fails.check("dispatch hook", (hook is not None) == case.hook,
-                f"hook is {hook!r} with return_recv_hook={case.hook}")
-    if hook is not None:
-        if is_cuda(ctx):
-            torch.cuda._sleep(200_000)  # compute between send and receive
-        hook()
-    _ll_corrupt(corrupt, recv, count, handle)
-    with fails.guard("dispatch vs oracle"):
-        llc.check_dispatch(ctx, case, recv, count, handle, inputs, masked)
-    y = llc.expert_outputs(case, recv, count, dev, me, r)
-    src = y
-    if case.zero_copy:
-        zbuf = buf.get_next_low_latency_combine_buffer(handle)
-        fails.check("zero-copy buffer", tuple(zbuf.shape) == tuple(y.shape)
-                    and zbuf.dtype == torch.bfloat16, f"{zbuf.dtype} {list(zbuf.shape)}")
-        zbuf.fill_(NAN)
-        counts = count.cpu().tolist()
-        for e, n in enumerate(counts):
-            if n:
-                zbuf[e, :n] = y[e, :n]
-        src = zbuf
-    out = None
-    if case.use_out:
-        out = torch.full((idx.shape[0], case.hidden), NAN, dtype=torch.bfloat16, device=dev)
-    combined, _, chook = buf.low_latency_combine(
-        src, idx, w, handle, zero_copy=case.zero_copy, return_recv_hook=case.hook, out=out,
-        combine_wait_recv_cost_stats=wait)
-    if chook is not None:
-        chook()
-    sync(ctx)
-    if out is not None:
-        fails.check("out=", combined.data_ptr() == out.data_ptr(),
-                    "combine did not return the out= tensor")
-    with fails.guard("combine vs oracle"):
-        expect, mag = llc.expected_combine(case, me, inputs, r, masked)
-        llc.assert_combined(combined, expect, mag, "combined_x")
-    return count.cpu()
-
-
-def task_ll_sweep(ctx, backend: str, cases: list, corrupt: str | None = None):
-    """Many low-latency cases; cases sharing (M, hidden, E, nvlink) share one Buffer, so both
-    halves of the double buffer and every signal are reused with changing data. With
-    ``corrupt``, returns the failure messages instead of raising (self-test of the checks)."""
-    groups: dict[tuple, list] = {}
-    for c in cases:
-        groups.setdefault((c.max_tokens, c.hidden, c.num_experts, c.nvlink), []).append(c)
-    fails = Failures(ctx.rank)
-    r = ctx.world_size
-    import ep_comm
-    # Largest Buffer first: released symmetric buffers go back to ep_comm's NVSHMEM pool and
-    # the smaller Buffers after it reuse that memory, so the sweep never needs the sum of all
-    # sizes in the symmetric heap (sized from the first request of the process).
-    order = sorted(groups, key=lambda k: -ep_comm.Buffer.get_low_latency_rdma_size_hint(
-        k[0], k[1], r, k[2]))
-    for key in order:
-        group = groups[key]
-        buf = llc.make_buffer(ctx, dataclasses.replace(group[0], backend=backend))
-        try:
-            for step, case in enumerate(group):
-                local = case.num_experts // r
-                stats = None
-                total = torch.zeros(local, dtype=torch.int32)
-                if case.stats:
-                    # Nonzero starting values: the stats must be added to, not overwritten.
-                    total = torch.arange(local, dtype=torch.int32) * 1000 + 7
-                    stats = (total.to(ctx.device),
-                             torch.full((r,), 5, dtype=torch.int64, device=ctx.device))
-                for it in range(case.iterations):
-                    total += ll_round(ctx, buf, case, step * 16 + it, fails, stats,
-                                      corrupt=corrupt)
-                if stats is not None:
-                    fails.equal("cumulative_local_expert_recv_stats", stats[0].cpu(), total)
-                    fails.check("dispatch/combine_wait_recv_cost_stats",
-                                bool((stats[1] >= 5).all()),
-                                f"{stats[1].cpu().tolist()} fell below their starting value 5")
-                check_status(buf)
-        finally:
-            buf.destroy()
-    return fails.outcome(corrupt, f"low-latency {backend} vs oracle", len(cases))
-
-
-def task_ll_graph(ctx, backend: str, case: LLCase, replays: int = 4, capture: bool = True):
-    """Low-latency dispatch + expert function + combine captured in one CUDA graph, replayed
-    with new data and routing copied into the captured inputs; every replay checked against
-    the oracle. Rows past ``recv_count`` are poisoned with NaN inside the graph (a graph cannot
-    read counts on the host), and so is ``out=`` before each combine. ``capture=False`` runs
-    the same steps eagerly (the CPU self-test of this task)."""
-    if capture and not is_cuda(ctx):
-        return "skipped: CUDA graphs need a GPU"
-    dev, r, me = ctx.device, ctx.world_size, ctx.rank
-    # A graph has fixed shapes: every rank uses the same token count at every replay.
-    fixed = dataclasses.replace(case, ragged=0, backend=backend, iterations=1, stats=False)
-    m, h, local = fixed.max_tokens, fixed.hidden, fixed.num_experts // r
-    buf = llc.make_buffer(ctx, fixed)
-    fails = Failures(me)
-    try:
-        x0, idx0, w0 = llc.make_inputs(fixed, me, r, 0)
-        x_s, idx_s, w_s = x0.to(dev).clone(), idx0.to(dev).clone(), w0.to(dev).clone()
-        out_s = torch.empty(x0.shape[0], h, dtype=torch.bfloat16, device=dev)
-        row = torch.arange(r * m, device=dev)
-
-        def step():
-            recv, count, handle, _, hook = buf.low_latency_dispatch(
-                x_s, idx_s, m, fixed.num_experts, use_fp8=fixed.fp8, round_scale=fixed.round_scale,
-                use_ue8m0=fixed.ue8m0, return_recv_hook=fixed.hook)
-            if hook is not None:
-                hook()
-            vals = llc_dequant(recv) if fixed.fp8 else recv.float()
-            y = torch.stack([llc.expert_fn(vals[e], me * local + e) for e in range(local)]) \
-                if local else torch.empty(0, r * m, h, dtype=torch.bfloat16, device=dev)
-            valid = (row.unsqueeze(0) < count.unsqueeze(1)).unsqueeze(2)
-            y = torch.where(valid, y, torch.full_like(y, NAN))
-            src = y
-            if fixed.zero_copy:
-                src = buf.get_next_low_latency_combine_buffer(handle)
-                src.copy_(y)
-            out = None
-            if fixed.use_out:
-                out_s.fill_(NAN)
-                out = out_s
-            combined, _, chook = buf.low_latency_combine(
-                src, idx_s, w_s, handle, zero_copy=fixed.zero_copy,
-                return_recv_hook=fixed.hook, out=out)
-            if chook is not None:
-                chook()
-            return recv, count, handle, combined
-
-        res = step()  # warm-up outside the capture: compiles and loads the kernels
-        sync(ctx)
-        graph = None
-        if capture:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                res = step()
-        for rep in range(1, replays + 1):
-            fails.where = f"{fixed} graph replay {rep}"
-            ins = [llc.make_inputs(fixed, s, r, rep) for s in range(r)]
-            x, idx, w = ins[me]
-            x_s.copy_(x)
-            idx_s.copy_(idx)
-            w_s.copy_(w)
-            if graph is not None:
-                graph.replay()
-            else:
-                res = step()
-            sync(ctx)
-            check_status(buf)
-            recv, count, handle, combined = res
-            with fails.guard("dispatch vs oracle"):
-                llc.check_dispatch(ctx, fixed, recv, count, handle, ins)
-            if fixed.use_out:
-                fails.check("out=", combined.data_ptr() == out_s.data_ptr(),
-                            "combine did not return the out= tensor")
-            with fails.guard("combine vs oracle"):
-                expect, mag = llc.expected_combine(fixed, me, ins, r)
-                llc.assert_combined(combined, expect, mag, "combined_x")
-    finally:
-        buf.destroy()
-    fails.raise_if_any(f"low-latency CUDA graph ({backend})")
-    return replays
-
-
-def task_ll_clean_after_normal(ctx, backend: str, seed: int, hidden: int = 2048,
-                               num_experts: int = 32, max_tokens: int = 32):
-    """One Buffer used in normal mode, then clean_low_latency_buffer, then low-latency rounds,
-    then normal mode and low latency again: each result checked."""
-    import ep_comm
-    r = ctx.world_size
-    ll_case = LLCase(seed=seed, max_tokens=max_tokens, num_tokens=max_tokens - 5,
-                     ragged=3, hidden=hidden, num_experts=num_experts, fp8=True, backend=backend)
-    n_case = NCase(seed=ll_case.seed, hidden=hidden, num_experts=num_experts, num_tokens=40)
-    nvl = ep_comm.Buffer.get_dispatch_config(r).get_nvl_buffer_size_hint(hidden * 2, r)
-    rdma = ep_comm.Buffer.get_low_latency_rdma_size_hint(max_tokens, hidden, r, num_experts)
-    buf = ep_comm.Buffer(ctx.group, num_nvl_bytes=nvl, num_rdma_bytes=rdma, low_latency_mode=True,
-                         backend=backend, explicitly_destroy=True)
-    ref = normal_buffer(ctx, "reference", hidden)
-    fails = Failures(ctx.rank)
-    try:
-        for round_ in range(2):
-            run_normal_case(ctx, buf, ref, dataclasses.replace(n_case, seed=n_case.seed + round_),
-                            fails)
-            sync(ctx)
-            buf.clean_low_latency_buffer(max_tokens, hidden, num_experts)
-            for step in range(2):
-                ll_round(ctx, buf, ll_case, 10 * round_ + step, fails)
-            check_status(buf)
-    finally:
-        buf.destroy()
-        ref.destroy()
-    fails.raise_if_any(f"normal mode then clean_low_latency_buffer then low latency ({backend})")
-
-
-def task_internode_network_bytes(ctx, backend: str, case: NCase, rpn: int):
-    """Bytes the internode kernels put to other nodes, counted by the kernels, against the
-    minimum: every (token, other node holding one of its experts) pair once, each way. Returns
-    (counted dispatch, counted combine, minimum pairs) summed over all ranks."""
-    import torch.distributed as dist
-    r, me, dev = ctx.world_size, ctx.rank, ctx.device
-    buf = normal_buffer(ctx, backend, case.hidden)
-    runtime = buf.backend.normal
-    counter = runtime.count_network_bytes(True)
-    try:
-        inputs = [n_inputs(case, s, r) for s in range(r)]
-        x, idx, w = (t.to(dev) for t in inputs[me])
-        layout = buf.get_dispatch_layout(idx, case.num_experts)
-        recv_x, recv_idx, recv_w, _, handle, _ = buf.dispatch(
-            x, topk_idx=idx, topk_weights=w, **layout_args(layout))
-        buf.combine(recv_x, handle, topk_weights=recv_w)
-        sync(ctx)
-        check_status(buf)
-        counted = counter.cpu()
-        d_bytes, c_bytes = runtime.network_bytes_per_token(case.hidden, 2, case.num_topk)
-    finally:
-        runtime.count_network_bytes(False)
-        buf.destroy()
-    per = case.num_experts // r
-    pairs = 0
-    for s, (_, sidx, _) in enumerate(inputs):
-        ranks = torch.where(sidx >= 0, sidx // per, -1)
-        for n in range(r // rpn):
-            if n == s // rpn:
-                continue
-            pairs += int(((ranks >= n * rpn) & (ranks < (n + 1) * rpn)).any(dim=1).sum())
-    on_gloo = dist.get_backend(ctx.group) == "gloo"
-    total = counted.clone() if on_gloo else counted.to(dev)
-    dist.all_reduce(total, group=ctx.group)
-    total = total.cpu()
-    assert int(total[0]) == pairs * d_bytes, (int(total[0]), pairs, d_bytes)
-    assert int(total[1]) == pairs * c_bytes, (int(total[1]), pairs, c_bytes)
-    return int(total[0]), int(total[1]), pairs
-
-
-def task_with_env(ctx, env: dict, fn, *args):
-    """Run ``fn(ctx, *args)`` with ``env`` set in this rank's environment (restored after), so
-    Buffers created inside see it (e.g. EP_COMM_TIMEOUT_S)."""
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        return fn(ctx, *args)
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
 
 # ================================================================== case lists
 def edge_routing_cases(base: int) -> list:
@@ -1213,7 +734,31 @@ def edge_routing_cases(base: int) -> list:
                                worst=-1 if i == 2 else 0))
     cases.append(NCase(seed=base + 20, hidden=7168, num_experts=256, num_topk=9, num_tokens=512,
                        alignment=128))
+    cases += duplicate_id_cases(base + 30)
     return cases
+
+
+def duplicate_id_cases(base: int, hidden: int = 2048, num_experts: int = 64) -> list:
+    """Duplicate ids in rows, -1 in every slot position, rows routed nowhere (bf16 and fp8),
+    and top-k at NORMAL_MAX_TOPK with duplicates."""
+    from ep_comm.core.constants import NORMAL_MAX_TOPK
+    return [NCase(seed=base, hidden=hidden, num_experts=num_experts, num_topk=6, dups=True,
+                  num_tokens=90, bias=1),
+            NCase(seed=base + 1, hidden=hidden, num_experts=num_experts, num_topk=5, dups=True,
+                  fp8=True, num_tokens=70, worst=-1),
+            NCase(seed=base + 2, hidden=hidden, num_experts=max(num_experts, NORMAL_MAX_TOPK),
+                  num_topk=NORMAL_MAX_TOPK, dups=True, num_tokens=60)]
+
+
+def small_cases(base: int, num_ranks: int) -> list:
+    """The many-rank list (3, 4, 8 ranks sharing a GPU): few small cases that still cover
+    bf16 / fp8, alignment, num_worst_tokens, bias, duplicates, empty and skewed routings."""
+    e = 8 * num_ranks
+    cases = normal_cases(base, num_ranks, count=6, hiddens=(1024, 2048), max_tokens=48)
+    cases += [NCase(seed=base + 10, routing=r, hidden=1024, num_experts=e, num_topk=4,
+                    num_tokens=40, fp8=i % 2 == 1, worst=-1 if i == 1 else 0)
+              for i, r in enumerate(("empty_last", "to_rank0", "all_dropped", "one_token"))]
+    return cases + duplicate_id_cases(base + 20, hidden=1024, num_experts=max(e, 16))
 
 
 def normal_cases(base: int, num_ranks: int, count: int, hiddens=(2048, 4096, 7168, 1000),
@@ -1235,28 +780,6 @@ def normal_cases(base: int, num_ranks: int, count: int, hiddens=(2048, 4096, 716
             hidden=hidden, num_experts=experts, num_topk=k, drop=rng.choice([0.0, 0.1, 0.4]),
             routing=routing, fp8=(i % 3 == 1 and hidden % 128 == 0),
             alignment=rng.choice([1, 1, 4, 128]), worst=-1 if i % 5 == 2 else 0,
-            bias=i % 3 if i % 2 == 0 else 0))
+            bias=i % 3 if i % 2 == 0 else 0, dups=i % 4 == 3))
     return cases
 
-
-def ll_cases(base: int, count: int, max_tokens: int, hidden: int, num_experts: int,
-             nvlink: bool = True, backend: str = "reference") -> list:
-    """``count`` low-latency cases of one buffer shape: token counts from 0 to M with
-    different counts per rank, top-k 1..9, -1 entries, fp8 (plain, round_scale, ue8m0) and
-    bf16, hook and not, zero_copy, out=, stats, special routings."""
-    rng = random.Random(base)
-    routings = ("random", "to_rank0", "one_expert", "empty_rank1", "dup")
-    cases = []
-    for i in range(count):
-        fp8_mode = i % 4  # 0: bf16, 1: fp8, 2: fp8 round_scale, 3: fp8 ue8m0
-        tokens = (0, max_tokens, rng.randint(1, max_tokens))[i % 3]
-        cases.append(LLCase(
-            seed=base + i, max_tokens=max_tokens, num_tokens=tokens,
-            ragged=rng.choice([0, 1, -(max_tokens // 2), max_tokens]), hidden=hidden,
-            num_experts=num_experts, num_topk=min(1 + (i * 4 + base) % 9, num_experts),
-            drop=rng.choice([0.0, 0.1, 0.5]), routing=routings[i % len(routings)] if i % 2 else "random",
-            fp8=fp8_mode > 0, round_scale=fp8_mode >= 2,
-            ue8m0=fp8_mode == 3 and hidden % 512 == 0, hook=bool(i % 2),
-            zero_copy=i % 3 == 1, use_out=i % 3 == 2, nvlink=nvlink, stats=i % 4 == 1,
-            iterations=1 + i % 2, backend=backend))
-    return cases
