@@ -51,7 +51,8 @@ def test_ll_small_cases_on_many_ranks(gpu_ranks, world):
     cases = (llg.ll_cases(base, 6, max_tokens=16, hidden=1024, num_experts=e)
              + llg.ll_cases(base + 50, 4, max_tokens=8, hidden=512, num_experts=e, nvlink=False)
              + [LLCase(seed=base + 90, max_tokens=8, num_tokens=8, hidden=512,
-                       num_experts=max(e, LL_MAX_TOPK), num_topk=LL_MAX_TOPK, fp8=True,
+                       num_experts=max(e, -(-LL_MAX_TOPK // world) * world),
+                       num_topk=LL_MAX_TOPK, fp8=True,
                        ue8m0=True, round_scale=True)])
     gpu_ranks(world).run(llg.task_ll_sweep, BACKEND, cases)
 
