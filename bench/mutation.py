@@ -55,6 +55,7 @@ def checks(*names):
     return [T + f"test_input_checks.py::test_bad_input_raises_clear_error[{n}]" for n in names]
 
 
+CARVER = [T + "test_regions_carver.py"]
 LL_REGIONS = [T + "test_low_latency_host.py::test_regions_are_aligned_disjoint_and_inside_the_total",
               T + "test_low_latency_host.py::test_region_sizes_follow_the_documented_layout"]
 NVL_REGIONS = [T + "test_intranode_host.py"]
@@ -226,7 +227,7 @@ MUTANTS = [
     # ---------------------------------------------------------------- regions
     M("regions-claims-overlap", G, "consecutive regions overlap by one byte",
       ("self._top = align(self._top + nbytes, REGION_ALIGN)",
-       "self._top = align(self._top + nbytes - 1, REGION_ALIGN)"), LL_REGIONS),
+       "self._top = align(self._top + nbytes - 1, REGION_ALIGN)"), CARVER + LL_REGIONS),
     M("regions-ll-message-without-header", G, "low-latency messages lose their 16-byte header",
       ("return align(16 + max(hidden * 2, fp8), 16)", "return align(max(hidden * 2, fp8), 16)"),
       LL_REGIONS),

@@ -304,7 +304,7 @@ def task_dispatch_without_topk(ctx, case: Case):
 
 def task_worst_tokens_overflow(ctx, case: Case):
     """num_worst_tokens=1 while every rank receives more: every rank raises an ep_comm error
-    that names num_worst_tokens and the receive count (rows must never be dropped silently)."""
+    that names num_worst_tokens and its rank (rows must never be dropped silently)."""
     import ep_comm
     dev, r, me = ctx.device, ctx.world_size, ctx.rank
     case = dataclasses.replace(case, routing="random", drop=0.0, num_tokens=max(case.num_tokens, 8))
@@ -314,21 +314,24 @@ def task_worst_tokens_overflow(ctx, case: Case):
                            case.num_experts)
     assert len(want["rows"]) > 1, "the case must overflow num_worst_tokens=1 on every rank"
     buf = make_buffer(ctx, case)
-    layout = buf.get_dispatch_layout(idx, case.num_experts)[:4]
-    kw = dict(num_tokens_per_rank=layout[0], num_tokens_per_rdma_rank=layout[1],
-              is_token_in_rank=layout[3], num_tokens_per_expert=layout[2], topk_idx=idx,
-              topk_weights=w)
-    outcome = "returned"
     try:
-        recv = buf.dispatch(x, num_worst_tokens=1, **kw)[0]
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        for name in ("normal", "ll"):  # the kernels report through a status word
-            runtime = getattr(buf.backend, name, None)
-            if runtime is not None and hasattr(runtime, "check_status"):
-                runtime.check_status()
-    except ep_comm.EpCommError as e:
-        assert "num_worst_tokens" in str(e) and f"rank {me}" in str(e), str(e)
-        outcome = "raised"
-    assert outcome == "raised", f"rank {me}: overflow not reported (got {recv.shape[0]} rows)"
+        layout = buf.get_dispatch_layout(idx, case.num_experts)[:4]
+        kw = dict(num_tokens_per_rank=layout[0], num_tokens_per_rdma_rank=layout[1],
+                  is_token_in_rank=layout[3], num_tokens_per_expert=layout[2], topk_idx=idx,
+                  topk_weights=w)
+        outcome = "returned"
+        try:
+            recv = buf.dispatch(x, num_worst_tokens=1, **kw)[0]
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            for name in ("normal", "ll"):  # the kernels report through a status word
+                runtime = getattr(buf.backend, name, None)
+                if runtime is not None and hasattr(runtime, "check_status"):
+                    runtime.check_status()
+        except ep_comm.EpCommError as e:
+            assert "num_worst_tokens" in str(e) and f"rank {me}" in str(e), str(e)
+            outcome = "raised"
+        assert outcome == "raised", f"rank {me}: overflow not reported ({recv.shape[0]} rows)"
+    finally:
+        buf.destroy()
     return outcome
