@@ -12,6 +12,7 @@ import time
 
 import torch
 
+import oracle
 from cases import add_duplicates_and_holes
 from gpu_common import Failures, NAN, check_status, is_cuda, llc_dequant, normal_buffer, sync
 
@@ -83,12 +84,25 @@ def fp8_cast(x: torch.Tensor):
     return fp8.per_token_cast_to_fp8(x)
 
 
+def oracle_fp8(x: torch.Tensor):
+    """The independent oracle's cast of ``x`` (tests/oracle.py): (float8_e4m3fn [T, H] with the
+    oracle's bits, float32 scales [T, H // 128]), what a received fp8 row must equal."""
+    codes, scales = oracle.fp8_quantize(x.cpu())
+    return codes.view(torch.float8_e4m3fn), scales
+
+
 def sent_f32(case: NCase, x: torch.Tensor) -> torch.Tensor:
-    """float32 values a token arrives with (its fp8 cast dequantised, or x itself)."""
+    """float32 values a token arrives with (the oracle's fp8 cast dequantised, or x itself)."""
     if case.fp8:
-        from ep_comm.core import fp8
-        return fp8.dequantize(*fp8_cast(x))
+        codes, scales = oracle.fp8_quantize(x.cpu())
+        return oracle.fp8_dequantize(codes, scales).float()
     return x.float()
+
+
+def cached_x(case: NCase, rank: int, shape) -> torch.Tensor:
+    """x of ``rank`` for the cached dispatch of ``run_normal_case`` (new data, same routes)."""
+    g = torch.Generator().manual_seed(case.seed * 31 + rank)
+    return (torch.randn(shape, generator=g) * 3).to(torch.bfloat16)
 
 
 def expected_dispatch(case: NCase, dst: int, inputs, num_ranks: int):
@@ -101,7 +115,7 @@ def expected_dispatch(case: NCase, dst: int, inputs, num_ranks: int):
     for s, (x, idx, w) in enumerate(inputs):
         mine = (idx >= lo) & (idx < lo + per)
         sel = mine.any(dim=1).nonzero().flatten()
-        parts["x"].append(fp8_cast(x[sel]) if case.fp8 else x[sel])
+        parts["x"].append(oracle_fp8(x[sel]) if case.fp8 else x[sel])
         parts["idx"].append(torch.where(mine[sel], idx[sel] - lo, torch.full_like(idx[sel], -1)))
         parts["w"].append(w[sel])
         parts["src_rank"].append(torch.full((len(sel),), s, dtype=torch.int32))
@@ -311,8 +325,7 @@ def run_normal_case(ctx, buf, ref, case: NCase, fails: Failures, *, corrupt=None
     handle, rhandle = got[4], ref_res[4]
 
     # ---- cached dispatch: new data along the same routes
-    g = torch.Generator().manual_seed(case.seed * 31 + me)
-    x2_cpu = (torch.randn(x_cpu.shape, generator=g) * 3).to(torch.bfloat16)
+    x2_cpu = cached_x(case, me, x_cpu.shape)
     x2 = late_write(x2_cpu, NAN)
     got2 = buf.dispatch(fp8_cast(x2) if case.fp8 else x2, handle=handle, **stream_args())
     wait(got2[5])
@@ -326,6 +339,15 @@ def run_normal_case(ctx, buf, ref, case: NCase, fails: Failures, *, corrupt=None
     else:
         fails.equal("cached dispatch recv_x", got2[0][:n], ref2[0][:n])
     fails.equal("cached dispatch count list", got2[3], ref2[3])
+    # ... and the reference's cached rows against the oracle (bit-exact, fp8 included), so
+    # that a reference wrong on cached dispatch cannot hide behind the comparison above.
+    inputs2 = [(cached_x(case, s, inp[0].shape), inp[1], inp[2]) for s, inp in enumerate(inputs)]
+    want2 = expected_dispatch(case, me, inputs2, r)["x"]
+    if case.fp8:
+        fails.equal("reference cached dispatch fp8 payload", ref2[0][0][:n].cpu(), want2[0])
+        fails.equal("reference cached dispatch scales", ref2[0][1][:n].cpu(), want2[1])
+    else:
+        fails.equal("reference cached dispatch recv_x", ref2[0][:n].cpu(), want2)
 
     # ---- combine: expert rows from what this backend received; padding rows poisoned
     bias_cpu = None
