@@ -265,8 +265,8 @@ def run_tests(copy: str, tests, timeout: float) -> tuple[str, float, str]:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)  # the session holds pytest and its rank processes
         out, _ = proc.communicate()
-        return "timeout", time.monotonic() - t0, out[-800:]
-    return ("passed" if proc.returncode == 0 else "failed"), time.monotonic() - t0, out[-800:]
+        return "timeout", time.monotonic() - t0, out[-3000:]
+    return ("passed" if proc.returncode == 0 else "failed"), time.monotonic() - t0, out[-3000:]
 
 
 def apply(copy: str, mutant: Mutant) -> str:
@@ -297,8 +297,9 @@ def run_mutant(copy: str, mutant: Mutant, timeout: float) -> dict:
            "tests": list(mutant.tests), "outcome": outcome, "killed": killed,
            "seconds": round(secs, 1)}
     if killed:
-        lines = [ln for ln in tail.splitlines() if ln.startswith(("E ", "FAILED"))]
-        rec["caught_by"] = (lines[-1] if lines else tail.splitlines()[-1:] or [""])[0][:200]
+        lines = [ln for ln in tail.splitlines() if ln.startswith(("FAILED", "ERROR", "E "))]
+        last = tail.strip().splitlines()[-1:] or ["(no output)"]
+        rec["caught_by"] = (lines[0] if lines else last[0])[:300]
     else:
         rec["why_it_survives"] = mutant.equivalent or "NOT EXPLAINED: the selected tests miss it"
     print(f"{'killed ' if killed else 'SURVIVED'} {mutant.id:40s} {outcome:8s} {secs:6.1f} s",

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import gpu_common as common
+import gpu_cases_lifecycle as life
 import gpu_cases_low_latency as llg
 import gpu_cases_normal as normal
 from gpu_cases_normal import NCase
@@ -83,12 +84,12 @@ def test_backward_matches_closed_form(cpu_ranks):
 
 
 def test_bad_inputs_fail_fast_and_leave_buffer_usable(cpu_ranks):
-    cpu_ranks(2).run(normal.task_normal_bad_inputs, "reference")
+    cpu_ranks(2).run(life.task_normal_bad_inputs, "reference")
 
 
 def test_stuck_peer_times_out():
     # A fresh pool: the reference leaves the skipped collective posted on the gloo group.
-    elapsed = run_ranks(normal.task_normal_stuck_peer, 2, "reference", 1, "2", timeout=60)
+    elapsed = run_ranks(life.task_normal_stuck_peer, 2, "reference", 1, "2", timeout=60)
     assert elapsed[1] == "skipped" and 1.0 <= elapsed[0] <= 12, elapsed
 
 
@@ -112,7 +113,7 @@ def test_low_latency_graph_task_checks_with_eager_steps(cpu_ranks, variant):
 
 def test_graph_and_memory_tasks_skip_without_gpu(cpu_ranks):
     got = cpu_ranks(2).run(normal.task_normal_graph, "reference", NCase(seed=BASE))
-    got += cpu_ranks(2).run(normal.task_normal_create_destroy, "reference")
+    got += cpu_ranks(2).run(life.task_normal_create_destroy, "reference")
     assert all(str(g).startswith("skipped") for g in got), got
     pytest.skip("CUDA-graph capture and free-GPU-memory checks need a GPU (ran as no-ops)")
 

@@ -20,6 +20,7 @@ import pytest
 
 import gpu_common as common
 import gpu_cases_internode as inter
+import gpu_cases_lifecycle as life
 import gpu_cases_normal as normal
 from gpu_cases_normal import NCase
 from multiproc import run_ranks
@@ -86,14 +87,14 @@ def test_backward_step_through_autograd(gpu_ranks, world, rpn):
 
 @pytest.mark.parametrize("world,rpn", FULL_LAYOUTS, ids=_ids[:2])
 def test_create_and_destroy_keeps_free_memory(gpu_ranks, world, rpn):
-    got = gpu_ranks(world).run(common.task_with_env, _env(rpn), normal.task_normal_create_destroy,
+    got = gpu_ranks(world).run(common.task_with_env, _env(rpn), life.task_normal_create_destroy,
                                BACKEND, 20, 7168, 64)
     print(f"create/destroy x20: {got}")
 
 
 def test_stuck_peer_raises_timeout_naming_rank_node_and_phase(gpu_ranks):
     gpu_ranks(2)  # skips visibly without 2 GPU ranks
-    got = run_ranks(common.task_with_env, 2, _env(1), normal.task_normal_stuck_peer, BACKEND, 1, "3",
+    got = run_ranks(common.task_with_env, 2, _env(1), life.task_normal_stuck_peer, BACKEND, 1, "3",
                     use_gpu=True, timeout=120)
     print(f"timeout after {got[0]:.2f} s")
     assert got[1] == "skipped"

@@ -14,6 +14,7 @@ Run on the GPU machine: python -m pytest -q -m gpu tests/test_intranode_gpu.py
 import pytest
 
 import gpu_common as common
+import gpu_cases_lifecycle as life
 import gpu_cases_normal as normal
 from gpu_cases_normal import NCase
 from multiproc import run_ranks
@@ -96,12 +97,12 @@ def test_backward_step_through_autograd(gpu_ranks, world):
 
 @pytest.mark.parametrize("world", FULL)
 def test_bad_inputs_raise_before_any_kernel(gpu_ranks, world):
-    gpu_ranks(world).run(normal.task_normal_bad_inputs, BACKEND)
+    gpu_ranks(world).run(life.task_normal_bad_inputs, BACKEND)
 
 
 @pytest.mark.parametrize("world", FULL)
 def test_create_and_destroy_100_buffers_keeps_free_memory(gpu_ranks, world):
-    got = gpu_ranks(world).run(normal.task_normal_create_destroy, BACKEND, 100, 7168, 64)
+    got = gpu_ranks(world).run(life.task_normal_create_destroy, BACKEND, 100, 7168, 64)
     print(f"create/destroy x100: {got}")
 
 
@@ -111,6 +112,6 @@ def test_stuck_peer_raises_timeout_naming_rank_and_phase(gpu_ranks):
     Buffer is destroyed. On a fresh pool of 2 GPU ranks (multiproc's convention for tests that
     break their group), so it cannot hang the shared pool; a hang is reported after 120 s."""
     gpu_ranks(2)  # skips visibly with fewer than 2 GPUs
-    got = run_ranks(normal.task_normal_stuck_peer, 2, BACKEND, 1, "3", use_gpu=True, timeout=120)
+    got = run_ranks(life.task_normal_stuck_peer, 2, BACKEND, 1, "3", use_gpu=True, timeout=120)
     print(f"timeout after {got[0]:.2f} s")
     assert got[1] == "skipped"
