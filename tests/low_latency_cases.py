@@ -8,8 +8,8 @@ kernels backend over NCCL (GPUs).
 What is checked after a dispatch (see ``check_dispatch``): per local expert and source rank, the
 (begin, count) range of the handle, the rows inside it (bf16 bit-exact, or fp8 payload and
 scales bit-exact against the independent FP8 oracle of tests/oracle.py), their source token
-indices, ``recv_count``, that the ranges of one expert tile ``[0, recv_count)`` without overlap, ``-1`` source indices
-past the count, and the column-major layout of the scales. Blocks of different source ranks may
+indices, ``recv_count``, that the ranges of one expert tile ``[0, recv_count)`` without
+overlap, ``-1`` source indices past the count, and the column-major layout of the scales. Blocks of different source ranks may
 be in any order, so rows are located through the ranges, never by absolute position.
 
 Combine is checked against the float64 oracle, within one bf16 rounding of the result plus
