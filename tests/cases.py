@@ -25,6 +25,7 @@ class Case:
     num_topk: int = 4
     drop: float = 0.1             # probability of a -1 top-k entry
     routing: str = "random"       # random | to_rank0 | skip_last_rank | empty_rank1 | one_token
+    dups: bool = False            # duplicate ids in rows, -1 at every slot, rows routed nowhere
     fp8: bool = False
     alignment: int = 1
     worst: int = 0                # num_worst_tokens (0 = off)
@@ -63,8 +64,27 @@ def make_inputs(case: Case, rank: int, num_ranks: int):
             row = torch.cat([row, torch.full((k - len(row),), -1, dtype=torch.int64)])
         idx[i] = row
     idx[torch.rand(t, k, generator=g) < case.drop] = -1
+    if case.dups:
+        add_duplicates_and_holes(idx, g)
     w = torch.rand(t, k, generator=g).float() + 0.1
     return x, idx, w
+
+
+def add_duplicates_and_holes(idx: torch.Tensor, g: torch.Generator) -> None:
+    """In place on ``idx [T, K]``: every other row repeats one of its ids in another slot (some
+    rows name one expert three times), -1 lands in every slot position somewhere, and every
+    fifth row is all -1 (a token routed to no rank)."""
+    t, k = idx.shape
+    for i in range(t):
+        if i % 5 == 4:
+            idx[i] = -1
+        elif k > 1 and i % 2 == 0:
+            a, b = torch.randperm(k, generator=g)[:2].tolist()
+            idx[i, b] = idx[i, a]
+            if k > 2 and i % 6 == 0:
+                idx[i, (b + 1) % k if (b + 1) % k != a else (b + 2) % k] = idx[i, a]
+        elif i % 2 == 1:
+            idx[i, (i // 2) % k] = -1
 
 
 def all_inputs(case: Case, num_ranks: int):
@@ -146,15 +166,7 @@ def task_dispatch_combine(ctx, case: Case):
     recv_x = recv[0] if case.fp8 else recv
     assert recv_x.shape == (rows, case.hidden), (recv_x.shape, rows)
     if case.fp8:
-        q_want = [fp8_cast(xx) for xx in xs]
-        wq = oracle.dispatch(me, [q for q, _ in q_want], [i[1] for i in inputs], None,
-                             case.num_experts)["rows"]
-        ws = oracle.dispatch(me, [s for _, s in q_want], [i[1] for i in inputs], None,
-                             case.num_experts)["rows"]
-        if n:
-            assert torch.equal(recv_x[:n].cpu().view(torch.uint8),
-                               torch.stack(wq).view(torch.uint8)), "fp8 payload differs"
-            assert torch.equal(recv[1][:n].cpu(), torch.stack(ws)), "fp8 scales differ"
+        _assert_fp8_rows(recv, n, me, xs, inputs, case, "dispatch")
     elif n:
         assert torch.equal(recv_x[:n].cpu(), torch.stack(want["rows"])), "recv_x differs"
     assert recv_idx.shape == (rows, case.num_topk) and recv_idx.dtype == torch.int64
@@ -176,7 +188,9 @@ def task_dispatch_combine(ctx, case: Case):
     assert i2 is None and w2 is None and handle2 is handle
     want2 = [((xx.float() * -2 + 1).to(torch.bfloat16)) for xx in xs]
     rows2 = oracle.dispatch(me, want2, [i[1] for i in inputs], None, case.num_experts)["rows"]
-    if n and not case.fp8:
+    if case.fp8:
+        _assert_fp8_rows(recv2, n, me, want2, inputs, case, "cached dispatch")
+    elif n:
         assert torch.equal(recv2[:n].cpu(), torch.stack(rows2)), "cached dispatch differs"
 
     # Combine: every rank returns a function of the rows it received (and its rank), so the
@@ -201,7 +215,8 @@ def task_dispatch_combine(ctx, case: Case):
     # the same received values) - written with the oracle's source lists of every rank.
     srcs = [_recv_src(case, r, d, inputs) for d in range(r)]
     def rows_of(d):
-        got = oracle.dispatch(d, xs if not case.fp8 else [dequant_rows(fp8_cast(xx)) for xx in xs],
+        got = oracle.dispatch(d, xs if not case.fp8 else
+                              [oracle.fp8_dequantize(*oracle.fp8_quantize(xx)).float() for xx in xs],
                               [i[1] for i in inputs], [i[2] for i in inputs], case.num_experts)
         if not got["rows"]:
             return torch.zeros(0, case.hidden)
@@ -218,6 +233,22 @@ def task_dispatch_combine(ctx, case: Case):
     buf.destroy()
 
 
+def _assert_fp8_rows(recv, n, me, xs, inputs, case: Case, what: str) -> None:
+    """The fp8 tuple rank ``me`` received equals, bit for bit, the independent oracle's cast of
+    the rows it should receive (codes and float32 scales): the cast and the copy both checked."""
+    q_want = [oracle.fp8_quantize(xx) for xx in xs]
+    idxs = [i[1] for i in inputs]
+    wq = oracle.dispatch(me, [q for q, _ in q_want], idxs, None, case.num_experts)["rows"]
+    ws = oracle.dispatch(me, [s for _, s in q_want], idxs, None, case.num_experts)["rows"]
+    assert recv[0].dtype == torch.float8_e4m3fn and recv[1].dtype == torch.float32
+    assert recv[1].shape == (recv[0].shape[0], case.hidden // oracle.SCALE_BLOCK)
+    if n:
+        assert torch.equal(oracle.fp8_codes(recv[0][:n].cpu()), torch.stack(wq)), \
+            f"{what}: fp8 payload differs from the oracle's cast"
+        assert torch.equal(recv[1][:n].cpu(), torch.stack(ws)), \
+            f"{what}: fp8 scales differ from the oracle's"
+
+
 def dequant_rows(recv):
     from ep_comm.core import fp8
     return fp8.dequantize(*recv) if isinstance(recv, tuple) else recv.float()
@@ -231,3 +262,76 @@ def _assert_bf16_sum(got: torch.Tensor, expect: torch.Tensor, terms: int):
     tol = expect.abs() * 2 ** -8 + 1e-6 * terms
     bad = err > tol
     assert not bad.any(), f"combine off by up to {err.max():.3g} at {bad.nonzero()[:4].tolist()}"
+
+
+def task_dispatch_without_topk(ctx, case: Case):
+    """dispatch with the layout but no topk_idx / topk_weights: the same rows arrive (in the
+    contract's order), no top-k outputs, counts from num_tokens_per_expert; combine still sums."""
+    dev, r, me = ctx.device, ctx.world_size, ctx.rank
+    inputs = all_inputs(case, r)
+    x, idx, _ = (t.to(dev) for t in inputs[me])
+    buf = make_buffer(ctx, case)
+    per_rank, per_node, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, case.num_experts)
+    send = fp8_cast(x) if case.fp8 else x
+    recv, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
+        send, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_node,
+        is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+    xs = [i[0] for i in inputs]
+    want = oracle.dispatch(me, xs, [i[1] for i in inputs], None, case.num_experts)
+    n = len(want["rows"])
+    assert recv_idx is None and recv_w is None, (type(recv_idx), type(recv_w))
+    assert handle.num_recv_tokens == n
+    assert counts == want["aligned"], (counts, want["aligned"])
+    if case.fp8:
+        _assert_fp8_rows(recv, n, me, xs, inputs, case, "dispatch without top-k")
+    elif n:
+        assert torch.equal(recv[:n].cpu(), torch.stack(want["rows"])), "recv_x differs"
+    assert handle.recv_src_rank[:n].cpu().tolist() == [s for s, _ in want["src"]]
+    assert handle.recv_src_idx[:n].cpu().tolist() == [t for _, t in want["src"]]
+    recv_f = dequant_rows(recv)[:n]
+    combined, combined_w, _ = buf.combine(recv_f.to(torch.bfloat16), handle)
+    assert combined_w is None
+    srcs = [_recv_src(case, r, d, inputs) for d in range(r)]
+    sent = [xx.float() if not case.fp8 else
+            oracle.fp8_dequantize(*oracle.fp8_quantize(xx)).float() for xx in xs]
+    rows = [oracle.dispatch(d, sent, [i[1] for i in inputs], None, case.num_experts)["rows"]
+            for d in range(r)]
+    ys = [torch.stack(rw).to(torch.bfloat16) if rw else torch.zeros(0, case.hidden)
+          for rw in rows]
+    _assert_bf16_sum(combined.cpu(), oracle.combine(me, x.shape[0], srcs, ys), terms=r)
+    buf.destroy()
+
+
+def task_worst_tokens_overflow(ctx, case: Case):
+    """num_worst_tokens=1 while every rank receives more: every rank raises an ep_comm error
+    that names num_worst_tokens and its rank (rows must never be dropped silently)."""
+    import ep_comm
+    dev, r, me = ctx.device, ctx.world_size, ctx.rank
+    case = dataclasses.replace(case, routing="random", drop=0.0, num_tokens=max(case.num_tokens, 8))
+    inputs = all_inputs(case, r)
+    x, idx, w = (t.to(dev) for t in inputs[me])
+    want = oracle.dispatch(me, [i[0] for i in inputs], [i[1] for i in inputs], None,
+                           case.num_experts)
+    assert len(want["rows"]) > 1, "the case must overflow num_worst_tokens=1 on every rank"
+    buf = make_buffer(ctx, case)
+    try:
+        layout = buf.get_dispatch_layout(idx, case.num_experts)[:4]
+        kw = dict(num_tokens_per_rank=layout[0], num_tokens_per_rdma_rank=layout[1],
+                  is_token_in_rank=layout[3], num_tokens_per_expert=layout[2], topk_idx=idx,
+                  topk_weights=w)
+        outcome = "returned"
+        try:
+            recv = buf.dispatch(x, num_worst_tokens=1, **kw)[0]
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            for name in ("normal", "ll"):  # the kernels report through a status word
+                runtime = getattr(buf.backend, name, None)
+                if runtime is not None and hasattr(runtime, "check_status"):
+                    runtime.check_status()
+        except ep_comm.EpCommError as e:
+            assert "num_worst_tokens" in str(e) and f"rank {me}" in str(e), str(e)
+            outcome = "raised"
+        assert outcome == "raised", f"rank {me}: overflow not reported ({recv.shape[0]} rows)"
+    finally:
+        buf.destroy()
+    return outcome

@@ -7,9 +7,9 @@ kernels backend over NCCL (GPUs).
 
 What is checked after a dispatch (see ``check_dispatch``): per local expert and source rank, the
 (begin, count) range of the handle, the rows inside it (bf16 bit-exact, or fp8 payload and
-scales bit-exact against ``ep_comm.core.fp8``'s cast), their source token indices, ``recv_count``,
-that the ranges of one expert tile ``[0, recv_count)`` without overlap, ``-1`` source indices
-past the count, and the column-major layout of the scales. Blocks of different source ranks may
+scales bit-exact against the independent FP8 oracle of tests/oracle.py), their source token
+indices, ``recv_count``, that the ranges of one expert tile ``[0, recv_count)`` without
+overlap, ``-1`` source indices past the count, and the column-major layout of the scales. Blocks of different source ranks may
 be in any order, so rows are located through the ranges, never by absolute position.
 
 Combine is checked against the float64 oracle, within one bf16 rounding of the result plus
@@ -102,10 +102,10 @@ def expert_fn(rows_f32: torch.Tensor, global_expert: int) -> torch.Tensor:
 
 
 def sent_values(case: LLCase, x: torch.Tensor):
-    """What a token is sent as: x itself (bf16), or its fp8 cast (payload, scales)."""
-    from ep_comm.core import fp8
+    """What a token must arrive as: x itself (bf16), or its fp8 cast by the independent oracle
+    (uint8 e4m3 codes, scales float32 or packed ue8m0 int32), to compare bit for bit."""
     if case.fp8:
-        return fp8.per_token_cast_to_fp8(x, round_scale=case.round_scale, use_ue8m0=case.ue8m0)
+        return oracle.fp8_quantize(x, round_scale=case.round_scale, use_ue8m0=case.ue8m0)
     return x, None
 
 
@@ -217,8 +217,7 @@ def expected_combine(case: LLCase, me: int, inputs, num_ranks, masked=()):
     x, idx, w = inputs[me]
     q, s = sent_values(case, x)
     if case.fp8:
-        from ep_comm.core import fp8
-        vals = fp8.dequantize(q, s)
+        vals = oracle.fp8_dequantize(q, s).float()
     else:
         vals = x.float()
 
@@ -373,9 +372,10 @@ def task_ll_masked(ctx, case: LLCase, stopper: int):
 
 
 def task_ll_skip_dispatch(ctx, case: LLCase, skipper: int):
-    """A rank skips a low-latency dispatch: the others raise CommTimeoutError naming their rank
-    and the phase, within about EP_COMM_TIMEOUT_S (the kernels report through their status
-    word: at the next call, the hook, or an explicit check)."""
+    """A rank skips a low-latency dispatch: the others raise CommTimeoutError naming their rank,
+    the phase and the peer they waited for (the skipper), within about EP_COMM_TIMEOUT_S (the
+    kernels report through their status word: at the next call, the hook, or an explicit
+    check)."""
     from ep_comm.errors import CommTimeoutError
     dev, r, me = ctx.device, ctx.world_size, ctx.rank
     buf = make_buffer(ctx, case)
@@ -398,6 +398,8 @@ def task_ll_skip_dispatch(ctx, case: LLCase, skipper: int):
         assert err is not None, "no CommTimeoutError although a rank skipped the dispatch"
         assert err.rank == me and err.phase.startswith("low_latency_dispatch"), str(err)
         assert f"rank {me}" in str(err) and "doctor" in str(err), str(err)
+        assert err.peer == skipper and f"from rank {skipper}" in str(err), \
+            f"the error does not name the peer that never called (rank {skipper}): {err}"
         return elapsed
     finally:
         buf.destroy()
@@ -447,5 +449,53 @@ def task_ll_graph(ctx, case: LLCase, replays: int = 3):
             check_dispatch(ctx, fixed, recv, count, handle, ins)
             expect, mag = expected_combine(fixed, me, ins, r)
             assert_combined(out, expect, mag, f"graph replay {rep}")
+    finally:
+        buf.destroy()
+
+
+def task_ll_wait_cost_stats(ctx, case: LLCase, late: int, delay_s: float = 0.4):
+    """Rank ``late`` calls dispatch, then combine, ``delay_s`` after the others: every other
+    rank's ``dispatch_wait_recv_cost_stats[late]`` and ``combine_wait_recv_cost_stats[late]``
+    grow by at least half the delay (nanoseconds), and results
+    stay right; the late rank is the longest wait. A no-op implementation (stats never added
+    to) fails."""
+    dev, r, me = ctx.device, ctx.world_size, ctx.rank
+    import torch.distributed as dist
+    buf = make_buffer(ctx, case)
+    try:
+        inputs = [make_inputs(case, s, r) for s in range(r)]
+        x, idx, w = (t.to(dev) for t in inputs[me])
+        d_stats = torch.zeros(r, dtype=torch.int64, device=dev)
+        c_stats = torch.zeros(r, dtype=torch.int64, device=dev)
+        local = case.num_experts // r
+        cum = torch.zeros(local, dtype=torch.int32, device=dev)
+        one = dataclasses.replace(case, hook=False, zero_copy=False, use_out=False)
+        dist.barrier(group=ctx.group)
+        if me == late:
+            time.sleep(delay_s)
+        recv, count, handle, _ = _dispatch(buf, one, x, idx, (cum, d_stats))
+        check_dispatch(ctx, one, recv, count, handle, inputs)
+        y = expert_outputs(one, recv, count, dev, me, r)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        dist.barrier(group=ctx.group)
+        if me == late:
+            time.sleep(delay_s)
+        combined = _combine(buf, one, y, idx, w, handle, dev, c_stats)
+        expect, mag = expected_combine(one, me, inputs, r)
+        assert_combined(combined, expect, mag, "combine with wait-cost stats")
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        d, c = d_stats.cpu().tolist(), c_stats.cpu().tolist()
+        assert cum.cpu().tolist() == count.cpu().tolist()
+        assert min(d + c) >= 0, (d, c)
+        if me != late:
+            floor = int(delay_s * 0.5e9)
+            for name, s in (("dispatch", d), ("combine", c)):
+                assert s[late] >= floor, \
+                    f"rank {me}: {name} wait cost for late rank {late} is {s[late]} ns < {floor}"
+                assert s[late] == max(s), f"rank {me}: {name} stats {s}: late rank {late} is " \
+                                          f"not the longest wait"
+        return d, c
     finally:
         buf.destroy()

@@ -1,4 +1,4 @@
-"""The GPU suites' test logic, proven on CPU: the tasks of gpu_cases.py run on 2 gloo ranks with
+"""The GPU suites' test logic, proven on CPU: the tasks of gpu_cases_*.py run on 2 gloo ranks with
 the reference backend as the backend under test (reference vs reference, and both vs the
 expectations computed in the tasks). If these pass, a failure of the same task on the GPU
 machine with ``backend="kernels"`` points at the kernels, not at the test.
@@ -10,31 +10,34 @@ a GPU; those tests skip here with the reason.
 import pytest
 import torch
 
-import gpu_cases as gc
-from gpu_cases import NCase
+import gpu_common as common
+import gpu_cases_lifecycle as life
+import gpu_cases_low_latency as llg
+import gpu_cases_normal as normal
+from gpu_cases_normal import NCase
 from low_latency_cases import LLCase
 from multiproc import run_ranks
 
-BASE = gc.fresh_seed()
+BASE = common.fresh_seed()
 SMALL_HIDDENS = (256, 512, 1000, 384)
 
 
 def test_normal_sweep_reference_against_itself_and_expectation(cpu_ranks):
     print(f"base seed {BASE}")
-    cases = gc.normal_cases(BASE, 2, count=12, hiddens=SMALL_HIDDENS, max_tokens=40)
-    assert cpu_ranks(2).run(gc.task_normal_sweep, "reference", cases) == [12, 12]
+    cases = normal.normal_cases(BASE, 2, count=12, hiddens=SMALL_HIDDENS, max_tokens=40)
+    assert cpu_ranks(2).run(normal.task_normal_sweep, "reference", cases) == [12, 12]
 
 
 def test_normal_sweep_on_one_rank_with_other_sm_budget(cpu_ranks):
-    cases = gc.normal_cases(BASE + 1, 1, count=6, hiddens=SMALL_HIDDENS, max_tokens=30)
-    cpu_ranks(1).run(gc.task_normal_sweep, "reference", cases, None, "sync", 8)
+    cases = normal.normal_cases(BASE + 1, 1, count=6, hiddens=SMALL_HIDDENS, max_tokens=30)
+    cpu_ranks(1).run(normal.task_normal_sweep, "reference", cases, None, "sync", 8)
 
 
 @pytest.mark.parametrize("mode", ["previous_event", "async"])
 def test_normal_stream_modes(cpu_ranks, mode):
     cases = [NCase(seed=BASE + 7, hidden=256, fp8=True, worst=-1, bias=2),
              NCase(seed=BASE + 8, hidden=512, num_topk=9, alignment=4)]
-    cpu_ranks(2).run(gc.task_normal_sweep, "reference", cases, None, mode)
+    cpu_ranks(2).run(normal.task_normal_sweep, "reference", cases, None, mode)
 
 
 @pytest.mark.parametrize("kind,field", [
@@ -43,7 +46,7 @@ def test_normal_stream_modes(cpu_ranks, mode):
     ("combine", "combined_x")])
 def test_checks_catch_corrupted_results(cpu_ranks, kind, field):
     case = NCase(seed=BASE + 3, hidden=256, num_tokens=20, drop=0.0)
-    messages = cpu_ranks(2).run(gc.task_normal_sweep, "reference", [case], kind)
+    messages = cpu_ranks(2).run(normal.task_normal_sweep, "reference", [case], kind)
     flat = [m for per_rank in messages for m in per_rank]
     assert any(field in m for m in flat), f"corruption {kind!r} not reported: {flat}"
     # The report names the case (with its seed), the rank and the size of the difference.
@@ -55,38 +58,38 @@ def test_sum_check_bounds():
     """The combine tolerance: one bf16 rounding passes, two bf16 ulps or a NaN do not."""
     exact = torch.tensor([[1.0, 3.0, -1000.0, 0.0]], dtype=torch.float64)
     mag = exact.abs()
-    assert gc.describe_sum_error(exact.to(torch.bfloat16), exact, mag) is None
+    assert common.describe_sum_error(exact.to(torch.bfloat16), exact, mag) is None
     off = exact.clone()
     off[0, 1] = 3.0 * (1 + 2 * 2 ** -7)
-    msg = gc.describe_sum_error(off.to(torch.bfloat16), exact, mag)
+    msg = common.describe_sum_error(off.to(torch.bfloat16), exact, mag)
     assert msg and "[0, 1]" in msg and "tolerance" in msg, msg
     nan = exact.to(torch.bfloat16)
     nan[0, 3] = float("nan")
-    assert "NaN" in gc.describe_sum_error(nan, exact, mag)
+    assert "NaN" in common.describe_sum_error(nan, exact, mag)
 
 
 def test_difference_report_is_bit_exact():
     a = torch.tensor([1.0, float("nan"), -0.0])
-    assert gc.describe_difference(a, a.clone()) is None  # NaN equals itself bit for bit
+    assert common.describe_difference(a, a.clone()) is None  # NaN equals itself bit for bit
     b = a.clone()
     b[2] = 0.0  # -0.0 vs 0.0 differ in bits
-    msg = gc.describe_difference(b, a)
+    msg = common.describe_difference(b, a)
     assert msg.startswith("1 of 3 elements differ; first at [2]"), msg
-    assert "shape" in gc.describe_difference(a[:2], a)
+    assert "shape" in common.describe_difference(a[:2], a)
 
 
 def test_backward_matches_closed_form(cpu_ranks):
-    cpu_ranks(2).run(gc.task_normal_backward, "reference",
+    cpu_ranks(2).run(normal.task_normal_backward, "reference",
                      NCase(seed=BASE + 4, hidden=512, num_topk=6))
 
 
 def test_bad_inputs_fail_fast_and_leave_buffer_usable(cpu_ranks):
-    cpu_ranks(2).run(gc.task_normal_bad_inputs, "reference")
+    cpu_ranks(2).run(life.task_normal_bad_inputs, "reference")
 
 
 def test_stuck_peer_times_out():
     # A fresh pool: the reference leaves the skipped collective posted on the gloo group.
-    elapsed = run_ranks(gc.task_normal_stuck_peer, 2, "reference", 1, "2", timeout=60)
+    elapsed = run_ranks(life.task_normal_stuck_peer, 2, "reference", 1, "2", timeout=60)
     assert elapsed[1] == "skipped" and 1.0 <= elapsed[0] <= 12, elapsed
 
 
@@ -94,7 +97,7 @@ def test_stuck_peer_times_out():
 def test_graph_task_checks_with_eager_steps(cpu_ranks, fp8):
     """The CUDA-graph task's static-input steps and checks, run eagerly (no capture on CPU)."""
     case = NCase(seed=BASE + 11, hidden=256, fp8=fp8, num_tokens=24, num_topk=5, num_experts=16)
-    cpu_ranks(2).run(gc.task_normal_graph, "reference", case, 3, False)
+    cpu_ranks(2).run(normal.task_normal_graph, "reference", case, 3, False)
 
 
 @pytest.mark.parametrize("variant", ["fp8-ue8m0-out", "bf16-hook-zero-copy"])
@@ -105,20 +108,20 @@ def test_low_latency_graph_task_checks_with_eager_steps(cpu_ranks, variant):
     else:
         case = LLCase(seed=BASE + 13, max_tokens=8, num_tokens=5, hidden=256, num_experts=8,
                       hook=True, zero_copy=True)
-    cpu_ranks(2).run(gc.task_ll_graph, "reference", case, 3, False)
+    cpu_ranks(2).run(llg.task_ll_graph, "reference", case, 3, False)
 
 
 def test_graph_and_memory_tasks_skip_without_gpu(cpu_ranks):
-    got = cpu_ranks(2).run(gc.task_normal_graph, "reference", NCase(seed=BASE))
-    got += cpu_ranks(2).run(gc.task_normal_create_destroy, "reference")
+    got = cpu_ranks(2).run(normal.task_normal_graph, "reference", NCase(seed=BASE))
+    got += cpu_ranks(2).run(life.task_normal_create_destroy, "reference")
     assert all(str(g).startswith("skipped") for g in got), got
     pytest.skip("CUDA-graph capture and free-GPU-memory checks need a GPU (ran as no-ops)")
 
 
 def test_low_latency_sweep(cpu_ranks):
-    cases = (gc.ll_cases(BASE, 8, max_tokens=12, hidden=512, num_experts=8)
-             + gc.ll_cases(BASE + 50, 4, max_tokens=6, hidden=384, num_experts=16, nvlink=False))
-    cpu_ranks(2).run(gc.task_ll_sweep, "reference", cases)
+    cases = (llg.ll_cases(BASE, 8, max_tokens=12, hidden=512, num_experts=8)
+             + llg.ll_cases(BASE + 50, 4, max_tokens=6, hidden=384, num_experts=16, nvlink=False))
+    cpu_ranks(2).run(llg.task_ll_sweep, "reference", cases)
 
 
 @pytest.mark.parametrize("kind,fragment", [("row", "rows differ"),
@@ -127,19 +130,19 @@ def test_low_latency_sweep(cpu_ranks):
 def test_checks_catch_corrupted_low_latency_results(cpu_ranks, kind, fragment):
     case = LLCase(seed=BASE + 21, max_tokens=8, num_tokens=8, hidden=256, num_experts=8,
                   drop=0.0)
-    messages = cpu_ranks(2).run(gc.task_ll_sweep, "reference", [case], kind)
+    messages = cpu_ranks(2).run(llg.task_ll_sweep, "reference", [case], kind)
     flat = [m for per_rank in messages for m in per_rank]
     assert any(fragment in m and f"seed={case.seed}" in m for m in flat), \
         f"corruption {kind!r} not reported: {flat}"
 
 
 def test_low_latency_clean_after_normal_mode(cpu_ranks):
-    cpu_ranks(2).run(gc.task_ll_clean_after_normal, "reference", BASE % 100000, 512, 8, 12)
+    cpu_ranks(2).run(llg.task_ll_clean_after_normal, "reference", BASE % 100000, 512, 8, 12)
 
 
 def test_low_latency_timeout_through_env_wrapper():
     from low_latency_cases import task_ll_skip_dispatch
-    got = run_ranks(gc.task_with_env, 2, {"EP_COMM_TIMEOUT_S": "2"}, task_ll_skip_dispatch,
+    got = run_ranks(common.task_with_env, 2, {"EP_COMM_TIMEOUT_S": "2"}, task_ll_skip_dispatch,
                     LLCase(seed=BASE % 1000), 1, timeout=60)
     assert got[1] == "skipped" and 1.0 <= got[0] <= 12, got
 
@@ -149,13 +152,30 @@ def test_normal_sweep_as_several_nodes(cpu_ranks, world, rpn):
     """The internode GPU tests' setting (EP_COMM_TEST_RANKS_PER_NODE below the rank count):
     the reference on 2 nodes matches itself and the expectation, num_tokens_per_rdma_rank
     included."""
-    cases = gc.normal_cases(gc.fresh_seed(), world, count=4, max_tokens=48)
-    got = cpu_ranks(world).run(gc.task_with_env, {gc.RANKS_PER_NODE_ENV: str(rpn)},
-                               gc.task_normal_sweep, "reference", cases)
+    cases = normal.normal_cases(common.fresh_seed(), world, count=4, max_tokens=48)
+    got = cpu_ranks(world).run(common.task_with_env, {common.RANKS_PER_NODE_ENV: str(rpn)},
+                               normal.task_normal_sweep, "reference", cases)
     assert got == [4] * world
 
 
 def test_edge_routing_cases_on_cpu_ranks(cpu_ranks):
     # the edge routings the NVLink and internode GPU tests share, on the reference backend
-    cases = gc.edge_routing_cases(BASE + 500)
-    assert cpu_ranks(2).run(gc.task_normal_sweep, "reference", cases) == [len(cases)] * 2
+    cases = normal.edge_routing_cases(BASE + 500)
+    assert cpu_ranks(2).run(normal.task_normal_sweep, "reference", cases) == [len(cases)] * 2
+
+
+@pytest.mark.parametrize("world", [3, 4])
+def test_many_rank_small_cases(cpu_ranks, world):
+    """The 3/4/8-rank GPU lists (duplicates, top-k at NORMAL_MAX_TOPK included) on the reference:
+    the expectations agree with the reference at an odd rank count too."""
+    cases = normal.small_cases(BASE + 700 + world, world)
+    assert cpu_ranks(world).run(normal.task_normal_sweep, "reference", cases) == [len(cases)] * world
+
+
+def test_ll_many_rank_small_cases_at_three_ranks(cpu_ranks):
+    from ep_comm.core.constants import LL_MAX_TOPK
+    cases = (llg.ll_cases(BASE + 800, 4, max_tokens=6, hidden=512, num_experts=24)
+             + [LLCase(seed=BASE + 890, max_tokens=4, num_tokens=4, hidden=512,
+                       num_experts=LL_MAX_TOPK + 1, num_topk=LL_MAX_TOPK, fp8=True,
+                       ue8m0=True, round_scale=True)])
+    cpu_ranks(3).run(llg.task_ll_sweep, "reference", cases)

@@ -1,4 +1,6 @@
-"""Normal-mode kernels (NVLink) against the reference backend on 1 and 2 GPUs (issue #8).
+"""Normal-mode kernels (NVLink) against the reference backend on 1, 2, 3, 4 and 8 ranks (issue #8,
+#26). Ranks may share GPUs (EP_COMM_TEST_RANKS_PER_GPU, see conftest.py): on one H200 with 8
+ranks per GPU every rank count runs; 3, 4 and 8 ranks get a short list of small cases.
 
 Every test runs many cases inside one task call (kernel compile and rank start-up are paid
 once). Seeds are fresh each run and printed; replay a failure with EP_COMM_TEST_SEED=<base>.
@@ -11,37 +13,48 @@ Run on the GPU machine: python -m pytest -q -m gpu tests/test_intranode_gpu.py
 
 import pytest
 
-import gpu_cases as gc
-from gpu_cases import NCase
+import gpu_common as common
+import gpu_cases_lifecycle as life
+import gpu_cases_normal as normal
+from gpu_cases_normal import NCase
 from multiproc import run_ranks
 
 pytestmark = pytest.mark.gpu
 
-BACKEND, WORLDS = gc.BACKEND, gc.WORLDS
-_seed = gc.case_seed
+BACKEND, WORLDS, FULL = common.BACKEND, common.WORLDS, common.FULL_WORLDS
+_seed = common.case_seed
 
 
-@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("world", FULL)
 def test_random_cases_bit_exact_dispatch_and_bf16_combine(gpu_ranks, world):
     """27 fresh cases on one Buffer: hidden 2048/4096/7168/1000, top-k 1..9, -1 entries, fp8
     tuples, expert_alignment 1/4/128, num_worst_tokens, bias, special routings; layout, recv_x,
     top-k ids and weights, counts, handle fields bit-exact; combine within bf16 rounding."""
-    cases = gc.normal_cases(_seed(1000 * world), world, count=27)
-    assert gpu_ranks(world).run(gc.task_normal_sweep, BACKEND, cases) == [27] * world
+    cases = normal.normal_cases(_seed(1000 * world), world, count=27)
+    assert gpu_ranks(world).run(normal.task_normal_sweep, BACKEND, cases) == [27] * world
 
 
-@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("world", [w for w in WORLDS if w not in FULL])
+def test_small_cases_on_many_ranks(gpu_ranks, world):
+    """3, 4 and 8 ranks: random cases, empty / skewed / dropped routings, duplicate ids, top-k
+    at NORMAL_MAX_TOPK, fp8, num_worst_tokens, at small shapes (ranks share one GPU)."""
+    cases = normal.small_cases(_seed(1500 + world), world)
+    assert gpu_ranks(world).run(normal.task_normal_sweep, BACKEND, cases) == [len(cases)] * world
+
+
+@pytest.mark.parametrize("world", FULL)
 def test_edge_routings(gpu_ranks, world):
     """Zero tokens on a rank, a single token, every token to rank 0, every entry -1, top-9 of
-    256 experts, 4096 tokens (layout at scale), each in bf16 and fp8."""
+    256 experts, 4096 tokens (layout at scale), each in bf16 and fp8; duplicate ids in rows, -1
+    in every slot, rows routed nowhere, top-k at NORMAL_MAX_TOPK."""
     base = _seed(2000 + world)
-    cases = gc.edge_routing_cases(base)
+    cases = normal.edge_routing_cases(base)
     cases.append(NCase(seed=base + 21, hidden=2048, num_experts=256, num_topk=8,
                        num_tokens=4096, ragged=0, drop=0.0, fp8=True))
-    gpu_ranks(world).run(gc.task_normal_sweep, BACKEND, cases)
+    gpu_ranks(world).run(normal.task_normal_sweep, BACKEND, cases)
 
 
-@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("world", FULL)
 @pytest.mark.parametrize("mode", ["previous_event", "async"])
 def test_async_finish_previous_event_and_comm_stream_allocation(gpu_ranks, world, mode):
     """Inputs land on the compute stream ~10 ms late (poison before): with previous_event the
@@ -51,45 +64,45 @@ def test_async_finish_previous_event_and_comm_stream_allocation(gpu_ranks, world
     cases = [NCase(seed=base, hidden=7168, num_topk=8, num_experts=64, num_tokens=256),
              NCase(seed=base + 1, hidden=4096, fp8=True, worst=-1, bias=1, num_tokens=128),
              NCase(seed=base + 2, hidden=2048, num_topk=3, alignment=4, routing="to_rank0")]
-    gpu_ranks(world).run(gc.task_normal_sweep, BACKEND, cases, None, mode)
+    gpu_ranks(world).run(normal.task_normal_sweep, BACKEND, cases, None, mode)
 
 
-@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("world", FULL)
 @pytest.mark.parametrize("num_sms", [2, 48])
 def test_other_sm_budgets(gpu_ranks, world, num_sms):
     """Buffer.set_num_sms: one channel and more channels than the default; results unchanged."""
     base = _seed(3500 + 10 * world + num_sms)
     cases = [NCase(seed=base, hidden=7168, num_topk=8, num_experts=64, num_tokens=300),
              NCase(seed=base + 1, hidden=2048, fp8=True, worst=-1, num_tokens=64, bias=2)]
-    gpu_ranks(world).run(gc.task_normal_sweep, BACKEND, cases, None, "sync", num_sms)
+    gpu_ranks(world).run(normal.task_normal_sweep, BACKEND, cases, None, "sync", num_sms)
 
 
-@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("world", FULL)
 @pytest.mark.parametrize("fp8,hidden", [(False, 7168), (True, 4096)])
 def test_cuda_graph_with_num_worst_tokens_replays_changing_data(gpu_ranks, world, fp8, hidden):
     if BACKEND == "reference":
         pytest.skip("the reference backend synchronises with the host: not capturable")
     case = NCase(seed=_seed(4000 + world), hidden=hidden, fp8=fp8, num_tokens=128, num_topk=8,
                  num_experts=64)
-    gpu_ranks(world).run(gc.task_normal_graph, BACKEND, case, 4)
+    gpu_ranks(world).run(normal.task_normal_graph, BACKEND, case, 4)
 
 
-@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("world", FULL)
 def test_backward_step_through_autograd(gpu_ranks, world):
     for i, hidden in enumerate((2048, 7168)):
         case = NCase(seed=_seed(5000 + 10 * world + i), hidden=hidden, num_topk=6,
                      num_experts=64, num_tokens=200)
-        gpu_ranks(world).run(gc.task_normal_backward, BACKEND, case)
+        gpu_ranks(world).run(normal.task_normal_backward, BACKEND, case)
 
 
-@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("world", FULL)
 def test_bad_inputs_raise_before_any_kernel(gpu_ranks, world):
-    gpu_ranks(world).run(gc.task_normal_bad_inputs, BACKEND)
+    gpu_ranks(world).run(life.task_normal_bad_inputs, BACKEND)
 
 
-@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("world", FULL)
 def test_create_and_destroy_100_buffers_keeps_free_memory(gpu_ranks, world):
-    got = gpu_ranks(world).run(gc.task_normal_create_destroy, BACKEND, 100, 7168, 64)
+    got = gpu_ranks(world).run(life.task_normal_create_destroy, BACKEND, 100, 7168, 64)
     print(f"create/destroy x100: {got}")
 
 
@@ -99,6 +112,6 @@ def test_stuck_peer_raises_timeout_naming_rank_and_phase(gpu_ranks):
     Buffer is destroyed. On a fresh pool of 2 GPU ranks (multiproc's convention for tests that
     break their group), so it cannot hang the shared pool; a hang is reported after 120 s."""
     gpu_ranks(2)  # skips visibly with fewer than 2 GPUs
-    got = run_ranks(gc.task_normal_stuck_peer, 2, BACKEND, 1, "3", use_gpu=True, timeout=120)
+    got = run_ranks(life.task_normal_stuck_peer, 2, BACKEND, 1, "3", use_gpu=True, timeout=120)
     print(f"timeout after {got[0]:.2f} s")
     assert got[1] == "skipped"

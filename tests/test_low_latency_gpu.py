@@ -1,9 +1,10 @@
-"""Low-latency kernels (NVSHMEM) against the oracle and the reference fp8 cast on 1 and 2 GPUs
-(issue #9).
+"""Low-latency kernels (NVSHMEM) against the oracle and the independent FP8 oracle on 1, 2, 3, 4
+and 8 ranks (issue #9, #26; ranks may share GPUs, see conftest.py: 3, 4 and 8 ranks get a short
+list of small cases).
 
 Cases are batched per Buffer shape inside one task call; seeds are fresh and printed (replay
 with EP_COMM_TEST_SEED=<base>). The checks (tests/low_latency_cases.py, wrapped by
-tests/gpu_cases.py) are proven on CPU by test_gpu_cases_on_cpu.py. EP_COMM_TEST_BACKEND=reference
+tests/gpu_cases_*.py) are proven on CPU by test_gpu_cases_on_cpu.py. EP_COMM_TEST_BACKEND=reference
 runs this file on the reference over NCCL (graph test skipped).
 
 Run on the GPU machine: python -m pytest -q -m gpu tests/test_low_latency_gpu.py
@@ -11,44 +12,61 @@ Run on the GPU machine: python -m pytest -q -m gpu tests/test_low_latency_gpu.py
 
 import pytest
 
-import gpu_cases as gc
+import gpu_common as common
+import gpu_cases_low_latency as llg
 import low_latency_cases as llc
 from low_latency_cases import LLCase
 from multiproc import run_ranks
 
 pytestmark = pytest.mark.gpu
 
-BACKEND, WORLDS = gc.BACKEND, gc.WORLDS
-_seed = gc.case_seed
+BACKEND, WORLDS, FULL = common.BACKEND, common.WORLDS, common.FULL_WORLDS
+_seed = common.case_seed
 
 
-@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("world", FULL)
 def test_ll_random_cases_over_nvlink(gpu_ranks, world):
     """0..M tokens with different counts per rank, hidden 2048/4096/7168, top-k 1..9, -1
     entries, bf16 and fp8 (plain, round_scale, ue8m0), hook and not, zero_copy and out=, stats;
     every valid row, source index, recv_count and range checked; combine within bf16 rounding.
     Includes the decode shape (128 tokens, hidden 7168, top-8 of 256 experts)."""
     base = _seed(1000 * world)
-    cases = (gc.ll_cases(base, 10, max_tokens=32, hidden=2048, num_experts=32)
-             + gc.ll_cases(base + 100, 8, max_tokens=64, hidden=4096, num_experts=64)
-             + gc.ll_cases(base + 200, 8, max_tokens=128, hidden=7168, num_experts=32)
+    cases = (llg.ll_cases(base, 10, max_tokens=32, hidden=2048, num_experts=32)
+             + llg.ll_cases(base + 100, 8, max_tokens=64, hidden=4096, num_experts=64)
+             + llg.ll_cases(base + 200, 8, max_tokens=128, hidden=7168, num_experts=32)
              + [LLCase(seed=base + 300, max_tokens=128, num_tokens=128, ragged=0, hidden=7168,
                        num_experts=256, num_topk=8, fp8=True, hook=True),
                 LLCase(seed=base + 301, max_tokens=128, num_tokens=100, ragged=28, hidden=7168,
                        num_experts=256, num_topk=8, zero_copy=True)])
-    gpu_ranks(world).run(gc.task_ll_sweep, BACKEND, cases)
+    gpu_ranks(world).run(llg.task_ll_sweep, BACKEND, cases)
 
 
-@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("world", [w for w in WORLDS if w not in FULL])
+def test_ll_small_cases_on_many_ranks(gpu_ranks, world):
+    """3, 4 and 8 ranks: bf16 and fp8 (plain, round_scale, ue8m0), hook, zero_copy, out=,
+    stats, duplicates, empty ranks, at small shapes; NVLink and put-only; top-k LL_MAX_TOPK."""
+    from ep_comm.core.constants import LL_MAX_TOPK
+    base = _seed(1500 + world)
+    e = 8 * world
+    cases = (llg.ll_cases(base, 6, max_tokens=16, hidden=1024, num_experts=e)
+             + llg.ll_cases(base + 50, 4, max_tokens=8, hidden=512, num_experts=e, nvlink=False)
+             + [LLCase(seed=base + 90, max_tokens=8, num_tokens=8, hidden=512,
+                       num_experts=max(e, -(-LL_MAX_TOPK // world) * world),
+                       num_topk=LL_MAX_TOPK, fp8=True,
+                       ue8m0=True, round_scale=True)])
+    gpu_ranks(world).run(llg.task_ll_sweep, BACKEND, cases)
+
+
+@pytest.mark.parametrize("world", FULL)
 def test_ll_put_only_path_without_nvlink(gpu_ranks, world):
     """allow_nvlink_for_low_latency_mode=False: every byte through NVSHMEM puts."""
     base = _seed(2000 + world)
-    cases = (gc.ll_cases(base, 8, max_tokens=64, hidden=7168, num_experts=64, nvlink=False)
-             + gc.ll_cases(base + 50, 6, max_tokens=16, hidden=2048, num_experts=32, nvlink=False))
-    gpu_ranks(world).run(gc.task_ll_sweep, BACKEND, cases)
+    cases = (llg.ll_cases(base, 8, max_tokens=64, hidden=7168, num_experts=64, nvlink=False)
+             + llg.ll_cases(base + 50, 6, max_tokens=16, hidden=2048, num_experts=32, nvlink=False))
+    gpu_ranks(world).run(llg.task_ll_sweep, BACKEND, cases)
 
 
-@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("world", FULL)
 @pytest.mark.parametrize("variant", ["fp8-out", "bf16-hook-zero-copy"])
 def test_ll_cuda_graph_of_dispatch_and_combine_replays_changing_data(gpu_ranks, world, variant):
     if BACKEND == "reference":
@@ -60,10 +78,10 @@ def test_ll_cuda_graph_of_dispatch_and_combine_replays_changing_data(gpu_ranks, 
     else:
         case = LLCase(seed=seed, max_tokens=32, num_tokens=20, hidden=2048, num_experts=32,
                       num_topk=5, hook=True, zero_copy=True)
-    gpu_ranks(world).run(gc.task_ll_graph, BACKEND, case, 4)
+    gpu_ranks(world).run(llg.task_ll_graph, BACKEND, case, 4)
 
 
-@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("world", FULL)
 @pytest.mark.parametrize("hook", [False, True])
 def test_ll_two_results_alive(gpu_ranks, world, hook):
     case = LLCase(seed=_seed(4000 + world), max_tokens=32, num_tokens=24, hidden=4096,
@@ -71,9 +89,9 @@ def test_ll_two_results_alive(gpu_ranks, world, hook):
     gpu_ranks(world).run(llc.task_ll_two_alive, case)
 
 
-@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("world", FULL)
 def test_ll_clean_buffer_after_normal_mode(gpu_ranks, world):
-    gpu_ranks(world).run(gc.task_ll_clean_after_normal, BACKEND, _seed(5000 + world) % 100000,
+    gpu_ranks(world).run(llg.task_ll_clean_after_normal, BACKEND, _seed(5000 + world) % 100000,
                          2048, 32, 32)
 
 
@@ -93,6 +111,6 @@ def test_ll_skipped_dispatch_times_out_naming_rank_and_phase(gpu_ranks):
     120 s."""
     gpu_ranks(2)  # skips visibly with fewer than 2 GPUs
     case = LLCase(seed=_seed(7000), max_tokens=32, hidden=2048, num_experts=32, backend=BACKEND)
-    got = run_ranks(gc.task_with_env, 2, {"EP_COMM_TIMEOUT_S": "3"}, llc.task_ll_skip_dispatch,
+    got = run_ranks(common.task_with_env, 2, {"EP_COMM_TIMEOUT_S": "3"}, llc.task_ll_skip_dispatch,
                     case, 1, use_gpu=True, timeout=120)
     assert got[1] == "skipped" and 1.5 < got[0] < 15, got

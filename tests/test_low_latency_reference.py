@@ -3,7 +3,7 @@ oracle: the reference is what the kernels are compared with, so it is tested fir
 import pytest
 
 from low_latency_cases import (LLCase, task_ll_masked, task_ll_rounds, task_ll_skip_dispatch,
-                               task_ll_two_alive)
+                               task_ll_two_alive, task_ll_wait_cost_stats)
 from multiproc import run_ranks
 
 
@@ -69,3 +69,11 @@ def test_ll_skipped_dispatch_times_out_with_rank_and_phase():
                         env={"EP_COMM_TIMEOUT_S": "2"}, timeout=120)
     assert results[1] == "skipped"
     assert 1.5 < results[0] < 20, f"timed out after {results[0]:.1f} s, expected about 2 s"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_wait_cost_stats_grow_for_a_late_peer(cpu_ranks, world):
+    case = LLCase(seed=17, max_tokens=6, num_tokens=6, ragged=0, hidden=256,
+                  num_experts=2 * world, num_topk=2, drop=0.0)
+    got = cpu_ranks(world).run(task_ll_wait_cost_stats, case, world - 1, 0.4)
+    assert all(d[world - 1] > 0 for d, _ in got[:-1]), got

@@ -24,6 +24,18 @@ def is_token_in_rank(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -
     return hit[:, :num_ranks].contiguous()
 
 
+def distinct_ids(topk_idx: torch.Tensor) -> torch.Tensor:
+    """[T, K] int64: each row's ids sorted, with repeats of an id replaced by -1.
+
+    A token that names one expert twice in its top-k row still goes to that expert once (one
+    received row), so per-expert counts count distinct ids, not slots.
+    """
+    ids = torch.sort(topk_idx, dim=1).values
+    repeat = torch.zeros_like(ids, dtype=torch.bool)
+    repeat[:, 1:] = ids[:, 1:] == ids[:, :-1]
+    return torch.where(repeat, torch.full_like(ids, -1), ids)
+
+
 def compute_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks: int,
                             ranks_per_node: int):
     """The four layout tensors of ``get_dispatch_layout``.
@@ -36,8 +48,8 @@ def compute_dispatch_layout(topk_idx: torch.Tensor, num_experts: int, num_ranks:
     """
     in_rank = is_token_in_rank(topk_idx, num_experts, num_ranks)
     per_rank = in_rank.sum(dim=0, dtype=torch.int32)
-    valid = topk_idx[topk_idx >= 0]
-    per_expert = torch.bincount(valid, minlength=num_experts).to(torch.int32)
+    distinct = distinct_ids(topk_idx)
+    per_expert = torch.bincount(distinct[distinct >= 0], minlength=num_experts).to(torch.int32)
     num_nodes = num_ranks // ranks_per_node
     per_node = None
     if num_nodes > 1:

@@ -1,12 +1,13 @@
 // get_dispatch_layout on the GPU: which rank each token goes to, and the counts per rank and
-// per expert. The reference computation is ep_comm/layout.py; this gives the same tensors.
+// per expert. The reference computation is ep_comm/core/routing.py; this gives the same tensors.
 #include "intranode_common.cuh"
 
 // One thread per token. Counts are gathered in shared memory first, so the global atomics are
 // one per block and per non-zero counter instead of one per (token, expert).
 //
 // topk_idx: [T, K] int64 global expert ids, -1 = none (ids outside [0, E) are ignored).
-// num_tokens_per_rank: [R] int32 and num_tokens_per_expert: [E] int32, zeroed by the caller.
+// num_tokens_per_rank: [R] int32 and num_tokens_per_expert: [E] int32 (a token counts once
+// per distinct expert of its row), zeroed by the caller.
 // is_token_in_rank: [T, R] bool, every element written.
 // Dynamic shared memory: (R + E) * 4 bytes.
 extern "C" __global__ void nvl_get_dispatch_layout(const int64_t* __restrict__ topk_idx, int T,
@@ -30,16 +31,29 @@ extern "C" __global__ void nvl_get_dispatch_layout(const int64_t* __restrict__ t
         int64_t ids[kUnrolled];
 #pragma unroll
         for (int k = 0; k < kUnrolled; ++k) ids[k] = k < K ? __ldg(row + k) : -1;
+        // A token that names one expert in several slots is one row for that expert: count an
+        // id only at its first slot (K <= NORMAL_MAX_TOPK, so the scan of earlier slots is
+        // short, and for the first kUnrolled slots it stays in registers).
         auto count = [&](int64_t e) {
             if (e >= 0 && e < E) {
                 atomicAdd(&s_expert[e], 1);
                 mask |= 1u << (static_cast<int>(e) / per_rank);
             }
         };
+        auto seen_before = [&](int64_t e, int k) {
+            for (int j = 0; j < k && j < kUnrolled; ++j)
+                if (ids[j] == e) return true;
+            for (int j = kUnrolled; j < k; ++j)
+                if (__ldg(row + j) == e) return true;
+            return false;
+        };
 #pragma unroll
         for (int k = 0; k < kUnrolled; ++k)
-            if (k < K) count(ids[k]);
-        for (int k = kUnrolled; k < K; ++k) count(__ldg(row + k));
+            if (k < K && !seen_before(ids[k], k)) count(ids[k]);
+        for (int k = kUnrolled; k < K; ++k) {
+            const int64_t e = __ldg(row + k);
+            if (!seen_before(e, k)) count(e);
+        }
         for (int r = 0; r < R; ++r) {
             const bool in = (mask >> r) & 1u;
             is_token_in_rank[static_cast<int64_t>(t) * R + r] = in;
