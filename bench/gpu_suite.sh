@@ -9,9 +9,9 @@
 #
 # Where the time goes, and what keeps the full suite inside 9 minutes on one H200: the CUDA
 # modules are compiled once, in parallel, before anything else (every later process finds them
-# in the cache); the GPU tests run as two pytest processes at once, the communication tests
+# in the cache); the GPU tests run as three pytest processes at once, the communication tests
 # (multi-rank, light on the CPU) beside the Triton ones (GEMM, quantiser, MoE layer: minutes of
-# Triton compiles on the CPU cores); the benches sweep a few sizes that span the range instead
+# Triton compiles on the CPU cores) and the clients (transformers, DeepEP API); the benches sweep a few sizes that span the range instead
 # of every size.
 #
 # It writes at most 4 files into $OUT: suite.log (everything), summary.txt (the final tables),
@@ -22,20 +22,19 @@
 #
 # Environment (all optional):
 #   SUITE_STAGES     stages to run: tests,doctor,bench (default: all)
-#   SUITE_TESTS      pytest arguments after "-m gpu" (default: every GPU test file, the
-#                    multi-rank ones first, so that a step timeout cuts the single-GPU GEMM
-#                    tests, whose Triton compiles take minutes, not the 2-GPU ones),
+#   SUITE_TESTS      pytest arguments after "-m gpu" (default: every GPU test file, in three
+#                    concurrent groups: communication, compute, clients),
 #                    e.g. "tests/test_intranode_gpu.py -k dispatch"
 #   SUITE_BENCHES    smoke,normal,internode,low_latency,imbalance,moe,gemm,host (default: all; smoke = the
 #                    kernels' quick PASS/FAIL + timing scripts, gemm = one GPU only)
 #   SUITE_BACKENDS   backends per bench (default nccl,reference,kernels; kernels last, so that a
 #                    crash there cannot spoil the others)
 #   SUITE_RANKS      rank counts, e.g. "2" (default: 8 4 2 1 that divide the GPU count)
-#   EP_COMM_TEST_RANKS_PER_GPU  ranks the GPU tests may put on one GPU (default: 2 on a 1-GPU
-#                    machine, so the 2-rank tests run as two processes sharing it: correctness
-#                    with a real peer, no figures; 1 elsewhere)
+#   EP_COMM_TEST_RANKS_PER_GPU  ranks the GPU tests may put on one GPU (default: 8 on a 1-GPU
+#                    machine, so the 2, 3, 4 and 8-rank tests run as processes sharing it:
+#                    correctness with real peers, no figures; 1 elsewhere)
 #   SUITE_BUDGET_S   whole-script budget in seconds (default 530; 170 with --quick)
-#   SUITE_TESTS_TIMEOUT, SUITE_BENCH_TIMEOUT, SUITE_DOCTOR_TIMEOUT: step limits (300, 150, 60)
+#   SUITE_TESTS_TIMEOUT, SUITE_BENCH_TIMEOUT, SUITE_DOCTOR_TIMEOUT: step limits (270, 120, 60)
 #   SUITE_NORMAL_ARGS, SUITE_LL_ARGS, SUITE_IMB_ARGS: arguments of each bench (replace the
 #                    defaults below; set to "" for none)
 #   PYTHON           interpreter (default python3)
@@ -216,7 +215,7 @@ fi
 # ---------------------------------------------------------------------------------- tests
 if has_stage tests; then
     if [[ -z ${EP_COMM_TEST_RANKS_PER_GPU:-} ]] && ((GPUS == 1)); then
-        export EP_COMM_TEST_RANKS_PER_GPU=2
+        export EP_COMM_TEST_RANKS_PER_GPU=8
     fi
     say "tests: up to ${EP_COMM_TEST_RANKS_PER_GPU:-1} rank(s) per GPU"
     # Three groups run at once: the communication tests (multi-rank, ranks sharing the GPU, light
