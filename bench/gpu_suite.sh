@@ -268,7 +268,6 @@ tests/test_host_path.py"
         grep -E '(passed|failed|skipped|error|no tests ran|deselected)' "$WORK/tests$i.out" \
             | tail -n 1 | sed 's/^/    pytest: /' | tee -a "$LOG"
         printf '%s\t%s\t%s\n' "${NAMES_[$i]}" "$status" "$((SECONDS - t0))" >> "$STEPS"
-        cp "$WORK/tests$i.out" "$OUT/tests-group$i.log"
     done
 fi
 
