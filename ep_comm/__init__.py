@@ -5,8 +5,9 @@ autograd); ``core`` (constants, buffer regions, FP8, routing, checks), ``backend
 and GPU kernels), ``runtime`` (compiler, IPC, NVSHMEM, process groups, launcher), ``moe``
 (layer, GEMMs, cost model) and ``tools`` (doctor) sit below it.
 
-``import ep_comm as deep_ep`` runs code written for DeepEP's ``Buffer``. GPU-only packages
-(cuda.core, nvshmem4py, cupy) are imported lazily, so this imports on CPU-only machines.
+``import ep_comm.compat.deep_ep as deep_ep`` runs code written for DeepEP v1's ``Buffer`` and
+v2's ``ElasticBuffer`` (``ep_comm.compat``). GPU-only packages (cuda.core, nvshmem4py) are
+imported lazily, so this imports on CPU-only machines.
 """
 from ep_comm.buffer import Buffer
 from ep_comm.core.checks import topk_idx_t
