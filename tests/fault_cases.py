@@ -145,8 +145,12 @@ def task_disagree(ctx, kind: str, odd: int) -> dict:
         buf.destroy()
 
 
-def task_bad_ids(ctx, where: str, value_of, bad_rank: int | None) -> dict:
-    """Expert id ``value_of(E)`` at token 3, column 1 of ``bad_rank`` (None: every rank); the
+BAD_IDS = {"E": lambda e: e, "E+1": lambda e: e + 1, "E+5": lambda e: e + 5,
+           "-2": lambda e: -2, "1000": lambda e: 1000}
+
+
+def task_bad_ids(ctx, where: str, value: str, bad_rank: int | None) -> dict:
+    """Expert id ``BAD_IDS[value](E)`` at token 3, column 1 of ``bad_rank`` (None: every rank); the
     bad rank(s) raise InputError naming token and value, the others PeerInputError naming the
     bad rank; then the Buffer gives exact results."""
     e = 16
@@ -155,7 +159,7 @@ def task_bad_ids(ctx, where: str, value_of, bad_rank: int | None) -> dict:
     x, idx, w = all_inputs(case, r)[me]
     bad_idx = idx.clone()
     if bad_rank is None or me == bad_rank:
-        bad_idx[3, 1] = value_of(e)
+        bad_idx[3, 1] = BAD_IDS[value](e)
     buf = ll_make_buffer(ctx, ll) if where == "ll" else make_buffer(ctx, case)
     try:
         if where == "layout":  # local: only the bad ranks raise
