@@ -248,7 +248,7 @@ def task_exit_then_mask(ctx, dying: int) -> dict:
     e = 12
     case, ll = Case(seed=12, num_experts=e), LLCase(seed=13, num_experts=e)
     x, idx, w = all_inputs(case, ctx.world_size)[ctx.rank]
-    buf = ll_make_buffer(ctx, ll)
+    buf = make_buffer(ctx, case, low_latency_max_tokens=ll.max_tokens)  # both modes
     one_round(ctx, buf, ll, 0)
     normal_round(ctx, buf, case)
     if ctx.rank == dying:

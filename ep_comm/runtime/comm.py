@@ -126,9 +126,11 @@ class Comm:
         dist.all_gather_object(hosts, socket.gethostname(), group=group)
         # A token per Comm, the same on every rank (rank 0's), names this Buffer's progress keys
         # in the rendezvous store (see ``record``).
+        # The process ids let a rank tell a crashed peer on its host from a stalled one.
         tokens = [None] * self.num_ranks
-        dist.all_gather_object(tokens, os.urandom(6).hex(), group=group)
-        self.uid = tokens[0]
+        dist.all_gather_object(tokens, (os.urandom(6).hex(), os.getpid()), group=group)
+        self.uid = tokens[0][0]
+        self.pids = [t[1] for t in tokens]
         self.hosts = hosts
         #: sequence number of the current collective call (1 = the first).
         self.seq = 0
@@ -216,10 +218,11 @@ class Comm:
     def _key(self, rank: int) -> str:
         return f"ep_comm/{self.uid}/progress/{rank}"
 
-    def diagnose(self, peers: list[int]) -> tuple[list[int], list[int], str]:
-        """Where the ``peers`` are, from the store: ``(lost, late, text)``: ranks that exited or
-        failed, ranks that have not reached this rank's call, and a sentence about each."""
-        lost, late, notes = [], [], []
+    def diagnose(self, peers: list[int]) -> tuple[list[int], list[int], list[int], str]:
+        """Where the ``peers`` are, from the store: ``(lost, late, gave_up, text)``: ranks that
+        exited, ranks that have not reached this rank's call, ranks that failed (gave up
+        waiting) in it, and a sentence about each."""
+        lost, late, gave_up, notes = [], [], [], []
         for p in peers:
             if p == self.rank:
                 continue
@@ -228,16 +231,36 @@ class Comm:
                 continue
             seq_s, op, what = (state.split("|") + ["", "", ""])[:3]
             seq = int(seq_s) if seq_s.lstrip("-").isdigit() else -1
-            if what in ("exited", "failed"):
+            if what == "exited":
                 lost.append(p)
-                notes.append(f"rank {p} {what} (at its call #{seq}, {op})")
+                notes.append(f"rank {p} exited (after its call #{seq}, {op})")
+            elif seq < self.seq and self._process_gone(p):
+                lost.append(p)
+                notes.append(f"rank {p} crashed or was killed (its process {self.pids[p]} is "
+                             f"gone; its last call: #{seq}, {op})")
             elif seq < self.seq:
                 late.append(p)
                 notes.append(f"rank {p} has not made call #{self.seq} (its last call: "
                              f"#{seq}, {op}; it skipped a call, or stalled before this one)")
+            elif what == "failed":
+                gave_up.append(p)
+                notes.append(f"rank {p} gave up on its call #{seq} ({op}) after an error")
             elif seq > self.seq:
                 notes.append(f"rank {p} is already at call #{seq} ({op})")
-        return lost, late, "; ".join(notes)
+        return lost, late, gave_up, "; ".join(notes)
+
+    def _process_gone(self, p: int) -> bool:
+        """True if rank ``p`` runs on this host and its process no longer runs (exited, or a
+        zombie not yet reaped); False if alive or on another host (unknown)."""
+        if self.hosts[p] != self.hosts[self.rank] or not os.path.isdir("/proc/self"):
+            return False
+        try:
+            with open(f"/proc/{self.pids[p]}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
 
     def _read(self, p: int) -> str | None:
         if self._store is None:
@@ -276,20 +299,20 @@ class Comm:
             self.failure = None
 
     def _lost_peer(self, phase: str, error: BaseException, peers, pending=()) -> EpCommError:
-        lost, late, notes = self.diagnose(peers)
-        named = lost or late
+        lost, late, gave_up, notes = self.diagnose(peers)
+        named = lost or late or gave_up
         detail = f"{notes or 'the transport reported'}: {_short(error)}"
         return self._fail(PeerLostError(self.rank, phase, named, detail), named, pending)
 
     def _timed_out(self, phase: str, waited_for: str, peer: int | None, peers,
                    pending=()) -> EpCommError:
-        lost, late, notes = self.diagnose(peers)
+        lost, late, gave_up, notes = self.diagnose(peers)
         if lost:
             err = PeerLostError(self.rank, phase, lost, f"{notes} (waited {timeout_s():g} s)")
             return self._fail(err, lost, pending)
-        named = late or ([peer] if peer is not None else [])
-        if peer is None and late:
-            peer = late[0]
+        named = late or gave_up or ([peer] if peer is not None else [])
+        if peer is None and named:
+            peer = named[0]
         what = f"{waited_for} in call #{self.seq}" + (f" ({notes})" if notes else "")
         err = CommTimeoutError(self.rank, phase, what, timeout_s(), peer, self.node_of())
         return self._fail(err, named, pending)
@@ -326,6 +349,22 @@ class Comm:
         are neither sent to nor waited for (the exchange runs on a group of ``peers`` only).
         """
         group = self.group
+        if (peers is not None and len(peers) < self.num_ranks and output_splits is None
+                and input_splits is None):
+            # Even splits: keep the live ranks' blocks only, exchange, put them back in place.
+            r = self.num_ranks
+            inp = input.reshape(r, -1)[peers].contiguous()
+            out = torch.zeros_like(output.reshape(r, -1)[peers])
+            sub = self._subgroup(peers, phase)
+            with self._staged(out) as out_s:
+                try:
+                    work = dist.all_to_all_single(_as_bytes(out_s), _as_bytes(self._host(inp)),
+                                                  group=sub, async_op=True)
+                except RuntimeError as e:
+                    raise self._lost_peer(phase, e, peers) from None
+                self.wait(work, phase, what, peers=peers)
+            output.reshape(r, -1)[peers] = out
+            return
         if peers is not None and len(peers) < self.num_ranks:
             r = self.num_ranks
             even_out = output.shape[0] // r if output_splits is None else None
