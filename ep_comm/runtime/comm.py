@@ -194,8 +194,16 @@ class Comm:
         sig, bad = self._pending
         self._pending = None
         mine = agreement.pack(self.seq, sig, bad)
-        n = 0 if payload is None else payload.numel()
-        vec = mine if payload is None else torch.cat([mine, payload.cpu().to(torch.int64)])
+        # Always SIG_LEN + R entries, whatever the call, so that two ranks in different calls
+        # still exchange equal sizes (gloo hangs or aborts on unequal ones) and see the mismatch.
+        n = self.num_ranks
+        body = torch.zeros(n, dtype=torch.int64)
+        if payload is not None:
+            if payload.numel() != n:
+                raise EpCommError(f"ep_comm internal: agreement payload of {payload.numel()} "
+                                  f"entries, expected {n}")
+            body = payload.cpu().to(torch.int64)
+        vec = torch.cat([mine, body])
         out = torch.zeros(self.num_ranks, agreement.SIG_LEN + n, dtype=torch.int64)
         peers = self.all_ranks() if peers is None else peers
         self.gather_rows(out, vec.view(1, -1), peers, phase, "the call signature and counts")
