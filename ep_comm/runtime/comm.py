@@ -290,14 +290,15 @@ class Comm:
         """Mark this Comm failed with ``err`` and keep ``pending`` works alive forever.
 
         A gloo collective that timed out stays posted; destroying it (or its process group)
-        blocks until the peer answers, which may be never, so exit would hang. Leaking one
-        reference to each makes their destructors never run: the process exits at once.
+        blocks until the peer answers, which may be never, so exit would hang. They are held
+        here and, at exit, leaked (their destructors never run): the process exits at once.
+        ``release_failed_group`` lets go of a group whose pending work has ended (e.g. after
+        the group's own gloo timeout) so that ``destroy_process_group`` can free it.
         """
         if self.failure is None:
             self.failure = err
         self.lost |= set(lost)
-        for obj in (*pending, self.group):
-            _leak(obj)
+        _FAILED.append((self.group, tuple(pending)))
         self.record(f"{self.seq}|{self._op}|failed")
         return err
 
@@ -544,6 +545,14 @@ def _short(error: BaseException) -> str:
 
 
 _LEAKED: list = []
+#: (process group, pending works) of every failed Comm; leaked at exit (see Comm._fail).
+_FAILED: list[tuple] = []
+
+
+def release_failed_group(group) -> None:
+    """Forget ``group``'s failed work (call once its pending work has ended, e.g. after its
+    gloo timeout, and before ``torch.distributed.destroy_process_group(group)``)."""
+    _FAILED[:] = [(g, w) for g, w in _FAILED if g is not group]
 
 
 def _leak(obj) -> None:
@@ -563,6 +572,9 @@ def _record_exit() -> None:
     it raises PeerLostError naming it instead of a timeout."""
     for c in list(_LIVE_COMMS):
         c.record(f"{c.seq}|{c._op}|exited")
+    for group, works in _FAILED:
+        for obj in (group, *works):
+            _leak(obj)
 
 
 def _collective(op, out: torch.Tensor, inp: torch.Tensor, group) -> None:
