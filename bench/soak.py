@@ -81,8 +81,7 @@ def run_rank(rank, world, args) -> dict:
     backend = "kernels" if args.gpu else "reference"
     dist.init_process_group("gloo", rank=rank, world_size=world)
     group_timeout = datetime.timedelta(seconds=2 * args.timeout + 2)
-    group = dist.new_group(list(range(world)), timeout=group_timeout,
-                           use_local_synchronization=True)
+    group = dist.new_group(list(range(world)), timeout=group_timeout)
     ctx = RankContext(rank, world, group, dev)
     e = 4 * world
     ll_tokens = 16
@@ -116,12 +115,13 @@ def run_rank(rank, world, args) -> dict:
         stats["rounds"] += 1
         stats["calls"] += 2
         calls_since_fault += 2
-        if start is None:  # after the first round: lazily created state exists
+        if start is None and stats["rounds"] == 2:  # lazily created state (both modes) exists
             start = resources(dev)
         if calls_since_fault < args.fault_every:
             continue
         calls_since_fault = 0
-        kind = FAULTS[fault_i % len(FAULTS)]
+        kinds = args.faults.split(",")
+        kind = kinds[fault_i % len(kinds)]
         fault_i += 1
         stats["faults_injected"] += 1
         odd = fault_i % world
@@ -133,16 +133,20 @@ def run_rank(rank, world, args) -> dict:
                 args.timeout + 1.5 if rank == odd else 0)
             ok = ok and res["later"] == "BufferFailedError"
             # Recovery: a new group and Buffer over every rank (the staller is alive again).
+            # The old group's pending work ends at its gloo timeout; then it can be freed.
             buf.destroy()
-            old = group
-            group = dist.new_group(list(range(world)), timeout=group_timeout,
-                                   use_local_synchronization=True)
+            del buf
+            store_barrier(f"soak/recover/{fault_i}", world)  # the staller ends later
+            time.sleep(group_timeout.total_seconds() + 0.5)
+            release_failed_group(group)
+            dist.destroy_process_group(group)
+            import gc
+            gc.collect()
+            # Every rank of the job takes part, so the group gets a fresh name (a group made with
+            # use_local_synchronization over the same ranks would reuse the old one's keys).
+            group = dist.new_group(list(range(world)), timeout=group_timeout)
             ctx = RankContext(rank, world, group, dev)
             buf = new_buffer()
-            # The old group's pending work ends at its gloo timeout; then it can be freed.
-            time.sleep(group_timeout.total_seconds() + 0.5)
-            release_failed_group(old)
-            dist.destroy_process_group(old)
             detail = errs
         else:
             if kind.startswith("bad_ids"):
@@ -176,6 +180,15 @@ def run_rank(rank, world, args) -> dict:
     return stats
 
 
+def store_barrier(key: str, world: int) -> None:
+    """All ranks meet here, through the rendezvous store (the process group may be broken)."""
+    import torch.distributed as dist
+    store = dist.distributed_c10d._get_default_store()
+    store.add(key, 1)
+    while store.add(key, 0) < world:
+        time.sleep(0.01)
+
+
 def stall_fault(ctx, buf, staller: int, timeout: float, e: int) -> dict:
     """``staller`` sleeps past the timeout before a dispatch; every rank must end with a named
     error and then find the Buffer failed."""
@@ -197,6 +210,7 @@ def main(argv=None) -> int:
     p.add_argument("--fault-every", type=int, default=500)
     p.add_argument("--timeout", type=float, default=2.0, help="EP_COMM_TIMEOUT_S of the run")
     p.add_argument("--max-minutes", type=float, default=1e9, help="stop early after this long")
+    p.add_argument("--faults", default=",".join(FAULTS), help="comma-separated fault kinds")
     p.add_argument("--gpu", action="store_true", help="kernels backend, ranks sharing GPU 0")
     p.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = p.parse_args(argv)
@@ -248,7 +262,7 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "config": {"calls_asked": args.calls, "fault_every": args.fault_every,
                    "timeout_s": args.timeout, "max_minutes": args.max_minutes,
-                   "faults": FAULTS},
+                   "faults": args.faults.split(",")},
         "figures": figures, "leaks": leaks,
         "unexpected": [u for st in ranks for u in st["unexpected_errors"]][:50],
         "fault_log": ranks[0]["fault_log"],

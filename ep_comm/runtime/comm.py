@@ -425,13 +425,18 @@ class Comm:
         if key not in self._subgroups:
             if self.rank not in peers:
                 raise EpCommError(f"ep_comm internal: rank {self.rank} is masked")
-            ranks = [self._global(p) for p in peers]
-            try:
-                self._subgroups[key] = dist.new_group(
-                    ranks, timeout=datetime.timedelta(seconds=timeout_s()),
-                    use_local_synchronization=True)
-            except Exception as e:  # noqa: BLE001 - a store/rendezvous failure: name it
-                raise self._lost_peer(f"{phase} (group of ranks {peers})", e, peers) from None
+            ranks = tuple(self._global(p) for p in peers)
+            # One group per set of global ranks per process: torch names a group made with
+            # use_local_synchronization after its ranks, so a second one could not be made.
+            if ranks not in _SUBGROUPS:
+                try:
+                    _SUBGROUPS[ranks] = dist.new_group(
+                        list(ranks), timeout=datetime.timedelta(seconds=timeout_s()),
+                        use_local_synchronization=True)
+                except Exception as e:  # noqa: BLE001 - a store/rendezvous failure: name it
+                    raise self._lost_peer(f"{phase} (group of ranks {peers})", e,
+                                          peers) from None
+            self._subgroups[key] = _SUBGROUPS[ranks]
         return self._subgroups[key]
 
     def all_gather(self, output: torch.Tensor, input: torch.Tensor, phase: str, what: str):
@@ -545,6 +550,8 @@ def _short(error: BaseException) -> str:
 
 
 _LEAKED: list = []
+#: Process groups of live ranks after masking, by their global ranks (see Comm._subgroup).
+_SUBGROUPS: dict[tuple, object] = {}
 #: (process group, pending works) of every failed Comm; leaked at exit (see Comm._fail).
 _FAILED: list[tuple] = []
 
