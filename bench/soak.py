@@ -75,6 +75,8 @@ def run_rank(rank, world, args) -> dict:
     if args.gpu:
         torch.cuda.set_device(0)
         os.environ["EP_COMM_GLOO_DEVICE"] = "cuda"
+        # The kernels' count exchange is in device code: agree in one extra exchange instead.
+        os.environ["EP_COMM_CHECK_AGREEMENT"] = "1"
         dev = torch.device("cuda", 0)
     else:
         dev = torch.device("cpu")
@@ -152,15 +154,16 @@ def run_rank(rank, world, args) -> dict:
             if kind.startswith("bad_ids"):
                 stats["bad_inputs_tried"] += 1
                 where = "ll" if kind.endswith("ll") else rng.choice(["dispatch", "layout"])
-                res = fc.task_bad_ids(ctx, where, BAD_VALUES[fault_i % len(BAD_VALUES)], odd)
+                res = fc.task_bad_ids(ctx, where, BAD_VALUES[fault_i % len(BAD_VALUES)], odd,
+                                      backend)
                 want = ("InputError",) if rank == odd else (
                     (None,) if where == "layout" else ("PeerInputError",))
             elif kind == "nan":
                 stats["bad_inputs_tried"] += 1
-                res = fc.task_nan_check(ctx, odd)
+                res = fc.task_nan_check(ctx, odd, backend)
                 want = ("InputError",) if rank == odd else ("PeerInputError",)
             else:
-                res = fc.task_disagree(ctx, kind, odd)
+                res = fc.task_disagree(ctx, kind, odd, backend)
                 want = ("CollectiveMismatchError",)
             ok = res["error"] in want and res.get("after", "exact") == "exact"
             detail = res["error"]

@@ -86,14 +86,14 @@ def normal_round(ctx, buf, case: Case, masked=(), rank_map=None) -> None:
 
 
 # ------------------------------------------------------------------ disagreements (no hang)
-def task_disagree(ctx, kind: str, odd: int) -> dict:
+def task_disagree(ctx, kind: str, odd: int, backend: str = "reference") -> dict:
     """Rank ``odd`` disagrees with the rest on one thing; every rank must raise the same
     CollectiveMismatchError (or the input errors) before data moves, then the Buffer must still
-    give exact results."""
-    case = Case(seed=5, num_experts=16)
+    give exact results. (Kernels backend: needs EP_COMM_CHECK_AGREEMENT=1.)"""
+    case = Case(seed=5, num_experts=16, backend=backend)
     me, r = ctx.rank, ctx.world_size
-    x, idx, w = all_inputs(case, r)[me]
-    ll = LLCase(seed=6, num_experts=16)
+    x, idx, w = (t.to(ctx.device) for t in all_inputs(case, r)[me])
+    ll = LLCase(seed=6, num_experts=16, backend=backend)
     buf = ll_make_buffer(ctx, ll) if kind.startswith("ll_") else make_buffer(ctx, case)
     try:
         if kind == "hidden":
@@ -149,14 +149,16 @@ BAD_IDS = {"E": lambda e: e, "E+1": lambda e: e + 1, "E+5": lambda e: e + 5,
            "-2": lambda e: -2, "1000": lambda e: 1000}
 
 
-def task_bad_ids(ctx, where: str, value: str, bad_rank: int | None) -> dict:
+def task_bad_ids(ctx, where: str, value: str, bad_rank: int | None,
+                 backend: str = "reference") -> dict:
     """Expert id ``BAD_IDS[value](E)`` at token 3, column 1 of ``bad_rank`` (None: every rank); the
     bad rank(s) raise InputError naming token and value, the others PeerInputError naming the
     bad rank; then the Buffer gives exact results."""
     e = 16
-    case, ll = Case(seed=7, num_experts=e), LLCase(seed=8, num_experts=e)
+    case = Case(seed=7, num_experts=e, backend=backend)
+    ll = LLCase(seed=8, num_experts=e, backend=backend)
     me, r = ctx.rank, ctx.world_size
-    x, idx, w = all_inputs(case, r)[me]
+    x, idx, w = (t.to(ctx.device) for t in all_inputs(case, r)[me])
     bad_idx = idx.clone()
     if bad_rank is None or me == bad_rank:
         bad_idx[3, 1] = BAD_IDS[value](e)
@@ -184,13 +186,13 @@ def task_bad_ids(ctx, where: str, value: str, bad_rank: int | None) -> dict:
         buf.destroy()
 
 
-def task_nan_check(ctx, bad_rank: int) -> dict:
+def task_nan_check(ctx, bad_rank: int, backend: str = "reference") -> dict:
     """EP_COMM_CHECK_FINITE=1: a NaN in token 2 of ``bad_rank``'s fp8 low-latency dispatch is
     named (token and 128-channel block) before anything moves."""
     os.environ["EP_COMM_CHECK_FINITE"] = "1"
-    ll = LLCase(seed=9, num_experts=16)
-    case = Case(seed=9, num_experts=16)
-    x, idx, _ = all_inputs(case, ctx.world_size)[ctx.rank]
+    ll = LLCase(seed=9, num_experts=16, backend=backend)
+    case = Case(seed=9, num_experts=16, backend=backend)
+    x, idx, _ = (t.to(ctx.device) for t in all_inputs(case, ctx.world_size)[ctx.rank])
     m = ll.max_tokens
     x = x[:m].clone()
     if ctx.rank == bad_rank:
