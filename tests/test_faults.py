@@ -140,7 +140,7 @@ def test_stuck_peer_is_named_then_survivors_continue_on_a_new_buffer():
 
 # ------------------------------------------------------------------ GPU: kernels backend
 @pytest.mark.gpu
-def test_gpu_kernels_out_of_range_ids_and_failure_state(gpu_ranks):
+def test_gpu_kernels_out_of_range_ids_are_named_before_any_kernel(gpu_ranks):
     """Kernels backend, 2 ranks (sharing one GPU with EP_COMM_TEST_RANKS_PER_GPU=2): ids out of
     range raise InputError naming token and value before any kernel runs."""
     results = gpu_ranks(2).run(fc.task_gpu_bad_ids)
