@@ -6,18 +6,66 @@ chosen explicitly at construction and never switched silently.
 """
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import threading
+import weakref
 
 import torch
 
-from ep_comm.core import checks
 from ep_comm.backends.base import Backend
-from ep_comm.runtime.comm import Comm, group_from_mpi
 from ep_comm.config import DEFAULT_NUM_SMS, Config, default_config
-from ep_comm.errors import BackendUnavailableError, BufferTooSmallError, EpCommError, InputError
+from ep_comm.core import agreement, checks
+from ep_comm.core.regions import LowLatencyRegions
+from ep_comm.errors import (BackendUnavailableError, BufferTooSmallError, CommTimeoutError,
+                            EpCommError, InputError, KernelError, PeerLostError)
 from ep_comm.event import EventOverlap, capture_event
 from ep_comm.handles import DispatchHandle, LowLatencyHandle
-from ep_comm.core.regions import LowLatencyRegions
+from ep_comm.runtime.comm import Comm, group_from_mpi
+
+# -- fault handling (docs/faults.md): call agreement, input ranges, failure state, bounded exit
+
+#: ``1``: the kernels backend also agrees on every call (one extra small exchange per call; the
+#: reference backend always agrees, in the count exchange it already does).
+AGREE_ENV = "EP_COMM_CHECK_AGREEMENT"
+#: ``0`` turns off the expert-id range check (it reads topk_idx on the host; on CUDA it is
+#: skipped anyway while a CUDA graph is being captured).
+CHECK_IDS_ENV = "EP_COMM_CHECK_IDS"
+#: ``1`` turns on the NaN/Inf check of FP8 paths (names the first bad token).
+CHECK_FINITE_ENV = "EP_COMM_CHECK_FINITE"
+#: Seconds that destroy() of a failed Buffer and the exit handler wait for the backend.
+DESTROY_TIMEOUT_S = 5.0
+_LIVE_BUFFERS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _fault_guard(fn):
+    """A collective call: raise at once on a failed Buffer; a timeout, lost peer or kernel error
+    marks the Buffer failed; a raw transport error leaves only as ``PeerLostError``."""
+    @functools.wraps(fn)
+    def call(self, *args, **kwargs):
+        self.comm.raise_if_failed()
+        try:
+            return fn(self, *args, **kwargs)
+        except (CommTimeoutError, PeerLostError, KernelError) as e:
+            if self.comm.failure is None:
+                self.comm.mark_failed(e, [getattr(e, "peer", None), *getattr(e, "peers", ())])
+            raise
+        except EpCommError:
+            raise
+        except RuntimeError as e:
+            if not _is_transport_error(e):
+                raise
+            err = PeerLostError(self.rank, fn.__name__, [], f"the transport failed ({e})")
+            self.comm.mark_failed(err, [])
+            raise err from e
+    return call
+
+
+def _is_transport_error(e: BaseException) -> bool:
+    text = str(e)
+    return any(k in text for k in ("gloo", "NCCL", "Connection", "connection", "GLHF"))
+# -- end of fault handling helpers --
 
 BACKENDS = ("auto", "kernels", "reference")
 
@@ -94,6 +142,7 @@ class Buffer:
         self._comm_stream = None
         if self.device.type == "cuda":
             self._comm_stream = self._backend.comm_stream() or torch.cuda.Stream(self.device)
+        _LIVE_BUFFERS.add(self)  # fault handling: destroyed (bounded) at exit
 
     # ------------------------------------------------------------------ construction
     def _resolve_backend(self, backend: str) -> str:
@@ -129,10 +178,72 @@ class Buffer:
         return self._backend
 
     def destroy(self) -> None:
-        """Free the communication buffers. The Buffer cannot be used afterwards."""
+        """Free the communication buffers. The Buffer cannot be used afterwards.
+
+        Local (never waits for peers on the reference backend). On a failed Buffer the
+        backend's teardown is given ``DESTROY_TIMEOUT_S`` seconds, then abandoned with a
+        warning, so that a lost peer can never make destroy (or exit) hang.
+        """
         if self._backend is not None:
-            self._backend.destroy()
-            self._backend = None
+            backend, self._backend = self._backend, None
+            if self.comm.failure is None:
+                backend.destroy()
+            elif not _bounded(backend.destroy, DESTROY_TIMEOUT_S):
+                import warnings
+                warnings.warn(f"ep_comm.Buffer rank {self.rank}: destroy of a failed Buffer "
+                              f"did not finish in {DESTROY_TIMEOUT_S:g} s; abandoned")
+
+    # ------------------------------------------------------------------ fault handling
+    @property
+    def failed(self) -> bool:
+        """True after a timeout or lost peer (until every lost rank is masked)."""
+        return self.comm.failure is not None
+
+    @property
+    def lost_ranks(self) -> list[int]:
+        """Ranks named lost (exited, crashed, or not answering) by the failure, sorted."""
+        return sorted(self.comm.lost)
+
+    def _begin_call(self, sig: "agreement.Signature",
+                    bad: "agreement.BadInput | None" = None) -> None:
+        """Number this call and hand its signature to the agreement (docs/faults.md)."""
+        fused = getattr(self.backend, "fuses_agreement", False)
+        agree = fused or os.environ.get(AGREE_ENV) == "1"
+        self.comm.begin_call(sig, bad, record=agree)
+        if fused:
+            return
+        if agree:
+            mask = self.backend.mask_buffer().tolist() if self.low_latency_mode else None
+            live = [p for p in range(self.group_size) if not mask or not mask[p] or p == self.rank]
+            self.comm.agree(None, live, f"{sig.op}/agree")
+        elif bad is not None:
+            raise bad.error()
+
+    def _bad_ids(self, topk_idx, num_experts: int, first: bool = True):
+        """The first expert id outside [-1, num_experts), or None.
+
+        Reading the ids costs a device-to-host synchronisation on CUDA, which the kernels'
+        paths otherwise never need (``num_worst_tokens``, low-latency mode, CUDA graphs). So on
+        CUDA tensors the check runs on the first call of each shape (``first``), under ``EP_COMM_DEBUG=1`` and with ``EP_COMM_CHECK_IDS=1``; on CPU tensors (the
+        reference backend, where it is free) on every call. ``EP_COMM_CHECK_IDS=0`` turns it off.
+        """
+        if topk_idx is None:
+            return None
+        mode = os.environ.get(CHECK_IDS_ENV)
+        if mode == "0":
+            return None
+        if topk_idx.is_cuda:
+            if torch.cuda.is_current_stream_capturing():
+                return None
+            if mode != "1" and not self._debug and not first:
+                return None
+        return agreement.first_bad_expert(topk_idx, num_experts)
+
+    def _bad_values(self, x, name: str = "x"):
+        """With CHECK_FINITE_ENV=1, the first token of ``x`` holding NaN/Inf, else None."""
+        if os.environ.get(CHECK_FINITE_ENV) != "1":
+            return None
+        return agreement.first_non_finite(x, name)
 
     def __del__(self):
         if not getattr(self, "explicitly_destroy", True) and getattr(self, "_backend", None):
@@ -275,15 +386,20 @@ class Buffer:
             event: EventOverlap (with ``async_finish``) or an empty one.
         """
         key = ("layout", num_experts, checks.sig(topk_idx))
-        if self._debug or key not in self._validated:
+        first = key not in self._validated
+        if self._debug or first:
             checks.num_experts(num_experts, self.group_size)
             checks.topk_idx(topk_idx, self.device)
             self._validated.add(key)
+        bad = self._bad_ids(topk_idx, num_experts, first)  # fault handling: ids in [-1, E)
+        if bad is not None:
+            raise bad.error()
         result, event = self._on_comm_stream(
             lambda: self.backend.get_dispatch_layout(topk_idx, num_experts),
             previous_event, async_finish, allocate_on_comm_stream, (topk_idx,))
         return (*result, event)
 
+    @_fault_guard
     def dispatch(self, x, handle: DispatchHandle | None = None, num_tokens_per_rank=None,
                  num_tokens_per_rdma_rank=None, is_token_in_rank=None, num_tokens_per_expert=None,
                  topk_idx=None, topk_weights=None, expert_alignment: int = 1,
@@ -329,7 +445,8 @@ class Buffer:
                checks.sig(is_token_in_rank), checks.sig(num_tokens_per_expert),
                checks.sig(topk_idx), checks.sig(topk_weights), expert_alignment,
                num_worst_tokens, config, Buffer.num_sms)
-        if self._debug or key not in self._validated:
+        first = key not in self._validated
+        if self._debug or first:
             self._validate_dispatch(x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank,
                                     is_token_in_rank, num_tokens_per_expert, topk_idx,
                                     topk_weights, expert_alignment, num_worst_tokens, config)
@@ -341,6 +458,15 @@ class Buffer:
             num_worst_tokens = handle.num_worst_tokens
         else:
             num_experts = num_tokens_per_expert.shape[0]
+        # fault handling: agree on the call; bad ids / NaN stop every rank (docs/faults.md)
+        bad = self._bad_ids(topk_idx, num_experts, first) if handle is None else None
+        if bad is None and scales is not None:
+            bad = self._bad_values(scales, "x scales") or self._bad_values(payload)
+        self._begin_call(agreement.Signature(
+            "dispatch" if handle is None else "cached_dispatch", payload.shape[1], payload.dtype,
+            num_experts, -1 if topk_idx is None else topk_idx.shape[1],
+            -1 if handle is None else getattr(handle.backend_state, "call_seq", -1)), bad)
+
 
         def run():
             return self.backend.dispatch(
@@ -402,7 +528,7 @@ class Buffer:
                           shape=(t, r), device=self.device)
             checks.tensor("num_tokens_per_expert", num_tokens_per_expert, dtype=torch.int32,
                           dims=1, device=self.device)
-            num_experts = checks.num_experts(num_tokens_per_expert.shape[0], r)
+            checks.num_experts(num_tokens_per_expert.shape[0], r)
             if self.comm.num_nodes > 1:
                 checks.tensor("num_tokens_per_rdma_rank", num_tokens_per_rdma_rank,
                               dtype=torch.int32, shape=(self.comm.num_nodes,), device=self.device)
@@ -412,7 +538,7 @@ class Buffer:
                     checks.topk_weights(topk_weights, topk_idx, self.device)
             elif topk_weights is not None:
                 raise InputError("topk_weights without topk_idx: pass both or neither")
-
+    @_fault_guard
     def combine(self, x: torch.Tensor, handle: DispatchHandle, topk_weights=None, bias=None,
                 config: Config | None = None, previous_event: EventOverlap | None = None,
                 async_finish: bool = False, allocate_on_comm_stream: bool = False):
@@ -441,6 +567,10 @@ class Buffer:
             self._validated.add(key)
         biases = () if bias is None else (tuple(bias) if isinstance(bias, (tuple, list)) else (bias,))
         config = config or self._default_config()
+        self._begin_call(agreement.Signature(  # fault handling: call agreement
+            "combine", x.shape[1], x.dtype, handle.num_experts,
+            -1 if topk_weights is None else topk_weights.shape[1],
+            getattr(handle.backend_state, "call_seq", -1)))
         (combined, combined_w), event = self._on_comm_stream(
             lambda: self.backend.combine(x, handle, topk_weights, biases, config),
             previous_event, async_finish, allocate_on_comm_stream, (x, topk_weights, *biases))
@@ -482,6 +612,7 @@ class Buffer:
         if self.num_rdma_bytes < need:
             raise BufferTooSmallError("num_rdma_bytes", need, self.num_rdma_bytes, what)
 
+    @_fault_guard
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor,
                              num_max_dispatch_tokens_per_rank: int, num_experts: int,
                              cumulative_local_expert_recv_stats: torch.Tensor | None = None,
@@ -533,6 +664,15 @@ class Buffer:
         if dispatch_wait_recv_cost_stats is not None:
             checks.tensor("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats,
                           dtype=torch.int64, shape=(self.group_size,), device=self.device)
+        # fault handling: agree on the call; bad ids / NaN stop every rank (docs/faults.md)
+        key = ("low_latency_dispatch", checks.sig(topk_idx), num_experts)
+        bad = self._bad_ids(topk_idx, num_experts, key not in self._validated)
+        self._validated.add(key)
+        if bad is None and use_fp8:
+            bad = self._bad_values(x)
+        self._begin_call(agreement.Signature(
+            "low_latency_dispatch", hidden, torch.float8_e4m3fn if use_fp8 else x.dtype,
+            num_experts, topk_idx.shape[1], -1, m), bad)
         recv_x, scales, recv_count, handle, hook = self.backend.low_latency_dispatch(
             x, topk_idx, m, num_experts, use_fp8=use_fp8, round_scale=round_scale,
             use_ue8m0=use_ue8m0,
@@ -543,6 +683,7 @@ class Buffer:
         recv = (recv_x, scales) if use_fp8 else recv_x
         return recv, recv_count, handle, event, hook
 
+    @_fault_guard
     def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor,
                             topk_weights: torch.Tensor, handle: LowLatencyHandle,
                             use_logfmt: bool = False, zero_copy: bool = False,
@@ -583,6 +724,11 @@ class Buffer:
         if combine_wait_recv_cost_stats is not None:
             checks.tensor("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats,
                           dtype=torch.int64, shape=(r,), device=self.device)
+        self._begin_call(agreement.Signature(  # fault handling: call agreement
+            "low_latency_combine", hidden, x.dtype, e, topk_idx.shape[1],
+            getattr(handle.backend_state, "call_seq", -1), m),
+            self._bad_ids(topk_idx, e, ("low_latency_dispatch", checks.sig(topk_idx), e)
+                          not in self._validated))
         combined, hook = self.backend.low_latency_combine(
             x, topk_idx, topk_weights, handle, zero_copy=zero_copy, use_logfmt=use_logfmt,
             out=out, return_recv_hook=return_recv_hook,
@@ -613,6 +759,9 @@ class Buffer:
         if not isinstance(rank_to_mask, int) or not 0 <= rank_to_mask < self.group_size:
             raise InputError(f"rank_to_mask must be in [0, {self.group_size}), got {rank_to_mask!r}")
         self.backend.mask_buffer()[rank_to_mask] = 1 if mask else 0
+        # fault handling: masking every lost rank lets the survivors go on (docs/faults.md)
+        masked = self.backend.mask_buffer().tolist()
+        self.comm.unmask_failure({p for p in range(self.group_size) if masked[p]})
 
     def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
         """Copy the mask ([R] int32, 1 = masked) into ``mask_status``."""
@@ -623,6 +772,40 @@ class Buffer:
     def low_latency_clean_mask_buffer(self) -> None:
         """Unmask every rank."""
         self.backend.mask_buffer().zero_()
+
+
+def _bounded(fn, timeout_s: float) -> bool:
+    """Run ``fn`` in a daemon thread; True if it finished within ``timeout_s`` (fault handling:
+    a teardown that waits for a lost peer must not hang destroy or exit)."""
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller below
+            errors.append(e)
+    t = threading.Thread(target=run, daemon=True, name="ep_comm-destroy")
+    t.start()
+    t.join(timeout_s)
+    if errors:
+        raise errors[0]
+    return not t.is_alive()
+
+
+@atexit.register
+def _destroy_all_at_exit() -> None:
+    """Free every live Buffer at exit, each bounded by DESTROY_TIMEOUT_S (fault handling)."""
+    for buf in list(_LIVE_BUFFERS):
+        if getattr(buf, "_backend", None) is None:
+            continue
+        try:
+            backend, buf._backend = buf._backend, None
+            if not _bounded(backend.destroy, DESTROY_TIMEOUT_S):
+                print(f"ep_comm: Buffer of rank {buf.rank} did not free its buffers at exit "
+                      f"within {DESTROY_TIMEOUT_S:g} s; abandoned", flush=True)
+        except Exception as e:  # noqa: BLE001 - exit goes on; say why
+            print(f"ep_comm: Buffer of rank {buf.rank} could not free its buffers at exit: {e}",
+                  flush=True)
 
 
 def _tensors(obj):

@@ -72,3 +72,74 @@ class KernelError(EpCommError):
     Raisers name the rank, the kernel and the status code; a code the host does not know
     usually means the cached cubin is older than the Python side (clear ``EP_COMM_CACHE_DIR``).
     """
+
+
+class CollectiveMismatchError(EpCommError):
+    """The ranks disagree on a collective call: raised on every rank before any payload moves.
+
+    Every call of a Buffer is a collective; its sequence number and signature (operation,
+    hidden, dtype, num_experts, top-k, handle, ...) travel with the first exchange of the call
+    (``ep_comm.core.agreement``). A disagreement is reported by every rank, with the same text.
+
+    Attributes:
+        rank: the rank raising.
+        call: this rank's sequence number of the call (1 = first collective of the Buffer).
+        field: the first field that differs (``"op"``, ``"hidden"``, ``"num_experts"``, ...).
+        values: {value: [ranks]} for that field.
+        odd_ranks: the ranks in the minority (the likely culprits; all but the largest group).
+    """
+
+    def __init__(self, rank: int, call: int, field: str, values: dict, detail: str = ""):
+        self.rank, self.call, self.field, self.values = rank, call, field, values
+        groups = sorted(values.items(), key=lambda kv: (-len(kv[1]), min(kv[1])))
+        self.odd_ranks = sorted(r for _, ranks in groups[1:] for r in ranks)
+        parts = "; ".join(f"ranks {ranks} have {field}={v}" for v, ranks in groups)
+        super().__init__(
+            f"rank {rank}: the ranks disagree on call #{call} of this Buffer: {parts}. "
+            f"Rank(s) {self.odd_ranks} differ from the rest. {detail}Every rank must make the same "
+            f"Buffer calls in the same order with the same sizes (a rank that skipped, reordered "
+            f"or added a call is the usual cause). Nothing was sent; the Buffer is still usable.")
+
+
+class PeerInputError(EpCommError):
+    """Another rank rejected its own input of this call (it raised ``InputError``); this rank
+    stops too, before any payload moves, instead of waiting for it.
+
+    Attributes:
+        rank: the rank raising; peer: the rank whose input was bad; message: its error text.
+    """
+
+    def __init__(self, rank: int, call: int, peer: int, message: str):
+        self.rank, self.call, self.peer = rank, call, peer
+        super().__init__(f"rank {rank}: call #{call} stopped because rank {peer} rejected its "
+                         f"input ({message}). Nothing was sent; the Buffer is still usable.")
+
+
+class PeerLostError(EpCommError):
+    """A peer exited, crashed or closed its connection while this rank waited for it.
+
+    Attributes:
+        rank: the rank raising; phase: the step it was in; peers: the ranks found lost (may be
+        empty when the transport did not say which); peer: the first of them or None.
+    """
+
+    def __init__(self, rank: int, phase: str, peers: list[int], detail: str):
+        self.rank, self.phase, self.peers = rank, phase, list(peers)
+        self.peer = self.peers[0] if self.peers else None
+        who = f"rank(s) {self.peers}" if self.peers else "a peer (rank unknown)"
+        super().__init__(
+            f"rank {rank} lost {who} in phase '{phase}': {detail}. This Buffer is now failed; "
+            f"recover with a new Buffer over the survivors or by masking the lost rank(s) "
+            f"(docs/faults.md).")
+
+
+class BufferFailedError(EpCommError):
+    """A call on a Buffer that failed earlier (timeout or lost peer). Raised at once, with no
+    communication. ``cause`` is the first error; see docs/faults.md for recovery."""
+
+    def __init__(self, rank: int, cause: BaseException):
+        self.rank, self.cause = rank, cause
+        super().__init__(
+            f"rank {rank}: this Buffer failed earlier ({type(cause).__name__}: {cause}); no further "
+            f"calls run on it. Recover with a new Buffer over the survivors, or mask the lost "
+            f"rank(s) with low_latency_update_mask_buffer(rank) (docs/faults.md).")

@@ -73,11 +73,25 @@ class FakeComm:
         self.group, self.backend = None, "fake"
         self.ranks_per_node, self.num_nodes, self.node, self.local_rank = num_ranks, 1, 0, rank
 
+        # the fault-handling state ep_comm.Buffer keeps on its Comm (a healthy group)
+        self.failure, self.lost, self.seq = None, set(), 0
+
     def barrier(self, phase):
         self.barriers.append(phase)
 
     def node_of(self):
         return None
+
+    def raise_if_failed(self):
+        pass
+
+    def mark_failed(self, err, peers):
+        self.failure = err
+
+    def begin_call(self, sig, bad=None, record=False):
+        """Number the call (the Buffer raises a bad input itself when it does not agree)."""
+        self.seq += 1
+        return self.seq
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 
 import dataclasses
+import time
 
 import torch
 
@@ -24,6 +25,14 @@ from ep_comm.handles import DispatchHandle, LowLatencyHandle
 
 
 @dataclasses.dataclass(slots=True)
+class ReferenceDispatchState:
+    """The reference backend's part of a ``DispatchHandle``: the sequence number of the dispatch
+    call that made it (the handle's identity in call agreement, the same on every rank)."""
+
+    call_seq: int
+
+
+@dataclasses.dataclass(slots=True)
 class ReferenceLowLatencyState:
     """The reference backend's part of a ``LowLatencyHandle`` (``backend_state``).
 
@@ -31,15 +40,24 @@ class ReferenceLowLatencyState:
         token_of: per source rank, the token index of each row received from it.
         peers: the ranks this rank exchanged rows with in the dispatch.
         expert_counts: per peer, [L_peer] int64 rows this rank sent to each of its experts.
+        call_seq: sequence number of the dispatch call (the handle's identity).
     """
 
     token_of: dict
     peers: list
     expert_counts: dict
+    call_seq: int = -1
 
 
 class ReferenceBackend(Backend):
+    """Every call first agrees (``Comm.agree``): the call's signature travels with its first
+    exchange, and ranks masked with ``low_latency_update_mask_buffer`` take no part in any
+    exchange, in normal and low-latency mode alike (tokens routed to their experts are dropped,
+    as if their ids were -1)."""
+
     name = "reference"
+    #: Buffer leaves the agreement exchange to this backend (it is fused with the counts).
+    fuses_agreement = True
 
     def __init__(self, comm: Comm):
         self.comm = comm
@@ -58,9 +76,12 @@ class ReferenceBackend(Backend):
                  is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights, num_experts,
                  expert_alignment, num_worst_tokens, config):
         comm, r, me = self.comm, self.comm.num_ranks, self.comm.rank
+        peers = self._active_peers()
         if handle is None:
             handle = self._notify(is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert,
-                                  num_tokens_per_rdma_rank, num_experts, num_worst_tokens)
+                                  num_tokens_per_rdma_rank, num_experts, num_worst_tokens, peers)
+        else:
+            comm.agree(None, peers, "dispatch/agree")
         send_counts = handle.num_tokens_per_rank.tolist()
         prefix = handle.rank_prefix_matrix
         recv_counts = (prefix[:, me] - torch.cat([prefix.new_zeros(1), prefix[:-1, me]])).tolist()
@@ -73,7 +94,7 @@ class ReferenceBackend(Backend):
                 if fill is not None else torch.empty((rows, *src.shape[1:]), dtype=src.dtype,
                                                      device=src.device)
             comm.all_to_all(out[:n_recv], src[send_idx].contiguous(), recv_counts, send_counts,
-                            "dispatch/data", "token rows")
+                            "dispatch/data", "token rows", peers)
             return out
 
         recv_x = exchange(x, 0)
@@ -90,7 +111,7 @@ class ReferenceBackend(Backend):
             recv_topk_idx = torch.full((rows, topk_idx.shape[1]), -1, dtype=topk_idx.dtype,
                                        device=x.device)
             comm.all_to_all(recv_topk_idx[:n_recv], local.contiguous(), recv_counts,
-                            send_counts, "dispatch/data", "top-k ids")
+                            send_counts, "dispatch/data", "top-k ids", peers)
         if topk_weights is not None:
             recv_topk_weights = exchange(topk_weights, 0.0)
         counts = handle.num_recv_tokens_per_expert.tolist()
@@ -101,19 +122,24 @@ class ReferenceBackend(Backend):
         return recv_x, recv_scales, recv_topk_idx, recv_topk_weights, count_list, handle
 
     def _notify(self, is_token_in_rank, num_tokens_per_rank, num_tokens_per_expert,
-                num_tokens_per_rdma_rank, num_experts, num_worst_tokens) -> DispatchHandle:
-        """Exchange counts and build the handle (the 'notify' step of the kernels)."""
+                num_tokens_per_rdma_rank, num_experts, num_worst_tokens, peers) -> DispatchHandle:
+        """Agree on the call, exchange counts and build the handle (the kernels' 'notify')."""
         comm, r, me = self.comm, self.comm.num_ranks, self.comm.rank
         dev = is_token_in_rank.device
-        all_counts = torch.empty(r * r, dtype=torch.int32, device=dev)
-        comm.all_gather(all_counts, num_tokens_per_rank.to(torch.int32).contiguous(),
-                        "dispatch/notify", "per-rank token counts")
-        matrix = all_counts.view(r, r)  # [i, j] = tokens rank i sends to rank j
-        prefix = torch.cumsum(matrix, dim=0, dtype=torch.int32)
         per_rank = num_experts // r
-        expert_counts = torch.empty(r * per_rank, dtype=torch.int32, device=dev)
+        if len(peers) < r:  # masked ranks receive nothing: their experts count as -1
+            live = torch.zeros(r, dtype=torch.bool, device=dev)
+            live[peers] = True
+            is_token_in_rank = is_token_in_rank & live.unsqueeze(0)
+            num_tokens_per_rank = is_token_in_rank.sum(dim=0, dtype=torch.int32)
+            num_tokens_per_expert = num_tokens_per_expert * live.repeat_interleave(per_rank)
+        # The call's signature and the per-rank counts travel in one all-gather.
+        gathered = comm.agree(num_tokens_per_rank.to(torch.int64), peers, "dispatch/notify")
+        matrix = gathered.to(torch.int32).to(dev)  # [i, j] = tokens rank i sends to rank j
+        prefix = torch.cumsum(matrix, dim=0, dtype=torch.int32)
+        expert_counts = torch.zeros(r * per_rank, dtype=torch.int32, device=dev)
         comm.all_to_all(expert_counts, num_tokens_per_expert.to(torch.int32).contiguous(),
-                        None, None, "dispatch/notify", "per-expert token counts")
+                        None, None, "dispatch/notify", "per-expert token counts", peers)
         recv_per_expert = expert_counts.view(r, per_rank).sum(dim=0, dtype=torch.int32)
         col = matrix[:, me].tolist()
         n_recv = sum(col)
@@ -131,16 +157,20 @@ class ReferenceBackend(Backend):
         my_idx = torch.cat([torch.nonzero(is_token_in_rank[:, j]).flatten()
                             for j in range(r)]).to(torch.int32)
         comm.all_to_all(src_idx[:n_recv], my_idx.contiguous(), col,
-                        num_tokens_per_rank.tolist(), "dispatch/notify", "source token indices")
+                        num_tokens_per_rank.tolist(), "dispatch/notify", "source token indices",
+                        peers)
         return DispatchHandle(
             rank=me, num_ranks=r, num_experts=num_experts, is_token_in_rank=is_token_in_rank,
             num_tokens_per_rank=num_tokens_per_rank.to(torch.int32), rank_prefix_matrix=prefix,
             send_pos=send_pos, recv_src_idx=src_idx, recv_src_rank=src_rank,
             num_recv_tokens=n_recv, num_recv_tokens_per_expert=recv_per_expert,
-            num_worst_tokens=num_worst_tokens, num_tokens_per_rdma_rank=num_tokens_per_rdma_rank)
+            num_worst_tokens=num_worst_tokens, num_tokens_per_rdma_rank=num_tokens_per_rdma_rank,
+            backend_state=ReferenceDispatchState(call_seq=comm.seq))
 
     def combine(self, x, handle, topk_weights, biases, config):
         comm, me = self.comm, self.comm.rank
+        peers = self._active_peers()
+        comm.agree(None, peers, "combine/agree")
         prefix = handle.rank_prefix_matrix
         back_counts = (prefix[:, me] - torch.cat([prefix.new_zeros(1), prefix[:-1, me]])).tolist()
         send_counts = handle.num_tokens_per_rank.tolist()
@@ -151,7 +181,7 @@ class ReferenceBackend(Backend):
             """Rows sent back by every rank, summed per source token in float32."""
             back = torch.empty((len(send_idx), *src.shape[1:]), dtype=src.dtype, device=src.device)
             comm.all_to_all(back, src[:n_recv].contiguous(), send_counts, back_counts,
-                            "combine/data", "expert output rows")
+                            "combine/data", "expert output rows", peers)
             acc = torch.zeros((t, *src.shape[1:]), dtype=torch.float32, device=src.device)
             acc.index_add_(0, send_idx, back.float())
             return acc
@@ -174,6 +204,9 @@ class ReferenceBackend(Backend):
         m, hidden, dev = num_max_dispatch_tokens_per_rank, x.shape[1], x.device
         per_rank = num_experts // r
         peers = self._active_peers()
+        # Agree first (fixed-size vectors): per-expert count messages are sized by num_experts,
+        # which is one of the things the ranks could disagree on.
+        agree_wait = self._agree_timed(peers, "low_latency_dispatch/agree")
         # Per destination: for each of its experts in order, that expert's tokens in token order.
         token_of, expert_counts = {}, {}
         for p in peers:
@@ -237,7 +270,8 @@ class ReferenceBackend(Backend):
                 cumulative_local_expert_recv_stats.add_(recv_count)
             if dispatch_wait_recv_cost_stats is not None:
                 for p in peers:
-                    ns = int((waited.get(p, 0.0) + waited2.get(p, 0.0)) * 1e9)
+                    ns = int((agree_wait.get(p, 0.0) + waited.get(p, 0.0) + waited2.get(p, 0.0))
+                             * 1e9)
                     dispatch_wait_recv_cost_stats[p] += ns
 
         handle = LowLatencyHandle(
@@ -245,7 +279,8 @@ class ReferenceBackend(Backend):
             recv_count=recv_count, num_max_dispatch_tokens_per_rank=m, hidden=hidden,
             num_experts=num_experts, buffer_idx=buffer_idx, use_fp8=use_fp8,
             backend_state=ReferenceLowLatencyState(token_of=token_of, peers=peers,
-                                                  expert_counts=expert_counts))
+                                                  expert_counts=expert_counts,
+                                                  call_seq=self.comm.seq))
         if return_recv_hook:
             return recv_x, recv_scales, recv_count, handle, unpack
         unpack()
@@ -255,7 +290,7 @@ class ReferenceBackend(Backend):
                   phase: str, what: str) -> dict[int, float]:
         """``Comm.exchange``: only the peers named take part (masked ranks neither send nor are
         waited for); returns the seconds waited per peer received from."""
-        return self.comm.exchange(sends, recvs, phase, what)
+        return self.comm.exchange(sends, recvs, phase, what, self._active_peers())
 
     def _exchange_keyed(self, sends, recvs, phase, what):
         """Several point-to-point exchanges ``(kind, peer)`` with one bounded wait per message."""
@@ -267,6 +302,17 @@ class ReferenceBackend(Backend):
                 waited[p] = waited.get(p, 0.0) + s
         return waited
 
+    def _agree_timed(self, peers, phase: str) -> dict:
+        """The call agreement, which also tells how long this rank waited for each peer: every
+        rank sends the wall-clock time it entered the call with its signature, so a late peer
+        (whose arrival the agreement absorbs) is charged to the wait-cost statistics, not to
+        the exchanges after it. {peer: seconds this rank waited for it}."""
+        now = time.time_ns()
+        # the agreement payload is R entries (its fixed size); every entry holds the time
+        got = self.comm.agree(torch.full((self.comm.num_ranks,), now, dtype=torch.int64), peers,
+                              phase)
+        return {p: max(0, int(got[p, 0]) - now) / 1e9 for p in peers}
+
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, *, zero_copy, use_logfmt,
                             out, return_recv_hook, combine_wait_recv_cost_stats):
         r = self.comm.num_ranks
@@ -274,7 +320,9 @@ class ReferenceBackend(Backend):
         per_rank = handle.num_experts // r
         src = self.get_next_low_latency_combine_buffer(handle) if zero_copy else x
         state = handle.backend_state
-        peers = [p for p in state.peers if p in self._active_peers()]
+        active = self._active_peers()
+        agree_wait = self._agree_timed(active, "low_latency_combine/agree")
+        peers = [p for p in state.peers if p in active]
         sends, recvs = {}, {}
         begin, count = handle.range_begin.tolist(), handle.range_count.tolist()
         for p in peers:
@@ -301,7 +349,8 @@ class ReferenceBackend(Backend):
             result.copy_(acc.to(torch.bfloat16))
             if combine_wait_recv_cost_stats is not None:
                 for p in peers:
-                    combine_wait_recv_cost_stats[p] += int(waited.get(p, 0.0) * 1e9)
+                    combine_wait_recv_cost_stats[p] += int((agree_wait.get(p, 0.0) +
+                                                            waited.get(p, 0.0)) * 1e9)
 
         if return_recv_hook:
             return result, reduce

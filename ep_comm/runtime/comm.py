@@ -6,7 +6,9 @@ mpi4py communicator) and knows the node layout. Every wait it does is bounded by
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
+import weakref
 import datetime
 import math
 import os
@@ -16,7 +18,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from ep_comm.errors import CommTimeoutError, InputError
+from ep_comm.errors import (BufferFailedError, CommTimeoutError, EpCommError, InputError,
+                            PeerLostError)
+from ep_comm.core import agreement
 
 #: Environment variable that bounds every wait inside ep_comm, in seconds.
 TIMEOUT_ENV = "EP_COMM_TIMEOUT_S"
@@ -120,7 +124,26 @@ class Comm:
         self.staged = self.backend == "gloo" and self.device.type == "cuda"
         hosts = [None] * self.num_ranks
         dist.all_gather_object(hosts, socket.gethostname(), group=group)
+        # A token per Comm, the same on every rank (rank 0's), names this Buffer's progress keys
+        # in the rendezvous store (see ``record``).
+        # The process ids let a rank tell a crashed peer on its host from a stalled one.
+        tokens = [None] * self.num_ranks
+        dist.all_gather_object(tokens, (os.urandom(6).hex(), os.getpid()), group=group)
+        self.uid = tokens[0][0]
+        self.pids = [t[1] for t in tokens]
         self.hosts = hosts
+        #: sequence number of the current collective call (1 = the first).
+        self.seq = 0
+        self._pending: tuple | None = None
+        self._op = "none"
+        #: The first timeout / lost-peer error; every later call raises BufferFailedError.
+        self.failure: EpCommError | None = None
+        #: Ranks named lost by ``failure`` (masking all of them clears the failure).
+        self.lost: set[int] = set()
+        self._subgroups: dict[tuple, object] = {}
+        self._store = _default_store()
+        self._store_lost = False  # the store (hosted by rank 0) stopped answering
+        _LIVE_COMMS.add(self)
         detected = hosts.count(hosts[0])
         if ranks_per_node is None:
             ranks_per_node = detected
@@ -139,45 +162,304 @@ class Comm:
         """This rank's node when there are several, else None (for error messages)."""
         return self.node if self.num_nodes > 1 else None
 
+    # -- calls, agreement and failure state -----------------------------------------------
+    def raise_if_failed(self) -> None:
+        """Raise ``BufferFailedError`` at once if an earlier call timed out or lost a peer."""
+        if self.failure is not None:
+            raise BufferFailedError(self.rank, self.failure)
+
+    def begin_call(self, sig: "agreement.Signature",
+                   bad_input: "agreement.BadInput | None" = None, record: bool = True) -> int:
+        """Start collective call ``seq + 1`` with signature ``sig``; ``agree`` exchanges it.
+
+        ``bad_input``: this rank's input failed a check; the call still takes part in the
+        agreement exchange (so that peers stop too, naming this rank), then raises.
+        """
+        self.raise_if_failed()
+        self.seq += 1
+        self._pending = (sig, bad_input)
+        self._op = sig.op
+        if record:  # one store write: where this rank is, for peers' diagnoses
+            self.record(f"{self.seq}|{sig.op}|in call")
+        return self.seq
+
+    def agree(self, payload: torch.Tensor | None = None, peers: list[int] | None = None,
+              phase: str = "agree") -> torch.Tensor | None:
+        """Exchange the pending call's signature (and ``payload``, [n] int64/int32, the same
+        length on every rank) with ``peers`` (default: all ranks) in one all-gather, and check
+        agreement (``agreement.check``). Returns the gathered payloads [R, n] int64 (rows of
+        ranks not in ``peers`` are zero), or None without payload."""
+        if self._pending is None:
+            raise EpCommError("ep_comm internal: agree() without begin_call()")
+        sig, bad = self._pending
+        self._pending = None
+        mine = agreement.pack(self.seq, sig, bad)
+        # Always SIG_LEN + R entries, whatever the call, so that two ranks in different calls
+        # still exchange equal sizes (gloo hangs or aborts on unequal ones) and see the mismatch.
+        n = self.num_ranks
+        body = torch.zeros(n, dtype=torch.int64)
+        if payload is not None:
+            if payload.numel() != n:
+                raise EpCommError(f"ep_comm internal: agreement payload of {payload.numel()} "
+                                  f"entries, expected {n}")
+            body = payload.cpu().to(torch.int64)
+        vec = torch.cat([mine, body])
+        out = torch.zeros(self.num_ranks, agreement.SIG_LEN + n, dtype=torch.int64)
+        peers = self.all_ranks() if peers is None else peers
+        self.gather_rows(out, vec.view(1, -1), peers, phase, "the call signature and counts")
+        agreement.check(self.rank, self.seq, {p: out[p, :agreement.SIG_LEN] for p in peers}, bad)
+        return out[:, agreement.SIG_LEN:] if payload is not None else None
+
+    def all_ranks(self) -> list[int]:
+        return list(range(self.num_ranks))
+
+    def record(self, state: str) -> None:
+        """Write this rank's progress (``"seq|op|state"``) to the rendezvous store, so that a
+        peer that times out or loses this rank can say where it was (``diagnose``)."""
+        if self._store is None:
+            return
+        try:
+            self._store.set(self._key(self.rank), state)
+        except Exception:  # noqa: BLE001 - the store's host (rank 0) may be gone; progress
+            self._store, self._store_lost = None, True  # records are a diagnostic aid only
+
+    def _key(self, rank: int) -> str:
+        return f"ep_comm/{self.uid}/progress/{rank}"
+
+    def diagnose(self, peers: list[int]) -> tuple[list[int], list[int], list[int], str]:
+        """Where the ``peers`` are, from the store: ``(lost, late, gave_up, text)``: ranks that
+        exited, ranks that have not reached this rank's call, ranks that failed (gave up
+        waiting) in it, and a sentence about each."""
+        lost, late, gave_up, notes = [], [], [], []
+        for p in peers:
+            if p == self.rank:
+                continue
+            state = self._read(p)
+            if state is None:
+                continue
+            seq_s, op, what = (state.split("|") + ["", "", ""])[:3]
+            seq = int(seq_s) if seq_s.lstrip("-").isdigit() else -1
+            if what == "exited":
+                lost.append(p)
+                notes.append(f"rank {p} exited (after its call #{seq}, {op})")
+            elif seq < self.seq and self._process_gone(p):
+                lost.append(p)
+                notes.append(f"rank {p} crashed or was killed (its process {self.pids[p]} is "
+                             f"gone; its last call: #{seq}, {op})")
+            elif seq < self.seq:
+                late.append(p)
+                notes.append(f"rank {p} has not made call #{self.seq} (its last call: "
+                             f"#{seq}, {op}; it skipped a call, or stalled before this one)")
+            elif what == "failed":
+                gave_up.append(p)
+                notes.append(f"rank {p} gave up on its call #{seq} ({op}) after an error")
+            elif seq > self.seq:
+                notes.append(f"rank {p} is already at call #{seq} ({op})")
+        return lost, late, gave_up, "; ".join(notes)
+
+    def _process_gone(self, p: int) -> bool:
+        """True if rank ``p`` runs on this host and its process no longer runs (exited, or a
+        zombie not yet reaped); False if alive or on another host (unknown)."""
+        if self.hosts[p] != self.hosts[self.rank] or not os.path.isdir("/proc/self"):
+            return False
+        try:
+            with open(f"/proc/{self.pids[p]}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+
+    def _read(self, p: int) -> str | None:
+        if self._store is None:
+            # The store lives on rank 0 (torch's rendezvous): unreachable means rank 0 is gone.
+            return "-1|unknown|exited" if p == 0 and self._store_lost else None
+        try:
+            if not self._store.check([self._key(p)]):
+                return "0|no call yet|"
+            return self._store.get(self._key(p)).decode()
+        except Exception:  # noqa: BLE001 - see above
+            self._store, self._store_lost = None, True
+            return "-1|unknown|exited" if p == 0 else None
+
+    def mark_failed(self, err: EpCommError, lost: list[int]) -> None:
+        """Mark failed from outside (a backend's own timeout, e.g. a kernel's status word)."""
+        self._fail(err, [p for p in lost if p is not None])
+
+    def _fail(self, err: EpCommError, lost: list[int], pending=()) -> EpCommError:
+        """Mark this Comm failed with ``err`` and keep ``pending`` works alive forever.
+
+        A gloo collective that timed out stays posted; destroying it (or its process group)
+        blocks until the peer answers, which may be never, so exit would hang. They are held
+        here and, at exit, leaked (their destructors never run): the process exits at once.
+        ``release_failed_group`` lets go of a group whose pending work has ended (e.g. after
+        the group's own gloo timeout) so that ``destroy_process_group`` can free it.
+        """
+        if self.failure is None:
+            self.failure = err
+        self.lost |= set(lost)
+        _FAILED.append((self.group, tuple(pending)))
+        self.record(f"{self.seq}|{self._op}|failed")
+        return err
+
+    def unmask_failure(self, masked: set[int]) -> None:
+        """Clear the failure when every rank it named lost is masked (mask-and-continue)."""
+        if self.failure is not None and self.lost and self.lost <= masked:
+            self.failure = None
+
+    def _lost_peer(self, phase: str, error: BaseException, peers, pending=()) -> EpCommError:
+        lost, late, gave_up, notes = self.diagnose(peers)
+        named = lost or late or gave_up
+        detail = f"{notes or 'the transport reported'}: {_short(error)}"
+        return self._fail(PeerLostError(self.rank, phase, named, detail), named, pending)
+
+    def _timed_out(self, phase: str, waited_for: str, peer: int | None, peers,
+                   pending=()) -> EpCommError:
+        lost, late, gave_up, notes = self.diagnose(peers)
+        if lost:
+            err = PeerLostError(self.rank, phase, lost, f"{notes} (waited {timeout_s():g} s)")
+            return self._fail(err, lost, pending)
+        named = late or gave_up or ([peer] if peer is not None else [])
+        if peer is None and named:
+            peer = named[0]
+        what = f"{waited_for} in call #{self.seq}" + (f" ({notes})" if notes else "")
+        err = CommTimeoutError(self.rank, phase, what, timeout_s(), peer, self.node_of())
+        return self._fail(err, named, pending)
+
     # -- bounded waits -------------------------------------------------------------------
-    def wait(self, work, phase: str, waited_for: str, peer: int | None = None) -> None:
-        """Wait for ``work`` (a torch.distributed Work) at most ``timeout_s()`` seconds."""
+    def wait(self, work, phase: str, waited_for: str, peer: int | None = None,
+             peers: list[int] | None = None) -> None:
+        """Wait for ``work`` (a torch.distributed Work) at most ``timeout_s()`` seconds.
+
+        Raises ``CommTimeoutError`` or ``PeerLostError`` (naming the peer when the store knows
+        it) and marks this Comm failed; a raw transport error never escapes.
+        """
+        peers = self.all_ranks() if peers is None else peers
         limit = timeout_s()
         deadline = time.monotonic() + limit
         delay = 1e-5
-        while not work.is_completed():
-            if time.monotonic() > deadline:
-                raise CommTimeoutError(self.rank, phase, waited_for, limit, peer, self.node_of())
-            time.sleep(delay)
-            delay = min(delay * 2, 1e-3)
-        work.wait()
+        try:
+            while not work.is_completed():
+                if time.monotonic() > deadline:
+                    raise self._timed_out(phase, waited_for, peer, peers, (work,))
+                time.sleep(delay)
+                delay = min(delay * 2, 1e-3)
+            work.wait()
+        except EpCommError:
+            raise
+        except RuntimeError as e:
+            raise self._lost_peer(phase, e, peers, (work,)) from None
 
     def all_to_all(self, output: torch.Tensor, input: torch.Tensor, output_splits, input_splits,
-                   phase: str, what: str) -> None:
-        """``all_to_all_single`` with a bounded wait; tensors may have any dtype (sent as bytes)."""
+                   phase: str, what: str, peers: list[int] | None = None) -> None:
+        """``all_to_all_single`` with a bounded wait; tensors may have any dtype (sent as bytes).
+
+        ``peers``: the ranks taking part (default all). Splits of the others must be 0: they
+        are neither sent to nor waited for (the exchange runs on a group of ``peers`` only).
+        """
+        group = self.group
+        if (peers is not None and len(peers) < self.num_ranks and output_splits is None
+                and input_splits is None):
+            # Even splits: keep the live ranks' blocks only, exchange, put them back in place.
+            r = self.num_ranks
+            inp = input.reshape(r, -1)[peers].contiguous()
+            out = torch.zeros_like(output.reshape(r, -1)[peers])
+            sub = self._subgroup(peers, phase)
+            with self._staged(out) as out_s:
+                try:
+                    work = dist.all_to_all_single(_as_bytes(out_s), _as_bytes(self._host(inp)),
+                                                  group=sub, async_op=True)
+                except RuntimeError as e:
+                    raise self._lost_peer(phase, e, peers) from None
+                self.wait(work, phase, what, peers=peers)
+            output.reshape(r, -1)[peers] = out
+            return
+        if peers is not None and len(peers) < self.num_ranks:
+            r = self.num_ranks
+            even_out = output.shape[0] // r if output_splits is None else None
+            even_in = input.shape[0] // r if input_splits is None else None
+            output_splits = [even_out] * r if output_splits is None else list(output_splits)
+            input_splits = [even_in] * r if input_splits is None else list(input_splits)
+            for p in range(r):
+                if p not in peers and (output_splits[p] or input_splits[p]):
+                    raise EpCommError(f"ep_comm internal: rows for masked rank {p} in {what}")
+            output_splits = [output_splits[p] for p in peers]
+            input_splits = [input_splits[p] for p in peers]
+            group = self._subgroup(peers, phase)
         with self._staged(output) as out_s:
-            work = dist.all_to_all_single(
-                _as_bytes(out_s), _as_bytes(self._host(input)),
-                output_split_sizes=None if output_splits is None else list(output_splits),
-                input_split_sizes=None if input_splits is None else list(input_splits),
-                group=self.group, async_op=True)
-            self.wait(work, phase, what)
+            try:
+                work = dist.all_to_all_single(
+                    _as_bytes(out_s), _as_bytes(self._host(input)),
+                    output_split_sizes=None if output_splits is None else list(output_splits),
+                    input_split_sizes=None if input_splits is None else list(input_splits),
+                    group=group, async_op=True)
+            except RuntimeError as e:
+                raise self._lost_peer(phase, e, peers or self.all_ranks()) from None
+            self.wait(work, phase, what, peers=peers)
+
+    def gather_rows(self, out: torch.Tensor, inp: torch.Tensor, peers: list[int], phase: str,
+                    what: str) -> None:
+        """``out[p] = inp of rank p`` for p in ``peers`` (an all-gather over them only)."""
+        if len(peers) == self.num_ranks:
+            self.all_gather(out, inp, phase, what)
+            return
+        part = torch.zeros(len(peers), *out.shape[1:], dtype=out.dtype, device=out.device)
+        group = self._subgroup(peers, phase)
+        with self._staged(part) as out_s:
+            try:
+                work = dist.all_gather_into_tensor(_as_bytes(out_s), _as_bytes(self._host(inp)),
+                                                   group=group, async_op=True)
+            except RuntimeError as e:
+                raise self._lost_peer(phase, e, peers) from None
+            self.wait(work, phase, what, peers=peers)
+        out.zero_()
+        out[peers] = part
+
+    def _subgroup(self, peers: list[int], phase: str):
+        """A process group of ``peers`` only (cached), for running on with masked ranks.
+
+        Made with ``use_local_synchronization``: only its members take part, so a lost rank
+        cannot block it; every member creates it in the same call (the first after masking).
+        """
+        key = tuple(peers)
+        if key not in self._subgroups:
+            if self.rank not in peers:
+                raise EpCommError(f"ep_comm internal: rank {self.rank} is masked")
+            ranks = tuple(self._global(p) for p in peers)
+            # One group per set of global ranks per process: torch names a group made with
+            # use_local_synchronization after its ranks, so a second one could not be made.
+            if ranks not in _SUBGROUPS:
+                try:
+                    _SUBGROUPS[ranks] = dist.new_group(
+                        list(ranks), timeout=datetime.timedelta(seconds=timeout_s()),
+                        use_local_synchronization=True)
+                except Exception as e:  # noqa: BLE001 - a store/rendezvous failure: name it
+                    raise self._lost_peer(f"{phase} (group of ranks {peers})", e,
+                                          peers) from None
+            self._subgroups[key] = _SUBGROUPS[ranks]
+        return self._subgroups[key]
 
     def all_gather(self, output: torch.Tensor, input: torch.Tensor, phase: str, what: str):
         """``all_gather_into_tensor`` (``output`` is [R * n, ...]) with a bounded wait."""
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         with self._staged(output) as out_s:
-            work = gather(_as_bytes(out_s), _as_bytes(self._host(input)), group=self.group,
-                          async_op=True)
+            try:
+                work = gather(_as_bytes(out_s), _as_bytes(self._host(input)), group=self.group,
+                              async_op=True)
+            except RuntimeError as e:
+                raise self._lost_peer(phase, e, self.all_ranks()) from None
             self.wait(work, phase, what)
 
     def barrier(self, phase: str) -> None:
         t = torch.zeros(1, device="cpu" if self.staged else self.device)
-        work = dist.all_reduce(t, group=self.group, async_op=True)
+        try:
+            work = dist.all_reduce(t, group=self.group, async_op=True)
+        except RuntimeError as e:
+            raise self._lost_peer(phase, e, self.all_ranks()) from None
         self.wait(work, phase, "a barrier")
 
     def exchange(self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor],
-                 phase: str, what: str) -> dict[int, float]:
+                 phase: str, what: str, peers: list[int] | None = None) -> dict[int, float]:
         """Point-to-point exchange: send ``sends[peer]`` and receive ``recvs[peer]``.
 
         Only the peers named take part, so masked ranks are neither sent to nor waited for.
@@ -191,18 +473,26 @@ class Comm:
         sends = {p: self._host(t.contiguous()) for p, t in sorted(sends.items()) if p != self.rank}
         staged_recvs = {p: (t, torch.empty_like(t, device="cpu") if self.staged else t)
                         for p, t in sorted(recvs.items()) if p != self.rank}
-        ops = [(peer, dist.P2POp(dist.isend, _as_bytes(t), self._global(peer), self.group))
+        # With masked ranks, a group of the live ones: the full group may hold a collective
+        # that a lost rank never finished.
+        group = (self.group if peers is None or len(peers) == self.num_ranks
+                 else self._subgroup(peers, phase))
+        ops = [(peer, dist.P2POp(dist.isend, _as_bytes(t), self._global(peer), group))
                for peer, t in sends.items()]
-        ops += [(peer, dist.P2POp(dist.irecv, _as_bytes(s), self._global(peer), self.group))
+        ops += [(peer, dist.P2POp(dist.irecv, _as_bytes(s), self._global(peer), group))
                 for peer, (_, s) in staged_recvs.items()]
         if not ops:
             return waited
         t0 = time.monotonic()
-        works = dist.batch_isend_irecv([op for _, op in ops])
+        everyone = sorted(set(sends) | set(recvs) | {self.rank})
+        try:
+            works = dist.batch_isend_irecv([op for _, op in ops])
+        except RuntimeError as e:
+            raise self._lost_peer(phase, e, everyone) from None
         deadline = t0 + timeout_s()
         for (peer, op), work in zip(ops, works):
             what_op = what if op.op is dist.irecv else f"the receive of {what}"
-            self._wait_until(work, deadline, phase, what_op, peer)
+            self._wait_until(work, deadline, phase, what_op, peer, everyone, works)
             if op.op is dist.irecv:
                 waited[peer] = time.monotonic() - t0
         for dst, s in staged_recvs.values():
@@ -210,9 +500,10 @@ class Comm:
                 dst.copy_(s)
         return waited
 
-    def _wait_until(self, work, deadline: float, phase: str, waited_for: str, peer: int) -> None:
+    def _wait_until(self, work, deadline: float, phase: str, waited_for: str, peer: int,
+                    peers: list[int], works=()) -> None:
         if self.backend != "gloo":
-            self.wait(work, phase, waited_for, peer=peer)
+            self.wait(work, phase, waited_for, peer=peer, peers=peers)
             return
         # gloo's point-to-point works report completion only from wait(), not is_completed().
         left = max(deadline - time.monotonic(), 1e-3)
@@ -220,9 +511,8 @@ class Comm:
             work.wait(timeout=datetime.timedelta(seconds=left))
         except RuntimeError as e:
             if "Timed out" not in str(e):
-                raise
-            raise CommTimeoutError(self.rank, phase, waited_for, timeout_s(), peer,
-                                   self.node_of()) from None
+                raise self._lost_peer(phase, e, [peer, self.rank], works) from None
+            raise self._timed_out(phase, waited_for, peer, [peer, self.rank], works) from None
 
     # -- CUDA tensors over gloo ------------------------------------------------------------
     def _host(self, t: torch.Tensor) -> torch.Tensor:
@@ -241,6 +531,57 @@ class Comm:
 
     def _global(self, group_rank: int) -> int:
         return dist.get_global_rank(self.group, group_rank)
+
+
+def _default_store():
+    """The rendezvous store of torch.distributed (a TCPStore on rank 0), or None."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - progress records are optional (see Comm.record)
+        return None
+
+
+def _short(error: BaseException) -> str:
+    """One line of a transport error (gloo's messages carry file paths and a banner)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "] " in text and text.startswith("["):
+        text = text.split("] ", 1)[1]
+    return f"{type(error).__name__}: {text.split('. This is typically')[0][:200]}"
+
+
+_LEAKED: list = []
+#: Process groups of live ranks after masking, by their global ranks (see Comm._subgroup).
+_SUBGROUPS: dict[tuple, object] = {}
+#: (process group, pending works) of every failed Comm; leaked at exit (see Comm._fail).
+_FAILED: list[tuple] = []
+
+
+def release_failed_group(group) -> None:
+    """Forget ``group``'s failed work (call once its pending work has ended, e.g. after its
+    gloo timeout, and before ``torch.distributed.destroy_process_group(group)``)."""
+    _FAILED[:] = [(g, w) for g, w in _FAILED if g is not group]
+
+
+def _leak(obj) -> None:
+    """Keep ``obj`` alive until the process ends, past interpreter shutdown (see Comm._fail)."""
+    import ctypes
+    if obj is not None and not any(o is obj for o in _LEAKED):
+        _LEAKED.append(obj)
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
+
+
+_LIVE_COMMS: "weakref.WeakSet[Comm]" = weakref.WeakSet()
+
+
+@atexit.register
+def _record_exit() -> None:
+    """Tell peers (through the store) that this process is exiting, so that a peer waiting for
+    it raises PeerLostError naming it instead of a timeout."""
+    for c in list(_LIVE_COMMS):
+        c.record(f"{c.seq}|{c._op}|exited")
+    for group, works in _FAILED:
+        for obj in (group, *works):
+            _leak(obj)
 
 
 def _collective(op, out: torch.Tensor, inp: torch.Tensor, group) -> None:

@@ -1,0 +1,162 @@
+"""Call agreement: every collective call of a Buffer carries a sequence number and a signature.
+
+All ranks must make the same Buffer calls in the same order with agreeing sizes. Each rank
+packs its call into a fixed-size int64 vector (``SIG_LEN`` entries, the same on every rank for
+any call, so that exchanging it can never itself fail on mismatched sizes), which travels in
+the first exchange of the call (the reference backend prepends it to the count exchange). Each
+rank then compares all the vectors it received and, on any difference, raises the same
+``CollectiveMismatchError`` on every rank, naming the field, the values and the ranks holding
+each, before any payload moves.
+
+A rank whose own input is bad (expert ids out of range, NaN/Inf with the opt-in check) still
+takes part in this exchange with a "bad input" status, then raises its ``InputError``; its peers
+raise ``PeerInputError`` naming it instead of waiting for a call that will never come.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ep_comm.errors import CollectiveMismatchError, InputError, PeerInputError
+
+#: Marks a signature vector (a stray or corrupted message shows up as a mismatch on "magic").
+MAGIC = 0x65705F636F6D6D  # "ep_comm"
+
+#: Operation codes (values of the "op" field).
+OPS = {"dispatch": 1, "cached_dispatch": 2, "combine": 3, "low_latency_dispatch": 4,
+       "low_latency_combine": 5, "agree": 6}
+_OP_NAMES = {v: k for k, v in OPS.items()}
+
+#: dtype codes (values of the "dtype" field); 0 = not applicable.
+DTYPES = {torch.bfloat16: 1, torch.float8_e4m3fn: 2, torch.float32: 3}
+_DTYPE_NAMES = {v: str(k).replace("torch.", "") for k, v in DTYPES.items()}
+
+#: Field order of the vector. ``status``/``bad_token``/``bad_col``/``bad_value`` describe this
+#: rank's own input check (0 = ok, 1 = bad); they are not compared between ranks.
+FIELDS = ("magic", "seq", "op", "hidden", "dtype", "num_experts", "num_topk", "handle",
+          "num_max_tokens", "status", "bad_token", "bad_col", "bad_value")
+SIG_LEN = len(FIELDS)
+_COMPARED = FIELDS[:9]
+_STATUS = FIELDS.index("status")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Signature:
+    """What every rank must agree on for one call. -1 = not applicable to this operation.
+
+    Attributes:
+        op: key of ``OPS``; hidden: H; dtype: the payload dtype (fp8 when cast on the way);
+        num_experts: E; num_topk: K (-1 without top-k); handle: the sequence number of the
+        dispatch whose handle this call uses (-1 for none, or a handle of another backend);
+        num_max_tokens: ``num_max_dispatch_tokens_per_rank`` in low-latency mode.
+    """
+
+    op: str
+    hidden: int = -1
+    dtype: torch.dtype | None = None
+    num_experts: int = -1
+    num_topk: int = -1
+    handle: int = -1
+    num_max_tokens: int = -1
+
+
+def pack(seq: int, sig: Signature, input_error: "BadInput | None" = None) -> torch.Tensor:
+    """[SIG_LEN] int64 on CPU: this rank's vector for call ``seq``."""
+    bad = input_error or BadInput(-1, -1, 0, "")
+    return torch.tensor([MAGIC, seq, OPS[sig.op], sig.hidden, DTYPES.get(sig.dtype, 0),
+                         sig.num_experts, sig.num_topk, sig.handle, sig.num_max_tokens,
+                         int(input_error is not None), bad.token, bad.col, bad.value],
+                        dtype=torch.int64)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BadInput:
+    """This rank's input failed a check: the first offending token, its top-k column and value,
+    and the ``InputError`` text."""
+
+    token: int
+    col: int
+    value: int
+    message: str
+
+    def error(self) -> InputError:
+        return InputError(self.message)
+
+
+def _show(field: str, v: int) -> str:
+    if field == "op":
+        return _OP_NAMES.get(v, f"?{v}")
+    if field == "dtype":
+        return _DTYPE_NAMES.get(v, "none" if v == 0 else f"?{v}")
+    if field == "seq":
+        return f"#{v}"
+    if field == "handle":
+        return "none" if v < 0 else f"handle of call #{v}"
+    return str(v)
+
+
+def check(rank: int, seq: int, vectors: dict[int, torch.Tensor],
+          own_error: BadInput | None = None) -> None:
+    """Compare the vectors of the ranks taking part (``{rank: [SIG_LEN] int64}``).
+
+    Raises, identically on every rank: ``CollectiveMismatchError`` for the first differing
+    field; then this rank's own ``InputError`` if its input was bad; else ``PeerInputError``
+    naming the first rank whose input was bad. Returns None when the call may proceed.
+    """
+    rows = {r: v.tolist() for r, v in sorted(vectors.items())}
+    for i, field in enumerate(_COMPARED):
+        values: dict[str, list[int]] = {}
+        for r, row in rows.items():
+            values.setdefault(_show(field, row[i]), []).append(r)
+        if len(values) > 1:
+            detail = ""
+            if field == "seq":
+                detail = ("The sequence numbers count the Buffer calls each rank made: a rank "
+                          "with a lower number skipped a call (or a call of it failed "
+                          "locally). ")
+            raise CollectiveMismatchError(rank, seq, field, values, detail)
+    if own_error is not None:
+        raise own_error.error()
+    for r, row in rows.items():
+        if row[_STATUS]:
+            tok, col, val = row[_STATUS + 1:_STATUS + 4]
+            what = (f"topk_idx[{tok}, {col}] = {val} is out of range" if col >= 0 else
+                    f"x[{tok}, {-col - 2}] is NaN/Inf" if col <= -2 else "input check failed")
+            raise PeerInputError(rank, seq, r, what)
+
+
+def first_bad_expert(topk_idx: torch.Tensor, num_experts: int) -> BadInput | None:
+    """The first entry of ``topk_idx`` [T, K] outside [-1, num_experts), or None.
+
+    Reads the tensor on the host (one synchronisation on CUDA). The message names the token
+    (row), the top-k column and the value.
+    """
+    if topk_idx.numel() == 0:
+        return None
+    bad = (topk_idx < -1) | (topk_idx >= num_experts)
+    if not bool(bad.any()):
+        return None
+    flat = int(torch.nonzero(bad.flatten())[0])
+    tok, col = divmod(flat, topk_idx.shape[1])
+    val = int(topk_idx[tok, col])
+    why = ("-1 is the only negative id (no expert)" if val < -1 else
+           f"num_experts={num_experts} was passed; ids are never used to infer it")
+    return BadInput(tok, col, val, f"topk_idx[{tok}, {col}] = {val} (token {tok}) is outside "
+                    f"[-1, {num_experts}): {why}")
+
+
+def first_non_finite(x: torch.Tensor, name: str = "x") -> BadInput | None:
+    """The first token (row) of ``x`` [T, H] holding NaN or Inf, naming its 128-channel block,
+    or None. Used by the opt-in ``EP_COMM_CHECK_FINITE=1`` check of the FP8 paths."""
+    if x.numel() == 0:
+        return None
+    bad = ~torch.isfinite(x.float() if x.dtype not in (torch.float32, torch.bfloat16) else x)
+    if not bool(bad.any()):
+        return None
+    tok, ch = (int(v) for v in torch.nonzero(bad)[0])
+    lo = ch - ch % 128
+    # col = -(channel + 2) tells peers this was the finite check (see ``check``).
+    return BadInput(tok, -(ch + 2), 0, f"{name}[{tok}, {ch}] is {float(x[tok, ch])} (token {tok}): in "
+                    f"FP8 a NaN/Inf poisons the scale of its whole 128-channel block "
+                    f"[{lo}, {lo + 128}) of that token")

@@ -1,0 +1,168 @@
+"""Ranks that disagree, die, stall or skip a call: detected, named and recovered, never silent.
+
+CPU (gloo, reference backend), 2 and 4 ranks. Disagreements and bad inputs leave the group
+healthy, so they share the session's rank pools (conftest.cpu_ranks); lost and stalled peers
+break the group, so each gets a fresh pool with a short EP_COMM_TIMEOUT_S. Every rank must end
+within the timeout + 2 s with the named error; results after recovery are checked exactly.
+GPU variants (kernels backend, 2 ranks sharing one GPU) are at the end, marked gpu.
+"""
+import time
+
+import pytest
+
+import fault_cases as fc
+from multiproc import RankPool
+
+TIMEOUT_S = 3.0
+LIMIT_S = TIMEOUT_S + 2.0
+
+
+def run_fresh(fn, n, *args, env=None):
+    """Run ``fn`` on a fresh pool of ``n`` ranks; returns (results, seconds to close the pool:
+    the survivors' exit, which must not hang on a failed group)."""
+    pool = RankPool(n, env={"EP_COMM_TIMEOUT_S": str(TIMEOUT_S), **(env or {})}, timeout=120)
+    try:
+        res = pool.run(fn, *args)
+    except BaseException:
+        pool.close(force=True)
+        raise
+    t0 = time.monotonic()
+    pool.close()
+    return res, time.monotonic() - t0
+
+
+# ------------------------------------------------------------------ disagreements
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("kind,field", [
+    ("hidden", "hidden"), ("num_experts", "num_experts"), ("topk", "num_topk"),
+    ("dtype", "dtype"), ("reorder", "hidden"), ("skip", "op"), ("ll_hidden", "hidden"),
+    ("ll_fp8", "dtype")])
+def test_disagreement_is_named_on_every_rank_before_data_moves(cpu_ranks, n, kind, field):
+    odd = n - 1
+    results = cpu_ranks(n).run(fc.task_disagree, kind, odd)
+    for rank, res in enumerate(results):
+        assert res["error"] == "CollectiveMismatchError", (rank, res)
+        assert res["field"] == field, (rank, res["message"])
+        if n > 2:  # with a majority the culprit is known
+            assert res["odd"] == [odd], (rank, res["message"])
+        assert f"rank {rank}:" in res["message"] and f"{field}=" in res["message"]
+        assert res["elapsed"] < 5, res  # no waiting for a timeout
+        assert res["after"] == "exact"
+    assert len({r["message"].split(":", 1)[1] for r in results}) == 1, "ranks say different things"
+
+
+# ------------------------------------------------------------------ expert ids out of range
+BAD_IDS = fc.BAD_IDS
+
+
+@pytest.mark.parametrize("value", list(BAD_IDS))
+@pytest.mark.parametrize("where", ["layout", "dispatch", "ll"])
+def test_out_of_range_expert_id_is_named_on_one_rank(cpu_ranks, where, value):
+    results = cpu_ranks(2).run(fc.task_bad_ids, where, value, 1)
+    bad = BAD_IDS[value](16)
+    assert results[1]["error"] == "InputError", results[1]
+    assert f"topk_idx[3, 1] = {bad}" in results[1]["message"] and "token 3" in results[1]["message"]
+    assert "[-1, 16)" in results[1]["message"]
+    if where == "layout":  # a local call: the other rank is not involved
+        assert results[0]["error"] is None
+    else:
+        assert results[0]["error"] == "PeerInputError", results[0]
+        assert "rank 1 rejected" in results[0]["message"] and f"= {bad}" in results[0]["message"]
+        assert results[0]["elapsed"] < 5
+    assert all(r["after"] == "exact" for r in results)
+
+
+@pytest.mark.parametrize("where", ["layout", "dispatch", "ll"])
+def test_out_of_range_expert_id_on_every_rank_is_never_inferred(cpu_ranks, where):
+    """E+1 on every rank: before, num_experts was inferred as E+2 and results were wrong."""
+    results = cpu_ranks(4).run(fc.task_bad_ids, where, "E+1", None)
+    for res in results:
+        assert res["error"] == "InputError", res
+        assert "topk_idx[3, 1] = 17" in res["message"] and "num_experts=16" in res["message"]
+        assert res["after"] == "exact"
+
+
+def test_nan_in_fp8_dispatch_names_the_token_when_checked(cpu_ranks):
+    results = cpu_ranks(2).run(fc.task_nan_check, 0)
+    assert results[0]["error"] == "InputError"
+    assert "x[2, 200]" in results[0]["message"] and "[128, 256)" in results[0]["message"]
+    assert results[1]["error"] == "PeerInputError" and "rank 0" in results[1]["message"]
+
+
+# ------------------------------------------------------------------ lost and stalled peers
+def test_stalled_peer_is_named_and_the_buffer_fails_fast():
+    stall = TIMEOUT_S + 1.5
+    results, close_s = run_fresh(fc.task_stall, 2, 1, stall)
+    r0, r1 = results
+    assert r0["error"] == "CommTimeoutError" and r0["peer"] == 1, r0
+    assert "rank 1 has not made call #" in r0["message"], r0["message"]
+    assert r0["elapsed"] < LIMIT_S, r0["elapsed"]
+    # The staller wakes into a group its peer gave up on: it must also end with a named error.
+    assert r1["error"] in ("CommTimeoutError", "PeerLostError"), r1
+    assert r1["elapsed"] < LIMIT_S, r1["elapsed"]
+    for res in results:
+        assert res["failed"] and res["later"]["error"] == "BufferFailedError", res["later"]
+        assert res["later"]["elapsed"] < 0.5
+    assert close_s < 15, f"exit took {close_s:.1f} s (hang on a failed group?)"
+
+
+def test_rank_that_skipped_its_last_call_is_named_by_the_others():
+    results, close_s = run_fresh(fc.task_skip_last, 2, 1)
+    assert results[1]["skipped"]
+    assert results[0]["error"] == "CommTimeoutError" and results[0]["peer"] == 1, results[0]
+    assert "rank 1 has not made call #3" in results[0]["message"], results[0]["message"]
+    assert results[0]["elapsed"] < LIMIT_S
+    assert close_s < 15
+
+
+def test_crashed_rank_is_named_then_masked_in_both_modes_with_exact_results():
+    results, close_s = run_fresh(fc.task_exit_then_mask, 4, 3)
+    assert results[3]["died"]
+    for res in results[:3]:
+        assert res["error"] == "PeerLostError" and res["peers"] == [3], res
+        assert res["elapsed"] < LIMIT_S, res["elapsed"]
+        assert res["later"]["error"] == "BufferFailedError"
+        assert res["failed_after_mask"] is False
+        assert res["after"] == "exact"
+    assert close_s < 15
+
+
+def test_stuck_peer_is_named_then_survivors_continue_on_a_new_buffer():
+    results, close_s = run_fresh(fc.task_stuck_then_new_buffer, 4, 2)
+    assert results[2]["stuck"]
+    for res in (results[0], results[1], results[3]):
+        assert res["error"] == "CommTimeoutError" and res["peer"] == 2, res
+        assert res["elapsed"] < LIMIT_S, res["elapsed"]
+        assert res["survivors"] == [0, 1, 3]
+        assert res["after"] == "exact"
+    assert close_s < 15
+
+
+# ------------------------------------------------------------------ GPU: kernels backend
+@pytest.mark.gpu
+def test_gpu_kernels_out_of_range_ids_are_named_before_any_kernel(gpu_ranks):
+    """Kernels backend, 2 ranks (sharing one GPU with EP_COMM_TEST_RANKS_PER_GPU=2): ids out of
+    range raise InputError naming token and value before any kernel runs."""
+    results = gpu_ranks(2).run(fc.task_gpu_bad_ids)
+    for res in results:
+        assert res["layout"]["error"] == "InputError" and "= 17" in res["layout"]["message"]
+        assert res["ll"]["error"] == "InputError" and "= 17" in res["ll"]["message"]
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_stuck_peer_is_named_and_buffer_fails_fast():
+    import conftest
+    if conftest.gpu_count() == 0:
+        pytest.skip("needs a GPU")
+    n_gpu, share = conftest.gpu_count(), conftest.ranks_per_gpu()
+    if n_gpu * share < 2:
+        pytest.skip("needs 2 GPUs or EP_COMM_TEST_RANKS_PER_GPU=2")
+    pool = RankPool(2, use_gpu=True, env={"EP_COMM_TIMEOUT_S": str(TIMEOUT_S)}, timeout=300)
+    try:
+        results = pool.run(fc.task_gpu_stuck, 1)
+    finally:
+        pool.close(force=True)
+    r0 = results[0]
+    assert r0["error"] in ("CommTimeoutError", "PeerLostError"), r0
+    assert r0["elapsed"] < LIMIT_S + 2, r0["elapsed"]  # + kernel launch on a shared GPU
+    assert r0["later"]["error"] == "BufferFailedError", r0["later"]
