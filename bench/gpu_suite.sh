@@ -341,8 +341,11 @@ if has_stage bench; then
                     ;;
                 soak)  # faults injected and recovered, results checked exactly (2 ranks)
                     if ((n != 1 || GPUS == 0)) || [[ ! -f bench/soak.py ]]; then continue; fi
+                    # kernels backend, 2 ranks sharing GPU 0; a fault every 250 calls, stopped
+                    # after 80 s (the CPU run in bench/results does the full 10,000)
                     run_step "bench soak 2 ranks on 1 GPU" "$BENCH_TIMEOUT" "$PY" bench/soak.py \
-                        --ranks 2 --calls ${SUITE_SOAK_CALLS:-2000} --out "$RES"
+                        --gpu --ranks 2 --calls ${SUITE_SOAK_CALLS:-2000} --fault-every 250 \
+                        --max-minutes 1.3 --out "$RES"
                     continue
                     ;;
                 hf)  # a transformers MoE model decoding on ep_comm (1 GPU)
