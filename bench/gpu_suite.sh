@@ -63,8 +63,9 @@ if ((QUICK)); then
     BUDGET=${SUITE_BUDGET_S:-170}
 else
     STAGES=",${SUITE_STAGES:-tests,doctor,bench},"
-    BENCHES=${SUITE_BENCHES:-smoke,normal,internode,low_latency,imbalance,moe,gemm,host,soak,hf}
-    BACKENDS=${SUITE_BACKENDS:-nccl,reference,kernels}
+    BENCHES=${SUITE_BENCHES:-normal,internode,low_latency,imbalance,moe,gemm,host,soak,hf}
+    # the reference backend is the tests' oracle, not a contender: timed only when asked
+    BACKENDS=${SUITE_BACKENDS:-nccl,kernels}
     BUDGET=${SUITE_BUDGET_S:-530}
 fi
 RESERVE=25  # seconds kept for the summary, the copies and a step's kill grace
@@ -234,41 +235,57 @@ tests/test_host_path.py"
     done
     COMM_TESTS=$(for f in $COMM_TESTS; do [[ -f $f ]] && printf '%s ' "$f"; done)
     CLIENT_TESTS=$(for f in $CLIENT_TESTS; do [[ -f $f ]] && printf '%s ' "$f"; done)
+    # Each job: a name and a command line (run with bash -c in the test directory).
+    PYTEST="$PY -m pytest -m gpu -q -p no:cacheprovider --durations=12"
     if [[ -n ${SUITE_TESTS:-} ]]; then
-        GROUPS_=("$SUITE_TESTS")
         NAMES_=("pytest -m gpu $SUITE_TESTS")
+        CMDS_=("$PYTEST $SUITE_TESTS")
     else
-        GROUPS_=("$COMM_TESTS" "$COMPUTE_TESTS" "$CLIENT_TESTS")
         NAMES_=("pytest -m gpu (communication tests)" "pytest -m gpu (compute tests)"
             "pytest -m gpu (clients: transformers, DeepEP API, host path)")
+        CMDS_=("$PYTEST $COMM_TESTS" "$PYTEST $COMPUTE_TESTS" "$PYTEST $CLIENT_TESTS")
+        # correctness runs that need no quiet GPU go beside the tests: DeepEP's own tests
+        # against ep_comm (when its files were carried: bench/deepep_tests.sh --export), the
+        # soak (faults injected and recovered, every result checked), the doctor
+        DEEPEP_DIR=${SUITE_DEEPEP_DIR:-build/deepep}
+        if [[ -d $REPO/$DEEPEP_DIR/v1 ]]; then
+            NAMES_+=("DeepEP's own tests against ep_comm (1 process)")
+            CMDS_+=("PYTHON=$PY TEST_TIMEOUT=\$((${TESTS_TIMEOUT} / 3)) LOG_DIR=$WORK/deepep ONLY='^(v1-test_intranode|v1-test_low_latency|v2-test_ep)\$' bash $REPO/bench/deepep_tests.sh $REPO/$DEEPEP_DIR")
+        fi
+        if [[ -f $REPO/bench/soak.py && $BENCHES == *soak* ]]; then
+            NAMES_+=("soak: faults injected on 2 ranks sharing the GPU")
+            CMDS_+=("$PY $REPO/bench/soak.py --gpu --ranks 2 --calls ${SUITE_SOAK_CALLS:-2000} --fault-every 250 --max-minutes 2.5 --out $RES")
+        fi
     fi
     left=$((BUDGET - SECONDS - RESERVE))
     limit=$TESTS_TIMEOUT
     ((limit > left)) && limit=$left
     PIDS=()
-    for i in "${!GROUPS_[@]}"; do
-        # shellcheck disable=SC2086  # a list of pytest arguments
-        (cd "$TEST_DIR" && timeout -k 10 "$limit" "$PY" -m pytest -m gpu -q -p no:cacheprovider \
-            --durations=12 ${GROUPS_[$i]} > "$WORK/tests$i.out" 2>&1; echo $? > "$WORK/tests$i.rc") &
+    for i in "${!CMDS_[@]}"; do
+        (cd "$TEST_DIR" && timeout -k 10 "$limit" bash -c "${CMDS_[$i]}" > "$WORK/tests$i.out" 2>&1
+            echo $? > "$WORK/tests$i.rc") &
         PIDS+=($!)
     done
     t0=$SECONDS
     wait "${PIDS[@]}"
-    for i in "${!GROUPS_[@]}"; do
+    for i in "${!CMDS_[@]}"; do
         rc=$(cat "$WORK/tests$i.rc" 2> /dev/null || echo 1)
-        { echo; echo "===== ${NAMES_[$i]} (limit ${limit}s)"; cat "$WORK/tests$i.out"; } >> "$LOG"
+        { echo; echo "===== ${NAMES_[$i]} (limit ${limit}s)"; echo "+ ${CMDS_[$i]}"
+            cat "$WORK/tests$i.out"; } >> "$LOG"
         case $rc in
             0) status=OK ;;
             5) status="NO TESTS (rc=5)" ;;
             124 | 137) status="TIMEOUT (${limit}s)" ;;
             *) status="FAIL (rc=$rc)" ;;
         esac
-        say "[$status] ${NAMES_[$i]} ($((SECONDS - t0))s for the groups together)"
-        grep -E '^(FAILED|ERROR) ' "$WORK/tests$i.out" | head -n 30 | sed 's/^/    /' | tee -a "$LOG"
-        grep -E '(passed|failed|skipped|error|no tests ran|deselected)' "$WORK/tests$i.out" \
-            | tail -n 1 | sed 's/^/    pytest: /' | tee -a "$LOG"
+        say "[$status] ${NAMES_[$i]} ($((SECONDS - t0))s for the jobs together)"
+        grep -E '^(FAILED|ERROR) |^(PASS|FAIL)  ' "$WORK/tests$i.out" | head -n 30 | sed 's/^/    /' \
+            | tee -a "$LOG"
+        grep -E '(passed|failed|skipped|error|no tests ran|deselected|silent)' "$WORK/tests$i.out" \
+            | tail -n 1 | sed 's/^/    result: /' | tee -a "$LOG"
         printf '%s\t%s\t%s\n' "${NAMES_[$i]}" "$status" "$((SECONDS - t0))" >> "$STEPS"
     done
+    [[ -d $WORK/deepep ]] && cat "$WORK"/deepep/*.log >> "$LOG" 2> /dev/null
 fi
 
 # ---------------------------------------------------------------------------------- doctor
@@ -302,7 +319,7 @@ if has_stage bench; then
         # sizes that span the range (a curve, not every point): the SM sweep at 4096 tokens
         NORMAL_ARGS=${SUITE_NORMAL_ARGS-"--sweep-sms 16,24,32 --sweep-tokens 512,4096,16384"}
         LL_ARGS=${SUITE_LL_ARGS-"--sweep-tokens 1,16,128,256"}
-        GEMM_ARGS=""
+        GEMM_ARGS="--no-sweep"
         HOST_ARGS=""
     else
         NORMAL_ARGS=${SUITE_NORMAL_ARGS-"--sweep-tokens 64,256"}
@@ -339,13 +356,7 @@ if has_stage bench; then
                         --out "$RES" $HOST_ARGS
                     continue
                     ;;
-                soak)  # faults injected and recovered, results checked exactly (2 ranks)
-                    if ((n != 1 || GPUS == 0)) || [[ ! -f bench/soak.py ]]; then continue; fi
-                    # kernels backend, 2 ranks sharing GPU 0; a fault every 250 calls, stopped
-                    # after 80 s (the CPU run in bench/results does the full 10,000)
-                    run_step "bench soak 2 ranks on 1 GPU" "$BENCH_TIMEOUT" "$PY" bench/soak.py \
-                        --gpu --ranks 2 --calls ${SUITE_SOAK_CALLS:-2000} --fault-every 250 \
-                        --max-minutes 1.3 --out "$RES"
+                soak)  # runs beside the GPU tests (see the tests stage)
                     continue
                     ;;
                 hf)  # a transformers MoE model decoding on ep_comm (1 GPU)
