@@ -333,7 +333,6 @@ class Buffer:
             # Synchronous: run on the current stream. Same order as switching to the comm
             # stream and back, without the switch, the waits and a record_stream per tensor.
             return fn(), EventOverlap()
-        checks.comm_stream_flags(previous_event, async_finish, allocate_on_comm_stream)
         if self._comm_stream is None:
             if previous_event is not None:
                 previous_event.current_stream_wait()
@@ -394,6 +393,8 @@ class Buffer:
         bad = self._bad_ids(topk_idx, num_experts, first)  # fault handling: ids in [-1, E)
         if bad is not None:
             raise bad.error()
+        if previous_event is not None or async_finish or allocate_on_comm_stream:
+            checks.comm_stream_flags(previous_event, async_finish, allocate_on_comm_stream)
         result, event = self._on_comm_stream(
             lambda: self.backend.get_dispatch_layout(topk_idx, num_experts),
             previous_event, async_finish, allocate_on_comm_stream, (topk_idx,))
@@ -458,6 +459,9 @@ class Buffer:
             num_worst_tokens = handle.num_worst_tokens
         else:
             num_experts = num_tokens_per_expert.shape[0]
+        if previous_event is not None or async_finish or allocate_on_comm_stream:
+            # before the call is numbered: a local error must not advance the sequence
+            checks.comm_stream_flags(previous_event, async_finish, allocate_on_comm_stream)
         # fault handling: agree on the call; bad ids / NaN stop every rank (docs/faults.md)
         bad = self._bad_ids(topk_idx, num_experts, first) if handle is None else None
         if bad is None and scales is not None:
@@ -567,6 +571,8 @@ class Buffer:
             self._validated.add(key)
         biases = () if bias is None else (tuple(bias) if isinstance(bias, (tuple, list)) else (bias,))
         config = config or self._default_config()
+        if previous_event is not None or async_finish or allocate_on_comm_stream:
+            checks.comm_stream_flags(previous_event, async_finish, allocate_on_comm_stream)
         self._begin_call(agreement.Signature(  # fault handling: call agreement
             "combine", x.shape[1], x.dtype, handle.num_experts,
             -1 if topk_weights is None else topk_weights.shape[1],

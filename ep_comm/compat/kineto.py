@@ -15,9 +15,12 @@ import functools
 import torch
 
 
-def kernel_time_per_call(fn, kernel_names, num_tests: int = 30):
+def kernel_time_per_call(fn, kernel_names, num_tests: int = 30, num_kernels_per_period: int = 1):
     """Seconds of device time per call of ``fn`` spent in kernels whose name contains each of
-    ``kernel_names`` (a str gives a float, a tuple a tuple)."""
+    ``kernel_names``. With ``num_kernels_per_period`` = P > 1 (a hook call launches P kernels
+    of a name: send, then receive), each name gives a list of P times, the i-th the mean
+    duration of every P-th matching kernel in launch order, as DeepEP's ``bench_kineto``
+    returns. A str gives one entry, a tuple a tuple."""
     names = (kernel_names,) if isinstance(kernel_names, str) else tuple(kernel_names)
     fn()
     torch.cuda.synchronize()
@@ -25,15 +28,23 @@ def kernel_time_per_call(fn, kernel_names, num_tests: int = 30):
         for _ in range(num_tests):
             fn()
         torch.cuda.synchronize()
-    totals = dict.fromkeys(names, 0.0)
+    found = {n: [] for n in names}
     for ev in prof.events():
         if ev.device_type != torch.autograd.DeviceType.CUDA:
             continue
         for n in names:
             if n in ev.name:
-                totals[n] += ev.device_time / 1e6  # microseconds
-    out = tuple(totals[n] / num_tests for n in names)
-    return out[0] if isinstance(kernel_names, str) else out
+                found[n].append((ev.time_range.start, ev.device_time / 1e6))  # us -> s
+    out = []
+    for n in names:
+        durs = [d for _, d in sorted(found[n])]
+        if num_kernels_per_period > 1:
+            p = num_kernels_per_period
+            calls = max(1, len(durs) // p)
+            out.append([sum(durs[j::p]) / calls for j in range(p)])
+        else:
+            out.append(sum(durs) / num_tests)
+    return out[0] if isinstance(kernel_names, str) else tuple(out)
 
 
 def wrap_bench_kineto(bench_kineto):
@@ -42,8 +53,9 @@ def wrap_bench_kineto(bench_kineto):
 
     @functools.wraps(bench_kineto)
     def wrapped(fn, kernel_names, num_tests: int = 30, *args, **kwargs):
-        if kwargs.get("num_kernels_per_period", 1) > 1:
-            return kernel_time_per_call(fn, kernel_names, num_tests)
+        p = kwargs.get("num_kernels_per_period", 1)
+        if p > 1:
+            return kernel_time_per_call(fn, kernel_names, num_tests, p)
         return bench_kineto(fn, kernel_names, num_tests, *args, **kwargs)
 
     return wrapped

@@ -312,7 +312,10 @@ def experts_modules(model) -> dict[str, torch.nn.Module]:
     experts module, or of the model when it has no such module at all."""
     found = {}
     for name, m in model.named_modules():
-        if hasattr(m, "_is_expert_parallel") and hasattr(m, "has_gate"):
+        # the attributes @use_experts_implementation sets on every decorated experts module
+        # (transformers 5.x; 5.25 adds _is_expert_parallel, which 5.17 does not have)
+        if all(hasattr(m, a) for a in ("has_gate", "has_bias", "is_transposed",
+                                       "is_concatenated")):
             if any(n.endswith("_scale_inv") for n, _ in m.named_parameters(recurse=False)):
                 raise UnsupportedModelError(
                     f"{name} ({type(m).__name__}) holds FP8-quantised experts: load the model "
@@ -399,7 +402,7 @@ def shard_experts(model, group=None, *, buffer: Buffer | None = None,
     for name, m in mods.items():
         if getattr(m, "_ep_comm_state", None) is not None:
             raise InputError(f"{name} ({type(m).__name__}) is already sharded")
-        if m._is_expert_parallel:
+        if getattr(m, "_is_expert_parallel", False):
             raise UnsupportedModelError(
                 f"{name} ({type(m).__name__}) is already expert-parallel through transformers' "
                 "DistributedConfig; load the model without distributed_config")

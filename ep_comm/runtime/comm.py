@@ -203,10 +203,13 @@ class Comm:
                 raise EpCommError(f"ep_comm internal: agreement payload of {payload.numel()} "
                                   f"entries, expected {n}")
             body = payload.cpu().to(torch.int64)
-        vec = torch.cat([mine, body])
-        out = torch.zeros(self.num_ranks, agreement.SIG_LEN + n, dtype=torch.int64)
+        # on the group's device: an NCCL group gathers CUDA tensors only (gloo stages CUDA data)
+        vec = torch.cat([mine, body]).to(self.device)
+        out = torch.zeros(self.num_ranks, agreement.SIG_LEN + n, dtype=torch.int64,
+                          device=self.device)
         peers = self.all_ranks() if peers is None else peers
         self.gather_rows(out, vec.view(1, -1), peers, phase, "the call signature and counts")
+        out = out.cpu()
         agreement.check(self.rank, self.seq, {p: out[p, :agreement.SIG_LEN] for p in peers}, bad)
         return out[:, agreement.SIG_LEN:] if payload is not None else None
 
