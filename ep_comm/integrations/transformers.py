@@ -255,7 +255,7 @@ def generic_batched(module, x: torch.Tensor, experts) -> torch.Tensor:
     else:
         h = module.act_fn(linear(x, "up_proj"))
     y = linear(h, "down_proj")
-    if module.has_post_expert_norm:
+    if getattr(module, "has_post_expert_norm", False):  # transformers >= 5.2x only
         y = module.post_expert_norm(y)
     return y
 
@@ -348,7 +348,7 @@ def _fast_path_ok(m) -> bool:
     """Experts that ep_comm.moe's GEMMs compute exactly: SiLU(gate) * up with concatenated
     [E, 2I, H] gate/up (gate rows first), [E, H, I] down, no biases, no post norm."""
     return (m.has_gate and m.is_concatenated and not m.is_transposed and not m.has_bias
-            and not m.has_post_expert_norm
+            and not getattr(m, "has_post_expert_norm", False)
             and getattr(type(m), "_apply_gate", None) is getattr(_hf_moe, "_default_apply_gate", 0)
             and isinstance(getattr(m, "act_fn", None), torch.nn.Module)
             and type(m.act_fn).__name__ in ("SiLU", "SiLUActivation"))

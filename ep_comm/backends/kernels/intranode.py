@@ -194,9 +194,9 @@ class IntranodeRuntime:
                               "destroy it and create a new one") from self._broken
         if self.nvl is None:
             raise InputError("normal-mode dispatch/combine need a Buffer with num_nvl_bytes > 0")
-        self._raise_if_failed()
+        self.check_status()
 
-    def _raise_if_failed(self) -> None:
+    def check_status(self) -> None:
         """Raise the failure a kernel reported in the status word, if any (no device sync)."""
         words = self.status.read(NVL_INFO_NUM_RECV)
         if not any(words):
@@ -353,7 +353,7 @@ class IntranodeRuntime:
                 self._notify_done.record()
                 self._notify_done.synchronize()
                 self.last_count_wait_ns = time.perf_counter_ns() - t0
-                self._raise_if_failed()
+                self.check_status()
                 words = self.status.read(NVL_INFO_EXPERT_COUNTS + local)
                 n_recv = words[NVL_INFO_NUM_RECV]
                 rows = n_recv
