@@ -236,7 +236,9 @@ tests/test_host_path.py"
     COMM_TESTS=$(for f in $COMM_TESTS; do [[ -f $f ]] && printf '%s ' "$f"; done)
     CLIENT_TESTS=$(for f in $CLIENT_TESTS; do [[ -f $f ]] && printf '%s ' "$f"; done)
     # Each job: a name and a command line (run with bash -c in the test directory).
-    PYTEST="$PY -m pytest -m gpu -q -p no:cacheprovider --durations=12"
+    # each test's time printed as it ends (EP_COMM_TEST_PRINT_DURATIONS): a group cut by its
+    # timeout still shows where its time went
+    PYTEST="EP_COMM_TEST_PRINT_DURATIONS=1 $PY -m pytest -m gpu -q -p no:cacheprovider --durations=12"
     if [[ -n ${SUITE_TESTS:-} ]]; then
         NAMES_=("pytest -m gpu $SUITE_TESTS")
         CMDS_=("$PYTEST $SUITE_TESTS")

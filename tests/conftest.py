@@ -71,3 +71,14 @@ def pytest_sessionfinish(session, exitstatus):
     for pool in _pools.values():
         pool.close()
     _pools.clear()
+
+
+#: ``1``: print each test's duration as it finishes (``bench/gpu_suite.sh`` sets it), so that a
+#: step cut by its timeout still says where the time went (``--durations`` prints only at the end).
+PRINT_DURATIONS_ENV = "EP_COMM_TEST_PRINT_DURATIONS"
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and os.environ.get(PRINT_DURATIONS_ENV) == "1":
+        sys.stderr.write(f"\n[{report.duration:7.1f}s {report.outcome}] {report.nodeid}\n")
+        sys.stderr.flush()
