@@ -367,14 +367,8 @@ class Comm:
             r = self.num_ranks
             inp = input.reshape(r, -1)[peers].contiguous()
             out = torch.zeros_like(output.reshape(r, -1)[peers])
-            sub = self._subgroup(peers, phase)
-            with self._staged(out) as out_s:
-                try:
-                    work = dist.all_to_all_single(_as_bytes(out_s), _as_bytes(self._host(inp)),
-                                                  group=sub, async_op=True)
-                except RuntimeError as e:
-                    raise self._lost_peer(phase, e, peers) from None
-                self.wait(work, phase, what, peers=peers)
+            self._collective(dist.all_to_all_single, out, inp, phase, what, peers,
+                             group=self._subgroup(peers, phase))
             output.reshape(r, -1)[peers] = out
             return
         if peers is not None and len(peers) < self.num_ranks:
@@ -389,16 +383,10 @@ class Comm:
             output_splits = [output_splits[p] for p in peers]
             input_splits = [input_splits[p] for p in peers]
             group = self._subgroup(peers, phase)
-        with self._staged(output) as out_s:
-            try:
-                work = dist.all_to_all_single(
-                    _as_bytes(out_s), _as_bytes(self._host(input)),
-                    output_split_sizes=None if output_splits is None else list(output_splits),
-                    input_split_sizes=None if input_splits is None else list(input_splits),
-                    group=group, async_op=True)
-            except RuntimeError as e:
-                raise self._lost_peer(phase, e, peers or self.all_ranks()) from None
-            self.wait(work, phase, what, peers=peers)
+        self._collective(dist.all_to_all_single, output, input, phase, what, peers,
+                         output_split_sizes=None if output_splits is None else list(output_splits),
+                         input_split_sizes=None if input_splits is None else list(input_splits),
+                         group=group)
 
     def gather_rows(self, out: torch.Tensor, inp: torch.Tensor, peers: list[int], phase: str,
                     what: str) -> None:
@@ -407,14 +395,8 @@ class Comm:
             self.all_gather(out, inp, phase, what)
             return
         part = torch.zeros(len(peers), *out.shape[1:], dtype=out.dtype, device=out.device)
-        group = self._subgroup(peers, phase)
-        with self._staged(part) as out_s:
-            try:
-                work = dist.all_gather_into_tensor(_as_bytes(out_s), _as_bytes(self._host(inp)),
-                                                   group=group, async_op=True)
-            except RuntimeError as e:
-                raise self._lost_peer(phase, e, peers) from None
-            self.wait(work, phase, what, peers=peers)
+        self._collective(dist.all_gather_into_tensor, part, inp, phase, what, peers,
+                         group=self._subgroup(peers, phase))
         out.zero_()
         out[peers] = part
 
@@ -445,13 +427,20 @@ class Comm:
     def all_gather(self, output: torch.Tensor, input: torch.Tensor, phase: str, what: str):
         """``all_gather_into_tensor`` (``output`` is [R * n, ...]) with a bounded wait."""
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        self._collective(gather, output, input, phase, what, None, group=self.group)
+
+    def _collective(self, op, output: torch.Tensor, input: torch.Tensor, phase: str, what: str,
+                    peers: list[int] | None, **kwargs) -> None:
+        """``op(output, input, async_op=True, **kwargs)`` (a torch.distributed all-gather or
+        all-to-all, tensors sent as bytes) with a bounded wait: the output staged on the host
+        where CUDA data rides on gloo, and a transport error raised as the loss of ``peers``
+        (default: all ranks)."""
         with self._staged(output) as out_s:
             try:
-                work = gather(_as_bytes(out_s), _as_bytes(self._host(input)), group=self.group,
-                              async_op=True)
+                work = op(_as_bytes(out_s), _as_bytes(self._host(input)), async_op=True, **kwargs)
             except RuntimeError as e:
-                raise self._lost_peer(phase, e, self.all_ranks()) from None
-            self.wait(work, phase, what)
+                raise self._lost_peer(phase, e, peers or self.all_ranks()) from None
+            self.wait(work, phase, what, peers=peers)
 
     def barrier(self, phase: str) -> None:
         t = torch.zeros(1, device="cpu" if self.staged else self.device)
