@@ -138,7 +138,11 @@ class Buffer:
         # Keys (checks.sig of every argument) of the calls that passed full validation; a call
         # with a known key skips the checks it already passed. EP_COMM_DEBUG=1 validates all.
         self._validated: set = set()
+        # settings read once per Buffer (a call must not pay for os.environ lookups)
         self._debug = os.environ.get("EP_COMM_DEBUG", "0") not in ("", "0")
+        self._agree_always = os.environ.get(AGREE_ENV) == "1"
+        self._check_ids_mode = os.environ.get(CHECK_IDS_ENV)
+        self._check_finite = os.environ.get(CHECK_FINITE_ENV) == "1"
         self._comm_stream = None
         if self.device.type == "cuda":
             self._comm_stream = self._backend.comm_stream() or torch.cuda.Stream(self.device)
@@ -208,7 +212,7 @@ class Buffer:
                     bad: "agreement.BadInput | None" = None) -> None:
         """Number this call and hand its signature to the agreement (docs/faults.md)."""
         fused = getattr(self.backend, "fuses_agreement", False)
-        agree = fused or os.environ.get(AGREE_ENV) == "1"
+        agree = fused or self._agree_always
         self.comm.begin_call(sig, bad, record=agree)
         if fused:
             return
@@ -229,7 +233,7 @@ class Buffer:
         """
         if topk_idx is None:
             return None
-        mode = os.environ.get(CHECK_IDS_ENV)
+        mode = self._check_ids_mode
         if mode == "0":
             return None
         if topk_idx.is_cuda:
@@ -241,7 +245,7 @@ class Buffer:
 
     def _bad_values(self, x, name: str = "x"):
         """With CHECK_FINITE_ENV=1, the first token of ``x`` holding NaN/Inf, else None."""
-        if os.environ.get(CHECK_FINITE_ENV) != "1":
+        if not self._check_finite:
             return None
         return agreement.first_non_finite(x, name)
 
@@ -273,8 +277,8 @@ class Buffer:
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int,
                                        num_ranks: int, num_experts: int) -> int:
         """Bytes of ``num_rdma_bytes`` that low-latency mode needs for these sizes."""
-        return LowLatencyRegions(num_max_dispatch_tokens_per_rank, hidden, num_ranks,
-                                 num_experts).total_bytes
+        return _low_latency_bytes(num_max_dispatch_tokens_per_rank, hidden, num_ranks,
+                                  num_experts)
 
     def get_comm_stream(self):
         """The CUDA stream normal-mode communication runs on (None on CPU)."""
@@ -517,8 +521,6 @@ class Buffer:
             if t != handle.num_tokens:
                 raise InputError(f"x has {t} tokens but the handle was made for "
                                  f"{handle.num_tokens}")
-            num_experts = handle.num_experts
-            num_worst_tokens = handle.num_worst_tokens
         else:
             for name, v in (("num_tokens_per_rank", num_tokens_per_rank),
                             ("is_token_in_rank", is_token_in_rank),
@@ -618,6 +620,31 @@ class Buffer:
         if self.num_rdma_bytes < need:
             raise BufferTooSmallError("num_rdma_bytes", need, self.num_rdma_bytes, what)
 
+    def _validate_low_latency_dispatch(self, x, topk_idx, m, num_experts,
+                                       cumulative_local_expert_recv_stats,
+                                       dispatch_wait_recv_cost_stats, use_fp8, round_scale,
+                                       use_ue8m0) -> None:
+        """Every check of ``low_latency_dispatch``'s arguments (InputError, BufferTooSmallError)."""
+        checks.tensor("x", x, dtype=torch.bfloat16, dims=2, device=self.device)
+        t, hidden = x.shape
+        self._check_low_latency(m, hidden, num_experts, "low_latency_dispatch")
+        checks.topk_idx(topk_idx, self.device, t)
+        if t > m:
+            raise InputError(f"x has {t} tokens, more than num_max_dispatch_tokens_per_rank={m}")
+        if use_ue8m0 and not round_scale:
+            raise InputError("use_ue8m0=True needs round_scale=True (ue8m0 scales are powers of two)")
+        if use_fp8 and hidden % 128:
+            raise InputError(f"use_fp8 needs hidden % 128 == 0, got hidden={hidden}")
+        if use_fp8 and use_ue8m0 and hidden % 512:
+            raise InputError(f"use_ue8m0 needs hidden % 512 == 0, got hidden={hidden}")
+        local = num_experts // self.group_size
+        if cumulative_local_expert_recv_stats is not None:
+            checks.tensor("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats,
+                          dtype=torch.int32, shape=(local,), device=self.device)
+        if dispatch_wait_recv_cost_stats is not None:
+            checks.tensor("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats,
+                          dtype=torch.int64, shape=(self.group_size,), device=self.device)
+
     @_fault_guard
     def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor,
                              num_max_dispatch_tokens_per_rank: int, num_experts: int,
@@ -650,30 +677,20 @@ class Buffer:
             event: EventOverlap.
             hook: callable that receives (with ``return_recv_hook``), else None.
         """
-        checks.tensor("x", x, dtype=torch.bfloat16, dims=2, device=self.device)
-        t, hidden = x.shape
         m = num_max_dispatch_tokens_per_rank
-        self._check_low_latency(m, hidden, num_experts, "low_latency_dispatch")
-        checks.topk_idx(topk_idx, self.device, t)
-        if t > m:
-            raise InputError(f"x has {t} tokens, more than num_max_dispatch_tokens_per_rank={m}")
-        if use_ue8m0 and not round_scale:
-            raise InputError("use_ue8m0=True needs round_scale=True (ue8m0 scales are powers of two)")
-        if use_fp8 and hidden % 128:
-            raise InputError(f"use_fp8 needs hidden % 128 == 0, got hidden={hidden}")
-        if use_fp8 and use_ue8m0 and hidden % 512:
-            raise InputError(f"use_ue8m0 needs hidden % 512 == 0, got hidden={hidden}")
-        local = num_experts // self.group_size
-        if cumulative_local_expert_recv_stats is not None:
-            checks.tensor("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats,
-                          dtype=torch.int32, shape=(local,), device=self.device)
-        if dispatch_wait_recv_cost_stats is not None:
-            checks.tensor("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats,
-                          dtype=torch.int64, shape=(self.group_size,), device=self.device)
+        key = ("low_latency_dispatch", checks.sig(x), checks.sig(topk_idx), m, num_experts,
+               use_fp8, round_scale, use_ue8m0, checks.sig(cumulative_local_expert_recv_stats),
+               checks.sig(dispatch_wait_recv_cost_stats))
+        first = key not in self._validated
+        if self._debug or first:
+            self._validate_low_latency_dispatch(x, topk_idx, m, num_experts,
+                                                cumulative_local_expert_recv_stats,
+                                                dispatch_wait_recv_cost_stats, use_fp8,
+                                                round_scale, use_ue8m0)
+            self._validated.add(key)
+        hidden = x.shape[1]
         # fault handling: agree on the call; bad ids / NaN stop every rank (docs/faults.md)
-        key = ("low_latency_dispatch", checks.sig(topk_idx), num_experts)
-        bad = self._bad_ids(topk_idx, num_experts, key not in self._validated)
-        self._validated.add(key)
+        bad = self._bad_ids(topk_idx, num_experts, first)
         if bad is None and use_fp8:
             bad = self._bad_values(x)
         self._begin_call(agreement.Signature(
@@ -715,26 +732,31 @@ class Buffer:
             raise InputError(f"handle must be the LowLatencyHandle of a low_latency_dispatch, "
                              f"got {type(handle).__name__}")
         m, hidden, e = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
-        self._check_low_latency(m, hidden, e, "low_latency_combine")
-        local, r = e // self.group_size, self.group_size
-        checks.tensor("x", x, dtype=torch.bfloat16, shape=(local, r * m, hidden),
-                      device=self.device)
-        checks.topk_idx(topk_idx, self.device)
-        if topk_idx.shape[0] > m:
-            raise InputError(f"topk_idx has {topk_idx.shape[0]} tokens, more than "
-                             f"num_max_dispatch_tokens_per_rank={m}")
-        checks.topk_weights(topk_weights, topk_idx, self.device)
-        if out is not None:
-            checks.tensor("out", out, dtype=torch.bfloat16, shape=(topk_idx.shape[0], hidden),
+        key = ("low_latency_combine", checks.sig(x), checks.sig(topk_idx),
+               checks.sig(topk_weights), m, hidden, e, checks.sig(out),
+               checks.sig(combine_wait_recv_cost_stats))
+        first = key not in self._validated
+        if self._debug or first:
+            self._check_low_latency(m, hidden, e, "low_latency_combine")
+            local, r = e // self.group_size, self.group_size
+            checks.tensor("x", x, dtype=torch.bfloat16, shape=(local, r * m, hidden),
                           device=self.device)
-        if combine_wait_recv_cost_stats is not None:
-            checks.tensor("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats,
-                          dtype=torch.int64, shape=(r,), device=self.device)
+            checks.topk_idx(topk_idx, self.device)
+            if topk_idx.shape[0] > m:
+                raise InputError(f"topk_idx has {topk_idx.shape[0]} tokens, more than "
+                                 f"num_max_dispatch_tokens_per_rank={m}")
+            checks.topk_weights(topk_weights, topk_idx, self.device)
+            if out is not None:
+                checks.tensor("out", out, dtype=torch.bfloat16,
+                              shape=(topk_idx.shape[0], hidden), device=self.device)
+            if combine_wait_recv_cost_stats is not None:
+                checks.tensor("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats,
+                              dtype=torch.int64, shape=(r,), device=self.device)
+            self._validated.add(key)
         self._begin_call(agreement.Signature(  # fault handling: call agreement
             "low_latency_combine", hidden, x.dtype, e, topk_idx.shape[1],
             getattr(handle.backend_state, "call_seq", -1), m),
-            self._bad_ids(topk_idx, e, ("low_latency_dispatch", checks.sig(topk_idx), e)
-                          not in self._validated))
+            self._bad_ids(topk_idx, e, first))
         combined, hook = self.backend.low_latency_combine(
             x, topk_idx, topk_weights, handle, zero_copy=zero_copy, use_logfmt=use_logfmt,
             out=out, return_recv_hook=return_recv_hook,
@@ -778,6 +800,13 @@ class Buffer:
     def low_latency_clean_mask_buffer(self) -> None:
         """Unmask every rank."""
         self.backend.mask_buffer().zero_()
+
+
+@functools.lru_cache(maxsize=64)
+def _low_latency_bytes(m: int, hidden: int, num_ranks: int, num_experts: int) -> int:
+    """``LowLatencyRegions(...).total_bytes``, once per size (every low-latency call checks
+    it; carving the regions costs microseconds)."""
+    return LowLatencyRegions(m, hidden, num_ranks, num_experts).total_bytes
 
 
 def _bounded(fn, timeout_s: float) -> bool:
