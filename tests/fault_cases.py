@@ -135,14 +135,20 @@ def task_disagree(ctx, kind: str, odd: int, backend: str = "reference") -> dict:
         else:
             raise ValueError(kind)
         # The Buffer is still usable and exact after the disagreement.
-        if kind.startswith("ll_"):
-            one_round(ctx, buf, ll, 0)
-        else:
-            normal_round(ctx, buf, case)
-        res["after"] = "exact"
-        return res
+        return _exact_after(ctx, buf, kind.startswith("ll_"), ll, case, res)
     finally:
         buf.destroy()
+
+
+def _exact_after(ctx, buf, low_latency: bool, ll, case, res: dict) -> dict:
+    """One more round on ``buf`` (low-latency or normal), checked exactly: a fault that was
+    named leaves the Buffer usable. Marks ``res["after"]`` and returns ``res``."""
+    if low_latency:
+        one_round(ctx, buf, ll, 0)
+    else:
+        normal_round(ctx, buf, case)
+    res["after"] = "exact"
+    return res
 
 
 BAD_IDS = {"E": lambda e: e, "E+1": lambda e: e + 1, "E+5": lambda e: e + 5,
@@ -176,12 +182,7 @@ def task_bad_ids(ctx, where: str, value: str, bad_rank: int | None,
             m = ll.max_tokens
             res = _outcome(lambda: buf.low_latency_dispatch(
                 x[:m].contiguous(), bad_idx[:m].contiguous(), m, e, use_fp8=False))
-        if where == "ll":
-            one_round(ctx, buf, ll, 0)
-        else:
-            normal_round(ctx, buf, case)
-        res["after"] = "exact"
-        return res
+        return _exact_after(ctx, buf, where == "ll", ll, case, res)
     finally:
         buf.destroy()
 
