@@ -219,33 +219,32 @@ if has_stage tests; then
         export EP_COMM_TEST_RANKS_PER_GPU=8
     fi
     say "tests: up to ${EP_COMM_TEST_RANKS_PER_GPU:-1} rank(s) per GPU"
-    # Three groups run at once: the communication tests (multi-rank, ranks sharing the GPU, light
-    # on the CPU), the compute tests (Triton compiles on the CPU cores) and the clients on top
-    # (transformers models, DeepEP's API). A GPU test file added later runs in the compute
-    # group, unless SUITE_TESTS names the files.
-    COMM_TESTS="tests/test_intranode_gpu.py tests/test_low_latency_gpu.py \
-tests/test_internode_gpu.py tests/test_reference_gpu.py tests/test_launch.py tests/test_faults.py"
-    COMPUTE_TESTS="tests/test_moe.py tests/test_jit.py tests/test_gemm.py tests/test_quant.py"
-    # the clients on top: transformers models, DeepEP compatibility, the host path
-    CLIENT_TESTS="tests/test_hf_integration.py tests/test_compat_v1.py tests/test_elastic.py \
-tests/test_host_path.py"
-    for f in tests/test_*.py; do
-        [[ " $COMM_TESTS $COMPUTE_TESTS $CLIENT_TESTS " == *" $f "* ]] \
-            || COMPUTE_TESTS="$COMPUTE_TESTS $f"
-    done
-    COMM_TESTS=$(for f in $COMM_TESTS; do [[ -f $f ]] && printf '%s ' "$f"; done)
-    CLIENT_TESTS=$(for f in $CLIENT_TESTS; do [[ -f $f ]] && printf '%s ' "$f"; done)
-    # Each job: a name and a command line (run with bash -c in the test directory).
-    # each test's time printed as it ends (EP_COMM_TEST_PRINT_DURATIONS): a group cut by its
-    # timeout still shows where its time went
-    PYTEST="EP_COMM_TEST_PRINT_DURATIONS=1 $PY -m pytest -m gpu -q -p no:cacheprovider --durations=12"
+    # The GPU tests of every file, in two steps. First, alone on the GPU, the few tests that
+    # read the whole device (free memory: marker gpu_alone). Then the rest as SHARDS pytest
+    # processes at once (tests/conftest.py deals the tests to the shards longest first by the
+    # seconds recorded in tests/gpu_test_seconds.json; this run's seconds come back in
+    # $OUT/test_seconds.json to refresh that file), beside DeepEP's own tests and the soak.
+    # Ranks sharing one GPU spend much of their time waiting for each other, and the Triton
+    # tests for compiles on the CPU cores, so the shards overlap well.
+    SHARDS=${SUITE_TEST_SHARDS:-4}
+    DURATIONS=$WORK/test_seconds.jsonl
+    TEST_FILES=$(ls tests/test_*.py | tr '\n' ' ')
+    # each test's time and a failure's message printed as it ends (EP_COMM_TEST_PRINT_DURATIONS):
+    # a shard cut by its timeout still shows where its time went and what failed
+    PYTEST="EP_COMM_TEST_PRINT_DURATIONS=1 EP_COMM_TEST_DURATIONS_OUT=$DURATIONS $PY -m pytest -q -p no:cacheprovider --durations=8"
     if [[ -n ${SUITE_TESTS:-} ]]; then
         NAMES_=("pytest -m gpu $SUITE_TESTS")
-        CMDS_=("$PYTEST $SUITE_TESTS")
+        CMDS_=("$PYTEST -m gpu $SUITE_TESTS")
     else
-        NAMES_=("pytest -m gpu (communication tests)" "pytest -m gpu (compute tests)"
-            "pytest -m gpu (clients: transformers, DeepEP API, host path)")
-        CMDS_=("$PYTEST $COMM_TESTS" "$PYTEST $COMPUTE_TESTS" "$PYTEST $CLIENT_TESTS")
+        run_step "pytest -m gpu_alone (tests that read the whole GPU)" 90 \
+            bash -c "cd $TEST_DIR && $PYTEST -m 'gpu and gpu_alone' $TEST_FILES"
+        grep -E '^\[ *[0-9.]+s |^(FAILED|ERROR) ' "$STEP_OUT" | head -n 20 | sed 's/^/    /'
+        NAMES_=()
+        CMDS_=()
+        for ((i = 0; i < SHARDS; i++)); do
+            NAMES_+=("pytest -m gpu, shard $((i + 1)) of $SHARDS")
+            CMDS_+=("EP_COMM_TEST_SHARD=$i/$SHARDS $PYTEST -m 'gpu and not gpu_alone' $TEST_FILES")
+        done
         # correctness runs that need no quiet GPU go beside the tests: DeepEP's own tests
         # against ep_comm (when its files were carried: bench/deepep_tests.sh --export), the
         # soak (faults injected and recovered, every result checked), the doctor
@@ -288,6 +287,17 @@ tests/test_host_path.py"
         printf '%s\t%s\t%s\n' "${NAMES_[$i]}" "$status" "$((SECONDS - t0))" >> "$STEPS"
     done
     [[ -d $WORK/deepep ]] && cat "$WORK"/deepep/*.log >> "$LOG" 2> /dev/null
+    # this run's seconds per test, in the form of tests/gpu_test_seconds.json (copy it there to
+    # deal the next run's shards by them)
+    [[ -s $DURATIONS ]] && "$PY" - "$DURATIONS" "$OUT/test_seconds.json" << 'EOF' | tee -a "$LOG"
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+seconds = {r["test"]: r["seconds"] for r in rows}
+json.dump({"what": "seconds per GPU test (call phase) in the last bench/gpu_suite.sh run, "
+           "shards running at once", "seconds": dict(sorted(seconds.items()))},
+          open(sys.argv[2], "w"), indent=1)
+print(f"test seconds: {len(seconds)} tests, {sum(seconds.values()):.0f} s in all -> {sys.argv[2]}")
+EOF
 fi
 
 # ---------------------------------------------------------------------------------- doctor
@@ -402,7 +412,7 @@ if has_stage bench; then
                 run_step "bench $bench ${n}r" "$BENCH_TIMEOUT" \
                     "$PY" -m torch.distributed.run --standalone --nproc-per-node="$n" \
                     "bench/$bench.py" --backend "$bk" --out "$RES" $args
-                EXPECT+=("$bench:$n:$STEP_RC")
+                EXPECT+=("$bench:$n:$STEP_RC:${bk//,/+}")  # the backends this step ran
             fi
             if [[ -n $ref ]]; then
                 run_step "bench $bench ${n}r reference" "$BENCH_TIMEOUT" \

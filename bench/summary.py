@@ -173,8 +173,9 @@ def summarize(result_dir, backends=None, expect=()) -> str:
                             "status": "failed", "error": f"unreadable result: {e}"})
     have = {(r.get("bench"), r.get("backend"), r.get("num_ranks")) for r in records}
     for item in expect:
-        bench, ranks, rc = item.split(":")
-        for backend in backends or ():
+        bench, ranks, rc, *own = item.split(":")
+        # bench:ranks:rc:b1+b2 names the step's own backends (the moe bench has no nccl run)
+        for backend in (own[0].split("+") if own else backends or ()):
             if (bench, backend, int(ranks)) not in have:
                 why = ("timed out" if rc in ("124", "137") else
                        "skipped (time budget)" if rc == "skip" else f"exit code {rc}")
@@ -189,7 +190,7 @@ def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dir", default=str(DEFAULT_OUT))
     parser.add_argument("--backends", default="", help="backends each --expect step should produce")
-    parser.add_argument("--expect", nargs="*", default=[], help="bench:ranks:rc of each bench step")
+    parser.add_argument("--expect", nargs="*", default=[], help="bench:ranks:rc[:b1+b2] of each bench step (its own backends, else --backends)")
     args = parser.parse_args(argv)
     print(summarize(args.dir, [b for b in args.backends.split(",") if b], args.expect))
     return 0

@@ -1,6 +1,7 @@
 """Shared fixtures: one persistent pool of CPU ranks per world size (see multiproc.py)."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -74,11 +75,69 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 #: ``1``: print each test's duration as it finishes (``bench/gpu_suite.sh`` sets it), so that a
-#: step cut by its timeout still says where the time went (``--durations`` prints only at the end).
+#: step cut by its timeout still says where the time went (``--durations`` prints only at the end),
+#: and a failure's message at once (pytest prints it only at the end, which a killed step never
+#: reaches).
 PRINT_DURATIONS_ENV = "EP_COMM_TEST_PRINT_DURATIONS"
+#: A file to append ``{"test": nodeid, "seconds": s, "outcome": ...}`` lines to (the suite
+#: collects them into tests/gpu_test_seconds.json, which the shards below are balanced on).
+DURATIONS_OUT_ENV = "EP_COMM_TEST_DURATIONS_OUT"
+#: ``i/n``: run only shard i (0-based) of n of the selected tests (bench/gpu_suite.sh runs the GPU
+#: tests as n concurrent shards). Tests are dealt longest first to the shard with the least time
+#: so far, by the seconds recorded in SECONDS_FILE (a test not recorded counts DEFAULT_SECONDS);
+#: every shard computes the same deal, so the shards are disjoint and cover every test.
+SHARD_ENV = "EP_COMM_TEST_SHARD"
+SECONDS_FILE = os.path.join(os.path.dirname(__file__), "gpu_test_seconds.json")
+DEFAULT_SECONDS = 5.0
+FAILURE_LINES = 40
 
 
 def pytest_runtest_logreport(report):
-    if report.when == "call" and os.environ.get(PRINT_DURATIONS_ENV) == "1":
+    verbose = os.environ.get(PRINT_DURATIONS_ENV) == "1"
+    if verbose and report.failed and report.when != "call":
+        sys.stderr.write(f"\n[{report.when} failed] {report.nodeid}\n")
+    if report.when != "call" and not report.failed:
+        return
+    if verbose and report.when == "call":
         sys.stderr.write(f"\n[{report.duration:7.1f}s {report.outcome}] {report.nodeid}\n")
-        sys.stderr.flush()
+    if verbose and report.failed:
+        lines = report.longreprtext.splitlines()
+        sys.stderr.write("    " + "\n    ".join(lines[-FAILURE_LINES:]) + "\n")
+    sys.stderr.flush()
+    out = os.environ.get(DURATIONS_OUT_ENV)
+    if out and report.when == "call":
+        with open(out, "a") as f:
+            f.write(json.dumps({"test": report.nodeid, "seconds": round(report.duration, 2),
+                                "outcome": report.outcome}) + "\n")
+
+
+def shard_of(nodeids: list[str], shards: int, seconds: dict[str, float]) -> dict[str, int]:
+    """Longest-processing-time-first deal of ``nodeids`` into ``shards`` shards: nodeid -> shard."""
+    order = sorted(nodeids, key=lambda n: (-seconds.get(n, DEFAULT_SECONDS), n))
+    load = [0.0] * shards
+    deal = {}
+    for n in order:
+        i = min(range(shards), key=lambda j: (load[j], j))
+        deal[n] = i
+        load[i] += seconds.get(n, DEFAULT_SECONDS)
+    return deal
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k deselection: every shard deals the same list
+def pytest_collection_modifyitems(config, items):
+    spec = os.environ.get(SHARD_ENV)
+    if not spec:
+        return
+    try:
+        index, shards = (int(v) for v in spec.split("/"))
+        assert 0 <= index < shards
+    except (ValueError, AssertionError):
+        raise pytest.UsageError(f"{SHARD_ENV}={spec!r}: want i/n with 0 <= i < n") from None
+    seconds = {}
+    if os.path.exists(SECONDS_FILE):
+        with open(SECONDS_FILE) as f:
+            seconds = json.load(f)["seconds"]
+    deal = shard_of([it.nodeid for it in items], shards, seconds)
+    keep = [it for it in items if deal[it.nodeid] == index]
+    config.hook.pytest_deselected(items=[it for it in items if deal[it.nodeid] != index])
+    items[:] = keep

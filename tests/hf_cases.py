@@ -83,6 +83,9 @@ def decisive_prompts(ctx, ref, batch: int, seq: int, seed: int, dev):
     the reference's own choice is a coin toss, and "identical tokens" would test rounding, not
     the integration. Rank 0 draws a seeded pool of candidates and broadcasts its choice."""
     import torch.distributed as dist
+    key = (ctx.world_size, id(ctx.group), ref.config.model_type, batch, seq, seed, str(dev))
+    if key in _DECISIVE:  # every rank of a pool runs the same tests, so all ranks hit alike
+        return _DECISIVE[key]
     pool = POOL_PER_ROW * batch
     cand = torch.randint(3, VOCAB, (pool, seq),
                          generator=torch.Generator().manual_seed(seed + 1)).to(dev)
@@ -104,7 +107,14 @@ def decisive_prompts(ctx, ref, batch: int, seq: int, seed: int, dev):
     with torch.no_grad():
         ref_gen = ref.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                                do_sample=False)
+    _DECISIVE[key] = ids, ref_gen
     return ids, ref_gen
+
+
+#: decisive_prompts' answers in this rank process, per (world, group, model type, batch, seq,
+#: seed, device): the search generates 64 candidates per row with the eager model, the longest
+#: step of a GPU test; the tests of one model kind share its answer.
+_DECISIVE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def rows_of(rank: int, world: int) -> tuple[int, int]:

@@ -26,3 +26,13 @@ def test_internode_rows_without_a_matching_nvlink_run_have_no_target():
     rows = summary.summary_rows([_rec("normal", 300.0, other), _rec("internode", 360.0)])
     inter = [r for r in rows if r[0] == "internode" and r[3] == "dispatch_bf16"]
     assert inter and inter[0][6] == "" and inter[0][7] == ""
+
+
+def test_a_missing_result_is_a_failed_row_for_the_steps_own_backends_only(tmp_path):
+    """The moe bench runs without nccl: its step names its backends, so no false FAIL row."""
+    text = summary.summarize(tmp_path, ["nccl", "kernels"],
+                             ["moe:1:0:kernels", "normal:1:124"])
+    failed = [line for line in text.splitlines() if "no result" in line]
+    assert len(failed) == 3, text  # moe/kernels, normal/nccl, normal/kernels
+    assert not any(line.startswith("moe") and "nccl" in line for line in failed), text
+    assert all("timed out" in line for line in failed if line.startswith("normal")), text

@@ -85,6 +85,7 @@ def test_backward_step_through_autograd(gpu_ranks, world, rpn):
     gpu_ranks(world).run(common.task_with_env, _env(rpn), normal.task_normal_backward, BACKEND, case)
 
 
+@pytest.mark.gpu_alone  # reads the device's free memory: nothing else may allocate meanwhile
 @pytest.mark.parametrize("world,rpn", FULL_LAYOUTS, ids=_ids[:2])
 def test_create_and_destroy_keeps_free_memory(gpu_ranks, world, rpn):
     got = gpu_ranks(world).run(common.task_with_env, _env(rpn), life.task_normal_create_destroy,

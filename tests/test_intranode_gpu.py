@@ -100,6 +100,7 @@ def test_bad_inputs_raise_before_any_kernel(gpu_ranks, world):
     gpu_ranks(world).run(life.task_normal_bad_inputs, BACKEND)
 
 
+@pytest.mark.gpu_alone  # reads the device's free memory: nothing else may allocate meanwhile
 @pytest.mark.parametrize("world", FULL)
 def test_create_and_destroy_100_buffers_keeps_free_memory(gpu_ranks, world):
     got = gpu_ranks(world).run(life.task_normal_create_destroy, BACKEND, 100, 7168, 64)

@@ -59,12 +59,16 @@ def tokens_of(case: MoECase, rank: int) -> int:
     return case.num_tokens + (0 if case.parallel == "tp" else rank * case.ragged)
 
 
-def make_weights(case: MoECase):
-    """Full bf16 weights w13 [E, 2I, H], w2 [E, H, I], the same on every rank (CPU)."""
-    g = torch.Generator().manual_seed(case.seed)
+def make_weights(case: MoECase, device=None):
+    """Full bf16 weights w13 [E, 2I, H], w2 [E, H, I], the same on every rank, drawn on
+    ``device`` (default CPU). The GPU tasks draw them on their GPU: at DeepSeek-V3 sizes (32
+    experts, 1.4 G values) the CPU generator takes tens of seconds per rank; every rank draws
+    with the same device type, so all ranks still hold the same weights."""
+    device = torch.device(device or "cpu")
+    g = torch.Generator(device=device).manual_seed(case.seed)
     e, h, i = case.num_experts, case.hidden, case.intermediate
-    w13 = (torch.randn(e, 2 * i, h, generator=g) / h ** 0.5).to(torch.bfloat16)
-    w2 = (torch.randn(e, h, i, generator=g) / i ** 0.5).to(torch.bfloat16)
+    w13 = (torch.randn(e, 2 * i, h, generator=g, device=device) / h ** 0.5).to(torch.bfloat16)
+    w2 = (torch.randn(e, h, i, generator=g, device=device) / i ** 0.5).to(torch.bfloat16)
     return w13, w2
 
 
@@ -120,9 +124,9 @@ def make_buffer(ctx, case: MoECase, max_tokens: int):
 def task_moe_layer(ctx, case: MoECase):
     """Run the layer on this rank's tokens and compare with the dense reference."""
     torch.manual_seed(case.seed)
-    w13, w2 = make_weights(case)
-    x, idx, w = make_inputs(case, ctx.rank)
     dev = ctx.device
+    w13, w2 = make_weights(case, dev)
+    x, idx, w = make_inputs(case, ctx.rank)
     x, idx, w = x.to(dev), idx.to(dev), w.to(dev)
     # The float64 oracle on the rank's device: on one CPU thread it takes minutes at
     # DeepSeek-V3 sizes.
@@ -164,7 +168,7 @@ def task_moe_normal_graph(ctx, case: MoECase, replays: int = 3):
     into the captured inputs; every replay against the dense float64 MoE of its inputs."""
     import torch.distributed as dist
     dev, r = ctx.device, ctx.world_size
-    w13, w2 = make_weights(case)
+    w13, w2 = make_weights(case, dev)
     w13d, w2d = w13.to(dev), w2.to(dev)
     weights = moe.ExpertWeights.shard_ep(w13d, w2d, ctx.rank, r, case.fp8)
     refw = reference_weights(case, w13d, w2d)
