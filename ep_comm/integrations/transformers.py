@@ -39,15 +39,27 @@ Implementations (``experts_implementation=`` at load, or ``model.set_experts_imp
 
 Expert compute. SiLU-gated experts with ``[E, 2I, H]`` gate/up (gate rows first) and ``[E, H,
 I]`` down weights, no biases (Qwen3-MoE, Mixtral, DeepSeek-V3) run through ``ep_comm.moe``'s
-grouped GEMMs (``moe_ep_normal`` / ``moe_ep_low_latency``; bf16, or FP8 128 x 128 block-scaled
-weights with ``use_fp8=True``). Other experts modules routed through the interface (GPT-OSS:
-transposed ``[E, H, 2I]`` weights, interleaved gate/up, biases, clamped SwiGLU) run the
-module's own math (``_apply_gate``, biases, ``act_fn``) on the local experts in torch: a loop
-over local experts in normal mode, a batched matmul over the fixed-size expert buffers in
-low-latency mode (graph-capturable, computes the padding rows too). FP8 is refused there.
+grouping, permutation and Triton grouped GEMMs (``fast_rows`` / ``fast_ffn_masked``; where the
+Triton GEMMs do not run, e.g. on CPU, ``F.linear`` per expert in bf16) with the module's own
+gate (``_apply_gate``) between the GEMMs; with ``use_fp8=True`` (FP8 128 x 128 block-scaled
+weights) the whole of ``moe_ep_normal`` / ``moe_ep_low_latency``. Other experts modules
+routed through the interface (GPT-OSS: transposed ``[E, H, 2I]`` weights, interleaved gate/up,
+biases, clamped SwiGLU) run the module's own math (``_apply_gate``, biases, ``act_fn``) on the
+local experts in torch: a loop over local experts in normal mode, a batched matmul over the
+fixed-size expert buffers in low-latency mode (graph-capturable, computes the padding rows
+too). FP8 is refused there.
 
 Numerics: tokens travel in bf16 (a model in another dtype is cast for the exchange and its
-output cast back); routing weights are applied in float32. Inference only: the registered
+output cast back); routing weights are applied in float32. The local compute rounds where the
+model's eager experts forward rounds, so that the expert-parallel model follows the unsplit one
+through near-tied routing decisions (DeepSeek-V3's grouped top-k reads the previous layer's
+output; one ulp there can flip an expert, issue #25): the gate's ``act_fn(gate) * up`` in the
+model's dtype (two roundings, not one fused), and in normal mode each weighted expert output
+rounded to the model's dtype before the sum (``eager_term``). Normal mode on the bf16 model
+with top-2 routing and no Triton GEMMs gives the eager experts' output bit for bit; with the
+Triton GEMMs the GEMMs' own summation order differs from cuBLAS' (a rare ulp). Low-latency
+combine applies the weights on the receiving side and sums in float32 (the expert side never
+sees the weights), so a row there can be an ulp off eager's. Inference only: the registered
 forward does not carry gradients through dispatch/combine.
 
 Unsupported: a model with a MoE block that does not call an ``@use_experts_implementation``
@@ -193,21 +205,26 @@ class EpCommExperts:
         if mode == "low_latency":
             out = self._low_latency(module, st, x, idx, w)
         else:
-            out = self._normal(module, st, x, idx, w)
+            out = self._normal(module, st, x, idx, w, hidden_states.dtype)
         self._last_mode = mode
         return out.to(hidden_states.dtype)
 
-    def _normal(self, module, st, x, idx, w):
-        if st.weights is not None:
+    def _normal(self, module, st, x, idx, w, model_dtype):
+        if st.weights is not None and st.weights.fp8:
+            # FP8 rounds nothing like the bf16 model: ep_comm.moe's own FP8 layer
             return moe.moe_ep_normal(x, idx, w, st.weights, self.buffer, st.num_experts,
                                      impl=self.impl)
         buf = self.buffer
         n_rank, n_rdma, n_expert, in_rank, _ = buf.get_dispatch_layout(idx, st.num_experts)
-        recv_x, recv_idx, recv_w, _, handle, _ = buf.dispatch(
+        recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
             x, num_tokens_per_rank=n_rank, num_tokens_per_rdma_rank=n_rdma,
             is_token_in_rank=in_rank, num_tokens_per_expert=n_expert, topk_idx=idx,
             topk_weights=w)
-        rows = generic_rows(module, recv_x, recv_idx, recv_w)
+        if st.weights is not None:
+            rows = fast_rows(module, st.weights, recv_x, recv_idx, recv_w, sum(counts),
+                             self.impl, model_dtype)
+        else:
+            rows = generic_rows(module, recv_x, recv_idx, recv_w, model_dtype)
         combined, _, _ = buf.combine(rows, handle)
         return combined
 
@@ -222,11 +239,19 @@ class EpCommExperts:
         buf = self.buffer
         if self._last_mode != "low_latency" and not _capturing(x):
             buf.clean_low_latency_buffer(m, st.hidden, st.num_experts)
-        if st.weights is not None:
+        if st.weights is not None and st.weights.fp8:
             return moe.moe_ep_low_latency(x, idx, w, st.weights, buf, st.num_experts, m,
                                           impl=self.impl)
-        recv_x, _, handle, _, _ = buf.low_latency_dispatch(x, idx, m, st.num_experts,
-                                                           use_fp8=False)
+        recv_x, count, handle, _, _ = buf.low_latency_dispatch(x, idx, m, st.num_experts,
+                                                               use_fp8=False)
+        if st.weights is not None:
+            # the down GEMM writes straight into the combine buffer (as moe_ep_low_latency)
+            out = buf.get_next_low_latency_combine_buffer(handle)
+            expected_m = moe.default_expected_m(m, self.world_size, idx.shape[1],
+                                                st.num_experts)
+            y = fast_ffn_masked(module, st.weights, recv_x, count, self.impl, expected_m, out)
+            combined, _, _ = buf.low_latency_combine(y, idx, w, handle, zero_copy=True)
+            return combined
         y = generic_batched(module, recv_x, slice(None)).to(torch.bfloat16)
         combined, _, _ = buf.low_latency_combine(y, idx, w, handle)
         return combined
@@ -260,21 +285,120 @@ def generic_batched(module, x: torch.Tensor, experts) -> torch.Tensor:
     return y
 
 
-def generic_rows(module, recv_x: torch.Tensor, recv_idx: torch.Tensor,
-                 recv_w: torch.Tensor) -> torch.Tensor:
+def generic_rows(module, recv_x: torch.Tensor, recv_idx: torch.Tensor, recv_w: torch.Tensor,
+                 model_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Normal-mode local compute with the module's own math: ``recv_x [N, H]`` bf16,
     ``recv_idx [N, K]`` local expert ids (-1 = elsewhere), ``recv_w [N, K]`` float32 -> ``[N,
-    H]`` bf16, each row the weighted sum over its local experts (float32 accumulation)."""
+    H]`` bf16, each row the weighted sum over its local experts, each weighted output rounded
+    to ``model_dtype`` first (``eager_term``)."""
     out = torch.zeros(recv_x.shape, dtype=torch.float32, device=recv_x.device)
     for e in torch.unique(recv_idx[recv_idx >= 0]).tolist():
         tok, slot = torch.where(recv_idx == e)
         y = generic_batched(module, recv_x[tok].unsqueeze(0), slice(e, e + 1))[0]
-        # Each weighted output rounded to bf16 before the sum, as transformers' eager forward
-        # does: with top-2 routing the combined row is then the eager result bit for bit,
-        # wherever the two experts live (combine adds the ranks' rows in float32).
-        out.index_add_(0, tok, (y.float() * recv_w[tok, slot].unsqueeze(1))
-                       .to(torch.bfloat16).float())
+        out.index_add_(0, tok, eager_term(y, recv_w[tok, slot], model_dtype))
     return out.to(torch.bfloat16)
+
+
+def eager_term(y: torch.Tensor, w: torch.Tensor, model_dtype: torch.dtype) -> torch.Tensor:
+    """One expert's weighted output as transformers' eager experts forward adds it up:
+    ``y [..., H]`` (the expert's output in the weights' dtype) times ``w [...]`` (float32),
+    rounded to ``model_dtype`` (the dtype of the hidden states the model passed in), returned
+    as float32 ``[..., H]``.
+
+    Eager computes ``(y * w).to(hidden_states.dtype)`` and ``index_add_``s it into a
+    ``hidden_states.dtype`` accumulator, so each term is rounded to the model's dtype before
+    any sum. Summing the unrounded terms in float32 instead (what ``ep_comm.moe``'s unpermute
+    and combine do) gives rows 1 ulp off the model's in about a third of the elements; in
+    DeepSeek-V3 the next layer's grouped top-k reads those and flips near-ties (issue #25).
+    The routing weights' dtype does not matter here: whether the model passes them in float32
+    (DeepSeek-V3, Mixtral) or bf16 (Qwen3-MoE, GPT-OSS), bf16 x bf16 is exact in float32, so
+    ``round(y * w)`` is the same value eager gets. With top-2 routing the combined row (the
+    float32 sum of at most two such terms, rounded once) is then the eager row bit for bit,
+    wherever the two experts live; with top-k > 2 eager adds in the model's dtype expert by
+    expert, and the rows can differ by an ulp."""
+    return (y.float() * w.unsqueeze(-1)).to(model_dtype).float()
+
+
+def _triton_gemms(impl: str, x: torch.Tensor) -> bool:
+    """Whether ``ep_comm.moe``'s Triton grouped GEMMs run (its ``impl`` rule: ``"auto"`` =
+    on CUDA tensors or under ``TRITON_INTERPRET=1``)."""
+    from ep_comm.moe import gemm
+    if impl not in ("auto", "triton", "torch"):
+        raise InputError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
+    return impl == "triton" or (impl == "auto" and (x.is_cuda or gemm.interpreting()))
+
+
+def fast_rows(module, weights, recv_x: torch.Tensor, recv_idx: torch.Tensor,
+              recv_w: torch.Tensor, num_rows: int, impl: str,
+              model_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Normal-mode local compute of SiLU experts (``_fast_path_ok``) with bf16 weights:
+    ``recv_x [N, H]`` bf16, ``recv_idx [N, K]`` local expert ids (-1 = elsewhere), ``recv_w
+    [N, K]`` float32, ``num_rows`` the (row, local expert) pairs received (host int) -> ``[N,
+    H]`` bf16. ``ep_comm.moe``'s grouping and permutation, the experts by
+    ``fast_ffn_contiguous``, each weighted output rounded as eager does (``eager_term``)."""
+    lay = moe.group_by_expert(recv_idx, weights.num_experts, num_rows=num_rows, impl=impl)
+    xp = moe.permute(recv_x, lay, impl)
+    y = fast_ffn_contiguous(module, weights, xp, lay, impl)
+    d = lay.dest.long()
+    w = torch.where(d >= 0, recv_w, torch.zeros_like(recv_w))  # slots elsewhere add zero
+    acc = torch.zeros(recv_x.shape, dtype=torch.float32, device=recv_x.device)
+    for k in range(d.shape[1]):  # slot by slot: no [N, K, H] float32 temporary
+        acc += eager_term(y[d[:, k].clamp(min=0)], w[:, k], model_dtype)
+    return acc.to(torch.bfloat16)
+
+
+def fast_ffn_contiguous(module, weights, xp: torch.Tensor, lay, impl: str) -> torch.Tensor:
+    """The local experts on the expert-contiguous rows ``xp [P, H]`` bf16 (``lay``:
+    ``moe.ExpertGroups``) -> ``[P, H]`` bf16 (valid rows only written). The gate through the
+    module's own ``_apply_gate`` (``act_fn(gate) * up`` in bf16, so rounded twice, as eager;
+    ``ep_comm.moe``'s fused SiLU-mul rounds once and differs by an ulp in about a quarter
+    of the elements). GEMMs: ``ep_comm.moe``'s Triton grouped GEMMs, or, where those do not run,
+    ``F.linear`` per expert in bf16, the module's own GEMM (``moe``'s torch GEMMs compute in
+    float32 and round differently)."""
+    from ep_comm.moe import gemm
+    if _triton_gemms(impl, xp):
+        gu = gemm.grouped_gemm_contiguous(xp, weights.w13, lay.group_end,
+                                          group_rows=lay.group_rows)
+        # rows after the last group (none here: num_rows is exact) would hold garbage; the
+        # down GEMM reads valid rows only
+        h = module._apply_gate(gu)
+        return gemm.grouped_gemm_contiguous(h, weights.w2, lay.group_end,
+                                            group_rows=lay.group_rows)
+    out = torch.empty(xp.shape, dtype=torch.bfloat16, device=xp.device)
+    start = 0
+    for e, (end, rows) in enumerate(zip(lay.group_end.tolist(), lay.group_rows.tolist())):
+        n = min(rows, end - start)
+        if n > 0:
+            out[start:start + n] = _expert_linear(module, weights, e, xp[start:start + n])
+        start = end
+    return out
+
+
+def fast_ffn_masked(module, weights, recv_x: torch.Tensor, count: torch.Tensor, impl: str,
+                    expected_m: int, out: torch.Tensor) -> torch.Tensor:
+    """Low-latency local compute of SiLU experts with bf16 weights: ``recv_x [E_l, R * M, H]``
+    bf16, ``count [E_l]`` int -> ``out [E_l, R * M, H]`` bf16 (rows past the counts
+    untouched). Rounds as ``fast_ffn_contiguous`` (the module's ``_apply_gate``); with Triton
+    no host synchronisation (graph-capturable: the gate runs on every row of the buffer)."""
+    from ep_comm.moe import gemm
+    if _triton_gemms(impl, recv_x):
+        gu = gemm.grouped_gemm_masked(recv_x, weights.w13, count, expected_m=expected_m)
+        h = module._apply_gate(gu)
+        return gemm.grouped_gemm_masked(h, weights.w2, count, expected_m=expected_m, out=out)
+    for e, c in enumerate(count.tolist()):
+        c = min(c, recv_x.shape[1])
+        if c > 0:
+            out[e, :c] = _expert_linear(module, weights, e, recv_x[e, :c])
+    return out
+
+
+def _expert_linear(module, weights, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Local expert ``e`` on ``x [n, H]`` bf16 exactly as the eager forward computes it ->
+    ``[n, H]`` bf16."""
+    f = torch.nn.functional
+    w13, w2 = weights.w13[e], weights.w2[e]
+    h = module._apply_gate(f.linear(x.to(w13.dtype), w13))
+    return f.linear(h, w2).to(torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------- registration
