@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 
 import torch
 
 LOGITS_TOL = 2.0 ** -6
 GAP_MIN = 2 * LOGITS_TOL
-#: Candidate prompts per batch row (a few percent of random prompts are decisive).
-POOL_PER_ROW = 64
+#: Candidate prompts per batch row (a few percent of random prompts are decisive on CPU; on the
+#: GPU, GPT-OSS's tiny model had 2 in 320: the GPU searches a larger pool, one batched generate).
+POOL_PER_ROW = {"cpu": 64, "cuda": 1024}
 NEW_TOKENS = 16
 VOCAB = 32
 
@@ -74,6 +76,10 @@ class HFCase:
     backend: str = "auto"
     use_fp8: bool = False
     seed: int = 0
+    #: EP_COMM_TIMEOUT_S of the model's Buffers. The GPU suite runs test shards side by side on
+    #: one GPU: a rank compiling Triton kernels for its first token counts can then keep its
+    #: peer waiting in dispatch for over a minute, beyond the 60 s default.
+    timeout_s: float | None = None
 
 
 def decisive_prompts(ctx, ref, batch: int, seq: int, seed: int, dev):
@@ -86,7 +92,7 @@ def decisive_prompts(ctx, ref, batch: int, seq: int, seed: int, dev):
     key = (ctx.world_size, id(ctx.group), ref.config.model_type, batch, seq, seed, str(dev))
     if key in _DECISIVE:  # every rank of a pool runs the same tests, so all ranks hit alike
         return _DECISIVE[key]
-    pool = POOL_PER_ROW * batch
+    pool = POOL_PER_ROW[torch.device(dev).type] * batch
     cand = torch.randint(3, VOCAB, (pool, seq),
                          generator=torch.Generator().manual_seed(seed + 1)).to(dev)
     keep = torch.full((batch,), -1, dtype=torch.int64)
@@ -124,10 +130,26 @@ def rows_of(rank: int, world: int) -> tuple[int, int]:
 
 
 def task_hf_model(ctx, case: HFCase):
+    """``_task_hf_model`` with ``case.timeout_s`` as EP_COMM_TIMEOUT_S (read by each Buffer when
+    made), restored after: the rank process goes on to other tests."""
+    old = os.environ.get("EP_COMM_TIMEOUT_S")
+    if case.timeout_s is not None:
+        os.environ["EP_COMM_TIMEOUT_S"] = str(case.timeout_s)
+    try:
+        return _task_hf_model(ctx, case)
+    finally:
+        if old is None:
+            os.environ.pop("EP_COMM_TIMEOUT_S", None)
+        else:
+            os.environ["EP_COMM_TIMEOUT_S"] = old
+
+
+def _task_hf_model(ctx, case: HFCase):
     """The unsplit model vs the EP model on this rank's rows of the batch: logits of one forward
     (bf16 tolerance) and 16 greedy tokens (identical). Returns a dict of figures."""
     import ep_comm.integrations.transformers as ep_hf
     dev = ctx.device
+
     ref = build_model(case.kind, dev, case.seed)
     batch = 2 * ctx.world_size + 1
     ids, ref_gen = decisive_prompts(ctx, ref, batch, case.seq, case.seed, dev)

@@ -197,3 +197,45 @@ def test_install_deep_ep_never_replaces_a_real_deep_ep():
             compat.install_deep_ep()
     finally:
         del sys.modules["deep_ep"]
+
+
+def task_deepep_weights_async(ctx, rounds: int = 6):
+    """GPU, kernels backend: the deep_ep alias's zeroed weights with ``async_finish=True`` (and
+    without), read after the returned event, equal the synchronous result; a slow compute
+    stream before each call gives the communication stream's kernel time to lag behind."""
+    import ep_comm
+    from ep_comm.compat.deep_ep import Buffer as DeepEPBuffer
+    dev = ctx.device
+    t, experts, topk, hidden = 4096, 8 * ctx.world_size, 8, 7168
+    buf = DeepEPBuffer(ctx.group, num_nvl_bytes=1 << 30, explicitly_destroy=True)
+    try:
+        for i in range(rounds):
+            g = torch.Generator().manual_seed(100 * i + ctx.rank)
+            idx = torch.rand(t, experts, generator=g).topk(topk, dim=1).indices
+            idx[:: 3 + i, 2] = -1
+            idx = idx.to(ep_comm.topk_idx_t).to(dev)
+            w = (torch.rand(t, topk, generator=g) + 0.5).to(dev)
+            x = torch.randn(t, hidden, generator=g).to(torch.bfloat16).to(dev)
+            n_rank, n_rdma, n_exp, in_rank, _ = buf.get_dispatch_layout(idx, experts)
+            args = dict(num_tokens_per_rank=n_rank, num_tokens_per_rdma_rank=n_rdma,
+                        is_token_in_rank=in_rank, num_tokens_per_expert=n_exp, topk_idx=idx,
+                        topk_weights=w)
+            _, s_idx, s_w, _, _, _ = buf.dispatch(x, **args)
+            torch.cuda.synchronize()
+            torch.cuda._sleep(2_000_000)  # the dispatch starts after this on the comm stream
+            _, a_idx, a_w, _, _, event = buf.dispatch(x, **args, async_finish=True)
+            event.current_stream_wait()
+            got = a_w.clone()
+            torch.cuda.synchronize()
+            assert torch.equal(a_idx, s_idx)
+            assert torch.equal(got, s_w), f"round {i}: async weights differ from the sync ones"
+            assert bool((got[a_idx < 0] == 0).all())
+    finally:
+        buf.destroy()
+    return True
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", [1, 2])
+def test_gpu_deep_ep_alias_async_dispatch_zeroes_weights_after_the_kernel(gpu_ranks, world):
+    assert all(gpu_ranks(world).run(task_deepep_weights_async))

@@ -49,14 +49,24 @@ def assert_bf16_close(out: torch.Tensor, ref: torch.Tensor, what: str = ""):
                            f"{err.max().item():.4g} at |ref| max {ref.abs().max().item():.4g}")
 
 
+def generator(seed: int) -> torch.Generator:
+    """A seeded generator on DEV: at DeepSeek-V3 shapes (16 experts x 4096 x 7168 weights) the
+    CPU generator takes seconds per test, the GPU's milliseconds."""
+    return torch.Generator(device=DEV).manual_seed(seed)
+
+
 def make_act(rows: int, k: int, use_fp8: bool, g: torch.Generator):
-    x = (torch.randn(rows, k, generator=g) * (1 + 3 * torch.rand(rows, 1, generator=g)))
+    """[rows, k] bf16 rows of mixed magnitude (or their FP8 cast), drawn on ``g``'s device."""
+    d = g.device
+    x = torch.randn(rows, k, generator=g, device=d) * (1 + 3 * torch.rand(rows, 1, generator=g,
+                                                                          device=d))
     x = x.to(torch.bfloat16).to(DEV)
     return fp8.per_token_cast_to_fp8(x) if use_fp8 else x
 
 
 def make_weight(e: int, n: int, k: int, use_fp8: bool, g: torch.Generator):
-    w = (torch.randn(e, n, k, generator=g) / k ** 0.5).to(torch.bfloat16).to(DEV)
+    """[e, n, k] bf16 weights (or their FP8 blocks), drawn on ``g``'s device."""
+    w = (torch.randn(e, n, k, generator=g, device=g.device) / k ** 0.5).to(torch.bfloat16).to(DEV)
     return quantize_weight_fp8(w) if use_fp8 else w
 
 
@@ -68,7 +78,7 @@ def counts_to_groups(counts, alignment):
 
 
 def check_contiguous(counts, n, k, use_fp8, alignment, seed, config=None, pass_rows=True):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     e = len(counts)
     ends, rows, m = counts_to_groups(counts, alignment)
     a = make_act(m, k, use_fp8, g)
@@ -88,7 +98,7 @@ def check_contiguous(counts, n, k, use_fp8, alignment, seed, config=None, pass_r
 
 
 def check_masked(counts, m, n, k, use_fp8, seed, config=None, expected_m=None):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     e = len(counts)
     a = make_act(e * m, k, use_fp8, g)
     if use_fp8:  # the layout of low-latency dispatch: scales column-major in the last two dims
@@ -327,9 +337,12 @@ def test_gpu_contiguous_gemm_deepseek_shapes(n, k, use_fp8, tma):
 @gpu_only
 @pytest.mark.parametrize("use_fp8", [False, True], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("n,k", [(2 * I, H), (H, I)], ids=["gate_up", "down"])
-@pytest.mark.parametrize("expected_m", [None, 8, 128])
-@pytest.mark.parametrize("tma", [False, True], ids=TMA_IDS.get)
+@pytest.mark.parametrize("expected_m,tma", [(None, False), (8, True), (128, False)],
+                         ids=["None-pointers", "8-tma", "128-pointers"])
 def test_gpu_masked_gemm_deepseek_shapes(n, k, use_fp8, expected_m, tma):
+    """Every shape x dtype x expected_m (the config heuristic's three regimes), TMA and pointer
+    loads alternating over expected_m: each load path meets every shape and dtype without the
+    full product (the two paths share the tile loop; their differences are the loads)."""
     counts = [0, 1, 7, 16, 17, 64, 65, 200, 256, 3, 0, 40]
     cfg = dataclasses.replace(gemm.masked_config(expected_m, n, k, use_fp8), tma=tma)
     check_masked(counts, m=256, n=n, k=k, use_fp8=use_fp8, seed=102, config=cfg)
@@ -357,8 +370,9 @@ ws_only = pytest.mark.skipif(gemm.ws_available() is not None,
 @pytest.mark.gpu
 @gpu_only
 @ws_only
-@pytest.mark.parametrize("stages", [2, 3, 4])
-@pytest.mark.parametrize("n,k", [(2 * I, H), (H, I), (300, 1024)], ids=["gate_up", "down", "n300"])
+@pytest.mark.parametrize("n,k,stages", [(2 * I, H, 2), (2 * I, H, 4), (H, I, 3), (300, 1024, 2),
+                                          (300, 1024, 4)],
+                         ids=["gate_up-2", "gate_up-4", "down-3", "n300-2", "n300-4"])
 def test_gpu_contiguous_fp8_warp_specialized_matches_float64(n, k, stages):
     # Ragged groups (empty, 1 row, one under / over a 128-row tile, several tiles), with and
     # without alignment padding and valid-row counts; n=300: the second 128-column half of the
@@ -391,7 +405,7 @@ def test_gpu_contiguous_fp8_warp_specialized_many_experts_and_one_row():
 def test_gpu_default_fp8_config_is_warp_specialized_and_repeatable():
     # The heuristic picks the Gluon kernel on Hopper; two runs give the same bits (no race in the
     # ring: a slot overwritten before both consumer warpgroups released it would show).
-    g = torch.Generator().manual_seed(230)
+    g = generator(230)
     counts = [512] * 8
     ends, rows, m = counts_to_groups(counts, 1)
     a, b = make_act(m, H, True, g), make_weight(8, 2 * I, H, True, g)

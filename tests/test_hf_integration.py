@@ -95,11 +95,13 @@ def test_cpu_4_ranks(cpu_ranks, kind, implementation):
 
 # ----------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("implementation,graphs", [("ep_comm", False), ("ep_comm_ll", True)])
+@pytest.mark.parametrize("kind,implementation,graphs", [
+    ("qwen3_moe", "ep_comm", False), ("mixtral", "ep_comm_ll", True),
+    ("deepseek_v3", "ep_comm_ll", True), ("gpt_oss", "ep_comm", False)])
 def test_gpu_2_ranks_kernels(gpu_ranks, kind, implementation, graphs):
-    """Each kind in normal mode, and in low-latency mode with the decode steps in CUDA graphs
-    (the prompt goes through normal mode there too). Low-latency mode without graphs makes the
-    same ep_comm calls as with them, eagerly: the CPU tests run it for every kind."""
+    """Each kind once on the kernels backend: normal mode, or low-latency mode with the decode
+    steps in CUDA graphs (the prompt goes through normal mode there too), so both modes meet
+    both expert layouts (fused SiLU experts, GPT-OSS's own). Every kind in every mode runs on
+    CPU ranks above; the ep_comm calls are the same."""
     gpu_ranks(2).run(task_hf_model, HFCase(kind, implementation, graphs=graphs,
-                                           backend="kernels"))
+                                           backend="kernels", timeout_s=300))

@@ -8,6 +8,8 @@ tests compare the combined weights with the originals), so this ``Buffer`` does 
 """
 from __future__ import annotations
 
+import torch
+
 from ep_comm.buffer import Buffer as _EpCommBuffer
 from ep_comm.compat.event import EventHandle, EventOverlap
 from ep_comm.config import Config
@@ -20,17 +22,31 @@ class Buffer(_EpCommBuffer):
 
     def dispatch(self, *args, **kwargs):
         recv_x, recv_idx, recv_w, counts, handle, event = super().dispatch(*args, **kwargs)
-        if recv_w is not None and recv_idx is not None:
-            # in place on the fresh output: slots of experts elsewhere weigh 0, as in DeepEP
-            recv_w.masked_fill_(recv_idx < 0, 0.0)
+        event = self._zero_weights_elsewhere(recv_idx, recv_w, event)
         return recv_x, recv_idx, recv_w, counts, handle, event
 
-    def internode_dispatch(self, *args, **kwargs):
-        out = super().internode_dispatch(*args, **kwargs)
-        recv_idx, recv_w = out[1], out[2]
-        if recv_w is not None and recv_idx is not None:
+    # internode_dispatch needs no override: ep_comm.Buffer's calls self.dispatch, this one.
+
+    def _zero_weights_elsewhere(self, recv_idx, recv_w, event):
+        """Slots of experts elsewhere (``recv_idx < 0``) weigh 0, in place on the fresh output
+        ``recv_w [N, K]`` float32. Returns the event the caller waits on.
+
+        With ``async_finish`` the dispatch is still running on the communication stream when it
+        returns: zeroing on the caller's stream would race with the kernel writing ``recv_w``
+        (the kernel could write after the zeroing; DeepEP's async test caught it). The zeroing
+        then goes on the communication stream, after the dispatch, and the returned event is
+        recorded after it."""
+        if recv_w is None or recv_idx is None:
+            return event
+        if getattr(event, "event", None) is None:  # finished in the caller's stream order
             recv_w.masked_fill_(recv_idx < 0, 0.0)
-        return out
+            return event
+        stream = self.get_comm_stream()
+        with torch.cuda.stream(stream):
+            recv_w.masked_fill_(recv_idx < 0, 0.0)
+        done = torch.cuda.Event()
+        done.record(stream)
+        return type(event)(done, extra_tensors=event.extra_tensors)
 
 
 __all__ = ["Buffer", "EventHandle", "EventOverlap", "Config"]
