@@ -226,7 +226,7 @@ if has_stage tests; then
     # $OUT/test_seconds.json to refresh that file), beside DeepEP's own tests and the soak.
     # Ranks sharing one GPU spend much of their time waiting for each other, and the Triton
     # tests for compiles on the CPU cores, so the shards overlap well.
-    SHARDS=${SUITE_TEST_SHARDS:-5}
+    SHARDS=${SUITE_TEST_SHARDS:-6}
     DURATIONS=$WORK/test_seconds.jsonl
     TEST_FILES=$(ls tests/test_*.py | tr '\n' ' ')
     # each test's time and a failure's message printed as it ends (EP_COMM_TEST_PRINT_DURATIONS):
