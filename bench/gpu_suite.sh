@@ -255,7 +255,7 @@ if has_stage tests; then
         fi
         if [[ -f $REPO/bench/soak.py && $BENCHES == *soak* ]]; then
             NAMES_+=("soak: faults injected on 2 ranks sharing the GPU")
-            CMDS_+=("$PY $REPO/bench/soak.py --gpu --ranks 2 --calls ${SUITE_SOAK_CALLS:-2000} --fault-every 250 --max-minutes 2.5 --out $RES")
+            CMDS_+=("$PY $REPO/bench/soak.py --gpu --ranks 2 --calls ${SUITE_SOAK_CALLS:-10000} --fault-every 500 --max-minutes 3 --out $RES")
         fi
     fi
     left=$((BUDGET - SECONDS - RESERVE))
