@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing as mp
 import os
-import socket
+import shutil
+import tempfile
 import traceback
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -27,16 +28,10 @@ class RankContext:
     device: object
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world_size, port, use_gpu, env, tasks, results):
+def _worker(rank, world_size, store, use_gpu, env, tasks, results):
     os.environ.update(env)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    init = f"file://{store}"
     try:
         import torch
         import torch.distributed as dist
@@ -48,12 +43,14 @@ def _worker(rank, world_size, port, use_gpu, env, tasks, results):
                 # Ranks share GPUs: NCCL refuses that, so gloo carries the collectives and
                 # ep_comm puts the Buffers on the GPUs (see ep_comm.runtime.comm.GLOO_DEVICE_ENV).
                 os.environ["EP_COMM_GLOO_DEVICE"] = "cuda"
-                dist.init_process_group("gloo", rank=rank, world_size=world_size)
+                dist.init_process_group("gloo", init_method=init, rank=rank,
+                                        world_size=world_size)
             else:
-                dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=dev)
+                dist.init_process_group("nccl", init_method=init, rank=rank,
+                                        world_size=world_size, device_id=dev)
         else:
             dev = torch.device("cpu")
-            dist.init_process_group("gloo", rank=rank, world_size=world_size)
+            dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world_size)
         ctx = RankContext(rank, world_size, dist.group.WORLD, dev)
     except BaseException:  # noqa: BLE001 - reported to the parent with the rank number
         results.put((rank, False, traceback.format_exc()))
@@ -84,13 +81,17 @@ class RankPool:
     def __init__(self, world_size: int, use_gpu: bool = False, env: dict | None = None,
                  timeout: float = DEFAULT_TIMEOUT_S):
         self.world_size, self.timeout = world_size, timeout
-        ctx = mp.get_context("spawn")
         env = {"EP_COMM_TIMEOUT_S": "60", **(env or {})}
-        port = _free_port()
+        ctx = mp.get_context("spawn")
+        # The ranks meet in a file store, not on a TCP port: a port picked free can be taken by
+        # another pytest process before rank 0 listens on it (the GPU suite runs several at
+        # once; seen as EADDRINUSE), and ranks could even join another pool's store.
+        self._store_dir = tempfile.mkdtemp(prefix="ep_comm_pool_")
+        store = os.path.join(self._store_dir, "store")
         self._tasks = [ctx.Queue() for _ in range(world_size)]
         self._results = ctx.Queue()
         self._procs = [ctx.Process(target=_worker, daemon=True,
-                                   args=(r, world_size, port, use_gpu, env, self._tasks[r],
+                                   args=(r, world_size, store, use_gpu, env, self._tasks[r],
                                          self._results))
                        for r in range(world_size)]
         for p in self._procs:
@@ -133,6 +134,7 @@ class RankPool:
             if p.is_alive():
                 p.kill()
                 p.join()
+        shutil.rmtree(self._store_dir, ignore_errors=True)
 
 
 def run_ranks(fn, world_size: int, *args, use_gpu: bool = False, env: dict | None = None,
