@@ -13,9 +13,11 @@
 # first, alone; the other GPU tests run as SUITE_TEST_SHARDS pytest processes at once, dealt
 # longest first by the seconds in tests/gpu_test_seconds.json (this run's seconds come back in
 # $OUT/test_seconds.json), beside DeepEP's own tests and a short soak; the benches sweep a few
-# sizes that span the range instead of every size. Measured 2026-12-03: with 4 shards the
-# machine finishes about 3 test-seconds per second; more shards (6) made every test slower,
-# not the suite shorter.
+# sizes that span the range instead of every size. Measured 2026-12-03 on one H200 (logs in
+# bench/results/logs/gpu-suite-*-2026-12-03-*): the machine finishes about 3 test-seconds per
+# wall second with 4 shards and with 6 alike (the 54 tests both runs finished took 317 s and
+# 331 s), so more shards do not shorten the test step; the GPU tests measured so far add up to
+# about 1100 test-seconds, more than 4 shards finish in the step's 270 s.
 #
 # It writes at most 5 files into $OUT: suite.log (everything), summary.txt (the final tables),
 # results.tar.gz (the benchmark JSON and PNG files), doctor.json, test_seconds.json. The JSON files also land in
