@@ -86,6 +86,7 @@ mkdir -p "$RES"
 : > "$LOG"
 : > "$STEPS"
 EXPECT=()
+DOCTOR_DONE=0  # 1 once the doctor ran beside the tests
 STEP_RC=0
 
 say() { printf '%s\n' "$*" | tee -a "$LOG"; }
@@ -254,13 +255,19 @@ if has_stage tests; then
         # against ep_comm (when its files were carried: bench/deepep_tests.sh --export), the
         # soak (faults injected and recovered, every result checked), the doctor
         DEEPEP_DIR=${SUITE_DEEPEP_DIR:-build/deepep}
-        if [[ -d $REPO/$DEEPEP_DIR/v1 ]]; then
+        if [[ -d $REPO/$DEEPEP_DIR/v1 ]] && ((GPUS > 0)); then
             NAMES_+=("DeepEP's own tests against ep_comm (1 process)")
             CMDS_+=("PYTHON=$PY TEST_TIMEOUT=\$((${TESTS_TIMEOUT} / 2)) LOG_DIR=$WORK/deepep ONLY='^(v1-test_intranode|v1-test_low_latency|v2-test_ep)\$' bash $REPO/bench/deepep_tests.sh $REPO/$DEEPEP_DIR")
         fi
-        if [[ -f $REPO/bench/soak.py && $BENCHES == *soak* ]]; then
+        if [[ -f $REPO/bench/soak.py && $BENCHES == *soak* ]] && ((GPUS > 0)); then
             NAMES_+=("soak: faults injected on 2 ranks sharing the GPU")
             CMDS_+=("$PY $REPO/bench/soak.py --gpu --ranks 2 --calls ${SUITE_SOAK_CALLS:-2000} --fault-every ${SUITE_SOAK_FAULT_EVERY:-250} --max-minutes 2.5 --out $RES")
+        fi
+        # the doctor checks, it does not time: it needs no quiet GPU either
+        if has_stage doctor; then
+            NAMES_+=("doctor")
+            CMDS_+=("timeout $DOCTOR_TIMEOUT $PY -m ep_comm.doctor --json $OUT/doctor.json")
+            DOCTOR_DONE=1
         fi
     fi
     left=$((BUDGET - SECONDS - RESERVE))
@@ -306,7 +313,7 @@ EOF
 fi
 
 # ---------------------------------------------------------------------------------- doctor
-if has_stage doctor; then
+if has_stage doctor && ((DOCTOR_DONE == 0)); then
     if "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('ep_comm.doctor') is None)" 2> /dev/null; then
         run_step "doctor" "$DOCTOR_TIMEOUT" "$PY" -m ep_comm.doctor --json "$OUT/doctor.json"
         tail -n 15 "$STEP_OUT"

@@ -105,7 +105,7 @@ def pytest_runtest_logreport(report):
         sys.stderr.write("    " + "\n    ".join(lines[-FAILURE_LINES:]) + "\n")
     sys.stderr.flush()
     out = os.environ.get(DURATIONS_OUT_ENV)
-    if out and report.when == "call":
+    if out and report.when == "call" and not report.skipped:
         with open(out, "a") as f:
             f.write(json.dumps({"test": report.nodeid, "seconds": round(report.duration, 2),
                                 "outcome": report.outcome}) + "\n")
