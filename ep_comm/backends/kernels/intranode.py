@@ -143,7 +143,11 @@ def combine_outputs(num_tokens: int, x: torch.Tensor, topk_weights, biases):
 
 
 def aligned_counts(counts: list[int], alignment: int) -> list[int]:
-    """Each count rounded up to ``expert_alignment`` (``num_recv_tokens_per_expert_list``)."""
+    """Each count rounded up to ``expert_alignment`` (``num_recv_tokens_per_expert_list``), a
+    new list the caller owns. Alignment 1 (the common case) is a copy: a call of ``align`` per
+    expert cost ~40 us of host time per dispatch at 256 local experts (cProfile on the H200)."""
+    if alignment == 1:
+        return list(counts)
     return [align(c, alignment) for c in counts]
 
 
