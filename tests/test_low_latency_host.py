@@ -336,3 +336,43 @@ def test_kernel_round_scale_bit_trick_equals_fp8_ceil_pow2():
     trick = np.where(u & 0x7FFFFF, (u & 0x7F800000) + 0x800000, u).astype(np.uint32)
     want = fp8.ceil_pow2(scale).view(torch.int32).numpy().astype(np.uint32)
     assert np.array_equal(trick, want)
+
+
+def test_reused_plans_take_each_calls_pointers_and_hooks_their_own(runtime):
+    """A plan is built once per (kernel, shape, half, scale format); later calls patch only the
+    per-call arguments. A hook launched after other calls used its plan still receives its own
+    call's pointers."""
+    m, h, e = runtime.sizes
+    launches = runtime.fake_module.launches
+    _, _, _, h0, hook0 = _dispatch(runtime, hook=True, t=5)   # half 0: builds the plan
+    first = dict(launches[-1][2])
+    _dispatch(runtime)                                       # half 1
+    x = torch.zeros(3, h, dtype=torch.bfloat16)
+    idx = torch.ones(3, 2, dtype=torch.int64)
+    stats = torch.zeros(e // 2, dtype=torch.int32)
+    recv_x, scales, count, h2, _ = runtime.low_latency_dispatch(
+        x, idx, m, e, use_fp8=True, round_scale=False, use_ue8m0=False,
+        cumulative_local_expert_recv_stats=stats, dispatch_wait_recv_cost_stats=None,
+        return_recv_hook=False)                              # half 0 again: the plan reused
+    a = launches[-1][2]
+    assert h2.buffer_idx == 0 and len(runtime._plans) == 2
+    assert a["x"] == x.data_ptr() and a["topk_idx"] == idx.data_ptr()
+    assert a["num_tokens"] == 3 and a["num_topk"] == 2 and a["cum_stats"] == stats.data_ptr()
+    assert a["recv_x"] == recv_x.data_ptr() and a["recv_scales"] == scales.data_ptr()
+    assert a["src_info"] == h2.src_info.data_ptr() and a["recv_count"] == count.data_ptr()
+    assert a["range_begin"] == h2.range_begin.data_ptr()
+    assert a["range_count"] == h2.range_count.data_ptr()
+    fixed = set(first) - set(ll.LL_DISPATCH_PER_CALL)
+    assert fixed and all(a[n] == first[n] for n in fixed)
+    # the four int32 outputs: one allocation, disjoint contiguous views
+    l_, rows = e // 2, 2 * m
+    assert h2.src_info.shape == (l_, rows) and h2.range_begin.shape == (l_, 2)
+    assert h2.range_count.shape == (l_, 2) and count.shape == (l_,)
+    assert all(t.is_contiguous() for t in (h2.src_info, h2.range_begin, h2.range_count, count))
+    starts = sorted((t.data_ptr(), t.numel() * 4) for t in
+                    (h2.src_info, h2.range_begin, h2.range_count, count))
+    assert all(p + n <= q for (p, n), (q, _) in zip(starts, starts[1:]))
+    hook0()
+    b = launches[-1][2]
+    assert b["phases"] == ll.RECV_PHASE and b["num_tokens"] == 5
+    assert b["src_info"] == h0.src_info.data_ptr() and b["cum_stats"] == 0

@@ -90,6 +90,16 @@ class LowLatencyState:
     half: int
     keep: tuple
 
+#: The arguments of the low-latency kernels that change from call to call, in the order the
+#: runtime passes them (``phases`` last); every other argument is fixed by the plan's key (shape,
+#: buffer half, scale format) and written once, when the plan is built.
+LL_DISPATCH_PER_CALL = ("x", "topk_idx", "num_tokens", "num_topk", "recv_x", "recv_scales",
+                        "src_info", "range_begin", "range_count", "recv_count", "cum_stats",
+                        "wait_stats", "phases")
+LL_COMBINE_PER_CALL = ("x", "zero_copy", "src_info", "range_begin", "range_count", "topk_idx",
+                       "topk_weights", "out", "num_tokens", "num_topk", "wait_stats", "phases")
+
+
 
 class LowLatencyRuntime:
     """Low-latency dispatch/combine for one Buffer (see the module docstring).
@@ -127,7 +137,8 @@ class LowLatencyRuntime:
         # Read once per Buffer: a change of EP_COMM_TIMEOUT_S applies to Buffers created later.
         self._limit_s = timeout_s()
         self._timeout_ns_value = int(self._limit_s * 1e9)
-        self._plans: dict = {}  # kernel name -> jit.PreparedLaunch (arguments in C memory)
+        # plan key (kernel, shape, half, format) -> (jit.PreparedLaunch, per-call slots)
+        self._plans: dict = {}
         # Peers may write into this buffer as soon as they return: everyone's zeroes first.
         torch.cuda.synchronize(self.device)
         comm.barrier("low_latency/init")
@@ -160,19 +171,25 @@ class LowLatencyRuntime:
         if err is not None:
             raise err
 
-    def _launch(self, kernel: str, grid: int, params, values: dict) -> None:
-        """Launch ``kernel`` with ``values``: the first time through a checked ``ArgBuffer``,
-        later by overwriting its slots (every value here is a pointer or a size the first
-        call's checks bound) and one ``cuLaunchKernel``."""
-        plan = self._plans.get(kernel)
+    def _plan(self, key: tuple, kernel: str, params, per_call: tuple, values: dict):
+        """The launch plan of ``key`` (kernel and everything that fixes its other arguments):
+        built on first use through a checked ``ArgBuffer`` of the first call's ``values``, with
+        the slots of the ``per_call`` arguments in that order. Returns (prepared launch, slots)."""
+        plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[kernel] = self.module.prepare(
-                kernel, args.ArgBuffer(params, values), grid, THREADS)
-        else:
-            for slot, (name, _) in zip(plan.args.slots, params):
-                slot.value = values[name]
-        plan.grid = grid
-        plan.launch(jit.current_stream_handle(self._dev_index))
+            prepared = self.module.prepare(kernel, args.ArgBuffer(params, values), 1, THREADS)
+            plan = self._plans[key] = (prepared, tuple(prepared.args.slot(n) for n in per_call))
+        return plan
+
+    def _launch(self, plan, grid: int, per_call_values: tuple) -> None:
+        """Patch the per-call arguments of ``plan`` (pointers and sizes the plan's first call
+        checked the kinds of) and launch it with one ``cuLaunchKernel``: the other arguments
+        were written when the plan was built."""
+        prepared, slots = plan
+        for slot, value in zip(slots, per_call_values):
+            slot.value = value
+        prepared.grid = grid
+        prepared.launch(jit.current_stream_handle(self._dev_index))
 
     @staticmethod
     def _ptr_of(t: torch.Tensor | None) -> int:
@@ -204,29 +221,35 @@ class LowLatencyRuntime:
         if use_fp8:
             g, sdtype = scales_shape(hidden, use_ue8m0)
             recv_scales = torch.empty(local, g, rows, dtype=sdtype, device=dev).transpose(1, 2)
-        src_info = torch.empty(local, rows, dtype=torch.int32, device=dev)
-        range_begin = torch.empty(local, r, dtype=torch.int32, device=dev)
-        range_count = torch.empty(local, r, dtype=torch.int32, device=dev)
-        recv_count = torch.empty(local, dtype=torch.int32, device=dev)
-        values = dict(
-            x=self._ptr_of(x), topk_idx=self._ptr_of(topk_idx), num_tokens=t, num_topk=k,
-            hidden=hidden, num_experts=num_experts, num_ranks=r, rank=self.rank, max_tokens=m,
-            round_scale=int(round_scale or use_ue8m0), ue8m0=int(use_ue8m0),
-            nvlink=int(self.nvlink), phases=0,
-            send_stage=self._ptr(reg, f"dispatch_send{half}"),
-            recv_msgs=self._ptr(reg, f"dispatch_recv{half}"),
-            recv_count_sig=self._ptr(reg, f"dispatch_count{half}"),
-            recv_arrive_sig=self._ptr(reg, f"dispatch_arrive{half}"),
-            msg_stride=reg.msg_bytes, mask=self._ptr_of(self._mask),
-            recv_x=self._ptr_of(recv_x),
-            recv_scales=self._ptr_of(recv_scales), src_info=self._ptr_of(src_info),
-            range_begin=self._ptr_of(range_begin), range_count=self._ptr_of(range_count),
-            recv_count=self._ptr_of(recv_count),
-            cum_stats=self._ptr_of(cumulative_local_expert_recv_stats),
-            wait_stats=self._ptr_of(dispatch_wait_recv_cost_stats),
-            host_status=self._status.device_ptr, status_claim=self._ptr(reg, "status_claim"),
-            timeout_ns=self._timeout_ns())
+        # the four int32 outputs in one allocation (a CUDA allocation costs ~3-4 us of host
+        # time, a view ~1): src_info [L, R*M], range_begin / range_count [L, R], recv_count [L]
+        ints = torch.empty(local * (rows + 2 * r + 1), dtype=torch.int32, device=dev)
+        src_info = ints[:local * rows].view(local, rows)
+        ranges = ints[local * rows:local * (rows + 2 * r)].view(2, local, r)
+        range_begin, range_count = ranges[0], ranges[1]
+        recv_count = ints[local * (rows + 2 * r):]
         kernel = "ep_ll_dispatch_fp8" if use_fp8 else "ep_ll_dispatch_bf16"
+        round_flag = int(round_scale or use_ue8m0)
+        per_call = (x.data_ptr(), topk_idx.data_ptr(), t, k, recv_x.data_ptr(),
+                    0 if recv_scales is None else recv_scales.data_ptr(), src_info.data_ptr(),
+                    range_begin.data_ptr(), range_count.data_ptr(), recv_count.data_ptr(),
+                    self._ptr_of(cumulative_local_expert_recv_stats),
+                    self._ptr_of(dispatch_wait_recv_cost_stats))
+        key = (kernel, m, hidden, num_experts, half, round_flag, int(use_ue8m0))
+        plan = self._plans.get(key)
+        if plan is None:
+            values = dict(zip(LL_DISPATCH_PER_CALL, per_call + (0,)))
+            values.update(
+                hidden=hidden, num_experts=num_experts, num_ranks=r, rank=self.rank,
+                max_tokens=m, round_scale=round_flag, ue8m0=int(use_ue8m0),
+                nvlink=int(self.nvlink), send_stage=self._ptr(reg, f"dispatch_send{half}"),
+                recv_msgs=self._ptr(reg, f"dispatch_recv{half}"),
+                recv_count_sig=self._ptr(reg, f"dispatch_count{half}"),
+                recv_arrive_sig=self._ptr(reg, f"dispatch_arrive{half}"),
+                msg_stride=reg.msg_bytes, mask=self._mask.data_ptr(),
+                host_status=self._status.device_ptr,
+                status_claim=self._ptr(reg, "status_claim"), timeout_ns=self._timeout_ns())
+            plan = self._plan(key, kernel, args.LL_DISPATCH, LL_DISPATCH_PER_CALL, values)
         send_grid = grid_size(self.num_sms, t, (num_experts + 31) // 32)
         recv_grid = grid_size(self.num_sms, local)
         # Inputs stay referenced by the hook (and the handle) until the receive is launched.
@@ -237,17 +260,15 @@ class LowLatencyRuntime:
             num_experts=num_experts, buffer_idx=half, use_fp8=use_fp8,
             backend_state=LowLatencyState(half=half, keep=keep))
         if not return_recv_hook:
-            values["phases"] = SEND_PHASE | RECV_PHASE
-            self._launch(kernel, max(send_grid, recv_grid), args.LL_DISPATCH, values)
+            self._launch(plan, max(send_grid, recv_grid), per_call + (SEND_PHASE | RECV_PHASE,))
             return recv_x, recv_scales, recv_count, handle, None
-        values["phases"] = SEND_PHASE
-        self._launch(kernel, send_grid, args.LL_DISPATCH, values)
-        recv_values = dict(values, phases=RECV_PHASE)
+        self._launch(plan, send_grid, per_call + (SEND_PHASE,))
         return recv_x, recv_scales, recv_count, handle, self._hook(
-            kernel, recv_grid, args.LL_DISPATCH, recv_values, keep)
+            plan, recv_grid, per_call + (RECV_PHASE,), keep)
 
-    def _hook(self, kernel, grid, params, values, keep):
-        """A callable that launches the receive phase once, on the caller's current stream."""
+    def _hook(self, plan, grid: int, per_call_values: tuple, keep):
+        """A callable that launches the receive phase once, on the caller's current stream
+        (with all of this call's per-call arguments: another call may have used the plan)."""
         called = []
 
         def hook():
@@ -256,7 +277,7 @@ class LowLatencyRuntime:
             called.append(True)
             self.check_status()
             _ = keep  # the send's inputs live until the receive is launched
-            self._launch(kernel, grid, params, values)
+            self._launch(plan, grid, per_call_values)
 
         return hook
 
@@ -274,7 +295,11 @@ class LowLatencyRuntime:
             raise InputError(f"low-latency kernels support top-k <= {LL_MAX_TOPK}, got {k}")
         reg = self.regions(m, hidden, num_experts)
         half = handle.buffer_idx
-        send_stage = self.get_next_low_latency_combine_buffer(handle)
+        key = ("ep_ll_combine", m, hidden, num_experts, half)
+        plan = self._plans.get(key)
+        # the staging view: the rows themselves with zero_copy, and the plan's fixed pointer
+        send_stage = (self.get_next_low_latency_combine_buffer(handle)
+                      if zero_copy or plan is None else None)
         src = send_stage if zero_copy else _aligned16(x)
         topk_idx = topk_idx.contiguous()
         topk_weights = topk_weights.contiguous()
@@ -283,33 +308,31 @@ class LowLatencyRuntime:
                              "16-byte aligned (the kernels store 16 bytes at a time)")
         result = out if out is not None else torch.empty(t, hidden, dtype=torch.bfloat16,
                                                          device=self.device)
-        values = dict(
-            x=self._ptr_of(src), zero_copy=int(zero_copy), src_info=self._ptr_of(handle.src_info),
-            range_begin=self._ptr_of(handle.range_begin),
-            range_count=self._ptr_of(handle.range_count), topk_idx=self._ptr_of(topk_idx),
-            topk_weights=self._ptr_of(topk_weights), out=self._ptr_of(result), num_tokens=t,
-            num_topk=k, hidden=hidden, num_experts=num_experts, num_ranks=r, rank=self.rank,
-            max_tokens=m, nvlink=int(self.nvlink), phases=0,
-            send_stage=self._ptr_of(send_stage),
-            recv_rows=self._ptr(reg, f"combine_recv{half}"),
-            recv_count_sig=self._ptr(reg, f"combine_count{half}"),
-            recv_arrive_sig=self._ptr(reg, f"combine_arrive{half}"),
-            done_counter=self._ptr(reg, f"combine_done{half}"), mask=self._ptr_of(self._mask),
-            wait_stats=self._ptr_of(combine_wait_recv_cost_stats),
-            host_status=self._status.device_ptr, status_claim=self._ptr(reg, "status_claim"),
-            timeout_ns=self._timeout_ns())
+        per_call = (src.data_ptr(), int(zero_copy), handle.src_info.data_ptr(),
+                    handle.range_begin.data_ptr(), handle.range_count.data_ptr(),
+                    topk_idx.data_ptr(), topk_weights.data_ptr(), result.data_ptr(), t, k,
+                    self._ptr_of(combine_wait_recv_cost_stats))
+        if plan is None:
+            values = dict(zip(LL_COMBINE_PER_CALL, per_call + (0,)))
+            values.update(
+                hidden=hidden, num_experts=num_experts, num_ranks=r, rank=self.rank,
+                max_tokens=m, nvlink=int(self.nvlink), send_stage=send_stage.data_ptr(),
+                recv_rows=self._ptr(reg, f"combine_recv{half}"),
+                recv_count_sig=self._ptr(reg, f"combine_count{half}"),
+                recv_arrive_sig=self._ptr(reg, f"combine_arrive{half}"),
+                done_counter=self._ptr(reg, f"combine_done{half}"), mask=self._mask.data_ptr(),
+                host_status=self._status.device_ptr,
+                status_claim=self._ptr(reg, "status_claim"), timeout_ns=self._timeout_ns())
+            plan = self._plan(key, "ep_ll_combine", args.LL_COMBINE, LL_COMBINE_PER_CALL, values)
         local = num_experts // r
         send_grid = grid_size(self.num_sms, local)
         recv_grid = grid_size(self.num_sms, t)
         keep = (src, topk_idx, topk_weights, handle)
         if not return_recv_hook:
-            values["phases"] = SEND_PHASE | RECV_PHASE
-            self._launch("ep_ll_combine", max(send_grid, recv_grid), args.LL_COMBINE, values)
+            self._launch(plan, max(send_grid, recv_grid), per_call + (SEND_PHASE | RECV_PHASE,))
             return result, None
-        values["phases"] = SEND_PHASE
-        self._launch("ep_ll_combine", send_grid, args.LL_COMBINE, values)
-        return result, self._hook("ep_ll_combine", recv_grid, args.LL_COMBINE,
-                                  dict(values, phases=RECV_PHASE), keep)
+        self._launch(plan, send_grid, per_call + (SEND_PHASE,))
+        return result, self._hook(plan, recv_grid, per_call + (RECV_PHASE,), keep)
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
         """[L, R * M, H] bf16 view of the symmetric combine buffer of the handle's half."""
