@@ -20,6 +20,7 @@ Why the defaults are what they are (no tuning tables keyed by rank count):
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from ep_comm.core import regions
 from ep_comm.core.constants import (DEFAULT_NUM_SMS, INTER_DEFAULT_TOKENS, NVL_MAX_RANKS,
@@ -91,6 +92,8 @@ class Config:
         return reg.bytes_for(num_max_tokens_per_rank)
 
 
+@functools.lru_cache(maxsize=64)  # Config is frozen: one instance per argument set (a call
+# without config= asked for a new one each time: ~2 us of a dispatch's host time)
 def default_config(num_ranks: int, num_sms: int = DEFAULT_NUM_SMS,
                    hidden_bytes: int = 7168 * 2) -> Config:
     """The analytic configuration for ``num_ranks`` NVLink peers (see the module docstring).
