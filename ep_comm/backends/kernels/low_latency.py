@@ -100,7 +100,6 @@ LL_COMBINE_PER_CALL = ("x", "zero_copy", "src_info", "range_begin", "range_count
                        "topk_weights", "out", "num_tokens", "num_topk", "wait_stats", "phases")
 
 
-
 class LowLatencyRuntime:
     """Low-latency dispatch/combine for one Buffer (see the module docstring).
 
@@ -171,14 +170,13 @@ class LowLatencyRuntime:
         if err is not None:
             raise err
 
-    def _plan(self, key: tuple, kernel: str, params, per_call: tuple, values: dict):
-        """The launch plan of ``key`` (kernel and everything that fixes its other arguments):
-        built on first use through a checked ``ArgBuffer`` of the first call's ``values``, with
-        the slots of the ``per_call`` arguments in that order. Returns (prepared launch, slots)."""
-        plan = self._plans.get(key)
-        if plan is None:
-            prepared = self.module.prepare(kernel, args.ArgBuffer(params, values), 1, THREADS)
-            plan = self._plans[key] = (prepared, tuple(prepared.args.slot(n) for n in per_call))
+    def _build_plan(self, key: tuple, kernel: str, params, per_call: tuple, values: dict):
+        """Build and keep the launch plan of ``key`` (the kernel and everything that fixes its
+        other arguments; the caller found none) through a checked ``ArgBuffer`` of the first
+        call's ``values``, with the slots of the ``per_call`` arguments in that order.
+        Returns (prepared launch, slots)."""
+        prepared = self.module.prepare(kernel, args.ArgBuffer(params, values), 1, THREADS)
+        plan = self._plans[key] = (prepared, tuple(prepared.args.slot(n) for n in per_call))
         return plan
 
     def _launch(self, plan, grid: int, per_call_values: tuple) -> None:
@@ -249,7 +247,7 @@ class LowLatencyRuntime:
                 msg_stride=reg.msg_bytes, mask=self._mask.data_ptr(),
                 host_status=self._status.device_ptr,
                 status_claim=self._ptr(reg, "status_claim"), timeout_ns=self._timeout_ns())
-            plan = self._plan(key, kernel, args.LL_DISPATCH, LL_DISPATCH_PER_CALL, values)
+            plan = self._build_plan(key, kernel, args.LL_DISPATCH, LL_DISPATCH_PER_CALL, values)
         send_grid = grid_size(self.num_sms, t, (num_experts + 31) // 32)
         recv_grid = grid_size(self.num_sms, local)
         # Inputs stay referenced by the hook (and the handle) until the receive is launched.
@@ -323,7 +321,8 @@ class LowLatencyRuntime:
                 done_counter=self._ptr(reg, f"combine_done{half}"), mask=self._mask.data_ptr(),
                 host_status=self._status.device_ptr,
                 status_claim=self._ptr(reg, "status_claim"), timeout_ns=self._timeout_ns())
-            plan = self._plan(key, "ep_ll_combine", args.LL_COMBINE, LL_COMBINE_PER_CALL, values)
+            plan = self._build_plan(key, "ep_ll_combine", args.LL_COMBINE, LL_COMBINE_PER_CALL,
+                                    values)
         local = num_experts // r
         send_grid = grid_size(self.num_sms, local)
         recv_grid = grid_size(self.num_sms, t)
