@@ -90,6 +90,7 @@ class LowLatencyState:
     half: int
     keep: tuple
 
+
 #: The arguments of the low-latency kernels that change from call to call, in the order the
 #: runtime passes them (``phases`` last); every other argument is fixed by the plan's key (shape,
 #: buffer half, scale format) and written once, when the plan is built.
