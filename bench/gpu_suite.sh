@@ -39,7 +39,7 @@
 #                    machine, so the 2, 3, 4 and 8-rank tests run as processes sharing it:
 #                    correctness with real peers, no figures; 1 elsewhere)
 #   SUITE_BUDGET_S   whole-script budget in seconds (default 530; 170 with --quick)
-#   SUITE_TESTS_TIMEOUT, SUITE_BENCH_TIMEOUT, SUITE_DOCTOR_TIMEOUT: step limits (270, 120, 60)
+#   SUITE_TESTS_TIMEOUT, SUITE_BENCH_TIMEOUT, SUITE_DOCTOR_TIMEOUT: step limits (285, 120, 60)
 #   SUITE_NORMAL_ARGS, SUITE_LL_ARGS, SUITE_IMB_ARGS: arguments of each bench (replace the
 #                    defaults below; set to "" for none)
 #   PYTHON           interpreter (default python3)
@@ -74,7 +74,7 @@ else
     BUDGET=${SUITE_BUDGET_S:-530}
 fi
 RESERVE=25  # seconds kept for the summary, the copies and a step's kill grace
-TESTS_TIMEOUT=${SUITE_TESTS_TIMEOUT:-270}
+TESTS_TIMEOUT=${SUITE_TESTS_TIMEOUT:-285}
 BENCH_TIMEOUT=${SUITE_BENCH_TIMEOUT:-120}
 DOCTOR_TIMEOUT=${SUITE_DOCTOR_TIMEOUT:-60}
 LOG=$OUT/suite.log
@@ -343,7 +343,7 @@ if has_stage bench; then
         # sizes that span the range (a curve, not every point): the SM sweep at 4096 tokens
         NORMAL_ARGS=${SUITE_NORMAL_ARGS-"--sweep-sms 16,24,32 --sweep-tokens 512,4096,16384"}
         LL_ARGS=${SUITE_LL_ARGS-"--sweep-tokens 1,16,128,256"}
-        GEMM_ARGS="--no-sweep"
+        GEMM_ARGS="--no-sweep --tokens 128,512,1024 --masked-tokens 1,16,64"
         HOST_ARGS=""
     else
         NORMAL_ARGS=${SUITE_NORMAL_ARGS-"--sweep-tokens 64,256"}

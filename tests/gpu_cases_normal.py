@@ -584,7 +584,7 @@ def small_cases(base: int, num_ranks: int) -> list:
     """The many-rank list (3, 4, 8 ranks sharing a GPU): few small cases that still cover
     bf16 / fp8, alignment, num_worst_tokens, bias, duplicates, empty and skewed routings."""
     e = 8 * num_ranks
-    cases = normal_cases(base, num_ranks, count=6, hiddens=(1024, 2048), max_tokens=48)
+    cases = normal_cases(base, num_ranks, count=4, hiddens=(1024, 2048), max_tokens=48)
     cases += [NCase(seed=base + 10, routing=r, hidden=1024, num_experts=e, num_topk=4,
                     num_tokens=40, fp8=i % 2 == 1, worst=-1 if i == 1 else 0)
               for i, r in enumerate(("empty_last", "to_rank0", "all_dropped", "one_token"))]

@@ -46,7 +46,7 @@ def test_random_cases_bit_exact_dispatch_and_bf16_combine(gpu_ranks, world, rpn)
     if world in SMALL:
         cases = normal.small_cases(_seed(11000 + world), world)
     else:
-        cases = normal.normal_cases(_seed(11000 + world), world, count=18)
+        cases = normal.normal_cases(_seed(11000 + world), world, count=12)
     got = gpu_ranks(world).run(common.task_with_env, _env(rpn), normal.task_normal_sweep, BACKEND,
                                cases)
     assert got == [len(cases)] * world

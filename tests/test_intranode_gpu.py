@@ -27,11 +27,11 @@ _seed = common.case_seed
 
 @pytest.mark.parametrize("world", FULL)
 def test_random_cases_bit_exact_dispatch_and_bf16_combine(gpu_ranks, world):
-    """27 fresh cases on one Buffer: hidden 2048/4096/7168/1000, top-k 1..9, -1 entries, fp8
+    """18 fresh cases on one Buffer: hidden 2048/4096/7168/1000, top-k 1..9, -1 entries, fp8
     tuples, expert_alignment 1/4/128, num_worst_tokens, bias, special routings; layout, recv_x,
     top-k ids and weights, counts, handle fields bit-exact; combine within bf16 rounding."""
-    cases = normal.normal_cases(_seed(1000 * world), world, count=27)
-    assert gpu_ranks(world).run(normal.task_normal_sweep, BACKEND, cases) == [27] * world
+    cases = normal.normal_cases(_seed(1000 * world), world, count=18)
+    assert gpu_ranks(world).run(normal.task_normal_sweep, BACKEND, cases) == [18] * world
 
 
 @pytest.mark.parametrize("world", [w for w in WORLDS if w not in FULL])
