@@ -18,7 +18,8 @@ import dataclasses
 
 import torch
 
-from ep_comm.errors import CollectiveMismatchError, InputError, PeerInputError
+from ep_comm.core.constants import CALL_SIG_COMPARED, CALL_SIG_FIELDS
+from ep_comm.errors import CollectiveMismatchError, EpCommError, InputError, PeerInputError
 
 #: Marks a signature vector (a stray or corrupted message shows up as a mismatch on "magic").
 MAGIC = 0x65705F636F6D6D  # "ep_comm"
@@ -32,12 +33,13 @@ _OP_NAMES = {v: k for k, v in OPS.items()}
 DTYPES = {torch.bfloat16: 1, torch.float8_e4m3fn: 2, torch.float32: 3}
 _DTYPE_NAMES = {v: str(k).replace("torch.", "") for k, v in DTYPES.items()}
 
-#: Field order of the vector. ``status``/``bad_token``/``bad_col``/``bad_value`` describe this
-#: rank's own input check (0 = ok, 1 = bad); they are not compared between ranks.
-FIELDS = ("magic", "seq", "op", "hidden", "dtype", "num_experts", "num_topk", "handle",
-          "num_max_tokens", "status", "bad_token", "bad_col", "bad_value")
+#: Field order of the vector: the magic word, then the device signature's words
+#: (``constants.CALL_SIG_FIELDS``, shared with the NVLink notify kernel). ``status``/``bad_token``/
+#: ``bad_col``/``bad_value`` describe this rank's own input check (0 = ok, 1 = bad); they are not
+#: compared between ranks.
+FIELDS = ("magic",) + CALL_SIG_FIELDS
 SIG_LEN = len(FIELDS)
-_COMPARED = FIELDS[:9]
+_COMPARED = FIELDS[:1 + CALL_SIG_COMPARED]
 _STATUS = FIELDS.index("status")
 
 
@@ -63,11 +65,40 @@ class Signature:
 
 def pack(seq: int, sig: Signature, input_error: "BadInput | None" = None) -> torch.Tensor:
     """[SIG_LEN] int64 on CPU: this rank's vector for call ``seq``."""
+    return torch.tensor([MAGIC] + _values(seq, sig, input_error), dtype=torch.int64)
+
+
+def _values(seq: int, sig: Signature, input_error: "BadInput | None") -> list[int]:
     bad = input_error or BadInput(-1, -1, 0, "")
-    return torch.tensor([MAGIC, seq, OPS[sig.op], sig.hidden, DTYPES.get(sig.dtype, 0),
-                         sig.num_experts, sig.num_topk, sig.handle, sig.num_max_tokens,
-                         int(input_error is not None), bad.token, bad.col, bad.value],
-                        dtype=torch.int64)
+    return [seq, OPS[sig.op], sig.hidden, DTYPES.get(sig.dtype, 0), sig.num_experts,
+            sig.num_topk, sig.handle, sig.num_max_tokens, int(input_error is not None),
+            bad.token, bad.col, bad.value]
+
+
+_I32_MIN, _I32_MAX = -2**31, 2**31 - 1
+
+
+def device_words(seq: int, sig: Signature, input_error: "BadInput | None" = None) -> list[int]:
+    """The vector less its magic word, ``CALL_SIG_WORDS`` int32 values: what the NVLink notify
+    kernel exchanges next to the counts (the counts' own tag protocol makes the magic word
+    redundant there). Values outside int32 (a bad expert id of 2**40) are clamped, the same
+    on every rank, so two ranks still compare equal exactly when their calls agree."""
+    return [min(max(v, _I32_MIN), _I32_MAX) for v in _values(seq, sig, input_error)]
+
+
+def error_from_words(rank: int, rows: dict[int, list[int]],
+                     own_error: "BadInput | None" = None) -> EpCommError | None:
+    """The error ``check`` raises for the device words ``rows`` (``{rank: CALL_SIG_WORDS
+    ints}``, as the notify kernel received them, this rank's own included), or None: the same
+    ``CollectiveMismatchError`` / ``InputError`` / ``PeerInputError`` as the reference backend's,
+    identical on every rank because every rank received every row."""
+    vectors = {r: torch.tensor([MAGIC] + list(w), dtype=torch.int64) for r, w in rows.items()}
+    seq = int(rows[rank][0]) if rank in rows else -1
+    try:
+        check(rank, seq, vectors, own_error)
+    except EpCommError as e:
+        return e
+    return None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

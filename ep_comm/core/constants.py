@@ -27,6 +27,9 @@ Why each value is what it is:
   ``LL_MAX_TOPK`` = 32, one waiting thread per source rank gives ``LL_MAX_RANKS`` = 1024.
 * ``STATUS_*`` / ``PHASE_*``: the codes and phases kernels write into their host status word
   (``ep_comm.backends.kernels.status`` decodes them).
+* ``CALL_SIG_*``: the call signature that the NVLink notify kernel exchanges with the counts
+  (``ep_comm.core.agreement``: the agreement vector less its magic word, as int32). The kernel
+  knows only the number of words and how many of them are compared; the names are here.
 """
 from __future__ import annotations
 
@@ -47,13 +50,26 @@ NVL_MAX_LOCAL_EXPERTS = 1024
 NVL_WARPS = 24
 #: Largest window: tokens of one warp ballot.
 NVL_MAX_WINDOW = 32
-#: int32 words of one notify counts row: T_s, [NVL_MAX_RANKS] per-rank, [L] per-expert counts.
-NVL_NOTIFY_ROW = 1 + NVL_MAX_RANKS + NVL_MAX_LOCAL_EXPERTS
+# ------------------------------------------------------------------------- call signature
+#: The words of a call's signature on the device, in order (``agreement.FIELDS`` less "magic").
+#: The first ``CALL_SIG_COMPARED`` must be equal on every rank; ``status`` (1: this rank's input
+#: failed a host check) and the first bad entry's token, column and value are not compared.
+CALL_SIG_FIELDS = ("seq", "op", "hidden", "dtype", "num_experts", "num_topk", "handle",
+                   "num_max_tokens", "status", "bad_token", "bad_col", "bad_value")
+CALL_SIG_WORDS = len(CALL_SIG_FIELDS)
+CALL_SIG_COMPARED = CALL_SIG_FIELDS.index("status")
+
+#: int32 words of one notify counts row: T_s, the call signature [CALL_SIG_WORDS],
+#: [NVL_MAX_RANKS] per-rank, [L] per-expert counts.
+NVL_NOTIFY_ROW = 1 + CALL_SIG_WORDS + NVL_MAX_RANKS + NVL_MAX_LOCAL_EXPERTS
 #: Host status word of the NVLink/internode kernels: [0..5] the error fields, [8] the received
-#: row count (notify), from [16] the received count per local expert.
+#: row count (notify), from [16] the received count per local expert, from
+#: ``NVL_INFO_CALL_SIGS`` every rank's call signature as the notify kernel received it (written
+#: only when the call was refused: ``STATUS_DISAGREE``).
 NVL_INFO_NUM_RECV = 8
 NVL_INFO_EXPERT_COUNTS = 16
-NVL_STATUS_WORDS = NVL_INFO_EXPERT_COUNTS + NVL_MAX_LOCAL_EXPERTS
+NVL_INFO_CALL_SIGS = NVL_INFO_EXPERT_COUNTS + NVL_MAX_LOCAL_EXPERTS
+NVL_STATUS_WORDS = NVL_INFO_CALL_SIGS + NVL_MAX_RANKS * CALL_SIG_WORDS
 
 INTER_MAX_NODES = 256
 INTER_MAX_EXPERTS = 2048
@@ -79,6 +95,9 @@ STATUS_TIMEOUT = 1
 STATUS_OVERFLOW = 2
 #: A rank of this node is not reachable with nvshmem_ptr (internode).
 STATUS_NO_P2P = 3
+#: The notify kernel refused the call: the ranks' signatures differ, or a rank's input failed
+#: its host check (the host rebuilds the error from the signatures, ``NVL_INFO_CALL_SIGS``).
+STATUS_DISAGREE = 4
 
 #: Phases of the normal-mode kernels (NVLink and internode).
 PHASE_NOTIFY = 1
@@ -102,10 +121,15 @@ DEVICE_CONSTANTS: dict[str, int | float] = {
     "NVL_WARPS": NVL_WARPS,
     "NVL_INFO_NUM_RECV": NVL_INFO_NUM_RECV,
     "NVL_INFO_EXPERT_COUNTS": NVL_INFO_EXPERT_COUNTS,
+    "NVL_INFO_CALL_SIGS": NVL_INFO_CALL_SIGS,
+    "NVL_NOTIFY_ROW": NVL_NOTIFY_ROW,
+    "CALL_SIG_WORDS": CALL_SIG_WORDS,
+    "CALL_SIG_COMPARED": CALL_SIG_COMPARED,
     "LL_THREADS": LL_THREADS,
     "STATUS_TIMEOUT": STATUS_TIMEOUT,
     "STATUS_OVERFLOW": STATUS_OVERFLOW,
     "STATUS_NO_P2P": STATUS_NO_P2P,
+    "STATUS_DISAGREE": STATUS_DISAGREE,
     "PHASE_NOTIFY": PHASE_NOTIFY,
     "PHASE_DISPATCH_SEND": PHASE_DISPATCH_SEND,
     "PHASE_DISPATCH_RECV": PHASE_DISPATCH_RECV,

@@ -58,4 +58,15 @@ __device__ __forceinline__ int4 ld_nc(const int4* p) { return __ldg(p); }
 
 __device__ __forceinline__ int lane_id() { return threadIdx.x & 31; }
 
+// A collective call's signature (ep_comm.core.agreement.device_words): sequence number,
+// operation, sizes, handle and this rank's input-check result, passed by value as one kernel
+// argument (host kind "sig", ep_comm.backends.kernels.args), so the words of a call are fixed
+// at its launch, CUDA-graph replays included. The first kCallSigCompared words must be equal
+// on every rank; the names of the words live on the host (constants.CALL_SIG_FIELDS).
+constexpr int kCallSigWords = EP_CALL_SIG_WORDS;
+constexpr int kCallSigCompared = EP_CALL_SIG_COMPARED;
+struct CallSig {
+    int w[kCallSigWords];
+};
+
 }  // namespace ep_common

@@ -397,31 +397,69 @@ __device__ void dispatch_recv(const DispatchArgs& a, int c, uint32_t tag, uint32
 }  // namespace
 
 // ------------------------------------------------------------------------------------ notify
-// One block. Writes this rank's counts row into every rank's buffer (itself included), raises
-// its flag there, waits (bounded) for every rank's flag, then computes from the rows:
+// One block. Writes this rank's counts row (with the call's signature) into every rank's buffer
+// (itself included), raises its flag there, waits (bounded) for every rank's flag, compares
+// every rank's signature with its own, then computes from the rows:
 //   rank_prefix_matrix [R, R] int32: [i, j] = tokens ranks 0..i send to rank j;
 //   recv_per_expert [L] int32: tokens this rank receives per local expert;
 //   num_tokens_of_rank [R] int32: tokens on each rank (combine splits them into channels);
 //   num_recv_dev [1] int32 and host_status[kInfoNumRecv]: tokens this rank receives.
 // num_tokens_per_rank: [R] int32, num_tokens_per_expert: [R * L] int32 (this rank's layout).
+// sig: this call's signature (CallSig). The signature rides in the counts row, so agreement
+// costs no exchange of its own. Every rank receives every row, so when any two ranks differ
+// every rank sees a difference, and the same first differing word: every rank refuses the call
+// (STATUS_DISAGREE, no outputs, num_recv_dev = -1 so that a dispatch kernel already queued
+// behind it moves nothing), with every rank's signature copied to the host.
+namespace {
+
+__shared__ int s_first_word[kMaxRanks];  // first differing compared word of rank p, else kCallSigCompared
+__shared__ int s_bad_input[kMaxRanks];   // rank p's status word (1: its input failed a host check)
+
+// Thread 0: the refusal's fields and code. Not claimed through ctrl[2] like report(): the call
+// is refused on every rank alike and the runtimes stay in step, so the host clears the word and
+// the Buffer stays usable; nothing else runs on this rank while the one notify block does.
+__device__ void report_refusal(int* host_status, const volatile int* counts, const CallSig& sig,
+                               int R) {
+    int peer = -1, word = kCallSigCompared;
+    for (int p = 0; p < R; ++p)
+        if (s_first_word[p] < word) word = s_first_word[p], peer = p;
+    if (peer < 0) {  // only a bad input: name the first rank whose input failed
+        for (int p = 0; p < R && peer < 0; ++p)
+            if (s_bad_input[p]) peer = p;
+        word = -1;
+    }
+    volatile int* s = host_status;
+    s[1] = kPhaseNotify;
+    s[2] = peer;
+    s[3] = word;
+    s[4] = word >= 0 ? counts[peer * kNotifyRow + kRowSig + word] : 0;
+    s[5] = word >= 0 ? sig.w[word] : 0;
+    __threadfence_system();
+    s[0] = kStatusDisagree;
+    __threadfence_system();
+}
+
+}  // namespace
+
 extern "C" __global__ void __launch_bounds__(256, 1)
 nvl_notify(char* const* __restrict__ peers, int rank, int R, int T, int L, int num_worst_tokens,
            const int* __restrict__ num_tokens_per_rank, const int* __restrict__ num_tokens_per_expert,
            long long off_ctrl, long long off_flag, long long off_counts,
            int* __restrict__ rank_prefix_matrix, int* __restrict__ recv_per_expert,
            int* __restrict__ num_tokens_of_rank, int* __restrict__ num_recv_dev,
-           int* host_status, unsigned long long timeout_ns) {
+           int* host_status, unsigned long long timeout_ns, CallSig sig) {
     char* me = peers[rank];
     uint32_t* ctrl = reinterpret_cast<uint32_t*>(me + off_ctrl);
     const uint32_t tag = *reinterpret_cast<volatile uint32_t*>(ctrl) + 1u;
-    __shared__ int aborted;
-    if (threadIdx.x == 0) aborted = 0;
-    const int row_len = 1 + R + L;
+    __shared__ int aborted, refused;
+    if (threadIdx.x == 0) aborted = refused = 0;
     for (int p = 0; p < R; ++p) {
         int* row = reinterpret_cast<int*>(peers[p] + off_counts) + rank * kNotifyRow;
-        for (int i = threadIdx.x; i < row_len; i += blockDim.x)
-            row[i] = i == 0 ? T : (i <= R ? num_tokens_per_rank[i - 1]
-                                          : num_tokens_per_expert[p * L + (i - 1 - R)]);
+        if (threadIdx.x == 0) row[0] = T;
+        if (threadIdx.x < kCallSigWords) row[kRowSig + threadIdx.x] = sig.w[threadIdx.x];
+        if (threadIdx.x < R) row[kRowRanks + threadIdx.x] = num_tokens_per_rank[threadIdx.x];
+        for (int e = threadIdx.x; e < L; e += blockDim.x)
+            row[kRowExperts + e] = num_tokens_per_expert[p * L + e];
     }
     __threadfence_system();  // each thread's row stores before the flags
     __syncthreads();
@@ -441,47 +479,65 @@ nvl_notify(char* const* __restrict__ peers, int rank, int R, int T, int L, int n
         }
     }
     __syncthreads();
-    if (!aborted) {
-        const volatile int* counts = reinterpret_cast<const volatile int*>(me + off_counts);
-        if (threadIdx.x < R) {
-            const int j = threadIdx.x;
-            int acc = 0;
-            for (int i = 0; i < R; ++i) {
-                acc += counts[i * kNotifyRow + 1 + j];
-                rank_prefix_matrix[i * R + j] = acc;
-            }
-            num_tokens_of_rank[j] = counts[j * kNotifyRow];
-        }
-        for (int e = threadIdx.x; e < L; e += blockDim.x) {
-            int acc = 0;
-            for (int s = 0; s < R; ++s) acc += counts[s * kNotifyRow + 1 + R + e];
-            recv_per_expert[e] = acc;
-            reinterpret_cast<volatile int*>(host_status)[kInfoExpertCounts + e] = acc;
-        }
+    if (aborted) {
+        finish_block(ctrl);
+        return;
+    }
+    const volatile int* counts = reinterpret_cast<const volatile int*>(me + off_counts);
+    // Agreement: thread p compares rank p's signature with this call's.
+    if (threadIdx.x < R) {
+        const volatile int* theirs = counts + threadIdx.x * kNotifyRow + kRowSig;
+        int first = kCallSigCompared;
+        for (int w = kCallSigCompared - 1; w >= 0; --w)
+            if (theirs[w] != sig.w[w]) first = w;
+        s_first_word[threadIdx.x] = first;
+        s_bad_input[threadIdx.x] = theirs[kCallSigCompared] != 0;
+        if (first < kCallSigCompared || s_bad_input[threadIdx.x]) refused = 1;
+    }
+    __syncthreads();
+    if (refused) {
+        // Every rank's signature to the host first (the error names each value and its ranks),
+        // then the fields and the code.
+        for (int i = threadIdx.x; i < R * kCallSigWords; i += blockDim.x)
+            reinterpret_cast<volatile int*>(host_status)[kInfoCallSigs + i] =
+                counts[(i / kCallSigWords) * kNotifyRow + kRowSig + i % kCallSigWords];
+        __threadfence_system();
+        __syncthreads();
         if (threadIdx.x == 0) {
-            int n = 0;
-            for (int s = 0; s < R; ++s) n += counts[s * kNotifyRow + 1 + rank];
-            *num_recv_dev = n;
-            reinterpret_cast<volatile int*>(host_status)[kInfoNumRecv] = n;
-            __threadfence_system();
-            if (num_worst_tokens > 0 && n > num_worst_tokens)
-                report(host_status, ctrl, kStatusOverflow, kPhaseNotify, -1, -1, n,
-                       num_worst_tokens);
+            *num_recv_dev = -1;
+            report_refusal(host_status, counts, sig, R);
         }
+        finish_block(ctrl);
+        return;
+    }
+    if (threadIdx.x < R) {
+        const int j = threadIdx.x;
+        int acc = 0;
+        for (int i = 0; i < R; ++i) {
+            acc += counts[i * kNotifyRow + kRowRanks + j];
+            rank_prefix_matrix[i * R + j] = acc;
+        }
+        num_tokens_of_rank[j] = counts[j * kNotifyRow];
+    }
+    for (int e = threadIdx.x; e < L; e += blockDim.x) {
+        int acc = 0;
+        for (int s = 0; s < R; ++s) acc += counts[s * kNotifyRow + kRowExperts + e];
+        recv_per_expert[e] = acc;
+        reinterpret_cast<volatile int*>(host_status)[kInfoExpertCounts + e] = acc;
+    }
+    if (threadIdx.x == 0) {
+        int n = 0;
+        for (int s = 0; s < R; ++s) n += counts[s * kNotifyRow + kRowRanks + rank];
+        *num_recv_dev = n;
+        reinterpret_cast<volatile int*>(host_status)[kInfoNumRecv] = n;
+        __threadfence_system();
+        if (num_worst_tokens > 0 && n > num_worst_tokens)
+            report(host_status, ctrl, kStatusOverflow, kPhaseNotify, -1, -1, n,
+                   num_worst_tokens);
     }
     finish_block(ctrl);
 }
 
-// ---------------------------------------------------------------------------------- dispatch
-// Grid 2 * C blocks of kThreads. Shapes (T tokens here, N = num_rows output rows, K top-k):
-//   x: [T, row_int4] int4 (bf16 or fp8 rows), x_scales: [T, num_scales] float32 or null,
-//   topk_idx: [T, K] int64 or null, topk_weights: [T, K] float32 or null,
-//   is_token_in_rank: [T, R] bool, rank_prefix_matrix: [R, R] int32,
-//   send_pos: [T, R] int32 written, or null (cached dispatch: the handle has it),
-//   recv_x: [N, row_int4], recv_scales: [N, num_scales], recv_topk_idx: [N, K] int64 (local
-//   ids), recv_topk_weights: [N, K], recv_src_idx / recv_src_rank: [N] int32.
-// zero_padding: rows [*num_recv_dev, N) of recv_x / recv_scales / recv_topk_weights are zeroed,
-// of recv_topk_idx / recv_src_idx / recv_src_rank set to -1 (num_worst_tokens).
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
 nvl_dispatch(char* const* __restrict__ peers, int rank, int R, int C, int S, int window,
              long long off_ctrl, long long off_tail, long long off_head, long long off_ring,
@@ -504,6 +560,10 @@ nvl_dispatch(char* const* __restrict__ peers, int rank, int R, int C, int S, int
                          zero_padding, host_status, timeout_ns};
     if (threadIdx.x < kMaxRanks) s_count[threadIdx.x] = 0;
     const ChannelBlock b = begin_channel_block(peers, rank, R, C, T, off_ctrl);
+    if (*num_recv_dev < 0) {  // the notify kernel refused this call (on every rank): move nothing
+        finish_block(b.ctrl);
+        return;
+    }
     // One rank: the receiver block writes the padding rows only (after every copied row), then
     // copies its half of the channel like the sender. One call site each: inlined once.
     if (b.receiver) dispatch_recv(a, b.c, b.tag, b.ctrl);

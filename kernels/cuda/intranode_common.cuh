@@ -17,8 +17,13 @@ using namespace ep_common;
 constexpr int kMaxRanks = EP_NVL_MAX_RANKS;
 constexpr int kMaxChannels = EP_NVL_MAX_CHANNELS;
 constexpr int kMaxLocalExperts = EP_NVL_MAX_LOCAL_EXPERTS;
-// NVL_NOTIFY_ROW: T_s, per-rank counts, per-local-expert counts.
-constexpr int kNotifyRow = 1 + kMaxRanks + kMaxLocalExperts;
+// int32 words of a notify counts row: T_s, the call signature (kCallSigWords), per-rank
+// counts (kMaxRanks), per-local-expert counts (kMaxLocalExperts).
+constexpr int kNotifyRow = EP_NVL_NOTIFY_ROW;
+constexpr int kRowSig = 1;
+constexpr int kRowRanks = kRowSig + kCallSigWords;
+constexpr int kRowExperts = kRowRanks + kMaxRanks;
+static_assert(kRowExperts + kMaxLocalExperts == kNotifyRow, "notify row layout");
 // Warps of a dispatch/combine block: a multiple of every sender group (24 / R for R in
 // 1, 2, 3, 4, 6, 8) and of the default window (NVL_WINDOW_TOKENS = 24).
 constexpr int kWarps = EP_NVL_WARPS;
@@ -34,6 +39,10 @@ constexpr uint32_t kDoneBit = 0x80000000u;
 // decodes it).
 constexpr int kStatusTimeout = EP_STATUS_TIMEOUT;
 constexpr int kStatusOverflow = EP_STATUS_OVERFLOW;  // more received tokens than num_worst_tokens
+// The notify kernel refused the call (signatures differ, or a rank's input was bad): [2] the
+// first rank that differs, [3] the first differing word (-1: only a bad input), [4] its value
+// there, [5] this rank's value; from [kInfoCallSigs] every rank's signature, R x kCallSigWords.
+constexpr int kStatusDisagree = EP_STATUS_DISAGREE;
 constexpr int kPhaseNotify = EP_PHASE_NOTIFY;
 constexpr int kPhaseDispatchSend = EP_PHASE_DISPATCH_SEND;
 constexpr int kPhaseDispatchRecv = EP_PHASE_DISPATCH_RECV;
@@ -43,6 +52,7 @@ constexpr int kInfoNumRecv = EP_NVL_INFO_NUM_RECV;
 // [kInfoExpertCounts + e], e < L: tokens this rank receives for local expert e (notify), read by
 // the host after its sync without a device-to-host copy.
 constexpr int kInfoExpertCounts = EP_NVL_INFO_EXPERT_COUNTS;
+constexpr int kInfoCallSigs = EP_NVL_INFO_CALL_SIGS;
 
 // Named barrier of one warp group (ids 1..15; 0 is __syncthreads).
 __device__ __forceinline__ void group_sync(int id, int num_threads) {

@@ -2,7 +2,8 @@
 
 A table lists a kernel's parameters in signature order, each with its C kind: ``"p"`` a
 pointer (passed as uint64), ``"i"`` an ``int`` (int32), ``"i64"`` a ``long long``, ``"u64"`` a
-``uint64_t``. A launch builds a ``{name: value}`` dict and ``pack`` turns it into the numpy
+``uint64_t``, ``"sig"`` a ``CallSig`` by value (``kernels/cuda/common.cuh``: ``CALL_SIG_WORDS``
+int32, a call's signature, ``ep_comm.core.agreement.device_words``; its value is a sequence). A launch builds a ``{name: value}`` dict and ``pack`` turns it into the numpy
 scalars cuda.core passes by value, refusing a missing, unknown or out-of-range argument.
 A launch plan keeps its arguments in an ``ArgBuffer`` instead: packed once (checked as
 ``pack`` checks), then only the slots that change (pointers, counts) are overwritten per call,
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ep_comm.core.constants import CALL_SIG_WORDS
 from ep_comm.errors import EpCommError
 
 # Low-latency mode (kernels/cuda/low_latency.cu EP_LL_DISPATCH_PARAMS and ep_ll_combine).
@@ -52,7 +54,7 @@ NVL_NOTIFY = (
     ("num_tokens_per_rank", "p"), ("num_tokens_per_expert", "p"), ("off_ctrl", "i64"),
     ("off_flag", "i64"), ("off_counts", "i64"), ("rank_prefix_matrix", "p"),
     ("recv_per_expert", "p"), ("num_tokens_of_rank", "p"), ("num_recv_dev", "p"),
-    ("host_status", "p"), ("timeout_ns", "u64"),
+    ("host_status", "p"), ("timeout_ns", "u64"), ("sig", "sig"),
 )
 _NVL_RING = (
     ("peers", "p"), ("rank", "i"), ("R", "i"), ("C", "i"), ("S", "i"), ("window", "i"),
@@ -140,6 +142,9 @@ def pack(params, values: dict) -> list:
                           f"{sorted(extra)}")
     out = []
     for name, kind in params:
+        if kind == "sig":
+            out.append(_call_sig(name, values[name]))
+            continue
         v = int(values[name])
         if kind == "i":
             if not -2**31 <= v < 2**31:
@@ -156,8 +161,17 @@ def pack(params, values: dict) -> list:
     return out
 
 
+def _call_sig(name: str, words) -> np.ndarray:
+    """A ``CallSig`` argument: ``CALL_SIG_WORDS`` int32 values, checked."""
+    words = [int(w) for w in words]
+    if len(words) != CALL_SIG_WORDS or not all(-2**31 <= w < 2**31 for w in words):
+        raise EpCommError(f"ep_comm internal: kernel argument {name} must be {CALL_SIG_WORDS} "
+                          f"int32 words, got {words}")
+    return np.array(words, dtype=np.int32)
+
+
 _CTYPES = {"p": ctypes.c_uint64, "u64": ctypes.c_uint64, "i64": ctypes.c_int64,
-           "i": ctypes.c_int32}
+           "i": ctypes.c_int32, "sig": ctypes.c_int32 * CALL_SIG_WORDS}
 
 
 class ArgBuffer:
@@ -175,13 +189,15 @@ class ArgBuffer:
         packed = pack(params, values)  # the checks: names complete, values in range
         self.params = tuple(params)
         self.index = {n: i for i, (n, _) in enumerate(params)}
-        self.slots = [_CTYPES[k](int(v)) for (_, k), v in zip(params, packed)]
+        self.slots = [_CTYPES[k](*map(int, v)) if k == "sig" else _CTYPES[k](int(v))
+                      for (_, k), v in zip(params, packed)]
         self.pointers = (ctypes.c_void_p * max(1, len(self.slots)))(
             *[ctypes.addressof(s) for s in self.slots])
         self.address = ctypes.addressof(self.pointers)
 
     def slot(self, name: str):
-        """The ctypes scalar of parameter ``name`` (assign ``.value`` to patch it)."""
+        """The ctypes scalar of parameter ``name`` (assign ``.value`` to patch it; a ``"sig"``
+        slot is a ctypes int32 array: assign ``slot[:] = words``)."""
         try:
             return self.slots[self.index[name]]
         except KeyError:
@@ -192,11 +208,16 @@ class ArgBuffer:
         slot = self.slot(name)
         kind = self.params[self.index[name]][1]
         pack(((name, kind),), {name: value})
-        slot.value = int(value)
+        if kind == "sig":
+            slot[:] = [int(w) for w in value]
+        else:
+            slot.value = int(value)
 
     def values(self) -> dict:
-        """name -> int, as the kernel would receive them (for tests and fakes)."""
-        return {n: s.value for (n, _), s in zip(self.params, self.slots)}
+        """name -> int (a list of ints for a ``"sig"``), as the kernel would receive them (for
+        tests and fakes)."""
+        return {n: list(s) if k == "sig" else s.value
+                for (n, k), s in zip(self.params, self.slots)}
 
 
 def kernel_signature(source: str, kernel: str) -> list[tuple[str, str]]:
@@ -226,6 +247,8 @@ def kernel_signature(source: str, kernel: str) -> list[tuple[str, str]]:
         name = re.findall(r"\w+", p)[-1]
         if "*" in p:
             kind = "p"
+        elif re.search(r"\bCallSig\b", p):
+            kind = "sig"
         elif re.search(r"\b(uint64_t|unsigned\s+long\s+long|size_t)\b", p):
             kind = "u64"
         elif re.search(r"\b(long\s+long|int64_t)\b", p):
