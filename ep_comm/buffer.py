@@ -208,10 +208,15 @@ class Buffer:
         """Ranks named lost (exited, crashed, or not answering) by the failure, sorted."""
         return sorted(self.comm.lost)
 
-    def _begin_call(self, sig: "agreement.Signature",
-                    bad: "agreement.BadInput | None" = None) -> None:
-        """Number this call and hand its signature to the agreement (docs/faults.md)."""
-        fused = getattr(self.backend, "fuses_agreement", False)
+    def _begin_call(self, sig: "agreement.Signature", bad: "agreement.BadInput | None" = None,
+                    waits_for_counts: bool = False) -> None:
+        """Number this call and hand its signature to the agreement (docs/faults.md).
+
+        A backend that fuses the agreement of this call (``Backend.fuses_agreement``) exchanges
+        and checks it itself, and raises ``bad`` after the exchange; otherwise it is exchanged
+        here (always on the reference backend, with ``EP_COMM_CHECK_AGREEMENT=1`` on the
+        kernels backend) or ``bad`` is raised at once."""
+        fused = self.backend.fuses_agreement(sig.op, waits_for_counts)
         agree = fused or self._agree_always
         self.comm.begin_call(sig, bad, record=agree)
         if fused:
@@ -473,7 +478,8 @@ class Buffer:
         self._begin_call(agreement.Signature(
             "dispatch" if handle is None else "cached_dispatch", payload.shape[1], payload.dtype,
             num_experts, -1 if topk_idx is None else topk_idx.shape[1],
-            -1 if handle is None else getattr(handle.backend_state, "call_seq", -1)), bad)
+            -1 if handle is None else getattr(handle.backend_state, "call_seq", -1)), bad,
+            waits_for_counts=handle is None and num_worst_tokens == 0)
 
 
         def run():

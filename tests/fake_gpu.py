@@ -21,6 +21,9 @@ class FakeModule:
     def __init__(self, record: bool = True):
         self.launches = []
         self.record = record
+        #: ``fn(kernel name, {name: value})`` called at each launch: a test's stand-in for what
+        #: the kernel would write (e.g. a status word).
+        self.on_launch = None
 
     def prepare(self, kernel, arg_buffer, grid, block, shared_mem=0):
         return jit.PreparedLaunch(kernel, arg_buffer, grid, block, shared_mem, self._launch)
@@ -28,6 +31,8 @@ class FakeModule:
     def _launch(self, prepared, stream):
         if self.record:
             self.launches.append((prepared.name, prepared.grid, prepared.args.values()))
+        if self.on_launch is not None:
+            self.on_launch(prepared.name, prepared.args.values())
 
 
 class FakeHostStatus:
@@ -75,6 +80,8 @@ class FakeComm:
 
         # the fault-handling state ep_comm.Buffer keeps on its Comm (a healthy group)
         self.failure, self.lost, self.seq = None, set(), 0
+        self.call = None  # (signature, bad input) of the current call
+        self.agreed = []  # phases of the host agreement exchanges made (``agree``)
 
     def barrier(self, phase):
         self.barriers.append(phase)
@@ -91,7 +98,19 @@ class FakeComm:
     def begin_call(self, sig, bad=None, record=False):
         """Number the call (the Buffer raises a bad input itself when it does not agree)."""
         self.seq += 1
+        self.call = (sig, bad)
         return self.seq
+
+    def call_words(self):
+        """As ``Comm.call_words``: the current call's device signature words and bad input (a
+        runtime driven without a Buffer: a dispatch signature of call 0)."""
+        from ep_comm.core import agreement
+        sig, bad = self.call or (agreement.Signature("dispatch"), None)
+        return agreement.device_words(self.seq, sig, bad), bad
+
+    def agree(self, payload=None, peers=None, phase="agree"):
+        """The Buffer's own agreement exchange (not fused): recorded, always agreeing."""
+        self.agreed.append(phase)
 
 
 @contextlib.contextmanager

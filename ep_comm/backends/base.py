@@ -64,5 +64,12 @@ class Backend(abc.ABC):
         """The stream communication runs on (None on CPU)."""
         return None
 
+    def fuses_agreement(self, op: str, waits_for_counts: bool) -> bool:
+        """True if this backend checks the call agreement of an ``op`` call itself, inside an
+        exchange the call makes anyway (docs/faults.md), so that ``Buffer`` makes no exchange
+        of its own for it. ``waits_for_counts``: the host waits for the call's count exchange
+        (a dispatch from a layout without ``num_worst_tokens``)."""
+        return False
+
     def destroy(self) -> None:
         """Release buffers. The backend is unusable afterwards."""

@@ -56,8 +56,10 @@ class ReferenceBackend(Backend):
     as if their ids were -1)."""
 
     name = "reference"
-    #: Buffer leaves the agreement exchange to this backend (it is fused with the counts).
-    fuses_agreement = True
+
+    def fuses_agreement(self, op: str, waits_for_counts: bool) -> bool:
+        """Always: every call agrees in its first exchange (with the counts, for a dispatch)."""
+        return True
 
     def __init__(self, comm: Comm):
         self.comm = comm

@@ -135,6 +135,7 @@ class Comm:
         #: sequence number of the current collective call (1 = the first).
         self.seq = 0
         self._pending: tuple | None = None
+        self._call: tuple | None = None  # (sig, bad input) of the current call
         self._op = "none"
         #: The first timeout / lost-peer error; every later call raises BufferFailedError.
         self.failure: EpCommError | None = None
@@ -178,6 +179,7 @@ class Comm:
         self.raise_if_failed()
         self.seq += 1
         self._pending = (sig, bad_input)
+        self._call = (sig, bad_input)
         self._op = sig.op
         if record:  # one store write: where this rank is, for peers' diagnoses
             self.record(f"{self.seq}|{sig.op}|in call")
@@ -212,6 +214,14 @@ class Comm:
         out = out.cpu()
         agreement.check(self.rank, self.seq, {p: out[p, :agreement.SIG_LEN] for p in peers}, bad)
         return out[:, agreement.SIG_LEN:] if payload is not None else None
+
+    def call_words(self) -> "tuple[list[int], agreement.BadInput | None]":
+        """The current call's signature as device words (``agreement.device_words``, for a
+        kernel that exchanges it) and this rank's bad input, if any."""
+        if self._call is None:
+            raise EpCommError("ep_comm internal: call_words() without begin_call()")
+        sig, bad = self._call
+        return agreement.device_words(self.seq, sig, bad), bad
 
     def all_ranks(self) -> list[int]:
         return list(range(self.num_ranks))

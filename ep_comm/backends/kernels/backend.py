@@ -47,6 +47,14 @@ class KernelsBackend(Backend):
     def comm_stream(self):
         return self.normal.comm_stream()
 
+    def fuses_agreement(self, op: str, waits_for_counts: bool) -> bool:
+        """A dispatch from a layout on NVLink whose host waits for the counts: the notify
+        kernel exchanges the signature with the counts and refuses a disagreeing call, and the
+        host raises before the dispatch kernel is launched (``IntranodeRuntime.dispatch``).
+        Every other call agrees on the host only with ``EP_COMM_CHECK_AGREEMENT=1``."""
+        return (op == "dispatch" and waits_for_counts
+                and getattr(self.normal, "carries_call_signature", False))
+
     # low-latency mode
     def low_latency_dispatch(self, *args, **kw):
         return self._ll().low_latency_dispatch(*args, **kw)

@@ -23,6 +23,16 @@ and counts and launch with one ``cuLaunchKernel`` (``jit.PreparedLaunch``). The 
 dispatch without ``num_worst_tokens`` waits for an event recorded right after the notify kernel
 (``last_count_wait_ns`` holds its host time for the bench).
 
+Agreement: the notify kernel receives the call's signature (``Comm.call_words``: sequence
+number, operation, sizes, handle, this rank's input check) as one kernel argument, writes it
+into its counts row and compares every rank's row with it. A call whose ranks disagree (or
+whose rank had a bad input) is refused on every rank: no outputs, nothing moved (the dispatch
+kernel queued behind it returns at once), and ``STATUS_DISAGREE`` with every rank's words in the
+status word. The host raises the same ``CollectiveMismatchError`` / ``InputError`` /
+``PeerInputError`` as the reference backend after its count wait, before it launches the
+dispatch kernel (with ``num_worst_tokens`` nothing waits: the next call of the Buffer raises
+it). The refusal leaves every rank's kernels in step, so the Buffer stays usable.
+
 Failures: every wait in the kernels is bounded by ``EP_COMM_TIMEOUT_S``, read once when the
 Buffer is created. A kernel that gives up
 writes the status word; the host reads it after the notify synchronisation and before every
@@ -42,7 +52,8 @@ import torch
 from ep_comm.runtime.comm import timeout_s
 from ep_comm.backends.kernels import args, status
 from ep_comm.config import Config
-from ep_comm.core.constants import (FP8_BLOCK, NORMAL_MAX_TOPK, NVL_INFO_EXPERT_COUNTS,
+from ep_comm.core.constants import (CALL_SIG_WORDS, FP8_BLOCK, NORMAL_MAX_TOPK,
+                                    NVL_INFO_CALL_SIGS, NVL_INFO_EXPERT_COUNTS, STATUS_DISAGREE,
                                     NVL_INFO_NUM_RECV, NVL_MAX_CHANNELS, NVL_MAX_LOCAL_EXPERTS,
                                     NVL_MAX_RANKS,
                                     NVL_MAX_WINDOW, NVL_STATUS_WORDS, NVL_WARPS, align)
@@ -59,6 +70,8 @@ KERNEL_SMEM = NVL_WARPS * 32 * 16 * 16
 #: Threads of the notify block and of a layout block.
 NOTIFY_THREADS = 256
 LAYOUT_THREADS = 256
+#: Index of the notify kernel's call-signature argument in ``args.NVL_NOTIFY``.
+NOTIFY_SIG_SLOT = [name for name, _ in args.NVL_NOTIFY].index("sig")
 
 
 @dataclasses.dataclass(slots=True)
@@ -160,6 +173,9 @@ def regions_for(config: Config, hidden: int, num_ranks: int) -> IntranodeRegions
 class IntranodeRuntime:
     """Normal-mode dispatch/combine of one Buffer over NVLink (see the module docstring)."""
 
+    #: The notify kernel checks the call agreement (``KernelsBackend.fuses_agreement``).
+    carries_call_signature = True
+
     def __init__(self, comm, num_nvl_bytes: int):
         from ep_comm.runtime import ipc
         from ep_comm.runtime import jit
@@ -184,6 +200,8 @@ class IntranodeRuntime:
         self._status_ptr = int(self.status.device_ptr)
         self._dev_index = self.device.index
         self._plans: dict = {}
+        # This rank's bad input in the last notify launched (its InputError text, if refused).
+        self._notify_input = None
         self._notify_done = torch.cuda.Event()  # the count wait waits for this, not the stream
         #: ns the host spent in the last dispatch-from-layout's count wait (for the bench).
         self.last_count_wait_ns = 0
@@ -205,10 +223,21 @@ class IntranodeRuntime:
         words = self.status.read(NVL_INFO_NUM_RECV)
         if not any(words):
             return
-        err = status.decode_status(words, status.NVLINK, self.rank, self._timeout_s)
-        if err is not None:
+        sigs = None
+        if words[0] == STATUS_DISAGREE:
+            end = NVL_INFO_CALL_SIGS + self.num_ranks * CALL_SIG_WORDS
+            sigs = self.status.read(end)[NVL_INFO_CALL_SIGS:]
+        err = status.decode_status(words, status.NVLINK, self.rank, self._timeout_s,
+                                   call_sigs=sigs, own_input=self._notify_input)
+        if err is None:
+            return
+        if words[0] == STATUS_DISAGREE:
+            # Refused on every rank alike, nothing moved and the kernels' tags stay in step:
+            # the Buffer stays usable once the word is cleared (the refusal claims no ctrl[2]).
+            self.status.clear()
+        else:
             self._broken = err
-            raise err
+        raise err
 
     def _stream_handle(self) -> int:
         return jit.current_stream_handle(self._dev_index)
@@ -288,7 +317,8 @@ class IntranodeRuntime:
                           num_worst_tokens=num_worst_tokens, off_ctrl=reg["ctrl"].offset,
                           off_flag=reg["notify_flag"].offset,
                           off_counts=reg["notify_counts"].offset,
-                          host_status=self._status_ptr, timeout_ns=self._timeout_ns)
+                          host_status=self._status_ptr, timeout_ns=self._timeout_ns,
+                          sig=[0] * CALL_SIG_WORDS)
             notify = self._prepare(self._module, "nvl_notify", args.NVL_NOTIFY, values, 1,
                                    NOTIFY_THREADS)
         offs = regions.slot_offsets()
@@ -347,6 +377,8 @@ class IntranodeRuntime:
             a[6].value, a[7].value = ntpr.data_ptr(), num_tokens_per_expert.data_ptr()
             a[11].value, a[12].value = prefix.data_ptr(), recv_per_expert.data_ptr()
             a[13].value, a[14].value = tokens_of_rank.data_ptr(), num_recv_dev.data_ptr()
+            # fault handling: the call's signature travels with the counts (docs/faults.md)
+            a[NOTIFY_SIG_SLOT][:], self._notify_input = self.comm.call_words()
             notify.launch(stream)
             if num_worst_tokens > 0:
                 n_recv, rows, counts_host = -1, num_worst_tokens, None

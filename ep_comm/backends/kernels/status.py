@@ -11,7 +11,12 @@ codes and phases: ``ep_comm.core.constants``):
 * normal mode, NVLink and internode (``NVLINK``, ``INTERNODE``): ``[0]`` code, ``[1]`` phase,
   ``[2]`` peer rank, ``[3]`` channel (-1: none), ``[4]`` value seen, ``[5]`` value wanted;
   ``[8]`` the received row count and from ``[16]`` the per-expert counts (notify's results,
-  not errors).
+  not errors). ``STATUS_DISAGREE`` (the NVLink notify kernel refused a call whose ranks
+  disagree, or one whose rank had a bad input): ``[2]`` the first rank that differs, ``[3]``
+  the index of the first differing word of the call signature (``CALL_SIG_FIELDS``; -1: a
+  bad input only), ``[4]`` that rank's value, ``[5]`` this rank's; from
+  ``[NVL_INFO_CALL_SIGS]`` every rank's signature words (``call_sigs``), from which the error
+  is the one ``ep_comm.core.agreement`` raises on the reference backend.
 * low-latency (``LOW_LATENCY``): ``[0]`` code, ``[1]`` phase, ``[2]`` peer rank, ``[3]`` expert
   index, ``[4]`` what was awaited (0: a count word, 1: arrivals), ``[5]`` seen, ``[6]`` wanted.
 """
@@ -19,10 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from ep_comm.core.constants import (PHASE_BARRIER, PHASE_COMBINE_RECV, PHASE_COMBINE_SEND,
+from ep_comm.core import agreement
+from ep_comm.core.constants import (CALL_SIG_FIELDS, CALL_SIG_WORDS, PHASE_BARRIER, PHASE_COMBINE_RECV, PHASE_COMBINE_SEND,
                                     PHASE_DISPATCH_RECV, PHASE_DISPATCH_SEND,
                                     PHASE_LL_COMBINE_RECV, PHASE_LL_DISPATCH_RECV, PHASE_NOTIFY,
-                                    STATUS_NO_P2P, STATUS_OK, STATUS_OVERFLOW, STATUS_TIMEOUT)
+                                    STATUS_DISAGREE, STATUS_NO_P2P, STATUS_OK, STATUS_OVERFLOW,
+                                    STATUS_TIMEOUT)
 from ep_comm.errors import BackendUnavailableError, CommTimeoutError, EpCommError, InputError, \
     KernelError
 
@@ -69,7 +76,8 @@ LOW_LATENCY = Family(
 
 
 def decode_status(words, family: Family, rank: int, limit_s: float,
-                  node: int | None = None) -> EpCommError | None:
+                  node: int | None = None, call_sigs=None,
+                  own_input: "agreement.BadInput | None" = None) -> EpCommError | None:
     """The error a status word reports, or None when its code is 0.
 
     Args:
@@ -78,6 +86,10 @@ def decode_status(words, family: Family, rank: int, limit_s: float,
         rank: this rank (the one whose kernel reported).
         limit_s: the timeout the kernel ran with, in seconds.
         node: this rank's node, named in the error when the group spans nodes.
+        call_sigs: with ``STATUS_DISAGREE``, the words from ``NVL_INFO_CALL_SIGS``: R rows of
+            ``CALL_SIG_WORDS`` int32, rank r's signature of the refused call in row r.
+        own_input: this rank's bad input in the refused call, if any (its ``InputError``
+            text, which the words do not hold).
     """
     code = int(words[0])
     if code == STATUS_OK:
@@ -99,6 +111,16 @@ def decode_status(words, family: Family, rank: int, limit_s: float,
         return CommTimeoutError(
             rank, phase, f"{family.waited_for.get(phase_id, 'a signal')}{where} (saw {seen}, "
             f"wanted {wanted})", limit_s, peer, node)
+    if code == STATUS_DISAGREE and call_sigs:
+        n = len(call_sigs) // CALL_SIG_WORDS
+        rows = {r: list(call_sigs[r * CALL_SIG_WORDS:(r + 1) * CALL_SIG_WORDS]) for r in range(n)}
+        err = agreement.error_from_words(rank, rows, own_input)
+        if err is not None:
+            return err
+    if code == STATUS_DISAGREE:  # no rows, or rows that agree: say what the kernel saw
+        field = CALL_SIG_FIELDS[channel] if 0 <= channel < len(CALL_SIG_FIELDS) else "input"
+        return EpCommError(f"rank {rank}: {family.name} refused the call: rank {peer} differs "
+                           f"in {field} ({seen} there, {wanted} here)")
     if code == STATUS_OVERFLOW:
         return InputError(f"rank {rank} receives {seen} tokens, more than "
                           f"num_worst_tokens={wanted}")

@@ -1,0 +1,210 @@
+"""Call agreement fused into the NVLink notify kernel (issue 23), host side, on the fake GPU of
+tests/fake_gpu.py: the signature words each dispatch passes to ``nvl_notify``; a refusal
+(``STATUS_DISAGREE``) decoded into the reference backend's errors, before the dispatch kernel is
+launched; no extra host exchange where the kernel agrees; the Buffer usable afterwards. What the
+kernel itself does runs in the GPU tests of tests/test_faults.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ep_comm.backends.kernels import status
+from ep_comm.backends.kernels.intranode import IntranodeRuntime
+from ep_comm.config import default_config
+from ep_comm.core import agreement
+from ep_comm.core.constants import (CALL_SIG_FIELDS, CALL_SIG_WORDS, NVL_INFO_CALL_SIGS,
+                                    PHASE_NOTIFY, STATUS_DISAGREE)
+from ep_comm.errors import CollectiveMismatchError, InputError, PeerInputError
+
+import fake_gpu
+
+HIDDEN = CALL_SIG_FIELDS.index("hidden")
+STATUS = CALL_SIG_FIELDS.index("status")
+
+
+def _refuse(rt, rows: dict[int, list[int]]):
+    """What a refusing notify kernel leaves in ``rt``'s status word: every rank's words, then
+    the first differing rank and word (as the kernel picks them) and the code."""
+    view = rt.status._view
+    for r, words in rows.items():
+        view[NVL_INFO_CALL_SIGS + r * CALL_SIG_WORDS:NVL_INFO_CALL_SIGS + (r + 1) * CALL_SIG_WORDS] = words
+    mine = rows[rt.rank]
+    diffs = [(w, r) for r, row in rows.items() for w in range(STATUS) if row[w] != mine[w]]
+    word, peer = min(diffs) if diffs else (-1, min(r for r, row in rows.items() if row[STATUS]))
+    view[1:6] = [PHASE_NOTIFY, peer, word, rows[peer][word] if word >= 0 else 0,
+                 mine[word] if word >= 0 else 0]
+    view[0] = STATUS_DISAGREE
+
+
+@pytest.fixture
+def two_ranks(monkeypatch):
+    """Rank 0 of 2 on the fake GPU: IntranodeRuntime with its recording module."""
+    with fake_gpu.patched(monkeypatch) as module:
+        rt = IntranodeRuntime(fake_gpu.FakeComm(0, 2), 1 << 30)
+        rt.fake_module = module
+        yield rt
+
+
+def _dispatch(rt, worst=0, e=8, k=2, t=16, h=256):
+    idx = torch.arange(t * k, dtype=torch.int64).view(t, k) % e
+    ntpr, _, ntpe, in_rank = rt.get_dispatch_layout(idx, e)
+    return rt.dispatch(torch.zeros(t, h, dtype=torch.bfloat16), None, handle=None,
+                       num_tokens_per_rank=ntpr, num_tokens_per_rdma_rank=None,
+                       is_token_in_rank=in_rank, num_tokens_per_expert=ntpe, topk_idx=idx,
+                       topk_weights=torch.ones(t, k), num_experts=e, expert_alignment=1,
+                       num_worst_tokens=worst, config=default_config(2))
+
+
+def _call(rt, sig, bad=None):
+    """Number a call on the runtime's fake Comm, as ``Buffer._begin_call`` does."""
+    rt.comm.begin_call(sig, bad)
+
+
+def test_notify_gets_the_calls_signature_words(two_ranks):
+    rt = two_ranks
+    for seq in (1, 2):
+        sig = agreement.Signature("dispatch", 256, torch.bfloat16, 8, 2)
+        _call(rt, sig)
+        _dispatch(rt)
+        notify = [a for n, _, a in rt.fake_module.launches if n == "nvl_notify"][-1]
+        assert notify["sig"] == agreement.device_words(seq, sig)
+        assert notify["sig"][:STATUS] == [seq, agreement.OPS["dispatch"], 256, 1, 8, 2, -1, -1]
+
+
+def test_device_words_are_the_agreement_vector_less_magic_and_clamped():
+    sig = agreement.Signature("combine", 7168, torch.float8_e4m3fn, 256, 8, 3)
+    bad = agreement.BadInput(3, 1, 2**40, "x")
+    assert agreement.device_words(5, sig, bad) == agreement.pack(5, sig, bad).tolist()[1:-1] + [2**31 - 1]
+    assert len(agreement.device_words(5, sig)) == CALL_SIG_WORDS == len(agreement.FIELDS) - 1
+
+
+def test_refusal_raises_the_mismatch_naming_ranks_field_and_values_before_the_dispatch_kernel(
+        two_ranks):
+    rt = two_ranks
+    sig = agreement.Signature("dispatch", 256, torch.bfloat16, 8, 2)
+    _call(rt, sig)
+
+    def kernel(name, values):
+        if name == "nvl_notify":
+            theirs = list(values["sig"])
+            theirs[HIDDEN] = 128
+            _refuse(rt, {0: values["sig"], 1: theirs})
+    rt.fake_module.on_launch = kernel
+    with pytest.raises(CollectiveMismatchError) as e:
+        _dispatch(rt)
+    assert e.value.field == "hidden"
+    text = str(e.value)
+    # the reference backend's text: every value with the ranks holding it
+    assert text.startswith("rank 0: the ranks disagree on call #1"), text
+    assert "ranks [0] have hidden=256; ranks [1] have hidden=128" in text, text
+    names = [n for n, _, _ in rt.fake_module.launches]
+    assert names[-1] == "nvl_notify", names  # the dispatch kernel was never launched
+    # The refusal leaves the Buffer usable: the word is cleared, the next call goes on.
+    assert rt.status.read(8) == [0] * 8 and rt._broken is None
+    rt.fake_module.on_launch = None
+    _call(rt, sig)
+    _dispatch(rt)
+    assert [n for n, _, _ in rt.fake_module.launches][-2:] == ["nvl_notify", "nvl_dispatch"]
+
+
+def test_skipped_call_is_named_by_its_sequence_number(two_ranks):
+    rt = two_ranks
+    sig = agreement.Signature("dispatch", 256, torch.bfloat16, 8, 2)
+    _call(rt, sig)
+    _call(rt, sig)  # call #2 here; rank 1 skipped one and is at its call #1
+
+    def kernel(name, values):
+        if name == "nvl_notify":
+            _refuse(rt, {0: values["sig"], 1: agreement.device_words(1, sig)})
+    rt.fake_module.on_launch = kernel
+    with pytest.raises(CollectiveMismatchError) as e:
+        _dispatch(rt)
+    assert e.value.field == "seq" and "#1" in str(e.value) and "#2" in str(e.value)
+    assert "skipped a call" in str(e.value)
+
+
+def test_own_bad_input_raises_its_input_error_after_the_exchange(two_ranks):
+    rt = two_ranks
+    sig = agreement.Signature("dispatch", 256, torch.bfloat16, 8, 2)
+    bad = agreement.BadInput(3, 1, 17, "topk_idx[3, 1] = 17 (token 3) is outside [-1, 8)")
+    _call(rt, sig, bad)
+
+    def kernel(name, values):
+        if name == "nvl_notify":
+            assert values["sig"][STATUS] == 1 and values["sig"][STATUS + 1:] == [3, 1, 17]
+            _refuse(rt, {0: values["sig"], 1: agreement.device_words(1, sig)})
+    rt.fake_module.on_launch = kernel
+    with pytest.raises(InputError, match=r"topk_idx\[3, 1\] = 17 \(token 3\)"):
+        _dispatch(rt)
+
+
+def test_peer_bad_input_raises_peer_input_error_naming_it(two_ranks):
+    rt = two_ranks
+    sig = agreement.Signature("dispatch", 256, torch.bfloat16, 8, 2)
+    _call(rt, sig)
+
+    def kernel(name, values):
+        if name == "nvl_notify":
+            theirs = agreement.device_words(1, sig, agreement.BadInput(5, 0, 99, "bad"))
+            _refuse(rt, {0: values["sig"], 1: theirs})
+    rt.fake_module.on_launch = kernel
+    with pytest.raises(PeerInputError) as e:
+        _dispatch(rt)
+    assert "rank 1" in str(e.value) and "topk_idx[5, 0] = 99" in str(e.value)
+
+
+def test_refusal_of_a_call_that_did_not_wait_is_raised_by_the_next_call(two_ranks):
+    """num_worst_tokens: nothing waits for the notify kernel, so its refusal is raised by the
+    next call of the runtime (the dispatch kernel itself moved nothing)."""
+    rt = two_ranks
+    sig = agreement.Signature("dispatch", 256, torch.bfloat16, 8, 2)
+    _call(rt, sig)
+
+    def kernel(name, values):
+        if name == "nvl_notify":
+            theirs = list(values["sig"])
+            theirs[CALL_SIG_FIELDS.index("num_topk")] = 4
+            _refuse(rt, {0: values["sig"], 1: theirs})
+    rt.fake_module.on_launch = kernel
+    _dispatch(rt, worst=64)  # returns: the host did not wait
+    rt.fake_module.on_launch = None
+    _call(rt, sig)
+    with pytest.raises(CollectiveMismatchError) as e:
+        _dispatch(rt, worst=64)
+    assert e.value.field == "num_topk" and "call #1" in str(e.value)
+
+
+def test_decoder_without_rows_still_names_peer_and_field():
+    words = [STATUS_DISAGREE, PHASE_NOTIFY, 1, HIDDEN, 128, 256]
+    err = status.decode_status(words, status.NVLINK, 0, 3.0)
+    assert "rank 1" in str(err) and "hidden" in str(err) and "128" in str(err)
+
+
+def _fake_buffer_calls(monkeypatch, agree_env: str | None):
+    import ep_comm.buffer as buffer_mod
+    if agree_env is not None:
+        monkeypatch.setenv(buffer_mod.AGREE_ENV, agree_env)
+    return fake_gpu.fake_buffer(monkeypatch, num_nvl_bytes=1 << 30)
+
+
+@pytest.mark.parametrize("agree_env", [None, "1"])
+def test_fused_dispatch_makes_no_host_agreement_exchange(monkeypatch, agree_env):
+    """A dispatch from a layout that waits for its counts agrees in the notify kernel only;
+    calls without a count wait agree on the host with EP_COMM_CHECK_AGREEMENT=1 only."""
+    with _fake_buffer_calls(monkeypatch, agree_env) as (buf, module):
+        t, k, e = 8, 2, 8
+        x = torch.zeros(t, 256, dtype=torch.bfloat16)
+        idx = torch.arange(t * k, dtype=torch.int64).view(t, k) % e
+        w = torch.ones(t, k)
+        per_rank, per_node, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, e)
+        layout = dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_node,
+                      is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                      topk_idx=idx, topk_weights=w)
+        recv, _, _, _, handle, _ = buf.dispatch(x, **layout)
+        assert buf.comm.agreed == []
+        notify = [a for n, _, a in module.launches if n == "nvl_notify"][-1]
+        assert notify["sig"][:STATUS] == [1, agreement.OPS["dispatch"], 256, 1, e, k, -1, -1]
+        buf.dispatch(x, num_worst_tokens=64, **layout)
+        buf.combine(recv, handle)
+        expect = ["dispatch/agree", "combine/agree"] if agree_env == "1" else []
+        assert buf.comm.agreed == expect
