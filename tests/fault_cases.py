@@ -89,7 +89,8 @@ def normal_round(ctx, buf, case: Case, masked=(), rank_map=None) -> None:
 def task_disagree(ctx, kind: str, odd: int, backend: str = "reference") -> dict:
     """Rank ``odd`` disagrees with the rest on one thing; every rank must raise the same
     CollectiveMismatchError (or the input errors) before data moves, then the Buffer must still
-    give exact results. (Kernels backend: needs EP_COMM_CHECK_AGREEMENT=1.)"""
+    give exact results. (Kernels backend: a dispatch from a layout agrees in the NVLink notify
+    kernel; the other calls need EP_COMM_CHECK_AGREEMENT=1.)"""
     case = Case(seed=5, num_experts=16, backend=backend)
     me, r = ctx.rank, ctx.world_size
     x, idx, w = (t.to(ctx.device) for t in all_inputs(case, r)[me])
@@ -339,3 +340,40 @@ def task_gpu_stuck(ctx, stuck: int) -> dict:
     res = _outcome(call)
     res["later"] = _later_call(buf, x, idx, w, 16)
     return res
+
+
+KERNEL_DISAGREEMENTS = ("hidden", "num_experts", "topk", "dtype")
+
+
+def task_gpu_disagree(ctx, kinds, odd: int) -> dict:
+    """Kernels backend without EP_COMM_CHECK_AGREEMENT: each disagreement of ``kinds`` (see
+    ``task_disagree``) in a dispatch from a layout is refused by the NVLink notify kernel and
+    raised on every rank as CollectiveMismatchError before data moves; the Buffer then gives
+    exact results. One result dict per kind."""
+    assert os.environ.get("EP_COMM_CHECK_AGREEMENT", "0") != "1"
+    return {kind: task_disagree(ctx, kind, odd, backend="kernels") for kind in kinds}
+
+
+def task_gpu_skip(ctx, odd: int) -> dict:
+    """Kernels backend: rank ``odd`` skips the second dispatch and combines the first one's
+    handle instead. The NVLink kernels of the two ranks then wait for each other's different
+    kernels: each names the other in a CommTimeoutError within the timeout (rank ``odd`` at its
+    next call: its combine did not wait), then every later call raises BufferFailedError."""
+    case = Case(seed=17, num_experts=16, backend="kernels")
+    x, idx, w = (t.to(ctx.device) for t in all_inputs(case, ctx.world_size)[ctx.rank])
+    buf = make_buffer(ctx, case)
+    try:
+        recv, _, _, _, handle, _ = _layout_and_dispatch(buf, x, idx, w, 16)
+        torch.cuda.synchronize()
+        if ctx.rank == odd:
+            def skipped():
+                buf.combine(recv, handle)
+                torch.cuda.synchronize()
+                _layout_and_dispatch(buf, x, idx, w, 16)
+            res = _outcome(skipped)
+        else:
+            res = _outcome(lambda: _layout_and_dispatch(buf, x, idx, w, 16))
+        res["later"] = _later_call(buf, x, idx, w, 16)
+        return res
+    finally:
+        buf.destroy()

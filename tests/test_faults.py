@@ -166,3 +166,46 @@ def test_gpu_kernels_stuck_peer_is_named_and_buffer_fails_fast():
     assert r0["error"] in ("CommTimeoutError", "PeerLostError"), r0
     assert r0["elapsed"] < LIMIT_S + 2, r0["elapsed"]  # + kernel launch on a shared GPU
     assert r0["later"]["error"] == "BufferFailedError", r0["later"]
+
+
+KERNEL_FIELDS = {"hidden": "hidden", "num_experts": "num_experts", "topk": "num_topk",
+                 "dtype": "dtype"}
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_disagreement_is_refused_by_the_notify_kernel_on_every_rank(gpu_ranks):
+    """Kernels backend, 2 ranks, no EP_COMM_CHECK_AGREEMENT: the call signature travels in the
+    NVLink notify kernel's counts row; a disagreement on hidden / num_experts / top-k / dtype
+    raises the same CollectiveMismatchError on every rank before data moves, and the Buffer
+    then gives exact results."""
+    results = gpu_ranks(2).run(fc.task_gpu_disagree, list(KERNEL_FIELDS), 1)
+    for kind, field in KERNEL_FIELDS.items():
+        per_rank = [r[kind] for r in results]
+        for rank, res in enumerate(per_rank):
+            assert res["error"] == "CollectiveMismatchError", (kind, rank, res)
+            assert res["field"] == field, (kind, rank, res["message"])
+            assert f"rank {rank}:" in res["message"] and f"{field}=" in res["message"]
+            assert res["elapsed"] < 5, (kind, res)  # refused at once, no timeout
+            assert res["after"] == "exact", (kind, res)
+        assert len({r["message"].split(":", 1)[1] for r in per_rank}) == 1, (kind, per_rank)
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_skipped_dispatch_is_named_by_every_rank():
+    """Kernels backend, 2 ranks: rank 1 skips a dispatch (and combines instead). Each rank
+    names the other in a CommTimeoutError within the timeout + 2 s (+ launch on a shared GPU),
+    never a silent pairing; later calls raise BufferFailedError at once."""
+    import conftest
+    if conftest.gpu_count() == 0:
+        pytest.skip("needs a GPU")
+    if conftest.gpu_count() * conftest.ranks_per_gpu() < 2:
+        pytest.skip("needs 2 GPUs or EP_COMM_TEST_RANKS_PER_GPU=2")
+    pool = RankPool(2, use_gpu=True, env={"EP_COMM_TIMEOUT_S": str(TIMEOUT_S)}, timeout=300)
+    try:
+        results = pool.run(fc.task_gpu_skip, 1)
+    finally:
+        pool.close(force=True)
+    for rank, res in enumerate(results):
+        assert res["error"] == "CommTimeoutError" and res["peer"] == 1 - rank, (rank, res)
+        assert res["elapsed"] < LIMIT_S + 2, (rank, res["elapsed"])
+        assert res["later"]["error"] == "BufferFailedError", (rank, res["later"])
