@@ -142,6 +142,32 @@ def patched(monkeypatch=None):
 
 
 @contextlib.contextmanager
+def intranode_runtime(monkeypatch=None, rank: int = 0, num_ranks: int = 1):
+    """An ``IntranodeRuntime`` of rank ``rank`` of ``num_ranks`` on the fake GPU, with the
+    module recording its launches as ``fake_module``."""
+    from ep_comm.backends.kernels.intranode import IntranodeRuntime
+    with patched(monkeypatch) as module:
+        rt = IntranodeRuntime(FakeComm(rank, num_ranks), 1 << 30)
+        rt.fake_module = module
+        yield rt
+
+
+def layout_and_dispatch(rt, t=16, h=256, e=8, k=2, worst=0):
+    """get_dispatch_layout then a dispatch from it on runtime ``rt`` (ids ``arange % e``, zero
+    rows, unit weights); returns (the dispatch's results, x)."""
+    from ep_comm.config import default_config
+    idx = torch.arange(t * k, dtype=torch.int64).view(t, k) % e
+    ntpr, _, ntpe, in_rank = rt.get_dispatch_layout(idx, e)
+    x = torch.zeros(t, h, dtype=torch.bfloat16)
+    w = torch.ones(t, k)
+    return rt.dispatch(x, None, handle=None, num_tokens_per_rank=ntpr,
+                       num_tokens_per_rdma_rank=None, is_token_in_rank=in_rank,
+                       num_tokens_per_expert=ntpe, topk_idx=idx, topk_weights=w,
+                       num_experts=e, expert_alignment=1, num_worst_tokens=worst,
+                       config=default_config(rt.num_ranks)), x
+
+
+@contextlib.contextmanager
 def fake_buffer(monkeypatch=None, **buffer_kw):
     """An ``ep_comm.Buffer`` of one rank on the fake GPU, kernels backend: the public calls run
     their real Python (checks, guard, runtimes, plans) on CPU tensors. Yields (buffer, the fake

@@ -149,19 +149,24 @@ def test_gpu_kernels_out_of_range_ids_are_named_before_any_kernel(gpu_ranks):
         assert res["ll"]["error"] == "InputError" and "= 17" in res["ll"]["message"]
 
 
-@pytest.mark.gpu
-def test_gpu_kernels_stuck_peer_is_named_and_buffer_fails_fast():
+def run_fresh_gpu(fn, *args):
+    """Run ``fn`` on a fresh pool of 2 GPU ranks with the short timeout (a test that breaks
+    its group); skips without 2 GPUs or 2 ranks per GPU."""
     import conftest
     if conftest.gpu_count() == 0:
         pytest.skip("needs a GPU")
-    n_gpu, share = conftest.gpu_count(), conftest.ranks_per_gpu()
-    if n_gpu * share < 2:
+    if conftest.gpu_count() * conftest.ranks_per_gpu() < 2:
         pytest.skip("needs 2 GPUs or EP_COMM_TEST_RANKS_PER_GPU=2")
     pool = RankPool(2, use_gpu=True, env={"EP_COMM_TIMEOUT_S": str(TIMEOUT_S)}, timeout=300)
     try:
-        results = pool.run(fc.task_gpu_stuck, 1)
+        return pool.run(fn, *args)
     finally:
         pool.close(force=True)
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_stuck_peer_is_named_and_buffer_fails_fast():
+    results = run_fresh_gpu(fc.task_gpu_stuck, 1)
     r0 = results[0]
     assert r0["error"] in ("CommTimeoutError", "PeerLostError"), r0
     assert r0["elapsed"] < LIMIT_S + 2, r0["elapsed"]  # + kernel launch on a shared GPU
@@ -195,16 +200,7 @@ def test_gpu_kernels_skipped_dispatch_is_named_by_every_rank():
     """Kernels backend, 2 ranks: rank 1 skips a dispatch (and combines instead). Each rank
     names the other in a CommTimeoutError within the timeout + 2 s (+ launch on a shared GPU),
     never a silent pairing; later calls raise BufferFailedError at once."""
-    import conftest
-    if conftest.gpu_count() == 0:
-        pytest.skip("needs a GPU")
-    if conftest.gpu_count() * conftest.ranks_per_gpu() < 2:
-        pytest.skip("needs 2 GPUs or EP_COMM_TEST_RANKS_PER_GPU=2")
-    pool = RankPool(2, use_gpu=True, env={"EP_COMM_TIMEOUT_S": str(TIMEOUT_S)}, timeout=300)
-    try:
-        results = pool.run(fc.task_gpu_skip, 1)
-    finally:
-        pool.close(force=True)
+    results = run_fresh_gpu(fc.task_gpu_skip, 1)
     for rank, res in enumerate(results):
         assert res["error"] == "CommTimeoutError" and res["peer"] == 1 - rank, (rank, res)
         assert res["elapsed"] < LIMIT_S + 2, (rank, res["elapsed"])

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from ep_comm.backends.kernels import args
-from ep_comm.backends.kernels.intranode import IntranodeRuntime
 from ep_comm.config import default_config
 
 import fake_gpu
@@ -15,22 +14,11 @@ import fake_gpu
 
 @pytest.fixture
 def nvl(monkeypatch):
-    with fake_gpu.patched(monkeypatch) as module:
-        rt = IntranodeRuntime(fake_gpu.FakeComm(0, 1), 1 << 30)
-        rt.fake_module = module
+    with fake_gpu.intranode_runtime(monkeypatch) as rt:
         yield rt
 
 
-def _layout_and_dispatch(rt, t=16, h=256, e=8, k=2, worst=0):
-    idx = torch.arange(t * k, dtype=torch.int64).view(t, k) % e
-    ntpr, _, ntpe, in_rank = rt.get_dispatch_layout(idx, e)
-    x = torch.zeros(t, h, dtype=torch.bfloat16)
-    w = torch.ones(t, k)
-    return rt.dispatch(x, None, handle=None, num_tokens_per_rank=ntpr,
-                       num_tokens_per_rdma_rank=None, is_token_in_rank=in_rank,
-                       num_tokens_per_expert=ntpe, topk_idx=idx, topk_weights=w,
-                       num_experts=e, expert_alignment=1, num_worst_tokens=worst,
-                       config=default_config(1)), x
+_layout_and_dispatch = fake_gpu.layout_and_dispatch
 
 
 def test_plans_are_built_once_per_shape_and_pointers_follow_each_call(nvl):

@@ -9,8 +9,6 @@ import pytest
 import torch
 
 from ep_comm.backends.kernels import status
-from ep_comm.backends.kernels.intranode import IntranodeRuntime
-from ep_comm.config import default_config
 from ep_comm.core import agreement
 from ep_comm.core.constants import (CALL_SIG_FIELDS, CALL_SIG_WORDS, NVL_INFO_CALL_SIGS,
                                     PHASE_NOTIFY, STATUS_DISAGREE)
@@ -39,20 +37,29 @@ def _refuse(rt, rows: dict[int, list[int]]):
 @pytest.fixture
 def two_ranks(monkeypatch):
     """Rank 0 of 2 on the fake GPU: IntranodeRuntime with its recording module."""
-    with fake_gpu.patched(monkeypatch) as module:
-        rt = IntranodeRuntime(fake_gpu.FakeComm(0, 2), 1 << 30)
-        rt.fake_module = module
+    with fake_gpu.intranode_runtime(monkeypatch, 0, 2) as rt:
         yield rt
 
 
-def _dispatch(rt, worst=0, e=8, k=2, t=16, h=256):
-    idx = torch.arange(t * k, dtype=torch.int64).view(t, k) % e
-    ntpr, _, ntpe, in_rank = rt.get_dispatch_layout(idx, e)
-    return rt.dispatch(torch.zeros(t, h, dtype=torch.bfloat16), None, handle=None,
-                       num_tokens_per_rank=ntpr, num_tokens_per_rdma_rank=None,
-                       is_token_in_rank=in_rank, num_tokens_per_expert=ntpe, topk_idx=idx,
-                       topk_weights=torch.ones(t, k), num_experts=e, expert_alignment=1,
-                       num_worst_tokens=worst, config=default_config(2))
+def _dispatch(rt, worst=0):
+    return fake_gpu.layout_and_dispatch(rt, worst=worst)[0]
+
+
+def _refuse_with(rt, peer_words):
+    """An ``on_launch`` for which the notify kernel refuses the call: rank 1's words are
+    ``peer_words(this rank's words)``."""
+    def kernel(name, values):
+        if name == "nvl_notify":
+            _refuse(rt, {0: values["sig"], 1: peer_words(list(values["sig"]))})
+    return kernel
+
+
+def _with_word(field: str, value: int):
+    """``peer_words`` for ``_refuse_with``: this rank's words with ``field`` set to ``value``."""
+    def peer_words(words):
+        words[CALL_SIG_FIELDS.index(field)] = value
+        return words
+    return peer_words
 
 
 def _call(rt, sig, bad=None):
@@ -83,13 +90,7 @@ def test_refusal_raises_the_mismatch_naming_ranks_field_and_values_before_the_di
     rt = two_ranks
     sig = agreement.Signature("dispatch", 256, torch.bfloat16, 8, 2)
     _call(rt, sig)
-
-    def kernel(name, values):
-        if name == "nvl_notify":
-            theirs = list(values["sig"])
-            theirs[HIDDEN] = 128
-            _refuse(rt, {0: values["sig"], 1: theirs})
-    rt.fake_module.on_launch = kernel
+    rt.fake_module.on_launch = _refuse_with(rt, _with_word("hidden", 128))
     with pytest.raises(CollectiveMismatchError) as e:
         _dispatch(rt)
     assert e.value.field == "hidden"
@@ -112,11 +113,7 @@ def test_skipped_call_is_named_by_its_sequence_number(two_ranks):
     sig = agreement.Signature("dispatch", 256, torch.bfloat16, 8, 2)
     _call(rt, sig)
     _call(rt, sig)  # call #2 here; rank 1 skipped one and is at its call #1
-
-    def kernel(name, values):
-        if name == "nvl_notify":
-            _refuse(rt, {0: values["sig"], 1: agreement.device_words(1, sig)})
-    rt.fake_module.on_launch = kernel
+    rt.fake_module.on_launch = _refuse_with(rt, lambda mine: agreement.device_words(1, sig))
     with pytest.raises(CollectiveMismatchError) as e:
         _dispatch(rt)
     assert e.value.field == "seq" and "#1" in str(e.value) and "#2" in str(e.value)
@@ -142,12 +139,8 @@ def test_peer_bad_input_raises_peer_input_error_naming_it(two_ranks):
     rt = two_ranks
     sig = agreement.Signature("dispatch", 256, torch.bfloat16, 8, 2)
     _call(rt, sig)
-
-    def kernel(name, values):
-        if name == "nvl_notify":
-            theirs = agreement.device_words(1, sig, agreement.BadInput(5, 0, 99, "bad"))
-            _refuse(rt, {0: values["sig"], 1: theirs})
-    rt.fake_module.on_launch = kernel
+    rt.fake_module.on_launch = _refuse_with(
+        rt, lambda mine: agreement.device_words(1, sig, agreement.BadInput(5, 0, 99, "bad")))
     with pytest.raises(PeerInputError) as e:
         _dispatch(rt)
     assert "rank 1" in str(e.value) and "topk_idx[5, 0] = 99" in str(e.value)
@@ -159,13 +152,7 @@ def test_refusal_of_a_call_that_did_not_wait_is_raised_by_the_next_call(two_rank
     rt = two_ranks
     sig = agreement.Signature("dispatch", 256, torch.bfloat16, 8, 2)
     _call(rt, sig)
-
-    def kernel(name, values):
-        if name == "nvl_notify":
-            theirs = list(values["sig"])
-            theirs[CALL_SIG_FIELDS.index("num_topk")] = 4
-            _refuse(rt, {0: values["sig"], 1: theirs})
-    rt.fake_module.on_launch = kernel
+    rt.fake_module.on_launch = _refuse_with(rt, _with_word("num_topk", 4))
     _dispatch(rt, worst=64)  # returns: the host did not wait
     rt.fake_module.on_launch = None
     _call(rt, sig)
