@@ -216,7 +216,9 @@ class Buffer:
         and checks it itself, and raises ``bad`` after the exchange; otherwise it is exchanged
         here (always on the reference backend, with ``EP_COMM_CHECK_AGREEMENT=1`` on the
         kernels backend) or ``bad`` is raised at once."""
-        fused = self.backend.fuses_agreement(sig.op, waits_for_counts)
+        fuses = getattr(self.backend, "fuses_agreement", False)
+        # a method of Backend; a plain bool attribute (a backend of an older layout) also counts
+        fused = fuses(sig.op, waits_for_counts) if callable(fuses) else bool(fuses)
         agree = fused or self._agree_always
         # The progress record (a store write, tens of microseconds) serves the host's own
         # timeout diagnosis; the kernels report their timeouts themselves (status word).
