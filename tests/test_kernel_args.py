@@ -103,3 +103,25 @@ def test_arg_buffer_holds_each_value_at_its_slot_with_its_width():
         buf.set("T", 2**31)
     with pytest.raises(EpCommError, match="unknown"):
         buf.set("bogus", 1)
+
+
+def test_call_signature_argument_is_one_struct_of_int32_words():
+    """``CallSig sig`` parses as kind "sig"; its slot holds CALL_SIG_WORDS int32 contiguously
+    (the struct the kernel receives by value), patched and range-checked as a whole."""
+    import ctypes
+    from ep_comm.core.constants import CALL_SIG_WORDS
+    src = 'extern "C" __global__ void k(int a, CallSig sig) {}'
+    assert args.kernel_signature(src, "k") == [("a", "i"), ("sig", "sig")]
+    words = list(range(-3, CALL_SIG_WORDS - 3))
+    values = {n: 0 for n, _ in args.NVL_NOTIFY}
+    values["sig"] = words
+    buf = args.ArgBuffer(args.NVL_NOTIFY, values)
+    i = [n for n, _ in args.NVL_NOTIFY].index("sig")
+    raw = ctypes.cast(buf.pointers[i], ctypes.POINTER(ctypes.c_int32 * CALL_SIG_WORDS)).contents
+    assert list(raw) == words and ctypes.sizeof(raw) == 4 * CALL_SIG_WORDS
+    buf.set("sig", [7] * CALL_SIG_WORDS)
+    assert buf.values()["sig"] == [7] * CALL_SIG_WORDS
+    with pytest.raises(EpCommError, match="int32 words"):
+        buf.set("sig", [1] * (CALL_SIG_WORDS - 1))
+    with pytest.raises(EpCommError, match="int32 words"):
+        buf.set("sig", [2**31] * CALL_SIG_WORDS)
