@@ -83,7 +83,10 @@ def device_words(seq: int, sig: Signature, input_error: "BadInput | None" = None
     kernel exchanges next to the counts (the counts' own tag protocol makes the magic word
     redundant there). Values outside int32 (a bad expert id of 2**40) are clamped, the same
     on every rank, so two ranks still compare equal exactly when their calls agree."""
-    return [min(max(v, _I32_MIN), _I32_MAX) for v in _values(seq, sig, input_error)]
+    values = _values(seq, sig, input_error)
+    if input_error is None and seq <= _I32_MAX:  # the sizes are checked ints: no clamp needed
+        return values
+    return [min(max(v, _I32_MIN), _I32_MAX) for v in values]
 
 
 def error_from_words(rank: int, rows: dict[int, list[int]],
