@@ -75,7 +75,9 @@ def run_rank(rank, world, args) -> dict:
     if args.gpu:
         torch.cuda.set_device(0)
         os.environ["EP_COMM_GLOO_DEVICE"] = "cuda"
-        # The kernels' count exchange is in device code: agree in one extra exchange instead.
+        # Every call agrees on the host (one extra exchange), so that a skipped call meets the
+        # others' next call there; by default only a dispatch from a layout agrees (in the
+        # NVLink notify kernel), docs/faults.md.
         os.environ["EP_COMM_CHECK_AGREEMENT"] = "1"
         dev = torch.device("cuda", 0)
     else:

@@ -176,8 +176,9 @@ def _fake_buffer_calls(monkeypatch, agree_env: str | None):
 
 @pytest.mark.parametrize("agree_env", [None, "1"])
 def test_fused_dispatch_makes_no_host_agreement_exchange(monkeypatch, agree_env):
-    """A dispatch from a layout that waits for its counts agrees in the notify kernel only;
-    calls without a count wait agree on the host with EP_COMM_CHECK_AGREEMENT=1 only."""
+    """By default a dispatch from a layout that waits for its counts agrees in the notify
+    kernel only, and the other calls not at all; with EP_COMM_CHECK_AGREEMENT=1 every call
+    agrees on the host first (the notify kernel still gets the words)."""
     with _fake_buffer_calls(monkeypatch, agree_env) as (buf, module):
         t, k, e = 8, 2, 8
         x = torch.zeros(t, 256, dtype=torch.bfloat16)
@@ -188,10 +189,10 @@ def test_fused_dispatch_makes_no_host_agreement_exchange(monkeypatch, agree_env)
                       is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
                       topk_idx=idx, topk_weights=w)
         recv, _, _, _, handle, _ = buf.dispatch(x, **layout)
-        assert buf.comm.agreed == []
+        assert buf.comm.agreed == ([] if agree_env is None else ["dispatch/agree"])
         notify = [a for n, _, a in module.launches if n == "nvl_notify"][-1]
         assert notify["sig"][:STATUS] == [1, agreement.OPS["dispatch"], 256, 1, e, k, -1, -1]
         buf.dispatch(x, num_worst_tokens=64, **layout)
         buf.combine(recv, handle)
-        expect = ["dispatch/agree", "combine/agree"] if agree_env == "1" else []
+        expect = ["dispatch/agree"] * 2 + ["combine/agree"] if agree_env == "1" else []
         assert buf.comm.agreed == expect

@@ -7,6 +7,8 @@ Buffer that is not in low-latency mode never initialises NVSHMEM.
 """
 from __future__ import annotations
 
+import os
+
 from ep_comm.backends.base import Backend
 from ep_comm.runtime.comm import Comm
 from ep_comm.errors import InputError
@@ -17,7 +19,10 @@ class KernelsBackend(Backend):
 
     def __init__(self, comm: Comm, *, num_nvl_bytes: int, num_rdma_bytes: int,
                  low_latency_mode: bool, allow_nvlink_for_low_latency_mode: bool):
+        from ep_comm.buffer import AGREE_ENV
         self.comm = comm
+        # EP_COMM_CHECK_AGREEMENT=1: every call agrees on the host first (fuses_agreement).
+        self._agree_on_host = os.environ.get(AGREE_ENV) == "1"
         if comm.num_nodes > 1:
             from ep_comm.backends.kernels.internode import InternodeRuntime
             self.normal = InternodeRuntime(comm, num_rdma_bytes)
@@ -51,8 +56,11 @@ class KernelsBackend(Backend):
         """A dispatch from a layout on NVLink whose host waits for the counts: the notify
         kernel exchanges the signature with the counts and refuses a disagreeing call, and the
         host raises before the dispatch kernel is launched (``IntranodeRuntime.dispatch``).
-        Every other call agrees on the host only with ``EP_COMM_CHECK_AGREEMENT=1``."""
-        return (op == "dispatch" and waits_for_counts
+        Every other call agrees on the host only with ``EP_COMM_CHECK_AGREEMENT=1``; and then
+        every call does, this one too (the kernel checks as well): two ranks in different calls
+        (one skipped a call) must meet in the same exchange, and a host exchange on one rank
+        never meets a notify kernel on the other."""
+        return (op == "dispatch" and waits_for_counts and not self._agree_on_host
                 and getattr(self.normal, "carries_call_signature", False))
 
     # low-latency mode
