@@ -26,9 +26,8 @@ from ep_comm.runtime.comm import Comm, group_from_mpi
 
 # -- fault handling (docs/faults.md): call agreement, input ranges, failure state, bounded exit
 
-#: ``1``: the kernels backend also agrees on every call (one extra small exchange per call; the
-#: reference backend always agrees, in the count exchange it already does).
-AGREE_ENV = "EP_COMM_CHECK_AGREEMENT"
+#: ``1``: the kernels backend also agrees on the host in every call (defined with the agreement).
+AGREE_ENV = agreement.AGREE_ENV
 #: ``0`` turns off the expert-id range check (it reads topk_idx on the host; on CUDA it is
 #: skipped anyway while a CUDA graph is being captured).
 CHECK_IDS_ENV = "EP_COMM_CHECK_IDS"
@@ -222,7 +221,8 @@ class Buffer:
         agree = fused or self._agree_always
         # The progress record (a store write, tens of microseconds) serves the host's own
         # timeout diagnosis; the kernels report their timeouts themselves (status word).
-        self.comm.begin_call(sig, bad, record=self._agree_always or self.backend_name == "reference")
+        record = self._agree_always or self.backend_name == "reference"
+        self.comm.begin_call(sig, bad, record=record)
         if fused:
             return
         if agree:

@@ -25,7 +25,8 @@ def _refuse(rt, rows: dict[int, list[int]]):
     the first differing rank and word (as the kernel picks them) and the code."""
     view = rt.status._view
     for r, words in rows.items():
-        view[NVL_INFO_CALL_SIGS + r * CALL_SIG_WORDS:NVL_INFO_CALL_SIGS + (r + 1) * CALL_SIG_WORDS] = words
+        at = NVL_INFO_CALL_SIGS + r * CALL_SIG_WORDS
+        view[at:at + CALL_SIG_WORDS] = words
     mine = rows[rt.rank]
     diffs = [(w, r) for r, row in rows.items() for w in range(STATUS) if row[w] != mine[w]]
     word, peer = min(diffs) if diffs else (-1, min(r for r, row in rows.items() if row[STATUS]))
@@ -81,7 +82,8 @@ def test_notify_gets_the_calls_signature_words(two_ranks):
 def test_device_words_are_the_agreement_vector_less_magic_and_clamped():
     sig = agreement.Signature("combine", 7168, torch.float8_e4m3fn, 256, 8, 3)
     bad = agreement.BadInput(3, 1, 2**40, "x")
-    assert agreement.device_words(5, sig, bad) == agreement.pack(5, sig, bad).tolist()[1:-1] + [2**31 - 1]
+    want = agreement.pack(5, sig, bad).tolist()[1:-1] + [2**31 - 1]  # the value clamped
+    assert agreement.device_words(5, sig, bad) == want
     assert len(agreement.device_words(5, sig)) == CALL_SIG_WORDS == len(agreement.FIELDS) - 1
 
 

@@ -21,6 +21,11 @@ import torch
 from ep_comm.core.constants import CALL_SIG_COMPARED, CALL_SIG_FIELDS
 from ep_comm.errors import CollectiveMismatchError, EpCommError, InputError, PeerInputError
 
+#: ``1``: the kernels backend also agrees on the host in every call, first (one extra small
+#: exchange per call; by default only a dispatch from a layout agrees, in the NVLink notify
+#: kernel). The reference backend always agrees, in the count exchange it already does.
+AGREE_ENV = "EP_COMM_CHECK_AGREEMENT"
+
 #: Marks a signature vector (a stray or corrupted message shows up as a mismatch on "magic").
 MAGIC = 0x65705F636F6D6D  # "ep_comm"
 

@@ -3,8 +3,9 @@
 A table lists a kernel's parameters in signature order, each with its C kind: ``"p"`` a
 pointer (passed as uint64), ``"i"`` an ``int`` (int32), ``"i64"`` a ``long long``, ``"u64"`` a
 ``uint64_t``, ``"sig"`` a ``CallSig`` by value (``kernels/cuda/common.cuh``: ``CALL_SIG_WORDS``
-int32, a call's signature, ``ep_comm.core.agreement.device_words``; its value is a sequence). A launch builds a ``{name: value}`` dict and ``pack`` turns it into the numpy
-scalars cuda.core passes by value, refusing a missing, unknown or out-of-range argument.
+int32, a call's signature, ``ep_comm.core.agreement.device_words``; its value is a sequence).
+A launch builds a ``{name: value}`` dict and ``pack`` turns it into the numpy scalars
+cuda.core passes by value, refusing a missing, unknown or out-of-range argument.
 A launch plan keeps its arguments in an ``ArgBuffer`` instead: packed once (checked as
 ``pack`` checks), then only the slots that change (pointers, counts) are overwritten per call,
 and the driver reads the kernel parameters straight from it (``ep_comm.runtime.jit``

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from ep_comm.backends.base import Backend
+from ep_comm.core.agreement import AGREE_ENV
 from ep_comm.runtime.comm import Comm
 from ep_comm.errors import InputError
 
@@ -19,7 +20,6 @@ class KernelsBackend(Backend):
 
     def __init__(self, comm: Comm, *, num_nvl_bytes: int, num_rdma_bytes: int,
                  low_latency_mode: bool, allow_nvlink_for_low_latency_mode: bool):
-        from ep_comm.buffer import AGREE_ENV
         self.comm = comm
         # EP_COMM_CHECK_AGREEMENT=1: every call agrees on the host first (fuses_agreement).
         self._agree_on_host = os.environ.get(AGREE_ENV) == "1"

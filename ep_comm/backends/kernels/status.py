@@ -25,8 +25,9 @@ from __future__ import annotations
 import dataclasses
 
 from ep_comm.core import agreement
-from ep_comm.core.constants import (CALL_SIG_FIELDS, CALL_SIG_WORDS, PHASE_BARRIER, PHASE_COMBINE_RECV, PHASE_COMBINE_SEND,
-                                    PHASE_DISPATCH_RECV, PHASE_DISPATCH_SEND,
+from ep_comm.core.constants import (CALL_SIG_FIELDS, CALL_SIG_WORDS, PHASE_BARRIER,
+                                    PHASE_COMBINE_RECV, PHASE_COMBINE_SEND, PHASE_DISPATCH_RECV,
+                                    PHASE_DISPATCH_SEND,
                                     PHASE_LL_COMBINE_RECV, PHASE_LL_DISPATCH_RECV, PHASE_NOTIFY,
                                     STATUS_DISAGREE, STATUS_NO_P2P, STATUS_OK, STATUS_OVERFLOW,
                                     STATUS_TIMEOUT)
