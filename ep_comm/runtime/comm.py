@@ -217,10 +217,9 @@ class Comm:
 
     def call_words(self) -> "tuple[list[int], agreement.BadInput | None]":
         """The current call's signature as device words (``agreement.device_words``, for a
-        kernel that exchanges it) and this rank's bad input, if any."""
-        if self._call is None:
-            raise EpCommError("ep_comm internal: call_words() without begin_call()")
-        sig, bad = self._call
+        kernel that exchanges it) and this rank's bad input, if any. A runtime driven before
+        any Buffer call (internal use) gets an anonymous dispatch of call #0 on every rank."""
+        sig, bad = self._call or (agreement.Signature("dispatch"), None)
         return agreement.device_words(self.seq, sig, bad), bad
 
     def all_ranks(self) -> list[int]:
