@@ -71,8 +71,9 @@ class IntranodeRegions(Carver):
       communicating kernel uses ``ctrl[0] + 1`` as its tag and the last block to finish bumps
       it, so the tag lives on the device and CUDA-graph replays stay correct), [1] blocks of
       the running kernel that finished, [2] status claim (the first failing block sets it).
-    * ``notify_flag``: uint32 [NVL_MAX_RANKS]: ``[s]`` = the tag of the notify in which rank s
-      wrote its counts row here.
+    * ``notify_flag``: uint32 [NVL_MAX_RANKS]: ``[s]`` = 2 * the tag of the notify in which rank
+      s wrote its counts row here, + 1 once it read every row of a refused call
+      (``kernels/cuda/intranode.cu``, "Flags").
     * ``notify_counts``: int32 [NVL_MAX_RANKS, NVL_NOTIFY_ROW]: row s, written by rank s: its token
       count T_s, its tokens per destination rank [R], its tokens per expert of this rank [L].
     * ``tail``: uint64 [NVL_MAX_CHANNELS, NVL_MAX_RANKS]: ``[c, s]`` written by rank s: slots

@@ -410,6 +410,15 @@ __device__ void dispatch_recv(const DispatchArgs& a, int c, uint32_t tag, uint32
 // every rank sees a difference, and the same first differing word: every rank refuses the call
 // (STATUS_DISAGREE, no outputs, num_recv_dev = -1 so that a dispatch kernel already queued
 // behind it moves nothing), with every rank's signature copied to the host.
+//
+// Flags. Rank s's flag word in this rank's buffer says how far it is: 2 * tag once its row of
+// this call is written ("posted"), 2 * tag + 1 once it has read every row ("read", refused calls
+// only). A refused call has no dispatch kernel behind it to hold the ranks together, so a
+// refusing rank waits for every rank's "read" before it ends: its next call's row cannot
+// replace one that a slow peer is still to read. Each wait accepts the value it waits for or
+// the one that can follow it before the waiter looks (a fast rank's "read" while a slow one
+// waits for "posted"; the next call's "posted" while it waits for "read"); any other value is
+// another call (tags that differ: a rank made other kernels) and times out, as it always did.
 namespace {
 
 __shared__ int s_first_word[kMaxRanks];  // first differing compared word of rank p, else kCallSigCompared
@@ -418,8 +427,7 @@ __shared__ int s_bad_input[kMaxRanks];   // rank p's status word (1: its input f
 // Thread 0: the refusal's fields and code. Not claimed through ctrl[2] like report(): the call
 // is refused on every rank alike and the runtimes stay in step, so the host clears the word and
 // the Buffer stays usable; nothing else runs on this rank while the one notify block does.
-__device__ void report_refusal(int* host_status, const volatile int* counts, const CallSig& sig,
-                               int R) {
+__device__ void report_refusal(int* host_status, const CallSig& sig, int R) {
     int peer = -1, word = kCallSigCompared;
     for (int p = 0; p < R; ++p)
         if (s_first_word[p] < word) word = s_first_word[p], peer = p;
@@ -432,11 +440,28 @@ __device__ void report_refusal(int* host_status, const volatile int* counts, con
     s[1] = kPhaseNotify;
     s[2] = peer;
     s[3] = word;
-    s[4] = word >= 0 ? counts[peer * kNotifyRow + kRowSig + word] : 0;
+    // from the host copy of the rows: once every rank has read, the rows may be replaced
+    s[4] = word >= 0 ? s[kInfoCallSigs + peer * kCallSigWords + word] : 0;
     s[5] = word >= 0 ? sig.w[word] : 0;
     __threadfence_system();
     s[0] = kStatusDisagree;
     __threadfence_system();
+}
+
+// Wait (one thread) until rank p's flag in this rank's buffer is `want` or `want + 1` (see
+// "Flags"); false (reported) after timeout_ns.
+__device__ bool wait_flag(const uint32_t* flag, uint32_t want, unsigned long long timeout_ns,
+                          int* host_status, uint32_t* ctrl, int p) {
+    const uint64_t deadline = globaltimer_ns() + timeout_ns;
+    int spins = 0;
+    uint32_t v;
+    while ((v = ld_acquire_sys(flag)) - want > 1u) {
+        if ((++spins & 63) == 0 && globaltimer_ns() > deadline) {
+            report(host_status, ctrl, kStatusTimeout, kPhaseNotify, p, -1, v, want);
+            return false;
+        }
+    }
+    return true;
 }
 
 }  // namespace
@@ -463,21 +488,13 @@ nvl_notify(char* const* __restrict__ peers, int rank, int R, int T, int L, int n
     }
     __threadfence_system();  // each thread's row stores before the flags
     __syncthreads();
+    const uint32_t posted = 2u * tag, read_all = posted + 1u;  // see "Flags" above
     if (threadIdx.x < R)
-        st_release_sys(reinterpret_cast<uint32_t*>(peers[threadIdx.x] + off_flag) + rank, tag);
-    if (threadIdx.x < R) {
-        const uint32_t* flag = reinterpret_cast<const uint32_t*>(me + off_flag) + threadIdx.x;
-        const uint64_t deadline = globaltimer_ns() + timeout_ns;
-        int spins = 0;
-        uint32_t v;
-        while ((v = ld_acquire_sys(flag)) != tag) {
-            if ((++spins & 63) == 0 && globaltimer_ns() > deadline) {
-                report(host_status, ctrl, kStatusTimeout, kPhaseNotify, threadIdx.x, -1, v, tag);
-                aborted = 1;
-                break;
-            }
-        }
-    }
+        st_release_sys(reinterpret_cast<uint32_t*>(peers[threadIdx.x] + off_flag) + rank, posted);
+    if (threadIdx.x < R &&
+        !wait_flag(reinterpret_cast<const uint32_t*>(me + off_flag) + threadIdx.x, posted,
+                   timeout_ns, host_status, ctrl, threadIdx.x))
+        aborted = 1;
     __syncthreads();
     if (aborted) {
         finish_block(ctrl);
@@ -501,12 +518,20 @@ nvl_notify(char* const* __restrict__ peers, int rank, int R, int T, int L, int n
         for (int i = threadIdx.x; i < R * kCallSigWords; i += blockDim.x)
             reinterpret_cast<volatile int*>(host_status)[kInfoCallSigs + i] =
                 counts[(i / kCallSigWords) * kNotifyRow + kRowSig + i % kCallSigWords];
+        if (threadIdx.x == 0) *num_recv_dev = -1;
         __threadfence_system();
+        __syncthreads();  // every row read by this block: say so, then wait for the others
+        if (threadIdx.x < R)
+            st_release_sys(reinterpret_cast<uint32_t*>(peers[threadIdx.x] + off_flag) + rank,
+                           read_all);
+        if (threadIdx.x < R &&
+            !wait_flag(reinterpret_cast<const uint32_t*>(me + off_flag) + threadIdx.x, read_all,
+                       timeout_ns, host_status, ctrl, threadIdx.x))
+            aborted = 1;
         __syncthreads();
-        if (threadIdx.x == 0) {
-            *num_recv_dev = -1;
-            report_refusal(host_status, counts, sig, R);
-        }
+        // A peer that never confirmed is a timeout (reported, the Buffer fails); else the
+        // refusal, which leaves the Buffer usable.
+        if (threadIdx.x == 0 && !aborted) report_refusal(host_status, sig, R);
         finish_block(ctrl);
         return;
     }
