@@ -239,7 +239,7 @@ __device__ __forceinline__ void put_token_local(const DispatchArgs& a, int row, 
     }
     if (a.topk_idx != nullptr && lane < a.K)
         a.recv_topk_idx[static_cast<long long>(row) * a.K + lane] = f.idx;
-    if (a.topk_weights != nullptr && lane < a.K)
+    if (a.recv_topk_weights != nullptr && lane < a.K)  // null when expanding: exp_w has them
         a.recv_topk_weights[static_cast<long long>(row) * a.K + lane] = f.w;
     if (lane == 0) {
         a.recv_src_idx[row] = t;
