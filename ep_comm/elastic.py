@@ -88,7 +88,7 @@ class EPHandle:
 
     ep_comm's own: ``dispatch_handle`` (the typed ``DispatchHandle``), ``recv_topk_idx`` ([N, K]
     local expert ids), ``expand_rows`` ([N, K] int64, the expanded row of each slot or -1) and
-    ``expand_src`` ([N_exp] int64, the received row each expanded row copies; -1 = padding)
+    ``expand_src`` ([N_exp] int64, the received row each expanded row holds; -1 = padding)
     and ``expand_slot`` ([N_exp] int64, that row's ``row * K + slot``; -1 = padding).
     """
 
@@ -410,7 +410,10 @@ class ElasticBuffer:
             do_cpu_sync: exact sizes (default True); False allocates the worst case and never
                 waits for the host (the valid rows are ``psum_num_recv_tokens_per_scaleup_rank[-1]``).
             do_expand: one row per (token, local expert), grouped by expert, each expert's
-                rows starting at a multiple of A (``psum_num_recv_tokens_per_expert``).
+                rows starting at a multiple of A (``psum_num_recv_tokens_per_expert``); within
+                an expert by source rank, then source token. Within one node on the kernels
+                backend the dispatch kernel writes these rows; otherwise (internode, reference
+                backend, cached dispatch) the received rows are gathered into them.
             do_zero_padding: zero the expanded padding rows (and weights).
             use_tma_aligned_col_major_sf: FP8 scales column-major, leading dim aligned to 4.
 
