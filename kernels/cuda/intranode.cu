@@ -184,14 +184,19 @@ __device__ __forceinline__ void store_scales(float* dst, const float* src, const
 // A token of source s (payload at src, scales at src_scales, small fields f with local expert
 // ids) into its expanded rows, one per top-k entry whose expert is here (one warp). Row of entry
 // k: expand_base[s, expert] + f.pos (see nvl_notify), so within an expert the rows come by source
-// rank, then source token, as the rows of a non-expanded dispatch do.
+// rank, then source token, as the rows of a non-expanded dispatch do. A row past source s's
+// block of the expert (expand_base[s + 1, expert]) is dropped: only a token naming an expert
+// twice (which the layout counts once) can reach one, and it must not land in another block.
 template <bool kRemoteSrc>
 __device__ __forceinline__ void put_token_expanded(const DispatchArgs& a, const int4* src,
                                                    const float* src_scales, const SmallFields& f,
                                                    int s, int lane) {
-    const int my_row = lane < a.K && f.idx >= 0
-                           ? __ldg(a.expand_base + s * a.L + static_cast<int>(f.idx)) + f.pos
-                           : -1;
+    int my_row = -1;
+    if (lane < a.K && f.idx >= 0) {
+        const int* base = a.expand_base + s * a.L + static_cast<int>(f.idx);
+        const int lo = __ldg(base), hi = __ldg(base + a.L);
+        if (f.pos < hi - lo) my_row = lo + f.pos;
+    }
     for (int k = 0; k < a.K; ++k) {
         const int row = __shfl_sync(kFullMask, my_row, k);
         const float w = __shfl_sync(kFullMask, f.w, k);
