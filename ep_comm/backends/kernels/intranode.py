@@ -120,14 +120,19 @@ def check_sizes(num_ranks: int, num_experts: int, num_topk: int) -> None:
         raise InputError(f"top-k {num_topk} is more than the {NORMAL_MAX_TOPK} the kernels carry")
 
 
-def dispatch_outputs(rows: int, x: torch.Tensor, x_scales, topk_idx, topk_weights):
+def dispatch_outputs(rows: int, x: torch.Tensor, x_scales, topk_idx, topk_weights,
+                     payload: bool = True):
     """Uninitialised outputs of a dispatch kernel (it writes every row, padding included):
     recv_x [rows, H] (x's dtype), recv_scales [rows, H / 128] float32 (FP8 only), recv_idx
-    [rows, K] int64 and recv_w [rows, K] float32 (when the call has top-k ids / weights)."""
+    [rows, K] int64 and recv_w [rows, K] float32 (when the call has top-k ids / weights).
+    ``payload=False`` (an expanding dispatch: ``expand_outputs`` hold them): recv_x,
+    recv_scales and recv_w are None."""
     dev, hidden = x.device, x.shape[1]
     num_topk = topk_idx.shape[1] if topk_idx is not None else (
         topk_weights.shape[1] if topk_weights is not None else 0)
-    recv_x = torch.empty(rows, hidden, dtype=x.dtype, device=dev)
+    if not payload:
+        x_scales = topk_weights = None
+    recv_x = torch.empty(rows, hidden, dtype=x.dtype, device=dev) if payload else None
     recv_scales = (torch.empty(rows, hidden // FP8_BLOCK, dtype=torch.float32, device=dev)
                    if x_scales is not None else None)
     recv_idx = (torch.empty(rows, num_topk, dtype=torch.int64, device=dev)
@@ -431,8 +436,7 @@ class IntranodeRuntime:
             s["send_pos"].value = 0  # the handle has it: same routes
         # Every row of these is written by nvl_dispatch (padding rows: zeros, ids -1).
         recv_x, recv_scales, recv_idx, recv_w = dispatch_outputs(
-            rows, x, x_scales if expand is None else None, topk_idx,
-            topk_weights if expand is None else None)
+            rows, x, x_scales, topk_idx, topk_weights, payload=expand is None)
         count_list = [] if num_worst_tokens > 0 else aligned_counts(counts_host, expert_alignment)
         if expand is None:
             s["expand"].value = 0
@@ -440,7 +444,6 @@ class IntranodeRuntime:
             s["exp_scales"].value = s["exp_w"].value = 0
         else:
             exp_rows = expand.rows if num_worst_tokens > 0 else sum(count_list)
-            recv_x = None  # the payload goes to its expanded rows only
             exp_x, exp_scales, exp_w = expand_outputs(exp_rows, x, x_scales, topk_weights)
             pos = expand_positions(topk_idx)
             s["expand"].value = 1
