@@ -1,10 +1,11 @@
 """What ``do_expand`` costs: ElasticBuffer's expert-grouped dispatch against dispatch followed by
 ``ep_comm.moe.group_by_expert`` + ``permute`` (what a caller of the v1 API does).
 
-Both move each received row once more after the transport (ElasticBuffer gathers rows into
-their expert slots; ``permute`` scatters them there), so the figure of interest is
-``expand_extra_us`` = expanded dispatch - plain dispatch, against
-``group_permute_us`` = group_by_expert + permute on the plain dispatch's output.
+Within one node on the kernels backend the dispatch kernel writes the expanded rows itself (no
+row moves after the transport); elsewhere ElasticBuffer gathers the rows into their expert
+slots (``permute`` scatters them there). The figure of interest is ``expand_extra_us`` =
+expanded dispatch - plain dispatch, against ``group_permute_us`` = group_by_expert + permute on
+the plain dispatch's output.
 
     python bench/elastic_expand.py [--tokens 4096 --hidden 7168 --topk 8 --experts 256]
 

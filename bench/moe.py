@@ -35,6 +35,16 @@ What is timed (median over ``--iters`` runs, every phase started with all ranks 
                                         launches behind a spin kernel longer than this
                                         (bench/common.py ``Timer``), as under CUDA graphs; only
                                         what EP prefill launches after dispatch's wait stays in.
+  ep_prefill_expand_kernel_us           ``do_expand``'s layout on this run's Buffer (kernels backend
+  ep_prefill_expand_copy_us             within one node only), expert_alignment 128, prefill
+  ep_prefill_expand_saved_us            tokens: the dispatch kernel writing each token straight
+                                        into its expanded rows (``expand=ExpandRequest``, what
+                                        ``ElasticBuffer.dispatch(do_expand=True)`` runs) against a
+                                        plain dispatch + index_select of the received rows,
+                                        scales and weights into the same rows (ElasticBuffer's
+                                        path before, and still across nodes); saved = copy -
+                                        kernel. Layout outside both. ``expand`` in the JSON
+                                        says which paths ran and whether their rows are equal.
   <variant>_<case>_layer_over_parts     layer / (dispatch + experts + combine): glue overhead
                                         (target EP <= 1.1).
   tp_over_ep_<case>                     TP time / EP time (> 1: EP faster; target >= 1).
@@ -75,6 +85,7 @@ import ep_comm  # noqa: E402
 from ep_comm.moe import cost_model  # noqa: E402
 from ep_comm.moe import gemm
 from ep_comm import moe
+from ep_comm.backends.base import ExpandRequest  # noqa: E402
 from ep_comm.core import fp8 as fp8_format  # noqa: E402
 from ep_comm.errors import BackendUnavailableError  # noqa: E402
 
@@ -224,6 +235,53 @@ def ep_normal_phases(a, x, idx, w, weights: moe.ExpertWeights, buf, impl: str, u
                 ("combine", combine), ("layer_nosync", layer_nosync)]
 
 
+#: expert_alignment of the do_expand measurement: the contiguous grouped GEMM's block of rows.
+EXPAND_ALIGNMENT = 128
+
+
+def expand_phases(a, x, idx, w, buf, use_fp8: bool, local: int):
+    """The two ways of laying a dispatch's rows out by expert (``ep_prefill_expand_*``): the
+    kernel writing expanded rows, and a plain dispatch + the gather ElasticBuffer did (and does
+    across nodes). Returns (phases, a function saying whether both gave the same rows)."""
+    x_in = fp8_format.per_token_cast_to_fp8(x) if use_fp8 else x
+    n_rank, n_rdma, n_exp, in_rank, _ = buf.get_dispatch_layout(idx, a.experts)
+    kw = dict(num_tokens_per_rank=n_rank, num_tokens_per_rdma_rank=n_rdma,
+              is_token_in_rank=in_rank, num_tokens_per_expert=n_exp, topk_idx=idx,
+              topk_weights=w, expert_alignment=EXPAND_ALIGNMENT)
+    _, recv_idx, _, counts, _, _ = buf.dispatch(x_in, **kw)
+    rows, k = sum(counts), idx.shape[1]
+    # The copy's source of each expanded row (the layout ElasticBuffer's handle has): the
+    # inverse of group_by_expert's dest; padding rows copy (row 0, slot 0), as ElasticBuffer's.
+    dest = moe.group_by_expert(recv_idx, local, EXPAND_ALIGNMENT, num_rows=rows).dest
+    dest = dest.long().flatten()
+    here = dest >= 0
+    slot = torch.zeros(rows, dtype=torch.int64, device=dest.device)
+    slot[dest[here]] = torch.arange(dest.numel(), device=dest.device)[here]
+    filled = torch.zeros(rows, dtype=torch.bool, device=dest.device)
+    filled[dest[here]] = True
+    src = slot // k
+    st = {}
+
+    def expand_kernel():
+        st["kernel"] = buf.dispatch(x_in, **kw, expand=ExpandRequest(0, False))
+
+    def expand_copy():
+        recv, _, recv_w, _, _, _ = buf.dispatch(x_in, **kw)
+        data, scales = recv if use_fp8 else (recv, None)
+        st["copy"] = (data.index_select(0, src),
+                      None if scales is None else scales.index_select(0, src),
+                      recv_w.flatten().index_select(0, slot))
+
+    def same() -> bool:
+        recv, _, recv_w, _, _, _ = st["kernel"]
+        data, scales = recv if use_fp8 else (recv, None)
+        return all(g is None or torch.equal(g[filled].view(torch.uint8),
+                                            c[filled].view(torch.uint8))
+                   for g, c in zip((data, scales, recv_w), st["copy"]))
+
+    return [("expand_kernel", expand_kernel), ("expand_copy", expand_copy)], same
+
+
 def contiguous_gemm_phase(st, weights: moe.ExpertWeights, impl: str):
     """The two grouped GEMMs of the experts alone, on the permuted rows of the last run, and
     the number of valid rows they compute."""
@@ -366,6 +424,7 @@ def measure(ctx, a, backend: str, cases: list[str], ep_w, tp_w, use_fp8: bool, i
     unavailable: dict[str, str] = {}
     diffs: dict[str, float] = {}
     gemm_rows: dict[str, float] = {}
+    expand: dict = {"alignment": EXPAND_ALIGNMENT}
     layer_cfg = cost_model.Layer(a.hidden, a.intermediate, a.experts, a.topk, fp8=use_fp8)
     row_bytes = int(layer_cfg.row_bytes())
     links = {}
@@ -422,6 +481,21 @@ def measure(ctx, a, backend: str, cases: list[str], ep_w, tp_w, use_fp8: bool, i
                 gemms, rows = contiguous_gemm_phase(st, ep_w, impl)
             ep_ms["gemms"] = timer.run([("gemms", gemms)])["gemms"]
             gemm_rows[f"ep_{case}"] = rows
+            if not low_latency and buf.expands_in_dispatch:
+                eph, same = expand_phases(a, x, idx, w, buf, use_fp8, ep_w.num_experts)
+                for name, fn in eph:
+                    fn()
+                e_s = timer.run(eph)
+                for name, v in e_s.items():
+                    mine[f"ep_{case}_{name}_us"] = v * 1e6
+                mine[f"ep_{case}_expand_saved_us"] = (e_s["expand_copy"] -
+                                                      e_s["expand_kernel"]) * 1e6
+                expand["same_rows"] = common.gather(ctx, same())
+                expand["paths"] = ("expand_kernel: the NVLink dispatch kernel writes expanded "
+                                   "rows; expand_copy: dispatch + index_select")
+            elif not low_latency:
+                expand["paths"] = (f"not measured: backend {backend} here has no kernel that "
+                                   "writes expanded rows (ElasticBuffer copies)")
         finally:
             buf.destroy()
         for k, v in ep_ms.items():
@@ -442,7 +516,7 @@ def measure(ctx, a, backend: str, cases: list[str], ep_w, tp_w, use_fp8: bool, i
                        [[k, v] for k, v in figures.items() if k not in per_rank],
                        f"moe/{backend}: ratios and cost model")
     extra = {"per_rank": per_rank, "ep_tp_calc_diff": diffs, "links": links_mean,
-             "gemm_valid_rows": rows_mean}
+             "gemm_valid_rows": rows_mean, "expand": expand}
     if unavailable:
         extra["unavailable_parts"] = unavailable
     return figures, extra

@@ -14,7 +14,7 @@ import weakref
 
 import torch
 
-from ep_comm.backends.base import Backend
+from ep_comm.backends.base import Backend, ExpandRequest
 from ep_comm.config import DEFAULT_NUM_SMS, Config, default_config
 from ep_comm.core import agreement, checks
 from ep_comm.core.regions import LowLatencyRegions
@@ -179,6 +179,11 @@ class Buffer:
         if self._backend is None:
             raise EpCommError("this Buffer was destroyed; create a new one")
         return self._backend
+
+    @property
+    def expands_in_dispatch(self) -> bool:
+        """Whether ``dispatch`` takes ``expand=`` (the kernels backend within one node)."""
+        return self.backend.expands_in_dispatch
 
     def destroy(self) -> None:
         """Free the communication buffers. The Buffer cannot be used afterwards.
@@ -419,7 +424,7 @@ class Buffer:
                  topk_idx=None, topk_weights=None, expert_alignment: int = 1,
                  num_worst_tokens: int = 0, config: Config | None = None,
                  previous_event: EventOverlap | None = None, async_finish: bool = False,
-                 allocate_on_comm_stream: bool = False):
+                 allocate_on_comm_stream: bool = False, *, expand: ExpandRequest | None = None):
         """Send each token to every rank that owns at least one of its experts.
 
         Args:
@@ -436,6 +441,11 @@ class Buffer:
                 do not synchronise with the host (CUDA-graph capturable).
             config: a ``Config``; default ``get_dispatch_config(R)``.
             previous_event, async_finish, allocate_on_comm_stream: stream control, as DeepEP.
+            expand: ep_comm's, for ``ElasticBuffer(do_expand=True)``: an ``ExpandRequest``
+                (only where ``expands_in_dispatch``; needs ``topk_idx`` and no handle). Then
+                recv_x (and its scales) are [N_exp, H] expanded rows, grouped by local expert,
+                each expert's block aligned to ``expert_alignment``, and recv_topk_weights is
+                [N_exp] float32 (each row's weight); recv_topk_idx stays [N, K].
 
         Returns:
             recv_x: [N, H] bf16 or the fp8 tuple; rows ordered by source rank, then by token
@@ -458,12 +468,16 @@ class Buffer:
                checks.sig(num_tokens_per_rank), checks.sig(num_tokens_per_rdma_rank),
                checks.sig(is_token_in_rank), checks.sig(num_tokens_per_expert),
                checks.sig(topk_idx), checks.sig(topk_weights), expert_alignment,
-               num_worst_tokens, config, Buffer.num_sms)
+               num_worst_tokens, config, Buffer.num_sms, expand is not None)
         first = key not in self._validated
         if self._debug or first:
             self._validate_dispatch(x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank,
                                     is_token_in_rank, num_tokens_per_expert, topk_idx,
                                     topk_weights, expert_alignment, num_worst_tokens, config)
+            if expand is not None and not (self.expands_in_dispatch and handle is None
+                                           and topk_idx is not None):
+                raise InputError("dispatch(expand=...) needs a backend that expands in its "
+                                 "kernels (Buffer.expands_in_dispatch), topk_idx and no handle")
             self._validated.add(key)
         payload, scales = x if is_pair else (x, None)
         config = config or self._default_config()
@@ -486,6 +500,9 @@ class Buffer:
             waits_for_counts=handle is None and num_worst_tokens == 0)
 
 
+        # Only an expanding call passes expand: the other backends' dispatch does not take it.
+        extra = {} if expand is None else {"expand": expand}
+
         def run():
             return self.backend.dispatch(
                 payload, scales, handle=handle, num_tokens_per_rank=num_tokens_per_rank,
@@ -493,7 +510,7 @@ class Buffer:
                 is_token_in_rank=is_token_in_rank, num_tokens_per_expert=num_tokens_per_expert,
                 topk_idx=topk_idx, topk_weights=topk_weights, num_experts=num_experts,
                 expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens,
-                config=config)
+                config=config, **extra)
 
         inputs = (payload, scales, topk_idx, topk_weights, is_token_in_rank)
         (recv_x, recv_scales, recv_idx, recv_w, counts, new_handle), event = \

@@ -12,8 +12,11 @@ Differences from DeepEP v2, all deliberate:
 
 * Received rows always come by source rank, then source token (ep_comm's kernels write them in
   that order), so every dispatch is deterministic; ``deterministic=True`` changes nothing.
-* ``do_expand`` gathers the received rows into expert order with one row copy (``recv_x`` to
-  its expert slots); DeepEP's kernels write them there directly.
+* ``do_expand``: within one node on the kernels backend, the NVLink dispatch kernel writes each
+  received token straight into its expanded rows (one per local expert it hits), as DeepEP's
+  kernels do. Across nodes (internode kernels), on the reference backend and for a cached
+  dispatch (``handle=``), the received rows are gathered into expert order with one row copy
+  (``recv_x`` to its expert slots). The rows are bitwise the same either way.
 * Combine sums a token's rank contributions in rank order, then adds the bias. DeepEP adds the
   bias first and the ranks in top-k slot order; the results are bitwise equal when a token's
   rows come from one rank (always on one rank) and may differ in the last bf16 bit otherwise.
@@ -29,6 +32,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ep_comm.backends.base import ExpandRequest
 from ep_comm.buffer import Buffer
 from ep_comm.config import Config, default_config
 from ep_comm.core.checks import topk_idx_t
@@ -44,6 +48,13 @@ _INT32_MAX = 2 ** 31 - 1
 
 def _align(x: int, a: int) -> int:
     return (x + a - 1) // a * a
+
+
+def _worst_expanded_rows(num_ranks: int, nmax: int, num_topk: int, local: int,
+                         align_to: int) -> int:
+    """Expanded rows of a dispatch without CPU sync: every rank's ``nmax`` tokens hitting up to
+    ``min(K, L)`` local experts, plus each expert's alignment padding."""
+    return _align(num_ranks * nmax * min(num_topk, local) + (align_to - 1) * local, align_to)
 
 
 def _not_here(feature: str):
@@ -77,7 +88,7 @@ class EPHandle:
 
     ep_comm's own: ``dispatch_handle`` (the typed ``DispatchHandle``), ``recv_topk_idx`` ([N, K]
     local expert ids), ``expand_rows`` ([N, K] int64, the expanded row of each slot or -1) and
-    ``expand_src`` ([N_exp] int64, the received row each expanded row copies; -1 = padding)
+    ``expand_src`` ([N_exp] int64, the received row each expanded row holds; -1 = padding)
     and ``expand_slot`` ([N_exp] int64, that row's ``row * K + slot``; -1 = padding).
     """
 
@@ -399,7 +410,10 @@ class ElasticBuffer:
             do_cpu_sync: exact sizes (default True); False allocates the worst case and never
                 waits for the host (the valid rows are ``psum_num_recv_tokens_per_scaleup_rank[-1]``).
             do_expand: one row per (token, local expert), grouped by expert, each expert's
-                rows starting at a multiple of A (``psum_num_recv_tokens_per_expert``).
+                rows starting at a multiple of A (``psum_num_recv_tokens_per_expert``); within
+                an expert by source rank, then source token. Within one node on the kernels
+                backend the dispatch kernel writes these rows; otherwise (internode, reference
+                backend, cached dispatch) the received rows are gathered into them.
             do_zero_padding: zero the expanded padding rows (and weights).
             use_tma_aligned_col_major_sf: FP8 scales column-major, leading dim aligned to 4.
 
@@ -466,15 +480,24 @@ class ElasticBuffer:
         sf_is_int = sf is not None and sf.dtype == torch.int32
         # Packed UE8M0 scales (int32) travel bit for bit as float32 words.
         send_x = (data, sf.view(torch.float32) if sf_is_int else sf) if sf is not None else data
+        # A fresh dispatch over NVLink kernels writes the expanded rows itself; otherwise the
+        # received rows are copied to their expanded rows below.
+        in_kernel = do_expand and handle is None and buf.expands_in_dispatch
         if handle is None:
             n_tok_rank, n_tok_rdma, n_tok_expert, in_rank, _ = buf.get_dispatch_layout(
                 topk_idx, num_experts)
             worst = 0 if do_cpu_sync else nmax * r
+            expand = None
+            if in_kernel:
+                expand = ExpandRequest(
+                    0 if do_cpu_sync else _worst_expanded_rows(r, nmax, topk_idx.shape[1],
+                                                               local, align_to),
+                    do_zero_padding)
             recv, recv_idx, recv_w, counts, inner, _ = buf.dispatch(
                 send_x, num_tokens_per_rank=n_tok_rank, num_tokens_per_rdma_rank=n_tok_rdma,
                 is_token_in_rank=in_rank, num_tokens_per_expert=n_tok_expert, topk_idx=topk_idx,
                 topk_weights=topk_weights, expert_alignment=align_to, num_worst_tokens=worst,
-                config=self.config)
+                config=self.config, expand=expand)
         else:
             inner = handle.dispatch_handle
             recv, _, _, _, _, _ = buf.dispatch(send_x, handle=inner, config=self.config)
@@ -493,7 +516,9 @@ class ElasticBuffer:
         if handle is None:
             handle = self._new_handle(inner, topk_idx, recv_idx, counts, num_experts, nmax,
                                       align_to, num_sms, do_handle_copy, do_cpu_sync, do_expand)
-        if do_expand:
+        if in_kernel:
+            recv_idx = None
+        elif do_expand:
             src = handle.expand_src
             take = src.clamp(min=0)
             pad = src < 0
@@ -558,11 +583,12 @@ class ElasticBuffer:
 
         # Expanded layout: slot (i, k) of expert e goes to starts[e] + (rows before i with e).
         expand_rows = expand_src = expand_slot = None
-        if do_cpu_sync:
-            n_exp = sum(counts) if do_expand else 0
+        if not do_expand:
+            n_exp = 0
+        elif do_cpu_sync:
+            n_exp = sum(counts)
         else:
-            n_exp = _align(r * nmax * min(k, local) + (align_to - 1) * local, align_to) \
-                if do_expand else 0
+            n_exp = _worst_expanded_rows(r, nmax, k, local, align_to)
         if do_expand:
             e = recv_idx.clamp(min=0).to(torch.int64)
             hit = torch.zeros((rows, local), dtype=torch.int32, device=dev)

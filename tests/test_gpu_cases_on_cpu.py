@@ -10,6 +10,7 @@ a GPU; those tests skip here with the reason.
 import pytest
 import torch
 
+import gpu_cases_elastic as gpu_elastic
 import gpu_common as common
 import gpu_cases_lifecycle as life
 import gpu_cases_low_latency as llg
@@ -179,3 +180,16 @@ def test_ll_many_rank_small_cases_at_three_ranks(cpu_ranks):
                        num_experts=LL_MAX_TOPK + 1, num_topk=LL_MAX_TOPK, fp8=True,
                        ue8m0=True, round_scale=True)])
     cpu_ranks(3).run(llg.task_ll_sweep, "reference", cases)
+
+
+def test_elastic_expand_cases_reference_against_itself(cpu_ranks):
+    cases = gpu_elastic.expand_cases(BASE + 40)
+    assert cpu_ranks(2).run(gpu_elastic.task_elastic_expand, "reference", cases) == [5, 5]
+    assert cpu_ranks(1).run(gpu_elastic.task_elastic_expand, "reference", cases) == [5]
+
+
+def test_elastic_expand_checks_catch_a_corrupted_row(cpu_ranks):
+    cases = gpu_elastic.expand_cases(BASE + 50)[:2]
+    messages = cpu_ranks(2).run(gpu_elastic.task_elastic_expand, "reference", cases, True)
+    flat = [m for per_rank in messages for m in per_rank]
+    assert any("dispatch recv_x" in m for m in flat), flat

@@ -45,8 +45,8 @@ def test_small_cases_on_many_ranks(gpu_ranks, world):
 @pytest.mark.parametrize("world", FULL)
 def test_edge_routings(gpu_ranks, world):
     """Zero tokens on a rank, a single token, every token to rank 0, every entry -1, top-9 of
-    256 experts, 4096 tokens (layout at scale), each in bf16 and fp8; duplicate ids in rows, -1
-    in every slot, rows routed nowhere, top-k at NORMAL_MAX_TOPK."""
+    256 experts, 4096 tokens (layout at scale), in bf16 and fp8 (see edge_routing_cases);
+    duplicate ids in rows, -1 in every slot, rows routed nowhere, top-k at NORMAL_MAX_TOPK."""
     base = _seed(2000 + world)
     cases = normal.edge_routing_cases(base)
     cases.append(NCase(seed=base + 21, hidden=2048, num_experts=256, num_topk=8,

@@ -39,7 +39,8 @@ def test_slot_fields_fit_and_are_aligned(hidden):
     assert offs["payload"] == 16 and offs["payload"] % 16 == 0
     assert offs["scales"] >= offs["payload"] + hidden * 2  # bf16 payload fits
     assert offs["topk_idx"] >= offs["scales"] + (hidden + 127) // 128 * 4
-    assert offs["topk_weights"] + MAX_TOPK * 4 <= reg.slot_bytes
+    assert offs["topk_pos"] == offs["topk_weights"] + MAX_TOPK * 4  # expanded positions
+    assert offs["topk_pos"] + MAX_TOPK * 4 <= reg.slot_bytes
 
 
 def test_ring_size_and_hint_agree():

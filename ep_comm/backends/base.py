@@ -6,16 +6,37 @@ normalised (``x`` split into payload and optional fp8 scales), so it holds no ar
 from __future__ import annotations
 
 import abc
+import dataclasses
 
 import torch
 
 from ep_comm.handles import DispatchHandle, LowLatencyHandle
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ExpandRequest:
+    """A dispatch that writes each received token straight into its expanded rows (one per
+    top-k entry whose expert is on the receiving rank), grouped by local expert and each
+    expert's block aligned to the dispatch's ``expert_alignment``: ``ElasticBuffer``'s
+    ``do_expand``. Within an expert, rows come by source rank, then source token.
+
+    Attributes:
+        rows: expanded rows to allocate with ``num_worst_tokens`` (the caller's worst case);
+            without it the backend allocates the sum of the aligned counts (exactly the rows).
+        zero_padding: zero the rows no entry fills (payload, scales, weight); otherwise their
+            content is unspecified.
+    """
+
+    rows: int
+    zero_padding: bool
+
+
 class Backend(abc.ABC):
     """Dispatch and combine for one Buffer. See ``ep_comm.buffer.Buffer`` for the semantics."""
 
     name: str = "?"
+    #: Whether ``dispatch`` takes ``expand=ExpandRequest(...)`` (the NVLink kernels).
+    expands_in_dispatch: bool = False
 
     @abc.abstractmethod
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):

@@ -23,12 +23,12 @@ def token_slot_bytes(hidden_bytes: int) -> int:
 
     A slot holds the payload (``hidden_bytes``: hidden * 2 for bf16, hidden for fp8), the fp8
     scales (one float32 per 128 channels of a bf16-sized payload, always reserved so that one
-    buffer serves both payload kinds), ``NORMAL_MAX_TOPK`` top-k ids (int32) and weights
-    (float32), and a 16-byte header (source token index, flags).
+    buffer serves both payload kinds), ``NORMAL_MAX_TOPK`` top-k ids (int32), weights
+    (float32) and expanded positions (int32), and a 16-byte header (source token index, flags).
     """
     hidden = hidden_bytes // 2
     scales = (hidden + FP8_BLOCK - 1) // FP8_BLOCK * 4
-    return align(hidden_bytes + scales + NORMAL_MAX_TOPK * 8 + 16, 16)
+    return align(hidden_bytes + scales + NORMAL_MAX_TOPK * 12 + 16, 16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +86,9 @@ class IntranodeRegions(Carver):
 
     A slot: a 16-byte header (int32 destination row, int32 source token index), the payload
     (``row_bytes``: hidden * 2 for bf16, hidden for fp8), the fp8 scales (float32 [hidden/128]),
-    the top-k ids (int32 [MAX_TOPK]) and weights (float32 [MAX_TOPK]); see ``slot_offsets``.
+    the top-k ids (int32 [MAX_TOPK]), weights (float32 [MAX_TOPK]) and expanded positions
+    (int32 [MAX_TOPK]: for slot k, the index of this token among its source's tokens routed to
+    expert k, in token order; sent only by an expanding dispatch); see ``slot_offsets``.
     """
 
     def __init__(self, config, hidden_bytes: int, num_ranks: int):
@@ -105,7 +107,7 @@ class IntranodeRegions(Carver):
         self.claim("ring", c * r * s * self.slot_bytes)
 
     def slot_offsets(self) -> dict[str, int]:
-        """Byte offsets inside a slot: header, payload, scales, topk_idx, topk_weights.
+        """Byte offsets inside a slot: header, payload, scales, topk_idx, topk_weights, topk_pos.
 
         Sized for the bf16 payload (``hidden_bytes``); an fp8 payload (half of it) and its
         scales fit in the same places."""
@@ -114,10 +116,11 @@ class IntranodeRegions(Carver):
         scales = payload + self.hidden_bytes
         topk_idx = scales + align((hidden + FP8_BLOCK - 1) // FP8_BLOCK * 4, 16)
         topk_weights = topk_idx + MAX_TOPK * 4
-        end = topk_weights + MAX_TOPK * 4
+        topk_pos = topk_weights + MAX_TOPK * 4
+        end = topk_pos + MAX_TOPK * 4
         assert end <= self.slot_bytes, (end, self.slot_bytes)
         return {"header": 0, "payload": payload, "scales": scales, "topk_idx": topk_idx,
-                "topk_weights": topk_weights}
+                "topk_weights": topk_weights, "topk_pos": topk_pos}
 
 
 class InternodeRegions(Carver):

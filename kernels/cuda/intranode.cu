@@ -76,7 +76,7 @@ struct DispatchArgs {
     char* const* peers;
     int rank, R, C, S, window;
     long long off_ctrl, off_tail, off_head, off_ring, slot_bytes;
-    int off_payload, off_scales, off_idx, off_w;
+    int off_payload, off_scales, off_idx, off_w, off_pos;
     const int4* x;
     int row_int4;
     const float* x_scales;
@@ -97,6 +97,15 @@ struct DispatchArgs {
     int num_rows;
     const int* num_recv_dev;
     int zero_padding;
+    // Expanded layout (ElasticBuffer do_expand; see nvl_dispatch): the flag, the inputs and the
+    // outputs that replace recv_x / recv_scales / recv_topk_weights.
+    int expand;
+    const int* expand_pos;
+    const int* expand_base;
+    int4* exp_x;
+    float* exp_scales;
+    float* exp_w;
+    int num_exp_rows, expert_alignment, zero_exp_padding;
     int* host_status;
     unsigned long long timeout_ns;
 };
@@ -138,15 +147,18 @@ __device__ __forceinline__ ChannelBlock begin_channel_block(char* const* peers, 
 // registers before its payload copy starts, so their round trip overlaps the payload's instead
 // of adding one per field. Lane l holds scales l and l + 32 (more than 64 scales, hidden >
 // 8192, are copied by a loop after the payload) and top-k entry l (K <= MAX_TOPK <= 32).
+// Expanding, lane l also holds pos, the index of the token among its source's tokens routed to
+// expert l (expand_pos).
 struct SmallFields {
     float s0, s1;
     int64_t idx;
     float w;
+    int pos;
 };
 
 // From this rank's inputs (token t).
 __device__ __forceinline__ SmallFields load_small_input(const DispatchArgs& a, int t, int lane) {
-    SmallFields f{0.0f, 0.0f, -1, 0.0f};
+    SmallFields f{0.0f, 0.0f, -1, 0.0f, 0};
     if (a.x_scales != nullptr) {
         const float* s = a.x_scales + static_cast<long long>(t) * a.num_scales;
         if (lane < a.num_scales) f.s0 = __ldg(s + lane);
@@ -156,6 +168,7 @@ __device__ __forceinline__ SmallFields load_small_input(const DispatchArgs& a, i
         f.idx = __ldg(a.topk_idx + static_cast<long long>(t) * a.K + lane);
     if (a.topk_weights != nullptr && lane < a.K)
         f.w = __ldg(a.topk_weights + static_cast<long long>(t) * a.K + lane);
+    if (a.expand && lane < a.K) f.pos = __ldg(a.expand_pos + static_cast<long long>(t) * a.K + lane);
     return f;
 }
 
@@ -166,6 +179,34 @@ __device__ __forceinline__ void store_scales(float* dst, const float* src, const
     if (lane < num_scales) dst[lane] = f.s0;
     if (lane + 32 < num_scales) dst[lane + 32] = f.s1;
     for (int i = lane + 64; i < num_scales; i += 32) dst[i] = kRemoteSrc ? __ldcg(src + i) : __ldg(src + i);
+}
+
+// A token of source s (payload at src, scales at src_scales, small fields f with local expert
+// ids) into its expanded rows, one per top-k entry whose expert is here (one warp). Row of entry
+// k: expand_base[s, expert] + f.pos (see nvl_notify), so within an expert the rows come by source
+// rank, then source token, as the rows of a non-expanded dispatch do. A row past source s's
+// block of the expert (expand_base[s + 1, expert]) is dropped: only a token naming an expert
+// twice (which the layout counts once) can reach one, and it must not land in another block.
+template <bool kRemoteSrc>
+__device__ __forceinline__ void put_token_expanded(const DispatchArgs& a, const int4* src,
+                                                   const float* src_scales, const SmallFields& f,
+                                                   int s, int lane) {
+    int my_row = -1;
+    if (lane < a.K && f.idx >= 0) {
+        const int* base = a.expand_base + s * a.L + static_cast<int>(f.idx);
+        const int lo = __ldg(base), hi = __ldg(base + a.L);
+        if (f.pos < hi - lo) my_row = lo + f.pos;
+    }
+    for (int k = 0; k < a.K; ++k) {
+        const int row = __shfl_sync(kFullMask, my_row, k);
+        const float w = __shfl_sync(kFullMask, f.w, k);
+        if (row < 0 || row >= a.num_exp_rows) continue;  // overflow: notify reported it
+        warp_copy(a.exp_x + static_cast<long long>(row) * a.row_int4, src, a.row_int4, lane);
+        if (a.exp_scales != nullptr)
+            store_scales<kRemoteSrc>(a.exp_scales + static_cast<long long>(row) * a.num_scales,
+                                     src_scales, f, a.num_scales, lane);
+        if (a.exp_w != nullptr && lane == 0) a.exp_w[row] = w;
+    }
 }
 
 // Token t of this rank into a slot of a peer's ring (one warp).
@@ -183,20 +224,27 @@ __device__ __forceinline__ void put_token_in_slot(const DispatchArgs& a, char* s
         reinterpret_cast<int*>(slot + a.off_idx)[lane] = to_local(f.idx, d, a.L);
     if (a.topk_weights != nullptr && lane < a.K)
         reinterpret_cast<float*>(slot + a.off_w)[lane] = f.w;
+    if (a.expand && lane < a.K) reinterpret_cast<int*>(slot + a.off_pos)[lane] = f.pos;
 }
 
-// Token t of this rank straight into this rank's outputs at `row` (one warp).
+// Token t of this rank straight into this rank's outputs at `row`, or its expanded rows (one
+// warp).
 __device__ __forceinline__ void put_token_local(const DispatchArgs& a, int row, int t, int lane) {
-    const SmallFields f = load_small_input(a, t, lane);
-    warp_copy(a.recv_x + static_cast<long long>(row) * a.row_int4,
-                     a.x + static_cast<long long>(t) * a.row_int4, a.row_int4, lane);
-    if (a.x_scales != nullptr)
-        store_scales<false>(a.recv_scales + static_cast<long long>(row) * a.num_scales,
-                            a.x_scales + static_cast<long long>(t) * a.num_scales, f,
-                            a.num_scales, lane);
+    SmallFields f = load_small_input(a, t, lane);
+    f.idx = to_local(f.idx, a.rank, a.L);
+    const int4* src = a.x + static_cast<long long>(t) * a.row_int4;
+    const float* src_scales = a.x_scales + static_cast<long long>(t) * a.num_scales;
+    if (a.expand) {
+        put_token_expanded<false>(a, src, src_scales, f, a.rank, lane);
+    } else {
+        warp_copy(a.recv_x + static_cast<long long>(row) * a.row_int4, src, a.row_int4, lane);
+        if (a.x_scales != nullptr)
+            store_scales<false>(a.recv_scales + static_cast<long long>(row) * a.num_scales,
+                                src_scales, f, a.num_scales, lane);
+    }
     if (a.topk_idx != nullptr && lane < a.K)
-        a.recv_topk_idx[static_cast<long long>(row) * a.K + lane] = to_local(f.idx, a.rank, a.L);
-    if (a.topk_weights != nullptr && lane < a.K)
+        a.recv_topk_idx[static_cast<long long>(row) * a.K + lane] = f.idx;
+    if (a.recv_topk_weights != nullptr && lane < a.K)  // null when expanding: exp_w has them
         a.recv_topk_weights[static_cast<long long>(row) * a.K + lane] = f.w;
     if (lane == 0) {
         a.recv_src_idx[row] = t;
@@ -212,22 +260,27 @@ __device__ __forceinline__ void take_token_from_slot(const DispatchArgs& a, cons
                                                      int s, int lane) {
     const int4 header = ld_cg(reinterpret_cast<const int4*>(slot));
     const float* src_scales = reinterpret_cast<const float*>(slot + a.off_scales);
-    SmallFields f{0.0f, 0.0f, -1, 0.0f};
-    if (a.recv_scales != nullptr) {
+    const int4* src = reinterpret_cast<const int4*>(slot + a.off_payload);
+    SmallFields f{0.0f, 0.0f, -1, 0.0f, 0};
+    if (a.recv_scales != nullptr || a.exp_scales != nullptr) {
         if (lane < a.num_scales) f.s0 = __ldcg(src_scales + lane);
         if (lane + 32 < a.num_scales) f.s1 = __ldcg(src_scales + lane + 32);
     }
     if (a.recv_topk_idx != nullptr && lane < a.K)
         f.idx = __ldcg(reinterpret_cast<const int*>(slot + a.off_idx) + lane);
-    if (a.recv_topk_weights != nullptr && lane < a.K)
+    if ((a.recv_topk_weights != nullptr || a.exp_w != nullptr) && lane < a.K)
         f.w = __ldcg(reinterpret_cast<const float*>(slot + a.off_w) + lane);
+    if (a.expand && lane < a.K) f.pos = __ldcg(reinterpret_cast<const int*>(slot + a.off_pos) + lane);
     const int row = header.x;
     if (row < 0 || row >= a.num_rows) return;  // num_worst_tokens overflow: notify reported it
-    warp_copy(a.recv_x + static_cast<long long>(row) * a.row_int4,
-                    reinterpret_cast<const int4*>(slot + a.off_payload), a.row_int4, lane);
-    if (a.recv_scales != nullptr)
-        store_scales<true>(a.recv_scales + static_cast<long long>(row) * a.num_scales, src_scales,
-                           f, a.num_scales, lane);
+    if (a.expand) {
+        put_token_expanded<true>(a, src, src_scales, f, s, lane);
+    } else {
+        warp_copy(a.recv_x + static_cast<long long>(row) * a.row_int4, src, a.row_int4, lane);
+        if (a.recv_scales != nullptr)
+            store_scales<true>(a.recv_scales + static_cast<long long>(row) * a.num_scales,
+                               src_scales, f, a.num_scales, lane);
+    }
     if (a.recv_topk_idx != nullptr && lane < a.K)
         a.recv_topk_idx[static_cast<long long>(row) * a.K + lane] = f.idx;
     if (a.recv_topk_weights != nullptr && lane < a.K)
@@ -321,16 +374,45 @@ __device__ void dispatch_send(const DispatchArgs& a, int c, uint32_t tag, uint32
     }
 }
 
+// Zeroes (receiver block of channel c, all threads) the expanded rows that no token fills: the
+// rows of each expert past its received ones up to its aligned end (expand_base[R, e] rounded
+// up to expert_alignment: block starts are multiples of it), and the rows past the last
+// expert's aligned end (the worst-case rows of a dispatch without CPU sync). No received row is
+// among them, so this runs alongside the copies.
+__device__ void zero_expanded_padding(const DispatchArgs& a, int c) {
+    const int A = a.expert_alignment;
+    const int* ends = a.expand_base + a.R * a.L;
+    auto zero_rows = [&](long long lo, long long hi, long long first, long long stride) {
+        hi = min(hi, static_cast<long long>(a.num_exp_rows));
+        for (long long i = lo * a.row_int4 + first; i < hi * a.row_int4; i += stride)
+            a.exp_x[i] = make_int4(0, 0, 0, 0);
+        if (a.exp_scales != nullptr)
+            for (long long i = lo * a.num_scales + first; i < hi * a.num_scales; i += stride)
+                a.exp_scales[i] = 0.0f;
+        if (a.exp_w != nullptr)
+            for (long long i = lo + first; i < hi; i += stride) a.exp_w[i] = 0.0f;
+    };
+    if (A > 1)  // one block per expert
+        for (int e = c; e < a.L; e += a.C) {
+            const long long end = __ldg(ends + e);
+            zero_rows(end, (end + A - 1) / A * A, threadIdx.x, kThreads);
+        }
+    const long long last = a.L > 0 ? __ldg(ends + a.L - 1) : 0;
+    zero_rows((last + A - 1) / A * A, a.num_exp_rows, static_cast<long long>(c) * kThreads + threadIdx.x,
+              static_cast<long long>(a.C) * kThreads);
+}
+
 // Receiver block of channel c: warp group g drains ring (c, s) for s = rank + 1 + g (mod R).
 __device__ void dispatch_recv(const DispatchArgs& a, int c, uint32_t tag, uint32_t* ctrl) {
     if (a.zero_padding) {  // num_worst_tokens: rows past the received count are zero
         const long long n_recv = *a.num_recv_dev;
         const long long stride = static_cast<long long>(a.C) * kThreads;
         const long long first = static_cast<long long>(c) * kThreads + threadIdx.x;
-        for (long long i = n_recv * a.row_int4 + first; i < static_cast<long long>(a.num_rows) * a.row_int4;
-             i += stride)
-            a.recv_x[i] = make_int4(0, 0, 0, 0);
-        if (a.x_scales != nullptr)
+        if (a.recv_x != nullptr)
+            for (long long i = n_recv * a.row_int4 + first;
+                 i < static_cast<long long>(a.num_rows) * a.row_int4; i += stride)
+                a.recv_x[i] = make_int4(0, 0, 0, 0);
+        if (a.recv_scales != nullptr)
             for (long long i = n_recv * a.num_scales + first;
                  i < static_cast<long long>(a.num_rows) * a.num_scales; i += stride)
                 a.recv_scales[i] = 0.0f;
@@ -349,6 +431,7 @@ __device__ void dispatch_recv(const DispatchArgs& a, int c, uint32_t tag, uint32
                  i += stride)
                 a.recv_topk_weights[i] = 0.0f;
     }
+    if (a.zero_exp_padding) zero_expanded_padding(a, c);
     if (a.R == 1) return;
     const int warp = threadIdx.x >> 5, lane = lane_id();
     const int wpg = kWarps / (a.R - 1);
@@ -397,13 +480,58 @@ __device__ void dispatch_recv(const DispatchArgs& a, int c, uint32_t tag, uint32
 }  // namespace
 
 // ------------------------------------------------------------------------------------ notify
+namespace {
+
+// Aligned received count of each local expert, then (expand_bases) its block start.
+__shared__ int s_expert_start[kMaxLocalExperts];
+
+// expand_base of nvl_notify from the counts rows and the aligned counts in s_expert_start
+// (the whole block calls it after writing them). Warp 0 turns the counts into exclusive
+// prefixes: lane l sums a contiguous run of experts, a warp scan offsets the runs.
+__device__ void expand_bases(const volatile int* counts, int R, int L, int* expand_base) {
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        const int lane = threadIdx.x, run = (L + 31) / 32;
+        const int lo = min(L, lane * run), hi = min(L, lo + run);
+        int sum = 0;
+        for (int e = lo; e < hi; ++e) sum += s_expert_start[e];
+        int before = sum;  // inclusive warp scan, then minus own run
+#pragma unroll
+        for (int d = 1; d < 32; d <<= 1) {
+            const int v = __shfl_up_sync(kFullMask, before, d);
+            if (lane >= d) before += v;
+        }
+        before -= sum;
+        for (int e = lo; e < hi; ++e) {
+            const int aligned = s_expert_start[e];
+            s_expert_start[e] = before;
+            before += aligned;
+        }
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < L; e += blockDim.x) {
+        int row = s_expert_start[e];
+        for (int s = 0; s < R; ++s) {
+            expand_base[s * L + e] = row;
+            row += counts[s * kNotifyRow + kRowExperts + e];
+        }
+        expand_base[R * L + e] = row;
+    }
+}
+
+}  // namespace
+
 // One block. Writes this rank's counts row (with the call's signature) into every rank's buffer
 // (itself included), raises its flag there, waits (bounded) for every rank's flag, compares
 // every rank's signature with its own, then computes from the rows:
 //   rank_prefix_matrix [R, R] int32: [i, j] = tokens ranks 0..i send to rank j;
 //   recv_per_expert [L] int32: tokens this rank receives per local expert;
 //   num_tokens_of_rank [R] int32: tokens on each rank (combine splits them into channels);
-//   num_recv_dev [1] int32 and host_status[kInfoNumRecv]: tokens this rank receives.
+//   num_recv_dev [1] int32 and host_status[kInfoNumRecv]: tokens this rank receives;
+//   expand_base [R + 1, L] int32, or null when the dispatch does not expand: [s, e] = the first
+//     expanded row of source s's tokens for local expert e = the expert's block start (exclusive
+//     prefix over experts of the received counts, each rounded up to expert_alignment) plus the
+//     counts of sources before s; [R, e] = the end of expert e's received rows.
 // num_tokens_per_rank: [R] int32, num_tokens_per_expert: [R * L] int32 (this rank's layout).
 // sig: this call's signature (CallSig). The signature rides in the counts row, so agreement
 // costs no exchange of its own. Every rank receives every row, so when any two ranks differ
@@ -472,7 +600,8 @@ nvl_notify(char* const* __restrict__ peers, int rank, int R, int T, int L, int n
            long long off_ctrl, long long off_flag, long long off_counts,
            int* __restrict__ rank_prefix_matrix, int* __restrict__ recv_per_expert,
            int* __restrict__ num_tokens_of_rank, int* __restrict__ num_recv_dev,
-           int* host_status, unsigned long long timeout_ns, CallSig sig) {
+           int expert_alignment, int* __restrict__ expand_base, int* host_status,
+           unsigned long long timeout_ns, CallSig sig) {
     char* me = peers[rank];
     uint32_t* ctrl = reinterpret_cast<uint32_t*>(me + off_ctrl);
     const uint32_t tag = *reinterpret_cast<volatile uint32_t*>(ctrl) + 1u;
@@ -549,7 +678,9 @@ nvl_notify(char* const* __restrict__ peers, int rank, int R, int T, int L, int n
         for (int s = 0; s < R; ++s) acc += counts[s * kNotifyRow + kRowExperts + e];
         recv_per_expert[e] = acc;
         reinterpret_cast<volatile int*>(host_status)[kInfoExpertCounts + e] = acc;
+        s_expert_start[e] = (acc + expert_alignment - 1) / expert_alignment * expert_alignment;
     }
+    if (expand_base != nullptr) expand_bases(counts, R, L, expand_base);
     if (threadIdx.x == 0) {
         int n = 0;
         for (int s = 0; s < R; ++s) n += counts[s * kNotifyRow + kRowRanks + rank];
@@ -567,6 +698,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, 1)
 nvl_dispatch(char* const* __restrict__ peers, int rank, int R, int C, int S, int window,
              long long off_ctrl, long long off_tail, long long off_head, long long off_ring,
              long long slot_bytes, int off_payload, int off_scales, int off_idx, int off_w,
+             int off_pos,
              const int4* __restrict__ x, int row_int4, const float* __restrict__ x_scales,
              int num_scales, const int64_t* __restrict__ topk_idx,
              const float* __restrict__ topk_weights, int K, int L,
@@ -575,14 +707,19 @@ nvl_dispatch(char* const* __restrict__ peers, int rank, int R, int C, int S, int
              int4* __restrict__ recv_x, float* __restrict__ recv_scales,
              int64_t* __restrict__ recv_topk_idx, float* __restrict__ recv_topk_weights,
              int* __restrict__ recv_src_idx, int* __restrict__ recv_src_rank, int num_rows,
-             const int* __restrict__ num_recv_dev, int zero_padding, int* host_status,
+             const int* __restrict__ num_recv_dev, int zero_padding, int expand,
+             const int* __restrict__ expand_pos, const int* __restrict__ expand_base,
+             int4* __restrict__ exp_x, float* __restrict__ exp_scales, float* __restrict__ exp_w,
+             int num_exp_rows, int expert_alignment, int zero_exp_padding, int* host_status,
              unsigned long long timeout_ns) {
     const DispatchArgs a{peers, rank, R, C, S, window, off_ctrl, off_tail, off_head, off_ring,
-                         slot_bytes, off_payload, off_scales, off_idx, off_w, x, row_int4,
-                         x_scales, num_scales, topk_idx, topk_weights, K, L, is_token_in_rank, T,
-                         rank_prefix_matrix, send_pos, recv_x, recv_scales, recv_topk_idx,
-                         recv_topk_weights, recv_src_idx, recv_src_rank, num_rows, num_recv_dev,
-                         zero_padding, host_status, timeout_ns};
+                         slot_bytes, off_payload, off_scales, off_idx, off_w, off_pos, x,
+                         row_int4, x_scales, num_scales, topk_idx, topk_weights, K, L,
+                         is_token_in_rank, T, rank_prefix_matrix, send_pos, recv_x, recv_scales,
+                         recv_topk_idx, recv_topk_weights, recv_src_idx, recv_src_rank, num_rows,
+                         num_recv_dev, zero_padding, expand, expand_pos, expand_base, exp_x,
+                         exp_scales, exp_w, num_exp_rows, expert_alignment, zero_exp_padding,
+                         host_status, timeout_ns};
     if (threadIdx.x < kMaxRanks) s_count[threadIdx.x] = 0;
     const ChannelBlock b = begin_channel_block(peers, rank, R, C, T, off_ctrl);
     if (*num_recv_dev < 0) {  // the notify kernel refused this call (on every rank): move nothing

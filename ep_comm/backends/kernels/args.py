@@ -55,7 +55,8 @@ NVL_NOTIFY = (
     ("num_tokens_per_rank", "p"), ("num_tokens_per_expert", "p"), ("off_ctrl", "i64"),
     ("off_flag", "i64"), ("off_counts", "i64"), ("rank_prefix_matrix", "p"),
     ("recv_per_expert", "p"), ("num_tokens_of_rank", "p"), ("num_recv_dev", "p"),
-    ("host_status", "p"), ("timeout_ns", "u64"), ("sig", "sig"),
+    ("expert_alignment", "i"), ("expand_base", "p"), ("host_status", "p"), ("timeout_ns", "u64"),
+    ("sig", "sig"),
 )
 _NVL_RING = (
     ("peers", "p"), ("rank", "i"), ("R", "i"), ("C", "i"), ("S", "i"), ("window", "i"),
@@ -63,13 +64,16 @@ _NVL_RING = (
     ("slot_bytes", "i64"),
 )
 NVL_DISPATCH = _NVL_RING + (
-    ("off_payload", "i"), ("off_scales", "i"), ("off_idx", "i"), ("off_w", "i"), ("x", "p"),
+    ("off_payload", "i"), ("off_scales", "i"), ("off_idx", "i"), ("off_w", "i"),
+    ("off_pos", "i"), ("x", "p"),
     ("row_int4", "i"), ("x_scales", "p"), ("num_scales", "i"), ("topk_idx", "p"),
     ("topk_weights", "p"), ("K", "i"), ("L", "i"), ("is_token_in_rank", "p"), ("T", "i"),
     ("rank_prefix_matrix", "p"), ("send_pos", "p"), ("recv_x", "p"), ("recv_scales", "p"),
     ("recv_topk_idx", "p"), ("recv_topk_weights", "p"), ("recv_src_idx", "p"),
     ("recv_src_rank", "p"), ("num_rows", "i"), ("num_recv_dev", "p"), ("zero_padding", "i"),
-    ("host_status", "p"), ("timeout_ns", "u64"),
+    ("expand", "i"), ("expand_pos", "p"), ("expand_base", "p"), ("exp_x", "p"),
+    ("exp_scales", "p"), ("exp_w", "p"), ("num_exp_rows", "i"), ("expert_alignment", "i"),
+    ("zero_exp_padding", "i"), ("host_status", "p"), ("timeout_ns", "u64"),
 )
 NVL_COMBINE = _NVL_RING + (
     ("off_payload", "i"), ("off_w", "i"), ("x", "p"), ("row_int4", "i"), ("topk_w", "p"),

@@ -29,6 +29,8 @@ class KernelsBackend(Backend):
         else:
             from ep_comm.backends.kernels.intranode import IntranodeRuntime
             self.normal = IntranodeRuntime(comm, num_nvl_bytes)
+            # Only the NVLink dispatch writes expanded rows; internode keeps ElasticBuffer's copy.
+            self.expands_in_dispatch = True
         self.ll = None
         if low_latency_mode:
             from ep_comm.backends.kernels.low_latency import LowLatencyRuntime

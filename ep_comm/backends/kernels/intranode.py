@@ -13,6 +13,12 @@ kernel to learn how many rows to allocate (after checking its status word, so a 
 came raises instead of hanging); with it, nothing waits and the calls are CUDA-graph capturable.
 A cached dispatch (``handle=``) runs ``nvl_dispatch`` alone; combine is ``nvl_combine``.
 
+An expanding dispatch (``expand=ExpandRequest``, ``ElasticBuffer``'s ``do_expand``) has the
+kernels write each token straight into its expanded rows, one per local expert it hits: notify
+also turns the per-source, per-expert counts into each source's first row in each expert's
+aligned block (``expand_base``), the sender ships each top-k entry's index among its tokens of
+that expert (``expand_positions``) in the slot, and the receiver adds the two.
+
 Launch geometry (``launch_geometry``): ``config.num_sms`` blocks, one sender and one receiver
 block per channel, ``KERNEL_THREADS`` threads each; tokens travel in windows of
 ``nvl_window(config)`` tokens through rings of ``config.nvl_buffer`` slots.
@@ -50,6 +56,7 @@ import time
 import torch
 
 from ep_comm.runtime.comm import timeout_s
+from ep_comm.backends.base import ExpandRequest
 from ep_comm.backends.kernels import args, status
 from ep_comm.config import Config
 from ep_comm.core.constants import (CALL_SIG_WORDS, FP8_BLOCK, NORMAL_MAX_TOPK,
@@ -126,14 +133,19 @@ def check_sizes(num_ranks: int, num_experts: int, num_topk: int) -> None:
         raise InputError(f"top-k {num_topk} is more than the {NORMAL_MAX_TOPK} the kernels carry")
 
 
-def dispatch_outputs(rows: int, x: torch.Tensor, x_scales, topk_idx, topk_weights):
+def dispatch_outputs(rows: int, x: torch.Tensor, x_scales, topk_idx, topk_weights,
+                     payload: bool = True):
     """Uninitialised outputs of a dispatch kernel (it writes every row, padding included):
     recv_x [rows, H] (x's dtype), recv_scales [rows, H / 128] float32 (FP8 only), recv_idx
-    [rows, K] int64 and recv_w [rows, K] float32 (when the call has top-k ids / weights)."""
+    [rows, K] int64 and recv_w [rows, K] float32 (when the call has top-k ids / weights).
+    ``payload=False`` (an expanding dispatch: ``expand_outputs`` hold them): recv_x,
+    recv_scales and recv_w are None."""
     dev, hidden = x.device, x.shape[1]
     num_topk = topk_idx.shape[1] if topk_idx is not None else (
         topk_weights.shape[1] if topk_weights is not None else 0)
-    recv_x = torch.empty(rows, hidden, dtype=x.dtype, device=dev)
+    if not payload:
+        x_scales = topk_weights = None
+    recv_x = torch.empty(rows, hidden, dtype=x.dtype, device=dev) if payload else None
     recv_scales = (torch.empty(rows, hidden // FP8_BLOCK, dtype=torch.float32, device=dev)
                    if x_scales is not None else None)
     recv_idx = (torch.empty(rows, num_topk, dtype=torch.int64, device=dev)
@@ -141,6 +153,33 @@ def dispatch_outputs(rows: int, x: torch.Tensor, x_scales, topk_idx, topk_weight
     recv_w = (torch.empty(rows, num_topk, dtype=torch.float32, device=dev)
               if topk_weights is not None else None)
     return recv_x, recv_scales, recv_idx, recv_w
+
+
+def expand_outputs(rows: int, x: torch.Tensor, x_scales, topk_weights):
+    """Uninitialised expanded outputs of an expanding dispatch: exp_x [rows, H] (x's dtype),
+    exp_scales [rows, H / 128] float32 (FP8 only), exp_w [rows] float32 (with weights)."""
+    dev, hidden = x.device, x.shape[1]
+    exp_x = torch.empty(rows, hidden, dtype=x.dtype, device=dev)
+    exp_scales = (torch.empty(rows, hidden // FP8_BLOCK, dtype=torch.float32, device=dev)
+                  if x_scales is not None else None)
+    exp_w = (torch.empty(rows, dtype=torch.float32, device=dev)
+             if topk_weights is not None else None)
+    return exp_x, exp_scales, exp_w
+
+
+def expand_positions(topk_idx: torch.Tensor) -> torch.Tensor:
+    """[T, K] int32: entry (t, k)'s index among this rank's tokens routed to expert
+    ``topk_idx[t, k]``, in token order (the sender's part of an expanded row; unspecified for
+    -1 entries). Top-k ids must be distinct within a token (as DeepEP requires).
+
+    A stable sort puts the entries of each expert together in (t, k) order; an entry's index
+    is its place in the sorted order minus its expert's first place (a binary search)."""
+    flat = topk_idx.flatten()
+    keys, order = torch.sort(flat, stable=True)
+    rank = torch.arange(flat.numel(), device=flat.device) - torch.searchsorted(keys, keys)
+    pos = torch.empty(flat.numel(), dtype=torch.int32, device=flat.device)
+    pos.scatter_(0, order, rank.to(torch.int32))
+    return pos.view(topk_idx.shape)
 
 
 def combine_outputs(num_tokens: int, x: torch.Tensor, topk_weights, biases):
@@ -326,7 +365,7 @@ class IntranodeRuntime:
         values.update(self._ring_values(regions, config, channels))
         values.update(off_payload=offs["payload"], off_scales=offs["scales"],
                       off_idx=offs["topk_idx"], off_w=offs["topk_weights"],
-                      row_int4=hidden * x.element_size() // 16,
+                      off_pos=offs["topk_pos"], row_int4=hidden * x.element_size() // 16,
                       num_scales=hidden // FP8_BLOCK if x_scales is not None else 0, K=num_topk,
                       L=local, zero_padding=int(num_worst_tokens > 0),
                       host_status=self._status_ptr, timeout_ns=self._timeout_ns)
@@ -335,17 +374,26 @@ class IntranodeRuntime:
         slots = {n: launch.args.slot(n) for n in (
             "x", "x_scales", "topk_idx", "topk_weights", "is_token_in_rank", "T",
             "rank_prefix_matrix", "send_pos", "recv_x", "recv_scales", "recv_topk_idx",
-            "recv_topk_weights", "recv_src_idx", "recv_src_rank", "num_rows", "num_recv_dev")}
+            "recv_topk_weights", "recv_src_idx", "recv_src_rank", "num_rows", "num_recv_dev",
+            "expand", "expand_pos", "expand_base", "exp_x", "exp_scales", "exp_w",
+            "num_exp_rows", "expert_alignment", "zero_exp_padding")}
         return notify, launch, slots
 
     def dispatch(self, x, x_scales, *, handle, num_tokens_per_rank, num_tokens_per_rdma_rank,
                  is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights, num_experts,
-                 expert_alignment, num_worst_tokens, config):
+                 expert_alignment, num_worst_tokens, config, expand: ExpandRequest | None = None):
         """See ``Backend.dispatch``. x: [T, H] bf16 or fp8, x_scales: [T, H / 128] float32.
+
+        With ``expand`` (a dispatch without a handle, with ``topk_idx``) recv_x, the scales and
+        the weights come expanded: [N_exp, H], [N_exp, H / 128] and [N_exp] float32, N_exp =
+        ``expand.rows`` with ``num_worst_tokens``, else the sum of the aligned counts; recv_topk_idx
+        stays [N, K] (one row per received token, for the handle).
 
         The first call of a shape (fresh or cached, dtype, hidden, scales, top-k, experts,
         worst-case rows, config) builds its plan; later calls patch pointers and launch."""
         self._check_alive()
+        if expand is not None and (handle is not None or topk_idx is None):
+            raise InputError("an expanding dispatch needs topk_idx and no handle")
         r, me, dev = self.num_ranks, self.rank, x.device
         t, hidden = x.shape
         fresh = handle is None
@@ -364,12 +412,14 @@ class IntranodeRuntime:
         local = num_experts // r
         stream = self._stream_handle()
         if fresh:
-            # one allocation for the four small notify outputs
-            small = torch.empty(r * r + local + r + 1, dtype=torch.int32, device=dev)
+            # one allocation for the small notify outputs
+            n_base = (r + 1) * local if expand is not None else 0
+            small = torch.empty(r * r + local + r + 1 + n_base, dtype=torch.int32, device=dev)
             prefix = small[:r * r].view(r, r)
             recv_per_expert = small[r * r:r * r + local]
             tokens_of_rank = small[r * r + local:r * r + local + r]
-            num_recv_dev = small[r * r + local + r:]
+            num_recv_dev = small[r * r + local + r:r * r + local + r + 1]
+            expand_base = small[r * r + local + r + 1:]
             ntpr = num_tokens_per_rank if num_tokens_per_rank.dtype == torch.int32 else \
                 num_tokens_per_rank.to(torch.int32)
             a = notify.args.slots
@@ -377,6 +427,8 @@ class IntranodeRuntime:
             a[6].value, a[7].value = ntpr.data_ptr(), num_tokens_per_expert.data_ptr()
             a[11].value, a[12].value = prefix.data_ptr(), recv_per_expert.data_ptr()
             a[13].value, a[14].value = tokens_of_rank.data_ptr(), num_recv_dev.data_ptr()
+            a[15].value = expert_alignment
+            a[16].value = expand_base.data_ptr() if expand is not None else 0
             # fault handling: the call's signature travels with the counts (docs/faults.md)
             a[NOTIFY_SIG_SLOT][:], self._notify_input = self.comm.call_words()
             notify.launch(stream)
@@ -415,8 +467,26 @@ class IntranodeRuntime:
             rows = handle.num_recv_rows
             s["send_pos"].value = 0  # the handle has it: same routes
         # Every row of these is written by nvl_dispatch (padding rows: zeros, ids -1).
-        recv_x, recv_scales, recv_idx, recv_w = dispatch_outputs(rows, x, x_scales, topk_idx,
-                                                                 topk_weights)
+        recv_x, recv_scales, recv_idx, recv_w = dispatch_outputs(
+            rows, x, x_scales, topk_idx, topk_weights, payload=expand is None)
+        count_list = [] if num_worst_tokens > 0 else aligned_counts(counts_host, expert_alignment)
+        if expand is None:
+            s["expand"].value = 0
+            s["expand_pos"].value = s["expand_base"].value = s["exp_x"].value = 0
+            s["exp_scales"].value = s["exp_w"].value = 0
+        else:
+            exp_rows = expand.rows if num_worst_tokens > 0 else sum(count_list)
+            exp_x, exp_scales, exp_w = expand_outputs(exp_rows, x, x_scales, topk_weights)
+            pos = expand_positions(topk_idx)
+            s["expand"].value = 1
+            s["expand_pos"].value = pos.data_ptr()
+            s["expand_base"].value = expand_base.data_ptr()
+            s["exp_x"].value = exp_x.data_ptr()
+            s["exp_scales"].value = 0 if exp_scales is None else exp_scales.data_ptr()
+            s["exp_w"].value = 0 if exp_w is None else exp_w.data_ptr()
+            s["num_exp_rows"].value = exp_rows
+            s["expert_alignment"].value = expert_alignment
+            s["zero_exp_padding"].value = int(expand.zero_padding)
         s["x"].value = x.data_ptr()
         s["x_scales"].value = 0 if x_scales is None else x_scales.data_ptr()
         s["topk_idx"].value = 0 if topk_idx is None else topk_idx.data_ptr()
@@ -424,7 +494,7 @@ class IntranodeRuntime:
         s["is_token_in_rank"].value = handle.is_token_in_rank.data_ptr()
         s["T"].value = t
         s["rank_prefix_matrix"].value = handle.rank_prefix_matrix.data_ptr()
-        s["recv_x"].value = recv_x.data_ptr()
+        s["recv_x"].value = 0 if recv_x is None else recv_x.data_ptr()
         s["recv_scales"].value = 0 if recv_scales is None else recv_scales.data_ptr()
         s["recv_topk_idx"].value = 0 if recv_idx is None else recv_idx.data_ptr()
         s["recv_topk_weights"].value = 0 if recv_w is None else recv_w.data_ptr()
@@ -433,7 +503,8 @@ class IntranodeRuntime:
         s["num_rows"].value = rows
         s["num_recv_dev"].value = num_recv_dev.data_ptr()
         launch.launch(stream)
-        count_list = [] if num_worst_tokens > 0 else aligned_counts(counts_host, expert_alignment)
+        if expand is not None:
+            return exp_x, exp_scales, recv_idx, exp_w, count_list, handle
         return recv_x, recv_scales, recv_idx, recv_w, count_list, handle
 
     # ------------------------------------------------------------------ combine
