@@ -65,7 +65,8 @@ def compare_expanded(fails: Failures, got, ref, zero_padding: bool, label: str) 
     """Expanded dispatch results ``got`` vs ``ref`` ((recv_x, recv_idx, recv_w, handle))."""
     gx, gi, gw, gh = _cpu(got)
     rx, ri, rw, rh = _cpu(ref)
-    rows = slice(None) if zero_padding else rh.expand_src >= 0  # padding: unspecified content
+    # padding: unspecified content (the handle stays on its device: the mask comes to the CPU)
+    rows = slice(None) if zero_padding else (rh.expand_src >= 0).cpu()
     pairs = zip(gx, rx) if isinstance(rx, tuple) else [(gx, rx)]
     for part, (g, r) in zip(("recv_x", "recv_x scales"), pairs):
         fails.equal(f"{label} {part}", g[rows], r[rows])
