@@ -19,7 +19,9 @@
 # 331 s), so more shards do not shorten the test step; the GPU tests measured so far add up to
 # about 1100 test-seconds, more than 4 shards finish in the step's 270 s.
 #
-# It writes at most 5 files into $OUT: suite.log (everything), summary.txt (the final tables),
+# It writes at most 5 files into $OUT (copy nothing else there: the device tool returns only a
+# few files per call, and on 2026-12-07 extra JSON copies crowded out suite.log and summary.txt):
+# suite.log (everything), summary.txt (the final tables),
 # results.tar.gz (the benchmark JSON and PNG files), doctor.json, test_seconds.json. The JSON files also land in
 # bench/results/ of the working tree. Every step has its own timeout, capped so that the whole
 # script ends within SUITE_BUDGET_S; a failed or timed-out step is recorded and the suite goes
