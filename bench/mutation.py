@@ -59,6 +59,8 @@ CARVER = [T + "test_regions_carver.py"]
 LL_REGIONS = [T + "test_low_latency_host.py::test_regions_are_aligned_disjoint_and_inside_the_total",
               T + "test_low_latency_host.py::test_region_sizes_follow_the_documented_layout"]
 NVL_REGIONS = [T + "test_intranode_host.py"]
+AGREE_KERNEL = [T + "test_kernel_agreement.py"]
+EXPAND = [T + "test_elastic_expand_host.py"]
 INTER_REGIONS = [T + "test_internode_host.py"]
 
 
@@ -80,6 +82,8 @@ def M(id, target, breaks, edits, tests, equivalent=""):
 
 R, F, B = "ep_comm/core/routing.py", "ep_comm/core/fp8.py", "ep_comm/backends/reference.py"
 C, H, G = "ep_comm/core/checks.py", "ep_comm/handles.py", "ep_comm/core/regions.py"
+S, A = "ep_comm/backends/kernels/status.py", "ep_comm/core/agreement.py"
+KB, KI = "ep_comm/backends/kernels/backend.py", "ep_comm/backends/kernels/intranode.py"
 
 MUTANTS = [
     # ---------------------------------------------------------------- routing / layout math
@@ -231,12 +235,31 @@ MUTANTS = [
     M("regions-ll-message-without-header", G, "low-latency messages lose their 16-byte header",
       ("return align(16 + max(hidden * 2, fp8), 16)", "return align(max(hidden * 2, fp8), 16)"),
       LL_REGIONS),
-    M("regions-nvl-slot-without-topk", G, "normal-mode slots reserve no room for top-k weights",
-      ("return align(hidden_bytes + scales + NORMAL_MAX_TOPK * 8 + 16, 16)",
-       "return align(hidden_bytes + scales + NORMAL_MAX_TOPK * 4 + 16, 16)"), NVL_REGIONS),
+    M("regions-nvl-slot-without-topk", G, "normal-mode slots reserve no room for the expanded "
+      "positions (ids, weights and positions: 12 bytes per top-k entry)",
+      ("return align(hidden_bytes + scales + NORMAL_MAX_TOPK * 12 + 16, 16)",
+       "return align(hidden_bytes + scales + NORMAL_MAX_TOPK * 8 + 16, 16)"), NVL_REGIONS),
     M("regions-inter-scales-half", G, "internode slot: the scales get half their bytes",
       ("idx = align(scales + self.num_scales * 4, 16)", "idx = align(scales + self.num_scales * 2, 16)"),
       INTER_REGIONS),
+    # ---------------------------------------------------------------- kernels backend, host side
+    # (the fake GPU of tests/fake_gpu.py runs the real host Python with recorded launches)
+    M("status-disagree-ignores-the-rows", S, "a notify refusal decoded without the signature rows "
+      "(a generic error instead of the reference's CollectiveMismatchError)",
+      ("if code == STATUS_DISAGREE and call_sigs:", "if code == STATUS_DISAGREE and not call_sigs:"),
+      AGREE_KERNEL),
+    M("agreement-device-words-drop-the-op", A, "the op word never differs between ranks",
+      ("    values = _values(seq, sig, input_error)\n",
+       "    values = _values(seq, sig, input_error)\n    values[1] = 0\n"), AGREE_KERNEL),
+    M("kernels-never-fuse-the-agreement", KB, "the kernels backend still agrees on the host for "
+      "a dispatch the notify kernel checks (an extra round trip)",
+      ("return (op == \"dispatch\" and waits_for_counts", "return (op == \"never\" and waits_for_counts"),
+      AGREE_KERNEL),
+    M("expand-positions-count-the-entry-itself", KI, "each expanded position is one too high",
+      ("- torch.searchsorted(keys, keys)", "- torch.searchsorted(keys, keys) + 1"), EXPAND),
+    M("expand-base-over-num-recv", KI, "the expand bases overlap the received-count word",
+      ("expand_base = small[r * r + local + r + 1:]", "expand_base = small[r * r + local + r:]"),
+      EXPAND),
 ]
 
 

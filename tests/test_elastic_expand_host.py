@@ -116,6 +116,11 @@ def test_expanding_dispatch_launches_into_the_outputs_it_returns(monkeypatch, fp
         assert d["num_exp_rows"] == recv_x.shape[0] == h.num_expanded_tokens
         assert d["expert_alignment"] == notify["expert_alignment"] == align
         assert d["expand_base"] == notify["expand_base"] != 0 and d["expand_pos"] != 0
+        # notify's outputs share one allocation: their int32 spans must not overlap
+        spans = sorted((notify[n], notify[n] + 4 * size) for n, size in (
+            ("rank_prefix_matrix", 1), ("recv_per_expert", experts), ("num_tokens_of_rank", 1),
+            ("num_recv_dev", 1), ("expand_base", 2 * experts)))
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
         assert d["zero_exp_padding"] == 1
         assert d["off_pos"] == regions_for(cfg, hidden, 1).slot_offsets()["topk_pos"]
 

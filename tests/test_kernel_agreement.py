@@ -198,3 +198,32 @@ def test_fused_dispatch_makes_no_host_agreement_exchange(monkeypatch, agree_env)
         buf.combine(recv, handle)
         expect = ["dispatch/agree"] * 2 + ["combine/agree"] if agree_env == "1" else []
         assert buf.comm.agreed == expect
+
+
+def test_fused_dispatch_sends_a_bad_input_through_the_notify_kernel(monkeypatch):
+    """Buffer level, default settings: a dispatch whose ids are out of range still makes its
+    notify exchange, with the bad-input status and the offending token in its words (so that
+    its peers raise PeerInputError naming this rank instead of waiting for it), then raises its
+    own InputError from the refusal; the dispatch kernel is never launched."""
+    with _fake_buffer_calls(monkeypatch, None) as (buf, module):
+        t, k, e = 8, 2, 8
+        x = torch.zeros(t, 256, dtype=torch.bfloat16)
+        idx = torch.arange(t * k, dtype=torch.int64).view(t, k) % e
+        per_rank, per_node, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, e)
+        bad = idx.clone()
+        bad[3, 1] = 17
+        rt = buf._backend.normal
+
+        def kernel(name, values):
+            if name == "nvl_notify":  # the real kernel refuses: a rank's status word is 1
+                _refuse(rt, {0: values["sig"]})
+        module.on_launch = kernel
+        with pytest.raises(InputError, match=r"17"):
+            buf.dispatch(x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_node,
+                         is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                         topk_idx=bad, topk_weights=torch.ones(t, k))
+        names = [n for n, _, _ in module.launches]
+        assert names.count("nvl_notify") == 1 and "nvl_dispatch" not in names
+        sig = [a for n, _, a in module.launches if n == "nvl_notify"][0]["sig"]
+        assert sig[STATUS] == 1 and sig[STATUS + 1:] == [3, 1, 17]
+        assert buf.comm.agreed == []
