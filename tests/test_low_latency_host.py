@@ -517,3 +517,11 @@ def test_disagreement_status_raises_at_the_next_call_until_cleaned(monkeypatch):
     m, h, e = rt.sizes
     rt.clean_low_latency_buffer(m, h, e)
     _dispatch(rt)
+
+
+def test_decoder_names_a_peer_that_runs_without_the_agreement():
+    from ep_comm.backends.kernels import status
+    from ep_comm.core import agreement
+    err = status.decode_status(_disagree_words(0, (2 << 16) | 7, peer=1), status.LOW_LATENCY,
+                               rank=0, limit_s=3.0, seq=2)
+    assert err.field == agreement.LL_AGREE_ENV and err.values == {"1": [0], "unset": [1]}

@@ -158,6 +158,10 @@ def ll_tag_error(rank: int, peer: int, where: str, theirs: int, mine: int,
     call = unfold(seq_m) if seq_m else seq_hint
     note = (f"The low-latency kernels refused rank {peer}'s rows ({where}); the status stays "
             "set until clean_low_latency_buffer. ")
+    if theirs == 0:  # a tag is never 0: the peer runs without the agreement
+        return CollectiveMismatchError(
+            rank, call, LL_AGREE_ENV, {"1": [rank], "unset": [peer]},
+            note + f"Set {LL_AGREE_ENV} the same on every rank. ")
     if hash_m == hash_t and seq_m and seq_t and seq_m != seq_t:
         other = call + ((seq_t - seq_m + LL_TAG_SEQ_MOD // 2) % LL_TAG_SEQ_MOD
                         - LL_TAG_SEQ_MOD // 2)

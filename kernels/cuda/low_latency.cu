@@ -6,9 +6,10 @@
 // (every byte, when NVLink is not allowed or the peer is not reachable by loads and stores).
 //
 // Completion protocol (both kernels): for every (expert, peer) pair the sender writes a count
-// word = rows + 1 (with the opt-in agreement, agreement.LL_AGREE_ENV, the call's tag in its upper 32 bits: a
-// receiver whose own tag differs refuses that peer, see tags_agree), and adds 1 to an arrival word after each row's bytes (a release after the
-// stores, or putmem_signal, which delivers the signal after the data). The receiver waits for
+// word = rows + 1 (with the opt-in agreement, agreement.LL_AGREE_ENV, the call's tag in its
+// upper 32 bits: a receiver whose own tag differs refuses that peer, see tags_agree), and adds 1
+// to an arrival word after each row's bytes (a release after the stores, or putmem_signal,
+// which delivers the signal after the data). The receiver waits for
 // the count word, then for arrivals == count: then all rows are in its memory. Count words do not
 // depend on the data, so they go out first. The receiver zeroes both words after reading them.
 // A word is written again only in the next call on the same buffer half, and that call cannot
