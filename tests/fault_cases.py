@@ -377,3 +377,100 @@ def task_gpu_skip(ctx, odd: int) -> dict:
         return res
     finally:
         buf.destroy()
+
+
+# ------------------------------------- GPU: low-latency call agreement in the kernels (opt-in)
+LL_KERNEL_DISAGREEMENTS = ("ll_hidden", "ll_num_experts", "ll_topk", "ll_fp8")
+
+
+def _ll_sync_and_check(buf, fn):
+    """Run ``fn`` (low-latency calls), wait for the stream, then raise what the kernels
+    reported (the kernels backend reports through its status word, read by the host)."""
+    from low_latency_cases import check_status
+    fn()
+    torch.cuda.synchronize()
+    check_status(buf)
+
+
+def task_gpu_ll_disagree(ctx, kinds, odd: int) -> dict:
+    """Kernels backend with EP_COMM_LL_KERNEL_AGREEMENT=1: rank ``odd`` passes another hidden /
+    num_experts / top-k / use_fp8 to low_latency_dispatch. The receivers find the other call's
+    tag in the count words and refuse it (no rows written): CollectiveMismatchError on every
+    rank, without waiting for the timeout; after clean_low_latency_buffer one round is exact.
+    One result dict per kind."""
+    assert os.environ.get("EP_COMM_LL_KERNEL_AGREEMENT") == "1"
+    assert os.environ.get("EP_COMM_CHECK_AGREEMENT", "0") != "1"
+    ll = LLCase(seed=18, num_experts=16, backend="kernels")
+    case = Case(seed=18, num_experts=16, backend="kernels")
+    me, m = ctx.rank, ll.max_tokens
+    x, idx, _ = (t.to(ctx.device) for t in all_inputs(case, ctx.world_size)[me])
+    x, idx = x[:m].contiguous(), idx[:m].contiguous()
+    out = {}
+    buf = ll_make_buffer(ctx, ll)
+    try:
+        for kind in kinds:
+            h, e, k, use_fp8 = ll.hidden, ll.num_experts, idx.shape[1], False
+            if me == odd:
+                h = 128 if kind == "ll_hidden" else h
+                e = 8 if kind == "ll_num_experts" else e
+                k = 2 if kind == "ll_topk" else k
+                use_fp8 = kind == "ll_fp8"
+            ii = idx[:, :k] if e == ll.num_experts else idx[:, :k] % e  # ids in [0, e)
+            xx, ii = x[:, :h].contiguous(), ii.contiguous()
+            res = _outcome(lambda: _ll_sync_and_check(buf, lambda: buf.low_latency_dispatch(
+                xx, ii, m, e, use_fp8=use_fp8)))
+            buf.clean_low_latency_buffer(m, ll.hidden, ll.num_experts)
+            one_round(ctx, buf, ll, 0)
+            res["after"] = "exact"
+            out[kind] = res
+    finally:
+        buf.destroy()
+    return out
+
+
+def task_gpu_ll_skip(ctx, odd: int, skip: str) -> dict:
+    """Kernels backend with EP_COMM_LL_KERNEL_AGREEMENT=1, one checked round first. ``skip``:
+
+    * ``"dispatch"``: rank ``odd`` skips the second low_latency_dispatch and combines the first
+      one's handle again instead; the other rank makes the dispatch.
+    * ``"combine"``: rank ``odd`` skips the combine of the second round and dispatches again;
+      the other rank combines, then dispatches: the two dispatches land on the same buffer half
+      with call numbers one apart, which the count words' tags refuse.
+
+    Every rank must raise an error naming the other (a timeout or a refused call), within the
+    timeout + 2 s, never a silent result."""
+    assert os.environ.get("EP_COMM_LL_KERNEL_AGREEMENT") == "1"
+    ll = LLCase(seed=19, num_experts=16, backend="kernels")
+    from low_latency_cases import make_inputs
+    buf = ll_make_buffer(ctx, ll)
+    dev, me, m = ctx.device, ctx.rank, ll.max_tokens
+    try:
+        one_round(ctx, buf, ll, 0)
+        x, idx, w = (t.to(dev) for t in make_inputs(ll, me, ctx.world_size, 1))
+
+        def dispatch():
+            return buf.low_latency_dispatch(x, idx, m, ll.num_experts, use_fp8=False)
+
+        if skip == "dispatch":
+            _, _, h1, _, _ = dispatch()
+            torch.cuda.synchronize()
+            y = torch.zeros(ll.num_experts // ctx.world_size, ctx.world_size * m, ll.hidden,
+                            dtype=torch.bfloat16, device=dev)
+            if me == odd:
+                steps = lambda: (buf.low_latency_combine(y, idx, w, h1),  # noqa: E731
+                                 buf.low_latency_combine(y, idx, w, h1))
+            else:
+                steps = lambda: (buf.low_latency_combine(y, idx, w, h1),  # noqa: E731
+                                 dispatch())
+        else:
+            _, _, h1, _, _ = dispatch()
+            torch.cuda.synchronize()
+            y = torch.zeros(ll.num_experts // ctx.world_size, ctx.world_size * m, ll.hidden,
+                            dtype=torch.bfloat16, device=dev)
+            steps = (dispatch if me == odd else  # noqa: E731
+                     lambda: (buf.low_latency_combine(y, idx, w, h1), dispatch()))
+        res = _outcome(lambda: _ll_sync_and_check(buf, steps))
+        res["later"] = _outcome(lambda: _ll_sync_and_check(buf, dispatch))
+        return res
+    finally:
+        buf.destroy()

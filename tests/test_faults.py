@@ -149,15 +149,16 @@ def test_gpu_kernels_out_of_range_ids_are_named_before_any_kernel(gpu_ranks):
         assert res["ll"]["error"] == "InputError" and "= 17" in res["ll"]["message"]
 
 
-def run_fresh_gpu(fn, *args):
+def run_fresh_gpu(fn, *args, env=None):
     """Run ``fn`` on a fresh pool of 2 GPU ranks with the short timeout (a test that breaks
-    its group); skips without 2 GPUs or 2 ranks per GPU."""
+    its group; ``env``: more variables); skips without 2 GPUs or 2 ranks per GPU."""
     import conftest
     if conftest.gpu_count() == 0:
         pytest.skip("needs a GPU")
     if conftest.gpu_count() * conftest.ranks_per_gpu() < 2:
         pytest.skip("needs 2 GPUs or EP_COMM_TEST_RANKS_PER_GPU=2")
-    pool = RankPool(2, use_gpu=True, env={"EP_COMM_TIMEOUT_S": str(TIMEOUT_S)}, timeout=300)
+    pool = RankPool(2, use_gpu=True, env={"EP_COMM_TIMEOUT_S": str(TIMEOUT_S), **(env or {})},
+                    timeout=300)
     try:
         return pool.run(fn, *args)
     finally:
@@ -205,3 +206,50 @@ def test_gpu_kernels_skipped_dispatch_is_named_by_every_rank():
         assert res["error"] == "CommTimeoutError" and res["peer"] == 1 - rank, (rank, res)
         assert res["elapsed"] < LIMIT_S + 2, (rank, res["elapsed"])
         assert res["later"]["error"] == "BufferFailedError", (rank, res["later"])
+
+
+# ------------------------------ GPU: low-latency call agreement in the count words (opt-in)
+LL_AGREE = {"EP_COMM_LL_KERNEL_AGREEMENT": "1"}
+
+
+@pytest.mark.gpu
+def test_gpu_ll_kernel_agreement_refuses_disagreeing_dispatch_on_every_rank():
+    """EP_COMM_LL_KERNEL_AGREEMENT=1, 2 ranks: rank 1 passes another hidden / num_experts /
+    top-k / use_fp8 to low_latency_dispatch. Every rank's kernel finds the other call's tag in
+    a count word and refuses it: CollectiveMismatchError (field "signature", naming the other
+    rank) on both ranks, at once (no timeout); after clean_low_latency_buffer a round is
+    exact."""
+    results = run_fresh_gpu(fc.task_gpu_ll_disagree, list(fc.LL_KERNEL_DISAGREEMENTS), 1,
+                            env=LL_AGREE)
+    for kind in fc.LL_KERNEL_DISAGREEMENTS:
+        for rank, res in enumerate(r[kind] for r in results):
+            assert res["error"] == "CollectiveMismatchError", (kind, rank, res)
+            assert res["field"] == "signature", (kind, rank, res["message"])
+            assert f"rank {rank}:" in res["message"], (kind, res["message"])
+            assert f"Rank {1 - rank}'s call differs" in res["message"], (kind, res["message"])
+            assert res["elapsed"] < TIMEOUT_S, (kind, rank, res)  # refused, not timed out
+            assert res["after"] == "exact", (kind, rank, res)
+
+
+def _named_other(rank: int, res: dict) -> bool:
+    """``res`` is an error of ``rank`` that names the other rank: a timeout waiting for it, or
+    a call refused because its count words carried another call number."""
+    other = 1 - rank
+    if res["error"] == "CommTimeoutError":
+        return res["peer"] == other
+    return (res["error"] == "CollectiveMismatchError" and res["field"] == "seq"
+            and "skipped a call" in res["message"] and f"[{other}]" in res["message"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("skip", ["dispatch", "combine"])
+def test_gpu_ll_kernel_agreement_skipped_call_is_named_by_every_rank(skip):
+    """EP_COMM_LL_KERNEL_AGREEMENT=1, 2 ranks: rank 1 skips a low_latency_dispatch (combining
+    the previous handle instead) or a low_latency_combine (dispatching again at once). Each rank
+    names the other within the timeout + 2 s (+ launch on a shared GPU): a timeout, or a refusal
+    of a count word of another call number ("skipped a call"); never a silent result."""
+    results = run_fresh_gpu(fc.task_gpu_ll_skip, 1, skip, env=LL_AGREE)
+    for rank, res in enumerate(results):
+        assert res["error"] is not None and _named_other(rank, res), (rank, res)
+        assert res["elapsed"] < LIMIT_S + 2, (rank, res["elapsed"])
+        assert res["later"]["error"] is not None, (rank, res["later"])

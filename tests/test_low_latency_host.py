@@ -162,6 +162,11 @@ class _FakeComm:
     def __init__(self, rank=1, num_ranks=2):
         self.rank, self.num_ranks, self.device = rank, num_ranks, torch.device("cpu", 0)
         self.barriers = []
+        self.seq, self.sig = 0, None
+
+    def call_words(self):
+        from ep_comm.core import agreement
+        return agreement.device_words(self.seq, self.sig or agreement.Signature("dispatch")), None
 
     def barrier(self, phase):
         self.barriers.append(phase)
@@ -189,6 +194,10 @@ class _FakeHostStatus:
 
 @pytest.fixture
 def runtime(monkeypatch):
+    return _make_runtime(monkeypatch)
+
+
+def _make_runtime(monkeypatch):
     from ep_comm.runtime import ipc
     from ep_comm.runtime import jit
 
@@ -376,3 +385,143 @@ def test_reused_plans_take_each_calls_pointers_and_hooks_their_own(runtime):
     b = launches[-1][2]
     assert b["phases"] == ll.RECV_PHASE and b["num_tokens"] == 5
     assert b["src_info"] == h0.src_info.data_ptr() and b["cum_stats"] == 0
+
+
+# ------------------------------------------- opt-in call agreement in the count words (issue 23)
+def _tagged_runtime(monkeypatch):
+    from ep_comm.core import agreement
+    monkeypatch.setenv(agreement.LL_AGREE_ENV, "1")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    return _make_runtime(monkeypatch)
+
+
+def _begin(rt, seq, op="low_latency_dispatch", hidden=256, dtype=torch.float8_e4m3fn, e=8, k=3):
+    from ep_comm.core import agreement
+    rt.comm.seq, rt.comm.sig = seq, agreement.Signature(op, hidden, dtype, e, k, -1, rt.sizes[0])
+
+
+def test_count_words_carry_no_tag_by_default(runtime):
+    """Without EP_COMM_LL_KERNEL_AGREEMENT=1 every launch passes call_tag 0: the kernels write
+    and read count words as before (rows + 1)."""
+    assert not runtime.tags_calls
+    _begin(runtime, 5)
+    _, _, _, handle, hook = _dispatch(runtime, hook=True)
+    hook()
+    m, h, e = runtime.sizes
+    runtime.low_latency_combine(torch.zeros(e // 2, 2 * m, h, dtype=torch.bfloat16),
+                                torch.zeros(5, 3, dtype=torch.int64), torch.ones(5, 3), handle,
+                                zero_copy=False, use_logfmt=False, out=None,
+                                return_recv_hook=False, combine_wait_recv_cost_stats=None)
+    assert [a["call_tag"] for _, _, a in runtime.fake_module.launches] == [0, 0, 0]
+
+
+def test_each_call_passes_its_own_tag_through_reused_plans_and_hooks(monkeypatch):
+    """With the variable on, every launch's call_tag is agreement.ll_tag of the current call's
+    device words (sequence number and signature hash), patched into a reused plan per call; a
+    hook launched later still passes its own call's tag."""
+    from ep_comm.core import agreement
+    from ep_comm.core.constants import LL_TAG_SEQ_SHIFT
+    rt = _tagged_runtime(monkeypatch)
+    launches = rt.fake_module.launches
+    tags = []
+    for seq in (1, 2, 3):
+        _begin(rt, seq)
+        _, _, _, _, hook = _dispatch(rt, hook=seq == 1)
+        if seq == 1:
+            hook1 = hook
+        tags.append(agreement.ll_tag(rt.comm.call_words()[0]))
+        assert launches[-1][2]["call_tag"] == tags[-1]
+    assert len(rt._plans) == 2  # seq 1 and 3 shared the half-0 plan
+    assert [t >> LL_TAG_SEQ_SHIFT for t in tags] == [1, 2, 3]
+    assert len({t & 0xFFFF for t in tags}) == 1  # same signature: same hash
+    hook1()
+    assert launches[-1][2]["call_tag"] == tags[0] and launches[-1][2]["phases"] == ll.RECV_PHASE
+
+
+def test_tags_in_a_graph_capture_carry_no_sequence_number(monkeypatch):
+    """Captured launches replay the captured arguments: their tag has sequence bits 0 (compared
+    by hash only, tags_agree), the same whatever call number the capture was."""
+    from ep_comm.core.constants import LL_TAG_SEQ_SHIFT
+    rt = _tagged_runtime(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    got = []
+    for seq in (4, 9):
+        _begin(rt, seq)
+        _dispatch(rt)
+        got.append(rt.fake_module.launches[-1][2]["call_tag"])
+    assert got[0] == got[1] and got[0] >> LL_TAG_SEQ_SHIFT == 0 and got[0] != 0
+
+
+@pytest.mark.parametrize("field,value", [("hidden", 512), ("dtype", torch.bfloat16),
+                                         ("num_experts", 16), ("num_topk", 4),
+                                         ("num_max_tokens", 16)])
+def test_tag_hash_differs_for_every_disagreeing_size(field, value):
+    from ep_comm.core import agreement
+    base = dict(op="low_latency_dispatch", hidden=256, dtype=torch.float8_e4m3fn,
+                num_experts=8, num_topk=3, handle=-1, num_max_tokens=8)
+    tag = lambda sig, seq=7: agreement.ll_tag(agreement.device_words(seq, sig))  # noqa: E731
+    a = tag(agreement.Signature(**base))
+    b = tag(agreement.Signature(**{**base, field: value}))
+    assert a != b and (a & 0xFFFF) != (b & 0xFFFF) and a >> 16 == b >> 16 == 7
+    assert 0 < a < 2**31 and 0 < b < 2**31  # an int32 kernel argument, never 0 (= off)
+    # the sequence number folds into [1, LL_TAG_SEQ_MOD]; handle is not hashed
+    from ep_comm.core.constants import LL_TAG_SEQ_MOD
+    assert tag(agreement.Signature(**base), LL_TAG_SEQ_MOD + 7) == a
+    assert tag(agreement.Signature(**{**base, "handle": 3})) == a
+
+
+def _disagree_words(theirs, mine, peer=0, phase=1, expert=2):
+    from ep_comm.core.constants import STATUS_DISAGREE
+    return [STATUS_DISAGREE, phase, peer, expert, theirs, mine, 0, 0]
+
+
+def test_decoder_names_the_rank_that_skipped_a_call():
+    """Same hash, call numbers 4 here and 3 on the peer: the peer skipped a call; the error is a
+    CollectiveMismatchError on field seq naming it, with the unfolded call numbers."""
+    from ep_comm.backends.kernels import status
+    from ep_comm.errors import CollectiveMismatchError
+    h = 0x1234
+    err = status.decode_status(_disagree_words((3 << 16) | h, (4 << 16) | h), status.LOW_LATENCY,
+                               rank=1, limit_s=3.0, seq=4)
+    assert isinstance(err, CollectiveMismatchError) and err.field == "seq"
+    assert err.values == {"#4": [1], "#3": [0]} and err.call == 4
+    assert "Rank 0 skipped a call" in str(err) and "low_latency_dispatch/recv" in str(err)
+    assert "local expert 2" in str(err)
+    # the other side: this rank is behind (seq hint past the fold)
+    from ep_comm.core.constants import LL_TAG_SEQ_MOD
+    err = status.decode_status(_disagree_words((5 << 16) | h, (4 << 16) | h, peer=1, phase=2),
+                               status.LOW_LATENCY, rank=0, limit_s=3.0, seq=LL_TAG_SEQ_MOD + 4)
+    assert err.values == {f"#{LL_TAG_SEQ_MOD + 4}": [0], f"#{LL_TAG_SEQ_MOD + 5}": [1]}
+    assert "Rank 0 skipped a call" in str(err) and "low_latency_combine/recv" in str(err)
+
+
+def test_decoder_names_the_rank_whose_signature_differs():
+    from ep_comm.backends.kernels import status
+    from ep_comm.errors import CollectiveMismatchError
+    err = status.decode_status(_disagree_words((2 << 16) | 0x0AAA, (2 << 16) | 0x0BBB, peer=1),
+                               status.LOW_LATENCY, rank=0, limit_s=3.0, seq=2)
+    assert isinstance(err, CollectiveMismatchError) and err.field == "signature"
+    assert err.values == {"hash 0x0bbb": [0], "hash 0x0aaa": [1]} and err.call == 2
+    assert "Rank 1's call differs" in str(err) and "hidden" in str(err)
+    assert "EP_COMM_CHECK_AGREEMENT=1" in str(err)
+
+
+def test_disagreement_status_raises_at_the_next_call_until_cleaned(monkeypatch):
+    from ep_comm.errors import CollectiveMismatchError
+    rt = _tagged_runtime(monkeypatch)
+    _begin(rt, 2)
+    rt._status.words[:8] = _disagree_words((1 << 16) | 5, (2 << 16) | 5)
+    for _ in range(2):
+        with pytest.raises(CollectiveMismatchError, match="skipped a call"):
+            _dispatch(rt)
+    m, h, e = rt.sizes
+    rt.clean_low_latency_buffer(m, h, e)
+    _dispatch(rt)
+
+
+def test_decoder_names_a_peer_that_runs_without_the_agreement():
+    from ep_comm.backends.kernels import status
+    from ep_comm.core import agreement
+    err = status.decode_status(_disagree_words(0, (2 << 16) | 7, peer=1), status.LOW_LATENCY,
+                               rank=0, limit_s=3.0, seq=2)
+    assert err.field == agreement.LL_AGREE_ENV and err.values == {"1": [0], "unset": [1]}

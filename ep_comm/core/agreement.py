@@ -18,13 +18,18 @@ import dataclasses
 
 import torch
 
-from ep_comm.core.constants import CALL_SIG_COMPARED, CALL_SIG_FIELDS
+from ep_comm.core.constants import (CALL_SIG_COMPARED, CALL_SIG_FIELDS, LL_TAG_SEQ_MOD,
+                                    LL_TAG_SEQ_SHIFT)
 from ep_comm.errors import CollectiveMismatchError, EpCommError, InputError, PeerInputError
 
 #: ``1``: the kernels backend also agrees on the host in every call, first (one extra small
 #: exchange per call; by default only a dispatch from a layout agrees, in the NVLink notify
 #: kernel). The reference backend always agrees, in the count exchange it already does.
 AGREE_ENV = "EP_COMM_CHECK_AGREEMENT"
+
+#: ``1``: the low-latency kernels agree in their count words (``ll_tag``), read once per Buffer.
+#: Off by default: written and tested on CPU, awaiting its first GPU run (docs/faults.md).
+LL_AGREE_ENV = "EP_COMM_LL_KERNEL_AGREEMENT"
 
 #: Marks a signature vector (a stray or corrupted message shows up as a mismatch on "magic").
 MAGIC = 0x65705F636F6D6D  # "ep_comm"
@@ -107,6 +112,69 @@ def error_from_words(rank: int, rows: dict[int, list[int]],
     except EpCommError as e:
         return e
     return None
+
+
+#: The device words hashed into a low-latency tag: the compared ones less seq (carried apart)
+#: and handle (a dispatch's seq: it would make the hash of a combine change with every call).
+LL_TAG_HASHED = tuple(f for f in CALL_SIG_FIELDS[:CALL_SIG_COMPARED] if f not in ("seq", "handle"))
+_LL_TAG_HASHED_IDX = tuple(CALL_SIG_FIELDS.index(f) for f in LL_TAG_HASHED)
+_HASH_MASK = (1 << LL_TAG_SEQ_SHIFT) - 1
+
+
+def ll_tag_hash(words: list[int]) -> int:
+    """16 bits (FNV-1a 32 folded) of the ``LL_TAG_HASHED`` words of device words ``words``;
+    never 0, so that a tag is never 0 (0 = agreement off)."""
+    h = 0x811C9DC5
+    for i in _LL_TAG_HASHED_IDX:
+        for byte in (words[i] & 0xFFFFFFFF).to_bytes(4, "little"):
+            h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+    h = (h ^ (h >> 16)) & _HASH_MASK
+    return h or 1
+
+
+def ll_tag(words: list[int], capturing: bool = False) -> int:
+    """The low-latency count words' tag of a call (``constants.LL_TAG_SEQ_SHIFT``): its sequence
+    number folded into [1, LL_TAG_SEQ_MOD] (0 while a CUDA graph is captured: a replay
+    repeats the captured tag, so graphs are compared by hash only), then the hash. A positive
+    int32, the kernels' ``call_tag`` argument."""
+    seq = 0 if capturing else (words[0] - 1) % LL_TAG_SEQ_MOD + 1
+    return (seq << LL_TAG_SEQ_SHIFT) | ll_tag_hash(words)
+
+
+def ll_tag_error(rank: int, peer: int, where: str, theirs: int, mine: int,
+                 seq_hint: int) -> EpCommError:
+    """The error of a low-latency kernel that refused ``peer``'s count word (tag ``theirs``,
+    this rank's ``mine``; ``where``: phase and expert). ``seq_hint``: this rank's current
+    sequence number, from which the folded numbers are unfolded. A sequence difference names
+    the rank that skipped a call; a hash difference names the rank whose call differs (the
+    field is not known from a hash: ``EP_COMM_CHECK_AGREEMENT=1`` names it)."""
+    theirs &= 0xFFFFFFFF
+    seq_m, seq_t = mine >> LL_TAG_SEQ_SHIFT, theirs >> LL_TAG_SEQ_SHIFT
+    hash_m, hash_t = mine & _HASH_MASK, theirs & _HASH_MASK
+
+    def unfold(s: int) -> int:  # the call number nearest below seq_hint with this folded value
+        return seq_hint - (((seq_hint - 1) % LL_TAG_SEQ_MOD + 1 - s) % LL_TAG_SEQ_MOD)
+
+    call = unfold(seq_m) if seq_m else seq_hint
+    note = (f"The low-latency kernels refused rank {peer}'s rows ({where}); the status stays "
+            "set until clean_low_latency_buffer. ")
+    if theirs == 0:  # a tag is never 0: the peer runs without the agreement
+        return CollectiveMismatchError(
+            rank, call, LL_AGREE_ENV, {"1": [rank], "unset": [peer]},
+            note + f"Set {LL_AGREE_ENV} the same on every rank. ")
+    if hash_m == hash_t and seq_m and seq_t and seq_m != seq_t:
+        other = call + ((seq_t - seq_m + LL_TAG_SEQ_MOD // 2) % LL_TAG_SEQ_MOD
+                        - LL_TAG_SEQ_MOD // 2)
+        behind = peer if other < call else rank
+        return CollectiveMismatchError(
+            rank, call, "seq", {f"#{call}": [rank], f"#{other}": [peer]},
+            note + f"Rank {behind} skipped a call (its count words carry the lower call "
+            "number). ")
+    return CollectiveMismatchError(
+        rank, call, "signature", {f"hash {hash_m:#06x}": [rank], f"hash {hash_t:#06x}": [peer]},
+        note + f"Rank {peer}'s call differs from this rank's call #{call} in one of "
+        f"{', '.join(LL_TAG_HASHED)} (the kernels compare a hash of them; "
+        f"{AGREE_ENV}=1 names the field). ")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

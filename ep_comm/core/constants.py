@@ -87,6 +87,14 @@ LL_MAX_TOPK = LL_THREADS // 32
 LL_MAX_RANKS = LL_THREADS
 #: int32 words of the low-latency host status word.
 LL_STATUS_WORDS = 8
+#: Call tag of the low-latency count words (opt-in, ``EP_COMM_LL_KERNEL_AGREEMENT=1``): the upper
+#: 32 bits of every count word carry the sender's tag, ``(seq << LL_TAG_SEQ_SHIFT) | hash``, an
+#: int32 kernel argument patched per call (``agreement.ll_tag``). ``hash``: 16 bits of the
+#: compared signature words less seq and handle; ``seq``: the call's sequence number folded into
+#: [1, LL_TAG_SEQ_MOD], or 0 in a CUDA graph capture (a replay repeats it: compared by hash
+#: only). A receiver whose tag differs refuses the peer's rows (``STATUS_DISAGREE``).
+LL_TAG_SEQ_SHIFT = 16
+LL_TAG_SEQ_MOD = 2**15 - 1
 
 # ------------------------------------------------------------------------ status words
 STATUS_OK = 0
@@ -126,6 +134,7 @@ DEVICE_CONSTANTS: dict[str, int | float] = {
     "CALL_SIG_WORDS": CALL_SIG_WORDS,
     "CALL_SIG_COMPARED": CALL_SIG_COMPARED,
     "LL_THREADS": LL_THREADS,
+    "LL_TAG_SEQ_SHIFT": LL_TAG_SEQ_SHIFT,
     "STATUS_TIMEOUT": STATUS_TIMEOUT,
     "STATUS_OVERFLOW": STATUS_OVERFLOW,
     "STATUS_NO_P2P": STATUS_NO_P2P,

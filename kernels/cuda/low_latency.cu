@@ -6,8 +6,10 @@
 // (every byte, when NVLink is not allowed or the peer is not reachable by loads and stores).
 //
 // Completion protocol (both kernels): for every (expert, peer) pair the sender writes a count
-// word = rows + 1, and adds 1 to an arrival word after each row's bytes (a release after the
-// stores, or putmem_signal, which delivers the signal after the data). The receiver waits for
+// word = rows + 1 (with the opt-in agreement, agreement.LL_AGREE_ENV, the call's tag in its
+// upper 32 bits: a receiver whose own tag differs refuses that peer, see tags_agree), and adds 1
+// to an arrival word after each row's bytes (a release after the stores, or putmem_signal,
+// which delivers the signal after the data). The receiver waits for
 // the count word, then for arrivals == count: then all rows are in its memory. Count words do not
 // depend on the data, so they go out first. The receiver zeroes both words after reading them.
 // A word is written again only in the next call on the same buffer half, and that call cannot
@@ -113,6 +115,7 @@ struct DispatchArgs {
     volatile int* host_status;   // int32[8] host-mapped
     int* status_claim;           // local int32
     uint64_t timeout_ns;
+    int call_tag;                // upper 32 bits of the count words; 0 = agreement off
 };
 
 // Sends count words: one warp per destination expert g (all experts, over the whole grid).
@@ -124,7 +127,8 @@ __device__ __forceinline__ void dispatch_send_counts(const DispatchArgs& a, int 
         const int n = rows_with_expert(a.topk_idx, a.num_topk, g, a.num_tokens, lane);
         if (lane == 0) {
             uint64_t* sig = a.recv_count_sig + static_cast<size_t>(g % local) * a.num_ranks + a.rank;
-            signal_set(sig, static_cast<uint64_t>(n) + 1, pe, a.nvlink);
+            signal_set(sig, tagged_count(a.call_tag, static_cast<uint64_t>(n) + 1), pe,
+                       a.nvlink);
         }
     }
 }
@@ -284,13 +288,22 @@ __device__ __forceinline__ bool dispatch_recv(const DispatchArgs& a, int warp, i
                 uint64_t* count_sig = a.recv_count_sig + static_cast<size_t>(e) * r_n + s;
                 uint64_t* arrive_sig = a.recv_arrive_sig + static_cast<size_t>(e) * r_n + s;
                 uint64_t seen;
-                if (!wait_at_least(count_sig, 1, deadline, &seen)) {
+                // With agreement on, a refusal anywhere in this buffer ends every wait.
+                const int* abort = a.call_tag != 0 ? a.status_claim : nullptr;
+                if (!wait_at_least(count_sig, 1, deadline, &seen, abort)) {
                     report_timeout(a.host_status, a.status_claim, kPhaseDispatchRecv, s, e,
                                    kAwaitCount, seen, 1);
                     s_fail = 1;
+                } else if (!tags_agree(a.call_tag, static_cast<uint32_t>(seen >> 32))) {
+                    // Another call's count (a skipped call, or another signature): none of
+                    // this expert's rows are written; the words stay for clean_low_latency_buffer.
+                    report_disagree(a.host_status, a.status_claim, kPhaseDispatchRecv, s, e,
+                                    static_cast<uint32_t>(seen >> 32), a.call_tag);
+                    s_fail = 1;
                 } else {
-                    n = static_cast<int>(seen - 1);
-                    if (!wait_at_least(arrive_sig, static_cast<uint64_t>(n), deadline, &seen)) {
+                    n = static_cast<int>(static_cast<uint32_t>(seen)) - 1;
+                    if (!wait_at_least(arrive_sig, static_cast<uint64_t>(n), deadline, &seen,
+                                       abort)) {
                         report_timeout(a.host_status, a.status_claim, kPhaseDispatchRecv, s, e,
                                        kAwaitArrivals, seen, n);
                         s_fail = 1;
@@ -425,6 +438,7 @@ struct CombineArgs {
     volatile int* host_status;
     int* status_claim;
     uint64_t timeout_ns;
+    int call_tag;                // upper 32 bits of the count words; 0 = agreement off
 };
 
 // Sends expert outputs back: one block per local expert; a warp per row; count words to every
@@ -458,7 +472,9 @@ __device__ __forceinline__ void combine_send(const CombineArgs& a, int warp, int
         __syncthreads();
         for (int s = threadIdx.x; s < r_n; s += kThreads) {
             if (rank_masked(a.mask, s, a.rank)) continue;
-            signal_set(a.recv_count_sig + g, static_cast<uint64_t>(s_count[s]) + 1, s, a.nvlink);
+            signal_set(a.recv_count_sig + g,
+                       tagged_count(a.call_tag, static_cast<uint64_t>(s_count[s]) + 1), s,
+                       a.nvlink);
         }
         const int total = s_cum[r_n];
         const size_t expert_row0 = static_cast<size_t>(e) * rows;
@@ -548,14 +564,21 @@ __device__ __forceinline__ bool combine_recv(const CombineArgs& a, int warp, int
         const int owner = g / local;
         if (rank_masked(a.mask, owner, a.rank)) continue;
         uint64_t seen;
-        if (!wait_at_least(a.recv_count_sig + g, 1, deadline, &seen)) {
+        const int* abort = a.call_tag != 0 ? a.status_claim : nullptr;
+        if (!wait_at_least(a.recv_count_sig + g, 1, deadline, &seen, abort)) {
             report_timeout(a.host_status, a.status_claim, kPhaseCombineRecv, owner, g,
                            kAwaitCount, seen, 1);
             s_fail = 1;
             continue;
         }
-        const uint64_t n = seen - 1;
-        if (!wait_at_least(a.recv_arrive_sig + g, n, deadline, &seen)) {
+        if (!tags_agree(a.call_tag, static_cast<uint32_t>(seen >> 32))) {
+            report_disagree(a.host_status, a.status_claim, kPhaseCombineRecv, owner, g,
+                            static_cast<uint32_t>(seen >> 32), a.call_tag);
+            s_fail = 1;
+            continue;
+        }
+        const uint64_t n = static_cast<uint32_t>(seen) - 1ull;
+        if (!wait_at_least(a.recv_arrive_sig + g, n, deadline, &seen, abort)) {
             report_timeout(a.host_status, a.status_claim, kPhaseCombineRecv, owner, g,
                            kAwaitArrivals, seen, n);
             s_fail = 1;
@@ -653,7 +676,7 @@ __device__ __forceinline__ void combine(const CombineArgs& a) {
         uint64_t *recv_count_sig, uint64_t *recv_arrive_sig, int msg_stride, const int *mask,    \
         void *recv_x, void *recv_scales, int *src_info, int *range_begin, int *range_count,      \
         int *recv_count, int *cum_stats, long long *wait_stats, int *host_status,                \
-        int *status_claim, uint64_t timeout_ns
+        int *status_claim, uint64_t timeout_ns, int call_tag
 
 #define EP_LL_DISPATCH_ARGS                                                                     \
     ep_ll::DispatchArgs {                                                                        \
@@ -661,7 +684,7 @@ __device__ __forceinline__ void combine(const CombineArgs& a) {
             round_scale != 0, ue8m0 != 0, nvlink != 0, phases, send_stage, recv_msgs,            \
             recv_count_sig, recv_arrive_sig, msg_stride, mask, recv_x, recv_scales, src_info,    \
             range_begin, range_count, recv_count, cum_stats, wait_stats, host_status,            \
-            status_claim, timeout_ns                                                             \
+            status_claim, timeout_ns, call_tag                                                   \
     }
 
 extern "C" __global__ void __launch_bounds__(ep_ll::kThreads, 1)
@@ -682,10 +705,10 @@ extern "C" __global__ void __launch_bounds__(ep_ll::kThreads, 1)
                   int nvlink, int phases, __nv_bfloat16 *send_stage, __nv_bfloat16 *recv_rows,
                   uint64_t *recv_count_sig, uint64_t *recv_arrive_sig, int *done_counter,
                   const int *mask, long long *wait_stats, int *host_status, int *status_claim,
-                  uint64_t timeout_ns) {
+                  uint64_t timeout_ns, int call_tag) {
     ep_ll::combine(ep_ll::CombineArgs{
         x, zero_copy != 0, src_info, range_begin, range_count, topk_idx, topk_weights, out,
         num_tokens, num_topk, hidden, num_experts, num_ranks, rank, max_tokens, nvlink != 0,
         phases, send_stage, recv_rows, recv_count_sig, recv_arrive_sig, done_counter, mask,
-        wait_stats, host_status, status_claim, timeout_ns});
+        wait_stats, host_status, status_claim, timeout_ns, call_tag});
 }

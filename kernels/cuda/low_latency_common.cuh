@@ -28,20 +28,25 @@ constexpr int kRecvPhase = 2;
 // The fields are written before the code, with a system fence between, so a host that sees the
 // code sees the fields. ep_comm/backends/kernels/status.py decodes it.
 constexpr int kStatusTimeout = EP_STATUS_TIMEOUT;
+constexpr int kStatusDisagree = EP_STATUS_DISAGREE;
 constexpr int kPhaseDispatchRecv = EP_PHASE_LL_DISPATCH_RECV;
 constexpr int kPhaseCombineRecv = EP_PHASE_LL_COMBINE_RECV;
 constexpr int kAwaitCount = 0;
 constexpr int kAwaitArrivals = 1;
 
 // Spin until *p >= target or the deadline passes. Returns whether the target was reached and
-// the last value seen (for the error message).
+// the last value seen (for the error message). `abort` (the status claim, or null): give up
+// early once any block of this buffer has reported (the call is refused: opt-in agreement).
 __device__ __forceinline__ bool wait_at_least(const uint64_t* p, uint64_t target,
-                                              uint64_t deadline_ns, uint64_t* seen) {
+                                              uint64_t deadline_ns, uint64_t* seen,
+                                              const int* abort = nullptr) {
     uint64_t v;
     int spins = 0;
     while ((v = ld_acquire_sys(p)) < target) {
         // The timer is read every few polls only: it is a slow register.
-        if ((++spins & 63) == 0 && globaltimer_ns() > deadline_ns) {
+        if ((++spins & 63) == 0 &&
+            (globaltimer_ns() > deadline_ns ||
+             (abort != nullptr && *static_cast<const volatile int*>(abort) != 0))) {
             *seen = v;
             return false;
         }
@@ -64,6 +69,41 @@ __device__ __forceinline__ void report_timeout(volatile int* host_status, int* c
     host_status[6] = static_cast<int>(wanted);
     __threadfence_system();
     host_status[0] = kStatusTimeout;
+    __threadfence_system();
+}
+
+// Call tags (opt-in agreement, ep_comm/core/constants.py LL_TAG_*): a count word is
+// (tag << 32) | (rows + 1); tag 0 = agreement off (the word is rows + 1, as without tags).
+constexpr int kTagSeqShift = EP_LL_TAG_SEQ_SHIFT;
+constexpr uint32_t kTagHashMask = (1u << kTagSeqShift) - 1;
+
+__device__ __forceinline__ uint64_t tagged_count(int tag, uint64_t rows_plus_one) {
+    return (static_cast<uint64_t>(static_cast<uint32_t>(tag)) << 32) | rows_plus_one;
+}
+
+// Whether a peer's tag agrees with this call's: equal hashes, and equal sequence numbers unless
+// either is 0 (a CUDA graph capture). Always true with agreement off (mine == 0).
+__device__ __forceinline__ bool tags_agree(int mine, uint32_t theirs) {
+    const uint32_t m = static_cast<uint32_t>(mine);
+    if (m == 0) return true;
+    if ((m & kTagHashMask) != (theirs & kTagHashMask)) return false;
+    const uint32_t sm = m >> kTagSeqShift, st = theirs >> kTagSeqShift;
+    return sm == 0 || st == 0 || sm == st;
+}
+
+// A peer's count word carried another call's tag: [0] STATUS_DISAGREE, [1] phase, [2] peer,
+// [3] index (expert), [4] the peer's tag, [5] this rank's (status.py decodes it).
+__device__ __forceinline__ void report_disagree(volatile int* host_status, int* claim, int phase,
+                                                int peer, int index, uint32_t theirs, int mine) {
+    if (host_status == nullptr || atomicCAS(claim, 0, 1) != 0) return;
+    host_status[1] = phase;
+    host_status[2] = peer;
+    host_status[3] = index;
+    host_status[4] = static_cast<int>(theirs);
+    host_status[5] = mine;
+    host_status[6] = 0;
+    __threadfence_system();
+    host_status[0] = kStatusDisagree;
     __threadfence_system();
 }
 

@@ -32,7 +32,7 @@ LL_DISPATCH = (
     ("msg_stride", "i"), ("mask", "p"), ("recv_x", "p"), ("recv_scales", "p"),
     ("src_info", "p"), ("range_begin", "p"), ("range_count", "p"), ("recv_count", "p"),
     ("cum_stats", "p"), ("wait_stats", "p"), ("host_status", "p"), ("status_claim", "p"),
-    ("timeout_ns", "u64"),
+    ("timeout_ns", "u64"), ("call_tag", "i"),
 )
 LL_COMBINE = (
     ("x", "p"), ("zero_copy", "i"), ("src_info", "p"), ("range_begin", "p"),
@@ -41,7 +41,7 @@ LL_COMBINE = (
     ("num_ranks", "i"), ("rank", "i"), ("max_tokens", "i"), ("nvlink", "i"), ("phases", "i"),
     ("send_stage", "p"), ("recv_rows", "p"), ("recv_count_sig", "p"), ("recv_arrive_sig", "p"),
     ("done_counter", "p"), ("mask", "p"), ("wait_stats", "p"), ("host_status", "p"),
-    ("status_claim", "p"), ("timeout_ns", "u64"),
+    ("status_claim", "p"), ("timeout_ns", "u64"), ("call_tag", "i"),
 )
 
 

@@ -38,10 +38,11 @@ what was awaited. A buffer that timed out stays failed (every call raises) until
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 
-from ep_comm.core import fp8
+from ep_comm.core import agreement, fp8
 from ep_comm.runtime import jit, nvshmem
 from ep_comm.runtime.comm import Comm, timeout_s
 from ep_comm.backends.kernels import args, status
@@ -96,9 +97,10 @@ class LowLatencyState:
 #: buffer half, scale format) and written once, when the plan is built.
 LL_DISPATCH_PER_CALL = ("x", "topk_idx", "num_tokens", "num_topk", "recv_x", "recv_scales",
                         "src_info", "range_begin", "range_count", "recv_count", "cum_stats",
-                        "wait_stats", "phases")
+                        "wait_stats", "call_tag", "phases")
 LL_COMBINE_PER_CALL = ("x", "zero_copy", "src_info", "range_begin", "range_count", "topk_idx",
-                       "topk_weights", "out", "num_tokens", "num_topk", "wait_stats", "phases")
+                       "topk_weights", "out", "num_tokens", "num_topk", "wait_stats", "call_tag",
+                       "phases")
 
 
 class LowLatencyRuntime:
@@ -137,6 +139,8 @@ class LowLatencyRuntime:
         # Read once per Buffer: a change of EP_COMM_TIMEOUT_S applies to Buffers created later.
         self._limit_s = timeout_s()
         self._timeout_ns_value = int(self._limit_s * 1e9)
+        # EP_COMM_LL_KERNEL_AGREEMENT=1 (read once): count words carry the call's tag.
+        self.tags_calls = os.environ.get(agreement.LL_AGREE_ENV) == "1"
         # plan key (kernel, shape, half, format) -> (jit.PreparedLaunch, per-call slots)
         self._plans: dict = {}
         # Peers may write into this buffer as soon as they return: everyone's zeroes first.
@@ -167,7 +171,7 @@ class LowLatencyRuntime:
         if not any(words):
             return
         err = status.decode_status(words, status.LOW_LATENCY, self.rank, self._limit_s,
-                                   self.comm.node_of())
+                                   self.comm.node_of(), seq=self.comm.seq)
         if err is not None:
             raise err
 
@@ -189,6 +193,15 @@ class LowLatencyRuntime:
             slot.value = value
         prepared.grid = grid
         prepared.launch(jit.current_stream_handle(self._dev_index))
+
+    def call_tag(self) -> int:
+        """The current call's ``call_tag`` argument: its ``agreement.ll_tag`` (sequence number
+        and signature hash, from ``Comm.call_words``) with the opt-in agreement, else 0 (the
+        kernels then write and read count words without tags)."""
+        if not self.tags_calls:
+            return 0
+        words, _ = self.comm.call_words()
+        return agreement.ll_tag(words, torch.cuda.is_current_stream_capturing())
 
     @staticmethod
     def _ptr_of(t: torch.Tensor | None) -> int:
@@ -233,7 +246,7 @@ class LowLatencyRuntime:
                     0 if recv_scales is None else recv_scales.data_ptr(), src_info.data_ptr(),
                     range_begin.data_ptr(), range_count.data_ptr(), recv_count.data_ptr(),
                     self._ptr_of(cumulative_local_expert_recv_stats),
-                    self._ptr_of(dispatch_wait_recv_cost_stats))
+                    self._ptr_of(dispatch_wait_recv_cost_stats), self.call_tag())
         key = (kernel, m, hidden, num_experts, half, round_flag, int(use_ue8m0))
         plan = self._plans.get(key)
         if plan is None:
@@ -310,7 +323,7 @@ class LowLatencyRuntime:
         per_call = (src.data_ptr(), int(zero_copy), handle.src_info.data_ptr(),
                     handle.range_begin.data_ptr(), handle.range_count.data_ptr(),
                     topk_idx.data_ptr(), topk_weights.data_ptr(), result.data_ptr(), t, k,
-                    self._ptr_of(combine_wait_recv_cost_stats))
+                    self._ptr_of(combine_wait_recv_cost_stats), self.call_tag())
         if plan is None:
             values = dict(zip(LL_COMBINE_PER_CALL, per_call + (0,)))
             values.update(

@@ -19,6 +19,9 @@ codes and phases: ``ep_comm.core.constants``):
   is the one ``ep_comm.core.agreement`` raises on the reference backend.
 * low-latency (``LOW_LATENCY``): ``[0]`` code, ``[1]`` phase, ``[2]`` peer rank, ``[3]`` expert
   index, ``[4]`` what was awaited (0: a count word, 1: arrivals), ``[5]`` seen, ``[6]`` wanted.
+  ``STATUS_DISAGREE`` (opt-in ``EP_COMM_LL_KERNEL_AGREEMENT=1``: a peer's count word carried
+  another call's tag, ``agreement.ll_tag``): ``[2]`` that peer, ``[3]`` the expert, ``[4]`` the
+  peer's tag, ``[5]`` this rank's; decoded by ``agreement.ll_tag_error``.
 """
 from __future__ import annotations
 
@@ -78,7 +81,8 @@ LOW_LATENCY = Family(
 
 def decode_status(words, family: Family, rank: int, limit_s: float,
                   node: int | None = None, call_sigs=None,
-                  own_input: "agreement.BadInput | None" = None) -> EpCommError | None:
+                  own_input: "agreement.BadInput | None" = None,
+                  seq: int = 0) -> EpCommError | None:
     """The error a status word reports, or None when its code is 0.
 
     Args:
@@ -91,6 +95,8 @@ def decode_status(words, family: Family, rank: int, limit_s: float,
             ``CALL_SIG_WORDS`` int32, rank r's signature of the refused call in row r.
         own_input: this rank's bad input in the refused call, if any (its ``InputError``
             text, which the words do not hold).
+        seq: this rank's current call number (low-latency ``STATUS_DISAGREE``: unfolds the
+            tags' call numbers).
     """
     code = int(words[0])
     if code == STATUS_OK:
@@ -98,6 +104,10 @@ def decode_status(words, family: Family, rank: int, limit_s: float,
     phase_id, peer = int(words[1]), int(words[2])
     phase = family.phases.get(phase_id, f"phase {phase_id}")
     if family is LOW_LATENCY:
+        if code == STATUS_DISAGREE:
+            thing = family.waited_for.get(phase_id, "a signal").format(index=int(words[3]))
+            return agreement.ll_tag_error(rank, peer, f"{phase}, {thing}", int(words[4]),
+                                          int(words[5]), seq)
         if code != STATUS_TIMEOUT:
             return KernelError(f"rank {rank}: low-latency kernel reported unknown status {code} "
                                f"(words {list(map(int, words[:8]))})")
