@@ -16,8 +16,11 @@
 # sizes that span the range instead of every size. Measured 2026-12-03 on one H200 (logs in
 # bench/results/logs/gpu-suite-*-2026-12-03-*): the machine finishes about 3 test-seconds per
 # wall second with 4 shards and with 6 alike (the 54 tests both runs finished took 317 s and
-# 331 s), so more shards do not shorten the test step; the GPU tests measured so far add up to
-# about 1100 test-seconds, more than 4 shards finish in the step's 270 s.
+# 331 s), so more shards do not shorten the test step; the GPU tests then added up to about
+# 1100 test-seconds, more than 4 shards finished in the step's 270 s. The heaviest sweeps were
+# cut on 2026-12-07 (to an estimated 900-950 test-seconds against the ~880 that the step's
+# 285 s holds); the full suite then ended in 505 s on one H100, but its log was lost, so
+# whether the test step now fits is still to be seen in the next run's step table.
 #
 # It writes at most 5 files into $OUT (copy nothing else there: the device tool returns only a
 # few files per call, and on 2026-12-07 extra JSON copies crowded out suite.log and summary.txt):
