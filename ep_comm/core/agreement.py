@@ -15,6 +15,7 @@ raise ``PeerInputError`` naming it instead of waiting for a call that will never
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -124,9 +125,16 @@ _HASH_MASK = (1 << LL_TAG_SEQ_SHIFT) - 1
 def ll_tag_hash(words: list[int]) -> int:
     """16 bits (FNV-1a 32 folded) of the ``LL_TAG_HASHED`` words of device words ``words``;
     never 0, so that a tag is never 0 (0 = agreement off)."""
+    return _fnv16(tuple(words[i] for i in _LL_TAG_HASHED_IDX))
+
+
+@functools.lru_cache(maxsize=256)
+def _fnv16(values: tuple) -> int:
+    # Cached: a decode loop repeats a handful of call shapes, and the byte loop would cost
+    # ~10 us of Python in every low-latency call.
     h = 0x811C9DC5
-    for i in _LL_TAG_HASHED_IDX:
-        for byte in (words[i] & 0xFFFFFFFF).to_bytes(4, "little"):
+    for v in values:
+        for byte in (v & 0xFFFFFFFF).to_bytes(4, "little"):
             h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
     h = (h ^ (h >> 16)) & _HASH_MASK
     return h or 1
