@@ -220,9 +220,7 @@ class Buffer:
         and checks it itself, and raises ``bad`` after the exchange; otherwise it is exchanged
         here (always on the reference backend, with ``EP_COMM_CHECK_AGREEMENT=1`` on the
         kernels backend) or ``bad`` is raised at once."""
-        fuses = getattr(self.backend, "fuses_agreement", False)
-        # a method of Backend; a plain bool attribute (a backend of an older layout) also counts
-        fused = fuses(sig.op, waits_for_counts) if callable(fuses) else bool(fuses)
+        fused = self.backend.fuses_agreement(sig.op, waits_for_counts)
         agree = fused or self._agree_always
         # The progress record (a store write, tens of microseconds) serves the host's own
         # timeout diagnosis; the kernels report their timeouts themselves (status word).
@@ -498,7 +496,6 @@ class Buffer:
             num_experts, -1 if topk_idx is None else topk_idx.shape[1],
             -1 if handle is None else getattr(handle.backend_state, "call_seq", -1)), bad,
             waits_for_counts=handle is None and num_worst_tokens == 0)
-
 
         # Only an expanding call passes expand: the other backends' dispatch does not take it.
         extra = {} if expand is None else {"expand": expand}
