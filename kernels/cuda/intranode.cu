@@ -187,6 +187,38 @@ __device__ __forceinline__ void store_scales(float* dst, const float* src, const
 // rank, then source token, as the rows of a non-expanded dispatch do. A row past source s's
 // block of the expert (expand_base[s + 1, expert]) is dropped: only a token naming an expert
 // twice (which the layout counts once) can reach one, and it must not land in another block.
+// One row (row_int4 int4 at src) into every row of dst that lane k < K names in my_row (rows
+// outside [0, num_rows) are skipped), by one warp. Each piece of the source is loaded into the
+// warp's stage once and stored K times: a token with K entries here then costs the round trips
+// of one row, where K warp_copy calls would wait K times as long for the same source.
+__device__ __forceinline__ void warp_copy_fanout(int4* __restrict__ dst, int row_int4, int my_row,
+                                                 int K, int num_rows,
+                                                 const int4* __restrict__ src, int lane) {
+    int4* stage = warp_stage() + lane;
+    for (int piece = 0; piece < row_int4; piece += kStagePerWarp) {
+        const int n = row_int4 - piece - lane;  // element u * 32 of this lane's view exists iff u * 32 < n
+#pragma unroll
+        for (int u = 0; u < kStagePerLane; ++u)
+            if (u * 32 < n) cp_async16(stage + u * 32, src + piece + lane + u * 32);
+        cp_async_wait_all();  // each lane stores only what it loaded itself: no warp barrier
+        for (int k = 0; k < K; ++k) {
+            const int row = __shfl_sync(kFullMask, my_row, k);
+            if (row < 0 || row >= num_rows) continue;
+            int4* d = dst + static_cast<long long>(row) * row_int4 + piece + lane;
+#pragma unroll
+            for (int u = 0; u < kStagePerLane; ++u)
+                if (u * 32 < n) d[u * 32] = stage[u * 32];
+        }
+    }
+}
+
+// A token of source s (payload at src, scales at src_scales, small fields f with local expert
+// ids) into its expanded rows, one per top-k entry whose expert is here (one warp). Row of entry
+// k: expand_base[s, expert] + f.pos (see nvl_notify), so within an expert the rows come by source
+// rank, then source token, as the rows of a non-expanded dispatch do. A row past source s's
+// block of the expert (expand_base[s + 1, expert]) is dropped: only a token naming an expert
+// twice (which the layout counts once) can reach one, and it must not land in another block.
+// Rows past num_exp_rows are dropped too (overflow: notify reported it).
 template <bool kRemoteSrc>
 __device__ __forceinline__ void put_token_expanded(const DispatchArgs& a, const int4* src,
                                                    const float* src_scales, const SmallFields& f,
@@ -195,17 +227,16 @@ __device__ __forceinline__ void put_token_expanded(const DispatchArgs& a, const 
     if (lane < a.K && f.idx >= 0) {
         const int* base = a.expand_base + s * a.L + static_cast<int>(f.idx);
         const int lo = __ldg(base), hi = __ldg(base + a.L);
-        if (f.pos < hi - lo) my_row = lo + f.pos;
+        if (f.pos < hi - lo && lo + f.pos < a.num_exp_rows) my_row = lo + f.pos;
     }
+    warp_copy_fanout(a.exp_x, a.row_int4, my_row, a.K, a.num_exp_rows, src, lane);
+    if (a.exp_w != nullptr && my_row >= 0) a.exp_w[my_row] = f.w;  // lane k: entry k's weight
+    if (a.exp_scales == nullptr) return;
     for (int k = 0; k < a.K; ++k) {
         const int row = __shfl_sync(kFullMask, my_row, k);
-        const float w = __shfl_sync(kFullMask, f.w, k);
-        if (row < 0 || row >= a.num_exp_rows) continue;  // overflow: notify reported it
-        warp_copy(a.exp_x + static_cast<long long>(row) * a.row_int4, src, a.row_int4, lane);
-        if (a.exp_scales != nullptr)
-            store_scales<kRemoteSrc>(a.exp_scales + static_cast<long long>(row) * a.num_scales,
-                                     src_scales, f, a.num_scales, lane);
-        if (a.exp_w != nullptr && lane == 0) a.exp_w[row] = w;
+        if (row < 0) continue;
+        store_scales<kRemoteSrc>(a.exp_scales + static_cast<long long>(row) * a.num_scales,
+                                 src_scales, f, a.num_scales, lane);
     }
 }
 
