@@ -324,6 +324,27 @@ def task_gpu_bad_ids(ctx) -> dict:
     return res
 
 
+def task_gpu_bad_ids_later_call(ctx, value: str, bad_rank: int | None) -> dict:
+    """Kernels backend: a first exact round (the host checks the ids of a shape's first call),
+    then a layout + dispatch whose ids the host does not read, with ``value`` at token 3, column
+    1 on ``bad_rank`` (None: every rank). The layout kernel records it and the notify kernel
+    refuses the dispatch on every rank: InputError on a bad rank, PeerInputError naming it on
+    the others; then one more exact round (the record was cleared)."""
+    assert os.environ.get("EP_COMM_CHECK_IDS") is None
+    case = Case(seed=18, num_experts=16, backend="kernels")
+    x, idx, w = (t.to(ctx.device) for t in all_inputs(case, ctx.world_size)[ctx.rank])
+    buf = make_buffer(ctx, case)
+    try:
+        normal_round(ctx, buf, case)
+        bad = idx.clone()
+        if bad_rank is None or ctx.rank == bad_rank:
+            bad[3, 1] = BAD_IDS[value](case.num_experts)
+        res = _outcome(lambda: _layout_and_dispatch(buf, x, bad, w, case.num_experts))
+        return _exact_after(ctx, buf, False, None, case, res)
+    finally:
+        buf.destroy()
+
+
 def task_gpu_stuck(ctx, stuck: int) -> dict:
     """Kernels backend: ``stuck`` stops calling; the other raises a named timeout, then
     BufferFailedError at once."""

@@ -149,6 +149,24 @@ def test_gpu_kernels_out_of_range_ids_are_named_before_any_kernel(gpu_ranks):
         assert res["ll"]["error"] == "InputError" and "= 17" in res["ll"]["message"]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("value,bad_rank", [("E+1", 1), ("-2", None)])
+def test_gpu_kernels_bad_ids_of_a_later_call_are_refused_on_every_rank(gpu_ranks, value,
+                                                                       bad_rank):
+    """Kernels backend, 2 ranks: ids the host does not read (a shape's later call) are found by
+    the layout kernel; the notify kernel refuses the dispatch on every rank, naming the bad
+    rank's token and value, and the Buffer then gives exact results."""
+    results = gpu_ranks(2).run(fc.task_gpu_bad_ids_later_call, value, bad_rank)
+    shown = {"E+1": "topk_idx[3, 1] = 17", "-2": "topk_idx[3, 1] = -2"}[value]
+    for r, res in enumerate(results):
+        if bad_rank is None or r == bad_rank:
+            assert res["error"] == "InputError" and shown in res["message"], res
+        else:
+            assert res["error"] == "PeerInputError" and res["peer"] == bad_rank, res
+            assert shown in res["message"], res
+        assert res["after"] == "exact"
+
+
 def run_fresh_gpu(fn, *args, env=None):
     """Run ``fn`` on a fresh pool of 2 GPU ranks with the short timeout (a test that breaks
     its group; ``env``: more variables); skips without 2 GPUs or 2 ranks per GPU."""

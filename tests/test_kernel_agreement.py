@@ -148,6 +148,47 @@ def test_peer_bad_input_raises_peer_input_error_naming_it(two_ranks):
     assert "rank 1" in str(e.value) and "topk_idx[5, 0] = 99" in str(e.value)
 
 
+def test_bad_id_found_by_the_layout_kernel_is_this_ranks_input_error(two_ranks):
+    """No host check ran (a later call of the shape), but the notify kernel put the layout
+    kernel's bad-id record into this rank's words: an InputError here, not a PeerInputError
+    naming itself; and it comes before a peer's bad input."""
+    rt = two_ranks
+    sig = agreement.Signature("dispatch", 256, torch.bfloat16, 8, 2)
+    _call(rt, sig)
+
+    def kernel(name, values):
+        if name == "nvl_notify":
+            assert values["sig"][STATUS] == 0  # the host found nothing
+            assert values["id_check"] == rt._id_check.data_ptr()
+            mine = list(values["sig"])
+            mine[STATUS:STATUS + 4] = [1, 3, 1, 17]  # what the kernel sends from id_check
+            _refuse(rt, {0: mine, 1: agreement.device_words(
+                1, sig, agreement.BadInput(0, 0, 99, "bad"))})
+    rt.fake_module.on_launch = kernel
+    with pytest.raises(InputError, match=r"topk_idx\[3, 1\] = 17 is out of range \(token 3\)"):
+        _dispatch(rt)
+
+
+def test_layout_and_notify_share_the_bad_id_record(two_ranks):
+    """The layout kernel and the notify kernel get the same record, which starts empty (all
+    ones); the key packs token, column and value as the kernels' bad_id_key does."""
+    from ep_comm.core.constants import ID_CHECK_COL_SHIFT, ID_CHECK_TOKEN_SHIFT
+    rt = two_ranks
+    seen = {}
+
+    def kernel(name, values):
+        seen[name] = values.get("id_check")
+    rt.fake_module.on_launch = kernel
+    _call(rt, agreement.Signature("dispatch", 256, torch.bfloat16, 8, 2))
+    _dispatch(rt)
+    assert seen["nvl_get_dispatch_layout"] == seen["nvl_notify"] == rt._id_check.data_ptr()
+    assert rt._id_check.tolist() == [-1]
+    key = (3 << ID_CHECK_TOKEN_SHIFT) | (1 << ID_CHECK_COL_SHIFT) | (17 & 0xFFFFFFFF)
+    assert (key >> ID_CHECK_TOKEN_SHIFT, (key >> ID_CHECK_COL_SHIFT) & 0xFF, key & 0xFFFFFFFF) \
+        == (3, 1, 17)
+    assert ID_CHECK_TOKEN_SHIFT - ID_CHECK_COL_SHIFT == 8  # top-k columns < 256
+
+
 def test_refusal_of_a_call_that_did_not_wait_is_raised_by_the_next_call(two_ranks):
     """num_worst_tokens: nothing waits for the notify kernel, so its refusal is raised by the
     next call of the runtime (the dispatch kernel itself moved nothing)."""

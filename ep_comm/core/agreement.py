@@ -233,12 +233,18 @@ def check(rank: int, seq: int, vectors: dict[int, torch.Tensor],
             raise CollectiveMismatchError(rank, seq, field, values, detail)
     if own_error is not None:
         raise own_error.error()
-    for r, row in rows.items():
-        if row[_STATUS]:
-            tok, col, val = row[_STATUS + 1:_STATUS + 4]
-            what = (f"topk_idx[{tok}, {col}] = {val} is out of range" if col >= 0 else
-                    f"x[{tok}, {-col - 2}] is NaN/Inf" if col <= -2 else "input check failed")
-            raise PeerInputError(rank, seq, r, what)
+    # This rank's words can say bad input without own_error: the check ran on the device (the
+    # layout kernel, for a call whose ids the host did not read). Its own error comes first.
+    bad = [r for r, row in rows.items() if row[_STATUS]]
+    for r in sorted(bad, key=lambda r: r != rank):
+        tok, col, val = rows[r][_STATUS + 1:_STATUS + 4]
+        what = (f"topk_idx[{tok}, {col}] = {val} is out of range" if col >= 0 else
+                f"x[{tok}, {-col - 2}] is NaN/Inf" if col <= -2 else "input check failed")
+        if r == rank:
+            raise InputError(f"{what} (token {tok}): expert ids must lie in [-1, num_experts); "
+                             f"found on the device by get_dispatch_layout's kernel, so every "
+                             f"rank refused the dispatch that used this layout")
+        raise PeerInputError(rank, seq, r, what)
 
 
 def first_bad_expert(topk_idx: torch.Tensor, num_experts: int) -> BadInput | None:

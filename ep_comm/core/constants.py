@@ -96,6 +96,14 @@ LL_STATUS_WORDS = 8
 LL_TAG_SEQ_SHIFT = 16
 LL_TAG_SEQ_MOD = 2**15 - 1
 
+#: The layout kernel's record of the first expert id outside [-1, E) (per-call id check on the
+#: device, docs/faults.md): one uint64 per Buffer, all ones = none, else ``token <<
+#: ID_CHECK_TOKEN_SHIFT | column << ID_CHECK_COL_SHIFT | (uint32) value`` (value clamped to int32),
+#: so that ``atomicMin`` keeps the first entry in row-major order. The next notify kernel moves it
+#: into its call signature (status, bad_token, bad_col, bad_value) and clears it.
+ID_CHECK_TOKEN_SHIFT = 40
+ID_CHECK_COL_SHIFT = 32
+
 # ------------------------------------------------------------------------ status words
 STATUS_OK = 0
 STATUS_TIMEOUT = 1
@@ -135,6 +143,8 @@ DEVICE_CONSTANTS: dict[str, int | float] = {
     "CALL_SIG_COMPARED": CALL_SIG_COMPARED,
     "LL_THREADS": LL_THREADS,
     "LL_TAG_SEQ_SHIFT": LL_TAG_SEQ_SHIFT,
+    "ID_CHECK_TOKEN_SHIFT": ID_CHECK_TOKEN_SHIFT,
+    "ID_CHECK_COL_SHIFT": ID_CHECK_COL_SHIFT,
     "STATUS_TIMEOUT": STATUS_TIMEOUT,
     "STATUS_OVERFLOW": STATUS_OVERFLOW,
     "STATUS_NO_P2P": STATUS_NO_P2P,

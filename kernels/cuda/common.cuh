@@ -3,6 +3,7 @@
 // GPU writes (over NVLink stores or NVSHMEM puts), which need system-scope ordering.
 #pragma once
 
+#include <climits>
 #include <cstdint>
 
 // Constants shared with the host come from ep_comm/core/constants.py, passed by the run-time
@@ -68,5 +69,15 @@ constexpr int kCallSigCompared = EP_CALL_SIG_COMPARED;
 struct CallSig {
     int w[kCallSigWords];
 };
+
+// The per-call expert-id check on the device (constants.ID_CHECK_*): the layout kernel keeps the
+// first id outside [-1, E) in one uint64 with atomicMin on this key (token, then column, first),
+// the next notify kernel reads it into its signature's status words. kNoBadId: none.
+constexpr unsigned long long kNoBadId = ~0ull;
+__device__ __forceinline__ unsigned long long bad_id_key(int t, int k, int64_t e) {
+    const int v = e > INT_MAX ? INT_MAX : e < INT_MIN ? INT_MIN : static_cast<int>(e);
+    return (static_cast<unsigned long long>(t) << EP_ID_CHECK_TOKEN_SHIFT) |
+           (static_cast<unsigned long long>(k) << EP_ID_CHECK_COL_SHIFT) | static_cast<uint32_t>(v);
+}
 
 }  // namespace ep_common

@@ -564,6 +564,9 @@ __device__ void expand_bases(const volatile int* counts, int R, int L, int* expa
 //     prefix over experts of the received counts, each rounded up to expert_alignment) plus the
 //     counts of sources before s; [R, e] = the end of expert e's received rows.
 // num_tokens_per_rank: [R] int32, num_tokens_per_expert: [R * L] int32 (this rank's layout).
+// id_check: null, or the Buffer's bad-id record written by the layout kernel (bad_id_key): a
+//   bad id there becomes this rank's input-check words (unless the host's check set them), so
+//   every rank refuses the call naming it; the record is cleared for the next layout.
 // sig: this call's signature (CallSig). The signature rides in the counts row, so agreement
 // costs no exchange of its own. Every rank receives every row, so when any two ranks differ
 // every rank sees a difference, and the same first differing word: every rank refuses the call
@@ -579,6 +582,9 @@ __device__ void expand_bases(const volatile int* counts, int R, int L, int* expa
 // waits for "posted"; the next call's "posted" while it waits for "read"); any other value is
 // another call (tags that differ: a rank made other kernels) and times out, as it always did.
 namespace {
+
+static_assert(kCallSigWords == kCallSigCompared + 4,
+              "the signature ends in status, bad_token, bad_col, bad_value (constants.CALL_SIG_FIELDS)");
 
 __shared__ int s_first_word[kMaxRanks];  // first differing compared word of rank p, else kCallSigCompared
 __shared__ int s_bad_input[kMaxRanks];   // rank p's status word (1: its input failed a host check)
@@ -632,16 +638,36 @@ nvl_notify(char* const* __restrict__ peers, int rank, int R, int T, int L, int n
            int* __restrict__ rank_prefix_matrix, int* __restrict__ recv_per_expert,
            int* __restrict__ num_tokens_of_rank, int* __restrict__ num_recv_dev,
            int expert_alignment, int* __restrict__ expand_base, int* host_status,
-           unsigned long long timeout_ns, CallSig sig) {
+           unsigned long long timeout_ns, CallSig sig, unsigned long long* id_check) {
     char* me = peers[rank];
     uint32_t* ctrl = reinterpret_cast<uint32_t*>(me + off_ctrl);
     const uint32_t tag = *reinterpret_cast<volatile uint32_t*>(ctrl) + 1u;
     __shared__ int aborted, refused;
-    if (threadIdx.x == 0) aborted = refused = 0;
+    // The signature as sent: the host's, with the layout kernel's bad id (id_check) in its
+    // input-check words when the host found none. The record is consumed (cleared) here.
+    __shared__ int s_sig[kCallSigWords];
+    if (threadIdx.x < kCallSigWords) s_sig[threadIdx.x] = sig.w[threadIdx.x];
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        aborted = refused = 0;
+        const unsigned long long bad = id_check != nullptr ? *id_check : kNoBadId;
+        if (bad != kNoBadId) {
+            *id_check = kNoBadId;
+            if (s_sig[kCallSigCompared] == 0) {
+                s_sig[kCallSigCompared] = 1;
+                s_sig[kCallSigCompared + 1] = static_cast<int>(bad >> EP_ID_CHECK_TOKEN_SHIFT);
+                s_sig[kCallSigCompared + 2] =
+                    static_cast<int>((bad >> EP_ID_CHECK_COL_SHIFT) &
+                                     ((1ull << (EP_ID_CHECK_TOKEN_SHIFT - EP_ID_CHECK_COL_SHIFT)) - 1));
+                s_sig[kCallSigCompared + 3] = static_cast<int>(static_cast<uint32_t>(bad));
+            }
+        }
+    }
+    __syncthreads();
     for (int p = 0; p < R; ++p) {
         int* row = reinterpret_cast<int*>(peers[p] + off_counts) + rank * kNotifyRow;
         if (threadIdx.x == 0) row[0] = T;
-        if (threadIdx.x < kCallSigWords) row[kRowSig + threadIdx.x] = sig.w[threadIdx.x];
+        if (threadIdx.x < kCallSigWords) row[kRowSig + threadIdx.x] = s_sig[threadIdx.x];
         if (threadIdx.x < R) row[kRowRanks + threadIdx.x] = num_tokens_per_rank[threadIdx.x];
         for (int e = threadIdx.x; e < L; e += blockDim.x)
             row[kRowExperts + e] = num_tokens_per_expert[p * L + e];

@@ -5,7 +5,10 @@
 // One thread per token. Counts are gathered in shared memory first, so the global atomics are
 // one per block and per non-zero counter instead of one per (token, expert).
 //
-// topk_idx: [T, K] int64 global expert ids, -1 = none (ids outside [0, E) are ignored).
+// topk_idx: [T, K] int64 global expert ids, -1 = none (ids outside [0, E) are not counted).
+// id_check: null, or the Buffer's bad-id record (bad_id_key): the first id outside [-1, E) is
+// kept there with atomicMin, for the next notify kernel to refuse the call on every rank (the
+// host checks ids only on a shape's first call: reading them costs a synchronisation).
 // num_tokens_per_rank: [R] int32 and num_tokens_per_expert: [E] int32 (a token counts once
 // per distinct expert of its row), zeroed by the caller.
 // is_token_in_rank: [T, R] bool, every element written.
@@ -14,7 +17,8 @@ extern "C" __global__ void nvl_get_dispatch_layout(const int64_t* __restrict__ t
                                                    int K, int E, int R,
                                                    int* __restrict__ num_tokens_per_rank,
                                                    int* __restrict__ num_tokens_per_expert,
-                                                   bool* __restrict__ is_token_in_rank) {
+                                                   bool* __restrict__ is_token_in_rank,
+                                                   unsigned long long* __restrict__ id_check) {
     extern __shared__ int smem[];
     int* s_rank = smem;
     int* s_expert = smem + R;
@@ -53,6 +57,18 @@ extern "C" __global__ void nvl_get_dispatch_layout(const int64_t* __restrict__ t
         for (int k = kUnrolled; k < K; ++k) {
             const int64_t e = __ldg(row + k);
             if (!seen_before(e, k)) count(e);
+        }
+        if (id_check != nullptr) {  // the first bad id of the row (rows race by atomicMin)
+            int bad_k = -1;
+            int64_t bad_e = 0;
+#pragma unroll
+            for (int k = kUnrolled - 1; k >= 0; --k)
+                if (k < K && (ids[k] < -1 || ids[k] >= E)) bad_k = k, bad_e = ids[k];
+            for (int k = kUnrolled; k < K && bad_k < 0; ++k) {
+                const int64_t e = __ldg(row + k);
+                if (e < -1 || e >= E) bad_k = k, bad_e = e;
+            }
+            if (bad_k >= 0) atomicMin(id_check, ep_common::bad_id_key(t, bad_k, bad_e));
         }
         for (int r = 0; r < R; ++r) {
             const bool in = (mask >> r) & 1u;

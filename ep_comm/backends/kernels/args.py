@@ -49,6 +49,7 @@ LL_COMBINE = (
 NVL_LAYOUT = (
     ("topk_idx", "p"), ("T", "i"), ("K", "i"), ("E", "i"), ("R", "i"),
     ("num_tokens_per_rank", "p"), ("num_tokens_per_expert", "p"), ("is_token_in_rank", "p"),
+    ("id_check", "p"),
 )
 NVL_NOTIFY = (
     ("peers", "p"), ("rank", "i"), ("R", "i"), ("T", "i"), ("L", "i"), ("num_worst_tokens", "i"),
@@ -56,7 +57,7 @@ NVL_NOTIFY = (
     ("off_flag", "i64"), ("off_counts", "i64"), ("rank_prefix_matrix", "p"),
     ("recv_per_expert", "p"), ("num_tokens_of_rank", "p"), ("num_recv_dev", "p"),
     ("expert_alignment", "i"), ("expand_base", "p"), ("host_status", "p"), ("timeout_ns", "u64"),
-    ("sig", "sig"),
+    ("sig", "sig"), ("id_check", "p"),
 )
 _NVL_RING = (
     ("peers", "p"), ("rank", "i"), ("R", "i"), ("C", "i"), ("S", "i"), ("window", "i"),

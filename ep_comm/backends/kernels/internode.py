@@ -193,7 +193,8 @@ class InternodeRuntime:
                     topk_idx=topk_idx.data_ptr(), T=t, K=k, E=num_experts, R=r,
                     num_tokens_per_rank=counts[:r].data_ptr(),
                     num_tokens_per_expert=counts[r:].data_ptr(),
-                    is_token_in_rank=in_rank.data_ptr())),
+                    is_token_in_rank=in_rank.data_ptr(),
+                    id_check=0)),  # the internode notify has no signature to carry it
                 shared_mem=(r + num_experts) * 4)
         per_node = self._in_node(in_rank).sum(0, dtype=torch.int32)
         return counts[:r], per_node, counts[r:], in_rank

@@ -242,6 +242,10 @@ class IntranodeRuntime:
         # This rank's bad input in the last notify launched (its InputError text, if refused).
         self._notify_input = None
         self._notify_done = torch.cuda.Event()  # the count wait waits for this, not the stream
+        # The per-call expert-id check on the device (constants.ID_CHECK_*): the layout kernel
+        # keeps the first id outside [-1, E) here, the next notify kernel refuses the call with
+        # it on every rank and clears it (all ones = none).
+        self._id_check = torch.full((1,), -1, dtype=torch.int64, device=self.device)
         #: ns the host spent in the last dispatch-from-layout's count wait (for the bench).
         self.last_count_wait_ns = 0
 
@@ -331,7 +335,8 @@ class IntranodeRuntime:
         plan = self._plans.get(key)
         if plan is None:
             values = {n: 0 for n, _ in args.NVL_LAYOUT}
-            values.update(K=num_topk, E=num_experts, R=self.num_ranks)
+            values.update(K=num_topk, E=num_experts, R=self.num_ranks,
+                          id_check=self._id_check.data_ptr())
             plan = self._plans[key] = self._prepare(
                 module, "nvl_get_dispatch_layout", args.NVL_LAYOUT, values, 1, LAYOUT_THREADS,
                 (self.num_ranks + num_experts) * 4)
@@ -357,7 +362,7 @@ class IntranodeRuntime:
                           off_flag=reg["notify_flag"].offset,
                           off_counts=reg["notify_counts"].offset,
                           host_status=self._status_ptr, timeout_ns=self._timeout_ns,
-                          sig=[0] * CALL_SIG_WORDS)
+                          sig=[0] * CALL_SIG_WORDS, id_check=self._id_check.data_ptr())
             notify = self._prepare(self._module, "nvl_notify", args.NVL_NOTIFY, values, 1,
                                    NOTIFY_THREADS)
         offs = regions.slot_offsets()
