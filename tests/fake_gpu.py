@@ -47,8 +47,8 @@ class FakeHostStatus:
     def read(self, n=None):
         return self._view[:self.nwords if n is None else n]
 
-    def clear(self):
-        ctypes.memset(self.device_ptr, 0, self.nwords * 4)
+    def clear(self, start=0):
+        ctypes.memset(self.device_ptr + start * 4, 0, (self.nwords - start) * 4)
 
     def free(self):
         pass

@@ -345,6 +345,35 @@ def task_gpu_bad_ids_later_call(ctx, value: str, bad_rank: int | None) -> dict:
         buf.destroy()
 
 
+def task_gpu_ll_bad_ids_later_call(ctx, bad_rank: int) -> dict:
+    """Kernels backend, low-latency: an exact round (the host checks a shape's first call),
+    then a dispatch whose ids the host does not read, with E+1 at token 3, column 1 on
+    ``bad_rank``. Its dispatch kernel skips the entry and reports it: after a synchronisation
+    the status read raises InputError there (nothing on the others); the round's combine then
+    completes on every rank, and one more round is exact."""
+    from low_latency_cases import check_status, make_inputs
+    assert os.environ.get("EP_COMM_CHECK_IDS") is None
+    ll = LLCase(seed=19, num_experts=16, backend="kernels")
+    buf = ll_make_buffer(ctx, ll)
+    try:
+        one_round(ctx, buf, ll, 0)
+        x, idx, w = (t.to(ctx.device) for t in make_inputs(ll, ctx.rank, ctx.world_size, 1))
+        if ctx.rank == bad_rank:
+            idx = idx.clone()
+            idx[3, 1] = ll.num_experts + 1
+        recv, _, handle, _, _ = buf.low_latency_dispatch(x, idx, ll.max_tokens, ll.num_experts,
+                                                         use_fp8=False)
+        torch.cuda.synchronize()
+        res = _outcome(lambda: check_status(buf))
+        y = torch.zeros_like(recv)
+        buf.low_latency_combine(y, idx, w, handle)
+        torch.cuda.synchronize()
+        check_status(buf)
+        return _exact_after(ctx, buf, True, ll, None, res)
+    finally:
+        buf.destroy()
+
+
 def task_gpu_stuck(ctx, stuck: int) -> dict:
     """Kernels backend: ``stuck`` stops calling; the other raises a named timeout, then
     BufferFailedError at once."""

@@ -167,6 +167,18 @@ def test_gpu_kernels_bad_ids_of_a_later_call_are_refused_on_every_rank(gpu_ranks
         assert res["after"] == "exact"
 
 
+@pytest.mark.gpu
+def test_gpu_ll_bad_ids_of_a_later_call_are_named_by_the_dispatch_kernel(gpu_ranks):
+    """Kernels backend, low-latency, 2 ranks: an id the host does not read (a shape's later
+    call) is skipped and reported by the dispatch kernel: InputError naming token and value on
+    that rank at its next status read, the others unaffected, the Buffer exact afterwards."""
+    results = gpu_ranks(2).run(fc.task_gpu_ll_bad_ids_later_call, 1)
+    assert results[0]["error"] is None, results[0]
+    assert results[1]["error"] == "InputError", results[1]
+    assert "topk_idx[3, 1] = 17 (token 3)" in results[1]["message"], results[1]
+    assert all(res["after"] == "exact" for res in results)
+
+
 def run_fresh_gpu(fn, *args, env=None):
     """Run ``fn`` on a fresh pool of 2 GPU ranks with the short timeout (a test that breaks
     its group; ``env``: more variables); skips without 2 GPUs or 2 ranks per GPU."""

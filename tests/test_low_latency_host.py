@@ -185,8 +185,8 @@ class _FakeHostStatus:
     def read(self):
         return list(self.words)
 
-    def clear(self):
-        self.words = [0] * len(self.words)
+    def clear(self, start=0):
+        self.words[start:] = [0] * (len(self.words) - start)
 
     def free(self):
         self.words = None
@@ -525,3 +525,28 @@ def test_decoder_names_a_peer_that_runs_without_the_agreement():
     err = status.decode_status(_disagree_words(0, (2 << 16) | 7, peer=1), status.LOW_LATENCY,
                                rank=0, limit_s=3.0, seq=2)
     assert err.field == agreement.LL_AGREE_ENV and err.values == {"1": [0], "unset": [1]}
+
+
+def test_bad_id_found_by_the_dispatch_kernel_is_an_input_error_then_cleared(runtime):
+    """The dispatch kernel's per-call id check (words from LL_INFO_BAD_ID, no code): the next
+    status read raises InputError naming token, column and value, then clears those words and
+    the reporter's device claim, so the Buffer goes on; a timeout code is never cleared by it."""
+    from ep_comm.core.constants import LL_INFO_BAD_ID
+    from ep_comm.errors import InputError
+    _dispatch(runtime)
+    m, h, e = runtime.sizes
+    at = runtime.regions(m, h, e)["status_claim"].offset + 4
+    runtime.sym.tensor[at:at + 4] = 1  # the kernel's claim
+    runtime._status.words[LL_INFO_BAD_ID:LL_INFO_BAD_ID + 4] = [1, 3, 1, 17]
+    with pytest.raises(InputError, match=r"topk_idx\[3, 1\] = 17 \(token 3\)"):
+        _dispatch(runtime)
+    assert runtime._status.words == [0] * len(runtime._status.words)
+    assert runtime.sym.tensor[at:at + 4].tolist() == [0, 0, 0, 0]
+    _dispatch(runtime)  # usable again
+    runtime._status.words[0] = 1  # a timeout and a bad id: the timeout wins and stays
+    runtime._status.words[LL_INFO_BAD_ID] = 1
+    from ep_comm.errors import CommTimeoutError
+    for _ in range(2):
+        with pytest.raises(CommTimeoutError):
+            _dispatch(runtime)
+

@@ -85,8 +85,12 @@ INTER_DEFAULT_TOKENS = 4096
 LL_THREADS = 1024
 LL_MAX_TOPK = LL_THREADS // 32
 LL_MAX_RANKS = LL_THREADS
-#: int32 words of the low-latency host status word.
-LL_STATUS_WORDS = 8
+#: int32 words of the low-latency host status word: [0, 8) the first failure (code, phase,
+#: peer, ...), then from ``LL_INFO_BAD_ID`` the per-call expert-id check of the dispatch kernel:
+#: flag, token, column, value of a top-k entry outside [-1, num_experts) (the entry is not
+#: sent; the host raises InputError at its next status read and clears the four words).
+LL_INFO_BAD_ID = 8
+LL_STATUS_WORDS = LL_INFO_BAD_ID + 4
 #: Call tag of the low-latency count words (opt-in, ``EP_COMM_LL_KERNEL_AGREEMENT=1``): the upper
 #: 32 bits of every count word carry the sender's tag, ``(seq << LL_TAG_SEQ_SHIFT) | hash``, an
 #: int32 kernel argument patched per call (``agreement.ll_tag``). ``hash``: 16 bits of the
@@ -143,6 +147,7 @@ DEVICE_CONSTANTS: dict[str, int | float] = {
     "CALL_SIG_COMPARED": CALL_SIG_COMPARED,
     "LL_THREADS": LL_THREADS,
     "LL_TAG_SEQ_SHIFT": LL_TAG_SEQ_SHIFT,
+    "LL_INFO_BAD_ID": LL_INFO_BAD_ID,
     "ID_CHECK_TOKEN_SHIFT": ID_CHECK_TOKEN_SHIFT,
     "ID_CHECK_COL_SHIFT": ID_CHECK_COL_SHIFT,
     "STATUS_TIMEOUT": STATUS_TIMEOUT,

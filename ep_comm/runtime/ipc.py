@@ -158,8 +158,9 @@ class HostStatus:
             raise RuntimeError("ep_comm internal: HostStatus read after free()")
         return self._view[:self.nwords if n is None else n]
 
-    def clear(self) -> None:
-        ctypes.memset(self._host, 0, self.nwords * 4)
+    def clear(self, start: int = 0) -> None:
+        """Zero the words from ``start`` on (all by default)."""
+        ctypes.memset(self._host + start * 4, 0, (self.nwords - start) * 4)
 
     def free(self) -> None:
         if self._host:

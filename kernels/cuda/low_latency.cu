@@ -152,6 +152,8 @@ __device__ __forceinline__ void dispatch_send_tokens(const DispatchArgs& a, int 
             const int64_t* row = a.topk_idx + static_cast<size_t>(t) * k_n;
             const int64_t g = __ldg(row + warp);
             bool valid = g >= 0 && g < a.num_experts;
+            if (lane == 0 && !valid && g != -1)
+                report_bad_id(a.host_status, a.status_claim, t, warp, g);
             // The same expert twice in one row is sent once (by its first slot).
             const bool dup = lane < warp && valid && __ldg(row + lane) == g;
             if (__any_sync(kFullMask, dup)) valid = false;

@@ -22,7 +22,8 @@ constexpr float kAmaxMin = EP_FP8_AMAX_MIN;
 constexpr int kSendPhase = 1;
 constexpr int kRecvPhase = 2;
 
-// Host status word (int32[8], host-mapped), written once by the first block that times out:
+// Host status word (int32[EP_LL_INFO_BAD_ID + 4], host-mapped; report_bad_id below writes the
+// last four), written once by the first block that times out:
 //   [0] code (0 = fine, 1 = timeout), [1] phase, [2] peer rank, [3] index (expert),
 //   [4] what was awaited (0 = a count word, 1 = arrivals), [5] value seen, [6] value wanted.
 // The fields are written before the code, with a system fence between, so a host that sees the
@@ -104,6 +105,22 @@ __device__ __forceinline__ void report_disagree(volatile int* host_status, int* 
     host_status[6] = 0;
     __threadfence_system();
     host_status[0] = kStatusDisagree;
+    __threadfence_system();
+}
+
+// A top-k entry outside [-1, num_experts) (the per-call id check; the entry is not sent): the
+// first reporter in the buffer (claim[1], device memory) writes token, column and value into
+// words [EP_LL_INFO_BAD_ID + 1, + 4) of the host status, then the flag. Not claim[0]: the call
+// itself goes on (waits must not give up), the host raises InputError at its next read.
+__device__ __forceinline__ void report_bad_id(volatile int* host_status, int* claim, int t,
+                                              int k, int64_t e) {
+    if (host_status == nullptr || atomicCAS(claim + 1, 0, 1) != 0) return;
+    host_status[EP_LL_INFO_BAD_ID + 1] = t;
+    host_status[EP_LL_INFO_BAD_ID + 2] = k;
+    host_status[EP_LL_INFO_BAD_ID + 3] =
+        e > INT_MAX ? INT_MAX : e < INT_MIN ? INT_MIN : static_cast<int>(e);
+    __threadfence_system();
+    host_status[EP_LL_INFO_BAD_ID] = 1;
     __threadfence_system();
 }
 

@@ -46,8 +46,8 @@ from ep_comm.core import agreement, fp8
 from ep_comm.runtime import jit, nvshmem
 from ep_comm.runtime.comm import Comm, timeout_s
 from ep_comm.backends.kernels import args, status
-from ep_comm.core.constants import (FP8_BLOCK, LL_MAX_RANKS, LL_MAX_TOPK, LL_STATUS_WORDS,
-                                    LL_THREADS)
+from ep_comm.core.constants import (FP8_BLOCK, LL_INFO_BAD_ID, LL_MAX_RANKS, LL_MAX_TOPK,
+                                    LL_STATUS_WORDS, LL_THREADS)
 from ep_comm.errors import CommTimeoutError, EpCommError, InputError, KernelError
 from ep_comm.handles import LowLatencyHandle
 from ep_comm.core.regions import LowLatencyRegions
@@ -166,7 +166,9 @@ class LowLatencyRuntime:
         return self._timeout_ns_value
 
     def check_status(self) -> None:
-        """Raise the error a kernel reported (CommTimeoutError); no device synchronisation."""
+        """Raise the error a kernel reported (CommTimeoutError, CollectiveMismatchError), else
+        the bad expert id a dispatch kernel found (InputError, then cleared: the call dropped
+        only that entry, the Buffer stays usable); no device synchronisation."""
         words = self._status.read()
         if not any(words):
             return
@@ -174,6 +176,13 @@ class LowLatencyRuntime:
                                    self.comm.node_of(), seq=self.comm.seq)
         if err is not None:
             raise err
+        bad = status.decode_bad_id(words)
+        if bad is not None:
+            self._status.clear(LL_INFO_BAD_ID)  # only these: a timeout may be written meanwhile
+            for reg in self._regions.values():  # the reporter's claim, in whichever layout it ran
+                at = reg["status_claim"].offset + 4
+                self.sym.tensor[at:at + 4].zero_()
+            raise bad
 
     def _build_plan(self, key: tuple, kernel: str, params, per_call: tuple, values: dict):
         """Build and keep the launch plan of ``key`` (the kernel and everything that fixes its

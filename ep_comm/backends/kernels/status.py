@@ -21,14 +21,17 @@ codes and phases: ``ep_comm.core.constants``):
   index, ``[4]`` what was awaited (0: a count word, 1: arrivals), ``[5]`` seen, ``[6]`` wanted.
   ``STATUS_DISAGREE`` (opt-in ``EP_COMM_LL_KERNEL_AGREEMENT=1``: a peer's count word carried
   another call's tag, ``agreement.ll_tag``): ``[2]`` that peer, ``[3]`` the expert, ``[4]`` the
-  peer's tag, ``[5]`` this rank's; decoded by ``agreement.ll_tag_error``.
+  peer's tag, ``[5]`` this rank's; decoded by ``agreement.ll_tag_error``. From
+  ``[LL_INFO_BAD_ID]`` (no code: the call went on): flag, token, column and value of a top-k
+  entry outside [-1, num_experts) that the dispatch kernel found and did not send
+  (``decode_bad_id``).
 """
 from __future__ import annotations
 
 import dataclasses
 
 from ep_comm.core import agreement
-from ep_comm.core.constants import (CALL_SIG_FIELDS, CALL_SIG_WORDS, PHASE_BARRIER,
+from ep_comm.core.constants import (CALL_SIG_FIELDS, CALL_SIG_WORDS, LL_INFO_BAD_ID, PHASE_BARRIER,
                                     PHASE_COMBINE_RECV, PHASE_COMBINE_SEND, PHASE_DISPATCH_RECV,
                                     PHASE_DISPATCH_SEND,
                                     PHASE_LL_COMBINE_RECV, PHASE_LL_DISPATCH_RECV, PHASE_NOTIFY,
@@ -142,3 +145,15 @@ def decode_status(words, family: Family, rank: int, limit_s: float,
             "Check `python -m ep_comm.doctor` (P2P matrix) or set ranks_per_node to the ranks "
             "that share NVLink.")
     return EpCommError(f"{family.name} reported status {code} in {phase} (peer {peer})")
+
+
+def decode_bad_id(words) -> InputError | None:
+    """The InputError of the low-latency dispatch kernel's per-call id check (words from
+    ``LL_INFO_BAD_ID``: flag, token, column, value), or None when the flag is 0."""
+    if len(words) < LL_INFO_BAD_ID + 4 or not words[LL_INFO_BAD_ID]:
+        return None
+    tok, col, val = (int(w) for w in words[LL_INFO_BAD_ID + 1:LL_INFO_BAD_ID + 4])
+    return InputError(f"topk_idx[{tok}, {col}] = {val} (token {tok}) is outside "
+                      f"[-1, num_experts): found on the device by low_latency_dispatch's kernel "
+                      f"(the host reads ids on a shape's first call only), which did not send "
+                      f"that entry")
