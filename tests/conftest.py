@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import pytest
 
@@ -90,6 +91,17 @@ SHARD_ENV = "EP_COMM_TEST_SHARD"
 SECONDS_FILE = os.path.join(os.path.dirname(__file__), "gpu_test_seconds.json")
 DEFAULT_SECONDS = 5.0
 FAILURE_LINES = 40
+
+
+_T0 = time.monotonic()
+
+
+def pytest_runtest_logstart(nodeid, location):
+    """With PRINT_DURATIONS_ENV, name each test as it starts (seconds since the session began):
+    a step killed by its timeout then says which test was running, and since when."""
+    if os.environ.get(PRINT_DURATIONS_ENV) == "1":
+        sys.stderr.write(f"\n[start {time.monotonic() - _T0:6.0f}s] {nodeid}\n")
+        sys.stderr.flush()
 
 
 def pytest_runtest_logreport(report):
