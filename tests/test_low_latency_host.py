@@ -213,6 +213,7 @@ def _make_runtime(monkeypatch):
         torch.zeros(nr.aligned(n), dtype=torch.uint8), nr.aligned(n)))
     monkeypatch.setattr(nr, "bind_module", lambda m: None)
     monkeypatch.setattr(jit, "current_stream_handle", lambda index: 0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     m, h, e = 8, 256, 8
     rt = ll.LowLatencyRuntime(_FakeComm(), LowLatencyRegions(m, h, 2, e).total_bytes, True)
     rt.fake_module, rt.sizes = module, (m, h, e)
@@ -387,11 +388,10 @@ def test_reused_plans_take_each_calls_pointers_and_hooks_their_own(runtime):
     assert b["src_info"] == h0.src_info.data_ptr() and b["cum_stats"] == 0
 
 
-# ------------------------------------------- opt-in call agreement in the count words (issue 23)
+# ------------------------------------------- call agreement in the count words (issue 23)
 def _tagged_runtime(monkeypatch):
     from ep_comm.core import agreement
     monkeypatch.setenv(agreement.LL_AGREE_ENV, "1")
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     return _make_runtime(monkeypatch)
 
 
@@ -400,9 +400,12 @@ def _begin(rt, seq, op="low_latency_dispatch", hidden=256, dtype=torch.float8_e4
     rt.comm.seq, rt.comm.sig = seq, agreement.Signature(op, hidden, dtype, e, k, -1, rt.sizes[0])
 
 
-def test_count_words_carry_no_tag_by_default(runtime):
-    """Without EP_COMM_LL_KERNEL_AGREEMENT=1 every launch passes call_tag 0: the kernels write
-    and read count words as before (rows + 1)."""
+def test_count_words_carry_no_tag_when_turned_off(monkeypatch):
+    """With EP_COMM_LL_KERNEL_AGREEMENT=0 every launch passes call_tag 0: the kernels write
+    and read count words as plain rows + 1."""
+    from ep_comm.core import agreement
+    monkeypatch.setenv(agreement.LL_AGREE_ENV, "0")
+    runtime = _make_runtime(monkeypatch)
     assert not runtime.tags_calls
     _begin(runtime, 5)
     _, _, _, handle, hook = _dispatch(runtime, hook=True)
@@ -524,7 +527,7 @@ def test_decoder_names_a_peer_that_runs_without_the_agreement():
     from ep_comm.core import agreement
     err = status.decode_status(_disagree_words(0, (2 << 16) | 7, peer=1), status.LOW_LATENCY,
                                rank=0, limit_s=3.0, seq=2)
-    assert err.field == agreement.LL_AGREE_ENV and err.values == {"1": [0], "unset": [1]}
+    assert err.field == agreement.LL_AGREE_ENV and err.values == {"1": [0], "0": [1]}
 
 
 def test_bad_id_found_by_the_dispatch_kernel_is_an_input_error_then_cleared(runtime):
@@ -549,4 +552,3 @@ def test_bad_id_found_by_the_dispatch_kernel_is_an_input_error_then_cleared(runt
     for _ in range(2):
         with pytest.raises(CommTimeoutError):
             _dispatch(runtime)
-

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import torch
 
@@ -28,9 +29,15 @@ from ep_comm.errors import CollectiveMismatchError, EpCommError, InputError, Pee
 #: kernel). The reference backend always agrees, in the count exchange it already does.
 AGREE_ENV = "EP_COMM_CHECK_AGREEMENT"
 
-#: ``1``: the low-latency kernels agree in their count words (``ll_tag``), read once per Buffer.
-#: Off by default: written and tested on CPU, awaiting its first GPU run (docs/faults.md).
+#: The low-latency kernels agree in their count words (``ll_tag``) unless this is ``0``; read
+#: once per Buffer (docs/faults.md). Every rank must set it alike.
 LL_AGREE_ENV = "EP_COMM_LL_KERNEL_AGREEMENT"
+
+
+def ll_agreement_on() -> bool:
+    """Whether the low-latency kernels tag their count words (``LL_AGREE_ENV``, default on)."""
+    return os.environ.get(LL_AGREE_ENV, "1") != "0"
+
 
 #: Marks a signature vector (a stray or corrupted message shows up as a mismatch on "magic").
 MAGIC = 0x65705F636F6D6D  # "ep_comm"
@@ -168,7 +175,7 @@ def ll_tag_error(rank: int, peer: int, where: str, theirs: int, mine: int,
             "set until clean_low_latency_buffer. ")
     if theirs == 0:  # a tag is never 0: the peer runs without the agreement
         return CollectiveMismatchError(
-            rank, call, LL_AGREE_ENV, {"1": [rank], "unset": [peer]},
+            rank, call, LL_AGREE_ENV, {"1": [rank], "0": [peer]},
             note + f"Set {LL_AGREE_ENV} the same on every rank. ")
     if hash_m == hash_t and seq_m and seq_t and seq_m != seq_t:
         other = call + ((seq_t - seq_m + LL_TAG_SEQ_MOD // 2) % LL_TAG_SEQ_MOD

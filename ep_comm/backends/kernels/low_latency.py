@@ -38,7 +38,6 @@ what was awaited. A buffer that timed out stays failed (every call raises) until
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 
@@ -139,8 +138,8 @@ class LowLatencyRuntime:
         # Read once per Buffer: a change of EP_COMM_TIMEOUT_S applies to Buffers created later.
         self._limit_s = timeout_s()
         self._timeout_ns_value = int(self._limit_s * 1e9)
-        # EP_COMM_LL_KERNEL_AGREEMENT=1 (read once): count words carry the call's tag.
-        self.tags_calls = os.environ.get(agreement.LL_AGREE_ENV) == "1"
+        # Count words carry the call's tag unless EP_COMM_LL_KERNEL_AGREEMENT=0 (read once).
+        self.tags_calls = agreement.ll_agreement_on()
         # plan key (kernel, shape, half, format) -> (jit.PreparedLaunch, per-call slots)
         self._plans: dict = {}
         # Peers may write into this buffer as soon as they return: everyone's zeroes first.
