@@ -429,7 +429,7 @@ def task_gpu_skip(ctx, odd: int) -> dict:
         buf.destroy()
 
 
-# ------------------------------------- GPU: low-latency call agreement in the kernels (opt-in)
+# ------------------------------------- GPU: low-latency call agreement in the kernels
 LL_KERNEL_DISAGREEMENTS = ("ll_hidden", "ll_num_experts", "ll_topk", "ll_fp8")
 
 

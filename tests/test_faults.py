@@ -238,7 +238,7 @@ def test_gpu_kernels_skipped_dispatch_is_named_by_every_rank():
         assert res["later"]["error"] == "BufferFailedError", (rank, res["later"])
 
 
-# ------------------------------ GPU: low-latency call agreement in the count words (opt-in)
+# ------------------------------ GPU: low-latency call agreement in the count words
 LL_AGREE = {"EP_COMM_LL_KERNEL_AGREEMENT": "1"}
 
 

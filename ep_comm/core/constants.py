@@ -91,7 +91,7 @@ LL_MAX_RANKS = LL_THREADS
 #: sent; the host raises InputError at its next status read and clears the four words).
 LL_INFO_BAD_ID = 8
 LL_STATUS_WORDS = LL_INFO_BAD_ID + 4
-#: Call tag of the low-latency count words (opt-in, ``EP_COMM_LL_KERNEL_AGREEMENT=1``): the upper
+#: Call tag of the low-latency count words (unless ``EP_COMM_LL_KERNEL_AGREEMENT=0``): the upper
 #: 32 bits of every count word carry the sender's tag, ``(seq << LL_TAG_SEQ_SHIFT) | hash``, an
 #: int32 kernel argument patched per call (``agreement.ll_tag``). ``hash``: 16 bits of the
 #: compared signature words less seq and handle; ``seq``: the call's sequence number folded into

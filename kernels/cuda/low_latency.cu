@@ -6,7 +6,7 @@
 // (every byte, when NVLink is not allowed or the peer is not reachable by loads and stores).
 //
 // Completion protocol (both kernels): for every (expert, peer) pair the sender writes a count
-// word = rows + 1 (with the opt-in agreement, agreement.LL_AGREE_ENV, the call's tag in its
+// word = rows + 1 (with the agreement, on unless agreement.LL_AGREE_ENV is 0, the call's tag in its
 // upper 32 bits: a receiver whose own tag differs refuses that peer, see tags_agree), and adds 1
 // to an arrival word after each row's bytes (a release after the stores, or putmem_signal,
 // which delivers the signal after the data). The receiver waits for

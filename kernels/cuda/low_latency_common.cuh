@@ -37,7 +37,7 @@ constexpr int kAwaitArrivals = 1;
 
 // Spin until *p >= target or the deadline passes. Returns whether the target was reached and
 // the last value seen (for the error message). `abort` (the status claim, or null): give up
-// early once any block of this buffer has reported (the call is refused: opt-in agreement).
+// early once any block of this buffer has reported (the call is refused: the agreement).
 __device__ __forceinline__ bool wait_at_least(const uint64_t* p, uint64_t target,
                                               uint64_t deadline_ns, uint64_t* seen,
                                               const int* abort = nullptr) {
@@ -73,7 +73,7 @@ __device__ __forceinline__ void report_timeout(volatile int* host_status, int* c
     __threadfence_system();
 }
 
-// Call tags (opt-in agreement, ep_comm/core/constants.py LL_TAG_*): a count word is
+// Call tags (the agreement, ep_comm/core/constants.py LL_TAG_*): a count word is
 // (tag << 32) | (rows + 1); tag 0 = agreement off (the word is rows + 1, as without tags).
 constexpr int kTagSeqShift = EP_LL_TAG_SEQ_SHIFT;
 constexpr uint32_t kTagHashMask = (1u << kTagSeqShift) - 1;

@@ -204,7 +204,7 @@ class LowLatencyRuntime:
 
     def call_tag(self) -> int:
         """The current call's ``call_tag`` argument: its ``agreement.ll_tag`` (sequence number
-        and signature hash, from ``Comm.call_words``) with the opt-in agreement, else 0 (the
+        and signature hash, from ``Comm.call_words``) with the agreement on, else 0 (the
         kernels then write and read count words without tags)."""
         if not self.tags_calls:
             return 0

@@ -19,7 +19,7 @@ codes and phases: ``ep_comm.core.constants``):
   is the one ``ep_comm.core.agreement`` raises on the reference backend.
 * low-latency (``LOW_LATENCY``): ``[0]`` code, ``[1]`` phase, ``[2]`` peer rank, ``[3]`` expert
   index, ``[4]`` what was awaited (0: a count word, 1: arrivals), ``[5]`` seen, ``[6]`` wanted.
-  ``STATUS_DISAGREE`` (opt-in ``EP_COMM_LL_KERNEL_AGREEMENT=1``: a peer's count word carried
+  ``STATUS_DISAGREE`` (unless ``EP_COMM_LL_KERNEL_AGREEMENT=0``: a peer's count word carried
   another call's tag, ``agreement.ll_tag``): ``[2]`` that peer, ``[3]`` the expert, ``[4]`` the
   peer's tag, ``[5]`` this rank's; decoded by ``agreement.ll_tag_error``. From
   ``[LL_INFO_BAD_ID]`` (no code: the call went on): flag, token, column and value of a top-k
