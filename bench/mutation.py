@@ -62,6 +62,8 @@ NVL_REGIONS = [T + "test_intranode_host.py"]
 AGREE_KERNEL = [T + "test_kernel_agreement.py"]
 EXPAND = [T + "test_elastic_expand_host.py"]
 INTER_REGIONS = [T + "test_internode_host.py"]
+LL_BAD_ID = [T + "test_low_latency_host.py::test_bad_id_found_by_the_dispatch_kernel_is_an_input_error_then_cleared"]
+LL_TAGS = [T + "test_low_latency_host.py"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +86,7 @@ R, F, B = "ep_comm/core/routing.py", "ep_comm/core/fp8.py", "ep_comm/backends/re
 C, H, G = "ep_comm/core/checks.py", "ep_comm/handles.py", "ep_comm/core/regions.py"
 S, A = "ep_comm/backends/kernels/status.py", "ep_comm/core/agreement.py"
 KB, KI = "ep_comm/backends/kernels/backend.py", "ep_comm/backends/kernels/intranode.py"
+KL = "ep_comm/backends/kernels/low_latency.py"
 
 MUTANTS = [
     # ---------------------------------------------------------------- routing / layout math
@@ -257,6 +260,22 @@ MUTANTS = [
       AGREE_KERNEL),
     M("expand-positions-count-the-entry-itself", KI, "each expanded position is one too high",
       ("- torch.searchsorted(keys, keys)", "- torch.searchsorted(keys, keys) + 1"), EXPAND),
+    M("device-bad-id-named-as-a-peer", A, "this rank's own bad id, found on the device, is "
+      "raised as a PeerInputError naming itself",
+      ("        if r == rank:\n", "        if r == -1:\n"), AGREE_KERNEL),
+    M("layout-kernel-gets-no-id-record", KI, "the layout kernel is not given the bad-id record "
+      "(its per-call id check never runs)",
+      ("R=self.num_ranks,\n                          id_check=self._id_check.data_ptr())",
+       "R=self.num_ranks,\n                          id_check=0)"), AGREE_KERNEL),
+    M("ll-bad-id-never-raised", S, "the low-latency dispatch kernel's bad-id report is never "
+      "decoded (the id is dropped silently)",
+      ("or not words[LL_INFO_BAD_ID]:", "or True:"), LL_BAD_ID),
+    M("ll-bad-id-claim-kept", KL, "the reporter's claim is not released: later bad ids are "
+      "never reported", ('at = reg["status_claim"].offset + 4', 'at = reg["status_claim"].offset + 8'),
+      LL_BAD_ID),
+    M("ll-agreement-off-by-default", A, "the low-latency count words carry no call tag unless "
+      "asked for", ('return os.environ.get(LL_AGREE_ENV, "1") != "0"',
+                    'return os.environ.get(LL_AGREE_ENV, "0") != "0"'), LL_TAGS),
     M("expand-base-over-num-recv", KI, "the expand bases overlap the received-count word",
       ("expand_base = small[r * r + local + r + 1:]", "expand_base = small[r * r + local + r:]"),
       EXPAND),

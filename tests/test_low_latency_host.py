@@ -400,6 +400,19 @@ def _begin(rt, seq, op="low_latency_dispatch", hidden=256, dtype=torch.float8_e4
     rt.comm.seq, rt.comm.sig = seq, agreement.Signature(op, hidden, dtype, e, k, -1, rt.sizes[0])
 
 
+def test_count_words_carry_the_call_tag_by_default(monkeypatch):
+    """The low-latency kernel agreement is on unless EP_COMM_LL_KERNEL_AGREEMENT=0: with the
+    variable unset every launch passes the call's tag."""
+    from ep_comm.core import agreement
+    monkeypatch.delenv(agreement.LL_AGREE_ENV, raising=False)
+    rt = _make_runtime(monkeypatch)
+    assert rt.tags_calls
+    _begin(rt, 3)
+    _dispatch(rt)
+    tag = rt.fake_module.launches[-1][2]["call_tag"]
+    assert tag == agreement.ll_tag(rt.comm.call_words()[0]) and tag != 0
+
+
 def test_count_words_carry_no_tag_when_turned_off(monkeypatch):
     """With EP_COMM_LL_KERNEL_AGREEMENT=0 every launch passes call_tag 0: the kernels write
     and read count words as plain rows + 1."""
