@@ -131,6 +131,7 @@ def patched(monkeypatch=None):
     mp.setattr(ipc, "NvlBuffer", lambda comm, n: FakeNvl(comm.num_ranks))
     mp.setattr(jit, "compile_kernels", lambda *a, **k: module)
     mp.setattr(jit, "current_stream_handle", lambda index: 0)
+    mp.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     mp.setattr(nvshmem, "acquire", lambda comm, n: nvshmem.SymmetricBuffer(
         torch.zeros(nvshmem.aligned(n), dtype=torch.uint8), nvshmem.aligned(n)))
     mp.setattr(nvshmem, "bind_module", lambda m: None)
