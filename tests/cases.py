@@ -118,16 +118,20 @@ def task_layout(ctx, case: Case):
     buf = make_buffer(ctx, case)
     _, idx, _ = inputs[ctx.rank]
     rpn = case.ranks_per_node or ctx.world_size
-    per_rank, per_node, per_expert, in_rank, _ = buf.get_dispatch_layout(
-        idx.to(ctx.device), case.num_experts)
-    want = oracle.layout(idx, case.num_experts, ctx.world_size, rpn)
-    assert per_rank.dtype == torch.int32 and per_rank.tolist() == want[0]
-    if want[1] is None:
-        assert per_node is None
-    else:
-        assert per_node.dtype == torch.int32 and per_node.tolist() == want[1]
-    assert per_expert.dtype == torch.int32 and per_expert.tolist() == want[2]
-    assert in_rank.dtype == torch.bool and in_rank.cpu().tolist() == want[3]
+    # The rows again as 600 tokens (several blocks of the layout kernel), then the first call
+    # again: the kernel's scratch must be back to zero after every call.
+    big = idx.repeat(-(-600 // max(1, idx.shape[0])), 1)[:600]
+    for ids in (idx, big, idx):
+        per_rank, per_node, per_expert, in_rank, _ = buf.get_dispatch_layout(
+            ids.to(ctx.device), case.num_experts)
+        want = oracle.layout(ids, case.num_experts, ctx.world_size, rpn)
+        assert per_rank.dtype == torch.int32 and per_rank.tolist() == want[0]
+        if want[1] is None:
+            assert per_node is None
+        else:
+            assert per_node.dtype == torch.int32 and per_node.tolist() == want[1]
+        assert per_expert.dtype == torch.int32 and per_expert.tolist() == want[2]
+        assert in_rank.dtype == torch.bool and in_rank.cpu().tolist() == want[3]
     buf.destroy()
 
 

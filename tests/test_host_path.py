@@ -35,6 +35,31 @@ def test_plans_are_built_once_per_shape_and_pointers_follow_each_call(nvl):
     assert set(last) == {n for n, _ in args.NVL_DISPATCH}
 
 
+def test_layout_is_one_launch_with_a_zeroed_scratch_per_experts_and_stream(nvl, monkeypatch):
+    """The layout kernel zeroes and reduces its counts itself (kernels/cuda/layout.cu): one
+    launch, given [R + E + 1] int32 zeros of scratch; the same scratch for calls on one stream,
+    another for another stream (an async layout on the comm stream may overlap one on the
+    compute stream) or another E."""
+    from ep_comm.runtime import jit
+    idx = torch.arange(32, dtype=torch.int64).view(16, 2) % 8
+
+    def scratch_of_a_call(e=8):
+        nvl.get_dispatch_layout(idx, e)
+        name, _, values = nvl.fake_module.launches[-1]
+        assert name == "nvl_get_dispatch_layout"
+        return values["scratch"]
+
+    first, again = scratch_of_a_call(), scratch_of_a_call()
+    assert first == again and len(nvl.fake_module.launches) == 2
+    monkeypatch.setattr(jit, "current_stream_handle", lambda index: 0xABC)
+    other_stream = scratch_of_a_call()
+    other_e = scratch_of_a_call(16)
+    assert len({first, other_stream, other_e}) == 3
+    tensors = {t.data_ptr(): t for t in nvl._layout_scratch.values()}
+    assert tensors[first].tolist() == [0] * (nvl.num_ranks + 8 + 1)
+    assert tensors[other_e].numel() == nvl.num_ranks + 16 + 1
+
+
 def test_cached_dispatch_and_combine_launch_with_the_handle_tensors(nvl):
     (recv_x, _, _, _, _, handle), x = _layout_and_dispatch(nvl, worst=32)
     nvl.dispatch(x, None, handle=handle, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,

@@ -3,14 +3,20 @@
 #include "intranode_common.cuh"
 
 // One thread per token. Counts are gathered in shared memory first, so the global atomics are
-// one per block and per non-zero counter instead of one per (token, expert).
+// one per block and per non-zero counter instead of one per (token, expert). They go to the
+// Buffer's scratch, which is zero between calls: the last block to finish copies the totals to
+// the outputs and zeroes the scratch again, so the whole layout is this one launch (no zeroing
+// kernel before it; the host time and the GPU time of a call are one launch's).
 //
 // topk_idx: [T, K] int64 global expert ids, -1 = none (ids outside [0, E) are not counted).
 // id_check: null, or the Buffer's bad-id record (bad_id_key): the first id outside [-1, E) is
 // kept there with atomicMin, for the next notify kernel to refuse the call on every rank (the
 // host checks ids only on a shape's first call: reading them costs a synchronisation).
 // num_tokens_per_rank: [R] int32 and num_tokens_per_expert: [E] int32 (a token counts once
-// per distinct expert of its row), zeroed by the caller.
+// per distinct expert of its row), every element written (by the last block).
+// scratch: [R + E + 1] int32, zero on entry and on exit: R + E running counts, then the count of
+// blocks done. One per Buffer and E; calls that share it must not run at the same time (one
+// stream, as the Buffer's calls are).
 // is_token_in_rank: [T, R] bool, every element written.
 // Dynamic shared memory: (R + E) * 4 bytes.
 extern "C" __global__ void nvl_get_dispatch_layout(const int64_t* __restrict__ topk_idx, int T,
@@ -18,10 +24,12 @@ extern "C" __global__ void nvl_get_dispatch_layout(const int64_t* __restrict__ t
                                                    int* __restrict__ num_tokens_per_rank,
                                                    int* __restrict__ num_tokens_per_expert,
                                                    bool* __restrict__ is_token_in_rank,
-                                                   unsigned long long* __restrict__ id_check) {
+                                                   unsigned long long* __restrict__ id_check,
+                                                   int* __restrict__ scratch) {
     extern __shared__ int smem[];
     int* s_rank = smem;
     int* s_expert = smem + R;
+    __shared__ bool s_last;
     for (int i = threadIdx.x; i < R + E; i += blockDim.x) smem[i] = 0;
     __syncthreads();
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
@@ -77,8 +85,21 @@ extern "C" __global__ void nvl_get_dispatch_layout(const int64_t* __restrict__ t
         }
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < R; i += blockDim.x)
-        if (s_rank[i]) atomicAdd(&num_tokens_per_rank[i], s_rank[i]);
-    for (int i = threadIdx.x; i < E; i += blockDim.x)
-        if (s_expert[i]) atomicAdd(&num_tokens_per_expert[i], s_expert[i]);
+    for (int i = threadIdx.x; i < R + E; i += blockDim.x)
+        if (smem[i]) atomicAdd(&scratch[i], smem[i]);
+    // This block's adds before its ticket; the block that draws the last ticket sees them all.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0)
+        s_last = atomicAdd(reinterpret_cast<unsigned*>(scratch + R + E), 1u) == gridDim.x - 1;
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    // Read through atomics (L2, where every block added) and leave zeros for the next call.
+    for (int i = threadIdx.x; i < R + E; i += blockDim.x) {
+        const int total = atomicExch(&scratch[i], 0);
+        if (i < R) num_tokens_per_rank[i] = total;
+        else num_tokens_per_expert[i - R] = total;
+    }
+    if (threadIdx.x == 0) scratch[R + E] = 0;
 }

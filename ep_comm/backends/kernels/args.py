@@ -49,7 +49,7 @@ LL_COMBINE = (
 NVL_LAYOUT = (
     ("topk_idx", "p"), ("T", "i"), ("K", "i"), ("E", "i"), ("R", "i"),
     ("num_tokens_per_rank", "p"), ("num_tokens_per_expert", "p"), ("is_token_in_rank", "p"),
-    ("id_check", "p"),
+    ("id_check", "p"), ("scratch", "p"),
 )
 NVL_NOTIFY = (
     ("peers", "p"), ("rank", "i"), ("R", "i"), ("T", "i"), ("L", "i"), ("num_worst_tokens", "i"),

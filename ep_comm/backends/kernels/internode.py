@@ -37,7 +37,7 @@ from ep_comm.handles import DispatchHandle
 from ep_comm.backends.kernels import args, status
 from ep_comm.backends.kernels.intranode import (KERNEL_SMEM, KERNEL_THREADS, LAYOUT_THREADS,
                                                 aligned_counts, combine_outputs,
-                                                dispatch_outputs)
+                                                dispatch_outputs, layout_scratch)
 from ep_comm.core.constants import NVL_INFO_EXPERT_COUNTS, NVL_INFO_NUM_RECV, NVL_STATUS_WORDS
 from ep_comm.core.regions import InternodeRegions
 
@@ -95,6 +95,7 @@ class InternodeRuntime:
         self._broken: EpCommError | None = None
         self._module = jit.compile_kernels("internode", ["internode.cu"], nvshmem=True)
         self._layout_module = jit.compile_kernels("layout", ["layout.cu"], nvshmem=False)
+        self._layout_scratch: dict = {}  # (E, stream) -> intranode.layout_scratch's tensor
         self.sym = nvshmem.acquire(comm, num_rdma_bytes)
         nvshmem.bind_module(self._module)
         self.base = self.sym.tensor.data_ptr()
@@ -184,7 +185,9 @@ class InternodeRuntime:
         num_tokens_per_expert [E] int32, is_token_in_rank [T, R] bool)."""
         t, k = topk_idx.shape
         r, dev = self.num_ranks, topk_idx.device
-        counts = torch.zeros(r + num_experts, dtype=torch.int32, device=dev)
+        # every element written by the kernel (no tokens: no launch, zeros)
+        counts = (torch.empty if t > 0 else torch.zeros)(r + num_experts, dtype=torch.int32,
+                                                         device=dev)
         in_rank = torch.empty(t, r, dtype=torch.bool, device=dev)
         if t > 0:
             self._layout_module.launch(
@@ -194,7 +197,9 @@ class InternodeRuntime:
                     num_tokens_per_rank=counts[:r].data_ptr(),
                     num_tokens_per_expert=counts[r:].data_ptr(),
                     is_token_in_rank=in_rank.data_ptr(),
-                    id_check=0)),  # the internode notify has no signature to carry it
+                    id_check=0,  # the internode notify has no signature to carry it
+                    scratch=layout_scratch(self._layout_scratch, r, num_experts,
+                                           torch.cuda.current_stream(dev).cuda_stream, dev))),
                 shared_mem=(r + num_experts) * 4)
         per_node = self._in_node(in_rank).sum(0, dtype=torch.int32)
         return counts[:r], per_node, counts[r:], in_rank

@@ -79,6 +79,7 @@ NOTIFY_THREADS = 256
 LAYOUT_THREADS = 256
 #: Index of the notify kernel's call-signature argument in ``args.NVL_NOTIFY``.
 NOTIFY_SIG_SLOT = [name for name, _ in args.NVL_NOTIFY].index("sig")
+LAYOUT_SCRATCH_SLOT = [name for name, _ in args.NVL_LAYOUT].index("scratch")
 
 
 @dataclasses.dataclass(slots=True)
@@ -119,6 +120,19 @@ def launch_geometry(config: Config, num_device_sms: int | None = None) -> tuple[
         raise InputError(f"Config.nvl_buffer={config.nvl_buffer} must be >= 2 (a ring holds two "
                          "windows)")
     return channels, 2 * channels
+
+
+def layout_scratch(cache: dict, num_ranks: int, num_experts: int, stream: int, device) -> int:
+    """The address of the layout kernel's scratch for E = ``num_experts`` on the CUDA stream
+    ``stream`` (a handle), from ``cache`` (made on first use): [R + E + 1] int32 zeros, which the
+    kernel leaves zero after each call (kernels/cuda/layout.cu). One per stream: layouts on one
+    stream run one after the other, layouts on two streams (an async one on the comm stream
+    beside one on the compute stream) may overlap and must not share it."""
+    t = cache.get((num_experts, stream))
+    if t is None:
+        t = cache[num_experts, stream] = torch.zeros(num_ranks + num_experts + 1,
+                                                     dtype=torch.int32, device=device)
+    return t.data_ptr()
 
 
 def check_sizes(num_ranks: int, num_experts: int, num_topk: int) -> None:
@@ -246,6 +260,7 @@ class IntranodeRuntime:
         # keeps the first id outside [-1, E) here, the next notify kernel refuses the call with
         # it on every rank and clears it (all ones = none).
         self._id_check = torch.full((1,), -1, dtype=torch.int64, device=self.device)
+        self._layout_scratch: dict = {}  # (E, stream) -> layout_scratch's tensor
         #: ns the host spent in the last dispatch-from-layout's count wait (for the bench).
         self.last_count_wait_ns = 0
 
@@ -316,17 +331,22 @@ class IntranodeRuntime:
         is_token_in_rank [T, R] bool), from topk_idx [T, K] int64."""
         t, k = topk_idx.shape
         r, dev = self.num_ranks, topk_idx.device
-        counts = torch.zeros(r + num_experts, dtype=torch.int32, device=dev)
+        # every element written by the kernel (no tokens: no launch, zeros)
+        counts = (torch.empty if t > 0 else torch.zeros)(r + num_experts, dtype=torch.int32,
+                                                         device=dev)
         in_rank = torch.empty(t, r, dtype=torch.bool, device=dev)
         per_rank, per_expert = counts[:r], counts[r:]
         if t > 0:
             launch = self.layout_launch(self._layout_module, k, num_experts)
+            stream = self._stream_handle()
             a = launch.args.slots
             a[0].value, a[1].value = topk_idx.data_ptr(), t
             a[5].value, a[6].value = per_rank.data_ptr(), per_expert.data_ptr()
             a[7].value = in_rank.data_ptr()
+            a[LAYOUT_SCRATCH_SLOT].value = layout_scratch(self._layout_scratch, r, num_experts,
+                                                          stream, self.device)
             launch.grid = -(-t // LAYOUT_THREADS)
-            launch.launch(self._stream_handle())
+            launch.launch(stream)
         return per_rank, None, per_expert, in_rank
 
     def layout_launch(self, module, num_topk: int, num_experts: int):
