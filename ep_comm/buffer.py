@@ -249,9 +249,10 @@ class Buffer:
         if mode == "0":
             return None
         if topk_idx.is_cuda:
-            if torch.cuda.is_current_stream_capturing():
-                return None
+            # the common case first: a later call of a known shape (no capture query per call)
             if mode != "1" and not self._debug and not first:
+                return None
+            if torch.cuda.is_current_stream_capturing():
                 return None
         return agreement.first_bad_expert(topk_idx, num_experts)
 
