@@ -265,8 +265,8 @@ MUTANTS = [
       ("        if r == rank:\n", "        if r == -1:\n"), AGREE_KERNEL),
     M("layout-kernel-gets-no-id-record", KI, "the layout kernel is not given the bad-id record "
       "(its per-call id check never runs)",
-      ("R=self.num_ranks,\n                          id_check=self._id_check.data_ptr())",
-       "R=self.num_ranks,\n                          id_check=0)"), AGREE_KERNEL),
+      ("LayoutKernel(self.num_ranks, self.device, self._id_check.data_ptr())",
+       "LayoutKernel(self.num_ranks, self.device)"), AGREE_KERNEL),
     M("ll-bad-id-never-raised", S, "the low-latency dispatch kernel's bad-id report is never "
       "decoded (the id is dropped silently)",
       ("or not words[LL_INFO_BAD_ID]:", "or True:"), LL_BAD_ID),

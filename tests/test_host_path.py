@@ -55,7 +55,7 @@ def test_layout_is_one_launch_with_a_zeroed_scratch_per_experts_and_stream(nvl, 
     other_stream = scratch_of_a_call()
     other_e = scratch_of_a_call(16)
     assert len({first, other_stream, other_e}) == 3
-    tensors = {t.data_ptr(): t for t in nvl._layout_scratch.values()}
+    tensors = {t.data_ptr(): t for t in nvl._layout.scratch.values()}
     assert tensors[first].tolist() == [0] * (nvl.num_ranks + 8 + 1)
     assert tensors[other_e].numel() == nvl.num_ranks + 16 + 1
 

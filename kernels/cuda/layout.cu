@@ -15,8 +15,8 @@
 // num_tokens_per_rank: [R] int32 and num_tokens_per_expert: [E] int32 (a token counts once
 // per distinct expert of its row), every element written (by the last block).
 // scratch: [R + E + 1] int32, zero on entry and on exit: R + E running counts, then the count of
-// blocks done. One per Buffer, E and stream (intranode.layout_scratch): calls that share one
-// run one after the other.
+// blocks done. One per Buffer, E and stream (ep_comm/backends/kernels/layout.py): calls that
+// share one run one after the other.
 // is_token_in_rank: [T, R] bool, every element written.
 // Dynamic shared memory: (R + E) * 4 bytes.
 extern "C" __global__ void nvl_get_dispatch_layout(const int64_t* __restrict__ topk_idx, int T,

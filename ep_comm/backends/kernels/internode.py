@@ -28,6 +28,7 @@ import dataclasses
 
 import torch
 
+from ep_comm.runtime import jit
 from ep_comm.runtime.comm import timeout_s
 from ep_comm.core.constants import (FP8_BLOCK, INTER_DISPATCH_CHUNKS, INTER_MAX_EXPERTS,
                                     INTER_MAX_NODES, NORMAL_MAX_TOPK, NVL_MAX_LOCAL_EXPERTS,
@@ -35,9 +36,9 @@ from ep_comm.core.constants import (FP8_BLOCK, INTER_DISPATCH_CHUNKS, INTER_MAX_
 from ep_comm.errors import BackendUnavailableError, BufferTooSmallError, EpCommError, InputError
 from ep_comm.handles import DispatchHandle
 from ep_comm.backends.kernels import args, status
-from ep_comm.backends.kernels.intranode import (KERNEL_SMEM, KERNEL_THREADS, LAYOUT_THREADS,
-                                                aligned_counts, combine_outputs,
-                                                dispatch_outputs, layout_scratch)
+from ep_comm.backends.kernels.intranode import (KERNEL_SMEM, KERNEL_THREADS, aligned_counts,
+                                                combine_outputs, dispatch_outputs)
+from ep_comm.backends.kernels.layout import LayoutKernel
 from ep_comm.core.constants import NVL_INFO_EXPERT_COUNTS, NVL_INFO_NUM_RECV, NVL_STATUS_WORDS
 from ep_comm.core.regions import InternodeRegions
 
@@ -75,7 +76,6 @@ class InternodeRuntime:
 
     def __init__(self, comm, num_rdma_bytes: int):
         from ep_comm.runtime import ipc
-        from ep_comm.runtime import jit
         from ep_comm.runtime import nvshmem
         self.comm = comm
         self.rank, self.num_ranks = comm.rank, comm.num_ranks
@@ -94,8 +94,8 @@ class InternodeRuntime:
         self.num_device_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self._broken: EpCommError | None = None
         self._module = jit.compile_kernels("internode", ["internode.cu"], nvshmem=True)
-        self._layout_module = jit.compile_kernels("layout", ["layout.cu"], nvshmem=False)
-        self._layout_scratch: dict = {}  # (E, stream) -> intranode.layout_scratch's tensor
+        # no bad-id record: the internode notify has no signature to carry it
+        self._layout = LayoutKernel(self.num_ranks, self.device)
         self.sym = nvshmem.acquire(comm, num_rdma_bytes)
         nvshmem.bind_module(self._module)
         self.base = self.sym.tensor.data_ptr()
@@ -183,24 +183,9 @@ class InternodeRuntime:
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
         """-> (num_tokens_per_rank [R] int32, num_tokens_per_rdma_rank [N] int32,
         num_tokens_per_expert [E] int32, is_token_in_rank [T, R] bool)."""
-        t, k = topk_idx.shape
-        r, dev = self.num_ranks, topk_idx.device
-        # every element written by the kernel (no tokens: no launch, zeros)
-        counts = (torch.empty if t > 0 else torch.zeros)(r + num_experts, dtype=torch.int32,
-                                                         device=dev)
-        in_rank = torch.empty(t, r, dtype=torch.bool, device=dev)
-        if t > 0:
-            self._layout_module.launch(
-                "nvl_get_dispatch_layout", (t + LAYOUT_THREADS - 1) // LAYOUT_THREADS,
-                LAYOUT_THREADS, args.pack(args.NVL_LAYOUT, dict(
-                    topk_idx=topk_idx.data_ptr(), T=t, K=k, E=num_experts, R=r,
-                    num_tokens_per_rank=counts[:r].data_ptr(),
-                    num_tokens_per_expert=counts[r:].data_ptr(),
-                    is_token_in_rank=in_rank.data_ptr(),
-                    id_check=0,  # the internode notify has no signature to carry it
-                    scratch=layout_scratch(self._layout_scratch, r, num_experts,
-                                           torch.cuda.current_stream(dev).cuda_stream, dev))),
-                shared_mem=(r + num_experts) * 4)
+        counts, in_rank = self._layout(topk_idx, num_experts,
+                                       jit.current_stream_handle(self.device.index))
+        r = self.num_ranks
         per_node = self._in_node(in_rank).sum(0, dtype=torch.int32)
         return counts[:r], per_node, counts[r:], in_rank
 

@@ -58,6 +58,7 @@ import torch
 from ep_comm.runtime.comm import timeout_s
 from ep_comm.backends.base import ExpandRequest
 from ep_comm.backends.kernels import args, status
+from ep_comm.backends.kernels.layout import LayoutKernel
 from ep_comm.config import Config
 from ep_comm.core.constants import (CALL_SIG_WORDS, FP8_BLOCK, NORMAL_MAX_TOPK,
                                     NVL_INFO_CALL_SIGS, NVL_INFO_EXPERT_COUNTS, STATUS_DISAGREE,
@@ -74,12 +75,10 @@ KERNEL_THREADS = NVL_WARPS * 32
 #: Dynamic shared memory of a dispatch/combine block (intranode_common.cuh kStageBytes): each
 #: warp stages 8 KiB of row data through cp.async, 16 int4 per lane in flight.
 KERNEL_SMEM = NVL_WARPS * 32 * 16 * 16
-#: Threads of the notify block and of a layout block.
+#: Threads of the notify block.
 NOTIFY_THREADS = 256
-LAYOUT_THREADS = 256
 #: Index of the notify kernel's call-signature argument in ``args.NVL_NOTIFY``.
 NOTIFY_SIG_SLOT = [name for name, _ in args.NVL_NOTIFY].index("sig")
-LAYOUT_SCRATCH_SLOT = [name for name, _ in args.NVL_LAYOUT].index("scratch")
 
 
 @dataclasses.dataclass(slots=True)
@@ -120,19 +119,6 @@ def launch_geometry(config: Config, num_device_sms: int | None = None) -> tuple[
         raise InputError(f"Config.nvl_buffer={config.nvl_buffer} must be >= 2 (a ring holds two "
                          "windows)")
     return channels, 2 * channels
-
-
-def layout_scratch(cache: dict, num_ranks: int, num_experts: int, stream: int, device) -> int:
-    """The address of the layout kernel's scratch for E = ``num_experts`` on the CUDA stream
-    ``stream`` (a handle), from ``cache`` (made on first use): [R + E + 1] int32 zeros, which the
-    kernel leaves zero after each call (kernels/cuda/layout.cu). One per stream: layouts on one
-    stream run one after the other, layouts on two streams (an async one on the comm stream
-    beside one on the compute stream) may overlap and must not share it."""
-    t = cache.get((num_experts, stream))
-    if t is None:
-        t = cache[num_experts, stream] = torch.zeros(num_ranks + num_experts + 1,
-                                                     dtype=torch.int32, device=device)
-    return t.data_ptr()
 
 
 def check_sizes(num_ranks: int, num_experts: int, num_topk: int) -> None:
@@ -243,7 +229,6 @@ class IntranodeRuntime:
         self.num_device_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self._broken: EpCommError | None = None
         self._module = jit.compile_kernels("intranode", ["intranode.cu"], nvshmem=False)
-        self._layout_module = jit.compile_kernels("layout", ["layout.cu"], nvshmem=False)
         self.status = ipc.HostStatus(NVL_STATUS_WORDS, self.device.index)
         self.nvl = ipc.NvlBuffer(comm, num_nvl_bytes) if num_nvl_bytes > 0 else None
         self._stream = torch.cuda.Stream(self.device)
@@ -260,7 +245,7 @@ class IntranodeRuntime:
         # keeps the first id outside [-1, E) here, the next notify kernel refuses the call with
         # it on every rank and clears it (all ones = none).
         self._id_check = torch.full((1,), -1, dtype=torch.int64, device=self.device)
-        self._layout_scratch: dict = {}  # (E, stream) -> layout_scratch's tensor
+        self._layout = LayoutKernel(self.num_ranks, self.device, self._id_check.data_ptr())
         #: ns the host spent in the last dispatch-from-layout's count wait (for the bench).
         self.last_count_wait_ns = 0
 
@@ -329,38 +314,9 @@ class IntranodeRuntime:
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
         """-> (num_tokens_per_rank [R] int32, None, num_tokens_per_expert [E] int32,
         is_token_in_rank [T, R] bool), from topk_idx [T, K] int64."""
-        t, k = topk_idx.shape
-        r, dev = self.num_ranks, topk_idx.device
-        # every element written by the kernel (no tokens: no launch, zeros)
-        counts = (torch.empty if t > 0 else torch.zeros)(r + num_experts, dtype=torch.int32,
-                                                         device=dev)
-        in_rank = torch.empty(t, r, dtype=torch.bool, device=dev)
-        per_rank, per_expert = counts[:r], counts[r:]
-        if t > 0:
-            launch = self.layout_launch(self._layout_module, k, num_experts)
-            stream = self._stream_handle()
-            a = launch.args.slots
-            a[0].value, a[1].value = topk_idx.data_ptr(), t
-            a[5].value, a[6].value = per_rank.data_ptr(), per_expert.data_ptr()
-            a[7].value = in_rank.data_ptr()
-            a[LAYOUT_SCRATCH_SLOT].value = layout_scratch(self._layout_scratch, r, num_experts,
-                                                          stream, self.device)
-            launch.grid = -(-t // LAYOUT_THREADS)
-            launch.launch(stream)
-        return per_rank, None, per_expert, in_rank
-
-    def layout_launch(self, module, num_topk: int, num_experts: int):
-        """The prepared layout kernel for (K, E); pointers and T are patched per call."""
-        key = ("layout", num_topk, num_experts)
-        plan = self._plans.get(key)
-        if plan is None:
-            values = {n: 0 for n, _ in args.NVL_LAYOUT}
-            values.update(K=num_topk, E=num_experts, R=self.num_ranks,
-                          id_check=self._id_check.data_ptr())
-            plan = self._plans[key] = self._prepare(
-                module, "nvl_get_dispatch_layout", args.NVL_LAYOUT, values, 1, LAYOUT_THREADS,
-                (self.num_ranks + num_experts) * 4)
-        return plan
+        counts, in_rank = self._layout(topk_idx, num_experts, self._stream_handle())
+        r = self.num_ranks
+        return counts[:r], None, counts[r:], in_rank
 
     # ------------------------------------------------------------------ dispatch
     def _dispatch_plan(self, fresh, x, x_scales, num_topk, has_idx, has_w, num_experts,
