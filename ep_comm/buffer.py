@@ -142,6 +142,12 @@ class Buffer:
         self._agree_always = os.environ.get(AGREE_ENV) == "1"
         self._check_ids_mode = os.environ.get(CHECK_IDS_ENV)
         self._check_finite = os.environ.get(CHECK_FINITE_ENV) == "1"
+        # The C++ host path of later low-latency calls (docs/host_path.md): only for calls
+        # that make no per-call host check, which keep the Python path.
+        self._ll_host = None
+        if (low_latency_mode and not self._debug and not self._agree_always
+                and self._check_ids_mode != "1" and not self._check_finite):
+            self._ll_host = self._backend.ll_host_path()
         self._comm_stream = None
         if self.device.type == "cuda":
             self._comm_stream = self._backend.comm_stream() or torch.cuda.Stream(self.device)
@@ -192,6 +198,7 @@ class Buffer:
         backend's teardown is given ``DESTROY_TIMEOUT_S`` seconds, then abandoned with a
         warning, so that a lost peer can never make destroy (or exit) hang.
         """
+        self._ll_host = None
         if self._backend is not None:
             backend, self._backend = self._backend, None
             if self.comm.failure is None:
@@ -703,6 +710,13 @@ class Buffer:
             hook: callable that receives (with ``return_recv_hook``), else None.
         """
         m = num_max_dispatch_tokens_per_rank
+        host = self._ll_host
+        if host is not None and not return_recv_hook:  # a known shape, through C++
+            done = host.dispatch(x, topk_idx, m, num_experts, cumulative_local_expert_recv_stats,
+                                 dispatch_wait_recv_cost_stats, use_fp8, round_scale, use_ue8m0)
+            if done is not None:
+                return (*done, capture_event(self.device) if async_finish else EventOverlap(),
+                        None)
         key = ("low_latency_dispatch", checks.sig(x), checks.sig(topk_idx), m, num_experts,
                use_fp8, round_scale, use_ue8m0, checks.sig(cumulative_local_expert_recv_stats),
                checks.sig(dispatch_wait_recv_cost_stats))
@@ -756,6 +770,12 @@ class Buffer:
         if not isinstance(handle, LowLatencyHandle):
             raise InputError(f"handle must be the LowLatencyHandle of a low_latency_dispatch, "
                              f"got {type(handle).__name__}")
+        host = self._ll_host
+        if host is not None and not return_recv_hook:  # a known shape, through C++
+            done = host.combine(x, topk_idx, topk_weights, handle, zero_copy, out,
+                                combine_wait_recv_cost_stats)
+            if done is not None:
+                return done, capture_event(self.device) if async_finish else EventOverlap(), None
         m, hidden, e = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
         key = ("low_latency_combine", checks.sig(x), checks.sig(topk_idx),
                checks.sig(topk_weights), m, hidden, e, checks.sig(out),

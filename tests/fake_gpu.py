@@ -13,6 +13,11 @@ import torch
 from ep_comm.runtime import jit
 
 
+#: cuLaunchKernel's C signature (CUresult is an int; handles and pointers are void*).
+_LAUNCH_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, *[ctypes.c_uint] * 7,
+                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+
+
 class FakeModule:
     """A compiled module whose launches are recorded: (kernel, grid, {name: value})."""
 
@@ -24,9 +29,30 @@ class FakeModule:
         #: ``fn(kernel name, {name: value})`` called at each launch: a test's stand-in for what
         #: the kernel would write (e.g. a status word).
         self.on_launch = None
+        self._by_params = {}  # argument array address -> PreparedLaunch (the native recorder)
+        self._native = None
+        #: launches made by the C++ host path (through ``native``)
+        self.native_launches = 0
 
     def prepare(self, kernel, arg_buffer, grid, block, shared_mem=0):
-        return jit.PreparedLaunch(kernel, arg_buffer, grid, block, shared_mem, self._launch)
+        # ``native``: the C++ host path launches through this ctypes recorder as it would
+        # through cuLaunchKernel (no capture query: 0), and the same record is kept.
+        prepared = jit.PreparedLaunch(kernel, arg_buffer, grid, block, shared_mem, self._launch,
+                                      (self._native_address, 0, len(self._by_params) + 1))
+        self._by_params[arg_buffer.address] = prepared
+        return prepared
+
+    @property
+    def _native_address(self):
+        if self._native is None:
+            def native(func, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
+                prepared = self._by_params[params]
+                prepared.grid = gx
+                self.native_launches += 1
+                self._launch(prepared, stream or 0)
+                return 0
+            self._native = _LAUNCH_FN(native)
+        return ctypes.cast(self._native, ctypes.c_void_p).value
 
     def _launch(self, prepared, stream):
         if self.record:
@@ -42,7 +68,7 @@ class FakeHostStatus:
     def __init__(self, nwords, device_index=0):
         self.nwords = nwords
         self._view = (ctypes.c_int32 * nwords)()
-        self.device_ptr = ctypes.addressof(self._view)
+        self.device_ptr = self.host_ptr = ctypes.addressof(self._view)
 
     def read(self, n=None):
         return self._view[:self.nwords if n is None else n]

@@ -92,5 +92,10 @@ class Backend(abc.ABC):
         (a dispatch from a layout without ``num_worst_tokens``)."""
         return False
 
+    def ll_host_path(self):
+        """The C++ host path of the low-latency calls (``.dispatch`` / ``.combine`` returning
+        None where they decline), or None: this backend has none, or it could not be built."""
+        return None
+
     def destroy(self) -> None:
         """Release buffers. The backend is unusable afterwards."""

@@ -151,6 +151,11 @@ class HostStatus:
                                     "cudaHostGetDevicePointer"))
         self._view = (ctypes.c_int32 * nwords).from_address(self._host)
 
+    @property
+    def host_ptr(self) -> int:
+        """The words' host address (what the C++ host path reads; 0 after ``free``)."""
+        return self._host
+
     def read(self, n: int | None = None) -> list[int]:
         """The first ``n`` words (all by default) as the host sees them now (no device
         synchronisation). Reading only the words needed keeps a per-call check cheap."""

@@ -827,8 +827,11 @@ class CompiledModule:
         kernel = self._kernel(loaded, kernel_name)
         if shared_mem > _DEFAULT_MAX_DYNAMIC_SMEM:
             _allow_dynamic_smem(loaded, kernel_name, kernel, shared_mem)
+        from ep_comm.runtime.host_ext import driver_entry
+        native = (driver_entry("cuLaunchKernel"), driver_entry("cuStreamIsCapturing"),
+                  int(kernel.handle))
         return PreparedLaunch(kernel_name, arg_buffer, grid, block, shared_mem,
-                              _driver_launcher(kernel))
+                              _driver_launcher(kernel), native)
 
 
 def current_stream_handle(device_index: int) -> int:
@@ -870,13 +873,18 @@ class PreparedLaunch:
 
     ``launcher`` is ``fn(prepared, stream_handle)``: the cuLaunchKernel call on a GPU, a
     recorder in CPU tests and in ``bench/host_overhead.py --fake-gpu``.
+
+    ``native`` is what the C++ host path (``ep_comm.runtime.host_ext``) launches with instead:
+    (address of a ``cuLaunchKernel``-like function, address of a ``cuStreamIsCapturing``-like
+    function or 0, the kernel handle), or None where there is none.
     """
 
-    __slots__ = ("name", "args", "grid", "block", "shared_mem", "_launcher")
+    __slots__ = ("name", "args", "grid", "block", "shared_mem", "_launcher", "native")
 
-    def __init__(self, name: str, args, grid: int, block: int, shared_mem: int, launcher):
+    def __init__(self, name: str, args, grid: int, block: int, shared_mem: int, launcher,
+                 native: "tuple[int, int, int] | None" = None):
         self.name, self.args, self.grid, self.block = name, args, grid, block
-        self.shared_mem, self._launcher = shared_mem, launcher
+        self.shared_mem, self._launcher, self.native = shared_mem, launcher, native
 
     def launch(self, stream: int) -> None:
         """Launch asynchronously on the raw stream handle ``stream`` with the current args."""

@@ -75,6 +75,9 @@ class KernelsBackend(Backend):
     def get_next_low_latency_combine_buffer(self, handle):
         return self._ll().get_next_low_latency_combine_buffer(handle)
 
+    def ll_host_path(self):
+        return self.ll.enable_host_path() if self.ll is not None else None
+
     def clean_low_latency_buffer(self, *args):
         return self._ll().clean_low_latency_buffer(*args)
 

@@ -142,9 +142,22 @@ class LowLatencyRuntime:
         self.tags_calls = agreement.ll_agreement_on()
         # plan key (kernel, shape, half, format) -> (jit.PreparedLaunch, per-call slots)
         self._plans: dict = {}
+        # The C++ host path (ll_host_path.LowLatencyHostPath), once enable_host_path() loaded it.
+        self.host_path = None
         # Peers may write into this buffer as soon as they return: everyone's zeroes first.
         torch.cuda.synchronize(self.device)
         comm.barrier("low_latency/init")
+
+    def enable_host_path(self):
+        """Load the C++ host path of later calls (``ll_host_path``); it learns each plan and
+        shape from the Python path's calls. Returns it, or None where the extension is off or
+        could not be built (``ep_comm.runtime.host_ext.status`` says why)."""
+        if self.host_path is None:
+            from ep_comm.backends.kernels import ll_host_path
+            ext = ll_host_path.load_extension()
+            if ext is not None:
+                self.host_path = ll_host_path.LowLatencyHostPath(self, ext)
+        return self.host_path
 
     # ------------------------------------------------------------------ helpers
     def regions(self, m: int, hidden: int, num_experts: int) -> LowLatencyRegions:
@@ -280,7 +293,15 @@ class LowLatencyRuntime:
             num_experts=num_experts, buffer_idx=half, use_fp8=use_fp8,
             backend_state=LowLatencyState(half=half, keep=keep))
         if not return_recv_hook:
-            self._launch(plan, max(send_grid, recv_grid), per_call + (SEND_PHASE | RECV_PHASE,))
+            grid = max(send_grid, recv_grid)
+            self._launch(plan, grid, per_call + (SEND_PHASE | RECV_PHASE,))
+            if self.host_path is not None:  # later calls of this shape can go through C++
+                self.host_path.learn_dispatch(
+                    plan[0], half, m=m, hidden=hidden, num_experts=num_experts, use_fp8=use_fp8,
+                    round_scale=round_scale, use_ue8m0=use_ue8m0, t=t, k=k,
+                    has_cum=cumulative_local_expert_recv_stats is not None,
+                    has_wait=dispatch_wait_recv_cost_stats is not None, grid=grid,
+                    call_tag=per_call[-1])
             return recv_x, recv_scales, recv_count, handle, None
         self._launch(plan, send_grid, per_call + (SEND_PHASE,))
         return recv_x, recv_scales, recv_count, handle, self._hook(
@@ -350,7 +371,13 @@ class LowLatencyRuntime:
         recv_grid = grid_size(self.num_sms, t)
         keep = (src, topk_idx, topk_weights, handle)
         if not return_recv_hook:
-            self._launch(plan, max(send_grid, recv_grid), per_call + (SEND_PHASE | RECV_PHASE,))
+            grid = max(send_grid, recv_grid)
+            self._launch(plan, grid, per_call + (SEND_PHASE | RECV_PHASE,))
+            if self.host_path is not None:
+                self.host_path.learn_combine(
+                    plan[0], half, m=m, hidden=hidden, num_experts=num_experts, t=t, k=k,
+                    has_out=out is not None, has_wait=combine_wait_recv_cost_stats is not None,
+                    grid=grid, call_tag=per_call[-1])
             return result, None
         self._launch(plan, send_grid, per_call + (SEND_PHASE,))
         return result, self._hook(plan, recv_grid, per_call + (RECV_PHASE,), keep)
@@ -386,6 +413,7 @@ class LowLatencyRuntime:
         # Kernels still in flight would write into memory a later Buffer may get. They are
         # bounded by the timeout, so this wait is bounded too.
         torch.cuda.synchronize(self.device)
+        self.host_path = None  # it reads the status words freed below
         self.sym.release()
         self.sym = None
         self._status.free()

@@ -1,0 +1,103 @@
+"""The C++ host extension: compiled at first use into the kernel cache, like the cubins.
+
+Issue #22 allows a small C++ extension for the host-path targets Python cannot reach; the
+low-latency calls are that case (docs/host_path.md has the profile). This module builds
+``kernels/host/*.cpp`` with ``torch.utils.cpp_extension.load`` (g++ and ninja; ~20 s once per
+source, torch and Python version), into ``cache_dir()/host/<hash>``, and loads it. Nothing is
+compiled at install, and nothing here runs at import.
+
+The extension is used only where it loads: where it cannot be built (no compiler, no ninja) or
+``EP_COMM_HOST_EXT=0`` is set, the Python path runs every call, and a failed build says so once
+(a warning with the reason; ``python -m ep_comm.doctor`` shows it too). It never changes a
+result: the Python path stays the validator and the reference of every step.
+
+Public functions:
+    load(name) -> module or None: the extension built from ``kernels/host/<name>.cpp``.
+    status(name) -> str: "loaded", "off (EP_COMM_HOST_EXT=0)" or why it did not build.
+    driver_entry(symbol) -> int: the address of a CUDA driver function (for the extension's
+        launches, which do not link libcuda themselves).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+from ep_comm.runtime import jit
+
+#: ``0`` keeps every call on the Python host path (the extension is neither built nor used).
+HOST_EXT_ENV = "EP_COMM_HOST_EXT"
+
+_lock = threading.Lock()
+_loaded: dict[str, object] = {}
+_why_not: dict[str, str] = {}
+
+
+def enabled() -> bool:
+    """False under ``EP_COMM_HOST_EXT=0``."""
+    return os.environ.get(HOST_EXT_ENV, "1") != "0"
+
+
+def source_path(name: str) -> Path:
+    return Path(jit.kernels_dir()).parent / "host" / f"{name}.cpp"
+
+
+def _build_dir(name: str, source: bytes) -> tuple[str, Path]:
+    import torch
+    key = hashlib.sha256(source + f"|{torch.__version__}|{sys.version_info[:2]}|-O2".encode())
+    digest = key.hexdigest()[:16]
+    return f"ep_comm_{name}_{digest}", jit.cache_dir() / "host" / digest
+
+
+def load(name: str):
+    """The extension module of ``kernels/host/<name>.cpp``, built on first use, or None (off,
+    or the build failed: ``status(name)`` says why, and the first failure warns)."""
+    if not enabled():  # read at each load (once per Buffer), so a test or a job can switch
+        return None
+    mod = _loaded.get(name)
+    if mod is not None or name in _why_not:
+        return mod
+    with _lock:
+        if name in _loaded or name in _why_not:
+            return _loaded.get(name)
+        try:
+            from torch.utils import cpp_extension
+            src = source_path(name)
+            mod_name, build = _build_dir(name, src.read_bytes())
+            build.mkdir(parents=True, exist_ok=True)
+            mod = cpp_extension.load(mod_name, [str(src)], build_directory=str(build),
+                                     extra_cflags=["-O2"], verbose=False)
+        except Exception as e:  # any build failure: the Python path runs, and says so once
+            _why_not[name] = f"not built: {type(e).__name__}: {str(e).strip()[:400]}"
+            warnings.warn(f"ep_comm: the C++ host path {name} could not be built, the calls use "
+                          f"the Python host path ({_why_not[name]})", RuntimeWarning,
+                          stacklevel=2)
+            return None
+        _loaded[name] = mod
+        return mod
+
+
+def status(name: str) -> str:
+    """How the extension ``name`` stands in this process: "loaded", "not loaded yet", or why
+    it is not used."""
+    if not enabled():
+        return f"off ({HOST_EXT_ENV}=0)"
+    if name in _loaded:
+        return "loaded"
+    return _why_not.get(name, "not loaded yet")
+
+
+@functools.lru_cache(maxsize=None)
+def driver_entry(symbol: str) -> int:
+    """The address of the CUDA driver's ``symbol`` (``cuLaunchKernel``, ``cuStreamIsCapturing``)
+    in libcuda, which torch has already loaded on a GPU machine."""
+    lib = ctypes.CDLL("libcuda.so.1")
+    return ctypes.cast(getattr(lib, symbol), ctypes.c_void_p).value
+
+
+__all__ = ["HOST_EXT_ENV", "enabled", "load", "status", "driver_entry", "source_path"]

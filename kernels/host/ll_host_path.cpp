@@ -1,0 +1,319 @@
+// The low-latency calls' host path in C++ (issue #22): what a later call of a known shape does
+// between the Buffer's entry and cuLaunchKernel, without the Python interpreter.
+//
+// Python stays the reference and the only validator: a call's first use of a shape runs the
+// Python path (ep_comm/backends/kernels/low_latency.py), which checks everything, builds the
+// launch plan of each buffer half and then teaches this object the plan's argument slots and
+// the shape. A later call comes here first. The guard below compares the call's tensors with
+// the shapes learnt (dtype, sizes, device, contiguity, 16-byte alignment); on any difference,
+// on a status word already set, or while the stream is captured into a CUDA graph, it returns
+// None and the Python path runs (and raises its clear error). Otherwise it allocates the
+// outputs, writes the per-call arguments into the plan's slots (the same ctypes memory the
+// Python path patches) and launches.
+//
+// Nothing here links against CUDA: cuLaunchKernel and cuStreamIsCapturing arrive as function
+// addresses (ep_comm/runtime/host_ext.py), so the CPU tests can pass a recorder instead.
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace {
+
+using LaunchFn = int (*)(void* func, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+                         unsigned by, unsigned bz, unsigned smem, void* stream, void** params,
+                         void** extra);
+using CapturingFn = int (*)(void* stream, int* status);
+
+// The per-call arguments, in the order this file writes them. ep_comm/backends/kernels/
+// ll_host_path.py checks them against low_latency.py's LL_DISPATCH_PER_CALL /
+// LL_COMBINE_PER_CALL when it loads this module, so the two lists cannot drift apart.
+const std::vector<std::string> kDispatchSlots = {
+    "x", "topk_idx", "num_tokens", "num_topk", "recv_x", "recv_scales", "src_info",
+    "range_begin", "range_count", "recv_count", "cum_stats", "wait_stats", "call_tag", "phases"};
+const std::vector<std::string> kCombineSlots = {
+    "x", "zero_copy", "src_info", "range_begin", "range_count", "topk_idx", "topk_weights",
+    "out", "num_tokens", "num_topk", "wait_stats", "call_tag", "phases"};
+
+// One argument of a prepared launch: the address of its ctypes scalar and its width.
+struct Slot {
+  void* addr = nullptr;
+  int bytes = 0;
+  void put(int64_t v) const {
+    if (bytes == 8) *static_cast<int64_t*>(addr) = v;
+    else *static_cast<int32_t*>(addr) = static_cast<int32_t>(v);
+  }
+};
+
+// One buffer half's prepared launch (jit.PreparedLaunch): kernel, argument array, block,
+// shared memory, and the slots of the per-call arguments.
+struct Launch {
+  bool ready = false;
+  void* func = nullptr;
+  void** params = nullptr;
+  unsigned block = 0, smem = 0;
+  std::vector<Slot> slots;
+  int64_t stage = 0;  // combine: the half's registered send buffer (zero_copy source)
+};
+
+// A shape the Python path validated: tokens, top-k, which optional tensors were given, the
+// grid of a whole call (send and receive phases in one launch) and the tag's signature hash.
+struct Shape {
+  int64_t t, k;
+  bool opt_a, opt_b;
+  unsigned grid;
+  int64_t tag_hash;
+};
+
+// What both calls share: the launch and capture entry points, the host status words, the
+// device, the call-tag layout (ep_comm.core.constants LL_TAG_*).
+class HostPathBase {
+ public:
+  HostPathBase(int64_t launch_fn, int64_t capturing_fn, int64_t status_ptr, int64_t status_words,
+               const at::Tensor& like, int64_t tag_shift, int64_t tag_mod, bool tags_on,
+               int64_t phases)
+      : launch_(reinterpret_cast<LaunchFn>(launch_fn)),
+        capturing_(reinterpret_cast<CapturingFn>(capturing_fn)),
+        status_(reinterpret_cast<volatile int32_t*>(status_ptr)),
+        status_words_(status_words), options_(like.options()), device_(like.device()),
+        tag_shift_(tag_shift), tag_mod_(tag_mod), tags_on_(tags_on), phases_(phases) {}
+
+  void set_launch(int64_t half, int64_t func, int64_t params, int64_t block, int64_t smem,
+                  const std::vector<int64_t>& slot_addrs, const std::vector<int64_t>& slot_bytes,
+                  int64_t stage) {
+    if (half < 0 || half > 1) throw std::invalid_argument("half must be 0 or 1");
+    if (slot_addrs.size() != slot_bytes.size() || slot_addrs.size() != num_slots())
+      throw std::invalid_argument("ep_comm internal: wrong number of per-call slots");
+    Launch& l = halves_[half];
+    l.func = reinterpret_cast<void*>(func);
+    l.params = reinterpret_cast<void**>(params);
+    l.block = static_cast<unsigned>(block);
+    l.smem = static_cast<unsigned>(smem);
+    l.slots.clear();
+    for (size_t i = 0; i < slot_addrs.size(); ++i) {
+      if (slot_bytes[i] != 4 && slot_bytes[i] != 8)
+        throw std::invalid_argument("ep_comm internal: a slot is 4 or 8 bytes");
+      l.slots.push_back(Slot{reinterpret_cast<void*>(slot_addrs[i]),
+                             static_cast<int>(slot_bytes[i])});
+    }
+    l.stage = stage;
+    l.ready = true;
+  }
+
+  void add_shape(int64_t t, int64_t k, bool opt_a, bool opt_b, int64_t grid, int64_t tag_hash) {
+    if (find(t, k, opt_a, opt_b) != nullptr) return;
+    // A decode loop uses a handful of batch sizes; a workload of many keeps the newest.
+    if (shapes_.size() >= 64) shapes_.erase(shapes_.begin());
+    shapes_.push_back(Shape{t, k, opt_a, opt_b, static_cast<unsigned>(grid), tag_hash});
+  }
+
+  int64_t num_shapes() const { return static_cast<int64_t>(shapes_.size()); }
+  bool ready(int64_t half) const { return half >= 0 && half <= 1 && halves_[half].ready; }
+
+ protected:
+  virtual size_t num_slots() const = 0;
+
+  const Shape* find(int64_t t, int64_t k, bool a, bool b) const {
+    for (const Shape& s : shapes_)
+      if (s.t == t && s.k == k && s.opt_a == a && s.opt_b == b) return &s;
+    return nullptr;
+  }
+
+  // Nothing reported: the Python path reads, raises and clears what a kernel wrote.
+  bool status_clear() const {
+    for (int64_t i = 0; i < status_words_; ++i)
+      if (status_[i] != 0) return false;
+    return true;
+  }
+
+  bool capturing(int64_t stream) const {
+    if (capturing_ == nullptr) return false;
+    int st = 0;
+    if (capturing_(reinterpret_cast<void*>(stream), &st) != 0) return true;  // ask Python
+    return st != 0;
+  }
+
+  // agreement.ll_tag of a call outside capture: its number folded into [1, mod], then the hash.
+  int64_t tag(int64_t seq, int64_t hash) const {
+    if (!tags_on_) return 0;
+    return (((seq - 1) % tag_mod_ + 1) << tag_shift_) | hash;
+  }
+
+  bool is_ok(const at::Tensor& t, at::ScalarType dtype) const {
+    return t.scalar_type() == dtype && t.device() == device_ && t.is_contiguous();
+  }
+
+  static bool aligned16(const at::Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  }
+
+  static int64_t ptr(const at::Tensor& t) {
+    return static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr()));
+  }
+
+  void launch(const Launch& l, unsigned grid, int64_t stream, const char* name) const {
+    int err = launch_(l.func, grid, 1, 1, l.block, 1, 1, l.smem, reinterpret_cast<void*>(stream),
+                      l.params, nullptr);
+    if (err != 0)
+      throw std::runtime_error(std::string("cuLaunchKernel(") + name + ", grid=" +
+                               std::to_string(grid) + ") failed: CUresult " +
+                               std::to_string(err));
+  }
+
+  LaunchFn launch_;
+  CapturingFn capturing_;
+  volatile int32_t* status_;
+  int64_t status_words_;
+  at::TensorOptions options_;
+  at::Device device_;
+  int64_t tag_shift_, tag_mod_;
+  bool tags_on_;
+  int64_t phases_;  // SEND_PHASE | RECV_PHASE: the whole call in one launch
+  Launch halves_[2];
+  std::vector<Shape> shapes_;
+};
+
+// ep_ll_dispatch_{fp8,bf16} for one (M, hidden, experts, format).
+class Dispatch : public HostPathBase {
+ public:
+  Dispatch(int64_t launch_fn, int64_t capturing_fn, int64_t status_ptr, int64_t status_words,
+           const at::Tensor& like, int64_t tag_shift, int64_t tag_mod, bool tags_on,
+           int64_t phases, int64_t local, int64_t ranks, int64_t m, int64_t hidden,
+           bool use_fp8, int64_t scale_cols, bool scales_int32)
+      : HostPathBase(launch_fn, capturing_fn, status_ptr, status_words, like, tag_shift, tag_mod,
+                     tags_on, phases),
+        local_(local), ranks_(ranks), m_(m), hidden_(hidden), use_fp8_(use_fp8),
+        scale_cols_(scale_cols), scales_int32_(scales_int32) {}
+
+  // (recv_x, recv_scales or None, src_info, range_begin, range_count, recv_count), or None
+  // (the Python path then runs the call).
+  py::object call(const at::Tensor& x, const at::Tensor& topk_idx,
+                  const c10::optional<at::Tensor>& cum, const c10::optional<at::Tensor>& wait,
+                  int64_t half, int64_t seq, int64_t stream) {
+    if (!ready(half)) return py::none();
+    if (!is_ok(x, at::kBFloat16) || x.dim() != 2 || x.size(1) != hidden_ || !aligned16(x))
+      return py::none();
+    if (!is_ok(topk_idx, at::kLong) || topk_idx.dim() != 2 || topk_idx.size(0) != x.size(0))
+      return py::none();
+    const bool has_cum = cum.has_value(), has_wait = wait.has_value();
+    if (has_cum && (!is_ok(*cum, at::kInt) || cum->dim() != 1 || cum->size(0) != local_))
+      return py::none();
+    if (has_wait && (!is_ok(*wait, at::kLong) || wait->dim() != 1 || wait->size(0) != ranks_))
+      return py::none();
+    const Shape* shape = find(x.size(0), topk_idx.size(1), has_cum, has_wait);
+    if (shape == nullptr || !status_clear() || capturing(stream)) return py::none();
+
+    const int64_t rows = ranks_ * m_;
+    at::Tensor recv_x = at::empty({local_, rows, hidden_},
+                                  options_.dtype(use_fp8_ ? at::kFloat8_e4m3fn : at::kBFloat16));
+    at::Tensor scales;
+    if (use_fp8_)  // [L, G, R*M] allocated, handed out as [L, R*M, G] (column-major per expert)
+      scales = at::empty({local_, scale_cols_, rows},
+                         options_.dtype(scales_int32_ ? at::kInt : at::kFloat)).transpose(1, 2);
+    // the four int32 outputs in one allocation: src_info [L, R*M], range_begin and
+    // range_count [L, R], recv_count [L]
+    at::Tensor ints = at::empty({local_ * (rows + 2 * ranks_ + 1)}, options_.dtype(at::kInt));
+    at::Tensor src_info = ints.narrow(0, 0, local_ * rows).view({local_, rows});
+    at::Tensor ranges = ints.narrow(0, local_ * rows, 2 * local_ * ranks_).view({2, local_, ranks_});
+    at::Tensor begin = ranges.select(0, 0), count = ranges.select(0, 1);
+    at::Tensor recv_count = ints.narrow(0, local_ * (rows + 2 * ranks_), local_);
+
+    const Launch& l = halves_[half];
+    const int64_t values[] = {ptr(x), ptr(topk_idx), x.size(0), topk_idx.size(1), ptr(recv_x),
+                              use_fp8_ ? ptr(scales) : 0, ptr(src_info), ptr(begin), ptr(count),
+                              ptr(recv_count), has_cum ? ptr(*cum) : 0,
+                              has_wait ? ptr(*wait) : 0, tag(seq, shape->tag_hash), phases_};
+    for (size_t i = 0; i < l.slots.size(); ++i) l.slots[i].put(values[i]);
+    launch(l, shape->grid, stream, use_fp8_ ? "ep_ll_dispatch_fp8" : "ep_ll_dispatch_bf16");
+    return py::make_tuple(recv_x, use_fp8_ ? py::cast(scales) : py::none(), src_info, begin,
+                          count, recv_count);
+  }
+
+ protected:
+  size_t num_slots() const override { return kDispatchSlots.size(); }
+
+ private:
+  int64_t local_, ranks_, m_, hidden_;
+  bool use_fp8_;
+  int64_t scale_cols_;
+  bool scales_int32_;
+};
+
+// ep_ll_combine for one (M, hidden, experts).
+class Combine : public HostPathBase {
+ public:
+  Combine(int64_t launch_fn, int64_t capturing_fn, int64_t status_ptr, int64_t status_words,
+          const at::Tensor& like, int64_t tag_shift, int64_t tag_mod, bool tags_on,
+          int64_t phases, int64_t local, int64_t ranks, int64_t m, int64_t hidden)
+      : HostPathBase(launch_fn, capturing_fn, status_ptr, status_words, like, tag_shift, tag_mod,
+                     tags_on, phases),
+        local_(local), ranks_(ranks), m_(m), hidden_(hidden) {}
+
+  // combined_x [T, H] bf16, or None (the Python path then runs the call). ``src_info``,
+  // ``begin`` and ``count`` are the handle's (made by this Buffer's dispatch of this shape).
+  py::object call(const at::Tensor& x, bool zero_copy, const at::Tensor& src_info,
+                  const at::Tensor& begin, const at::Tensor& count, const at::Tensor& topk_idx,
+                  const at::Tensor& weights, const c10::optional<at::Tensor>& out,
+                  const c10::optional<at::Tensor>& wait, int64_t half, int64_t seq,
+                  int64_t stream) {
+    if (!ready(half)) return py::none();
+    if (!is_ok(x, at::kBFloat16) || x.dim() != 3 || x.size(0) != local_ ||
+        x.size(1) != ranks_ * m_ || x.size(2) != hidden_ || !aligned16(x))
+      return py::none();
+    if (!is_ok(topk_idx, at::kLong) || topk_idx.dim() != 2) return py::none();
+    if (!is_ok(weights, at::kFloat) || weights.dim() != 2 || weights.size(0) != topk_idx.size(0) ||
+        weights.size(1) != topk_idx.size(1))
+      return py::none();
+    const int64_t t = topk_idx.size(0);
+    const bool has_out = out.has_value(), has_wait = wait.has_value();
+    if (has_out && (!is_ok(*out, at::kBFloat16) || out->dim() != 2 || out->size(0) != t ||
+                    out->size(1) != hidden_ || !aligned16(*out)))
+      return py::none();
+    if (has_wait && (!is_ok(*wait, at::kLong) || wait->dim() != 1 || wait->size(0) != ranks_))
+      return py::none();
+    const Shape* shape = find(t, topk_idx.size(1), has_out, has_wait);
+    if (shape == nullptr || !status_clear() || capturing(stream)) return py::none();
+
+    at::Tensor result = has_out ? *out : at::empty({t, hidden_}, options_.dtype(at::kBFloat16));
+    const Launch& l = halves_[half];
+    const int64_t values[] = {zero_copy ? l.stage : ptr(x), zero_copy ? 1 : 0, ptr(src_info),
+                              ptr(begin), ptr(count), ptr(topk_idx), ptr(weights), ptr(result),
+                              t, topk_idx.size(1), has_wait ? ptr(*wait) : 0,
+                              tag(seq, shape->tag_hash), phases_};
+    for (size_t i = 0; i < l.slots.size(); ++i) l.slots[i].put(values[i]);
+    launch(l, shape->grid, stream, "ep_ll_combine");
+    return py::cast(result);
+  }
+
+ protected:
+  size_t num_slots() const override { return kCombineSlots.size(); }
+
+ private:
+  int64_t local_, ranks_, m_, hidden_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "ep_comm's C++ host path of the low-latency calls (kernels/host/ll_host_path.cpp)";
+  m.attr("DISPATCH_SLOTS") = kDispatchSlots;
+  m.attr("COMBINE_SLOTS") = kCombineSlots;
+  py::class_<Dispatch>(m, "Dispatch")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, const at::Tensor&, int64_t, int64_t, bool,
+                    int64_t, int64_t, int64_t, int64_t, int64_t, bool, int64_t, bool>())
+      .def("set_launch", &Dispatch::set_launch)
+      .def("add_shape", &Dispatch::add_shape)
+      .def("num_shapes", &Dispatch::num_shapes)
+      .def("ready", &Dispatch::ready)
+      .def("call", &Dispatch::call);
+  py::class_<Combine>(m, "Combine")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, const at::Tensor&, int64_t, int64_t, bool,
+                    int64_t, int64_t, int64_t, int64_t, int64_t>())
+      .def("set_launch", &Combine::set_launch)
+      .def("add_shape", &Combine::add_shape)
+      .def("num_shapes", &Combine::num_shapes)
+      .def("ready", &Combine::ready)
+      .def("call", &Combine::call);
+}
