@@ -221,15 +221,19 @@ GPUS=${GPUS:-0}
 say "GPUs: $GPUS   (setup took ${SECONDS}s)"
 if ((GPUS > 0)); then
     # every CUDA module once, in parallel (jit compiles a module's sources concurrently and the
-    # modules one after the other; the cache then serves every later process)
+    # modules one after the other; the cache then serves every later process), and beside them
+    # the C++ host path of the low-latency calls (g++, ~20 s; ep_comm.runtime.host_ext)
     run_step "compile CUDA kernels" 120 "$PY" -c "
 import concurrent.futures as cf
-from ep_comm.runtime import jit
+from ep_comm.runtime import host_ext, jit
 mods = [('intranode', ['intranode.cu'], False), ('layout', ['layout.cu'], False),
         ('low_latency', ['low_latency.cu'], True), ('internode', ['internode.cu'], True)]
-with cf.ThreadPoolExecutor(len(mods)) as ex:
+with cf.ThreadPoolExecutor(len(mods) + 1) as ex:
+    host = ex.submit(host_ext.load, 'll_host_path')
     for m in ex.map(lambda a: jit.compile_kernels(a[0], a[1], nvshmem=a[2]), mods):
         print(m.name, 'cached' if m.from_cache else 'compiled', m.cubin_path)
+    host.result()
+print('C++ host path ll_host_path:', host_ext.status('ll_host_path'))
 "
 fi
 
