@@ -206,20 +206,35 @@ def ll_host(a, buf, x, idx, w, sync, profiles):
             times[0] += t1 - t0
             times[1] += t2 - t1
 
-    for _ in range(10):
-        pair()
-    sync()
-    runs = []
-    for _ in range(3):
-        times = [0, 0]
-        for _ in range(a.calls):
-            pair(times)
-        runs.append(times)
+    def loops():
+        for _ in range(10):
+            pair()
         sync()
-    f = {"ll_dispatch_host_us": statistics.median(r[0] for r in runs) / a.calls / 1e3,
-         "ll_combine_host_us": statistics.median(r[1] for r in runs) / a.calls / 1e3}
+        runs = []
+        for _ in range(3):
+            times = [0, 0]
+            for _ in range(a.calls):
+                pair(times)
+            runs.append(times)
+            sync()
+        return (statistics.median(r[0] for r in runs) / a.calls / 1e3,
+                statistics.median(r[1] for r in runs) / a.calls / 1e3)
+
+    # The default path first (the C++ host path where it loaded: kernels/host), then the
+    # Python path on the same Buffer, for the column that shows what the extension buys.
+    host = buf._ll_host
+    before = host.calls if host is not None else 0
+    f = dict(zip(("ll_dispatch_host_us", "ll_combine_host_us"), loops()))
+    f["ll_calls_through_cpp"] = ((host.calls - before) / (2 * (10 + 3 * a.calls))
+                                 if host is not None else 0.0)
     if profiles is not None:
         profiles["ll_dispatch+ll_combine"] = profile_text(pair, a.calls, sync, a.top)
+    if host is not None:
+        buf._ll_host = None
+        try:
+            f.update(zip(("ll_dispatch_python_host_us", "ll_combine_python_host_us"), loops()))
+        finally:
+            buf._ll_host = host
     return f
 
 
@@ -345,7 +360,10 @@ def print_report(a, f, num_ranks, profiles, kernels):
     host = [[n, f.get(f"{n}_host_us")] for n in HOST_CALLS] + [
         ["dispatch count wait", f.get("dispatch_count_wait_us")],
         ["dispatch minus count wait", f.get("dispatch_host_minus_wait_us")],
-        ["ll_dispatch", f.get("ll_dispatch_host_us")], ["ll_combine", f.get("ll_combine_host_us")]]
+        ["ll_dispatch", f.get("ll_dispatch_host_us")], ["ll_combine", f.get("ll_combine_host_us")],
+        ["ll_dispatch, Python path", f.get("ll_dispatch_python_host_us")],
+        ["ll_combine, Python path", f.get("ll_combine_python_host_us")],
+        ["ll calls through C++ (fraction)", f.get("ll_calls_through_cpp")]]
     common.print_table(None, ["call", "host us per call"], host,
                        f"\na. host time per call, {a.tokens} tokens x {a.hidden}, top-{a.topk} of "
                        f"{a.experts}, {num_ranks} rank(s), no sync in the loop, median of 3 x "

@@ -14,13 +14,11 @@ result: the Python path stays the validator and the reference of every step.
 Public functions:
     load(name) -> module or None: the extension built from ``kernels/host/<name>.cpp``.
     status(name) -> str: "loaded", "off (EP_COMM_HOST_EXT=0)" or why it did not build.
-    driver_entry(symbol) -> int: the address of a CUDA driver function (for the extension's
-        launches, which do not link libcuda themselves).
+    cached(name) -> Path or None: the built extension, if the cache holds it.
+    tools_missing() -> list[str]: what the build needs and this machine lacks.
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 import hashlib
 import os
 import sys
@@ -82,6 +80,26 @@ def load(name: str):
         return mod
 
 
+def tools_missing() -> list[str]:
+    """What the build needs and this machine lacks (a C++ compiler, ninja)."""
+    import shutil
+    missing = [] if (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")) else [
+        "a C++ compiler (c++ / g++)"]
+    try:
+        from torch.utils.cpp_extension import is_ninja_available
+        ninja = is_ninja_available()
+    except ImportError:
+        ninja = bool(shutil.which("ninja"))
+    return missing + ([] if ninja else ["ninja (pip install ninja)"])
+
+
+def cached(name: str) -> Path | None:
+    """The built extension of ``kernels/host/<name>.cpp`` in the cache, if it is there."""
+    mod_name, build = _build_dir(name, source_path(name).read_bytes())
+    found = sorted(build.glob(f"{mod_name}*.so")) if build.is_dir() else []
+    return found[0] if found else None
+
+
 def status(name: str) -> str:
     """How the extension ``name`` stands in this process: "loaded", "not loaded yet", or why
     it is not used."""
@@ -92,12 +110,5 @@ def status(name: str) -> str:
     return _why_not.get(name, "not loaded yet")
 
 
-@functools.lru_cache(maxsize=None)
-def driver_entry(symbol: str) -> int:
-    """The address of the CUDA driver's ``symbol`` (``cuLaunchKernel``, ``cuStreamIsCapturing``)
-    in libcuda, which torch has already loaded on a GPU machine."""
-    lib = ctypes.CDLL("libcuda.so.1")
-    return ctypes.cast(getattr(lib, symbol), ctypes.c_void_p).value
-
-
-__all__ = ["HOST_EXT_ENV", "enabled", "load", "status", "driver_entry", "source_path"]
+__all__ = ["HOST_EXT_ENV", "enabled", "load", "status", "source_path",
+           "tools_missing", "cached"]

@@ -827,7 +827,6 @@ class CompiledModule:
         kernel = self._kernel(loaded, kernel_name)
         if shared_mem > _DEFAULT_MAX_DYNAMIC_SMEM:
             _allow_dynamic_smem(loaded, kernel_name, kernel, shared_mem)
-        from ep_comm.runtime.host_ext import driver_entry
         native = (driver_entry("cuLaunchKernel"), driver_entry("cuStreamIsCapturing"),
                   int(kernel.handle))
         return PreparedLaunch(kernel_name, arg_buffer, grid, block, shared_mem,
@@ -842,6 +841,16 @@ def current_stream_handle(device_index: int) -> int:
     if raw is not None:
         return raw(device_index)
     return torch.cuda.current_stream(device_index).cuda_stream
+
+
+@functools.lru_cache(maxsize=None)
+def driver_entry(symbol: str) -> int:
+    """The address of the CUDA driver's ``symbol`` (``cuLaunchKernel``, ``cuStreamIsCapturing``)
+    in libcuda, which torch has already loaded on a GPU machine: what the C++ host path
+    (``ep_comm.runtime.host_ext``) calls, so that it need not link libcuda itself."""
+    import ctypes
+    lib = ctypes.CDLL("libcuda.so.1")
+    return ctypes.cast(getattr(lib, symbol), ctypes.c_void_p).value
 
 
 def _driver_launcher(kernel):

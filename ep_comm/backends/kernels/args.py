@@ -43,6 +43,19 @@ LL_COMBINE = (
     ("done_counter", "p"), ("mask", "p"), ("wait_stats", "p"), ("host_status", "p"),
     ("status_claim", "p"), ("timeout_ns", "u64"), ("call_tag", "i"),
 )
+#: The low-latency arguments that change from call to call, in the order the runtime (and the
+#: C++ host path, kernels/host/ll_host_path.cpp) passes them (``phases`` last); every other
+#: argument is fixed by the plan's key (shape, buffer half, scale format) and written once, when
+#: the plan is built.
+LL_DISPATCH_PER_CALL = ("x", "topk_idx", "num_tokens", "num_topk", "recv_x", "recv_scales",
+                        "src_info", "range_begin", "range_count", "recv_count", "cum_stats",
+                        "wait_stats", "call_tag", "phases")
+LL_COMBINE_PER_CALL = ("x", "zero_copy", "src_info", "range_begin", "range_count", "topk_idx",
+                       "topk_weights", "out", "num_tokens", "num_topk", "wait_stats", "call_tag",
+                       "phases")
+#: ``phases`` bits (kernels/cuda/low_latency_common.cuh kSendPhase / kRecvPhase).
+LL_SEND_PHASE = 1
+LL_RECV_PHASE = 2
 
 
 # Normal mode over NVLink (kernels/cuda/layout.cu, intranode.cu).

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ep_comm.backends.kernels.args import (LL_COMBINE_PER_CALL, LL_DISPATCH_PER_CALL,
+                                           LL_RECV_PHASE, LL_SEND_PHASE)
 from ep_comm.core import agreement
 from ep_comm.core.constants import LL_STATUS_WORDS, LL_TAG_SEQ_MOD, LL_TAG_SEQ_SHIFT
 from ep_comm.errors import EpCommError
@@ -31,7 +33,6 @@ def load_extension():
     ext = host_ext.load(EXTENSION)
     if ext is None:
         return None
-    from ep_comm.backends.kernels.low_latency import LL_COMBINE_PER_CALL, LL_DISPATCH_PER_CALL
     if (tuple(ext.DISPATCH_SLOTS) != LL_DISPATCH_PER_CALL
             or tuple(ext.COMBINE_SLOTS) != LL_COMBINE_PER_CALL):
         raise EpCommError("ep_comm internal: kernels/host/ll_host_path.cpp writes other per-call "
@@ -50,9 +51,10 @@ class LowLatencyHostPath:
     """The C++ objects of one ``LowLatencyRuntime``: one per dispatch (M, experts, format) and
     per combine (M, hidden, experts), each holding both buffer halves' launch plans."""
 
-    def __init__(self, runtime, ext):
+    def __init__(self, runtime, ext, state_type):
         self.rt = runtime
         self.ext = ext
+        self._state_type = state_type  # the runtime's LowLatencyState (handle.backend_state)
         self._dispatch: dict = {}  # (M, E, use_fp8, round_scale, use_ue8m0) -> (hidden, C++)
         self._combine: dict = {}   # (M, hidden, E) -> C++
         self._status_ptr = runtime._status.host_ptr
@@ -61,28 +63,26 @@ class LowLatencyHostPath:
 
     def _common(self, native) -> tuple:
         launch_fn, capturing_fn, _ = native
-        from ep_comm.backends.kernels.low_latency import RECV_PHASE, SEND_PHASE
         return (launch_fn, capturing_fn, self._status_ptr, LL_STATUS_WORDS, self._like,
                 LL_TAG_SEQ_SHIFT, LL_TAG_SEQ_MOD, bool(self.rt.tags_calls),
-                SEND_PHASE | RECV_PHASE)
+                LL_SEND_PHASE | LL_RECV_PHASE)
 
     # ------------------------------------------------------------------ learning
     def learn_dispatch(self, prepared, half: int, *, m: int, hidden: int, num_experts: int,
-                       use_fp8: bool, round_scale: bool, use_ue8m0: bool, t: int, k: int,
-                       has_cum: bool, has_wait: bool, grid: int, call_tag: int) -> None:
+                       use_fp8: bool, round_scale: bool, use_ue8m0: bool, scale_cols: int,
+                       scales_int32: bool, t: int, k: int, has_cum: bool, has_wait: bool,
+                       grid: int, call_tag: int) -> None:
         """After the Python path ran a whole dispatch (no hook, not captured) with plan
         ``prepared`` of buffer half ``half``: remember the plan and the shape."""
         native = prepared.native
         if native is None:
             return
-        from ep_comm.backends.kernels.low_latency import LL_DISPATCH_PER_CALL, scales_shape
         key = (m, num_experts, use_fp8, round_scale, use_ue8m0)
         entry = self._dispatch.get(key)
         if entry is None or entry[0] != hidden:
-            cols, sdtype = scales_shape(hidden, use_ue8m0)
             obj = self.ext.Dispatch(*self._common(native), num_experts // self.rt.num_ranks,
-                                    self.rt.num_ranks, m, hidden, use_fp8, cols,
-                                    sdtype == torch.int32)
+                                    self.rt.num_ranks, m, hidden, use_fp8, scale_cols,
+                                    scales_int32)
             entry = self._dispatch[key] = (hidden, obj)
         obj = entry[1]
         if not obj.ready(half):
@@ -98,7 +98,6 @@ class LowLatencyHostPath:
         native = prepared.native
         if native is None:
             return
-        from ep_comm.backends.kernels.low_latency import LL_COMBINE_PER_CALL
         key = (m, hidden, num_experts)
         obj = self._combine.get(key)
         if obj is None:
@@ -136,9 +135,8 @@ class LowLatencyHostPath:
             "low_latency_dispatch", hidden, torch.float8_e4m3fn if use_fp8 else torch.bfloat16,
             num_experts, topk_idx.shape[1], -1, m), None, False)
         recv_x, scales, src_info, begin, count, recv_count = out
-        from ep_comm.backends.kernels.low_latency import LowLatencyState
         handle = LowLatencyHandle(src_info, begin, count, recv_count, m, hidden, num_experts,
-                                  half, use_fp8, LowLatencyState(half, ()))
+                                  half, use_fp8, self._state_type(half, ()))
         return ((recv_x, scales) if use_fp8 else recv_x), recv_count, handle
 
     def combine(self, x, topk_idx, topk_weights, handle, zero_copy: bool, out, wait):

@@ -55,8 +55,8 @@ from ep_comm.core.regions import LowLatencyRegions
 THREADS = LL_THREADS
 
 # Phase bits (kernels/cuda/low_latency_common.cuh kSendPhase / kRecvPhase).
-SEND_PHASE = 1
-RECV_PHASE = 2
+SEND_PHASE = args.LL_SEND_PHASE
+RECV_PHASE = args.LL_RECV_PHASE
 
 def grid_size(num_sms: int, *work: int) -> int:
     """Blocks of a launch: one per unit of the largest piece of work, at most one per SM (the
@@ -91,15 +91,8 @@ class LowLatencyState:
     keep: tuple
 
 
-#: The arguments of the low-latency kernels that change from call to call, in the order the
-#: runtime passes them (``phases`` last); every other argument is fixed by the plan's key (shape,
-#: buffer half, scale format) and written once, when the plan is built.
-LL_DISPATCH_PER_CALL = ("x", "topk_idx", "num_tokens", "num_topk", "recv_x", "recv_scales",
-                        "src_info", "range_begin", "range_count", "recv_count", "cum_stats",
-                        "wait_stats", "call_tag", "phases")
-LL_COMBINE_PER_CALL = ("x", "zero_copy", "src_info", "range_begin", "range_count", "topk_idx",
-                       "topk_weights", "out", "num_tokens", "num_topk", "wait_stats", "call_tag",
-                       "phases")
+LL_DISPATCH_PER_CALL = args.LL_DISPATCH_PER_CALL
+LL_COMBINE_PER_CALL = args.LL_COMBINE_PER_CALL
 
 
 class LowLatencyRuntime:
@@ -156,7 +149,7 @@ class LowLatencyRuntime:
             from ep_comm.backends.kernels import ll_host_path
             ext = ll_host_path.load_extension()
             if ext is not None:
-                self.host_path = ll_host_path.LowLatencyHostPath(self, ext)
+                self.host_path = ll_host_path.LowLatencyHostPath(self, ext, LowLatencyState)
         return self.host_path
 
     # ------------------------------------------------------------------ helpers
@@ -296,9 +289,11 @@ class LowLatencyRuntime:
             grid = max(send_grid, recv_grid)
             self._launch(plan, grid, per_call + (SEND_PHASE | RECV_PHASE,))
             if self.host_path is not None:  # later calls of this shape can go through C++
+                cols, sdtype = scales_shape(hidden, use_ue8m0)
                 self.host_path.learn_dispatch(
                     plan[0], half, m=m, hidden=hidden, num_experts=num_experts, use_fp8=use_fp8,
-                    round_scale=round_scale, use_ue8m0=use_ue8m0, t=t, k=k,
+                    round_scale=round_scale, use_ue8m0=use_ue8m0, scale_cols=cols,
+                    scales_int32=sdtype == torch.int32, t=t, k=k,
                     has_cum=cumulative_local_expert_recv_stats is not None,
                     has_wait=dispatch_wait_recv_cost_stats is not None, grid=grid,
                     call_tag=per_call[-1])

@@ -58,7 +58,36 @@ def check_toolchain(facts: dict, have_gpu: bool) -> list[Check]:
                          _unhinted(info["nvshmem_error"] or "not found")))
     out.append(Check("compiler", "target arch", INFO, f"sm_{info['arch']}"))
     out.append(_check_cache(facts, info, have_gpu))
+    out.append(check_host_path(facts, build=False))
     return out
+
+
+def check_host_path(facts: dict, build: bool) -> Check:
+    """The C++ host path of the low-latency calls (ep_comm.runtime.host_ext): off, built,
+    buildable, or why not (then those calls take the Python host path: slower, same results).
+    ``build``: build it now (``--compile``) instead of only looking."""
+    from ep_comm.runtime import host_ext
+    name = "ll_host_path"
+    facts["host_path"] = fact = {"enabled": host_ext.enabled(), "cached": None, "status": None}
+    if not host_ext.enabled():
+        fact["status"] = host_ext.status(name)
+        return Check("compiler", "C++ host path", INFO,
+                     f"{host_ext.HOST_EXT_ENV}=0: the low-latency calls use the Python host path")
+    if build:
+        host_ext.load(name)
+    found = host_ext.cached(name)
+    fact["cached"], fact["status"] = (str(found) if found else None), host_ext.status(name)
+    if found:
+        return Check("compiler", "C++ host path", PASS, f"built: {found}")
+    missing = host_ext.tools_missing()
+    if missing or fact["status"].startswith("not built"):
+        why = fact["status"] if fact["status"].startswith("not built") else (
+            "missing " + ", ".join(missing))
+        return Check("compiler", "C++ host path", WARN,
+                     f"{why}; the low-latency calls use the Python host path (same results, "
+                     f"more host time per call)")
+    return Check("compiler", "C++ host path", INFO,
+                 "built at the first low-latency Buffer (~20 s, once; --compile builds it now)")
 
 
 def _check_cache(facts: dict, info: dict, have_gpu: bool) -> Check:
@@ -97,4 +126,4 @@ def check_compile(facts: dict) -> list[Check]:
                         "seconds": round(dt, 2)}
     return [Check("compiler", "compile kernels", PASS,
                   f"{len(mods)} modules in {dt:.1f} s ({len(fresh)} compiled now, the rest "
-                  "cached)")]
+                  "cached)"), check_host_path(facts, build=True)]
