@@ -127,6 +127,27 @@ def task_ll_sweep(ctx, backend: str, cases: list, corrupt: str | None = None):
     return fails.outcome(corrupt, f"low-latency {backend} vs oracle", len(cases))
 
 
+def task_ll_through_cpp(ctx, backend: str, cases: list):
+    """Each case's shape made ``case.iterations`` times on one Buffer, fresh data each round:
+    from the third round on (after one Python call per buffer half) the C++ host path
+    (kernels/host/ll_host_path.cpp) launches both calls. Every round checked against the
+    oracle. Returns the C++ calls made per case (0 where the path is not loaded)."""
+    fails = Failures(ctx.rank)
+    made = []
+    for i, case in enumerate(cases):
+        buf = llc.make_buffer(ctx, dataclasses.replace(case, backend=backend))
+        try:
+            host = buf._ll_host
+            for it in range(case.iterations):
+                ll_round(ctx, buf, case, 16 * i + it, fails)
+            made.append(0 if host is None else host.calls)
+            check_status(buf)
+        finally:
+            buf.destroy()
+    fails.raise_if_any(f"low-latency {backend} through the C++ host path vs oracle")
+    return made
+
+
 def task_ll_graph(ctx, backend: str, case: LLCase, replays: int = 4, capture: bool = True):
     """Low-latency dispatch + expert function + combine captured in one CUDA graph, replayed
     with new data and routing copied into the captured inputs; every replay checked against

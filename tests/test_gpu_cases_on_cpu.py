@@ -125,6 +125,16 @@ def test_low_latency_sweep(cpu_ranks):
     cpu_ranks(2).run(llg.task_ll_sweep, "reference", cases)
 
 
+def test_low_latency_repeated_shape_task_on_the_reference(cpu_ranks):
+    """The task behind the C++ host path GPU test: repeated rounds checked against the oracle;
+    the reference backend has no C++ path (0 calls)."""
+    cases = [LLCase(seed=BASE + 60, max_tokens=8, num_tokens=6, ragged=1, hidden=256,
+                    num_experts=8, fp8=True, iterations=3),
+             LLCase(seed=BASE + 61, max_tokens=8, num_tokens=5, hidden=256, num_experts=8,
+                    use_out=True, zero_copy=True, iterations=3)]
+    assert cpu_ranks(2).run(llg.task_ll_through_cpp, "reference", cases) == [[0, 0], [0, 0]]
+
+
 @pytest.mark.parametrize("kind,fragment", [("row", "rows differ"),
                                             ("src_info", "token order"),
                                             ("recv_count", "recv_count")])
