@@ -229,11 +229,11 @@ from ep_comm.runtime import host_ext, jit
 mods = [('intranode', ['intranode.cu'], False), ('layout', ['layout.cu'], False),
         ('low_latency', ['low_latency.cu'], True), ('internode', ['internode.cu'], True)]
 with cf.ThreadPoolExecutor(len(mods) + 1) as ex:
-    host = ex.submit(host_ext.load, 'll_host_path')
+    host = ex.submit(host_ext.load, 'host_path')
     for m in ex.map(lambda a: jit.compile_kernels(a[0], a[1], nvshmem=a[2]), mods):
         print(m.name, 'cached' if m.from_cache else 'compiled', m.cubin_path)
     host.result()
-print('C++ host path ll_host_path:', host_ext.status('ll_host_path'))
+print('C++ host path:', host_ext.status('host_path'))
 "
 fi
 

@@ -144,10 +144,11 @@ class Buffer:
         self._check_finite = os.environ.get(CHECK_FINITE_ENV) == "1"
         # The C++ host path of later low-latency calls (docs/host_path.md): only for calls
         # that make no per-call host check, which keep the Python path.
-        self._ll_host = None
-        if (low_latency_mode and not self._debug and not self._agree_always
-                and self._check_ids_mode != "1" and not self._check_finite):
-            self._ll_host = self._backend.ll_host_path()
+        self._ll_host = self._layout_host = None
+        if not self._debug and self._check_ids_mode != "1":
+            self._layout_host = self._backend.layout_host_path()
+            if low_latency_mode and not self._agree_always and not self._check_finite:
+                self._ll_host = self._backend.ll_host_path()
         self._comm_stream = None
         if self.device.type == "cuda":
             self._comm_stream = self._backend.comm_stream() or torch.cuda.Stream(self.device)
@@ -198,7 +199,7 @@ class Buffer:
         backend's teardown is given ``DESTROY_TIMEOUT_S`` seconds, then abandoned with a
         warning, so that a lost peer can never make destroy (or exit) hang.
         """
-        self._ll_host = None
+        self._ll_host = self._layout_host = None
         if self._backend is not None:
             backend, self._backend = self._backend, None
             if self.comm.failure is None:
@@ -408,6 +409,12 @@ class Buffer:
             is_token_in_rank: [T, R] bool.
             event: EventOverlap (with ``async_finish``) or an empty one.
         """
+        host = self._layout_host
+        if (host is not None and previous_event is None and not async_finish
+                and not allocate_on_comm_stream):  # a known shape, through C++
+            done = host(topk_idx, num_experts)
+            if done is not None:
+                return (*done, EventOverlap())
         key = ("layout", num_experts, checks.sig(topk_idx))
         first = key not in self._validated
         if self._debug or first:

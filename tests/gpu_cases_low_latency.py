@@ -130,7 +130,7 @@ def task_ll_sweep(ctx, backend: str, cases: list, corrupt: str | None = None):
 def task_ll_through_cpp(ctx, backend: str, cases: list):
     """Each case's shape made ``case.iterations`` times on one Buffer, fresh data each round:
     from the third round on (after one Python call per buffer half) the C++ host path
-    (kernels/host/ll_host_path.cpp) launches both calls. Every round checked against the
+    (kernels/host/host_path.cpp) launches both calls. Every round checked against the
     oracle. Returns the C++ calls made per case (0 where the path is not loaded)."""
     fails = Failures(ctx.rank)
     made = []

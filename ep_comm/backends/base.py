@@ -92,6 +92,11 @@ class Backend(abc.ABC):
         (a dispatch from a layout without ``num_worst_tokens``)."""
         return False
 
+    def layout_host_path(self):
+        """The C++ host path of ``get_dispatch_layout`` (a callable returning its four
+        results, or None where it declines), or None."""
+        return None
+
     def ll_host_path(self):
         """The C++ host path of the low-latency calls (``.dispatch`` / ``.combine`` returning
         None where they decline), or None: this backend has none, or it could not be built."""

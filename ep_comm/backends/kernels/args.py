@@ -44,7 +44,7 @@ LL_COMBINE = (
     ("status_claim", "p"), ("timeout_ns", "u64"), ("call_tag", "i"),
 )
 #: The low-latency arguments that change from call to call, in the order the runtime (and the
-#: C++ host path, kernels/host/ll_host_path.cpp) passes them (``phases`` last); every other
+#: C++ host path, kernels/host/host_path.cpp) passes them (``phases`` last); every other
 #: argument is fixed by the plan's key (shape, buffer half, scale format) and written once, when
 #: the plan is built.
 LL_DISPATCH_PER_CALL = ("x", "topk_idx", "num_tokens", "num_topk", "recv_x", "recv_scales",
@@ -53,6 +53,10 @@ LL_DISPATCH_PER_CALL = ("x", "topk_idx", "num_tokens", "num_topk", "recv_x", "re
 LL_COMBINE_PER_CALL = ("x", "zero_copy", "src_info", "range_begin", "range_count", "topk_idx",
                        "topk_weights", "out", "num_tokens", "num_topk", "wait_stats", "call_tag",
                        "phases")
+#: The layout kernel's arguments that change from call to call (the C++ host path writes them
+#: in this order, kernels/host/host_path.cpp).
+NVL_LAYOUT_PER_CALL = ("topk_idx", "T", "num_tokens_per_rank", "num_tokens_per_expert",
+                       "is_token_in_rank", "scratch")
 #: ``phases`` bits (kernels/cuda/low_latency_common.cuh kSendPhase / kRecvPhase).
 LL_SEND_PHASE = 1
 LL_RECV_PHASE = 2

@@ -75,6 +75,9 @@ class KernelsBackend(Backend):
     def get_next_low_latency_combine_buffer(self, handle):
         return self._ll().get_next_low_latency_combine_buffer(handle)
 
+    def layout_host_path(self):
+        return self.normal.layout_host_path()
+
     def ll_host_path(self):
         return self.ll.enable_host_path() if self.ll is not None else None
 

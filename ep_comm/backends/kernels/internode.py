@@ -180,6 +180,10 @@ class InternodeRuntime:
         return offs["put_bytes"], offs["combine_put_bytes"]
 
     # ------------------------------------------------------------------ layout
+    def layout_host_path(self):
+        """None: the layout across nodes also sums tokens per node in torch (no C++ twin)."""
+        return None
+
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
         """-> (num_tokens_per_rank [R] int32, num_tokens_per_rdma_rank [N] int32,
         num_tokens_per_expert [E] int32, is_token_in_rank [T, R] bool)."""

@@ -311,6 +311,10 @@ class IntranodeRuntime:
                     slot_bytes=regions.slot_bytes)
 
     # ------------------------------------------------------------------ layout
+    def layout_host_path(self):
+        """The layout's C++ host path (``host_path.LayoutHostPath``), or None."""
+        return self._layout.enable_host_path()
+
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int):
         """-> (num_tokens_per_rank [R] int32, None, num_tokens_per_expert [E] int32,
         is_token_in_rank [T, R] bool), from topk_idx [T, K] int64."""

@@ -34,6 +34,19 @@ class LayoutKernel:
         self.num_ranks, self.device, self.id_check = num_ranks, device, id_check
         self.plans: dict = {}    # (K, E) -> jit.PreparedLaunch
         self.scratch: dict = {}  # (E, stream handle) -> [R + E + 1] int32 zeros
+        #: the C++ twin (host_path.LayoutHostPath) once ``enable_host_path`` loaded it
+        self.host_path = None
+
+    def enable_host_path(self):
+        """Load the C++ host path of later calls; it learns each (K, E) plan, token count and
+        stream from this class's calls. Returns it, or None (off, or not buildable)."""
+        if self.host_path is None:
+            from ep_comm.backends.kernels import host_path
+            ext = host_path.load_extension()
+            if ext is not None:
+                self.host_path = host_path.LayoutHostPath(ext, self.num_ranks, self.device,
+                                                          LAYOUT_THREADS)
+        return self.host_path
 
     def __call__(self, topk_idx: torch.Tensor, num_experts: int, stream: int):
         """-> (counts [R + E] int32: tokens per rank, then per expert; is_token_in_rank [T, R]
@@ -51,9 +64,11 @@ class LayoutKernel:
             a[_SLOT["num_tokens_per_rank"]].value = counts.data_ptr()
             a[_SLOT["num_tokens_per_expert"]].value = counts.data_ptr() + 4 * r
             a[_SLOT["is_token_in_rank"]].value = in_rank.data_ptr()
-            a[_SLOT["scratch"]].value = self._scratch(num_experts, stream)
+            scratch = a[_SLOT["scratch"]].value = self._scratch(num_experts, stream)
             launch.grid = -(-t // LAYOUT_THREADS)
             launch.launch(stream)
+            if self.host_path is not None:
+                self.host_path.learn(launch, k, num_experts, t, stream, scratch)
         return counts, in_rank
 
     def _plan(self, num_topk: int, num_experts: int):

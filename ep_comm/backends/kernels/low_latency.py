@@ -135,21 +135,21 @@ class LowLatencyRuntime:
         self.tags_calls = agreement.ll_agreement_on()
         # plan key (kernel, shape, half, format) -> (jit.PreparedLaunch, per-call slots)
         self._plans: dict = {}
-        # The C++ host path (ll_host_path.LowLatencyHostPath), once enable_host_path() loaded it.
+        # The C++ host path (host_path.LowLatencyHostPath), once enable_host_path() loaded it.
         self.host_path = None
         # Peers may write into this buffer as soon as they return: everyone's zeroes first.
         torch.cuda.synchronize(self.device)
         comm.barrier("low_latency/init")
 
     def enable_host_path(self):
-        """Load the C++ host path of later calls (``ll_host_path``); it learns each plan and
+        """Load the C++ host path of later calls (``host_path``); it learns each plan and
         shape from the Python path's calls. Returns it, or None where the extension is off or
         could not be built (``ep_comm.runtime.host_ext.status`` says why)."""
         if self.host_path is None:
-            from ep_comm.backends.kernels import ll_host_path
-            ext = ll_host_path.load_extension()
+            from ep_comm.backends.kernels import host_path
+            ext = host_path.load_extension()
             if ext is not None:
-                self.host_path = ll_host_path.LowLatencyHostPath(self, ext, LowLatencyState)
+                self.host_path = host_path.LowLatencyHostPath(self, ext, LowLatencyState)
         return self.host_path
 
     # ------------------------------------------------------------------ helpers

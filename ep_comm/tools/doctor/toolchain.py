@@ -67,7 +67,7 @@ def check_host_path(facts: dict, build: bool) -> Check:
     buildable, or why not (then those calls take the Python host path: slower, same results).
     ``build``: build it now (``--compile``) instead of only looking."""
     from ep_comm.runtime import host_ext
-    name = "ll_host_path"
+    name = "host_path"
     facts["host_path"] = fact = {"enabled": host_ext.enabled(), "cached": None, "status": None}
     if not host_ext.enabled():
         fact["status"] = host_ext.status(name)

@@ -1,4 +1,4 @@
-"""The C++ host path of the low-latency calls (kernels/host/ll_host_path.cpp) on the fake GPU
+"""The C++ host path of the low-latency calls (kernels/host/host_path.cpp) on the fake GPU
 (tests/fake_gpu.py): a later call of a learnt shape is launched from C++ with exactly the
 arguments the Python path gives, and everything the C++ side has not learnt (a new shape, bad
 input, a hook, a status word already set) goes to the Python path, which raises its own error.
@@ -35,7 +35,7 @@ def ll(monkeypatch):
     rdma = ep_comm.Buffer.get_low_latency_rdma_size_hint(M, H, 1, E)
     with fake_gpu.fake_buffer(monkeypatch, low_latency_mode=True,
                               num_rdma_bytes=rdma) as (buf, module):
-        assert buf._ll_host is not None, host_ext.status("ll_host_path")
+        assert buf._ll_host is not None, host_ext.status("host_path")
         yield buf, module
 
 
@@ -66,9 +66,9 @@ def _python_only(buf):
 
 
 def test_extension_writes_the_runtimes_per_call_arguments():
-    from ep_comm.backends.kernels import ll_host_path
+    from ep_comm.backends.kernels import host_path
     from ep_comm.backends.kernels.low_latency import LL_COMBINE_PER_CALL, LL_DISPATCH_PER_CALL
-    ext = ll_host_path.load_extension()
+    ext = host_path.load_extension()
     assert tuple(ext.DISPATCH_SLOTS) == LL_DISPATCH_PER_CALL
     assert tuple(ext.COMBINE_SLOTS) == LL_COMBINE_PER_CALL
 
@@ -218,3 +218,57 @@ def test_per_call_host_checks_or_the_switch_keep_the_python_path(monkeypatch, en
         for _ in range(4):
             _round_trip(buf, x, idx, w)
         assert module.native_launches == 0
+
+
+# ------------------------------------------------------------------------------ the layout
+@pytest.fixture
+def nvl(monkeypatch):
+    monkeypatch.delenv(host_ext.HOST_EXT_ENV, raising=False)
+    with fake_gpu.fake_buffer(monkeypatch, num_nvl_bytes=1 << 24) as (buf, module):
+        assert buf._layout_host is not None, host_ext.status("host_path")
+        yield buf, module
+
+
+def test_layout_through_cpp_launches_what_the_python_path_launches(nvl):
+    buf, module = nvl
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(-1, E, (37, K), generator=g)
+    py = buf.get_dispatch_layout(idx, E)  # first call of this shape: Python, learnt
+    assert module.native_launches == 0
+    c = buf.get_dispatch_layout(idx, E)
+    assert module.native_launches == 1
+    (_, _, py_args), (_, grid, c_args) = module.launches[-2:]
+    assert grid == module.launches[-2][1]
+    for arg, value in c_args.items():
+        if arg == "num_tokens_per_rank":
+            assert value == c[0].data_ptr()
+        elif arg == "num_tokens_per_expert":
+            assert value == c[2].data_ptr() == c[0].data_ptr() + 4 * buf.group_size
+        elif arg == "is_token_in_rank":
+            assert value == c[3].data_ptr()
+        else:
+            assert value == py_args[arg], arg
+    assert c[1] is None and c[4].event is None
+    for a, b in zip(py[:4], c[:4]):
+        if a is not None:
+            assert (a.shape, a.dtype, a.stride()) == (b.shape, b.dtype, b.stride())
+
+
+def test_layout_declines_what_it_has_not_learnt(nvl):
+    buf, module = nvl
+    idx = torch.randint(0, E, (12, K))
+    buf.get_dispatch_layout(idx, E)
+    buf.get_dispatch_layout(idx, E)
+    assert module.native_launches == 1
+    buf.get_dispatch_layout(torch.randint(0, E, (13, K)), E)  # a new token count
+    buf.get_dispatch_layout(idx[:, :2].contiguous(), E)          # a new top-k
+    assert module.native_launches == 1
+    with pytest.raises(InputError, match="contiguous"):
+        buf.get_dispatch_layout(idx.t().contiguous().t(), E)
+    with pytest.raises(InputError):
+        buf.get_dispatch_layout(idx.to(torch.int32), E)
+    with pytest.raises(InputError):
+        buf.get_dispatch_layout(idx.tolist(), E)
+    with pytest.raises(InputError):
+        buf.get_dispatch_layout(idx, 0)
+    assert module.native_launches == 1

@@ -1,4 +1,4 @@
-"""The low-latency calls through the C++ host path (``kernels/host/ll_host_path.cpp``).
+"""The C++ host path (``kernels/host/host_path.cpp``): the low-latency calls and the layout.
 
 A later call of a shape the Python path has validated goes from ``Buffer`` straight to the C++
 object of its sizes: one call that guards, allocates, patches the launch plan's argument slots
@@ -16,15 +16,15 @@ from __future__ import annotations
 import torch
 
 from ep_comm.backends.kernels.args import (LL_COMBINE_PER_CALL, LL_DISPATCH_PER_CALL,
-                                           LL_RECV_PHASE, LL_SEND_PHASE)
+                                           LL_RECV_PHASE, LL_SEND_PHASE, NVL_LAYOUT_PER_CALL)
 from ep_comm.core import agreement
 from ep_comm.core.constants import LL_STATUS_WORDS, LL_TAG_SEQ_MOD, LL_TAG_SEQ_SHIFT
 from ep_comm.errors import EpCommError
 from ep_comm.handles import LowLatencyHandle
 from ep_comm.runtime import host_ext, jit
 
-#: kernels/host/ll_host_path.cpp
-EXTENSION = "ll_host_path"
+#: kernels/host/host_path.cpp (the low-latency calls and the layout)
+EXTENSION = "host_path"
 _TAG_HASH_MASK = (1 << LL_TAG_SEQ_SHIFT) - 1
 
 
@@ -34,9 +34,11 @@ def load_extension():
     if ext is None:
         return None
     if (tuple(ext.DISPATCH_SLOTS) != LL_DISPATCH_PER_CALL
-            or tuple(ext.COMBINE_SLOTS) != LL_COMBINE_PER_CALL):
-        raise EpCommError("ep_comm internal: kernels/host/ll_host_path.cpp writes other per-call "
-                          "arguments than LL_DISPATCH_PER_CALL / LL_COMBINE_PER_CALL")
+            or tuple(ext.COMBINE_SLOTS) != LL_COMBINE_PER_CALL
+            or tuple(ext.LAYOUT_SLOTS) != NVL_LAYOUT_PER_CALL):
+        raise EpCommError("ep_comm internal: kernels/host/host_path.cpp writes other per-call "
+                          "arguments than args.LL_DISPATCH_PER_CALL / LL_COMBINE_PER_CALL / "
+                          "NVL_LAYOUT_PER_CALL")
     return ext
 
 
@@ -124,7 +126,9 @@ class LowLatencyHostPath:
         try:
             out = entry[1].call(x, topk_idx, cum, wait, half, comm.seq + 1,
                                 jit.current_stream_handle(rt._dev_index))
-        except RuntimeError as e:  # the launch failed (the extension's only exception)
+        except TypeError:  # an argument is not a tensor: the Python path names it
+            return None
+        except RuntimeError as e:  # the launch failed (the extension's only own exception)
             raise jit.JitError(str(e)) from e
         if out is None:
             return None
@@ -151,6 +155,8 @@ class LowLatencyHostPath:
                               handle.range_count, topk_idx, topk_weights, out, wait,
                               handle.buffer_idx, comm.seq + 1,
                               jit.current_stream_handle(self.rt._dev_index))
+        except TypeError:  # an argument is not a tensor: the Python path names it
+            return None
         except RuntimeError as e:
             raise jit.JitError(str(e)) from e
         if result is None:
@@ -162,4 +168,52 @@ class LowLatencyHostPath:
         return result
 
 
-__all__ = ["EXTENSION", "LowLatencyHostPath", "load_extension"]
+class LayoutHostPath:
+    """The C++ twin of a ``layout.LayoutKernel``: one object per (top-k, experts), learning
+    the plan, the token counts and the (stream -> scratch) pairs of the Python path's calls."""
+
+    def __init__(self, ext, num_ranks: int, device, threads: int):
+        self.ext, self.num_ranks, self.threads = ext, num_ranks, threads
+        self._like = torch.empty(0, device=device)
+        self._dev_index = device.index
+        self._objs: dict = {}  # E -> (K, C++ Layout): the top-k last learnt for E
+        self.calls = 0
+
+    def learn(self, prepared, num_topk: int, num_experts: int, t: int, stream: int,
+              scratch: int) -> None:
+        """After the Python path launched plan ``prepared`` for ``t`` tokens on ``stream``."""
+        native = prepared.native
+        if native is None:
+            return
+        entry = self._objs.get(num_experts)
+        if entry is None or entry[0] != num_topk:
+            obj = self.ext.Layout(native[0], self._like, self.num_ranks, num_topk, num_experts,
+                                  self.threads)
+            self._objs[num_experts] = (num_topk, obj)
+            addrs, widths = _slots(prepared, NVL_LAYOUT_PER_CALL)
+            obj.set_launch(native[2], prepared.args.address, prepared.block, prepared.shared_mem,
+                           addrs, widths)
+        obj = self._objs[num_experts][1]
+        obj.add_tokens(t)
+        obj.add_scratch(stream, scratch)
+
+    def __call__(self, topk_idx, num_experts: int):
+        """(num_tokens_per_rank [R] int32, None, num_tokens_per_expert [E] int32,
+        is_token_in_rank [T, R] bool) on the current stream, or None (the caller runs the
+        Python path)."""
+        entry = self._objs.get(num_experts)
+        if entry is None:
+            return None
+        try:
+            out = entry[1].call(topk_idx, jit.current_stream_handle(self._dev_index))
+        except TypeError:  # not a tensor: the Python path names it
+            return None
+        except RuntimeError as e:
+            raise jit.JitError(str(e)) from e
+        if out is None:
+            return None
+        self.calls += 1
+        return out[0], None, out[1], out[2]
+
+
+__all__ = ["EXTENSION", "LayoutHostPath", "LowLatencyHostPath", "load_extension"]

@@ -1,5 +1,6 @@
-// The low-latency calls' host path in C++ (issue #22): what a later call of a known shape does
-// between the Buffer's entry and cuLaunchKernel, without the Python interpreter.
+// The host path in C++ (issue #22) of the calls whose Python alone missed their host-time
+// targets: the low-latency dispatch and combine, and get_dispatch_layout. What a later call of
+// a known shape does between the Buffer's entry and cuLaunchKernel, without the interpreter.
 //
 // Python stays the reference and the only validator: a call's first use of a shape runs the
 // Python path (ep_comm/backends/kernels/low_latency.py), which checks everything, builds the
@@ -28,11 +29,14 @@ using LaunchFn = int (*)(void* func, unsigned gx, unsigned gy, unsigned gz, unsi
 using CapturingFn = int (*)(void* stream, int* status);
 
 // The per-call arguments, in the order this file writes them. ep_comm/backends/kernels/
-// ll_host_path.py checks them against low_latency.py's LL_DISPATCH_PER_CALL /
+// host_path.py checks them against args.py's LL_DISPATCH_PER_CALL /
 // LL_COMBINE_PER_CALL when it loads this module, so the two lists cannot drift apart.
 const std::vector<std::string> kDispatchSlots = {
     "x", "topk_idx", "num_tokens", "num_topk", "recv_x", "recv_scales", "src_info",
     "range_begin", "range_count", "recv_count", "cum_stats", "wait_stats", "call_tag", "phases"};
+const std::vector<std::string> kLayoutSlots = {
+    "topk_idx", "T", "num_tokens_per_rank", "num_tokens_per_expert", "is_token_in_rank",
+    "scratch"};
 const std::vector<std::string> kCombineSlots = {
     "x", "zero_copy", "src_info", "range_begin", "range_count", "topk_idx", "topk_weights",
     "out", "num_tokens", "num_topk", "wait_stats", "call_tag", "phases"};
@@ -294,12 +298,102 @@ class Combine : public HostPathBase {
   int64_t local_, ranks_, m_, hidden_;
 };
 
+// get_dispatch_layout's kernel (kernels/cuda/layout.cu) for one (top-k, experts): counts
+// [R + E] int32 (per rank, then per expert) and is_token_in_rank [T, R] bool, every element
+// written by the kernel. The scratch of zeros the kernel reduces through is one per (experts,
+// stream), learnt from the Python path (ep_comm/backends/kernels/layout.py).
+class Layout {
+ public:
+  Layout(int64_t launch_fn, const at::Tensor& like, int64_t ranks, int64_t num_topk,
+         int64_t num_experts, int64_t threads)
+      : launch_(reinterpret_cast<LaunchFn>(launch_fn)), options_(like.options()),
+        device_(like.device()), ranks_(ranks), k_(num_topk), e_(num_experts),
+        threads_(threads) {}
+
+  // The plan's kernel, argument array and the slots of topk_idx, T, num_tokens_per_rank,
+  // num_tokens_per_expert, is_token_in_rank and scratch (kLayoutSlots' order).
+  void set_launch(int64_t func, int64_t params, int64_t block, int64_t smem,
+                  const std::vector<int64_t>& slot_addrs, const std::vector<int64_t>& slot_bytes) {
+    if (slot_addrs.size() != kLayoutSlots.size() || slot_bytes.size() != kLayoutSlots.size())
+      throw std::invalid_argument("ep_comm internal: wrong number of layout slots");
+    l_.func = reinterpret_cast<void*>(func);
+    l_.params = reinterpret_cast<void**>(params);
+    l_.block = static_cast<unsigned>(block);
+    l_.smem = static_cast<unsigned>(smem);
+    l_.slots.clear();
+    for (size_t i = 0; i < slot_addrs.size(); ++i)
+      l_.slots.push_back(Slot{reinterpret_cast<void*>(slot_addrs[i]),
+                              static_cast<int>(slot_bytes[i])});
+    l_.ready = true;
+  }
+
+  // A token count whose first call the Python path ran (and checked the ids of on the host).
+  void add_tokens(int64_t t) {
+    for (int64_t v : tokens_)
+      if (v == t) return;
+    if (tokens_.size() >= 64) tokens_.erase(tokens_.begin());
+    tokens_.push_back(t);
+  }
+
+  void add_scratch(int64_t stream, int64_t scratch) {
+    for (auto& s : scratch_)
+      if (s.first == stream) { s.second = scratch; return; }
+    scratch_.emplace_back(stream, scratch);
+  }
+
+  // (num_tokens_per_rank [R] int32, num_tokens_per_expert [E] int32, is_token_in_rank [T, R]
+  // bool; the two counts are views of one allocation), or None (the Python path runs).
+  py::object call(const at::Tensor& topk_idx, int64_t stream) {
+    if (!l_.ready || topk_idx.scalar_type() != at::kLong || topk_idx.device() != device_ ||
+        !topk_idx.is_contiguous() || topk_idx.dim() != 2 || topk_idx.size(1) != k_)
+      return py::none();
+    bool known = false;
+    for (int64_t v : tokens_) known |= v == topk_idx.size(0);
+    if (!known) return py::none();
+    int64_t scratch = 0;
+    for (const auto& s : scratch_)
+      if (s.first == stream) scratch = s.second;
+    if (scratch == 0) return py::none();
+    const int64_t t = topk_idx.size(0);
+    at::Tensor counts = at::empty({ranks_ + e_}, options_.dtype(at::kInt));
+    at::Tensor in_rank = at::empty({t, ranks_}, options_.dtype(at::kBool));
+    const int64_t counts_ptr = reinterpret_cast<int64_t>(counts.data_ptr());
+    const int64_t values[] = {reinterpret_cast<int64_t>(topk_idx.data_ptr()), t, counts_ptr,
+                              counts_ptr + 4 * ranks_, reinterpret_cast<int64_t>(in_rank.data_ptr()),
+                              scratch};
+    for (size_t i = 0; i < l_.slots.size(); ++i) l_.slots[i].put(values[i]);
+    const unsigned grid = static_cast<unsigned>((t + threads_ - 1) / threads_);
+    const int err = launch_(l_.func, grid, 1, 1, l_.block, 1, 1, l_.smem,
+                            reinterpret_cast<void*>(stream), l_.params, nullptr);
+    if (err != 0)
+      throw std::runtime_error("cuLaunchKernel(nvl_get_dispatch_layout, grid=" +
+                               std::to_string(grid) + ") failed: CUresult " + std::to_string(err));
+    return py::make_tuple(counts.narrow(0, 0, ranks_), counts.narrow(0, ranks_, e_), in_rank);
+  }
+
+ private:
+  LaunchFn launch_;
+  at::TensorOptions options_;
+  at::Device device_;
+  int64_t ranks_, k_, e_, threads_;
+  Launch l_;
+  std::vector<std::pair<int64_t, int64_t>> scratch_;  // (stream, scratch address)
+  std::vector<int64_t> tokens_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "ep_comm's C++ host path of the low-latency calls (kernels/host/ll_host_path.cpp)";
+  m.doc() = "ep_comm's C++ host path: the low-latency calls and the layout (kernels/host/host_path.cpp)";
   m.attr("DISPATCH_SLOTS") = kDispatchSlots;
   m.attr("COMBINE_SLOTS") = kCombineSlots;
+  m.attr("LAYOUT_SLOTS") = kLayoutSlots;
+  py::class_<Layout>(m, "Layout")
+      .def(py::init<int64_t, const at::Tensor&, int64_t, int64_t, int64_t, int64_t>())
+      .def("set_launch", &Layout::set_launch)
+      .def("add_tokens", &Layout::add_tokens)
+      .def("add_scratch", &Layout::add_scratch)
+      .def("call", &Layout::call);
   py::class_<Dispatch>(m, "Dispatch")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, const at::Tensor&, int64_t, int64_t, bool,
                     int64_t, int64_t, int64_t, int64_t, int64_t, bool, int64_t, bool>())
