@@ -64,12 +64,23 @@ def load(name: str):
         if name in _loaded or name in _why_not:
             return _loaded.get(name)
         try:
-            from torch.utils import cpp_extension
             src = source_path(name)
             mod_name, build = _build_dir(name, src.read_bytes())
             build.mkdir(parents=True, exist_ok=True)
-            mod = cpp_extension.load(mod_name, [str(src)], build_directory=str(build),
-                                     extra_cflags=["-O2"], verbose=False)
+            # Our own flock (dropped by the kernel when its holder dies), not only
+            # cpp_extension's lock file, which a process killed mid-build leaves behind and
+            # every later load then waits on forever. A built module is imported directly.
+            with jit._file_lock(build / "ep_comm.lock"):
+                built = cached(name)
+                if built is None:
+                    from torch.utils import cpp_extension
+                    stale = build / "lock"
+                    if stale.exists():
+                        stale.unlink()  # we hold the flock: nobody else is building
+                    cpp_extension.load(mod_name, [str(src)], build_directory=str(build),
+                                       extra_cflags=["-O2"], verbose=False)
+                    built = cached(name)
+                mod = _import(mod_name, built)
         except Exception as e:  # any build failure: the Python path runs, and says so once
             _why_not[name] = f"not built: {type(e).__name__}: {str(e).strip()[:400]}"
             warnings.warn(f"ep_comm: the C++ host path {name} could not be built, the calls use "
@@ -78,6 +89,21 @@ def load(name: str):
             return None
         _loaded[name] = mod
         return mod
+
+
+def _import(mod_name: str, path: Path | None):
+    """The module ``mod_name`` from the shared object ``path`` (torch first: it needs libtorch)."""
+    import importlib.util
+    import torch  # noqa: F401  (loads the libraries the extension links)
+    if path is None:
+        raise ImportError(f"the build left no {mod_name}*.so")
+    if mod_name in sys.modules:
+        return sys.modules[mod_name]
+    spec = importlib.util.spec_from_file_location(mod_name, str(path))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sys.modules[mod_name] = mod
+    return mod
 
 
 def tools_missing() -> list[str]:
