@@ -42,6 +42,18 @@ def load_extension():
     return ext
 
 
+def _native(fn, *args):
+    """``fn(*args)`` of the extension, or None where it declines or an argument is not a
+    tensor (pybind's TypeError: the Python path then raises its own, clear error); a failed
+    launch (the extension's only exception) as ``JitError``."""
+    try:
+        return fn(*args)
+    except TypeError:
+        return None
+    except RuntimeError as e:
+        raise jit.JitError(str(e)) from e
+
+
 def _slots(prepared, names: tuple) -> tuple[list[int], list[int]]:
     """(addresses, widths in bytes) of the ctypes slots of ``names`` in a prepared launch."""
     import ctypes
@@ -123,13 +135,8 @@ class LowLatencyHostPath:
             return None
         rt, comm = self.rt, self.rt.comm
         half = rt._next_half
-        try:
-            out = entry[1].call(x, topk_idx, cum, wait, half, comm.seq + 1,
-                                jit.current_stream_handle(rt._dev_index))
-        except TypeError:  # an argument is not a tensor: the Python path names it
-            return None
-        except RuntimeError as e:  # the launch failed (the extension's only own exception)
-            raise jit.JitError(str(e)) from e
+        out = _native(entry[1].call, x, topk_idx, cum, wait, half, comm.seq + 1,
+                      jit.current_stream_handle(rt._dev_index))
         if out is None:
             return None
         self.calls += 1
@@ -150,15 +157,10 @@ class LowLatencyHostPath:
         if obj is None:
             return None
         comm = self.rt.comm
-        try:
-            result = obj.call(x, bool(zero_copy), handle.src_info, handle.range_begin,
-                              handle.range_count, topk_idx, topk_weights, out, wait,
-                              handle.buffer_idx, comm.seq + 1,
-                              jit.current_stream_handle(self.rt._dev_index))
-        except TypeError:  # an argument is not a tensor: the Python path names it
-            return None
-        except RuntimeError as e:
-            raise jit.JitError(str(e)) from e
+        result = _native(obj.call, x, bool(zero_copy), handle.src_info, handle.range_begin,
+                         handle.range_count, topk_idx, topk_weights, out, wait,
+                         handle.buffer_idx, comm.seq + 1,
+                         jit.current_stream_handle(self.rt._dev_index))
         if result is None:
             return None
         self.calls += 1
@@ -204,12 +206,7 @@ class LayoutHostPath:
         entry = self._objs.get(num_experts)
         if entry is None:
             return None
-        try:
-            out = entry[1].call(topk_idx, jit.current_stream_handle(self._dev_index))
-        except TypeError:  # not a tensor: the Python path names it
-            return None
-        except RuntimeError as e:
-            raise jit.JitError(str(e)) from e
+        out = _native(entry[1].call, topk_idx, jit.current_stream_handle(self._dev_index))
         if out is None:
             return None
         self.calls += 1
