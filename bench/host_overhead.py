@@ -25,6 +25,9 @@ c. MoE layer host time per step (``ep_comm.moe``, DeepSeek-V3 shapes: hidden 716
    one call started with the GPU idle, median of ``--moe-iters``. The weights are random bytes
    (the host path does not depend on their values).
 
+``--moe-only`` runs part c alone, with a cProfile of each step, and writes
+``host_overhead_moe-kernels-...json`` (the full run's file is left as it is).
+
 ``--fake-gpu`` runs part a on CPU through tests/fake_gpu.py (the real Python of Buffer and the
 runtimes; launches are recorded, not run): a check of the host path where there is no GPU, not
 a measurement of one, so it prints and writes nothing.
@@ -94,6 +97,8 @@ def parse_args(argv=None):
     p.add_argument("--moe-iters", type=int, default=10)
     p.add_argument("--top", type=int, default=10, help="functions listed from each profile")
     p.add_argument("--quick", action="store_true", help="fewer calls, no profile, no MoE part")
+    p.add_argument("--moe-only", action="store_true",
+                   help="part c alone (the MoE layer's host time and its profile)")
     p.add_argument("--fake-gpu", action="store_true",
                    help="part a on CPU through tests/fake_gpu.py (nothing written)")
     a = p.parse_args(argv)
@@ -330,7 +335,23 @@ def step_host_ms(fn, iters):
     return statistics.median(times) * 1e3
 
 
-def part_c(a, buf, ll_buf, device, num_ranks):
+def step_profile(fn, iters, top):
+    """cProfile of ``iters`` steps, each started with the GPU idle, by own time."""
+    prof = cProfile.Profile()
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        prof.enable()
+        fn()
+        prof.disable()
+    torch.cuda.synchronize()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    return "\n".join(out.getvalue().splitlines()[:12 + top])
+
+
+def part_c(a, buf, ll_buf, device, num_ranks, profiles=None):
+    """MoE layer host ms per decode and prefill step (figures dict); with ``profiles``, a
+    cProfile of each step's Python too."""
     from ep_comm import moe
     local = a.experts // num_ranks
     weights = moe.ExpertWeights(
@@ -338,12 +359,17 @@ def part_c(a, buf, ll_buf, device, num_ranks):
         random_fp8_weights(local, a.hidden, a.intermediate, device), 0)
     f = {}
     x, idx, w = routing(a.tokens, a.hidden, a.experts, a.topk, device, a.seed + 2)
-    f["moe_decode_host_ms"] = step_host_ms(lambda: moe.moe_ep_low_latency(
-        x, idx, w, weights, ll_buf, a.experts, a.tokens, impl="triton"), a.moe_iters)
-    x, idx, w = routing(a.prefill_tokens, a.hidden, a.experts, a.topk, device, a.seed + 3)
-    f["moe_prefill_host_ms"] = step_host_ms(lambda: moe.moe_ep_normal(
-        x, idx, w, weights, buf, a.experts, impl="triton",
-        num_worst_tokens=num_ranks * a.prefill_tokens), a.moe_iters)
+    decode = lambda: moe.moe_ep_low_latency(  # noqa: E731
+        x, idx, w, weights, ll_buf, a.experts, a.tokens, impl="triton")
+    f["moe_decode_host_ms"] = step_host_ms(decode, a.moe_iters)
+    xp, idxp, wp = routing(a.prefill_tokens, a.hidden, a.experts, a.topk, device, a.seed + 3)
+    prefill = lambda: moe.moe_ep_normal(  # noqa: E731
+        xp, idxp, wp, weights, buf, a.experts, impl="triton",
+        num_worst_tokens=num_ranks * a.prefill_tokens)
+    f["moe_prefill_host_ms"] = step_host_ms(prefill, a.moe_iters)
+    if profiles is not None:
+        profiles["moe decode step"] = step_profile(decode, a.moe_iters, a.top)
+        profiles["moe prefill step"] = step_profile(prefill, a.moe_iters, a.top)
     return f
 
 
@@ -387,7 +413,8 @@ def print_report(a, f, num_ranks, profiles, kernels):
     common.print_table(None, ["figure", "value", "target", "verdict"], verdicts(f),
                        "\nd. issue #22 targets")
     for name, text in (profiles or {}).items():
-        print(f"\n--- cProfile, {a.calls} x {name}, by own time")
+        n = a.moe_iters if name.startswith("moe") else a.calls
+        print(f"\n--- cProfile, {n} x {name}, by own time")
         print(text)
 
 
@@ -432,14 +459,16 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
         torch.distributed.barrier(ctx.group)
 
-    profiles = None if a.quick or ctx.rank else {}
+    profiles = None if (a.quick and not a.moe_only) or ctx.rank else {}
     kernels, method = {}, None
     try:
-        f = part_a(a, buf, ll, ctx.device, r, sync, profiles)
-        fb, kernels, method = part_b(a, buf, ctx.device, r)
-        f.update(fb)
-        if not a.quick:
-            f.update(part_c(a, buf, ll, ctx.device, r))
+        f = {}
+        if not a.moe_only:
+            f.update(part_a(a, buf, ll, ctx.device, r, sync, profiles))
+            fb, kernels, method = part_b(a, buf, ctx.device, r)
+            f.update(fb)
+        if a.moe_only or not a.quick:
+            f.update(part_c(a, buf, ll, ctx.device, r, profiles if not ctx.rank else None))
     finally:
         ll.destroy()
         buf.destroy()
@@ -452,11 +481,12 @@ def main(argv=None) -> int:
               "num_experts": a.experts, "event_tokens": a.event_tokens, "calls": a.calls,
               "event_calls": a.event_calls, "quick": a.quick, "kernel_method": method,
               "l2_flush_bytes": FLUSH_BYTES,
-              "moe": None if a.quick else {"decode_tokens": a.tokens,
-                                           "prefill_tokens": a.prefill_tokens,
-                                           "intermediate": a.intermediate, "fp8": True,
-                                           "gemm_impl": "triton", "iters": a.moe_iters}}
-    path = common.write_result(ctx, a.out, "host_overhead", "kernels", config, figures,
+              "moe": None if a.quick and not a.moe_only else {
+                  "decode_tokens": a.tokens, "prefill_tokens": a.prefill_tokens,
+                  "intermediate": a.intermediate, "fp8": True, "gemm_impl": "triton",
+                  "iters": a.moe_iters}}
+    name = "host_overhead_moe" if a.moe_only else "host_overhead"
+    path = common.write_result(ctx, a.out, name, "kernels", config, figures,
                                targets=TARGETS, per_rank=per_rank,
                                verdicts={n: v for n, _, _, v in verdicts(figures)},
                                kernels_per_call_us=kernels, wall_s=wall)

@@ -77,6 +77,7 @@ from ep_comm.errors import InputError
 from ep_comm.kernels.triton import grouped_gemm as _gg
 from ep_comm.kernels.triton import grouped_gemm_ws as _ws
 from ep_comm.kernels.triton import quant as _quant
+from ep_comm.moe.launch import KernelPlan
 
 from ep_comm.core.constants import FP8_BLOCK as SCALE_BLOCK  # channels per scale along K
 from ep_comm.core.fp8 import FP8_DTYPE
@@ -108,8 +109,10 @@ WS_FP8_CONFIG = GemmConfig(_ws.BLOCK_M, _ws.BLOCK_N, _ws.BLOCK_K, num_warps=4,
 
 
 # ----------------------------------------------------------------------------- helpers
+@functools.lru_cache(maxsize=None)
 def interpreting() -> bool:
-    """True when the Triton kernels run in the interpreter (``TRITON_INTERPRET=1`` at import)."""
+    """True when the Triton kernels run in the interpreter (``TRITON_INTERPRET=1`` at import;
+    fixed from then on, so computed once)."""
     from triton.runtime.interpreter import InterpretedFunction
     return isinstance(_gg.contiguous_gemm_kernel, InterpretedFunction)
 
@@ -362,6 +365,59 @@ def grouped_gemm_contiguous(a, b, group_end: torch.Tensor, *, group_rows: torch.
     Returns:
         out: [M, N] bf16, ``out[r] = a[r] @ b[e].T`` for each valid row r of expert e.
     """
+    plan, out = contiguous_plan(a, b, group_end, group_rows=group_rows, out=out, config=config)
+    return plan.launch(a, group_end, group_rows, out)
+
+
+class ContiguousGemmPlan:
+    """``grouped_gemm_contiguous`` for one shape, after its checks (``contiguous_plan``).
+
+    ``run(a, group_end, group_rows, out=None)`` computes the same on new tensors with the
+    shapes, strides, dtypes and device of the first call's (and the same weights ``b``): the
+    caller guarantees that (``ep_comm.moe.layer``'s step plans key on them), this checks only
+    what a new tensor can change without changing its shape: TMA's 16-byte alignment.
+    """
+
+    def __init__(self, kernel_plan: KernelPlan | None, grid: tuple, out_shape, device,
+                 fp8: bool, a_desc=None, a_scales_transpose: bool = False):
+        self.kernel_plan = kernel_plan
+        self.grid = grid
+        self.out_shape = out_shape
+        self.device = device
+        self.fp8 = fp8
+        #: (descriptor class, its arguments after the tensor) of a TMA-loaded ``a``, else None
+        self.a_desc = a_desc
+        self.a_scales_transpose = a_scales_transpose
+
+    def run(self, a, group_end, group_rows=None, out=None) -> torch.Tensor:
+        """[M, N] bf16 (``out`` if given)."""
+        if out is None:
+            out = torch.empty(self.out_shape, dtype=torch.bfloat16, device=self.device)
+        return self.launch(a, group_end, group_rows, out)
+
+    def launch(self, a, group_end, group_rows, out) -> torch.Tensor:
+        if self.kernel_plan is None:  # nothing to compute (M, N or E is 0)
+            return out
+        data, scales = a if self.fp8 else (a, a)
+        if self.a_scales_transpose:
+            scales = fp8_format.column_major_last2(scales)
+        a_arg = data
+        if self.a_desc is not None:
+            if data.data_ptr() % 16:
+                _fail("a must stay 16-byte aligned for the TMA plan of this shape (its first "
+                      "call was); pass a fresh allocation or call grouped_gemm_contiguous")
+            cls, rest = self.a_desc
+            a_arg = cls(data, *rest)
+        rows = group_rows if group_rows is not None else group_end
+        self.kernel_plan(self.grid, (a_arg, out, scales, group_end, rows))
+        return out
+
+
+def contiguous_plan(a, b, group_end: torch.Tensor, *, group_rows: torch.Tensor | None = None,
+                    out: torch.Tensor | None = None, config: GemmConfig | None = None):
+    """The checks, configuration and launch plan of ``grouped_gemm_contiguous`` for these
+    arguments (same meaning): returns (``ContiguousGemmPlan``, out), ``out`` allocated if None.
+    Raises ``InputError`` as ``grouped_gemm_contiguous`` does."""
     a, a_s = _split("a", a)
     b, b_s = _split("b", b)
     e, n, k, fp8 = _check_operands(a, a_s, b, b_s, (None,), "contiguous rows")
@@ -374,7 +430,7 @@ def grouped_gemm_contiguous(a, b, group_end: torch.Tensor, *, group_rows: torch.
         _check_counts("group_rows", group_rows, e, dev)
     out = _check_out(out, (m, n), dev)
     if m == 0 or n == 0 or e == 0:
-        return out
+        return ContiguousGemmPlan(None, (1,), (m, n), dev, fp8), out
     cfg = config or contiguous_config(m, n, k, e, fp8, interp)
     if cfg.warp_specialized:
         no_tma = [name for name, t, dims in (("a", a, 1), ("b", b, 2)) if not _tma_ok(t, dims)]
@@ -386,55 +442,63 @@ def grouped_gemm_contiguous(a, b, group_end: torch.Tensor, *, group_rows: torch.
         _check_config(cfg, fp8, 2 * SCALE_BLOCK)
     if cfg.swap_ab:
         _fail("the contiguous GEMM has no swap_ab variant")
-    if fp8 and a_s.stride(0) != 1 and m > 1:
+    transpose = fp8 and a_s.stride(0) != 1 and m > 1
+    if transpose:
         # [M, K/128] row-major -> column-major: each K step then loads BM consecutive floats.
         a_s = fp8_format.column_major_last2(a_s)
     n_tiles = triton.cdiv(n, cfg.block_n)
     max_tiles = (triton.cdiv(m, cfg.block_m) + e) * n_tiles
     sms = 4 if interp else _num_sms(dev.index if dev.index is not None else torch.cuda.current_device())
     num_programs = max(1, min(sms, max_tiles))
+    rows = group_rows if group_rows is not None else group_end
     if cfg.warp_specialized:
-        _launch_ws(a, a_s, b, b_s, out, group_end, group_rows, cfg, num_programs)
-        return out
+        kplan, a_desc = _ws_plan(a, a_s, b, b_s, out, group_end, rows, group_rows is not None,
+                                 cfg, num_programs)
+        return ContiguousGemmPlan(kplan, (num_programs,), (m, n), dev, fp8, a_desc,
+                                  transpose), out
     a_s_ = a_s if fp8 else a
     b_s_ = b_s if fp8 else b
     as_strides = (a_s.stride(0), a_s.stride(1)) if fp8 else (0, 0)
     bs_strides = (b_s.stride(0), b_s.stride(1), b_s.stride(2)) if fp8 else (0, 0, 0)
     tma = _use_tma(cfg, [("a", a, 1), ("b", b, 2)])
-    a_arg, b_arg = a, b
+    a_arg, b_arg, a_desc = a, b, None
     if tma:
         bn = SCALE_BLOCK if fp8 and cfg.block_n > SCALE_BLOCK else cfg.block_n
         a_arg = _desc(a, 1, [cfg.block_m, cfg.block_k])
+        a_desc = (_gg.TensorDescriptor, ([m, k], [a.stride(0), 1], [cfg.block_m, cfg.block_k]))
         b_arg = _desc(b, 2, [bn, cfg.block_k])
-    _gg.contiguous_gemm_kernel[(num_programs,)](
-        a_arg, b_arg, out, a_s_, b_s_, group_end, group_rows if group_rows is not None else group_end,
+    kplan = KernelPlan(_gg.contiguous_gemm_kernel, (
+        a_arg, b_arg, out, a_s_, b_s_, group_end, rows,
         m, n, k, e,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2),
-        out.stride(0), out.stride(1), *as_strides, *bs_strides,
+        out.stride(0), out.stride(1), *as_strides, *bs_strides), dict(
         NUM_PROGRAMS=num_programs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, E_POW2=max(16, triton.next_power_of_2(e)),
         HAS_ROWS=group_rows is not None, FP8=fp8, INTERPRET=interp,
         EVEN_K=k % cfg.block_k == 0, TMA=tma, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages)
-    return out
+        num_stages=cfg.num_stages), slots=(0, 2, 3, 5, 6))
+    return ContiguousGemmPlan(kplan, (num_programs,), (m, n), dev, fp8, a_desc, transpose), out
 
 
-def _launch_ws(a, a_s, b, b_s, out, group_end, group_rows, cfg: GemmConfig, num_programs: int):
-    """The warp-specialized FP8 kernel on operands ``_check_ws_config`` passed
-    (``kernels/grouped_gemm_ws.py``)."""
+def _ws_plan(a, a_s, b, b_s, out, group_end, rows, has_rows: bool, cfg: GemmConfig,
+             num_programs: int):
+    """(KernelPlan, a's descriptor recipe) of the warp-specialized FP8 kernel on operands
+    ``_check_ws_config`` passed (``kernels/grouped_gemm_ws.py``). The weights' descriptor is
+    built here once; ``a``'s is rebuilt per call from the recipe."""
     m, k = a.shape
     e, n = b.shape[0], b.shape[1]
     la, lb = _ws.smem_layouts()
-    a_desc = _ws.TensorDescriptor(a, [m, k], [a.stride(0), 1], [_ws.BLOCK_M, _ws.BLOCK_K], la)
+    a_rest = ([m, k], [a.stride(0), 1], [_ws.BLOCK_M, _ws.BLOCK_K], la)
+    a_desc = _ws.TensorDescriptor(a, *a_rest)
     b_desc = _ws.TensorDescriptor(b, [e * n, k], [b.stride(1), 1], [_ws.BLOCK_N, _ws.BLOCK_K], lb)
-    _ws.fp8_contiguous_ws_kernel[(num_programs,)](
-        a_desc, b_desc, out, a_s, b_s, group_end,
-        group_rows if group_rows is not None else group_end,
+    kplan = KernelPlan(_ws.fp8_contiguous_ws_kernel, (
+        a_desc, b_desc, out, a_s, b_s, group_end, rows,
         m, n, k, e, out.stride(0), a_s.stride(0), a_s.stride(1),
-        b_s.stride(0), b_s.stride(1), b_s.stride(2),
+        b_s.stride(0), b_s.stride(1), b_s.stride(2)), dict(
         NUM_PROGRAMS=num_programs, E_POW2=max(32, triton.next_power_of_2(e)),
-        HAS_ROWS=group_rows is not None, NUM_STAGES=cfg.num_stages,
-        num_warps=4, maxnreg=_ws.LAUNCH_MAXNREG)
+        HAS_ROWS=has_rows, NUM_STAGES=cfg.num_stages,
+        num_warps=4, maxnreg=_ws.LAUNCH_MAXNREG), slots=(0, 2, 3, 5, 6))
+    return kplan, (_ws.TensorDescriptor, a_rest)
 
 
 def grouped_gemm_masked(a, b, count: torch.Tensor, *, expected_m: int | None = None,
@@ -458,6 +522,43 @@ def grouped_gemm_masked(a, b, count: torch.Tensor, *, expected_m: int | None = N
     Returns:
         out: [E, M, N] bf16, ``out[e, :count[e]] = a[e, :count[e]] @ b[e].T``.
     """
+    plan, out = masked_plan(a, b, count, expected_m=expected_m, out=out, config=config)
+    return plan.launch(a, count, out)
+
+
+class MaskedGemmPlan:
+    """``grouped_gemm_masked`` for one shape, after its checks (``masked_plan``).
+
+    ``run(a, count, out=None)`` computes the same on new tensors with the shapes, strides,
+    dtypes and device of the first call's (and the same weights ``b``); the caller guarantees
+    that (``ep_comm.moe.layer``'s step plans key on them).
+    """
+
+    def __init__(self, kernel_plan: KernelPlan | None, grid: tuple, out_shape, device, fp8: bool):
+        self.kernel_plan = kernel_plan
+        self.grid = grid
+        self.out_shape = out_shape
+        self.device = device
+        self.fp8 = fp8
+
+    def run(self, a, count, out=None) -> torch.Tensor:
+        """[E, M, N] bf16 (``out`` if given)."""
+        if out is None:
+            out = torch.empty(self.out_shape, dtype=torch.bfloat16, device=self.device)
+        return self.launch(a, count, out)
+
+    def launch(self, a, count, out) -> torch.Tensor:
+        if self.kernel_plan is not None:
+            data, scales = a if self.fp8 else (a, a)
+            self.kernel_plan(self.grid, (data, out, scales, count))
+        return out
+
+
+def masked_plan(a, b, count: torch.Tensor, *, expected_m: int | None = None,
+                out: torch.Tensor | None = None, config: GemmConfig | None = None):
+    """The checks, configuration and launch plan of ``grouped_gemm_masked`` for these
+    arguments (same meaning): returns (``MaskedGemmPlan``, out), ``out`` allocated if None.
+    Raises ``InputError`` as ``grouped_gemm_masked`` does."""
     a, a_s = _split("a", a)
     b, b_s = _split("b", b)
     e, n, k, fp8 = _check_operands(a, a_s, b, b_s, (b.shape[0] if b.dim() == 3 else None, None),
@@ -469,7 +570,7 @@ def grouped_gemm_masked(a, b, count: torch.Tensor, *, expected_m: int | None = N
     _check_counts("count", count, e, dev)
     out = _check_out(out, (e, m, n), dev)
     if m == 0 or n == 0 or e == 0:
-        return out
+        return MaskedGemmPlan(None, (1,), (e, m, n), dev, fp8), out
     cfg = config or masked_config(expected_m, n, k, fp8, interp)
     _check_config(cfg, fp8, SCALE_BLOCK)
     a_s_ = a_s if fp8 else a
@@ -479,19 +580,69 @@ def grouped_gemm_masked(a, b, count: torch.Tensor, *, expected_m: int | None = N
     grid = (triton.cdiv(n, cfg.block_n), e)
     tma = _use_tma(cfg, [("b", b, 2)])
     b_arg = _desc(b, 2, [cfg.block_n, cfg.block_k]) if tma else b
-    _gg.masked_gemm_kernel[grid](
+    kplan = KernelPlan(_gg.masked_gemm_kernel, (
         a, b_arg, out, a_s_, b_s_, count, m, n, k,
         a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1), b.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), *as_strides, *bs_strides,
+        out.stride(0), out.stride(1), out.stride(2), *as_strides, *bs_strides), dict(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, FP8=fp8,
         INTERPRET=interp, EVEN_K=k % cfg.block_k == 0, SWAP_AB=cfg.swap_ab, TMA=tma,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages), slots=(0, 2, 3, 5))
+    return MaskedGemmPlan(kplan, grid, (e, m, n), dev, fp8), out
 
 
 # ----------------------------------------------------------------------------- quant / SiLU
 def _act_launch(x, count, *, silu: bool, quant: bool, round_scale: bool,
                 column_major_scales: bool | None, out=None):
+    plan = act_plan(x, count, silu=silu, quant=quant, round_scale=round_scale,
+                    column_major_scales=column_major_scales, out=out)
+    return plan.run(x, count, out)
+
+
+class ActPlan:
+    """``quant_kernel`` (FP8 cast, SiLU * up, or both) for one input shape, after the checks
+    (``act_plan``). ``run(x, count, out=None)`` allocates the outputs and launches on a new
+    ``x`` with the first call's shape, strides, dtype and device (the caller guarantees it).
+
+    The kernel addresses rows as ``[E, M]`` with explicit strides, so a 2D input is passed as
+    it is (expert stride 0), with no ``unsqueeze`` views; ``flat_count`` plans (the layer's)
+    also accept a device count with a 2D input: rows ``m < count[0]`` only.
+    """
+
+    def __init__(self, kernel_plan: KernelPlan | None, grid: tuple, quant: bool, out_shape,
+                 scale_shape, scale_transposed: bool, device):
+        self.kernel_plan = kernel_plan
+        self.grid = grid
+        self.quant = quant
+        self.out_shape = out_shape
+        self.scale_shape = scale_shape
+        self.scale_transposed = scale_transposed
+        self.device = device
+
+    def run(self, x: torch.Tensor, count=None, out=None):
+        """(q, scales) when quantising, else the bf16 output (``out`` if given)."""
+        if self.quant:
+            q = torch.empty(self.out_shape, dtype=FP8_DTYPE, device=self.device)
+            s = torch.empty(self.scale_shape, dtype=torch.float32, device=self.device)
+            if self.scale_transposed:
+                s = s.transpose(-1, -2)
+        else:
+            q = out if out is not None else torch.empty(self.out_shape, dtype=torch.bfloat16,
+                                                        device=self.device)
+            s = q
+        if self.kernel_plan is not None:
+            self.kernel_plan(self.grid, (x, q, s, count if count is not None else x))
+        return (q, s) if self.quant else q
+
+
+def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
+    """Strides of ``t`` addressed as [E, M, C] (a 2D tensor: E = 1, expert stride 0)."""
+    return tuple(t.stride()) if t.dim() == 3 else (0, t.stride(0), t.stride(1))
+
+
+def act_plan(x, count, *, silu: bool, quant: bool, round_scale: bool,
+             column_major_scales: bool | None, out=None, flat_count: bool = False) -> ActPlan:
+    """The checks and launch plan of ``quantize_fp8`` / ``silu_mul`` / ``silu_mul_quant_fp8``
+    for ``x`` (same arguments). ``flat_count``: a count may come with a 2D ``x`` (one group)."""
     if not isinstance(x, torch.Tensor) or x.dtype not in (torch.bfloat16, torch.float32):
         _fail(f"x must be a bfloat16 or float32 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() not in (2, 3):
@@ -506,37 +657,36 @@ def _act_launch(x, count, *, silu: bool, quant: bool, round_scale: bool,
     if quant and width % SCALE_BLOCK:
         _fail(f"the {'intermediate' if silu else 'hidden'} size must be a multiple of 128 for "
               f"the fp8 cast, got {width}")
-    x3 = x if x.dim() == 3 else x.unsqueeze(0)
-    e, m = x3.shape[0], x3.shape[1]
+    e, m = (x.shape[0], x.shape[1]) if x.dim() == 3 else (1, x.shape[0])
     if count is not None:
-        if x.dim() != 3:
+        if x.dim() != 3 and not flat_count:
             _fail("count is only accepted with a 3D [E, M, C] input")
         _check_counts("count", count, e, dev)
     groups = triton.cdiv(width, SCALE_BLOCK)
+    out_shape = (*x.shape[:-1], width)
+    scale_shape, transposed = None, False
     if quant:
-        q = torch.empty((*x.shape[:-1], width), dtype=FP8_DTYPE, device=dev)
-        col_major = (x.dim() == 3) if column_major_scales is None else column_major_scales
-        if col_major:
-            s = torch.empty((*x.shape[:-2], groups, x.shape[-2]), dtype=torch.float32,
-                            device=dev).transpose(-1, -2)
-        else:
-            s = torch.empty((*x.shape[:-1], groups), dtype=torch.float32, device=dev)
+        transposed = (x.dim() == 3) if column_major_scales is None else column_major_scales
+        scale_shape = ((*x.shape[:-2], groups, x.shape[-2]) if transposed
+                       else (*x.shape[:-1], groups))
     else:
-        q = _check_out(out, (*x.shape[:-1], width), dev)
-        s = None
+        out = _check_out(out, out_shape, dev)
     if e * m == 0:
-        return (q, s) if quant else q
-    q3 = q if q.dim() == 3 else q.unsqueeze(0)
-    s3 = (s if s.dim() == 3 else s.unsqueeze(0)) if quant else q3
-    s_strides = (s3.stride(0), s3.stride(1), s3.stride(2)) if quant else (0, 0, 0)
+        return ActPlan(None, (1,), quant, out_shape, scale_shape, transposed, dev)
+    # strides of the outputs as ``run`` allocates them (or of the caller's ``out``)
+    q = out if out is not None else torch.empty(out_shape, dtype=FP8_DTYPE, device="meta")
+    s_strides = (0, 0, 0)
+    if quant:
+        s = torch.empty(scale_shape, dtype=torch.float32, device="meta")
+        s_strides = _strides3(s.transpose(-1, -2) if transposed else s)
     block_g = min(16, triton.next_power_of_2(groups))
     grid = (e * m, triton.cdiv(groups, block_g))
-    _quant.quant_kernel[grid](
-        x3, q3, s3, count if count is not None else x3, m, width, groups, width if silu else 0,
-        x3.stride(0), x3.stride(1), x3.stride(2), q3.stride(0), q3.stride(1), q3.stride(2),
-        *s_strides, BLOCK_G=block_g, SILU=silu, QUANT=quant, HAS_COUNT=count is not None,
-        ROUND_SCALE=round_scale, INTERPRET=interp, num_warps=4)
-    return (q, s) if quant else q
+    kplan = KernelPlan(_quant.quant_kernel, (
+        x, q, q, x, m, width, groups, width if silu else 0,
+        *_strides3(x), *_strides3(q), *s_strides), dict(
+        BLOCK_G=block_g, SILU=silu, QUANT=quant, HAS_COUNT=count is not None,
+        ROUND_SCALE=round_scale, INTERPRET=interp, num_warps=4), slots=(0, 1, 2, 3))
+    return ActPlan(kplan, grid, quant, out_shape, scale_shape, transposed, dev)
 
 
 def quantize_fp8(x: torch.Tensor, *, count: torch.Tensor | None = None, round_scale: bool = False,

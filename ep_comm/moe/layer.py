@@ -45,6 +45,8 @@ import triton
 
 from ep_comm.core import fp8 as fp8_format
 from ep_comm.moe import gemm
+from ep_comm.moe import launch
+from ep_comm.moe.launch import KernelPlan, PlanCache
 from ep_comm.runtime.comm import gather_tensors, reduce_scatter_tensors
 from ep_comm.errors import InputError
 from ep_comm.kernels.triton import permute as _permute
@@ -97,6 +99,14 @@ class ExpertWeights:
     w13: object
     w2: object
     first_expert: int = 0
+    #: launch plans of the expert FFNs on these weights, by shape (``ep_comm.moe.launch``;
+    #: kept here, not globally, because they hold the weights' TMA descriptors)
+    plans: PlanCache = dataclasses.field(default_factory=PlanCache, repr=False, compare=False)
+
+    def weights_key(self) -> tuple:
+        """What a plan on these weights depends on besides shapes: the weight tensors
+        themselves (a reassigned ``w13`` / ``w2`` gets new plans)."""
+        return (_data(self.w13).data_ptr(), _data(self.w2).data_ptr(), self.fp8)
 
     @property
     def fp8(self) -> bool:
@@ -201,26 +211,13 @@ def group_by_expert(topk_idx: torch.Tensor, num_experts: int, alignment: int = 1
     if num_rows is None:
         num_rows = n * k + num_experts * (alignment - 1)
     if _use_triton(impl, topk_idx):
-        nk = n * k
-        block, warps, span, slices = _grouping_geometry(nk, num_experts)
-        # One allocation for the four int32 outputs and scratch; each part starts on a
-        # 16-byte boundary (Triton specialises pointer arguments on that alignment).
-        sizes = [_pad4(nk), _pad4(num_experts), _pad4(num_experts), slices * num_experts]
-        flat = torch.empty(sum(sizes), dtype=torch.int32, device=dev)
-        starts = [sum(sizes[:i]) for i in range(4)]
-        dest = flat[:nk].view(n, k)
-        group_rows = flat[starts[1]:starts[1] + num_experts]
-        group_end = flat[starts[2]:starts[2] + num_experts]
-        if num_experts:
-            part = flat[starts[3]:].view(slices, num_experts)
-            strides = (topk_idx.stride(0), topk_idx.stride(1))
-            _permute.expert_count_kernel[(num_experts, slices)](
-                topk_idx, part, dest, nk, k, num_experts, span, *strides, BLOCK=block,
-                num_warps=warps)
-            _permute.expert_dest_kernel[(num_experts, slices)](
-                topk_idx, part, dest, group_end, group_rows, nk, k, num_experts, slices, span,
-                alignment, *strides, BLOCK=block, E_POW2=triton.next_power_of_2(num_experts),
-                S_POW2=triton.next_power_of_2(slices), num_warps=warps)
+        key = (_tensor_key(topk_idx), num_experts, alignment) if launch.PLANS else None
+        plan = _GROUPING_PLANS.get(key) if key is not None else None
+        if plan is None:
+            plan = _GroupingPlan(topk_idx, num_experts, alignment)
+            if key is not None:
+                _GROUPING_PLANS.put(key, plan)
+        dest, group_end, group_rows = plan(topk_idx)
         return ExpertGroups(dest, group_end, group_rows, int(num_rows))
     flat = topk_idx.reshape(-1).to(torch.int64)
     key = torch.where((flat >= 0) & (flat < num_experts), flat,
@@ -243,6 +240,50 @@ def group_by_expert(topk_idx: torch.Tensor, num_experts: int, alignment: int = 1
 
 def _pad4(n: int) -> int:
     return (n + 3) // 4 * 4
+
+
+class _GroupingPlan:
+    """The two grouping launches of ``group_by_expert`` for one ``topk_idx`` shape, strides,
+    dtype and device, ``num_experts`` and ``alignment``; ``plan(topk_idx)`` -> (dest [N, K],
+    group_end [E], group_rows [E]) int32, views of one allocation (each part starts on a
+    16-byte boundary: Triton specialises pointer arguments on that alignment)."""
+
+    def __init__(self, topk_idx: torch.Tensor, num_experts: int, alignment: int):
+        n, k = topk_idx.shape
+        nk = n * k
+        self.device = topk_idx.device
+        self.n, self.k, self.e = n, k, num_experts
+        block, warps, span, slices = _grouping_geometry(nk, num_experts)
+        sizes = [_pad4(nk), _pad4(num_experts), _pad4(num_experts), slices * num_experts]
+        self.total = sum(sizes)
+        self.starts = [sum(sizes[:i]) for i in range(4)]
+        self.slices = slices
+        self.grid = (num_experts, slices)
+        strides = (topk_idx.stride(0), topk_idx.stride(1))
+        self.count = KernelPlan(_permute.expert_count_kernel, (
+            None, None, None, nk, k, num_experts, span, *strides),
+            dict(BLOCK=block, num_warps=warps), slots=(0, 1, 2))
+        self.dest = KernelPlan(_permute.expert_dest_kernel, (
+            None, None, None, None, None, nk, k, num_experts, slices, span, alignment,
+            *strides), dict(BLOCK=block, E_POW2=triton.next_power_of_2(num_experts),
+                            S_POW2=triton.next_power_of_2(slices), num_warps=warps),
+            slots=(0, 1, 2, 3, 4))
+
+    def __call__(self, topk_idx: torch.Tensor):
+        e, (_, s1, s2, s3) = self.e, self.starts
+        flat = torch.empty(self.total, dtype=torch.int32, device=self.device)
+        dest = flat[:self.n * self.k].view(self.n, self.k)
+        group_rows = flat[s1:s1 + e]
+        group_end = flat[s2:s2 + e]
+        if e:
+            part = flat[s3:]
+            self.count(self.grid, (topk_idx, part, dest))
+            self.dest(self.grid, (topk_idx, part, dest, group_end, group_rows))
+        return dest, group_end, group_rows
+
+
+#: grouping plans by (topk_idx shape, strides, dtype, device; experts; alignment)
+_GROUPING_PLANS = PlanCache()
 
 
 @functools.lru_cache(maxsize=256)
@@ -280,17 +321,15 @@ def permute(x, groups: ExpertGroups, impl: str = "auto"):
                            device=data.device).t()
     if n and groups.num_rows:
         if _use_triton(impl, data):
-            k = groups.dest.shape[1]
-            block_h = triton.next_power_of_2(h) if gemm.interpreting() else min(
-                2048, triton.next_power_of_2(h))
-            g = scales.shape[1] if scales is not None else 1
             sc, osc = (scales, outs) if scales is not None else (data, out)
-            _permute.permute_kernel[(n, triton.cdiv(h, block_h))](
-                data, sc, groups.dest, out, osc, h, g, k,
-                data.stride(0), out.stride(0), groups.dest.stride(0), groups.dest.stride(1),
-                sc.stride(0), sc.stride(1), osc.stride(0), osc.stride(1),
-                BLOCK_H=block_h, G_POW2=triton.next_power_of_2(g),
-                HAS_SCALES=scales is not None, num_warps=4)
+            key = (_operand_key(x), _tensor_key(groups.dest), groups.num_rows) \
+                if launch.PLANS else None
+            plan = _PERMUTE_PLANS.get(key) if key is not None else None
+            if plan is None:
+                plan = _permute_plan(data, scales, sc, groups.dest, out, osc)
+                if key is not None:
+                    _PERMUTE_PLANS.put(key, plan)
+            plan[0](plan[1], (data, sc, groups.dest, out, osc))
         else:
             d = groups.dest.reshape(-1).long()
             rows = torch.arange(n, device=data.device).repeat_interleave(groups.dest.shape[1])
@@ -299,6 +338,30 @@ def permute(x, groups: ExpertGroups, impl: str = "auto"):
             if scales is not None:
                 outs[d[ok]] = scales[rows[ok]]
     return (out, outs) if scales is not None else out
+
+
+def _block_h(h: int) -> int:
+    """Columns per program of the permute kernels (the whole row in the interpreter)."""
+    return triton.next_power_of_2(h) if gemm.interpreting() else min(2048, triton.next_power_of_2(h))
+
+
+def _permute_plan(data, scales, sc, dest, out, osc):
+    """(KernelPlan, grid) of ``permute_kernel`` for these tensors' shapes and strides."""
+    n, h = data.shape
+    block_h = _block_h(h)
+    g = scales.shape[1] if scales is not None else 1
+    return (KernelPlan(_permute.permute_kernel, (
+        None, None, None, None, None, h, g, dest.shape[1],
+        data.stride(0), out.stride(0), dest.stride(0), dest.stride(1),
+        sc.stride(0), sc.stride(1), osc.stride(0), osc.stride(1)),
+        dict(BLOCK_H=block_h, G_POW2=triton.next_power_of_2(g),
+             HAS_SCALES=scales is not None, num_warps=4), slots=(0, 1, 2, 3, 4)),
+        (n, triton.cdiv(h, block_h)))
+
+
+#: permute / unpermute plans by shapes, strides, dtypes and devices (and rows)
+_PERMUTE_PLANS = PlanCache()
+_UNPERMUTE_PLANS = PlanCache()
 
 
 def unpermute(y: torch.Tensor, groups: ExpertGroups, topk_weights: torch.Tensor,
@@ -310,14 +373,20 @@ def unpermute(y: torch.Tensor, groups: ExpertGroups, topk_weights: torch.Tensor,
     out = torch.empty(n, h, dtype=torch.bfloat16, device=y.device)
     if n == 0:
         return out
-    w = topk_weights.to(torch.float32)
+    w = topk_weights if topk_weights.dtype == torch.float32 else topk_weights.float()
     if _use_triton(impl, y):
-        block_h = triton.next_power_of_2(h) if gemm.interpreting() else min(
-            2048, triton.next_power_of_2(h))
-        _permute.unpermute_kernel[(n, triton.cdiv(h, block_h))](
-            y, groups.dest, w, out, h, k, y.stride(0), out.stride(0),
-            groups.dest.stride(0), groups.dest.stride(1), w.stride(0), w.stride(1),
-            BLOCK_H=block_h, INTERPRET=gemm.interpreting(), num_warps=4)
+        key = (_tensor_key(y), _tensor_key(groups.dest), _tensor_key(w)) if launch.PLANS else None
+        plan = _UNPERMUTE_PLANS.get(key) if key is not None else None
+        if plan is None:
+            block_h = _block_h(h)
+            plan = (KernelPlan(_permute.unpermute_kernel, (
+                None, None, None, None, h, k, y.stride(0), out.stride(0),
+                groups.dest.stride(0), groups.dest.stride(1), w.stride(0), w.stride(1)),
+                dict(BLOCK_H=block_h, INTERPRET=gemm.interpreting(), num_warps=4),
+                slots=(0, 1, 2, 3)), (n, triton.cdiv(h, block_h)))
+            if key is not None:
+                _UNPERMUTE_PLANS.put(key, plan)
+        plan[0](plan[1], (y, groups.dest, w, out))
     else:
         d = groups.dest.long()
         ok = d >= 0
@@ -339,18 +408,14 @@ def expert_ffn_contiguous(x, groups: ExpertGroups, weights: ExpertWeights,
     if not weights.fp8 and isinstance(x, (tuple, list)):
         raise InputError("FP8 activations need FP8 weights (ExpertWeights.shard_*(use_fp8=True))")
     if triton_:
-        gu = gemm.grouped_gemm_contiguous(x, weights.w13, groups.group_end,
-                                          group_rows=groups.group_rows)
-        # SiLU * up on the rows below the last group's end only (a device-side count: the
-        # rows after it, where num_rows is an upper bound, hold no data).
-        used = groups.group_end[-1:]
-        if weights.fp8:
-            q, s = gemm.silu_mul_quant_fp8(gu.unsqueeze(0), count=used, column_major_scales=True)
-            h = (q[0], s[0])
-        else:
-            h = gemm.silu_mul(gu.unsqueeze(0), count=used)[0]
-        return gemm.grouped_gemm_contiguous(h, weights.w2, groups.group_end,
-                                            group_rows=groups.group_rows)
+        key = _contiguous_key(x, groups, weights) if launch.PLANS else None
+        plan = weights.plans.get(key) if key is not None else None
+        if plan is None:
+            plan, y = _ContiguousFFN.first_call(x, groups, weights)
+            if key is not None:
+                weights.plans.put(key, plan)
+            return y
+        return plan(x, groups)
     gu = gemm.grouped_gemm_contiguous_torch(x, weights.w13, groups.group_end,
                                             group_rows=groups.group_rows)
     h = gemm.silu_mul_quant_fp8_torch(gu) if weights.fp8 else gemm.silu_mul_torch(gu)
@@ -369,10 +434,14 @@ def expert_ffn_masked(x, count: torch.Tensor, weights: ExpertWeights, *,
         raise InputError("low-latency expert GEMMs need FP8 activations with FP8 weights and "
                          "bf16 with bf16 (dispatch with use_fp8 matching the weights)")
     if _use_triton(impl, data):
-        gu = gemm.grouped_gemm_masked(x, weights.w13, count, expected_m=expected_m)
-        h = (gemm.silu_mul_quant_fp8(gu, count=count) if weights.fp8
-             else gemm.silu_mul(gu, count=count))
-        return gemm.grouped_gemm_masked(h, weights.w2, count, expected_m=expected_m, out=out)
+        key = _masked_key(x, count, expected_m, out, weights) if launch.PLANS else None
+        plan = weights.plans.get(key) if key is not None else None
+        if plan is None:
+            plan, y = _MaskedFFN.first_call(x, count, weights, expected_m, out)
+            if key is not None:
+                weights.plans.put(key, plan)
+            return y
+        return plan(x, count, out)
     gu = gemm.grouped_gemm_masked_torch(x, weights.w13, count)
     if weights.fp8:
         q, s = gemm.silu_mul_quant_fp8_torch(gu)
@@ -380,6 +449,86 @@ def expert_ffn_masked(x, count: torch.Tensor, weights: ExpertWeights, *,
     else:
         h = gemm.silu_mul_torch(gu)
     return gemm.grouped_gemm_masked_torch(h, weights.w2, count, out=out)
+
+
+# ----------------------------------------------------------------------------- FFN plans
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return t.shape, t.stride(), t.dtype, t.device
+
+
+def _operand_key(x) -> tuple:
+    """Shape, strides, dtype and device of a bf16 operand or both parts of an FP8 tuple."""
+    if isinstance(x, (tuple, list)):
+        return len(x), *(_tensor_key(t) if isinstance(t, torch.Tensor) else type(t) for t in x)
+    return _tensor_key(x) if isinstance(x, torch.Tensor) else (type(x),)
+
+
+def _masked_key(x, count, expected_m, out, weights: ExpertWeights) -> tuple:
+    return ("masked", _operand_key(x), _operand_key(count), expected_m,
+            None if out is None else _tensor_key(out), weights.weights_key())
+
+
+def _contiguous_key(x, groups: ExpertGroups, weights: ExpertWeights) -> tuple:
+    return ("contiguous", _operand_key(x), _tensor_key(groups.group_end),
+            _tensor_key(groups.group_rows), weights.weights_key())
+
+
+class _MaskedFFN:
+    """``expert_ffn_masked`` (Triton) for one shape: masked GEMM w13 -> SiLU * up [-> FP8] ->
+    masked GEMM w2, three launches through plans built, with the full checks, on the first
+    call (``first_call``). A later call with an equal ``_masked_key`` (shapes, strides, dtypes,
+    devices, the same weights) only allocates the intermediates and launches."""
+
+    def __init__(self, up, act, down):
+        self.up, self.act, self.down = up, act, down
+
+    @classmethod
+    def first_call(cls, x, count, weights: ExpertWeights, expected_m, out):
+        """(plan, output of this call)."""
+        up, gu = gemm.masked_plan(x, weights.w13, count, expected_m=expected_m)
+        up.launch(x, count, gu)
+        act = gemm.act_plan(gu, count, silu=True, quant=weights.fp8, round_scale=False,
+                            column_major_scales=None)
+        h = act.run(gu, count)
+        down, y = gemm.masked_plan(h, weights.w2, count, expected_m=expected_m, out=out)
+        down.launch(h, count, y)
+        return cls(up, act, down), y
+
+    def __call__(self, x, count, out):
+        gu = self.up.run(x, count)
+        h = self.act.run(gu, count)
+        return self.down.run(h, count, out)
+
+
+class _ContiguousFFN:
+    """``expert_ffn_contiguous`` (Triton) for one shape: GEMM w13 -> SiLU * up [-> FP8] on the
+    rows below the last group's end -> GEMM w2, as ``_MaskedFFN`` (plans from the first call)."""
+
+    def __init__(self, up, act, down):
+        self.up, self.act, self.down = up, act, down
+
+    @classmethod
+    def first_call(cls, x, groups: ExpertGroups, weights: ExpertWeights):
+        """(plan, output of this call); ``x`` is FP8 exactly when the weights are."""
+        up, gu = gemm.contiguous_plan(x, weights.w13, groups.group_end,
+                                      group_rows=groups.group_rows)
+        up.launch(x, groups.group_end, groups.group_rows, gu)
+        # SiLU * up on the rows below the last group's end only (a device-side count: the
+        # rows after it, where num_rows is an upper bound, hold no data); the [P, 2I] output
+        # is one group of P rows to the kernel, so no [1, P, 2I] views are needed.
+        used = groups.group_end[-1:]
+        act = gemm.act_plan(gu, used, silu=True, quant=weights.fp8, round_scale=False,
+                            column_major_scales=True, flat_count=True)
+        h = act.run(gu, used)
+        down, y = gemm.contiguous_plan(h, weights.w2, groups.group_end,
+                                       group_rows=groups.group_rows)
+        down.launch(h, groups.group_end, groups.group_rows, y)
+        return cls(up, act, down), y
+
+    def __call__(self, x, groups: ExpertGroups):
+        gu = self.up.run(x, groups.group_end, groups.group_rows)
+        h = self.act.run(gu, groups.group_end[-1:])
+        return self.down.run(h, groups.group_end, groups.group_rows)
 
 
 # ----------------------------------------------------------------------------- EP
@@ -395,6 +544,23 @@ def _check_inputs(x, topk_idx, topk_weights, weights: ExpertWeights):
     if topk_weights.shape != topk_idx.shape or topk_weights.dtype != torch.float32:
         raise InputError(f"topk_weights must be {list(topk_idx.shape)} float32, got "
                          f"{topk_weights.dtype} {list(topk_weights.shape)}")
+
+
+def _quantize_tokens(x: torch.Tensor):
+    """``gemm.quantize_fp8(x)`` of the layer's ``x [T, H]`` bf16 (checked by
+    ``_check_inputs``), through a plan per shape."""
+    key = _tensor_key(x) if launch.PLANS else None
+    plan = _QUANT_PLANS.get(key) if key is not None else None
+    if plan is None:
+        plan = gemm.act_plan(x, None, silu=False, quant=True, round_scale=False,
+                             column_major_scales=None)
+        if key is not None:
+            _QUANT_PLANS.put(key, plan)
+    return plan.run(x)
+
+
+#: token quantisation plans by x's shape, strides, dtype and device
+_QUANT_PLANS = PlanCache()
 
 
 def moe_ep_normal(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
@@ -435,7 +601,7 @@ def moe_ep_normal(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.T
                          f"rank, but the weights hold {weights.num_experts}")
     triton_ = _use_triton(impl, x)
     if use_fp8:
-        x_in = gemm.quantize_fp8(x) if triton_ else fp8_format.per_token_cast_to_fp8(x)
+        x_in = _quantize_tokens(x) if triton_ else fp8_format.per_token_cast_to_fp8(x)
     else:
         x_in = x
     n_rank, n_rdma, n_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, num_experts)
