@@ -157,12 +157,14 @@ def ll_tag(words: list[int], capturing: bool = False) -> int:
 
 
 def ll_tag_error(rank: int, peer: int, where: str, theirs: int, mine: int,
-                 seq_hint: int) -> EpCommError:
+                 seq_hint: int, note: str | None = None) -> EpCommError:
     """The error of a low-latency kernel that refused ``peer``'s count word (tag ``theirs``,
     this rank's ``mine``; ``where``: phase and expert). ``seq_hint``: this rank's current
     sequence number, from which the folded numbers are unfolded. A sequence difference names
     the rank that skipped a call; a hash difference names the rank whose call differs (the
-    field is not known from a hash: ``EP_COMM_CHECK_AGREEMENT=1`` names it)."""
+    field is not known from a hash: ``EP_COMM_CHECK_AGREEMENT=1`` names it). ``note``: what
+    refused the call and what the caller does next (default: the low-latency kernels' words);
+    the internode kernels compare the same tags in their barrier and notify flags."""
     theirs &= 0xFFFFFFFF
     seq_m, seq_t = mine >> LL_TAG_SEQ_SHIFT, theirs >> LL_TAG_SEQ_SHIFT
     hash_m, hash_t = mine & _HASH_MASK, theirs & _HASH_MASK
@@ -171,8 +173,9 @@ def ll_tag_error(rank: int, peer: int, where: str, theirs: int, mine: int,
         return seq_hint - (((seq_hint - 1) % LL_TAG_SEQ_MOD + 1 - s) % LL_TAG_SEQ_MOD)
 
     call = unfold(seq_m) if seq_m else seq_hint
-    note = (f"The low-latency kernels refused rank {peer}'s rows ({where}); the status stays "
-            "set until clean_low_latency_buffer. ")
+    if note is None:
+        note = (f"The low-latency kernels refused rank {peer}'s rows ({where}); the status "
+                "stays set until clean_low_latency_buffer. ")
     if theirs == 0:  # a tag is never 0: the peer runs without the agreement
         return CollectiveMismatchError(
             rank, call, LL_AGREE_ENV, {"1": [rank], "0": [peer]},

@@ -27,9 +27,10 @@ Why each value is what it is:
   ``LL_MAX_TOPK`` = 32, one waiting thread per source rank gives ``LL_MAX_RANKS`` = 1024.
 * ``STATUS_*`` / ``PHASE_*``: the codes and phases kernels write into their host status word
   (``ep_comm.backends.kernels.status`` decodes them).
-* ``CALL_SIG_*``: the call signature that the NVLink notify kernel exchanges with the counts
-  (``ep_comm.core.agreement``: the agreement vector less its magic word, as int32). The kernel
-  knows only the number of words and how many of them are compared; the names are here.
+* ``CALL_SIG_*``: the call signature that the notify kernels (NVLink and internode) exchange
+  with the counts (``ep_comm.core.agreement``: the agreement vector less its magic word, as
+  int32). The kernels know only the number of words and how many of them are compared; the
+  names are here.
 """
 from __future__ import annotations
 
@@ -72,6 +73,9 @@ NVL_INFO_CALL_SIGS = NVL_INFO_EXPERT_COUNTS + NVL_MAX_LOCAL_EXPERTS
 NVL_STATUS_WORDS = NVL_INFO_CALL_SIGS + NVL_MAX_RANKS * CALL_SIG_WORDS
 
 INTER_MAX_NODES = 256
+#: Most ranks of an internode group (INTER_MAX_NODES nodes of NVL_MAX_RANKS): the size of the
+#: per-rank arrays of the internode agreement (kernels/cuda/internode.cu).
+INTER_MAX_RANKS = INTER_MAX_NODES * NVL_MAX_RANKS
 INTER_MAX_EXPERTS = 2048
 #: Received rows per token of capacity that the internode combine staging holds, at most R.
 INTER_ROWS_PER_TOKEN = 16
@@ -118,6 +122,11 @@ STATUS_NO_P2P = 3
 #: The notify kernel refused the call: the ranks' signatures differ, or a rank's input failed
 #: its host check (the host rebuilds the error from the signatures, ``NVL_INFO_CALL_SIGS``).
 STATUS_DISAGREE = 4
+#: An internode kernel refused the call because a rank runs another call at this kernel (the
+#: barrier and notify flags carry each rank's call tag, ``agreement.ll_tag``): ``[2]`` that rank,
+#: ``[3]`` what it runs there (0: a notify kernel, 1: a dispatch or combine kernel), ``[4]`` its
+#: call tag, ``[5]`` this rank's (``status.decode_status``).
+STATUS_DISAGREE_TAG = 5
 
 #: Phases of the normal-mode kernels (NVLink and internode).
 PHASE_NOTIFY = 1
@@ -154,6 +163,8 @@ DEVICE_CONSTANTS: dict[str, int | float] = {
     "STATUS_OVERFLOW": STATUS_OVERFLOW,
     "STATUS_NO_P2P": STATUS_NO_P2P,
     "STATUS_DISAGREE": STATUS_DISAGREE,
+    "STATUS_DISAGREE_TAG": STATUS_DISAGREE_TAG,
+    "INTER_MAX_RANKS": INTER_MAX_RANKS,
     "PHASE_NOTIFY": PHASE_NOTIFY,
     "PHASE_DISPATCH_SEND": PHASE_DISPATCH_SEND,
     "PHASE_DISPATCH_RECV": PHASE_DISPATCH_RECV,

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from ep_comm.core.constants import (FP8_BLOCK, INTER_DISPATCH_CHUNKS, INTER_MAX_EXPERTS,
-                                    INTER_ROWS_PER_TOKEN, NORMAL_MAX_TOPK, NVL_MAX_CHANNELS,
-                                    NVL_MAX_RANKS, NVL_NOTIFY_ROW, REGION_ALIGN, align)
+from ep_comm.core.constants import (CALL_SIG_WORDS, FP8_BLOCK, INTER_DISPATCH_CHUNKS,
+                                    INTER_MAX_EXPERTS, INTER_ROWS_PER_TOKEN, NORMAL_MAX_TOPK,
+                                    NVL_MAX_CHANNELS, NVL_MAX_RANKS, NVL_NOTIFY_ROW, REGION_ALIGN,
+                                    align)
 
 #: Top-k entries a normal-mode slot carries (the slot layouts below reserve this many).
 MAX_TOPK = NORMAL_MAX_TOPK
@@ -130,11 +131,14 @@ class InternodeRegions(Carver):
     that depend on R, N and ``INTER_MAX_EXPERTS`` only, so they stay put when H changes:
 
     * ``ctrl``: uint32 [16], local: [0] kernel sequence number (tag = [0] + 1), [1] finished
-      blocks, [2] status claim, [3] tag of the last barrier passed, [4] barrier failed.
-    * ``barrier``: uint64 [R]: ``[q]`` = the tag of the last kernel rank q started (barrier).
-    * ``notify_flag``: uint64 [R]: ``[q]`` = the tag of the notify in which q wrote its row.
-    * ``counts``: int32 [R, R + N + INTER_MAX_EXPERTS]: row q, written by rank q: its tokens per
-      rank, per node, per expert.
+      blocks, [2] status claim, [3] tag of the last barrier passed, [4] barrier failed, [5] tag
+      of the last kernel refused at its barrier (a call that disagrees).
+    * ``barrier``: uint64 [R]: ``[q]`` = the tag of the last kernel rank q started (barrier),
+      with q's call tag in the upper 32 bits.
+    * ``notify_flag``: uint64 [R]: ``[q]`` = 2 * the tag of the notify in which q wrote its
+      row, + 1 once q refused that kernel; q's call tag in the upper 32 bits.
+    * ``counts``: int32 [R, CALL_SIG_WORDS + R + N + INTER_MAX_EXPERTS]: row q, written by rank
+      q: its call signature, its tokens per rank, per node, per expert.
     * ``dispatch_arrive``: uint64 [2, N, INTER_DISPATCH_CHUNKS]: slots landed here from source
       node n (this rank as a proxy), counted per chunk of ``chunk_slots`` consecutive slots, one
       set per tag parity.
@@ -171,7 +175,7 @@ class InternodeRegions(Carver):
         self.slot_bytes = align(self.header_bytes + hidden * 2 + align(self.num_scales * 4, 16)
                                 + 2 * MAX_TOPK * 4, 16)
         self.row_c = align(hidden * 2 + MAX_TOPK * 4, 16)
-        self.row_ints = r + n + INTER_MAX_EXPERTS
+        self.row_ints = CALL_SIG_WORDS + r + n + INTER_MAX_EXPERTS
         self.claim("ctrl", 16 * 4)
         self.claim("barrier", r * 8)
         self.claim("notify_flag", r * 8)

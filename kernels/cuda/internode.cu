@@ -32,6 +32,19 @@
 //
 // Bounded waits: every spin gives up after timeout_ns and reports through the host status word
 // (intranode_common.cuh: the same layout and decoding as the NVLink kernels).
+//
+// Call agreement (docs/faults.md). Every kernel gets its call's tag (call_tag: sequence number
+// and a hash of the signature, ep_comm.core.agreement.ll_tag) and carries it in the upper 32
+// bits of the flags it already sets: the barrier flag (dispatch, combine) and the notify flag.
+// The notify kernel also writes the call's whole signature (CallSig) at the head of its counts
+// row. Before a kernel moves anything, each rank learns what every rank runs as this kernel
+// (learn_peers): a notify, or a dispatch / combine kernel, and its call tag. Ranks that all run
+// the notify compare every rank's signature words (they name the field); otherwise ranks that
+// run different kernels, or barrier kernels of different call tags, disagree. A disagreement
+// is seen by every rank alike (every rank sees every rank's flags), so every rank refuses the
+// kernel: nothing moves, every rank acknowledges on its notify flag (2 * tag + 1) and waits for
+// every acknowledgement (meet_refused: nobody's next kernel can then overwrite a flag or row
+// that a slower rank is still to read), and the kernels' sequence numbers stay in step.
 #include <nvshmem.h>
 #include <nvshmemx.h>
 
@@ -46,9 +59,38 @@ constexpr int kPhaseBarrier = EP_PHASE_BARRIER;
 constexpr int kStatusNoP2P = EP_STATUS_NO_P2P;  // a rank of this node has no nvshmem_ptr mapping
 
 // ctrl words (uint32, this rank's buffer): [0] sequence, [1] finish count, [2] status claim,
-// [3] tag of the last barrier passed (blocks other than 0 wait for it), [4] barrier failed.
+// [3] tag of the last barrier passed (blocks other than 0 wait for it), [4] barrier failed,
+// [5] tag of the last kernel refused at its barrier (its other blocks end without moving).
 constexpr int kCtrlGo = 3;
 constexpr int kCtrlAbort = 4;
+constexpr int kCtrlRefused = 5;
+
+// The call agreement (see the header). A refusal's status: kStatusDisagree (every rank ran the
+// notify: the signature rows decide, as in the NVLink notify; intranode_common.cuh) or
+// kStatusDisagreeTag (a rank runs another kernel, or another call's barrier kernel: the call
+// tags decide).
+constexpr int kStatusDisagreeTag = EP_STATUS_DISAGREE_TAG;
+constexpr int kMaxInterRanks = EP_INTER_MAX_RANKS;
+// What a rank runs as a kernel, as learn_peers records it: its call tag (a positive int32), with
+// this bit when it runs a dispatch or combine kernel (a barrier), without when a notify. The
+// same bit marks the acknowledgement of a refusal sent by a barrier kernel.
+constexpr uint32_t kKindBarrier = 0x80000000u;
+constexpr int kTagSeqShift = EP_LL_TAG_SEQ_SHIFT;
+constexpr uint32_t kTagHashMask = (1u << kTagSeqShift) - 1u;
+
+__device__ __forceinline__ uint64_t flag_word(uint32_t high, uint32_t low) {
+    return (static_cast<uint64_t>(high) << 32) | low;
+}
+__device__ __forceinline__ uint32_t flag_high(uint64_t w) { return static_cast<uint32_t>(w >> 32); }
+
+// Whether two call tags agree: equal hashes, and equal sequence numbers unless either is 0 (a
+// launch captured in a CUDA graph: replays repeat it). As the low-latency kernels compare them
+// (low_latency_common.cuh tags_agree).
+__device__ __forceinline__ bool call_tags_agree(uint32_t a, uint32_t b) {
+    if ((a & kTagHashMask) != (b & kTagHashMask)) return false;
+    const uint32_t sa = a >> kTagSeqShift, sb = b >> kTagSeqShift;
+    return sa == 0 || sb == 0 || sa == sb;
+}
 
 // Offsets of the regions of this Buffer's symmetric allocation (ep_comm.regions.
 // InternodeRegions), the same on every rank.
@@ -130,6 +172,8 @@ __device__ bool wait_word(const uint64_t* p, uint64_t want, bool is_tag, uint64_
 }
 
 __shared__ int s_fail;
+__shared__ int s_other;                      // the first rank that runs something else, else R
+__shared__ uint32_t s_peer[kMaxInterRanks];  // what each rank runs as this kernel (learn_peers)
 
 // The block waits (a thread per rank) until every rank's flag carries `tag`; a flag that does
 // not come in time is reported and sets s_fail.
@@ -145,29 +189,149 @@ __device__ void wait_all_flags(const uint64_t* flags, uint32_t tag, int R, int p
     }
 }
 
+// The block, a thread per rank q: waits until it knows what q runs as kernel `tag` and records
+// it in s_peer[q] (kKindBarrier | call tag, or the call tag of a notify):
+//   q's notify flag at 2 * tag: q runs the notify (its counts row has landed before the flag);
+//     at 2 * tag + 1: q refused this kernel (kKindBarrier set if q runs a barrier kernel);
+//   q's barrier flag at tag: q runs a dispatch or combine kernel;
+//   either flag past this kernel: q has passed it, which no rank does unless every rank agreed
+//     (a refusal holds every rank in meet_refused), so q agrees: `self_word`.
+// The notify flag is looked at first: a rank that ran the notify of this kernel and went on
+// to the dispatch kernel shows both. A rank that shows nothing in time is reported (timeout,
+// `phase`) and sets s_fail.
+__device__ void learn_peers(const Regions& g, uint32_t tag, uint32_t self_word, int R, int phase,
+                            int* host_status, uint32_t* ctrl, uint64_t timeout_ns) {
+    const uint64_t* bar = words(g, g.off_bar);
+    const uint64_t* nfl = words(g, g.off_nflag);
+    for (int q = threadIdx.x; q < R; q += blockDim.x) {
+        const uint64_t deadline = globaltimer_ns() + timeout_ns;
+        int spins = 0;
+        while (true) {
+            const uint64_t n = ld_acquire_sys(nfl + q);
+            const int dn = static_cast<int32_t>(static_cast<uint32_t>(n) - 2u * tag);
+            if (dn == 0 || dn == 1) {
+                s_peer[q] = flag_high(n);
+                break;
+            }
+            const uint64_t b = ld_acquire_sys(bar + q);
+            const int db = static_cast<int32_t>(static_cast<uint32_t>(b) - tag);
+            if (db == 0) {
+                s_peer[q] = flag_high(b) | kKindBarrier;
+                break;
+            }
+            if (dn > 1 || db > 0) {
+                s_peer[q] = self_word;
+                break;
+            }
+            if ((++spins & 63) == 0 && globaltimer_ns() > deadline) {
+                const bool notify = phase == kPhaseNotify;
+                report(host_status, ctrl, kStatusTimeout, phase, q, -1,
+                       static_cast<long long>(static_cast<uint32_t>(notify ? n : b)),
+                       notify ? 2ll * tag : static_cast<long long>(tag));
+                s_fail = 1;
+                break;
+            }
+        }
+    }
+}
+
+// The block: s_other = the first rank whose s_peer word differs from `self_word` (another kind
+// of kernel, or call tags that do not agree), else R.
+// `kind_only`: only another kind of kernel counts (ranks that all run the notify compare their
+// whole signatures instead, which name the field).
+__device__ void find_other(uint32_t self_word, int R, bool kind_only) {
+    if (threadIdx.x == 0) s_other = R;
+    __syncthreads();
+    for (int q = threadIdx.x; q < R; q += blockDim.x) {
+        const uint32_t w = s_peer[q];
+        if ((w & kKindBarrier) != (self_word & kKindBarrier) ||
+            (!kind_only && !call_tags_agree(w & ~kKindBarrier, self_word & ~kKindBarrier)))
+            atomicMin(&s_other, q);
+    }
+    __syncthreads();
+}
+
+// The block, after it refused kernel `tag`: acknowledges to every rank on the notify flag
+// (2 * tag + 1, `ack_high` = this call's tag, with kKindBarrier from a barrier kernel), then
+// waits (bounded) for every rank's acknowledgement, so that no rank's next kernel overwrites a
+// flag or counts row that another rank is still to read. The quiet first: the notify's row put
+// (with its flag at 2 * tag) must land before the acknowledgement replaces that flag.
+// A rank that does not acknowledge in time is reported (timeout) and sets s_fail.
+__device__ void meet_refused(const Regions& g, uint32_t tag, uint32_t ack_high, int rank, int R,
+                             int phase, int* host_status, uint32_t* ctrl, uint64_t timeout_ns) {
+    uint64_t* nfl = words(g, g.off_nflag);
+    const uint64_t ack = flag_word(ack_high, 2u * tag + 1u);
+    nvshmem_quiet();
+    __syncthreads();
+    for (int q = threadIdx.x; q < R; q += blockDim.x) {
+        if (q == rank)
+            st_release_sys(nfl + rank, ack);
+        else
+            nvshmemx_signal_op(nfl + rank, ack, NVSHMEM_SIGNAL_SET, q);
+    }
+    wait_all_flags(nfl, 2u * tag + 1u, R, phase, host_status, ctrl, timeout_ns);
+    __syncthreads();
+}
+
+// Thread 0: a refusal by call tags (kStatusDisagreeTag) naming rank `other`. Not claimed
+// through ctrl[2] like report(): every rank refuses alike and the kernels stay in step, so the
+// host clears the word and the Buffer stays usable.
+__device__ void report_tag_refusal(int* host_status, int phase, int other, uint32_t mine) {
+    volatile int* st = host_status;
+    const uint32_t theirs = s_peer[other];
+    st[1] = phase;
+    st[2] = other;
+    st[3] = (theirs & kKindBarrier) ? 1 : 0;
+    st[4] = static_cast<int>(theirs & ~kKindBarrier);
+    st[5] = static_cast<int>(mine);
+    __threadfence_system();
+    st[0] = kStatusDisagreeTag;
+    __threadfence_system();
+}
+
 // All ranks meet (block 0 does it, the other blocks wait for its word), then block 0 clears
-// the other parity's counters. Returns false on a timeout (reported) for every block.
-__device__ bool start_kernel(const Regions& g, uint32_t tag, int rank, int R, int N,
+// the other parity's counters. The barrier flag carries the call tag: a rank that runs another
+// call here (or the notify kernel) makes every rank refuse the kernel (see the header).
+// Returns false on a timeout (reported) or a refusal, for every block.
+__device__ bool start_kernel(const Regions& g, uint32_t tag, int call_tag, int rank, int R, int N,
                              int* host_status, uint64_t timeout_ns) {
     uint32_t* ctrl = ctrl_of(g);
+    const uint32_t self_word = static_cast<uint32_t>(call_tag) | kKindBarrier;
     if (threadIdx.x == 0) s_fail = 0;
     __syncthreads();
     if (blockIdx.x == 0) {
         uint64_t* flags = words(g, g.off_bar);
+        const uint64_t mine = flag_word(static_cast<uint32_t>(call_tag), tag);
         for (int q = threadIdx.x; q < R; q += blockDim.x) {
             if (q == rank)
-                st_release_sys(flags + rank, static_cast<uint64_t>(tag));
+                st_release_sys(flags + rank, mine);
             else
-                nvshmemx_signal_op(flags + rank, tag, NVSHMEM_SIGNAL_SET, q);
+                nvshmemx_signal_op(flags + rank, mine, NVSHMEM_SIGNAL_SET, q);
         }
-        wait_all_flags(flags, tag, R, kPhaseBarrier, host_status, ctrl, timeout_ns);
+        learn_peers(g, tag, self_word, R, kPhaseBarrier, host_status, ctrl, timeout_ns);
         __syncthreads();
-        clear_next_parity(g, tag, N);
+        bool refused = false;
+        if (!s_fail) {
+            find_other(self_word, R, false);
+            refused = s_other < R;
+            clear_next_parity(g, tag, N);
+            if (refused) {
+                const int other = s_other;
+                meet_refused(g, tag, self_word, rank, R, kPhaseBarrier, host_status, ctrl,
+                             timeout_ns);
+                if (threadIdx.x == 0 && !s_fail)
+                    report_tag_refusal(host_status, kPhaseBarrier, other, call_tag);
+            }
+        }
         __syncthreads();
+        const bool failed = s_fail != 0;
+        __syncthreads();  // every thread has read s_fail before thread 0 sets it for a refusal
         if (threadIdx.x == 0) {
-            if (s_fail) st_release_sys(ctrl + kCtrlAbort, 1u);
+            if (failed) st_release_sys(ctrl + kCtrlAbort, 1u);
+            else if (refused) st_release_sys(ctrl + kCtrlRefused, tag);
             __threadfence();
             st_release_sys(ctrl + kCtrlGo, tag);
+            if (refused) s_fail = 1;
         }
     } else if (threadIdx.x == 0) {
         const uint64_t deadline = globaltimer_ns() + 2 * timeout_ns;
@@ -178,23 +342,30 @@ __device__ bool start_kernel(const Regions& g, uint32_t tag, int rank, int R, in
                 break;
             }
         }
-        if (ld_acquire_sys(ctrl + kCtrlAbort) != 0u) s_fail = 1;
+        if (ld_acquire_sys(ctrl + kCtrlAbort) != 0u || ld_acquire_sys(ctrl + kCtrlRefused) == tag)
+            s_fail = 1;
     }
     __syncthreads();
     return s_fail == 0;
 }
 
 // The start of the dispatch and combine kernels (which take EP_INTER_REGION_PARAMS, rank, R,
-// P, N, host_status and timeout_ns): this call's tag and its parity, this rank's node and index
-// in it, the thread's warp and lane, then start_kernel's barrier; a block that cannot start
-// (a peer missing, a previous call aborted) finishes at once.
+// P, N, num_recv_dev, host_status, timeout_ns and call_tag). A kernel of a dispatch whose notify
+// refused the call (num_recv_dev = -1, on every rank alike) returns at once without taking a
+// kernel tag: the ranks stay in step whether or not the host launched it (it does not wait for
+// the notify with num_worst_tokens), and a rank whose notify met another call (a skipped call)
+// does not run its dispatch barrier against the others' next call. Then this call's tag and its
+// parity, this rank's node and index in it, the thread's warp and lane, and start_kernel's
+// barrier; a block that cannot start (a peer missing, a previous call aborted, a call refused
+// at the barrier) finishes at once.
 #define EP_INTER_KERNEL_START()                                                  \
+    if (*reinterpret_cast<const volatile int*>(num_recv_dev) < 0) return;        \
     const Regions g = EP_INTER_REGIONS;                                          \
     uint32_t* ctrl = ctrl_of(g);                                                 \
     const uint32_t tag = *reinterpret_cast<volatile uint32_t*>(ctrl) + 1u;       \
     const int parity = tag & 1, node = rank / P, local = rank % P;              \
     const int warp = threadIdx.x >> 5, lane = lane_id();                         \
-    if (!start_kernel(g, tag, rank, R, N, host_status, timeout_ns)) {            \
+    if (!start_kernel(g, tag, call_tag, rank, R, N, host_status, timeout_ns)) {  \
         finish_block(ctrl);                                                      \
         return;                                                                  \
     }
@@ -212,70 +383,166 @@ __device__ __forceinline__ int out_row(const int* prefix, const int* local_pos, 
 }  // namespace
 
 // ------------------------------------------------------------------------------------ notify
-// One block. Puts this rank's counts row (tokens per rank [R], per node [N], per expert [E],
-// int32) into every rank's counts region at row `rank` with a signal carrying the tag, waits
-// for every row, then computes:
+namespace {
+
+static_assert(kCallSigWords == kCallSigCompared + 4,
+              "the signature ends in status, bad_token, bad_col, bad_value "
+              "(constants.CALL_SIG_FIELDS)");
+
+__shared__ unsigned long long s_first_diff;  // min of (word << 32 | rank) over differing words
+__shared__ int s_first_bad;                  // the first rank whose input failed a check, else R
+
+// Thread 0: the refusal of a call whose ranks all ran the notify (kStatusDisagree), as the
+// NVLink notify reports it: [2] the first rank that differs, [3] the first differing word (-1:
+// only a bad input), [4] its value there, [5] this rank's; the rows are already in the host
+// status from kInfoCallSigs (the values are read from there: once every rank acknowledged, a
+// peer's next notify may replace its row here).
+__device__ void report_row_refusal(int* host_status, const CallSig& sig, int R) {
+    volatile int* st = host_status;
+    int peer, word;
+    if (s_first_diff != ~0ull) {
+        word = static_cast<int>(s_first_diff >> 32);
+        peer = static_cast<int>(s_first_diff & 0xffffffffull);
+    } else {
+        word = -1;
+        peer = s_first_bad;
+    }
+    st[1] = kPhaseNotify;
+    st[2] = peer;
+    st[3] = word;
+    st[4] = word >= 0 ? st[kInfoCallSigs + peer * kCallSigWords + word] : 0;
+    st[5] = word >= 0 ? sig.w[word] : 0;
+    __threadfence_system();
+    st[0] = kStatusDisagree;
+    __threadfence_system();
+}
+
+}  // namespace
+
+// One block. Puts this rank's counts row (the call's signature [kCallSigWords], then tokens per
+// rank [R], per node [N], per expert [E], int32) into every rank's counts region at row `rank`,
+// with its notify flag (2 * tag, and the call tag) on the put, learns what every rank runs as
+// this kernel (learn_peers), then refuses the call or computes:
 //   rank_prefix_matrix [R, R] int32: [i, j] = tokens ranks 0..i send to rank j;
 //   recv_per_expert [L] int32: tokens this rank receives per local expert;
 //   node_counts [P, N] int32: [l, n] = tokens rank (n, l) sends to this rank's node (what this
 //     node's proxy l receives from source node n);
 //   num_recv_dev [1] and host_status[kInfoNumRecv] (+ per-expert counts from kInfoExpertCounts).
+// sig: this call's signature (CallSig, ep_comm.core.agreement.device_words); call_tag: its tag
+// (agreement.ll_tag). The call is refused on every rank alike (see the file header) when a rank
+// runs a dispatch or combine kernel here (kStatusDisagreeTag), or, every rank running the
+// notify, when a rank's first kCallSigCompared words differ from this rank's or its status word
+// says its input failed a check (kStatusDisagree, every rank's words copied to the host status
+// from kInfoCallSigs, decoded by the host into the reference backend's error). A refused notify
+// computes nothing and sets num_recv_dev = -1, so the dispatch kernel behind it moves nothing.
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
 inter_notify(EP_INTER_REGION_PARAMS, int rank, int R, int P, int N, int E, int num_worst_tokens,
              const int* __restrict__ tokens_per_rank, const int* __restrict__ tokens_per_node,
              const int* __restrict__ tokens_per_expert, int* __restrict__ rank_prefix_matrix,
              int* __restrict__ recv_per_expert, int* __restrict__ node_counts,
              int* __restrict__ num_recv_dev, int* __restrict__ host_status,
-             unsigned long long timeout_ns) {
+             unsigned long long timeout_ns, CallSig sig, int call_tag) {
     const Regions g = EP_INTER_REGIONS;
     uint32_t* ctrl = ctrl_of(g);
     const uint32_t tag = *reinterpret_cast<volatile uint32_t*>(ctrl) + 1u;
-    const int row_ints = R + N + E, L = E / R, node = rank / P;
+    const uint32_t self_word = static_cast<uint32_t>(call_tag);  // a notify: no kKindBarrier
+    // Row layout: signature, per rank, per node, per expert.
+    const int at_ranks = kCallSigWords, at_nodes = at_ranks + R, at_experts = at_nodes + N;
+    const int row_ints = at_experts + E, L = E / R, node = rank / P;
     int* counts = reinterpret_cast<int*>(g.base + g.off_counts);
     int* mine = counts + static_cast<long long>(rank) * row_ints;
-    for (int i = threadIdx.x; i < R; i += blockDim.x) mine[i] = tokens_per_rank[i];
-    for (int i = threadIdx.x; i < N; i += blockDim.x) mine[R + i] = tokens_per_node[i];
-    for (int i = threadIdx.x; i < E; i += blockDim.x) mine[R + N + i] = tokens_per_expert[i];
-    if (threadIdx.x == 0) s_fail = 0;
+    for (int i = threadIdx.x; i < kCallSigWords; i += blockDim.x) mine[i] = sig.w[i];
+    for (int i = threadIdx.x; i < R; i += blockDim.x) mine[at_ranks + i] = tokens_per_rank[i];
+    for (int i = threadIdx.x; i < N; i += blockDim.x) mine[at_nodes + i] = tokens_per_node[i];
+    for (int i = threadIdx.x; i < E; i += blockDim.x) mine[at_experts + i] = tokens_per_expert[i];
+    if (threadIdx.x == 0) {
+        s_fail = 0;
+        s_first_diff = ~0ull;
+        s_first_bad = R;
+    }
     __threadfence_system();
     __syncthreads();
     uint64_t* flags = words(g, g.off_nflag);
+    const uint64_t posted = flag_word(self_word, 2u * tag);
     for (int q = threadIdx.x; q < R; q += blockDim.x) {
         if (q == rank)
-            st_release_sys(flags + rank, static_cast<uint64_t>(tag));
+            st_release_sys(flags + rank, posted);
         else
             nvshmem_putmem_signal_nbi(mine, mine, static_cast<size_t>(row_ints) * 4, flags + rank,
-                                      tag, NVSHMEM_SIGNAL_SET, q);
+                                      posted, NVSHMEM_SIGNAL_SET, q);
     }
-    wait_all_flags(flags, tag, R, kPhaseNotify, host_status, ctrl, timeout_ns);
+    learn_peers(g, tag, self_word, R, kPhaseNotify, host_status, ctrl, timeout_ns);
     __syncthreads();
-    if (!s_fail) {
-        clear_next_parity(g, tag, N);
-        for (int j = threadIdx.x; j < R; j += blockDim.x) {
-            int sum = 0;
-            for (int q = 0; q < R; ++q) {
-                sum += __ldcg(counts + static_cast<long long>(q) * row_ints + j);
-                rank_prefix_matrix[q * R + j] = sum;
+    if (s_fail) {
+        __threadfence_system();
+        finish_block(ctrl);
+        return;
+    }
+    clear_next_parity(g, tag, N);
+    // Agreement: a rank in a barrier kernel here; else each rank's row against this call's.
+    find_other(self_word, R, true);
+    const int other = s_other;
+    if (other == R) {
+        for (int q = threadIdx.x; q < R; q += blockDim.x) {
+            const int* theirs = counts + static_cast<long long>(q) * row_ints;
+            for (int w = 0; w < kCallSigCompared; ++w) {
+                if (__ldcg(theirs + w) != sig.w[w]) {
+                    atomicMin(&s_first_diff, (static_cast<unsigned long long>(w) << 32) | q);
+                    break;
+                }
             }
-            if (j == rank) {
-                *num_recv_dev = sum;
-                host_status[kInfoNumRecv] = sum;
-                if (num_worst_tokens > 0 && sum > num_worst_tokens)
-                    report(host_status, ctrl, kStatusOverflow, kPhaseNotify, rank, -1, sum,
-                           num_worst_tokens);
-            }
+            if (__ldcg(theirs + kCallSigCompared) != 0) atomicMin(&s_first_bad, q);
         }
-        for (int e = threadIdx.x; e < L; e += blockDim.x) {
-            int sum = 0;
-            for (int q = 0; q < R; ++q)
-                sum += __ldcg(counts + static_cast<long long>(q) * row_ints + R + N + rank * L + e);
-            recv_per_expert[e] = sum;
-            if (e < kMaxLocalExperts) host_status[kInfoExpertCounts + e] = sum;
+        __syncthreads();
+    }
+    const bool by_rows = other == R && (s_first_diff != ~0ull || s_first_bad < R);
+    if (other < R || by_rows) {
+        // Every rank's words to the host first (the error names each value and its ranks).
+        if (by_rows)
+            for (int i = threadIdx.x; i < R * kCallSigWords; i += blockDim.x)
+                reinterpret_cast<volatile int*>(host_status)[kInfoCallSigs + i] =
+                    __ldcg(counts + static_cast<long long>(i / kCallSigWords) * row_ints +
+                           i % kCallSigWords);
+        if (threadIdx.x == 0) *num_recv_dev = -1;
+        __threadfence_system();
+        meet_refused(g, tag, self_word, rank, R, kPhaseNotify, host_status, ctrl, timeout_ns);
+        // A rank that never acknowledged is a timeout (reported, the Buffer fails); else the
+        // refusal, which leaves the Buffer usable.
+        if (threadIdx.x == 0 && !s_fail) {
+            if (by_rows)
+                report_row_refusal(host_status, sig, R);
+            else
+                report_tag_refusal(host_status, kPhaseNotify, other, self_word);
         }
-        for (int i = threadIdx.x; i < P * N; i += blockDim.x) {
-            const int l = i / N, n = i % N;
-            node_counts[i] = __ldcg(counts + static_cast<long long>(n * P + l) * row_ints + R + node);
+        finish_block(ctrl);
+        return;
+    }
+    for (int j = threadIdx.x; j < R; j += blockDim.x) {
+        int sum = 0;
+        for (int q = 0; q < R; ++q) {
+            sum += __ldcg(counts + static_cast<long long>(q) * row_ints + at_ranks + j);
+            rank_prefix_matrix[q * R + j] = sum;
         }
+        if (j == rank) {
+            *num_recv_dev = sum;
+            host_status[kInfoNumRecv] = sum;
+            if (num_worst_tokens > 0 && sum > num_worst_tokens)
+                report(host_status, ctrl, kStatusOverflow, kPhaseNotify, rank, -1, sum,
+                       num_worst_tokens);
+        }
+    }
+    for (int e = threadIdx.x; e < L; e += blockDim.x) {
+        int sum = 0;
+        for (int q = 0; q < R; ++q)
+            sum += __ldcg(counts + static_cast<long long>(q) * row_ints + at_experts +
+                          rank * L + e);
+        recv_per_expert[e] = sum;
+        if (e < kMaxLocalExperts) host_status[kInfoExpertCounts + e] = sum;
+    }
+    for (int i = threadIdx.x; i < P * N; i += blockDim.x) {
+        const int l = i / N, n = i % N;
+        node_counts[i] =
+            __ldcg(counts + static_cast<long long>(n * P + l) * row_ints + at_nodes + node);
     }
     __threadfence_system();
     finish_block(ctrl);
@@ -293,7 +560,8 @@ inter_notify(EP_INTER_REGION_PARAMS, int rank, int R, int P, int N, int E, int n
 //   K] (when has_w), recv_src_idx / recv_src_rank [num_rows] int32;
 //   proxy_rows: [N, cap, P] int32, written when not null: the rows of every slot this rank
 //   received as a proxy (combine needs them; the slots themselves are reused);
-//   net_bytes: when not null, bytes put to other nodes are added to it (benchmark counters).
+//   net_bytes: when not null, bytes put to other nodes are added to it (benchmark counters);
+//   num_recv_dev: rows received (-1: the notify refused the call); call_tag: see the header.
 // Slot layout (bytes from the slot start): int4 header {token, 0, 0, 0}, then P int32 rows,
 // payload at off_payload, scales at off_scales, top-k ids (int32, global) at off_idx, weights
 // at off_w; put_bytes bytes from the start are sent.
@@ -311,7 +579,7 @@ inter_dispatch(EP_INTER_REGION_PARAMS, int rank, int R, int P, int N, int T, int
                int* __restrict__ recv_src_rank, int* __restrict__ proxy_rows, int num_rows,
                const int* __restrict__ num_recv_dev, int zero_padding,
                unsigned long long* __restrict__ net_bytes, int* __restrict__ host_status,
-               unsigned long long timeout_ns) {
+               unsigned long long timeout_ns, int call_tag) {
     EP_INTER_KERNEL_START();
     if (zero_padding) {  // num_worst_tokens: rows past the received count are zero / -1
         const long long n_recv = *num_recv_dev;
@@ -471,7 +739,9 @@ inter_dispatch(EP_INTER_REGION_PARAMS, int rank, int R, int P, int N, int T, int
 //   proxy_rows [N, cap, P] and node_counts [P, N] from the dispatch; node_pos [T, N] int32 and
 //   tokens_per_node [N] int32 (this rank's tokens per node) from its own dispatch;
 //   bias0 / bias1: [T, row_int4] bf16 or null; out [T, row_int4] bf16; out_w [T, K] or null;
-//   net_bytes: when not null, bytes put to other nodes are added to it.
+//   num_recv_dev: the dispatch's received count (-1: its notify refused the call: see
+//   EP_INTER_KERNEL_START); net_bytes: when not null, bytes put to other nodes are added to it;
+//   call_tag: this call's tag (agreement, see the header).
 // Partial rows travel in the slots of the dstage region (the source's combine receive region,
 // [m][pos] for node m), payload at off_payload and weights at off_w; put_bytes bytes from
 // off_payload are sent.
@@ -481,8 +751,8 @@ inter_combine(EP_INTER_REGION_PARAMS, int rank, int R, int P, int N, int T, int 
               const int* __restrict__ node_pos, const int* __restrict__ tokens_per_node,
               int off_payload, int off_w, int put_bytes, const int4* __restrict__ bias0,
               const int4* __restrict__ bias1, int4* __restrict__ out, float* __restrict__ out_w,
-              unsigned long long* __restrict__ net_bytes, int* __restrict__ host_status,
-              unsigned long long timeout_ns) {
+              const int* __restrict__ num_recv_dev, unsigned long long* __restrict__ net_bytes,
+              int* __restrict__ host_status, unsigned long long timeout_ns, int call_tag) {
     EP_INTER_KERNEL_START();
     __shared__ const char* s_csrc[kMaxRanks];
     __shared__ int s_max_count;

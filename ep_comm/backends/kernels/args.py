@@ -112,7 +112,8 @@ INTER_NOTIFY = INTER_REGIONS + (
     ("rank", "i"), ("R", "i"), ("P", "i"), ("N", "i"), ("E", "i"), ("num_worst_tokens", "i"),
     ("tokens_per_rank", "p"), ("tokens_per_node", "p"), ("tokens_per_expert", "p"),
     ("rank_prefix_matrix", "p"), ("recv_per_expert", "p"), ("node_counts", "p"),
-    ("num_recv_dev", "p"), ("host_status", "p"), ("timeout_ns", "u64"),
+    ("num_recv_dev", "p"), ("host_status", "p"), ("timeout_ns", "u64"), ("sig", "sig"),
+    ("call_tag", "i"),
 )
 INTER_DISPATCH = INTER_REGIONS + (
     ("rank", "i"), ("R", "i"), ("P", "i"), ("N", "i"), ("T", "i"), ("L", "i"), ("x", "p"),
@@ -124,13 +125,14 @@ INTER_DISPATCH = INTER_REGIONS + (
     ("recv_topk_idx", "p"), ("recv_topk_weights", "p"), ("recv_src_idx", "p"),
     ("recv_src_rank", "p"), ("proxy_rows", "p"), ("num_rows", "i"), ("num_recv_dev", "p"),
     ("zero_padding", "i"), ("net_bytes", "p"), ("host_status", "p"), ("timeout_ns", "u64"),
+    ("call_tag", "i"),
 )
 INTER_COMBINE = INTER_REGIONS + (
     ("rank", "i"), ("R", "i"), ("P", "i"), ("N", "i"), ("T", "i"), ("row_int4", "i"), ("K", "i"),
     ("has_w", "i"), ("proxy_rows", "p"), ("node_counts", "p"), ("node_pos", "p"),
     ("tokens_per_node", "p"), ("off_payload", "i"), ("off_w", "i"), ("put_bytes", "i"),
-    ("bias0", "p"), ("bias1", "p"), ("out", "p"), ("out_w", "p"), ("net_bytes", "p"),
-    ("host_status", "p"), ("timeout_ns", "u64"),
+    ("bias0", "p"), ("bias1", "p"), ("out", "p"), ("out_w", "p"), ("num_recv_dev", "p"),
+    ("net_bytes", "p"), ("host_status", "p"), ("timeout_ns", "u64"), ("call_tag", "i"),
 )
 
 #: Every table with the .cu file and the kernels that take it (for tests/test_kernel_args.py).

@@ -21,6 +21,16 @@ alone; combine copies its input into the symmetric buffer and runs ``inter_combi
 
 Failures: every wait is bounded by ``EP_COMM_TIMEOUT_S``; a kernel that gives up writes the
 status word, and the host raises ``CommTimeoutError`` naming rank, node, phase and peer.
+
+Agreement (docs/faults.md, "Which calls are checked where"): the notify kernel receives the
+call's signature words (``Comm.call_words``) as its ``sig`` argument and sends them at the head
+of its counts row; every kernel receives the call's tag (``agreement.ll_tag``: sequence number
+and a hash of the signature) as ``call_tag`` and carries it in the flags it already sets. A call
+whose ranks disagree (or run different kernels: a skipped call) is refused by every rank's
+kernel before anything moves, and the host raises the reference backend's
+``CollectiveMismatchError`` / ``InputError`` / ``PeerInputError``: after the count wait of a
+dispatch from a layout, else at the next call (``num_worst_tokens``, cached dispatch, combine:
+nothing waits for them). A refusal leaves every rank's kernels in step: the Buffer stays usable.
 """
 from __future__ import annotations
 
@@ -28,18 +38,20 @@ import dataclasses
 
 import torch
 
+from ep_comm.core import agreement
 from ep_comm.runtime import jit
 from ep_comm.runtime.comm import timeout_s
-from ep_comm.core.constants import (FP8_BLOCK, INTER_DISPATCH_CHUNKS, INTER_MAX_EXPERTS,
-                                    INTER_MAX_NODES, NORMAL_MAX_TOPK, NVL_MAX_LOCAL_EXPERTS,
-                                    NVL_MAX_RANKS)
+from ep_comm.core.constants import (CALL_SIG_WORDS, FP8_BLOCK, INTER_DISPATCH_CHUNKS,
+                                    INTER_MAX_EXPERTS, INTER_MAX_NODES, NORMAL_MAX_TOPK,
+                                    NVL_MAX_LOCAL_EXPERTS, NVL_MAX_RANKS)
 from ep_comm.errors import BackendUnavailableError, BufferTooSmallError, EpCommError, InputError
 from ep_comm.handles import DispatchHandle
 from ep_comm.backends.kernels import args, status
 from ep_comm.backends.kernels.intranode import (KERNEL_SMEM, KERNEL_THREADS, aligned_counts,
                                                 combine_outputs, dispatch_outputs)
 from ep_comm.backends.kernels.layout import LayoutKernel
-from ep_comm.core.constants import NVL_INFO_EXPERT_COUNTS, NVL_INFO_NUM_RECV, NVL_STATUS_WORDS
+from ep_comm.core.constants import (NVL_INFO_CALL_SIGS, NVL_INFO_EXPERT_COUNTS, NVL_INFO_NUM_RECV,
+                                    NVL_STATUS_WORDS, STATUS_DISAGREE, STATUS_DISAGREE_TAG)
 from ep_comm.core.regions import InternodeRegions
 
 
@@ -74,6 +86,9 @@ class InternodeDispatchState:
 class InternodeRuntime:
     """Normal-mode dispatch/combine of one Buffer across nodes (see the module docstring)."""
 
+    #: The notify kernel checks the call agreement (``KernelsBackend.fuses_agreement``).
+    carries_call_signature = True
+
     def __init__(self, comm, num_rdma_bytes: int):
         from ep_comm.runtime import ipc
         from ep_comm.runtime import nvshmem
@@ -94,12 +109,19 @@ class InternodeRuntime:
         self.num_device_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self._broken: EpCommError | None = None
         self._module = jit.compile_kernels("internode", ["internode.cu"], nvshmem=True)
-        # no bad-id record: the internode notify has no signature to carry it
+        # No bad-id record (constants.ID_CHECK_*): the internode layout also sums tokens per
+        # node in torch, and its ids are checked on the host on a shape's first call only.
         self._layout = LayoutKernel(self.num_ranks, self.device)
         self.sym = nvshmem.acquire(comm, num_rdma_bytes)
         nvshmem.bind_module(self._module)
         self.base = self.sym.tensor.data_ptr()
-        self.status = ipc.HostStatus(NVL_STATUS_WORDS, self.device.index)
+        # A refused notify copies every rank's signature words from NVL_INFO_CALL_SIGS: R rows
+        # (the NVLink word holds NVL_MAX_RANKS; internode groups are larger).
+        self.status = ipc.HostStatus(
+            max(NVL_STATUS_WORDS, NVL_INFO_CALL_SIGS + self.num_ranks * CALL_SIG_WORDS),
+            self.device.index)
+        # This rank's bad input in the last notify launched (its InputError text, if refused).
+        self._notify_input = None
         self._stream = torch.cuda.Stream(self.device)
         self._net_bytes: torch.Tensor | None = None
         # Read once per Buffer: a change of EP_COMM_TIMEOUT_S applies to Buffers created later.
@@ -115,13 +137,35 @@ class InternodeRuntime:
     def comm_stream(self):
         return self._stream
 
-    def check_status(self) -> None:
-        """Raise the failure a kernel reported in the status word, if any (no device sync)."""
-        err = status.decode_status(self.status.read(NVL_INFO_NUM_RECV), status.INTERNODE,
-                                   self.rank, self._timeout_s, self.node)
-        if err is not None:
+    def check_status(self, earlier_call: bool = False) -> None:
+        """Raise the failure a kernel reported in the status word, if any (no device sync).
+
+        A refusal (``STATUS_DISAGREE`` / ``STATUS_DISAGREE_TAG``: every rank refused the call
+        alike, nothing moved, the kernels stay in step) clears the word and leaves the runtime
+        usable; any other failure breaks it. ``earlier_call``: the word is read at the start of
+        a call, so a refusal found there belongs to an earlier call that did not wait for its
+        kernels; the current call then gives its sequence number back (it raises before any
+        exchange, like a local error), so that a rank whose refused call did not wait and a rank
+        whose refused call did (a dispatch's count wait) go on with the same call numbers."""
+        words = self.status.read(NVL_INFO_NUM_RECV)
+        if not any(words):
+            return
+        sigs = None
+        if words[0] == STATUS_DISAGREE:
+            end = NVL_INFO_CALL_SIGS + self.num_ranks * CALL_SIG_WORDS
+            sigs = self.status.read(end)[NVL_INFO_CALL_SIGS:]
+        err = status.decode_status(words, status.INTERNODE, self.rank, self._timeout_s,
+                                   self.node, call_sigs=sigs, own_input=self._notify_input,
+                                   seq=self.comm.seq)
+        if err is None:
+            return
+        if words[0] in (STATUS_DISAGREE, STATUS_DISAGREE_TAG):
+            self.status.clear()
+            if earlier_call:
+                self.comm.seq -= 1
+        else:
             self._broken = err
-            raise err
+        raise err
 
     def _check_alive(self) -> None:
         if self._broken is not None:
@@ -129,7 +173,13 @@ class InternodeRuntime:
                               "destroy it and create a new one") from self._broken
         if self.sym is None:
             raise EpCommError("this Buffer was destroyed")
-        self.check_status()
+        self.check_status(earlier_call=True)
+
+    def _call_tag(self) -> int:
+        """The current call's ``call_tag`` argument (``agreement.ll_tag`` of its signature
+        words); its sequence number is 0 in a CUDA-graph capture (replays repeat it)."""
+        words, _ = self.comm.call_words()
+        return agreement.ll_tag(words, torch.cuda.is_current_stream_capturing())
 
     def regions(self, hidden: int) -> InternodeRegions:
         return InternodeRegions(hidden, self.num_ranks, self.ranks_per_node, self.sym.nbytes)
@@ -225,6 +275,7 @@ class InternodeRuntime:
         self._check_capacity(reg, t)
         grid = self._grid(config)
         local = num_experts // r
+        call_tag = self._call_tag()
         if handle is None:
             in_node = self._in_node(is_token_in_rank)
             local_pos = self._positions(is_token_in_rank)
@@ -236,6 +287,8 @@ class InternodeRuntime:
             node_counts = torch.empty(p, n_nodes, dtype=torch.int32, device=dev)
             num_recv_dev = torch.empty(1, dtype=torch.int32, device=dev)
             ntpr = num_tokens_per_rank.to(torch.int32)
+            # fault handling: the call's signature travels with the counts (docs/faults.md)
+            sig, self._notify_input = self.comm.call_words()
             self._launch("inter_notify", 1, args.INTER_NOTIFY, dict(
                 self._region_values(reg, config), rank=me, R=r, P=p, N=n_nodes, E=num_experts,
                 num_worst_tokens=num_worst_tokens, tokens_per_rank=_ptr(ntpr),
@@ -243,7 +296,8 @@ class InternodeRuntime:
                 tokens_per_expert=_ptr(num_tokens_per_expert.to(torch.int32)),
                 rank_prefix_matrix=_ptr(prefix), recv_per_expert=_ptr(recv_per_expert),
                 node_counts=_ptr(node_counts), num_recv_dev=_ptr(num_recv_dev),
-                host_status=self.status.device_ptr, timeout_ns=self._timeout_ns))
+                host_status=self.status.device_ptr, timeout_ns=self._timeout_ns, sig=sig,
+                call_tag=call_tag))
             if num_worst_tokens > 0:
                 n_recv, rows, counts_host = -1, num_worst_tokens, None
             else:
@@ -300,7 +354,7 @@ class InternodeRuntime:
             recv_src_rank=_ptr(handle.recv_src_rank), proxy_rows=_ptr(write_proxy_rows),
             num_rows=rows, num_recv_dev=_ptr(state.num_recv), zero_padding=int(pad),
             net_bytes=_ptr(self._counter(0)), host_status=self.status.device_ptr,
-            timeout_ns=self._timeout_ns), shared_mem=KERNEL_SMEM)
+            timeout_ns=self._timeout_ns, call_tag=call_tag), shared_mem=KERNEL_SMEM)
         count_list = [] if pad else aligned_counts(state.counts_host, expert_alignment)
         return recv_x, recv_scales, recv_idx, recv_w, count_list, handle
 
@@ -340,8 +394,9 @@ class InternodeRuntime:
             tokens_per_node=_ptr(state.tokens_per_node), off_payload=offs["payload"],
             off_w=offs["combine_weights"], put_bytes=offs["combine_put_bytes"],
             bias0=_ptr(bias0), bias1=_ptr(bias1), out=_ptr(out), out_w=_ptr(out_w),
-            net_bytes=_ptr(self._counter(1)), host_status=self.status.device_ptr,
-            timeout_ns=self._timeout_ns), shared_mem=KERNEL_SMEM)
+            num_recv_dev=_ptr(state.num_recv), net_bytes=_ptr(self._counter(1)),
+            host_status=self.status.device_ptr, timeout_ns=self._timeout_ns,
+            call_tag=self._call_tag()), shared_mem=KERNEL_SMEM)
         return out, out_w
 
     # ------------------------------------------------------------------ teardown

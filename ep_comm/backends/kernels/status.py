@@ -16,7 +16,13 @@ codes and phases: ``ep_comm.core.constants``):
   the index of the first differing word of the call signature (``CALL_SIG_FIELDS``; -1: a
   bad input only), ``[4]`` that rank's value, ``[5]`` this rank's; from
   ``[NVL_INFO_CALL_SIGS]`` every rank's signature words (``call_sigs``), from which the error
-  is the one ``ep_comm.core.agreement`` raises on the reference backend.
+  is the one ``ep_comm.core.agreement`` raises on the reference backend. The internode notify
+  kernel reports the same way when every rank ran it (``INTERNODE``, phase notify).
+  ``STATUS_DISAGREE_TAG`` (internode only: a rank ran another kernel, or another call's
+  dispatch / combine kernel, at this point; the barrier and notify flags carry each rank's
+  call tag, ``agreement.ll_tag``): ``[1]`` phase (barrier or notify), ``[2]`` that rank,
+  ``[3]`` what it ran (0: a notify, 1: a dispatch or combine kernel), ``[4]`` its call tag,
+  ``[5]`` this rank's; decoded by ``agreement.ll_tag_error``.
 * low-latency (``LOW_LATENCY``): ``[0]`` code, ``[1]`` phase, ``[2]`` peer rank, ``[3]`` expert
   index, ``[4]`` what was awaited (0: a count word, 1: arrivals), ``[5]`` seen, ``[6]`` wanted.
   ``STATUS_DISAGREE`` (unless ``EP_COMM_LL_KERNEL_AGREEMENT=0``: a peer's count word carried
@@ -35,8 +41,8 @@ from ep_comm.core.constants import (CALL_SIG_FIELDS, CALL_SIG_WORDS, LL_INFO_BAD
                                     PHASE_COMBINE_RECV, PHASE_COMBINE_SEND, PHASE_DISPATCH_RECV,
                                     PHASE_DISPATCH_SEND,
                                     PHASE_LL_COMBINE_RECV, PHASE_LL_DISPATCH_RECV, PHASE_NOTIFY,
-                                    STATUS_DISAGREE, STATUS_NO_P2P, STATUS_OK, STATUS_OVERFLOW,
-                                    STATUS_TIMEOUT)
+                                    STATUS_DISAGREE, STATUS_DISAGREE_TAG, STATUS_NO_P2P, STATUS_OK,
+                                    STATUS_OVERFLOW, STATUS_TIMEOUT)
 from ep_comm.errors import BackendUnavailableError, CommTimeoutError, EpCommError, InputError, \
     KernelError
 
@@ -98,8 +104,8 @@ def decode_status(words, family: Family, rank: int, limit_s: float,
             ``CALL_SIG_WORDS`` int32, rank r's signature of the refused call in row r.
         own_input: this rank's bad input in the refused call, if any (its ``InputError``
             text, which the words do not hold).
-        seq: this rank's current call number (low-latency ``STATUS_DISAGREE``: unfolds the
-            tags' call numbers).
+        seq: this rank's current call number (low-latency ``STATUS_DISAGREE`` and internode
+            ``STATUS_DISAGREE_TAG``: unfolds the tags' call numbers).
     """
     code = int(words[0])
     if code == STATUS_OK:
@@ -120,6 +126,13 @@ def decode_status(words, family: Family, rank: int, limit_s: float,
                   else f"{thing} ({seen} of {wanted} arrived)")
         return CommTimeoutError(rank, phase, waited, limit_s, peer, node)
     channel, seen, wanted = (int(w) for w in words[3:6])
+    if code == STATUS_DISAGREE_TAG and family is INTERNODE:
+        runs = "a notify kernel (a dispatch from a layout)" if channel == 0 else \
+            "a dispatch or combine kernel"
+        note = (f"The internode kernels refused the call at {phase}: rank {peer} runs {runs} of "
+                "another call there (the kernels compare the call tags their flags carry); "
+                "nothing moved. ")
+        return agreement.ll_tag_error(rank, peer, phase, seen, wanted, seq, note)
     if code == STATUS_TIMEOUT:
         where = f" on channel {channel}" if channel >= 0 else ""
         return CommTimeoutError(
