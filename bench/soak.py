@@ -53,9 +53,18 @@ def resources(device) -> dict:
     return out
 
 
+#: Seconds past --max-minutes after which a rank counts as hung (a stall fault's recovery and
+#: the final checks take well under this).
+HANG_GRACE_S = 60
+
+
 def worker(rank, world, port, args, results):
+    import faulthandler
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       EP_COMM_TIMEOUT_S=str(args.timeout))
+    # A rank still running well past --max-minutes prints where it is (then main gives up on it)
+    if args.max_minutes < 1e8:
+        faulthandler.dump_traceback_later(args.max_minutes * 60 + HANG_GRACE_S, exit=False)
     try:
         results.put((rank, run_rank(rank, world, args)))
     except BaseException:  # noqa: BLE001 - reported with the rank number
@@ -176,6 +185,10 @@ def run_rank(rank, world, args) -> dict:
             if res.get("error") is None and kind != "bad_ids":
                 stats["silent_wrong_results"] += 1
         stats["fault_log"].append([stats["calls"], kind, detail])
+        if rank == 0:  # progress: a run cut by an outer limit still shows how far it got
+            print(f"soak: {stats['calls']} calls, fault {kind}: {detail or 'ok'} "
+                  f"({'survived' if ok else 'NOT survived'}), {time.monotonic() - t0:.0f} s",
+                  flush=True)
     buf.destroy()
     import gc
     gc.collect()
@@ -228,7 +241,20 @@ def main(argv=None) -> int:
              for r in range(args.ranks)]
     for pr in procs:
         pr.start()
-    per_rank = dict(results.get() for _ in procs)
+    import queue
+    wait_s = args.max_minutes * 60 + HANG_GRACE_S + 15 if args.max_minutes < 1e8 else None
+    per_rank = {}
+    try:
+        for _ in procs:
+            r, value = results.get(timeout=wait_s)
+            per_rank[r] = value
+    except queue.Empty:
+        missing = sorted(set(range(args.ranks)) - set(per_rank))
+        print(f"soak: ranks {missing} gave no result {wait_s:.0f} s after the start (a hang; "
+              "their stacks are above)")
+        for pr in procs:
+            pr.kill()
+        return 1
     for pr in procs:
         pr.join(timeout=60)
     crashed = {r: v["crash"] for r, v in per_rank.items() if "crash" in v}

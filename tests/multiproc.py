@@ -14,7 +14,9 @@ import dataclasses
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import tempfile
+import time
 import traceback
 
 #: Seconds a pool waits for its ranks' answers before it names a hang (RankFailure) and is
@@ -22,6 +24,8 @@ import traceback
 #: rank. bench/gpu_suite.sh sets EP_COMM_TEST_HANG_S lower for its shards, so that one stuck
 #: test fails and the shard's other tests still run within the step's limit.
 DEFAULT_TIMEOUT_S = float(os.environ.get("EP_COMM_TEST_HANG_S", "300"))
+#: Lines of each rank's main-thread stack that a hang report keeps (innermost first).
+STACK_LINES = 40
 
 
 @dataclasses.dataclass
@@ -32,10 +36,19 @@ class RankContext:
     device: object
 
 
+def _stack_file(store: str, rank: int) -> str:
+    return f"{store}.stacks.{rank}"
+
+
 def _worker(rank, world_size, store, use_gpu, env, tasks, results):
+    import faulthandler
     os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     init = f"file://{store}"
+    # On a hang the parent sends SIGUSR1 before it kills the ranks: every thread's stack goes to
+    # a file that the RankFailure then quotes, so a hang says where each rank was waiting.
+    stacks = open(_stack_file(store, rank), "w")  # noqa: SIM115 - open for the process's life
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
     try:
         import torch
         import torch.distributed as dist
@@ -69,6 +82,11 @@ def _worker(rank, world_size, store, use_gpu, env, tasks, results):
             results.put((rank, True, fn(ctx, *args)))
         except BaseException:  # noqa: BLE001 - reported to the parent with the rank number
             results.put((rank, False, traceback.format_exc()))
+        if use_gpu:
+            # An idle rank of a persistent pool keeps no cached blocks: the GPU suite runs many
+            # pools at once on one GPU, and their caching allocators' leftovers ran it out of
+            # memory (2026-12-07).
+            torch.cuda.empty_cache()
     try:
         dist.destroy_process_group()
     except Exception as e:  # noqa: BLE001
@@ -91,7 +109,7 @@ class RankPool:
         # another pytest process before rank 0 listens on it (the GPU suite runs several at
         # once; seen as EADDRINUSE), and ranks could even join another pool's store.
         self._store_dir = tempfile.mkdtemp(prefix="ep_comm_pool_")
-        store = os.path.join(self._store_dir, "store")
+        self._store = store = os.path.join(self._store_dir, "store")
         self._tasks = [ctx.Queue() for _ in range(world_size)]
         self._results = ctx.Queue()
         self._procs = [ctx.Process(target=_worker, daemon=True,
@@ -109,10 +127,11 @@ class RankPool:
             try:
                 rank, ok, value = self._results.get(timeout=self.timeout)
             except queue.Empty:
+                stacks = self._stacks()
                 self.close(force=True)
                 raise RankFailure(f"{what}: no answer from some ranks within {self.timeout} s "
                                   f"(a hang); got {sum(o is not None for o in out)} of "
-                                  f"{self.world_size}") from None
+                                  f"{self.world_size}{stacks}") from None
             if ok:
                 out[rank] = value
             else:
@@ -121,6 +140,26 @@ class RankPool:
             msg = "\n".join(f"--- rank {r} failed:\n{tb}" for r, tb in sorted(errors))
             raise RankFailure(f"{what}: {len(errors)} of {self.world_size} ranks failed\n{msg}")
         return out
+
+    def _stacks(self) -> str:
+        """Each live rank's Python stacks (faulthandler, SIGUSR1), innermost lines, as text."""
+        alive = [(r, p) for r, p in enumerate(self._procs) if p.is_alive()]
+        for _, p in alive:
+            os.kill(p.pid, signal.SIGUSR1)
+        time.sleep(1.0)  # the handlers write at once; a rank stuck in C code writes on return
+        parts = []
+        for r, _ in alive:
+            try:
+                with open(_stack_file(self._store, r)) as f:
+                    lines = f.read().splitlines()
+            except OSError as e:
+                lines = [f"(no stacks: {e})"]
+            # faulthandler writes the other threads first, then "Current thread ..." (the one
+            # the task runs on), innermost frame first
+            main = next((i for i, line in enumerate(lines) if line.startswith("Current thread")), 0)
+            parts.append(f"\n--- rank {r}, where it waits (innermost first):\n"
+                         + "\n".join(lines[main:main + STACK_LINES]))
+        return "".join(parts)
 
     def run(self, fn, *args) -> list:
         """``fn(ctx, *args)`` on every rank; results by rank, or RankFailure naming ranks."""
