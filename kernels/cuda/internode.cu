@@ -71,6 +71,7 @@ constexpr int kCtrlRefused = 5;
 // tags decide).
 constexpr int kStatusDisagreeTag = EP_STATUS_DISAGREE_TAG;
 constexpr int kMaxInterRanks = EP_INTER_MAX_RANKS;
+constexpr int kInterMaxExperts = EP_INTER_MAX_EXPERTS;  // per-expert counts a counts row holds
 // What a rank runs as a kernel, as learn_peers records it: its call tag (a positive int32), with
 // this bit when it runs a dispatch or combine kernel (a barrier), without when a notify. The
 // same bit marks the acknowledgement of a refusal sent by a barrier kernel.
@@ -446,9 +447,12 @@ inter_notify(EP_INTER_REGION_PARAMS, int rank, int R, int P, int N, int E, int n
     uint32_t* ctrl = ctrl_of(g);
     const uint32_t tag = *reinterpret_cast<volatile uint32_t*>(ctrl) + 1u;
     const uint32_t self_word = static_cast<uint32_t>(call_tag);  // a notify: no kKindBarrier
-    // Row layout: signature, per rank, per node, per expert.
+    // Row layout: signature, per rank, per node, per expert. The stride does not depend on
+    // this call's E (ep_comm.core.regions.InternodeRegions.row_ints): ranks that disagree on
+    // num_experts must still find each other's signature.
     const int at_ranks = kCallSigWords, at_nodes = at_ranks + R, at_experts = at_nodes + N;
-    const int row_ints = at_experts + E, L = E / R, node = rank / P;
+    const int used_ints = at_experts + E, row_ints = at_experts + kInterMaxExperts;
+    const int L = E / R, node = rank / P;
     int* counts = reinterpret_cast<int*>(g.base + g.off_counts);
     int* mine = counts + static_cast<long long>(rank) * row_ints;
     for (int i = threadIdx.x; i < kCallSigWords; i += blockDim.x) mine[i] = sig.w[i];
@@ -468,8 +472,8 @@ inter_notify(EP_INTER_REGION_PARAMS, int rank, int R, int P, int N, int E, int n
         if (q == rank)
             st_release_sys(flags + rank, posted);
         else
-            nvshmem_putmem_signal_nbi(mine, mine, static_cast<size_t>(row_ints) * 4, flags + rank,
-                                      posted, NVSHMEM_SIGNAL_SET, q);
+            nvshmem_putmem_signal_nbi(mine, mine, static_cast<size_t>(used_ints) * 4,
+                                      flags + rank, posted, NVSHMEM_SIGNAL_SET, q);
     }
     learn_peers(g, tag, self_word, R, kPhaseNotify, host_status, ctrl, timeout_ns);
     __syncthreads();

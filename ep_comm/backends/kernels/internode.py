@@ -196,8 +196,10 @@ class InternodeRuntime:
                     chunks=INTER_DISPATCH_CHUNKS, chunk_slots=reg.chunk_slots(config.rdma_chunk))
 
     def _launch(self, kernel: str, grid: int, params, values: dict, shared_mem: int = 0):
-        self._module.launch(kernel, grid, KERNEL_THREADS, args.pack(params, values),
-                            shared_mem=shared_mem)
+        # Through an ArgBuffer (checked as args.pack checks), as the other runtimes' plans: it
+        # passes the notify's CallSig by value, which the cuda.core launch path cannot.
+        self._module.prepare(kernel, args.ArgBuffer(params, values), grid, KERNEL_THREADS,
+                             shared_mem).launch(jit.current_stream_handle(self.device.index))
 
     def _grid(self, config) -> int:
         blocks = config.num_sms
