@@ -283,3 +283,43 @@ def test_gpu_ll_kernel_agreement_skipped_call_is_named_by_every_rank(skip):
         assert res["error"] is not None and _named_other(rank, res), (rank, res)
         assert res["elapsed"] < LIMIT_S + 2, (rank, res["elapsed"])
         assert res["later"]["error"] is not None, (rank, res["later"])
+
+
+# ------------------------------ GPU: internode call agreement in the kernels' exchanges
+@pytest.mark.gpu
+def test_gpu_internode_disagreement_is_refused_by_the_notify_kernel_on_every_rank():
+    """Internode kernels (2 nodes x 1 rank, ``ranks_per_node=1``), no EP_COMM_CHECK_AGREEMENT:
+    the call signature travels at the head of the notify kernel's counts row; a disagreement on
+    hidden / num_experts / top-k / dtype raises the same CollectiveMismatchError on every rank,
+    at once (no timeout), with no token slot written, and the Buffer then gives exact
+    results."""
+    import internode_fault_cases as ifc
+    results = run_fresh_gpu(ifc.task_gpu_internode_disagree, list(KERNEL_FIELDS), 1)
+    for kind, field in KERNEL_FIELDS.items():
+        per_rank = [r[kind] for r in results]
+        for rank, res in enumerate(per_rank):
+            assert res["error"] == "CollectiveMismatchError", (kind, rank, res)
+            assert res["field"] == field, (kind, rank, res["message"])
+            assert f"rank {rank}:" in res["message"] and f"{field}=" in res["message"]
+            assert res["elapsed"] < TIMEOUT_S, (kind, rank, res)  # refused, not timed out
+            assert res["untouched"], (kind, rank, "a token slot was written")
+            assert res["after"] == "exact", (kind, res)
+        assert len({r["message"].split(":", 1)[1] for r in per_rank}) == 1, (kind, per_rank)
+
+
+@pytest.mark.gpu
+def test_gpu_internode_skipped_dispatch_is_named_by_every_rank():
+    """Internode kernels, 2 nodes x 1 rank: rank 1 skips a dispatch and combines instead. Rank
+    0's notify and rank 1's combine kernel each see the other's flag carry another kernel and
+    call tag: every rank refuses, nothing moves, and each names the other in a
+    CollectiveMismatchError (rank 0 at its count wait, rank 1 at its next call) before the
+    timeout; then the Buffer gives exact results on both (the call numbers stayed in step)."""
+    import internode_fault_cases as ifc
+    results = run_fresh_gpu(ifc.task_gpu_internode_skip, 1)
+    for rank, res in enumerate(results):
+        other = 1 - rank
+        assert res["error"] == "CollectiveMismatchError", (rank, res)
+        assert f"Rank {other}'s call differs" in res["message"], (rank, res["message"])
+        assert res["elapsed"] < TIMEOUT_S, (rank, res)
+        assert res["untouched"], (rank, "a token slot was written")
+        assert res["after"] == "exact", (rank, res)
