@@ -55,7 +55,7 @@ def resources(device) -> dict:
 
 #: Seconds past --max-minutes after which a rank counts as hung (a stall fault's recovery and
 #: the final checks take well under this).
-HANG_GRACE_S = 60
+HANG_GRACE_S = 30
 
 
 def worker(rank, world, port, args, results):

@@ -15,6 +15,26 @@ from multiproc import RankFailure, RankPool  # noqa: E402
 _pools: dict[tuple, RankPool] = {}
 
 
+#: Rank processes on the GPU that one pytest process keeps alive at once (default 8). Every GPU
+#: rank that ever made a low-latency or internode Buffer keeps its NVSHMEM heap (about 3.5 GiB at
+#: a DeepSeek-V3 decode shape, measured on one H100) until it exits: the GPU suite's shards
+#: with pools of 1, 2, 3, 4 and 8 ranks each ran an 80 GB card out of memory (2026-12-07).
+#: Before a new GPU pool starts, the least recently used ones close until it fits.
+MAX_GPU_PROCS_ENV = "EP_COMM_TEST_MAX_GPU_PROCS"
+
+
+def _make_room(world_size: int) -> None:
+    """Close the least recently used GPU pools until ``world_size`` more GPU ranks fit."""
+    cap = int(os.environ.get(MAX_GPU_PROCS_ENV, "8") or 8)
+    gpu_keys = [k for k in _pools if k[1]]  # dict order = least recently used first
+    live = sum(k[0] for k in gpu_keys)
+    for key in gpu_keys:
+        if live + world_size <= cap:
+            break
+        _pools.pop(key).close()
+        live -= key[0]
+
+
 class PoolRunner:
     """Runs tasks on a shared pool; replaces the pool after a failure (its group may be broken)."""
 
@@ -23,7 +43,11 @@ class PoolRunner:
 
     def run(self, fn, *args):
         key = (self.world_size, self.use_gpu)
-        if key not in _pools:
+        if key in _pools:
+            _pools[key] = _pools.pop(key)  # most recently used last
+        else:
+            if self.use_gpu:
+                _make_room(self.world_size)
             _pools[key] = RankPool(self.world_size, use_gpu=self.use_gpu)
         try:
             return _pools[key].run(fn, *args)

@@ -105,5 +105,10 @@ def test_gpu_2_ranks_kernels(gpu_ranks, kind, implementation, graphs):
     experts, a plain softmax router) and every kind in every mode run on CPU ranks above; the
     ep_comm calls are the same. (Mixtral's GPU case left the list so that the GPU suite fits
     one call on one GPU.)"""
+    # The kernels' bounded waits (EP_COMM_TIMEOUT_S) stay under the pool's hang limit (300 s,
+    # or the GPU suite's EP_COMM_TEST_HANG_S): a kernel that waits for its peer in vain must end
+    # in a CommTimeoutError naming the phase and the peer, not in an unnamed hang (2026-12-07:
+    # with 300 s both ranks sat in a sync after the first forward until the pool gave up). 120 s
+    # still covers a peer that compiles Triton kernels between two calls.
     gpu_ranks(2).run(task_hf_model, HFCase(kind, implementation, graphs=graphs,
-                                           backend="kernels", timeout_s=300))
+                                           backend="kernels", timeout_s=120))

@@ -1,4 +1,5 @@
-"""conftest.shard_of: how bench/gpu_suite.sh deals the GPU tests to its concurrent shards."""
+"""conftest's helpers of bench/gpu_suite.sh: shard_of (how the GPU tests are dealt to its
+concurrent shards) and the cap on GPU rank processes per pytest process."""
 from __future__ import annotations
 
 import random
@@ -27,3 +28,37 @@ def test_longest_first_keeps_the_shards_within_one_test_of_each_other():
     load2 = [sum(seconds.get(n, DEFAULT_SECONDS) for n in deal2 if deal2[n] == s)
              for s in range(4)]
     assert sum(load2) == sum(load) + DEFAULT_SECONDS
+
+
+def test_gpu_pools_beyond_the_process_cap_close_least_recently_used_first(monkeypatch):
+    """A new GPU pool closes the least recently used GPU pools until its ranks fit under
+    EP_COMM_TEST_MAX_GPU_PROCS; CPU pools never count."""
+    import conftest
+    closed = []
+
+    class FakePool:
+        def __init__(self, n, use_gpu=False):
+            self.n = n
+
+        def run(self, fn, *args):
+            return fn(*args)
+
+        def close(self, force=False):
+            closed.append(self.n)
+
+    monkeypatch.setattr(conftest, "RankPool", FakePool)
+    monkeypatch.setenv(conftest.MAX_GPU_PROCS_ENV, "8")
+    saved = dict(conftest._pools)
+    conftest._pools.clear()
+    try:
+        for n in (1, 2, 3):
+            conftest.PoolRunner(n, use_gpu=True).run(lambda: 0)
+        conftest.PoolRunner(1, use_gpu=True).run(lambda: 0)  # 1 is now the most recent
+        conftest.PoolRunner(2, use_gpu=False).run(lambda: 0)
+        conftest.PoolRunner(4, use_gpu=True).run(lambda: 0)  # 6 + 4 > 8: the 2-rank pool goes
+        assert closed == [2]
+        conftest.PoolRunner(8, use_gpu=True).run(lambda: 0)
+        assert closed == [2, 3, 1, 4]
+    finally:
+        conftest._pools.clear()
+        conftest._pools.update(saved)
