@@ -275,7 +275,7 @@ def ll_cases(base: int, count: int, max_tokens: int, hidden: int, num_experts: i
             ragged=rng.choice([0, 1, -(max_tokens // 2), max_tokens]), hidden=hidden,
             num_experts=num_experts, num_topk=min(1 + (i * 4 + base) % 9, num_experts),
             drop=rng.choice([0.0, 0.1, 0.5]), routing=routings[i % len(routings)] if i % 2 else "random",
-            fp8=fp8_mode > 0, round_scale=fp8_mode >= 2,
+            fp8=fp8_mode > 0 and hidden % 128 == 0, round_scale=fp8_mode >= 2,
             ue8m0=fp8_mode == 3 and hidden % 512 == 0, hook=bool(i % 2),
             zero_copy=i % 3 == 1, use_out=i % 3 == 2, nvlink=nvlink, stats=i % 4 == 1,
             iterations=1 + i % 2, backend=backend))

@@ -585,14 +585,15 @@ def small_cases(base: int, num_ranks: int) -> list:
     """The many-rank list (3, 4, 8 ranks sharing a GPU): few small cases that still cover
     bf16 / fp8, alignment, num_worst_tokens, bias, duplicates, empty and skewed routings."""
     e = 8 * num_ranks
-    cases = normal_cases(base, num_ranks, count=4, hiddens=(1024, 2048), max_tokens=48)
+    # hidden 64 (128-byte rows): the tiny transformers models of tests/hf_cases.py
+    cases = normal_cases(base, num_ranks, count=4, hiddens=(1024, 64, 2048), max_tokens=48)
     cases += [NCase(seed=base + 10, routing=r, hidden=1024, num_experts=e, num_topk=4,
                     num_tokens=40, fp8=i % 2 == 1, worst=-1 if i == 1 else 0)
               for i, r in enumerate(("empty_last", "to_rank0", "all_dropped", "one_token"))]
     return cases + duplicate_id_cases(base + 20, hidden=1024, num_experts=max(e, 16))
 
 
-def normal_cases(base: int, num_ranks: int, count: int, hiddens=(2048, 4096, 7168, 1000),
+def normal_cases(base: int, num_ranks: int, count: int, hiddens=(2048, 4096, 7168, 1000, 64),
                  max_tokens: int = 384) -> list:
     """``count`` cases from ``base``: top-k cycles 1..9, hidden cycles through ``hiddens``, the
     special routings and fp8 / alignment / num_worst_tokens / bias cycle on other periods, so

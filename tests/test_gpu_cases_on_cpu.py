@@ -20,7 +20,7 @@ from low_latency_cases import LLCase
 from multiproc import run_ranks
 
 BASE = common.fresh_seed()
-SMALL_HIDDENS = (256, 512, 1000, 384)
+SMALL_HIDDENS = (256, 512, 1000, 384, 64)
 
 
 def test_normal_sweep_reference_against_itself_and_expectation(cpu_ranks):
@@ -121,7 +121,8 @@ def test_graph_and_memory_tasks_skip_without_gpu(cpu_ranks):
 
 def test_low_latency_sweep(cpu_ranks):
     cases = (llg.ll_cases(BASE, 8, max_tokens=12, hidden=512, num_experts=8)
-             + llg.ll_cases(BASE + 50, 4, max_tokens=6, hidden=384, num_experts=16, nvlink=False))
+             + llg.ll_cases(BASE + 50, 4, max_tokens=6, hidden=384, num_experts=16, nvlink=False)
+             + llg.ll_cases(BASE + 60, 3, max_tokens=6, hidden=64, num_experts=8))
     cpu_ranks(2).run(llg.task_ll_sweep, "reference", cases)
 
 

@@ -28,12 +28,15 @@ _seed = common.case_seed
 def test_ll_random_cases_over_nvlink(gpu_ranks, world):
     """0..M tokens with different counts per rank, hidden 2048/4096/7168, top-k 1..9, -1
     entries, bf16 and fp8 (plain, round_scale, ue8m0), hook and not, zero_copy and out=, stats;
+    hidden 64 too (bf16);
     every valid row, source index, recv_count and range checked; combine within bf16 rounding.
     Includes the decode shape (128 tokens, hidden 7168, top-8 of 256 experts)."""
     base = _seed(1000 * world)
     cases = (llg.ll_cases(base, 10, max_tokens=32, hidden=2048, num_experts=32)
              + llg.ll_cases(base + 100, 8, max_tokens=64, hidden=4096, num_experts=64)
              + llg.ll_cases(base + 200, 8, max_tokens=128, hidden=7168, num_experts=32)
+             # hidden 64 (128-byte rows, bf16 only): the tiny transformers models' decode
+             + llg.ll_cases(base + 250, 3, max_tokens=8, hidden=64, num_experts=8)
              + [LLCase(seed=base + 300, max_tokens=128, num_tokens=128, ragged=0, hidden=7168,
                        num_experts=256, num_topk=8, fp8=True, hook=True),
                 LLCase(seed=base + 301, max_tokens=128, num_tokens=100, ragged=28, hidden=7168,

@@ -147,19 +147,12 @@ class InternodeRuntime:
         kernels; the current call then gives its sequence number back (it raises before any
         exchange, like a local error), so that a rank whose refused call did not wait and a rank
         whose refused call did (a dispatch's count wait) go on with the same call numbers."""
-        words = self.status.read(NVL_INFO_NUM_RECV)
-        if not any(words):
-            return
-        sigs = None
-        if words[0] == STATUS_DISAGREE:
-            end = NVL_INFO_CALL_SIGS + self.num_ranks * CALL_SIG_WORDS
-            sigs = self.status.read(end)[NVL_INFO_CALL_SIGS:]
-        err = status.decode_status(words, status.INTERNODE, self.rank, self._timeout_s,
-                                   self.node, call_sigs=sigs, own_input=self._notify_input,
-                                   seq=self.comm.seq)
+        code, err = status.read_normal_status(self.status, status.INTERNODE, self.rank,
+                                              self._timeout_s, self.num_ranks, node=self.node,
+                                              own_input=self._notify_input, seq=self.comm.seq)
         if err is None:
             return
-        if words[0] in (STATUS_DISAGREE, STATUS_DISAGREE_TAG):
+        if code in (STATUS_DISAGREE, STATUS_DISAGREE_TAG):
             self.status.clear()
             if earlier_call:
                 self.comm.seq -= 1

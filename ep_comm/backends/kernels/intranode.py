@@ -61,7 +61,7 @@ from ep_comm.backends.kernels import args, status
 from ep_comm.backends.kernels.layout import LayoutKernel
 from ep_comm.config import Config
 from ep_comm.core.constants import (CALL_SIG_WORDS, FP8_BLOCK, NORMAL_MAX_TOPK,
-                                    NVL_INFO_CALL_SIGS, NVL_INFO_EXPERT_COUNTS, STATUS_DISAGREE,
+                                    NVL_INFO_EXPERT_COUNTS, STATUS_DISAGREE,
                                     NVL_INFO_NUM_RECV, NVL_MAX_CHANNELS, NVL_MAX_LOCAL_EXPERTS,
                                     NVL_MAX_RANKS,
                                     NVL_MAX_WINDOW, NVL_STATUS_WORDS, NVL_WARPS, align)
@@ -263,18 +263,12 @@ class IntranodeRuntime:
 
     def check_status(self) -> None:
         """Raise the failure a kernel reported in the status word, if any (no device sync)."""
-        words = self.status.read(NVL_INFO_NUM_RECV)
-        if not any(words):
-            return
-        sigs = None
-        if words[0] == STATUS_DISAGREE:
-            end = NVL_INFO_CALL_SIGS + self.num_ranks * CALL_SIG_WORDS
-            sigs = self.status.read(end)[NVL_INFO_CALL_SIGS:]
-        err = status.decode_status(words, status.NVLINK, self.rank, self._timeout_s,
-                                   call_sigs=sigs, own_input=self._notify_input)
+        code, err = status.read_normal_status(self.status, status.NVLINK, self.rank,
+                                              self._timeout_s, self.num_ranks,
+                                              own_input=self._notify_input)
         if err is None:
             return
-        if words[0] == STATUS_DISAGREE:
+        if code == STATUS_DISAGREE:
             # Refused on every rank alike, nothing moved and the kernels' tags stay in step:
             # the Buffer stays usable once the word is cleared (the refusal claims no ctrl[2]).
             self.status.clear()

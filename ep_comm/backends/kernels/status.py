@@ -37,7 +37,8 @@ from __future__ import annotations
 import dataclasses
 
 from ep_comm.core import agreement
-from ep_comm.core.constants import (CALL_SIG_FIELDS, CALL_SIG_WORDS, LL_INFO_BAD_ID, PHASE_BARRIER,
+from ep_comm.core.constants import (CALL_SIG_FIELDS, CALL_SIG_WORDS, LL_INFO_BAD_ID,
+                                    NVL_INFO_CALL_SIGS, NVL_INFO_NUM_RECV, PHASE_BARRIER,
                                     PHASE_COMBINE_RECV, PHASE_COMBINE_SEND, PHASE_DISPATCH_RECV,
                                     PHASE_DISPATCH_SEND,
                                     PHASE_LL_COMBINE_RECV, PHASE_LL_DISPATCH_RECV, PHASE_NOTIFY,
@@ -158,6 +159,21 @@ def decode_status(words, family: Family, rank: int, limit_s: float,
             "Check `python -m ep_comm.doctor` (P2P matrix) or set ranks_per_node to the ranks "
             "that share NVLink.")
     return EpCommError(f"{family.name} reported status {code} in {phase} (peer {peer})")
+
+
+def read_normal_status(host_status, family: Family, rank: int, limit_s: float, num_ranks: int,
+                       **kw) -> tuple[int, EpCommError | None]:
+    """(status code, the error it reports or None) of a normal-mode runtime's host status words
+    (``ipc.HostStatus``; no device sync): the first ``NVL_INFO_NUM_RECV`` words, and with
+    ``STATUS_DISAGREE`` every rank's call signature (``num_ranks`` rows from
+    ``NVL_INFO_CALL_SIGS``). ``kw``: ``decode_status``'s node, own_input, seq."""
+    words = host_status.read(NVL_INFO_NUM_RECV)
+    if not any(words):
+        return STATUS_OK, None
+    sigs = None
+    if words[0] == STATUS_DISAGREE:
+        sigs = host_status.read(NVL_INFO_CALL_SIGS + num_ranks * CALL_SIG_WORDS)[NVL_INFO_CALL_SIGS:]
+    return words[0], decode_status(words, family, rank, limit_s, call_sigs=sigs, **kw)
 
 
 def decode_bad_id(words) -> InputError | None:
