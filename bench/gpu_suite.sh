@@ -52,6 +52,8 @@
 #                    correctness with real peers, no figures; 1 elsewhere)
 #   SUITE_BUDGET_S   whole-script budget in seconds (default 530; 170 with --quick)
 #   SUITE_TESTS_TIMEOUT, SUITE_BENCH_TIMEOUT, SUITE_DOCTOR_TIMEOUT: step limits (315, 120, 60)
+#   EP_COMM_TEST_MAX_GPU_PROCS  GPU rank processes one shard keeps alive (default 8; 6 on a card
+#                    under 100 GiB): a rank keeps its NVSHMEM heap until it exits
 #   SUITE_TEST_HANG_S  seconds a shard's test may wait for its rank processes before it fails
 #                    as a hang (EP_COMM_TEST_HANG_S; default 100, the transformers job keeps 300)
 #   SUITE_NORMAL_ARGS, SUITE_LL_ARGS, SUITE_IMB_ARGS: arguments of each bench (replace the
@@ -257,16 +259,15 @@ if has_stage tests; then
     # and 8 ranks: four shards, then three, ran an 80 GB H100 out of memory (2026-12-07, runs
     # 3 and 4; the transformers job, DeepEP's tests and the soak together peaked at 14 GB).
     # Now a shard keeps at most EP_COMM_TEST_MAX_GPU_PROCS GPU ranks alive (tests/conftest.py,
-    # least recently used pools close first), idle ranks empty their caching allocator, and a
-    # card under 100 GiB gets three shards.
+    # least recently used pools close first; 8 by default, 6 on a card under 100 GiB), and idle
+    # ranks empty their caching allocator.
     GPU_GIB=$("$PY" -c "import torch; print(torch.cuda.get_device_properties(0).total_memory >> 30 if torch.cuda.is_available() else 0)" 2> /dev/null)
     SMALL_GPU=0
     ((GPUS > 0 && ${GPU_GIB:-0} < 100)) && SMALL_GPU=1
+    SHARDS=${SUITE_TEST_SHARDS:-4}
     if ((SMALL_GPU)); then
-        say "tests: ${GPU_GIB} GiB per GPU (< 100): 3 shards"
-        SHARDS=${SUITE_TEST_SHARDS:-3}
-    else
-        SHARDS=${SUITE_TEST_SHARDS:-4}
+        export EP_COMM_TEST_MAX_GPU_PROCS=${EP_COMM_TEST_MAX_GPU_PROCS:-6}
+        say "tests: ${GPU_GIB} GiB per GPU (< 100): at most $EP_COMM_TEST_MAX_GPU_PROCS GPU ranks per shard"
     fi
     DURATIONS=$WORK/test_seconds.jsonl
     TEST_FILES=$(ls tests/test_*.py | tr '\n' ' ')
