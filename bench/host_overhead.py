@@ -18,6 +18,7 @@ b. DeepEP's way of timing, 4096 tokens (``--event-tokens``): CUDA events around 
    out), per call; ``<call>_event_over_kernel`` is the ratio (target <= 1.15). Where the
    profiler records no kernel, the kernel time is taken instead with the host queued ahead:
    events around the call behind a 2 ms spin kernel (``kernel_method`` in the JSON says which).
+   ``<call>_queued_us`` is that measure for every call: the events with no host time in them.
 c. MoE layer host time per step (``ep_comm.moe``, DeepSeek-V3 shapes: hidden 7168, expert
    intermediate 2048, 256 experts, top-8, FP8 weights with 128 x 128 block scales, Triton GEMMs):
    ``moe_ep_low_latency`` at 128 decode tokens (``moe_decode_host_ms``) and ``moe_ep_normal``
@@ -309,6 +310,10 @@ def part_b(a, buf, device, num_ranks):
             method = "kineto, else events behind a 2 ms spin"
             f[f"{name}_kernel_us"] = queued_kernel_us(fn, a.event_calls, flush)
         f[f"{name}_event_over_kernel"] = f[f"{name}_event_us"] / f[f"{name}_kernel_us"]
+        # The same events with the host far ahead (behind a 2 ms spin): what the events measure
+        # without any host time. event - queued is the host's share of the ratio; queued -
+        # kernel is the GPU's own (the events and the launch gaps), which no host path removes.
+        f[f"{name}_queued_us"] = queued_kernel_us(fn, a.event_calls, flush)
     return f, kernels, method
 
 
@@ -395,9 +400,11 @@ def print_report(a, f, num_ranks, profiles, kernels):
                        f"{a.experts}, {num_ranks} rank(s), no sync in the loop, median of 3 x "
                        f"{a.calls} calls")
     if any(f"{n}_event_us" in f for n in EVENT_CALLS):
-        common.print_table(None, ["call", "event us", "kernel us", "event / kernel"],
+        common.print_table(None, ["call", "event us", "kernel us", "event / kernel",
+                                  "event, host ahead us"],
                            [[n, f.get(f"{n}_event_us"), f.get(f"{n}_kernel_us"),
-                             f.get(f"{n}_event_over_kernel")] for n in EVENT_CALLS],
+                             f.get(f"{n}_event_over_kernel"), f.get(f"{n}_queued_us")]
+                            for n in EVENT_CALLS],
                            f"\nb. CUDA events around each call, back to back, L2 flushed, "
                            f"{a.event_tokens} tokens, median of {a.event_calls}")
         for n, k in kernels.items():
