@@ -527,9 +527,13 @@ class NvlDispatch : public NativeBase {
     if (worst_ == 0 && capturing(stream)) return py::none();  // the count wait cannot capture
 
     // The notify's outputs in one allocation: rank_prefix_matrix [R, R], recv_per_expert [L],
-    // num_tokens_of_rank [R], num_recv [1].
+    // num_tokens_of_rank [R], num_recv [1]. With num_worst_tokens the rows are known before
+    // the notify runs, so the routes (below) share it, from a 16-byte boundary: one CUDA
+    // allocation less (the kernels read these int32 arrays element by element).
     const int64_t r = r_, local = plan->e / r_;
-    at::Tensor small = at::empty({r * r + local + r + 1}, options_.dtype(at::kInt));
+    const int64_t head = (r * r + local + r + 1 + 3) / 4 * 4;
+    at::Tensor small = at::empty({worst_ > 0 ? head + t * r + 2 * worst_ : head},
+                                 options_.dtype(at::kInt));
     at::Tensor prefix = small.narrow(0, 0, r * r).view({r, r});
     at::Tensor per_expert = small.narrow(0, r * r, local);
     at::Tensor of_rank = small.narrow(0, r * r + local, r);
@@ -562,7 +566,8 @@ class NvlDispatch : public NativeBase {
       counts = std::move(c);
     }
     // send_pos [T, R], recv_src_idx [N] and recv_src_rank [N] in one allocation
-    at::Tensor route = at::empty({t * r + 2 * rows}, options_.dtype(at::kInt));
+    at::Tensor route = worst_ > 0 ? small.narrow(0, head, t * r + 2 * rows)
+                                  : at::empty({t * r + 2 * rows}, options_.dtype(at::kInt));
     at::Tensor send_pos = route.narrow(0, 0, t * r).view({t, r});
     at::Tensor src_idx = route.narrow(0, t * r, rows);
     at::Tensor src_rank = route.narrow(0, t * r + rows, rows);
