@@ -493,7 +493,9 @@ class Buffer:
                checks.sig(num_tokens_per_rank), checks.sig(num_tokens_per_rdma_rank),
                checks.sig(is_token_in_rank), checks.sig(num_tokens_per_expert),
                checks.sig(topk_idx), checks.sig(topk_weights), expert_alignment,
-               num_worst_tokens, config, Buffer.num_sms, expand is not None)
+               num_worst_tokens, config, Buffer.num_sms, expand is not None,
+               # 48.0 == 48 in a key: the types make a float a new key, refused by the checks
+               type(expert_alignment), type(num_worst_tokens))
         first = key not in self._validated
         if self._debug or first:
             self._validate_dispatch(x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank,

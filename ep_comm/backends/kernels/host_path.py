@@ -315,7 +315,8 @@ class IntranodeHostPath:
             payload, scales, handle.is_token_in_rank, handle.rank_prefix_matrix,
             handle.recv_src_idx, handle.recv_src_rank, state.num_recv, handle.num_recv_rows,
             handle.num_experts, expert_alignment, jit.current_stream_handle(rt._dev_index)),
-            "cached_dispatch", payload, handle.num_experts, -1)
+            lambda: agreement.Signature("cached_dispatch", payload.shape[1], payload.dtype,
+                                        handle.num_experts))
         if out is None:
             return None
         rt.comm.begin_call(out[2], None, False)
@@ -334,8 +335,8 @@ class IntranodeHostPath:
         out = self._run(entry[1].fresh, (
             payload, scales, ntpr, in_rank, ntpe, idx, w, alignment, comm.seq + 1,
             jit.current_stream_handle(rt._dev_index)),
-            "dispatch", payload, getattr(ntpe, "shape", (-1,))[0],
-            -1 if idx is None else idx.shape[1])
+            lambda: agreement.Signature("dispatch", payload.shape[1], payload.dtype,
+                                        ntpe.shape[0], -1 if idx is None else idx.shape[1]))
         if out is None:
             return None
         comm.begin_call(out[-1], None, False)
@@ -358,18 +359,18 @@ class IntranodeHostPath:
         return ((recv_x if scales is None else (recv_x, recv_scales)), recv_idx, recv_w, counts,
                 handle)
 
-    def _run(self, fn, args: tuple, op: str, payload, num_experts: int, num_topk: int):
+    def _run(self, fn, args: tuple, signature):
         """``fn(*args)``, or None where it declined or an argument is not of its type. The C++
         side never fails in its guard, so an error comes from after it (an allocation, a
-        launch, the count wait): the call is numbered first, as the Python path numbers it
-        before its backend runs, then the error raised (a failed launch as ``JitError``)."""
+        launch, the count wait): the call is numbered first (with ``signature()``), as the
+        Python path numbers it before its backend runs, then the error raised (a failed
+        launch as ``JitError``)."""
         try:
             return fn(*args)
         except TypeError:
             return None
         except RuntimeError as e:
-            self.rt.comm.begin_call(agreement.Signature(
-                op, payload.shape[1], payload.dtype, num_experts, num_topk, -1), None, False)
+            self.rt.comm.begin_call(signature(), None, False)
             if str(e).startswith("cuLaunchKernel"):
                 raise jit.JitError(str(e)) from e
             raise
