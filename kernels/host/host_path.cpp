@@ -550,10 +550,15 @@ class NvlDispatch : public NativeBase {
     int64_t rows = worst_, n_recv = -1, wait_ns = 0;
     py::object counts = py::none();
     if (worst_ == 0) {
-      // Wait for exactly the notify kernel, not for whatever else the stream holds.
+      // Wait for exactly the notify kernel, not for whatever else the stream holds; without
+      // the GIL, as torch's Event.synchronize on the Python path.
       const auto t0 = std::chrono::steady_clock::now();
-      int err = record_(event_, reinterpret_cast<void*>(stream));
-      if (err == 0) err = sync_(event_);
+      int err = 0;
+      {
+        py::gil_scoped_release nogil;
+        err = record_(event_, reinterpret_cast<void*>(stream));
+        if (err == 0) err = sync_(event_);
+      }
       wait_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
                     std::chrono::steady_clock::now() - t0).count();
       if (err != 0)
