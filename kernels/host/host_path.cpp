@@ -498,6 +498,13 @@ class NvlDispatch : public NativeBase {
 
   int64_t num_plans() const { return static_cast<int64_t>(plans_.size()); }
 
+  // Whether the plan whose dispatch arguments live at ``params`` knows (t, alignment).
+  bool knows(int64_t params, int64_t t, int64_t alignment) const {
+    for (const NvlPlan& p : plans_)
+      if (p.dispatch.params == reinterpret_cast<void**>(params)) return p.knows(t, alignment);
+    return false;
+  }
+
   // A fresh dispatch: (recv_x, recv_scales, recv_topk_idx, recv_topk_weights,
   // rank_prefix_matrix [R, R], recv_per_expert [L], num_tokens_of_rank [R], num_recv [1],
   // send_pos [T, R], recv_src_idx [N], recv_src_rank [N] (int32), num_recv_tokens (-1 with
@@ -679,6 +686,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                     int64_t, const at::Tensor&, int64_t, bool, int64_t>())
       .def("learn", &NvlDispatch::learn)
       .def("num_plans", &NvlDispatch::num_plans)
+      .def("knows", &NvlDispatch::knows)
       .def("fresh", &NvlDispatch::fresh)
       .def("cached", &NvlDispatch::cached);
   py::class_<Layout>(m, "Layout")
