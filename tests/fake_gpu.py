@@ -53,6 +53,9 @@ class FakeModule:
         if self._native is None:
             def native(func, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
                 prepared = self._by_params[params]
+                if (bx, by, bz, gy, gz, smem) != (prepared.block, 1, 1, 1, 1,
+                                                  prepared.shared_mem):
+                    return 1  # CUDA_ERROR_INVALID_VALUE: not the plan's block / shared memory
                 prepared.grid = gx
                 self.native_launches += 1
                 self._launch(prepared, stream or 0)

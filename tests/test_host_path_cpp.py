@@ -502,9 +502,7 @@ def test_normal_dispatch_declines_odd_input_and_the_python_path_raises(nd, worst
     storage = torch.empty(TN * HN + 1, dtype=torch.bfloat16)
     misaligned = storage[1:].view(TN, HN).copy_(x)
     x2, kw2 = _normal_inputs(buf, t=TN + 5, seed=1)
-    import dataclasses
-    same_config = dataclasses.replace(buf.get_dispatch_config(1))  # equal, another object
-    for call_x, call_kw in ((misaligned, kw), (x2, kw2), (x, dict(kw, config=same_config)),
+    for call_x, call_kw in ((misaligned, kw), (x2, kw2),
                             (x, dict(kw, num_tokens_per_rdma_rank=torch.zeros(1, dtype=torch.int32))),
                             (x, dict(kw, expert_alignment=2))):
         native = module.native_launches
@@ -512,6 +510,10 @@ def test_normal_dispatch_declines_odd_input_and_the_python_path_raises(nd, worst
         assert module.native_launches == native
     buf.dispatch(x2, **kw2, num_worst_tokens=worst)  # learnt by the call above
     assert buf._normal_host.calls == 3
+    import dataclasses
+    same_config = dataclasses.replace(buf.get_dispatch_config(1))  # equal, another object
+    buf.dispatch(x, **kw, num_worst_tokens=worst, config=same_config)  # the same plans
+    assert buf._normal_host.calls == 4
 
 
 def test_cached_dispatch_declines_odd_input_and_the_python_path_raises(nd):

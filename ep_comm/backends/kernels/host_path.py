@@ -255,7 +255,10 @@ class IntranodeHostPath:
         self.rt, self.ext = runtime, ext
         self._state_type = state_type          # NvlDispatchState (handle.backend_state)
         self._aligned_counts = aligned_counts  # intranode.aligned_counts
-        self._objs: dict = {}  # (fresh, num_worst_tokens, id(config)) -> (config, C++)
+        self._objs: dict = {}  # (fresh, num_worst_tokens, Config) -> C++ (as the plans' keys)
+        # (fresh, num_worst_tokens, id(config)) -> (config, C++): the same objects found by
+        # identity, which costs less than hashing a Config at every call
+        self._by_id: dict = {}
         self._like = torch.empty(0, device=runtime.device)
         self.calls = 0  # calls the C++ side ran (for tests and the bench)
 
@@ -270,10 +273,8 @@ class IntranodeHostPath:
         native = launch.native
         if native is None:
             return
-        key = (fresh, num_worst_tokens, id(config))
-        entry = self._objs.get(key)
-        if (entry is not None and entry[0] is config
-                and entry[1].knows(launch.args.address, t, alignment)):
+        obj = self._obj(fresh, num_worst_tokens, config)
+        if obj is not None and obj.knows(launch.args.address, t, alignment):
             return  # a Python-path call of a known shape (stream flags, a declined call)
         rt = self.rt
         words, bad = rt.comm.call_words()
@@ -285,21 +286,21 @@ class IntranodeHostPath:
         event = getattr(rt._notify_done, "cuda_event", 0) if waits else 0
         if waits and not event:
             return  # the count wait's event does not exist yet (created at its first record)
-        if entry is None or entry[0] is not config:
-            if len(self._objs) >= 64:  # a workload of many Config objects keeps the newest
+        if obj is None:
+            if len(self._objs) >= 64:  # a workload of many configs keeps the newest
                 self._objs.pop(next(iter(self._objs)))
+                self._by_id.clear()
             record, sync = rt._module.native_event_fns() if waits else (0, 0)
-            obj = self.ext.NvlDispatch(native[0], native[1], record, sync, event,
-                                       rt.status.host_ptr, NVL_INFO_NUM_RECV, NVL_INFO_NUM_RECV,
-                                       NVL_INFO_EXPERT_COUNTS, self._like, rt.num_ranks, fresh,
-                                       num_worst_tokens)
-            entry = self._objs[key] = (config, obj)
-        n_func, n_params, n_addrs, n_widths = 0, 0, [], []
+            obj = self._objs[fresh, num_worst_tokens, config] = self.ext.NvlDispatch(
+                native[0], native[1], record, sync, event, rt.status.host_ptr, NVL_INFO_NUM_RECV,
+                NVL_INFO_NUM_RECV, NVL_INFO_EXPERT_COUNTS, self._like, rt.num_ranks, fresh,
+                num_worst_tokens)
+        n_launch, n_addrs, n_widths = (0, 0, 0, 0), [], []
         if fresh:
-            n_func, n_params = notify.native[2], notify.args.address
+            n_launch = (notify.native[2], notify.args.address, notify.block, notify.shared_mem)
             n_addrs, n_widths = _slots(notify, NVL_NOTIFY_PER_CALL)
         addrs, widths = _slots(launch, NVL_DISPATCH_PER_CALL)
-        entry[1].learn(n_func, n_params, n_addrs, n_widths, native[2], launch.args.address,
+        obj.learn(*n_launch, n_addrs, n_widths, native[2], launch.args.address,
                        launch.block, launch.shared_mem, addrs, widths, launch.grid, x, has_scales,
                        num_topk, has_idx, has_w, num_experts, list(words), sig, t, alignment)
 
@@ -328,11 +329,11 @@ class IntranodeHostPath:
         # values it accepts for a handle that has them (the default 0, or the handle's own)
         if type(num_worst_tokens) is not int or num_worst_tokens not in (0, worst):
             return None
-        entry = self._objs.get((False, worst, id(config)))
-        if entry is None or entry[0] is not config:
+        obj = self._obj(False, worst, config)
+        if obj is None:
             return None
         rt = self.rt
-        out = self._run(entry[1].cached, (
+        out = self._run(obj.cached, (
             payload, scales, handle.is_token_in_rank, handle.rank_prefix_matrix,
             handle.recv_src_idx, handle.recv_src_rank, state.num_recv, handle.num_recv_rows,
             handle.num_experts, expert_alignment, jit.current_stream_handle(rt._dev_index)),
@@ -348,12 +349,12 @@ class IntranodeHostPath:
     def _fresh(self, payload, scales, ntpr, in_rank, ntpe, idx, w, alignment, worst, config):
         if type(worst) is not int:  # 0.0 would find the plan of 0; the Python path refuses it
             return None
-        entry = self._objs.get((True, worst, id(config)))
-        if entry is None or entry[0] is not config:
+        obj = self._obj(True, worst, config)
+        if obj is None:
             return None
         rt = self.rt
         comm = rt.comm
-        out = self._run(entry[1].fresh, (
+        out = self._run(obj.fresh, (
             payload, scales, ntpr, in_rank, ntpe, idx, w, alignment, comm.seq + 1,
             jit.current_stream_handle(rt._dev_index)),
             lambda: agreement.Signature("dispatch", payload.shape[1], payload.dtype,
@@ -379,6 +380,23 @@ class IntranodeHostPath:
         counts = [] if worst > 0 else self._aligned_counts(counts_host, alignment)
         return ((recv_x if scales is None else (recv_x, recv_scales)), recv_idx, recv_w, counts,
                 handle)
+
+    def _obj(self, fresh: bool, worst: int, config):
+        """The C++ object of (kind, ``num_worst_tokens``, ``config``), or None: by identity
+        first, else by value (a Config equal to a learnt one has the same plans; another
+        type: None, the Python path refuses it)."""
+        hit = self._by_id.get((fresh, worst, id(config)))
+        if hit is not None and hit[0] is config:
+            return hit[1]
+        try:
+            obj = self._objs.get((fresh, worst, config))
+        except TypeError:  # not hashable, so not a Config
+            return None
+        if obj is not None:
+            if len(self._by_id) >= 256:
+                self._by_id.clear()
+            self._by_id[fresh, worst, id(config)] = (config, obj)  # keeps config alive
+        return obj
 
     def _run(self, fn, args: tuple, signature):
         """``fn(*args)``, or None where it declined or an argument is not of its type. The C++
