@@ -462,12 +462,14 @@ class NvlDispatch : public NativeBase {
 
   // After the Python path ran a call of plan (notify, dispatch) for (x's dtype, hidden,
   // scales, top-k, weights, experts) with ``t`` tokens and ``alignment``: remember both.
+  // The notify's (kernel, argument array, block, shared memory, slots) are 0 / empty for a
+  // cached dispatch; ``grid`` is the dispatch launch's.
   void learn(int64_t n_func, int64_t n_params, int64_t n_block, int64_t n_smem,
              const std::vector<int64_t>& n_addrs, const std::vector<int64_t>& n_widths,
-             int64_t func, int64_t params, int64_t block,
-             int64_t smem, const std::vector<int64_t>& addrs, const std::vector<int64_t>& widths,
-             int64_t grid, const at::Tensor& x, bool scales, int64_t k, bool has_idx, bool has_w,
-             int64_t e, const std::vector<int64_t>& sig, py::object signature, int64_t t,
+             int64_t func, int64_t params, int64_t block, int64_t smem,
+             const std::vector<int64_t>& addrs, const std::vector<int64_t>& widths, int64_t grid,
+             const at::Tensor& x, bool scales, int64_t k, bool has_idx, bool has_w, int64_t e,
+             const std::vector<int64_t>& sig, py::object signature, int64_t t,
              int64_t alignment) {
     NvlPlan* plan = nullptr;
     for (NvlPlan& p : plans_)
@@ -478,8 +480,7 @@ class NvlDispatch : public NativeBase {
       plan = &plans_.back();
       if (fresh_)
         plan->notify.set(n_func, n_params, n_block, n_smem, n_addrs, n_widths,
-                         kNvlNotifySlots.size(),
-                         4 * static_cast<int64_t>(sig.size()));
+                         kNvlNotifySlots.size(), 4 * static_cast<int64_t>(sig.size()));
       plan->dispatch.set(func, params, block, smem, addrs, widths, kNvlDispatchSlots.size());
       plan->dtype = x.scalar_type();
       plan->hidden = x.size(1);
