@@ -1,7 +1,8 @@
 """The C++ host path (kernels/host/host_path.cpp) of the low-latency calls, the layout and the
 normal-mode NVLink dispatch on the fake GPU (tests/fake_gpu.py): a later call of a learnt shape
-is launched from C++ with exactly the arguments the Python path gives, and everything the C++ side has not learnt (a new shape, bad
-input, a hook, a status word already set) goes to the Python path, which raises its own error.
+is launched from C++ with exactly the arguments the Python path gives, and everything the C++
+side has not learnt (a new shape, bad input, a hook, a status word already set) goes to the
+Python path, which raises its own error.
 
 The extension is built at first use (~20 s, then cached); without a C++ compiler and ninja
 these tests skip, saying so."""
@@ -464,7 +465,8 @@ def _bad_fresh_calls(x, kw, t):
         ("x a 3-tuple", (x, x, x), kw),
         ("fp8 scales float64", (x.to(torch.float8_e4m3fn),
                                 torch.rand(t, HN // 128, dtype=torch.float64)), kw),
-        ("num_tokens_per_rank int64", x, swap(num_tokens_per_rank=kw["num_tokens_per_rank"].long())),
+        ("num_tokens_per_rank int64", x,
+         swap(num_tokens_per_rank=kw["num_tokens_per_rank"].long())),
         ("is_token_in_rank int32", x, swap(is_token_in_rank=kw["is_token_in_rank"].int())),
         ("num_tokens_per_expert int64", x,
          swap(num_tokens_per_expert=kw["num_tokens_per_expert"].long())),

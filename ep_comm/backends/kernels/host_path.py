@@ -300,10 +300,9 @@ class IntranodeHostPath:
             n_launch = (notify.native[2], notify.args.address, notify.block, notify.shared_mem)
             n_addrs, n_widths = _slots(notify, NVL_NOTIFY_PER_CALL)
         addrs, widths = _slots(launch, NVL_DISPATCH_PER_CALL)
-        obj.learn(*n_launch, n_addrs, n_widths, native[2], launch.args.address,
-                       launch.block, launch.shared_mem, addrs, widths, launch.grid, x, has_scales,
-                       num_topk, has_idx, has_w, num_experts, list(words), sig, t, alignment)
-
+        obj.learn(*n_launch, n_addrs, n_widths, native[2], launch.args.address, launch.block,
+                  launch.shared_mem, addrs, widths, launch.grid, x, has_scales, num_topk, has_idx,
+                  has_w, num_experts, list(words), sig, t, alignment)
 
     # ------------------------------------------------------------------ calls
     def dispatch(self, payload, scales, handle, num_tokens_per_rank, num_tokens_per_rdma_rank,
