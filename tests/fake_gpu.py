@@ -225,15 +225,16 @@ def layout_and_dispatch(rt, t=16, h=256, e=8, k=2, worst=0):
 
 
 @contextlib.contextmanager
-def fake_buffer(monkeypatch=None, **buffer_kw):
-    """An ``ep_comm.Buffer`` of one rank on the fake GPU, kernels backend: the public calls run
-    their real Python (checks, guard, runtimes, plans) on CPU tensors. Yields (buffer, the fake
-    module whose ``launches`` record what was launched)."""
+def fake_buffer(monkeypatch=None, num_ranks: int = 1, **buffer_kw):
+    """An ``ep_comm.Buffer`` of rank 0 of ``num_ranks`` (one node) on the fake GPU, kernels
+    backend: the public calls run their real Python (checks, guard, runtimes, plans) on CPU
+    tensors; nothing travels between ranks. Yields (buffer, the fake module whose ``launches``
+    record what was launched)."""
     import ep_comm
     from ep_comm import buffer as buffer_mod
 
     mp = monkeypatch or _MonkeyPatch()
-    mp.setattr(buffer_mod, "Comm", lambda group, ranks_per_node=None: FakeComm(0, 1))
+    mp.setattr(buffer_mod, "Comm", lambda group, ranks_per_node=None: FakeComm(0, num_ranks))
     mp.setattr(buffer_mod.Buffer, "_resolve_backend", lambda self, backend: "kernels")
     try:
         with patched(mp) as module:

@@ -281,19 +281,22 @@ TN, HN, EN, KN = 24, 256, 8, 3
 RECV_COUNTS = [3, 2, 4, 1, 0, 5, 2, 3]
 
 
-@pytest.fixture
-def nd(monkeypatch):
-    """A one-rank Buffer on the fake GPU whose notify 'kernel' of a dispatch from a layout
-    writes RECV_COUNTS into the status words, as the real one does before the count wait."""
+@pytest.fixture(params=[1, 2], ids=["1rank", "2ranks"])
+def nd(monkeypatch, request):
+    """Rank 0 of a one- or two-rank Buffer on the fake GPU whose notify 'kernel' of a dispatch
+    from a layout writes RECV_COUNTS (its local experts' part) into the status words, as the
+    real one does before the count wait."""
     monkeypatch.delenv(host_ext.HOST_EXT_ENV, raising=False)
-    with fake_gpu.fake_buffer(monkeypatch, num_nvl_bytes=1 << 26) as (buf, module):
+    with fake_gpu.fake_buffer(monkeypatch, num_ranks=request.param,
+                              num_nvl_bytes=1 << 26) as (buf, module):
         assert buf._normal_host is not None, host_ext.status("host_path")
         words = buf.backend.normal.status._view
+        local = RECV_COUNTS[:EN // request.param]
 
         def notify(name, args):
             if name == "nvl_notify" and args["num_worst_tokens"] == 0:
-                words[NVL_INFO_NUM_RECV] = sum(RECV_COUNTS)
-                words[NVL_INFO_EXPERT_COUNTS:NVL_INFO_EXPERT_COUNTS + EN] = RECV_COUNTS
+                words[NVL_INFO_NUM_RECV] = sum(local)
+                words[NVL_INFO_EXPERT_COUNTS:NVL_INFO_EXPERT_COUNTS + len(local)] = local
         module.on_launch = notify
         yield buf, module
 
@@ -434,8 +437,9 @@ def test_normal_dispatch_cpp_launches_exactly_what_the_python_path_launches(nd, 
             _tensors_alike(getattr(ph, field), getattr(ch, field), field)
         assert ph.backend_state.counts_host == ch.backend_state.counts_host
         if mode == "layout":
-            assert ch.num_recv_tokens == sum(RECV_COUNTS)
-            assert c_res[3] == [4 * -(-c // 4) for c in RECV_COUNTS]
+            local = RECV_COUNTS[:EN // buf.group_size]
+            assert ch.num_recv_tokens == sum(local)
+            assert c_res[3] == [4 * -(-c // 4) for c in local]
             assert c_res[3] is not ch.backend_state.counts_host
     assert host.calls == (4 if mode == "layout" else 3)
 
@@ -513,7 +517,7 @@ def test_normal_dispatch_declines_odd_input_and_the_python_path_raises(nd, worst
     buf.dispatch(x2, **kw2, num_worst_tokens=worst)  # learnt by the call above
     assert buf._normal_host.calls == 3
     import dataclasses
-    same_config = dataclasses.replace(buf.get_dispatch_config(1))  # equal, another object
+    same_config = dataclasses.replace(buf.get_dispatch_config(buf.group_size))  # a new object
     buf.dispatch(x, **kw, num_worst_tokens=worst, config=same_config)  # the same plans
     assert buf._normal_host.calls == 4
 
