@@ -77,6 +77,8 @@ TARGETS = {
     "combine_event_over_kernel": 1.15,
 }
 HOST_CALLS = ("layout", "dispatch", "dispatch_cached", "dispatch_worst", "combine")
+#: The calls of part a with a C++ host path besides the layout (kernels/host/host_path.cpp).
+NORMAL_CPP_CALLS = ("dispatch", "dispatch_cached", "dispatch_worst")
 EVENT_CALLS = ("layout", "dispatch_cached", "dispatch_worst", "combine")
 FLUSH_BYTES = 256 << 20
 
@@ -179,6 +181,8 @@ def part_a(a, buf, ll_buf, device, num_ranks, sync, profiles):
         return out
 
     timed = dict(fns, dispatch=dispatch_counting_wait)
+    host = buf._normal_host  # the C++ host path of the dispatches, where it loaded
+    before = host.calls if host is not None else 0
     for name in HOST_CALLS:
         waits.clear()
         runs = host_loops(timed[name], a.calls, sync)
@@ -189,6 +193,21 @@ def part_a(a, buf, ll_buf, device, num_ranks, sync, profiles):
             f["dispatch_host_minus_wait_us"] = f["dispatch_host_us"] - f["dispatch_count_wait_us"]
         if profiles is not None:
             profiles[name] = profile_text(fns[name], a.calls, sync, a.top)
+    # The dispatches' timed calls (warm-up included; the profiles' calls less) through C++,
+    # then the same calls on the Python path of the same Buffer, for the column that shows what
+    # the extension buys.
+    timed_calls = len(NORMAL_CPP_CALLS) * (10 + 3 * a.calls)
+    profiled = len(NORMAL_CPP_CALLS) * a.calls if profiles is not None else 0
+    f["normal_calls_through_cpp"] = ((host.calls - before - profiled) / timed_calls
+                                     if host is not None else 0.0)
+    if host is not None:
+        buf._normal_host = None
+        try:
+            for name in NORMAL_CPP_CALLS:
+                runs = host_loops(fns[name], a.calls, sync)
+                f[f"{name}_python_host_us"] = statistics.median(runs) * 1e6
+        finally:
+            buf._normal_host = host
     if ll_buf is not None:
         f.update(ll_host(a, ll_buf, x, idx, w, sync, profiles))
     return f
@@ -391,6 +410,10 @@ def print_report(a, f, num_ranks, profiles, kernels):
     host = [[n, f.get(f"{n}_host_us")] for n in HOST_CALLS] + [
         ["dispatch count wait", f.get("dispatch_count_wait_us")],
         ["dispatch minus count wait", f.get("dispatch_host_minus_wait_us")],
+        ["dispatch, Python path", f.get("dispatch_python_host_us")],
+        ["dispatch_cached, Python path", f.get("dispatch_cached_python_host_us")],
+        ["dispatch_worst, Python path", f.get("dispatch_worst_python_host_us")],
+        ["dispatches through C++ (fraction)", f.get("normal_calls_through_cpp")],
         ["ll_dispatch", f.get("ll_dispatch_host_us")], ["ll_combine", f.get("ll_combine_host_us")],
         ["ll_dispatch, Python path", f.get("ll_dispatch_python_host_us")],
         ["ll_combine, Python path", f.get("ll_combine_python_host_us")],

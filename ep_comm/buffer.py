@@ -142,13 +142,15 @@ class Buffer:
         self._agree_always = os.environ.get(AGREE_ENV) == "1"
         self._check_ids_mode = os.environ.get(CHECK_IDS_ENV)
         self._check_finite = os.environ.get(CHECK_FINITE_ENV) == "1"
-        # The C++ host path of later low-latency calls (docs/host_path.md): only for calls
-        # that make no per-call host check, which keep the Python path.
-        self._ll_host = self._layout_host = None
+        # The C++ host path of later calls of known shapes (docs/host_path.md): only for
+        # calls that make no per-call host check, which keep the Python path.
+        self._ll_host = self._layout_host = self._normal_host = None
         if not self._debug and self._check_ids_mode != "1":
             self._layout_host = self._backend.layout_host_path()
-            if low_latency_mode and not self._agree_always and not self._check_finite:
-                self._ll_host = self._backend.ll_host_path()
+            if not self._agree_always and not self._check_finite:
+                self._normal_host = self._backend.normal_host_path()
+                if low_latency_mode:
+                    self._ll_host = self._backend.ll_host_path()
         self._comm_stream = None
         if self.device.type == "cuda":
             self._comm_stream = self._backend.comm_stream() or torch.cuda.Stream(self.device)
@@ -199,7 +201,7 @@ class Buffer:
         backend's teardown is given ``DESTROY_TIMEOUT_S`` seconds, then abandoned with a
         warning, so that a lost peer can never make destroy (or exit) hang.
         """
-        self._ll_host = self._layout_host = None
+        self._ll_host = self._layout_host = self._normal_host = None
         if self._backend is not None:
             backend, self._backend = self._backend, None
             if self.comm.failure is None:
@@ -474,6 +476,16 @@ class Buffer:
                 and not x[1].is_contiguous():
             x = (x[0], x[1].contiguous())  # DeepEP takes any scale strides (e.g. column-major)
         is_pair = isinstance(x, (tuple, list))
+        host = self._normal_host
+        if (host is not None and previous_event is None and not async_finish
+                and not allocate_on_comm_stream and expand is None
+                and (not is_pair or len(x) == 2)):  # a known shape, through C++
+            done = host.dispatch(x[0] if is_pair else x, x[1] if is_pair else None, handle,
+                                 num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+                                 num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
+                                 num_worst_tokens, config or self._default_config())
+            if done is not None:
+                return (*done, EventOverlap())
         key = ("dispatch", tuple(map(checks.sig, x)) if is_pair else checks.sig(x),
                None if handle is None else (type(handle), getattr(handle, "num_tokens", None),
                                             getattr(handle, "num_experts", None),
@@ -481,7 +493,9 @@ class Buffer:
                checks.sig(num_tokens_per_rank), checks.sig(num_tokens_per_rdma_rank),
                checks.sig(is_token_in_rank), checks.sig(num_tokens_per_expert),
                checks.sig(topk_idx), checks.sig(topk_weights), expert_alignment,
-               num_worst_tokens, config, Buffer.num_sms, expand is not None)
+               num_worst_tokens, config, Buffer.num_sms, expand is not None,
+               # 48.0 == 48 in a key: the types make a float a new key, refused by the checks
+               type(expert_alignment), type(num_worst_tokens))
         first = key not in self._validated
         if self._debug or first:
             self._validate_dispatch(x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank,

@@ -16,6 +16,9 @@ from ep_comm.runtime import jit
 #: cuLaunchKernel's C signature (CUresult is an int; handles and pointers are void*).
 _LAUNCH_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, *[ctypes.c_uint] * 7,
                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+#: cuEventRecord's and cuEventSynchronize's.
+_RECORD_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+_SYNC_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
 
 
 class FakeModule:
@@ -33,6 +36,9 @@ class FakeModule:
         self._native = None
         #: launches made by the C++ host path (through ``native``)
         self.native_launches = 0
+        #: ("record", event, stream) / ("sync", event) of the C++ path's count waits
+        self.native_events = []
+        self._event_fns = None
 
     def prepare(self, kernel, arg_buffer, grid, block, shared_mem=0):
         # ``native``: the C++ host path launches through this ctypes recorder as it would
@@ -47,12 +53,29 @@ class FakeModule:
         if self._native is None:
             def native(func, gx, gy, gz, bx, by, bz, smem, stream, params, extra):
                 prepared = self._by_params[params]
+                if (bx, by, bz, gy, gz, smem) != (prepared.block, 1, 1, 1, 1,
+                                                  prepared.shared_mem):
+                    return 1  # CUDA_ERROR_INVALID_VALUE: not the plan's block / shared memory
                 prepared.grid = gx
                 self.native_launches += 1
                 self._launch(prepared, stream or 0)
                 return 0
             self._native = _LAUNCH_FN(native)
         return ctypes.cast(self._native, ctypes.c_void_p).value
+
+    def native_event_fns(self):
+        """As ``jit.CompiledModule.native_event_fns``: recorders of the C++ path's count wait
+        (the event is done at once: the fake notify 'kernel' ran at its launch)."""
+        if self._event_fns is None:
+            def record(event, stream):
+                self.native_events.append(("record", event, stream or 0))
+                return 0
+
+            def sync(event):
+                self.native_events.append(("sync", event))
+                return 0
+            self._event_fns = (_RECORD_FN(record), _SYNC_FN(sync))
+        return tuple(ctypes.cast(f, ctypes.c_void_p).value for f in self._event_fns)
 
     def _launch(self, prepared, stream):
         if self.record:
@@ -89,6 +112,13 @@ class FakeNvl:
 
 
 class FakeEvent:
+    _next = 0x1000
+
+    def __init__(self):
+        # a raw event handle for the C++ path's count wait (any non-zero value)
+        FakeEvent._next += 16
+        self.cuda_event = FakeEvent._next
+
     def record(self, stream=None):
         pass
 
@@ -195,15 +225,16 @@ def layout_and_dispatch(rt, t=16, h=256, e=8, k=2, worst=0):
 
 
 @contextlib.contextmanager
-def fake_buffer(monkeypatch=None, **buffer_kw):
-    """An ``ep_comm.Buffer`` of one rank on the fake GPU, kernels backend: the public calls run
-    their real Python (checks, guard, runtimes, plans) on CPU tensors. Yields (buffer, the fake
-    module whose ``launches`` record what was launched)."""
+def fake_buffer(monkeypatch=None, num_ranks: int = 1, **buffer_kw):
+    """An ``ep_comm.Buffer`` of rank 0 of ``num_ranks`` (one node) on the fake GPU, kernels
+    backend: the public calls run their real Python (checks, guard, runtimes, plans) on CPU
+    tensors; nothing travels between ranks. Yields (buffer, the fake module whose ``launches``
+    record what was launched)."""
     import ep_comm
     from ep_comm import buffer as buffer_mod
 
     mp = monkeypatch or _MonkeyPatch()
-    mp.setattr(buffer_mod, "Comm", lambda group, ranks_per_node=None: FakeComm(0, 1))
+    mp.setattr(buffer_mod, "Comm", lambda group, ranks_per_node=None: FakeComm(0, num_ranks))
     mp.setattr(buffer_mod.Buffer, "_resolve_backend", lambda self, backend: "kernels")
     try:
         with patched(mp) as module:

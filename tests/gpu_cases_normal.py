@@ -423,6 +423,34 @@ def task_normal_sweep(ctx, backend: str, cases: list, corrupt: str | None = None
     return fails.outcome(corrupt, f"normal-mode {backend} vs reference ({stream_mode})", len(cases))
 
 
+def task_normal_through_cpp(ctx, backend: str, cases: list, rounds: int = 4):
+    """Each case's shapes ``rounds`` times on one Buffer, fresh data and routing each round
+    (the seed changes, the token counts do not): layout, dispatch (from the layout or with
+    num_worst_tokens), cached dispatch and combine, each round compared with a reference
+    Buffer and the expectation (``run_normal_case``). From the second round on the C++ host
+    path (kernels/host/host_path.cpp) launches the dispatch and the cached dispatch. Returns
+    the dispatches the C++ side ran per case (0 where the path is not loaded)."""
+    fails = Failures(ctx.rank)
+    made = []
+    for case in cases:
+        buf = normal_buffer(ctx, backend, case.hidden)
+        ref = normal_buffer(ctx, "reference", case.hidden)
+        try:
+            host = buf._normal_host
+            before = 0 if host is None else host.calls
+            for i in range(rounds):
+                run_normal_case(ctx, buf, ref, dataclasses.replace(case, seed=case.seed + 101 * i),
+                                fails)
+                sync(ctx)
+                check_status(buf)
+            made.append(0 if host is None else host.calls - before)
+        finally:
+            buf.destroy()
+            ref.destroy()
+    fails.raise_if_any(f"normal-mode {backend} through the C++ host path vs reference")
+    return made
+
+
 def task_normal_graph(ctx, backend: str, case: NCase, replays: int = 4, capture: bool = True):
     """get_dispatch_layout + dispatch (num_worst_tokens) + expert rows + combine captured in one
     CUDA graph, replayed with new data and new routing copied into the captured inputs; every

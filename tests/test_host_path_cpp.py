@@ -1,7 +1,8 @@
-"""The C++ host path of the low-latency calls (kernels/host/host_path.cpp) on the fake GPU
-(tests/fake_gpu.py): a later call of a learnt shape is launched from C++ with exactly the
-arguments the Python path gives, and everything the C++ side has not learnt (a new shape, bad
-input, a hook, a status word already set) goes to the Python path, which raises its own error.
+"""The C++ host path (kernels/host/host_path.cpp) of the low-latency calls, the layout and the
+normal-mode NVLink dispatch on the fake GPU (tests/fake_gpu.py): a later call of a learnt shape
+is launched from C++ with exactly the arguments the Python path gives, and everything the C++
+side has not learnt (a new shape, bad input, a hook, a status word already set) goes to the
+Python path, which raises its own error.
 
 The extension is built at first use (~20 s, then cached); without a C++ compiler and ninja
 these tests skip, saying so."""
@@ -14,7 +15,7 @@ import torch
 
 import ep_comm
 from ep_comm.core import agreement
-from ep_comm.core.constants import LL_INFO_BAD_ID
+from ep_comm.core.constants import LL_INFO_BAD_ID, NVL_INFO_EXPERT_COUNTS, NVL_INFO_NUM_RECV
 from ep_comm.errors import CommTimeoutError, InputError
 from ep_comm.runtime import host_ext
 
@@ -272,3 +273,364 @@ def test_layout_declines_what_it_has_not_learnt(nvl):
     with pytest.raises(InputError):
         buf.get_dispatch_layout(idx, 0)
     assert module.native_launches == 1
+
+
+# ------------------------------------------------------------------ the normal-mode dispatch
+TN, HN, EN, KN = 24, 256, 8, 3
+#: What the fake notify kernel reports to a dispatch from a layout: rows received, per expert.
+RECV_COUNTS = [3, 2, 4, 1, 0, 5, 2, 3]
+
+
+@pytest.fixture(params=[1, 2], ids=["1rank", "2ranks"])
+def nd(monkeypatch, request):
+    """Rank 0 of a one- or two-rank Buffer on the fake GPU whose notify 'kernel' of a dispatch
+    from a layout writes RECV_COUNTS (its local experts' part) into the status words, as the
+    real one does before the count wait."""
+    monkeypatch.delenv(host_ext.HOST_EXT_ENV, raising=False)
+    with fake_gpu.fake_buffer(monkeypatch, num_ranks=request.param,
+                              num_nvl_bytes=1 << 26) as (buf, module):
+        assert buf._normal_host is not None, host_ext.status("host_path")
+        words = buf.backend.normal.status._view
+        local = RECV_COUNTS[:EN // request.param]
+
+        def notify(name, args):
+            if name == "nvl_notify" and args["num_worst_tokens"] == 0:
+                words[NVL_INFO_NUM_RECV] = sum(local)
+                words[NVL_INFO_EXPERT_COUNTS:NVL_INFO_EXPERT_COUNTS + len(local)] = local
+        module.on_launch = notify
+        yield buf, module
+
+
+def _normal_inputs(buf, t=TN, fp8=False, seed=0):
+    """(x: [t, H] bf16 or the (fp8, scales [t, H / 128] float32) pair, the layout and top-k
+    keyword arguments of a dispatch)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(-1, EN, (t, KN), generator=g)
+    w = torch.rand(t, KN, generator=g)
+    x = torch.randn(t, HN, generator=g).to(torch.bfloat16)
+    if fp8:
+        x = (x.to(torch.float8_e4m3fn), torch.rand(t, HN // 128, generator=g))
+    lay = buf.get_dispatch_layout(idx, EN)
+    return x, dict(num_tokens_per_rank=lay[0], is_token_in_rank=lay[3],
+                   num_tokens_per_expert=lay[2], topk_idx=idx, topk_weights=w)
+
+
+def _python_path(buf):
+    """Context: the Buffer's dispatches take the Python path (the C++ path set aside)."""
+    class Ctx:
+        def __enter__(self):
+            self.host, buf._normal_host = buf._normal_host, None
+
+        def __exit__(self, *exc):
+            buf._normal_host = self.host
+    return Ctx()
+
+
+def _made(res, cached: bool) -> dict:
+    """{kernel argument: the tensor of this call's results it points at}: what a call made."""
+    recv = res[0]
+    recv_x, scales = recv if isinstance(recv, tuple) else (recv, None)
+    made = {"recv_x": recv_x, "recv_scales": scales}
+    if not cached:
+        h = res[4]
+        made.update(recv_topk_idx=res[1], recv_topk_weights=res[2],
+                    rank_prefix_matrix=h.rank_prefix_matrix, send_pos=h.send_pos,
+                    recv_src_idx=h.recv_src_idx, recv_src_rank=h.recv_src_rank,
+                    num_recv_dev=h.backend_state.num_recv,
+                    recv_per_expert=h.num_recv_tokens_per_expert,
+                    num_tokens_of_rank=h.backend_state.num_tokens_of_rank)
+    return made
+
+
+def _tensors_alike(a, b, what):
+    if a is None or b is None:
+        assert a is None and b is None, what
+        return
+    if isinstance(a, tuple):
+        for i, (u, v) in enumerate(zip(a, b)):
+            _tensors_alike(u, v, f"{what}[{i}]")
+        return
+    assert (a.shape, a.dtype, a.stride()) == (b.shape, b.dtype, b.stride()), what
+
+
+def test_extension_writes_the_nvlink_runtimes_per_call_arguments():
+    from ep_comm.backends.kernels import args, host_path
+    ext = host_path.load_extension()
+    assert tuple(ext.NVL_NOTIFY_SLOTS) == args.NVL_NOTIFY_PER_CALL
+    assert tuple(ext.NVL_DISPATCH_SLOTS) == args.NVL_DISPATCH_PER_CALL
+    for table, per_call in ((args.NVL_NOTIFY, args.NVL_NOTIFY_PER_CALL),
+                            (args.NVL_DISPATCH, args.NVL_DISPATCH_PER_CALL)):
+        assert set(per_call) <= {n for n, _ in table}
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("mode", ["worst", "layout", "cached"])
+def test_normal_dispatch_cpp_launches_exactly_what_the_python_path_launches(nd, mode, fp8):
+    """Call after call, alternating the paths: the same kernels and grids, every argument
+    equal except the outputs (each pointing at its own call's results) and the signature's
+    call number (each its own call's); results alike in shape, dtype and stride; the calls
+    numbered one by one with the same Signature."""
+    buf, module = nd
+    x, kw = _normal_inputs(buf, fp8=fp8)
+    cached = mode == "cached"
+    first = buf.dispatch(x, **kw, expert_alignment=4)  # from the layout: learnt
+    if cached:
+        def call():
+            return buf.dispatch(x, handle=first[4], expert_alignment=4)
+    else:
+        def call():
+            return buf.dispatch(x, **kw, expert_alignment=4,
+                                num_worst_tokens=2 * TN if mode == "worst" else 0)
+    call()  # this kind's first call: the Python path, learnt
+    host = buf._normal_host
+    assert host.calls == (1 if mode == "layout" else 0)
+    for _ in range(3):
+        runs = {}
+        for path in ("python", "cpp"):
+            start, native, seq = len(module.launches), module.native_launches, buf.comm.seq
+            events = len(module.native_events)
+            if path == "python":
+                with _python_path(buf):
+                    res = call()
+            else:
+                res = call()
+            assert buf.comm.seq == seq + 1
+            launched = module.launches[start:]
+            assert module.native_launches - native == (len(launched) if path == "cpp" else 0)
+            if path == "cpp" and mode == "layout":  # the count wait: one event, after notify
+                assert [e[0] for e in module.native_events[events:]] == ["record", "sync"]
+            runs[path] = (launched, res, seq + 1, buf.comm.call[0], buf.comm.call_words()[0])
+        (py_l, py_res, py_seq, py_sig, _), (c_l, c_res, c_seq, c_sig, c_words) = \
+            runs["python"], runs["cpp"]
+        assert [(n, g) for n, g, _ in py_l] == [(n, g) for n, g, _ in c_l]
+        assert [n for n, _, _ in c_l] == (["nvl_dispatch"] if cached
+                                          else ["nvl_notify", "nvl_dispatch"])
+        assert py_sig == c_sig
+        py_made, c_made = _made(py_res, cached), _made(c_res, cached)
+        for (name, _, py_args), (_, _, c_args) in zip(py_l, c_l):
+            assert py_args.keys() == c_args.keys()
+            for arg, value in c_args.items():
+                if arg in c_made:
+                    ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+                    assert value == ptr(c_made[arg]), (name, arg)
+                    assert py_args[arg] == ptr(py_made[arg]), (name, arg)
+                elif arg == "sig":  # the agreement's words: the same call, its own number
+                    assert value == c_words and value[0] == c_seq and py_args[arg][0] == py_seq
+                    assert value[1:] == py_args[arg][1:]
+                else:
+                    assert value == py_args[arg], (name, arg)
+        for i, what in enumerate(("recv_x", "recv_topk_idx", "recv_topk_weights")):
+            _tensors_alike(py_res[i], c_res[i], what)
+        assert py_res[3] == c_res[3]  # the count list
+        assert type(py_res[5]) is type(c_res[5])
+        if cached:
+            assert c_res[4] is first[4]
+            continue
+        ph, ch = py_res[4], c_res[4]
+        for field in ("rank", "num_ranks", "num_experts", "num_recv_tokens", "num_worst_tokens",
+                      "num_tokens_per_rdma_rank", "num_channels"):
+            assert getattr(ph, field) == getattr(ch, field), field
+        assert ch.is_token_in_rank is kw["is_token_in_rank"]
+        assert ch.num_tokens_per_rank is kw["num_tokens_per_rank"]
+        for field in ("rank_prefix_matrix", "send_pos", "recv_src_idx", "recv_src_rank",
+                      "num_recv_tokens_per_expert"):
+            _tensors_alike(getattr(ph, field), getattr(ch, field), field)
+        assert ph.backend_state.counts_host == ch.backend_state.counts_host
+        if mode == "layout":
+            local = RECV_COUNTS[:EN // buf.group_size]
+            assert ch.num_recv_tokens == sum(local)
+            assert c_res[3] == [4 * -(-c // 4) for c in local]
+            assert c_res[3] is not ch.backend_state.counts_host
+    assert host.calls == (4 if mode == "layout" else 3)
+
+
+def test_a_handle_from_the_cpp_path_drives_cached_dispatch_and_combine(nd):
+    buf, module = nd
+    x, kw = _normal_inputs(buf)
+    for _ in range(3):
+        recv, _, _, _, handle, _ = buf.dispatch(x, **kw, num_worst_tokens=2 * TN)
+        again = buf.dispatch(x, handle=handle)
+        assert again[0].shape == recv.shape and again[4] is handle
+        out, out_w, _ = buf.combine(recv, handle, topk_weights=torch.rand(2 * TN, KN))
+        assert out.shape == (TN, HN) and out_w.shape == (TN, KN)
+        launched = module.launches[-1][2]
+        assert launched["send_pos"] == handle.send_pos.data_ptr()
+        assert launched["recv_src_idx"] == handle.recv_src_idx.data_ptr()
+    assert buf._normal_host.calls == 4  # the last two fresh and the last two cached ones
+
+
+def _bad_fresh_calls(x, kw, t):
+    """(what, call arguments) of a fresh dispatch the Python path refuses with InputError."""
+    swap = lambda **kv: dict(kw, **kv)  # noqa: E731
+    return [
+        ("x float32", x.float(), kw),
+        ("x not contiguous", torch.randn(HN, t).to(torch.bfloat16).t(), kw),
+        ("x 1-D", x.flatten(), kw),
+        ("x a 3-tuple", (x, x, x), kw),
+        ("fp8 scales float64", (x.to(torch.float8_e4m3fn),
+                                torch.rand(t, HN // 128, dtype=torch.float64)), kw),
+        ("num_tokens_per_rank int64", x,
+         swap(num_tokens_per_rank=kw["num_tokens_per_rank"].long())),
+        ("is_token_in_rank int32", x, swap(is_token_in_rank=kw["is_token_in_rank"].int())),
+        ("num_tokens_per_expert int64", x,
+         swap(num_tokens_per_expert=kw["num_tokens_per_expert"].long())),
+        ("num_tokens_per_expert missing", x, swap(num_tokens_per_expert=None)),
+        ("topk_idx int32", x, swap(topk_idx=kw["topk_idx"].int())),
+        ("topk_idx of other tokens", x, swap(topk_idx=kw["topk_idx"][:-1])),
+        ("topk_weights float64", x, swap(topk_weights=kw["topk_weights"].double())),
+        ("topk_weights without topk_idx", x, swap(topk_idx=None)),
+        ("topk_idx a list", x, swap(topk_idx=kw["topk_idx"].tolist())),
+    ]
+
+
+@pytest.mark.parametrize("worst", [2 * TN, 0])
+def test_normal_dispatch_declines_odd_input_and_the_python_path_raises(nd, worst):
+    buf, module = nd
+    x, kw = _normal_inputs(buf)
+    for _ in range(3):
+        buf.dispatch(x, **kw, num_worst_tokens=worst)
+    assert buf._normal_host.calls == 2
+    bad = _bad_fresh_calls(x, kw, TN) + [
+        ("num_worst_tokens a float", x, dict(kw, num_worst_tokens=float(worst))),
+        ("num_worst_tokens < 0", x, dict(kw, num_worst_tokens=-1)),
+        ("expert_alignment 0", x, dict(kw, expert_alignment=0)),
+        ("expert_alignment a float", x, dict(kw, expert_alignment=1.0)),
+    ]
+    for what, bad_x, bad_kw in bad:
+        bad_kw = dict({"num_worst_tokens": worst}, **bad_kw)
+        launches, seq = len(module.launches), buf.comm.seq
+        with pytest.raises(InputError):
+            buf.dispatch(bad_x, **bad_kw)
+        # refused before anything ran: nothing launched, the call not numbered
+        assert (len(module.launches), buf.comm.seq) == (launches, seq), what
+    assert buf._normal_host.calls == 2
+    # odd but valid: the Python path runs them (and learns the new sizes)
+    storage = torch.empty(TN * HN + 1, dtype=torch.bfloat16)
+    misaligned = storage[1:].view(TN, HN).copy_(x)
+    x2, kw2 = _normal_inputs(buf, t=TN + 5, seed=1)
+    for call_x, call_kw in ((misaligned, kw), (x2, kw2),
+                            (x, dict(kw, num_tokens_per_rdma_rank=torch.zeros(1, dtype=torch.int32))),
+                            (x, dict(kw, expert_alignment=2))):
+        native = module.native_launches
+        buf.dispatch(call_x, **dict({"num_worst_tokens": worst}, **call_kw))
+        assert module.native_launches == native
+    buf.dispatch(x2, **kw2, num_worst_tokens=worst)  # learnt by the call above
+    assert buf._normal_host.calls == 3
+    import dataclasses
+    same_config = dataclasses.replace(buf.get_dispatch_config(buf.group_size))  # a new object
+    buf.dispatch(x, **kw, num_worst_tokens=worst, config=same_config)  # the same plans
+    assert buf._normal_host.calls == 4
+
+
+def test_cached_dispatch_declines_odd_input_and_the_python_path_raises(nd):
+    buf, module = nd
+    x, kw = _normal_inputs(buf)
+    handle = buf.dispatch(x, **kw)[4]
+    for _ in range(3):
+        buf.dispatch(x, handle=handle)
+    assert buf._normal_host.calls == 2
+    import dataclasses
+    for what, call_x, extra in [
+            ("x of other tokens", x[:-1], {}),
+            ("x float32", x.float(), {}),
+            ("top-k ids with a handle", x, dict(topk_idx=kw["topk_idx"])),
+            ("a layout with a handle", x, dict(num_tokens_per_rank=kw["num_tokens_per_rank"])),
+            ("num_worst_tokens < 0", x, dict(num_worst_tokens=-1)),
+            ("a handle not made by the NVLink kernels", x,
+             dict(handle=dataclasses.replace(handle, backend_state=None)))]:
+        native = module.native_launches
+        with pytest.raises(InputError):
+            buf.dispatch(call_x, **dict(dict(handle=handle), **extra))
+        assert module.native_launches == native, what
+    native = module.native_launches
+    buf.dispatch(x, handle=handle, num_worst_tokens=5)  # ignored with a handle: Python runs it
+    assert module.native_launches == native
+    buf.dispatch(x, handle=handle)
+    assert module.native_launches == native + 1
+
+
+def test_normal_dispatch_stream_flags_and_expand_keep_the_python_path(nd):
+    from ep_comm.backends.base import ExpandRequest
+    from ep_comm.event import EventOverlap
+    buf, module = nd
+    x, kw = _normal_inputs(buf)
+    for _ in range(3):
+        buf.dispatch(x, **kw, num_worst_tokens=2 * TN)
+    native = module.native_launches
+    for flags in (dict(async_finish=True), dict(previous_event=EventOverlap()),
+                  dict(previous_event=EventOverlap(), async_finish=True,
+                       allocate_on_comm_stream=True),
+                  dict(expand=ExpandRequest(rows=4 * TN, zero_padding=True))):
+        buf.dispatch(x, **kw, num_worst_tokens=2 * TN, **flags)
+    assert module.native_launches == native
+
+
+def test_a_status_word_already_set_is_raised_by_the_python_path_normal(nd):
+    from ep_comm.core.constants import STATUS_OVERFLOW
+    buf, module = nd
+    x, kw = _normal_inputs(buf)
+    for _ in range(3):
+        buf.dispatch(x, **kw, num_worst_tokens=2 * TN)
+    native = module.native_launches
+    words = buf.backend.normal.status._view
+    words[0:6] = (STATUS_OVERFLOW, 2, 0, 0, 3 * TN, 2 * TN)  # a dispatch kernel's report
+    with pytest.raises(InputError, match="more than num_worst_tokens"):
+        buf.dispatch(x, **kw, num_worst_tokens=2 * TN)
+    with pytest.raises(ep_comm.errors.EpCommError, match="failed earlier"):
+        buf.dispatch(x, handle=None, **kw, num_worst_tokens=2 * TN)
+    assert module.native_launches == native
+
+
+def test_a_refusal_reported_at_the_count_wait_raises_as_on_the_python_path(nd):
+    """A dispatch from a layout whose notify kernel refuses the call (STATUS_DISAGREE): the
+    C++ path has launched the notify, waited and found the word set; the call is numbered and
+    the Python path's error raised from the word, which is then cleared: the next call runs
+    through C++ again."""
+    from ep_comm.core.constants import STATUS_DISAGREE
+    buf, module = nd
+    x, kw = _normal_inputs(buf)
+    for _ in range(3):
+        buf.dispatch(x, **kw)
+    words = buf.backend.normal.status._view
+    refuse = [True]
+    counts = module.on_launch
+
+    def notify(name, args):
+        counts(name, args)
+        if name == "nvl_notify" and refuse[0]:
+            words[0:6] = (STATUS_DISAGREE, 0, 0, 2, 7168, 256)  # rank 0 differs in hidden
+    module.on_launch = notify
+    errors = []
+    for path in ("python", "cpp"):
+        seq, native = buf.comm.seq, module.native_launches
+        with pytest.raises(ep_comm.errors.EpCommError) as e:
+            if path == "python":
+                with _python_path(buf):
+                    buf.dispatch(x, **kw)
+            else:
+                buf.dispatch(x, **kw)
+        errors.append((type(e.value), str(e.value)))
+        assert buf.comm.seq == seq + 1
+        assert module.native_launches == native + (1 if path == "cpp" else 0)  # notify only
+        assert words[0] == 0  # cleared: the Buffer stays usable
+    assert errors[0] == errors[1] and "refused the call" in errors[0][1]
+    refuse[0] = False
+    calls = buf._normal_host.calls
+    buf.dispatch(x, **kw)
+    assert buf._normal_host.calls == calls + 1
+
+
+@pytest.mark.parametrize("env", [(host_ext.HOST_EXT_ENV, "0"), ("EP_COMM_DEBUG", "1"),
+                                 ("EP_COMM_CHECK_IDS", "1"), ("EP_COMM_CHECK_FINITE", "1"),
+                                 ("EP_COMM_CHECK_AGREEMENT", "1")])
+def test_per_call_host_checks_or_the_switch_keep_normal_dispatch_on_python(monkeypatch, env):
+    monkeypatch.setenv(*env)
+    with fake_gpu.fake_buffer(monkeypatch, num_nvl_bytes=1 << 26) as (buf, module):
+        assert buf._normal_host is None and buf.backend.normal.host_path is None
+        x, kw = _normal_inputs(buf)
+        native = module.native_launches
+        for worst in (2 * TN, 0):
+            for _ in range(3):
+                handle = buf.dispatch(x, **kw, num_worst_tokens=worst)[4]
+                buf.dispatch(x, handle=handle)
+        assert module.native_launches == native

@@ -34,6 +34,30 @@ def test_random_cases_bit_exact_dispatch_and_bf16_combine(gpu_ranks, world):
     assert gpu_ranks(world).run(normal.task_normal_sweep, BACKEND, cases) == [18] * world
 
 
+@pytest.mark.parametrize("world", FULL)
+def test_repeated_shapes_run_through_the_cpp_host_path(gpu_ranks, world):
+    """A training / prefill loop: one shape per Buffer, 4 rounds of fresh data and routing;
+    rounds 2-4 launch the dispatch and the cached dispatch from the C++ host path, exact
+    against the reference: fp8 with num_worst_tokens at the bench's shape (128 tokens x 7168,
+    top-8 of 256), bf16 from a layout with ragged ranks and expert_alignment 4, bf16 from a
+    layout with an empty rank and a bias, fp8 with num_worst_tokens, -1 entries and
+    alignment 128."""
+    base = _seed(2500 + world)
+    cases = [NCase(seed=base, num_tokens=128, ragged=0, hidden=7168, num_experts=256,
+                   num_topk=8, fp8=True, worst=-1),
+             NCase(seed=base + 1, num_tokens=40, ragged=7, hidden=2048, num_experts=32,
+                   num_topk=4, alignment=4),
+             NCase(seed=base + 2, num_tokens=24, hidden=1024, num_experts=16, num_topk=3,
+                   routing="empty_last", bias=1),
+             NCase(seed=base + 3, num_tokens=33, ragged=3, hidden=4096, num_experts=64,
+                   num_topk=6, fp8=True, alignment=128, worst=-1, drop=0.3)]
+    made = gpu_ranks(world).run(normal.task_normal_through_cpp, BACKEND, cases)
+    if BACKEND == "kernels":  # the reference backend has no C++ host path
+        for rank_made in made:
+            # rounds 2-4: the dispatch and the cached dispatch of each
+            assert rank_made == [6] * len(cases), f"C++ dispatches per case: {rank_made}"
+
+
 @pytest.mark.parametrize("world", [w for w in WORLDS if w not in FULL])
 def test_small_cases_on_many_ranks(gpu_ranks, world):
     """3, 4 and 8 ranks: random cases, empty / skewed / dropped routings, duplicate ids, top-k

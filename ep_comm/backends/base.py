@@ -97,6 +97,11 @@ class Backend(abc.ABC):
         results, or None where it declines), or None."""
         return None
 
+    def normal_host_path(self):
+        """The C++ host path of normal-mode dispatch (``.dispatch`` returning None where it
+        declines), or None: this backend has none, or it could not be built."""
+        return None
+
     def ll_host_path(self):
         """The C++ host path of the low-latency calls (``.dispatch`` / ``.combine`` returning
         None where they decline), or None: this backend has none, or it could not be built."""

@@ -130,8 +130,13 @@ def kernels_dir() -> Path:
 
     The top-level ``kernels/`` folder is installed as the package ``ep_comm.kernels`` (CUDA
     sources in ``cuda/``, Triton kernels in the subpackage ``triton``); in a plain checkout that
-    is not installed it is found next to the ``ep_comm`` folder.
+    is not installed it is found next to the ``ep_comm`` folder. A checkout's own folder comes
+    first: an editable install of another checkout (a git worktree beside it) maps
+    ``ep_comm.kernels`` to that checkout's kernels, which would run with this one's Python.
     """
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "kernels" / "cuda").is_dir():
+        return checkout / "kernels" / "cuda"
     try:
         res = importlib.resources.files("ep_comm.kernels")
         if isinstance(res, Path) and (res / "cuda").is_dir():
@@ -831,6 +836,11 @@ class CompiledModule:
                   int(kernel.handle))
         return PreparedLaunch(kernel_name, arg_buffer, grid, block, shared_mem,
                               _driver_launcher(kernel), native)
+
+    def native_event_fns(self) -> tuple[int, int]:
+        """(address of ``cuEventRecord``, address of ``cuEventSynchronize``): what the C++ host
+        path's count wait calls (a recorder in the CPU tests' fake module)."""
+        return driver_entry("cuEventRecord"), driver_entry("cuEventSynchronize")
 
 
 def current_stream_handle(device_index: int) -> int:

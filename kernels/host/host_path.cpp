@@ -1,6 +1,7 @@
-// The host path in C++ (issue #22) of the calls whose Python alone missed their host-time
-// targets: the low-latency dispatch and combine, and get_dispatch_layout. What a later call of
-// a known shape does between the Buffer's entry and cuLaunchKernel, without the interpreter.
+// The host path in C++ (issue #22) of the calls whose host time missed their targets: the
+// low-latency dispatch and combine, get_dispatch_layout, and the normal-mode dispatch over
+// NVLink (fresh with num_worst_tokens, from a layout, cached). What a later call of a known
+// shape does between the Buffer's entry and cuLaunchKernel, without the interpreter.
 //
 // Python stays the reference and the only validator: a call's first use of a shape runs the
 // Python path (ep_comm/backends/kernels/low_latency.py), which checks everything, builds the
@@ -12,10 +13,13 @@
 // outputs, writes the per-call arguments into the plan's slots (the same ctypes memory the
 // Python path patches) and launches.
 //
-// Nothing here links against CUDA: cuLaunchKernel and cuStreamIsCapturing arrive as function
-// addresses (ep_comm/runtime/host_ext.py), so the CPU tests can pass a recorder instead.
+// Nothing here links against CUDA: cuLaunchKernel, cuStreamIsCapturing, cuEventRecord and
+// cuEventSynchronize arrive as function addresses (ep_comm/runtime/host_ext.py), so the CPU
+// tests can pass recorders instead.
 #include <torch/extension.h>
 
+#include <chrono>
+#include <cstring>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -27,6 +31,8 @@ using LaunchFn = int (*)(void* func, unsigned gx, unsigned gy, unsigned gz, unsi
                          unsigned by, unsigned bz, unsigned smem, void* stream, void** params,
                          void** extra);
 using CapturingFn = int (*)(void* stream, int* status);
+using EventRecordFn = int (*)(void* event, void* stream);
+using EventSyncFn = int (*)(void* event);
 
 // The per-call arguments, in the order this file writes them. ep_comm/backends/kernels/
 // host_path.py checks them against args.py's LL_DISPATCH_PER_CALL /
@@ -40,8 +46,20 @@ const std::vector<std::string> kLayoutSlots = {
 const std::vector<std::string> kCombineSlots = {
     "x", "zero_copy", "src_info", "range_begin", "range_count", "topk_idx", "topk_weights",
     "out", "num_tokens", "num_topk", "wait_stats", "call_tag", "phases"};
+// The normal-mode NVLink dispatch (args.NVL_NOTIFY_PER_CALL / NVL_DISPATCH_PER_CALL). "sig" is
+// the notify's CallSig: CALL_SIG_WORDS int32 by value, the call's signature words.
+const std::vector<std::string> kNvlNotifySlots = {
+    "T", "num_tokens_per_rank", "num_tokens_per_expert", "rank_prefix_matrix",
+    "recv_per_expert", "num_tokens_of_rank", "num_recv_dev", "expert_alignment", "expand_base",
+    "sig"};
+const std::vector<std::string> kNvlDispatchSlots = {
+    "x", "x_scales", "topk_idx", "topk_weights", "is_token_in_rank", "T", "rank_prefix_matrix",
+    "send_pos", "recv_x", "recv_scales", "recv_topk_idx", "recv_topk_weights", "recv_src_idx",
+    "recv_src_rank", "num_rows", "num_recv_dev", "expand", "expand_pos", "expand_base", "exp_x",
+    "exp_scales", "exp_w"};
 
-// One argument of a prepared launch: the address of its ctypes scalar and its width.
+// One argument of a prepared launch: the address of its ctypes scalar and its width (4 or 8
+// bytes; a CallSig slot is an int32 array, written with put_words).
 struct Slot {
   void* addr = nullptr;
   int bytes = 0;
@@ -49,10 +67,13 @@ struct Slot {
     if (bytes == 8) *static_cast<int64_t*>(addr) = v;
     else *static_cast<int32_t*>(addr) = static_cast<int32_t>(v);
   }
+  void put_words(const std::vector<int32_t>& w) const {
+    std::memcpy(addr, w.data(), w.size() * sizeof(int32_t));
+  }
 };
 
-// One buffer half's prepared launch (jit.PreparedLaunch): kernel, argument array, block,
-// shared memory, and the slots of the per-call arguments.
+// One prepared launch (jit.PreparedLaunch): kernel, argument array, block, shared memory, and
+// the slots of the per-call arguments.
 struct Launch {
   bool ready = false;
   void* func = nullptr;
@@ -60,6 +81,24 @@ struct Launch {
   unsigned block = 0, smem = 0;
   std::vector<Slot> slots;
   int64_t stage = 0;  // combine: the half's registered send buffer (zero_copy source)
+
+  // ``sig_bytes``: the width a CallSig slot may have (0: none in this launch).
+  void set(int64_t f, int64_t p, int64_t b, int64_t sm, const std::vector<int64_t>& addrs,
+           const std::vector<int64_t>& widths, size_t expected, int64_t sig_bytes = 0) {
+    if (addrs.size() != widths.size() || addrs.size() != expected)
+      throw std::invalid_argument("ep_comm internal: wrong number of per-call slots");
+    func = reinterpret_cast<void*>(f);
+    params = reinterpret_cast<void**>(p);
+    block = static_cast<unsigned>(b);
+    smem = static_cast<unsigned>(sm);
+    slots.clear();
+    for (size_t i = 0; i < addrs.size(); ++i) {
+      if (widths[i] != 4 && widths[i] != 8 && !(sig_bytes > 0 && widths[i] == sig_bytes))
+        throw std::invalid_argument("ep_comm internal: a slot is 4 or 8 bytes");
+      slots.push_back(Slot{reinterpret_cast<void*>(addrs[i]), static_cast<int>(widths[i])});
+    }
+    ready = true;
+  }
 };
 
 // A shape the Python path validated: tokens, top-k, which optional tensors were given, the
@@ -71,39 +110,81 @@ struct Shape {
   int64_t tag_hash;
 };
 
-// What both calls share: the launch and capture entry points, the host status words, the
-// device, the call-tag layout (ep_comm.core.constants LL_TAG_*).
-class HostPathBase {
+// What every C++ host path shares: the launch and capture entry points, the host status
+// words (the first ``status_words`` of them say whether a kernel reported), the device, and
+// the guard's tensor tests.
+class NativeBase {
+ public:
+  NativeBase(int64_t launch_fn, int64_t capturing_fn, int64_t status_ptr, int64_t status_words,
+             const at::Tensor& like)
+      : launch_(reinterpret_cast<LaunchFn>(launch_fn)),
+        capturing_(reinterpret_cast<CapturingFn>(capturing_fn)),
+        status_(reinterpret_cast<volatile int32_t*>(status_ptr)),
+        status_words_(status_words), options_(like.options()), device_(like.device()) {}
+
+ protected:
+  // Nothing reported: the Python path reads, raises and clears what a kernel wrote.
+  bool status_clear() const {
+    for (int64_t i = 0; i < status_words_; ++i)
+      if (status_[i] != 0) return false;
+    return true;
+  }
+
+  bool capturing(int64_t stream) const {
+    if (capturing_ == nullptr) return false;
+    int st = 0;
+    if (capturing_(reinterpret_cast<void*>(stream), &st) != 0) return true;  // ask Python
+    return st != 0;
+  }
+
+  bool is_ok(const at::Tensor& t, at::ScalarType dtype) const {
+    return t.scalar_type() == dtype && t.device() == device_ && t.is_contiguous();
+  }
+
+  static bool aligned16(const at::Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  }
+
+  static int64_t ptr(const at::Tensor& t) {
+    return static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr()));
+  }
+
+  static int64_t ptr(const c10::optional<at::Tensor>& t) { return t.has_value() ? ptr(*t) : 0; }
+
+  void launch(const Launch& l, unsigned grid, int64_t stream, const char* name) const {
+    int err = launch_(l.func, grid, 1, 1, l.block, 1, 1, l.smem, reinterpret_cast<void*>(stream),
+                      l.params, nullptr);
+    if (err != 0)
+      throw std::runtime_error(std::string("cuLaunchKernel(") + name + ", grid=" +
+                               std::to_string(grid) + ") failed: CUresult " +
+                               std::to_string(err));
+  }
+
+  LaunchFn launch_;
+  CapturingFn capturing_;
+  volatile int32_t* status_;
+  int64_t status_words_;
+  at::TensorOptions options_;
+  at::Device device_;
+};
+
+// What both low-latency calls share: two buffer halves, the learnt shapes and the call-tag
+// layout (ep_comm.core.constants LL_TAG_*).
+class HostPathBase : public NativeBase {
  public:
   HostPathBase(int64_t launch_fn, int64_t capturing_fn, int64_t status_ptr, int64_t status_words,
                const at::Tensor& like, int64_t tag_shift, int64_t tag_mod, bool tags_on,
                int64_t phases)
-      : launch_(reinterpret_cast<LaunchFn>(launch_fn)),
-        capturing_(reinterpret_cast<CapturingFn>(capturing_fn)),
-        status_(reinterpret_cast<volatile int32_t*>(status_ptr)),
-        status_words_(status_words), options_(like.options()), device_(like.device()),
+      : NativeBase(launch_fn, capturing_fn, status_ptr, status_words, like),
         tag_shift_(tag_shift), tag_mod_(tag_mod), tags_on_(tags_on), phases_(phases) {}
 
   void set_launch(int64_t half, int64_t func, int64_t params, int64_t block, int64_t smem,
                   const std::vector<int64_t>& slot_addrs, const std::vector<int64_t>& slot_bytes,
                   int64_t stage) {
     if (half < 0 || half > 1) throw std::invalid_argument("half must be 0 or 1");
-    if (slot_addrs.size() != slot_bytes.size() || slot_addrs.size() != num_slots())
-      throw std::invalid_argument("ep_comm internal: wrong number of per-call slots");
     Launch& l = halves_[half];
-    l.func = reinterpret_cast<void*>(func);
-    l.params = reinterpret_cast<void**>(params);
-    l.block = static_cast<unsigned>(block);
-    l.smem = static_cast<unsigned>(smem);
-    l.slots.clear();
-    for (size_t i = 0; i < slot_addrs.size(); ++i) {
-      if (slot_bytes[i] != 4 && slot_bytes[i] != 8)
-        throw std::invalid_argument("ep_comm internal: a slot is 4 or 8 bytes");
-      l.slots.push_back(Slot{reinterpret_cast<void*>(slot_addrs[i]),
-                             static_cast<int>(slot_bytes[i])});
-    }
+    l.set(func, params, block, smem, slot_addrs, slot_bytes, num_slots());
     l.stage = stage;
-    l.ready = true;
   }
 
   void add_shape(int64_t t, int64_t k, bool opt_a, bool opt_b, int64_t grid, int64_t tag_hash) {
@@ -125,53 +206,12 @@ class HostPathBase {
     return nullptr;
   }
 
-  // Nothing reported: the Python path reads, raises and clears what a kernel wrote.
-  bool status_clear() const {
-    for (int64_t i = 0; i < status_words_; ++i)
-      if (status_[i] != 0) return false;
-    return true;
-  }
-
-  bool capturing(int64_t stream) const {
-    if (capturing_ == nullptr) return false;
-    int st = 0;
-    if (capturing_(reinterpret_cast<void*>(stream), &st) != 0) return true;  // ask Python
-    return st != 0;
-  }
-
   // agreement.ll_tag of a call outside capture: its number folded into [1, mod], then the hash.
   int64_t tag(int64_t seq, int64_t hash) const {
     if (!tags_on_) return 0;
     return (((seq - 1) % tag_mod_ + 1) << tag_shift_) | hash;
   }
 
-  bool is_ok(const at::Tensor& t, at::ScalarType dtype) const {
-    return t.scalar_type() == dtype && t.device() == device_ && t.is_contiguous();
-  }
-
-  static bool aligned16(const at::Tensor& t) {
-    return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  }
-
-  static int64_t ptr(const at::Tensor& t) {
-    return static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr()));
-  }
-
-  void launch(const Launch& l, unsigned grid, int64_t stream, const char* name) const {
-    int err = launch_(l.func, grid, 1, 1, l.block, 1, 1, l.smem, reinterpret_cast<void*>(stream),
-                      l.params, nullptr);
-    if (err != 0)
-      throw std::runtime_error(std::string("cuLaunchKernel(") + name + ", grid=" +
-                               std::to_string(grid) + ") failed: CUresult " +
-                               std::to_string(err));
-  }
-
-  LaunchFn launch_;
-  CapturingFn capturing_;
-  volatile int32_t* status_;
-  int64_t status_words_;
-  at::TensorOptions options_;
-  at::Device device_;
   int64_t tag_shift_, tag_mod_;
   bool tags_on_;
   int64_t phases_;  // SEND_PHASE | RECV_PHASE: the whole call in one launch
@@ -381,13 +421,277 @@ class Layout {
   std::vector<int64_t> tokens_;
 };
 
+
+// A normal-mode dispatch plan the Python path built (IntranodeRuntime._dispatch_plan): the
+// notify launch (fresh dispatches only) and the dispatch launch, what the plan was built for,
+// and the token counts / expert alignments its calls were validated with.
+struct NvlPlan {
+  Launch notify, dispatch;
+  at::ScalarType dtype;
+  int64_t hidden, k, e;
+  bool scales, has_idx, has_w;
+  unsigned grid;
+  std::vector<int32_t> sig;  // the call's signature words; word 0 (the number) set per call
+  py::object signature;      // agreement.Signature that numbers the call (Comm.begin_call)
+  std::vector<std::pair<int64_t, int64_t>> shapes;  // (tokens, expert_alignment)
+
+  bool knows(int64_t t, int64_t alignment) const {
+    for (const auto& s : shapes)
+      if (s.first == t && s.second == alignment) return true;
+    return false;
+  }
+};
+
+// nvl_notify + nvl_dispatch (kernels/cuda/intranode.cu) of one IntranodeRuntime, for one kind of
+// call: fresh with num_worst_tokens (two launches, no host wait), fresh from a layout
+// (num_worst_tokens == 0: the host waits for the notify's counts through an event, bounded
+// because the notify kernel gives up after its timeout and writes the status word), or cached
+// (handle=: the dispatch launch alone). One object per (kind, num_worst_tokens, Config); its
+// plans are told apart by dtype, hidden, scales, top-k, weights and experts.
+class NvlDispatch : public NativeBase {
+ public:
+  NvlDispatch(int64_t launch_fn, int64_t capturing_fn, int64_t record_fn, int64_t sync_fn,
+              int64_t event, int64_t status_ptr, int64_t status_words, int64_t num_recv_word,
+              int64_t counts_word, const at::Tensor& like, int64_t ranks, bool fresh,
+              int64_t worst)
+      : NativeBase(launch_fn, capturing_fn, status_ptr, status_words, like),
+        record_(reinterpret_cast<EventRecordFn>(record_fn)),
+        sync_(reinterpret_cast<EventSyncFn>(sync_fn)), event_(reinterpret_cast<void*>(event)),
+        num_recv_word_(num_recv_word), counts_word_(counts_word), r_(ranks), fresh_(fresh),
+        worst_(worst) {}
+
+  // After the Python path ran a call of plan (notify, dispatch) for (x's dtype, hidden,
+  // scales, top-k, weights, experts) with ``t`` tokens and ``alignment``: remember both.
+  // The notify's (kernel, argument array, block, shared memory, slots) are 0 / empty for a
+  // cached dispatch; ``grid`` is the dispatch launch's.
+  void learn(int64_t n_func, int64_t n_params, int64_t n_block, int64_t n_smem,
+             const std::vector<int64_t>& n_addrs, const std::vector<int64_t>& n_widths,
+             int64_t func, int64_t params, int64_t block, int64_t smem,
+             const std::vector<int64_t>& addrs, const std::vector<int64_t>& widths, int64_t grid,
+             const at::Tensor& x, bool scales, int64_t k, bool has_idx, bool has_w, int64_t e,
+             const std::vector<int64_t>& sig, py::object signature, int64_t t,
+             int64_t alignment) {
+    NvlPlan* plan = nullptr;
+    for (NvlPlan& p : plans_)
+      if (p.dispatch.params == reinterpret_cast<void**>(params)) plan = &p;
+    if (plan == nullptr) {
+      if (plans_.size() >= 16) plans_.erase(plans_.begin());  // the newest plans are used
+      plans_.emplace_back();
+      plan = &plans_.back();
+      if (fresh_)
+        plan->notify.set(n_func, n_params, n_block, n_smem, n_addrs, n_widths,
+                         kNvlNotifySlots.size(), 4 * static_cast<int64_t>(sig.size()));
+      plan->dispatch.set(func, params, block, smem, addrs, widths, kNvlDispatchSlots.size());
+      plan->dtype = x.scalar_type();
+      plan->hidden = x.size(1);
+      plan->scales = scales;
+      plan->k = k;
+      plan->has_idx = has_idx;
+      plan->has_w = has_w;
+      plan->e = e;
+      plan->grid = static_cast<unsigned>(grid);
+      plan->sig.assign(sig.begin(), sig.end());
+      plan->signature = std::move(signature);
+    }
+    if (!plan->knows(t, alignment)) {
+      if (plan->shapes.size() >= 64) plan->shapes.erase(plan->shapes.begin());
+      plan->shapes.emplace_back(t, alignment);
+    }
+  }
+
+  int64_t num_plans() const { return static_cast<int64_t>(plans_.size()); }
+
+  // Whether the plan whose dispatch arguments live at ``params`` knows (t, alignment).
+  bool knows(int64_t params, int64_t t, int64_t alignment) const {
+    for (const NvlPlan& p : plans_)
+      if (p.dispatch.params == reinterpret_cast<void**>(params)) return p.knows(t, alignment);
+    return false;
+  }
+
+  // A fresh dispatch: (recv_x, recv_scales, recv_topk_idx, recv_topk_weights,
+  // rank_prefix_matrix [R, R], recv_per_expert [L], num_tokens_of_rank [R], num_recv [1],
+  // send_pos [T, R], recv_src_idx [N], recv_src_rank [N] (int32), num_recv_tokens (-1 with
+  // num_worst_tokens), the per-expert counts (a list, None with num_worst_tokens), the count
+  // wait in ns, the call's Signature); (wait ns, Signature) when the notify kernel reported
+  // a failure (the caller raises it from the status word); or None (declined: nothing launched).
+  py::object fresh(const at::Tensor& x, const c10::optional<at::Tensor>& x_scales,
+                   const at::Tensor& ntpr, const at::Tensor& in_rank, const at::Tensor& ntpe,
+                   const c10::optional<at::Tensor>& idx, const c10::optional<at::Tensor>& w,
+                   int64_t alignment, int64_t seq, int64_t stream) {
+    if (!fresh_ || x.dim() != 2 || x.device() != device_ || !x.is_contiguous() || !aligned16(x))
+      return py::none();
+    const int64_t t = x.size(0);
+    const int64_t k = idx.has_value() ? (idx->dim() == 2 ? idx->size(1) : -1) : 0;
+    const NvlPlan* plan = find(x, x_scales.has_value(), k, idx.has_value(), w.has_value(),
+                               ntpe.dim() == 1 ? ntpe.size(0) : -1);
+    if (plan == nullptr || !scales_ok(x_scales, t, plan->hidden)) return py::none();
+    if (!is_ok(ntpr, at::kInt) || ntpr.dim() != 1 || ntpr.size(0) != r_) return py::none();
+    if (!is_ok(in_rank, at::kBool) || in_rank.dim() != 2 || in_rank.size(0) != t ||
+        in_rank.size(1) != r_ || !is_ok(ntpe, at::kInt))
+      return py::none();
+    if (idx.has_value() && (!is_ok(*idx, at::kLong) || idx->size(0) != t)) return py::none();
+    if (w.has_value() && (!is_ok(*w, at::kFloat) || w->dim() != 2 || w->size(0) != t ||
+                          w->size(1) != k))
+      return py::none();
+    if (!plan->knows(t, alignment) || seq > INT32_MAX || !status_clear()) return py::none();
+    if (worst_ == 0 && capturing(stream)) return py::none();  // the count wait cannot capture
+
+    // The notify's outputs in one allocation: rank_prefix_matrix [R, R], recv_per_expert [L],
+    // num_tokens_of_rank [R], num_recv [1]. With num_worst_tokens the rows are known before
+    // the notify runs, so the routes (below) share it, from a 16-byte boundary: one CUDA
+    // allocation less (the kernels read these int32 arrays element by element).
+    const int64_t r = r_, local = plan->e / r_;
+    const int64_t head = (r * r + local + r + 1 + 3) / 4 * 4;
+    at::Tensor small = at::empty({worst_ > 0 ? head + t * r + 2 * worst_ : head},
+                                 options_.dtype(at::kInt));
+    at::Tensor prefix = small.narrow(0, 0, r * r).view({r, r});
+    at::Tensor per_expert = small.narrow(0, r * r, local);
+    at::Tensor of_rank = small.narrow(0, r * r + local, r);
+    at::Tensor num_recv = small.narrow(0, r * r + local + r, 1);
+    const int64_t notify_values[] = {t, ptr(ntpr), ptr(ntpe), ptr(prefix), ptr(per_expert),
+                                     ptr(of_rank), ptr(num_recv), alignment, 0};
+    const Launch& n = plan->notify;
+    for (size_t i = 0; i + 1 < n.slots.size(); ++i) n.slots[i].put(notify_values[i]);
+    std::vector<int32_t> words = plan->sig;
+    words[0] = static_cast<int32_t>(seq);
+    n.slots.back().put_words(words);
+    launch(n, 1, stream, "nvl_notify");
+
+    int64_t rows = worst_, n_recv = -1, wait_ns = 0;
+    py::object counts = py::none();
+    if (worst_ == 0) {
+      // Wait for exactly the notify kernel, not for whatever else the stream holds; without
+      // the GIL, as torch's Event.synchronize on the Python path.
+      const auto t0 = std::chrono::steady_clock::now();
+      int err = 0;
+      {
+        py::gil_scoped_release nogil;
+        err = record_(event_, reinterpret_cast<void*>(stream));
+        if (err == 0) err = sync_(event_);
+      }
+      wait_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                    std::chrono::steady_clock::now() - t0).count();
+      if (err != 0)
+        throw std::runtime_error("ep_comm: the count wait of a dispatch failed: CUresult " +
+                                 std::to_string(err));
+      if (status_[0] != 0) return py::make_tuple(wait_ns, plan->signature);
+      n_recv = rows = status_[num_recv_word_];
+      py::list c(local);
+      for (int64_t i = 0; i < local; ++i) c[i] = py::int_(status_[counts_word_ + i]);
+      counts = std::move(c);
+    }
+    // send_pos [T, R], recv_src_idx [N] and recv_src_rank [N] in one allocation
+    at::Tensor route = worst_ > 0 ? small.narrow(0, head, t * r + 2 * rows)
+                                  : at::empty({t * r + 2 * rows}, options_.dtype(at::kInt));
+    at::Tensor send_pos = route.narrow(0, 0, t * r).view({t, r});
+    at::Tensor src_idx = route.narrow(0, t * r, rows);
+    at::Tensor src_rank = route.narrow(0, t * r + rows, rows);
+    Outputs o = outputs(*plan, rows);
+    const int64_t values[] = {ptr(x), ptr(x_scales), ptr(idx), ptr(w), ptr(in_rank), t,
+                              ptr(prefix), ptr(send_pos), ptr(o.x), ptr(o.scales),
+                              ptr(o.idx), ptr(o.w), ptr(src_idx), ptr(src_rank), rows,
+                              ptr(num_recv), 0, 0, 0, 0, 0, 0};
+    put_and_launch(*plan, values, stream);
+    return py::make_tuple(o.x, opt(o.scales), opt(o.idx), opt(o.w), prefix, per_expert, of_rank,
+                          num_recv, send_pos, src_idx, src_rank, n_recv, counts, wait_ns,
+                          plan->signature);
+  }
+
+  // A cached dispatch along a handle's routes: (recv_x, recv_scales or None, the call's
+  // Signature), or None (declined). ``rows``: the handle's received rows; ``e``: its experts.
+  py::object cached(const at::Tensor& x, const c10::optional<at::Tensor>& x_scales,
+                    const at::Tensor& in_rank, const at::Tensor& prefix,
+                    const at::Tensor& src_idx, const at::Tensor& src_rank,
+                    const at::Tensor& num_recv, int64_t rows, int64_t e, int64_t alignment,
+                    int64_t stream) {
+    if (fresh_ || x.dim() != 2 || x.device() != device_ || !x.is_contiguous() || !aligned16(x))
+      return py::none();
+    const int64_t t = x.size(0);
+    const NvlPlan* plan = find(x, x_scales.has_value(), 0, false, false, e);
+    if (plan == nullptr || !scales_ok(x_scales, t, plan->hidden)) return py::none();
+    if (!is_ok(in_rank, at::kBool) || in_rank.dim() != 2 || in_rank.size(0) != t ||
+        in_rank.size(1) != r_ || !is_ok(prefix, at::kInt) || !is_ok(src_idx, at::kInt) ||
+        !is_ok(src_rank, at::kInt) || !is_ok(num_recv, at::kInt) || src_idx.numel() != rows ||
+        src_rank.numel() != rows)
+      return py::none();
+    if (!plan->knows(t, alignment) || !status_clear()) return py::none();
+    Outputs o = outputs(*plan, rows);
+    const int64_t values[] = {ptr(x), ptr(x_scales), 0, 0, ptr(in_rank), t, ptr(prefix), 0,
+                              ptr(o.x), ptr(o.scales), 0, 0, ptr(src_idx), ptr(src_rank), rows,
+                              ptr(num_recv), 0, 0, 0, 0, 0, 0};
+    put_and_launch(*plan, values, stream);
+    return py::make_tuple(o.x, opt(o.scales), plan->signature);
+  }
+
+ private:
+  // recv_x [N, H] (x's dtype), recv_scales [N, H / 128] float32, recv_topk_idx [N, K] int64,
+  // recv_topk_weights [N, K] float32, as the plan's call has them (every row written by
+  // nvl_dispatch, padding rows included).
+  struct Outputs {
+    at::Tensor x;
+    c10::optional<at::Tensor> scales, idx, w;
+  };
+
+  Outputs outputs(const NvlPlan& p, int64_t rows) const {
+    Outputs o;
+    o.x = at::empty({rows, p.hidden}, options_.dtype(p.dtype));
+    if (p.scales) o.scales = at::empty({rows, p.hidden / 128}, options_.dtype(at::kFloat));
+    if (p.has_idx) o.idx = at::empty({rows, p.k}, options_.dtype(at::kLong));
+    if (p.has_w) o.w = at::empty({rows, p.k}, options_.dtype(at::kFloat));
+    return o;
+  }
+
+  static py::object opt(const c10::optional<at::Tensor>& t) {
+    return t.has_value() ? py::cast(*t) : py::none();
+  }
+
+  const NvlPlan* find(const at::Tensor& x, bool scales, int64_t k, bool has_idx, bool has_w,
+                      int64_t e) const {
+    for (const NvlPlan& p : plans_)
+      if (p.dtype == x.scalar_type() && p.hidden == x.size(1) && p.scales == scales &&
+          p.k == k && p.has_idx == has_idx && p.has_w == has_w && p.e == e)
+        return &p;
+    return nullptr;
+  }
+
+  // x's scales: [T, H / 128] float32, contiguous (as Buffer.dispatch makes them), or absent.
+  bool scales_ok(const c10::optional<at::Tensor>& s, int64_t t, int64_t hidden) const {
+    return !s.has_value() || (is_ok(*s, at::kFloat) && s->dim() == 2 && s->size(0) == t &&
+                              s->size(1) == hidden / 128);
+  }
+
+  void put_and_launch(const NvlPlan& p, const int64_t* values, int64_t stream) const {
+    for (size_t i = 0; i < p.dispatch.slots.size(); ++i) p.dispatch.slots[i].put(values[i]);
+    launch(p.dispatch, p.grid, stream, "nvl_dispatch");
+  }
+
+  EventRecordFn record_;
+  EventSyncFn sync_;
+  void* event_;
+  int64_t num_recv_word_, counts_word_, r_;
+  bool fresh_;
+  int64_t worst_;
+  std::vector<NvlPlan> plans_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "ep_comm's C++ host path: the low-latency calls and the layout (kernels/host/host_path.cpp)";
+  m.doc() = "ep_comm's C++ host path: the low-latency calls, the layout and the NVLink dispatch "
+            "(kernels/host/host_path.cpp)";
   m.attr("DISPATCH_SLOTS") = kDispatchSlots;
   m.attr("COMBINE_SLOTS") = kCombineSlots;
   m.attr("LAYOUT_SLOTS") = kLayoutSlots;
+  m.attr("NVL_NOTIFY_SLOTS") = kNvlNotifySlots;
+  m.attr("NVL_DISPATCH_SLOTS") = kNvlDispatchSlots;
+  py::class_<NvlDispatch>(m, "NvlDispatch")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                    int64_t, const at::Tensor&, int64_t, bool, int64_t>())
+      .def("learn", &NvlDispatch::learn)
+      .def("num_plans", &NvlDispatch::num_plans)
+      .def("knows", &NvlDispatch::knows)
+      .def("fresh", &NvlDispatch::fresh)
+      .def("cached", &NvlDispatch::cached);
   py::class_<Layout>(m, "Layout")
       .def(py::init<int64_t, const at::Tensor&, int64_t, int64_t, int64_t, int64_t>())
       .def("set_launch", &Layout::set_launch)

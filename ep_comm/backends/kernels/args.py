@@ -57,6 +57,19 @@ LL_COMBINE_PER_CALL = ("x", "zero_copy", "src_info", "range_begin", "range_count
 #: in this order, kernels/host/host_path.cpp).
 NVL_LAYOUT_PER_CALL = ("topk_idx", "T", "num_tokens_per_rank", "num_tokens_per_expert",
                        "is_token_in_rank", "scratch")
+#: The NVLink notify and dispatch kernels' arguments that change from call to call (the C++
+#: host path, kernels/host/host_path.cpp, writes them in this order; ``sig`` is the call's
+#: ``CallSig``). The expanding dispatch's are written as "off" (0) by the C++ path, which never
+#: runs an expanding call; ``num_exp_rows``, ``expert_alignment`` and ``zero_exp_padding`` of
+#: the dispatch kernel are read only by an expanding call.
+NVL_NOTIFY_PER_CALL = ("T", "num_tokens_per_rank", "num_tokens_per_expert", "rank_prefix_matrix",
+                       "recv_per_expert", "num_tokens_of_rank", "num_recv_dev",
+                       "expert_alignment", "expand_base", "sig")
+NVL_DISPATCH_PER_CALL = ("x", "x_scales", "topk_idx", "topk_weights", "is_token_in_rank", "T",
+                         "rank_prefix_matrix", "send_pos", "recv_x", "recv_scales",
+                         "recv_topk_idx", "recv_topk_weights", "recv_src_idx", "recv_src_rank",
+                         "num_rows", "num_recv_dev", "expand", "expand_pos", "expand_base",
+                         "exp_x", "exp_scales", "exp_w")
 #: ``phases`` bits (kernels/cuda/low_latency_common.cuh kSendPhase / kRecvPhase).
 LL_SEND_PHASE = 1
 LL_RECV_PHASE = 2

@@ -78,6 +78,9 @@ class KernelsBackend(Backend):
     def layout_host_path(self):
         return self.normal.layout_host_path()
 
+    def normal_host_path(self):
+        return getattr(self.normal, "enable_host_path", lambda: None)()
+
     def ll_host_path(self):
         return self.ll.enable_host_path() if self.ll is not None else None
 

@@ -1,4 +1,5 @@
-"""The C++ host path (``kernels/host/host_path.cpp``): the low-latency calls and the layout.
+"""The C++ host path (``kernels/host/host_path.cpp``): the low-latency calls, the layout and
+the normal-mode dispatch over NVLink.
 
 A later call of a shape the Python path has validated goes from ``Buffer`` straight to the C++
 object of its sizes: one call that guards, allocates, patches the launch plan's argument slots
@@ -6,6 +7,10 @@ and launches (docs/host_path.md). The Python path (``LowLatencyRuntime``) stays 
 and teaches this module each plan and shape after it ran them (``learn_dispatch`` /
 ``learn_combine``). Whatever the C++ side does not know (a new shape, a receive hook, a CUDA
 graph capture, a status word already set) it declines, and the Python path runs the call.
+
+The normal-mode dispatch (``IntranodeHostPath``) works the same way: ``IntranodeRuntime``
+teaches it each plan (notify and dispatch launches) with the token count and expert alignment
+of the call, and ``Buffer.dispatch`` without stream flags or ``expand`` tries it first.
 
 Used only where the extension loads (``ep_comm.runtime.host_ext``), and only for calls the
 Buffer makes without per-call host checks (no ``EP_COMM_DEBUG``, ``EP_COMM_CHECK_IDS=1``,
@@ -16,11 +21,13 @@ from __future__ import annotations
 import torch
 
 from ep_comm.backends.kernels.args import (LL_COMBINE_PER_CALL, LL_DISPATCH_PER_CALL,
-                                           LL_RECV_PHASE, LL_SEND_PHASE, NVL_LAYOUT_PER_CALL)
+                                           LL_RECV_PHASE, LL_SEND_PHASE, NVL_DISPATCH_PER_CALL,
+                                           NVL_LAYOUT_PER_CALL, NVL_NOTIFY_PER_CALL)
 from ep_comm.core import agreement
-from ep_comm.core.constants import LL_STATUS_WORDS, LL_TAG_SEQ_MOD, LL_TAG_SEQ_SHIFT
+from ep_comm.core.constants import (LL_STATUS_WORDS, LL_TAG_SEQ_MOD, LL_TAG_SEQ_SHIFT,
+                                    NVL_INFO_EXPERT_COUNTS, NVL_INFO_NUM_RECV)
 from ep_comm.errors import EpCommError
-from ep_comm.handles import LowLatencyHandle
+from ep_comm.handles import DispatchHandle, LowLatencyHandle
 from ep_comm.runtime import host_ext, jit
 
 #: kernels/host/host_path.cpp (the low-latency calls and the layout)
@@ -35,10 +42,12 @@ def load_extension():
         return None
     if (tuple(ext.DISPATCH_SLOTS) != LL_DISPATCH_PER_CALL
             or tuple(ext.COMBINE_SLOTS) != LL_COMBINE_PER_CALL
-            or tuple(ext.LAYOUT_SLOTS) != NVL_LAYOUT_PER_CALL):
+            or tuple(ext.LAYOUT_SLOTS) != NVL_LAYOUT_PER_CALL
+            or tuple(ext.NVL_NOTIFY_SLOTS) != NVL_NOTIFY_PER_CALL
+            or tuple(ext.NVL_DISPATCH_SLOTS) != NVL_DISPATCH_PER_CALL):
         raise EpCommError("ep_comm internal: kernels/host/host_path.cpp writes other per-call "
                           "arguments than args.LL_DISPATCH_PER_CALL / LL_COMBINE_PER_CALL / "
-                          "NVL_LAYOUT_PER_CALL")
+                          "NVL_LAYOUT_PER_CALL / NVL_NOTIFY_PER_CALL / NVL_DISPATCH_PER_CALL")
     return ext
 
 
@@ -71,6 +80,9 @@ class LowLatencyHostPath:
         self._state_type = state_type  # the runtime's LowLatencyState (handle.backend_state)
         self._dispatch: dict = {}  # (M, E, use_fp8, round_scale, use_ue8m0) -> (hidden, C++)
         self._combine: dict = {}   # (M, hidden, E) -> C++
+        # The calls' Signatures (frozen), built once per (kind, sizes, top-k): a new one cost
+        # ~1.5 us of every call.
+        self._sigs: dict = {}
         self._status_ptr = runtime._status.host_ptr
         self._like = torch.empty(0, device=runtime.device)
         self.calls = 0  # calls the C++ side ran (for tests and the bench)
@@ -142,9 +154,9 @@ class LowLatencyHostPath:
         self.calls += 1
         rt._next_half = half ^ 1
         hidden = entry[0]
-        comm.begin_call(agreement.Signature(
-            "low_latency_dispatch", hidden, torch.float8_e4m3fn if use_fp8 else torch.bfloat16,
-            num_experts, topk_idx.shape[1], -1, m), None, False)
+        comm.begin_call(self._signature("low_latency_dispatch", hidden,
+                                        torch.float8_e4m3fn if use_fp8 else torch.bfloat16,
+                                        num_experts, topk_idx.shape[1], m), None, False)
         recv_x, scales, src_info, begin, count, recv_count = out
         handle = LowLatencyHandle(src_info, begin, count, recv_count, m, hidden, num_experts,
                                   half, use_fp8, self._state_type(half, ()))
@@ -164,10 +176,24 @@ class LowLatencyHostPath:
         if result is None:
             return None
         self.calls += 1
-        comm.begin_call(agreement.Signature(
-            "low_latency_combine", hidden, x.dtype, e, topk_idx.shape[1],
-            getattr(handle.backend_state, "call_seq", -1), m), None, False)
+        called = getattr(handle.backend_state, "call_seq", -1)  # -1: this runtime's handles
+        comm.begin_call(self._signature("low_latency_combine", hidden, torch.bfloat16, e,
+                                        topk_idx.shape[1], m) if called == -1 else
+                        agreement.Signature("low_latency_combine", hidden, x.dtype, e,
+                                            topk_idx.shape[1], called, m), None, False)
         return result
+
+    def _signature(self, op: str, hidden: int, dtype, num_experts: int, num_topk: int,
+                   m: int) -> "agreement.Signature":
+        """The Signature of a low-latency call of these sizes (no handle field), built once."""
+        key = (op, hidden, dtype, num_experts, num_topk, m)
+        sig = self._sigs.get(key)
+        if sig is None:
+            if len(self._sigs) >= 256:  # many shapes: keep the newest
+                self._sigs.pop(next(iter(self._sigs)))
+            sig = self._sigs[key] = agreement.Signature(op, hidden, dtype, num_experts,
+                                                         num_topk, -1, m)
+        return sig
 
 
 class LayoutHostPath:
@@ -213,4 +239,180 @@ class LayoutHostPath:
         return out[0], None, out[1], out[2]
 
 
-__all__ = ["EXTENSION", "LayoutHostPath", "LowLatencyHostPath", "load_extension"]
+class IntranodeHostPath:
+    """The C++ twin of an ``IntranodeRuntime``'s dispatch (``NvlDispatch`` of host_path.cpp):
+    one object per (fresh or cached, ``num_worst_tokens``, Config), holding the plans of that
+    kind that the Python path built and the (tokens, expert alignment) of their calls.
+
+    A fresh dispatch with ``num_worst_tokens`` is two launches and no host wait; a fresh one
+    from a layout waits for the notify kernel's counts (an event after it, bounded by the
+    kernel's own timeout) and reads them from the status words; a cached one is one launch.
+    The call is numbered (``Comm.begin_call``) with the Signature the Python path's first call
+    of the plan used, and the notify kernel gets the same signature words as on the Python path
+    (the call's number in word 0), so the agreement of docs/faults.md is unchanged."""
+
+    def __init__(self, runtime, ext, state_type, aligned_counts):
+        self.rt, self.ext = runtime, ext
+        self._state_type = state_type          # NvlDispatchState (handle.backend_state)
+        self._aligned_counts = aligned_counts  # intranode.aligned_counts
+        self._objs: dict = {}  # (fresh, num_worst_tokens, Config) -> C++ (as the plans' keys)
+        # (fresh, num_worst_tokens, id(config)) -> (config, C++): the same objects found by
+        # identity, which costs less than hashing a Config at every call
+        self._by_id: dict = {}
+        self._like = torch.empty(0, device=runtime.device)
+        self.calls = 0  # calls the C++ side ran (for tests and the bench)
+
+    # ------------------------------------------------------------------ learning
+    def learn(self, notify, launch, *, fresh: bool, x, has_scales: bool, num_topk: int,
+              has_idx: bool, has_w: bool, num_experts: int, num_worst_tokens: int, config,
+              t: int, alignment: int) -> None:
+        """After the Python path ran a (non-expanding) dispatch of plan (``notify``, ``launch``)
+        with x [t, H]: remember the plan and the call's sizes. A call that was not the
+        Buffer's call of this signature (a runtime driven directly), or that carried a bad
+        input, teaches nothing."""
+        native = launch.native
+        if native is None:
+            return
+        obj = self._obj(fresh, num_worst_tokens, config)
+        if obj is not None and obj.knows(launch.args.address, t, alignment):
+            return  # a Python-path call of a known shape (stream flags, a declined call)
+        rt = self.rt
+        words, bad = rt.comm.call_words()
+        sig = agreement.Signature("dispatch" if fresh else "cached_dispatch", x.shape[1], x.dtype,
+                                  num_experts, num_topk if has_idx else -1, -1)
+        if bad is not None or list(words) != agreement.device_words(words[0], sig):
+            return
+        waits = fresh and num_worst_tokens == 0
+        event = getattr(rt._notify_done, "cuda_event", 0) if waits else 0
+        if waits and not event:
+            return  # the count wait's event does not exist yet (created at its first record)
+        if obj is None:
+            if len(self._objs) >= 64:  # a workload of many configs keeps the newest
+                self._objs.pop(next(iter(self._objs)))
+                self._by_id.clear()
+            record, sync = rt._module.native_event_fns() if waits else (0, 0)
+            obj = self._objs[fresh, num_worst_tokens, config] = self.ext.NvlDispatch(
+                native[0], native[1], record, sync, event, rt.status.host_ptr, NVL_INFO_NUM_RECV,
+                NVL_INFO_NUM_RECV, NVL_INFO_EXPERT_COUNTS, self._like, rt.num_ranks, fresh,
+                num_worst_tokens)
+        n_launch, n_addrs, n_widths = (0, 0, 0, 0), [], []
+        if fresh:
+            n_launch = (notify.native[2], notify.args.address, notify.block, notify.shared_mem)
+            n_addrs, n_widths = _slots(notify, NVL_NOTIFY_PER_CALL)
+        addrs, widths = _slots(launch, NVL_DISPATCH_PER_CALL)
+        obj.learn(*n_launch, n_addrs, n_widths, native[2], launch.args.address, launch.block,
+                  launch.shared_mem, addrs, widths, launch.grid, x, has_scales, num_topk, has_idx,
+                  has_w, num_experts, list(words), sig, t, alignment)
+
+    # ------------------------------------------------------------------ calls
+    def dispatch(self, payload, scales, handle, num_tokens_per_rank, num_tokens_per_rdma_rank,
+                 is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
+                 expert_alignment, num_worst_tokens, config):
+        """(recv_x or (recv_x, recv_scales), recv_topk_idx, recv_topk_weights, the count list,
+        handle) as ``Buffer.dispatch`` returns them less the event, or None (declined: nothing
+        ran and the call is not numbered; the caller runs the Python path)."""
+        if num_tokens_per_rdma_rank is not None or self.rt._broken is not None:
+            return None
+        if handle is None:
+            return self._fresh(payload, scales, num_tokens_per_rank, is_token_in_rank,
+                               num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
+                               num_worst_tokens, config)
+        state = getattr(handle, "backend_state", None)
+        if (type(state) is not self._state_type or handle.num_tokens_per_rdma_rank is not None
+                or num_tokens_per_rank is not None or is_token_in_rank is not None
+                or num_tokens_per_expert is not None or topk_idx is not None
+                or topk_weights is not None):
+            return None
+        worst = handle.num_worst_tokens
+        # the call's own num_worst_tokens is ignored but checked by the Python path: take the
+        # values it accepts for a handle that has them (the default 0, or the handle's own)
+        if type(num_worst_tokens) is not int or num_worst_tokens not in (0, worst):
+            return None
+        obj = self._obj(False, worst, config)
+        if obj is None:
+            return None
+        rt = self.rt
+        out = self._run(obj.cached, (
+            payload, scales, handle.is_token_in_rank, handle.rank_prefix_matrix,
+            handle.recv_src_idx, handle.recv_src_rank, state.num_recv, handle.num_recv_rows,
+            handle.num_experts, expert_alignment, jit.current_stream_handle(rt._dev_index)),
+            lambda: agreement.Signature("cached_dispatch", payload.shape[1], payload.dtype,
+                                        handle.num_experts))
+        if out is None:
+            return None
+        rt.comm.begin_call(out[2], None, False)
+        self.calls += 1
+        counts = [] if worst > 0 else self._aligned_counts(state.counts_host, expert_alignment)
+        return (out[0] if scales is None else (out[0], out[1])), None, None, counts, handle
+
+    def _fresh(self, payload, scales, ntpr, in_rank, ntpe, idx, w, alignment, worst, config):
+        if type(worst) is not int:  # 0.0 would find the plan of 0; the Python path refuses it
+            return None
+        obj = self._obj(True, worst, config)
+        if obj is None:
+            return None
+        rt = self.rt
+        comm = rt.comm
+        out = self._run(obj.fresh, (
+            payload, scales, ntpr, in_rank, ntpe, idx, w, alignment, comm.seq + 1,
+            jit.current_stream_handle(rt._dev_index)),
+            lambda: agreement.Signature("dispatch", payload.shape[1], payload.dtype,
+                                        ntpe.shape[0], -1 if idx is None else idx.shape[1]))
+        if out is None:
+            return None
+        comm.begin_call(out[-1], None, False)
+        rt._notify_input = None  # this call's input passed the checks of its shape's first call
+        self.calls += 1
+        if len(out) == 2:  # the notify kernel reported: raised from the status word, as there
+            rt.last_count_wait_ns = out[0]
+            rt.check_status()
+            raise EpCommError("ep_comm internal: the notify kernel reported a failure that the "
+                              "status word no longer holds")
+        (recv_x, recv_scales, recv_idx, recv_w, prefix, per_expert, of_rank, num_recv, send_pos,
+         src_idx, src_rank, n_recv, counts_host, wait_ns, _) = out
+        if worst == 0:
+            rt.last_count_wait_ns = wait_ns
+        handle = DispatchHandle(rt.rank, rt.num_ranks, ntpe.shape[0], in_rank, ntpr, prefix,
+                                send_pos, src_idx, src_rank, n_recv, per_expert, worst, None,
+                                self._state_type(of_rank, num_recv, counts_host),
+                                config.num_channels)
+        counts = [] if worst > 0 else self._aligned_counts(counts_host, alignment)
+        return ((recv_x if scales is None else (recv_x, recv_scales)), recv_idx, recv_w, counts,
+                handle)
+
+    def _obj(self, fresh: bool, worst: int, config):
+        """The C++ object of (kind, ``num_worst_tokens``, ``config``), or None: by identity
+        first, else by value (a Config equal to a learnt one has the same plans; another
+        type: None, the Python path refuses it)."""
+        hit = self._by_id.get((fresh, worst, id(config)))
+        if hit is not None and hit[0] is config:
+            return hit[1]
+        try:
+            obj = self._objs.get((fresh, worst, config))
+        except TypeError:  # not hashable, so not a Config
+            return None
+        if obj is not None:
+            if len(self._by_id) >= 256:
+                self._by_id.clear()
+            self._by_id[fresh, worst, id(config)] = (config, obj)  # keeps config alive
+        return obj
+
+    def _run(self, fn, args: tuple, signature):
+        """``fn(*args)``, or None where it declined or an argument is not of its type. The C++
+        side never fails in its guard, so an error comes from after it (an allocation, a
+        launch, the count wait): the call is numbered first (with ``signature()``), as the
+        Python path numbers it before its backend runs, then the error raised (a failed
+        launch as ``JitError``)."""
+        try:
+            return fn(*args)
+        except TypeError:
+            return None
+        except RuntimeError as e:
+            self.rt.comm.begin_call(signature(), None, False)
+            if str(e).startswith("cuLaunchKernel"):
+                raise jit.JitError(str(e)) from e
+            raise
+
+
+__all__ = ["EXTENSION", "IntranodeHostPath", "LayoutHostPath", "LowLatencyHostPath",
+           "load_extension"]

@@ -248,6 +248,9 @@ class IntranodeRuntime:
         self._layout = LayoutKernel(self.num_ranks, self.device, self._id_check.data_ptr())
         #: ns the host spent in the last dispatch-from-layout's count wait (for the bench).
         self.last_count_wait_ns = 0
+        # The C++ host path of later dispatches (host_path.IntranodeHostPath), once
+        # enable_host_path() loaded it; it learns each plan from this class's calls.
+        self.host_path = None
 
     # ------------------------------------------------------------------ plumbing
     def comm_stream(self):
@@ -303,6 +306,17 @@ class IntranodeRuntime:
                     off_ctrl=r["ctrl"].offset, off_tail=r["tail"].offset,
                     off_head=r["head"].offset, off_ring=r["ring"].offset,
                     slot_bytes=regions.slot_bytes)
+
+    def enable_host_path(self):
+        """Load the C++ host path of later dispatches (``host_path.IntranodeHostPath``).
+        Returns it, or None (off, or not buildable: ``host_ext.status`` says why)."""
+        if self.host_path is None:
+            from ep_comm.backends.kernels import host_path
+            ext = host_path.load_extension()
+            if ext is not None:
+                self.host_path = host_path.IntranodeHostPath(self, ext, NvlDispatchState,
+                                                             aligned_counts)
+        return self.host_path
 
     # ------------------------------------------------------------------ layout
     def layout_host_path(self):
@@ -482,6 +496,13 @@ class IntranodeRuntime:
         s["num_rows"].value = rows
         s["num_recv_dev"].value = num_recv_dev.data_ptr()
         launch.launch(stream)
+        if self.host_path is not None and expand is None:  # later calls can go through C++
+            self.host_path.learn(
+                notify, launch, fresh=fresh, x=x, has_scales=x_scales is not None,
+                num_topk=num_topk, has_idx=topk_idx is not None,
+                has_w=topk_weights is not None, num_experts=num_experts,
+                num_worst_tokens=num_worst_tokens, config=config, t=t,
+                alignment=expert_alignment)
         if expand is not None:
             return exp_x, exp_scales, recv_idx, exp_w, count_list, handle
         return recv_x, recv_scales, recv_idx, recv_w, count_list, handle
@@ -538,6 +559,7 @@ class IntranodeRuntime:
     def destroy(self) -> None:
         """Free the NVLink buffer (after the peers unmapped it) and the status word. Works after
         a failure too: then the ranks do not meet first (a peer may be gone)."""
+        self.host_path = None  # it reads the status words freed below
         if self.nvl is not None:
             self.nvl.free(synchronize_peers=self._broken is None)
             self.nvl = None
