@@ -333,6 +333,58 @@ def test_warp_specialized_config_says_why_it_cannot_run():
 H, I = 7168, 2048
 
 
+#: The local expert step of the tiny transformers models (tests/hf_cases.py: hidden 64, expert
+#: intermediate 32, 4 local experts, top-2), as ep_comm.integrations.transformers.fast_rows runs
+#: it with the default configurations: grouping, permutation, the gate-up GEMM [P, 64] x [64, 64]
+#: and the down GEMM [P, 32] x [64, 32], each checked against torch. Run in a child process: the
+#: transformers GPU test (2 ranks sharing the GPU) sat in a sync after its first forward until its
+#: pool gave up (2026-12-07) while every ep_comm kernel passed its hidden-64 cases, so one of these
+#: may never finish; a child with a timeout turns that into a failure that says so.
+TINY_STEP = """
+import sys, torch
+from ep_comm import moe
+from ep_comm.moe import gemm
+torch.manual_seed(0)
+dev = torch.device("cuda")
+for rows in (7, 1, 0, 40):
+    idx = torch.randint(-1, 4, (rows, 2), device=dev)
+    lay = moe.group_by_expert(idx, 4, num_rows=int((idx >= 0).sum()))
+    x = torch.randn(rows, 64, device=dev).to(torch.bfloat16)
+    xp = moe.permute(x, lay)
+    for n, k in ((64, 64), (64, 32)):
+        a = xp if k == 64 else xp[:, :32].contiguous()
+        w = (torch.randn(4, n, k, device=dev) / 8).to(torch.bfloat16)
+        out = gemm.grouped_gemm_contiguous(a, w, lay.group_end, group_rows=lay.group_rows)
+        ref = gemm.grouped_gemm_contiguous_torch(a, w, lay.group_end, group_rows=lay.group_rows)
+        torch.cuda.synchronize()
+        valid = torch.zeros(a.shape[0], dtype=torch.bool, device=dev)
+        start = 0
+        for end, r in zip(lay.group_end.tolist(), lay.group_rows.tolist()):
+            valid[start:start + min(r, end - start)] = True
+            start = end
+        if valid.any():
+            err = (out[valid].float() - ref[valid].float()).abs().max().item()
+            assert err <= 2.0 ** -6 * max(1.0, ref[valid].float().abs().max().item()), err
+        print(f"rows {rows} n {n} k {k}: {int(valid.sum())} valid rows match", flush=True)
+print("ok")
+"""
+
+
+@pytest.mark.gpu
+@gpu_only
+def test_gpu_tiny_model_expert_step_finishes_and_matches_torch():
+    import subprocess
+    import sys
+    try:
+        done = subprocess.run([sys.executable, "-c", TINY_STEP], capture_output=True, text=True,
+                              timeout=150)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        pytest.fail(f"the tiny model's expert step did not finish in 150 s; it printed:\n{out}")
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (
+        f"rc {done.returncode}\n{done.stdout}\n{done.stderr[-3000:]}")
+
+
 @pytest.mark.gpu
 @gpu_only
 @pytest.mark.parametrize("tma", [False, True], ids=TMA_IDS.get)
