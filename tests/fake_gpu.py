@@ -259,3 +259,23 @@ class _MonkeyPatch:
     def undo(self):
         for obj, name, value in reversed(self._saved):
             setattr(obj, name, value)
+
+
+def refuse_notify(rt, rows: dict[int, list[int]]) -> None:
+    """What refusing notify kernels (NVLink or internode) leave in the runtime ``rt``'s host
+    status word when every rank ran the notify: every rank's call-signature words, then the
+    first differing (word, rank) as the kernels pick them (else the first rank whose status
+    word reports a bad input), and the code STATUS_DISAGREE last."""
+    from ep_comm.core.constants import (CALL_SIG_FIELDS, CALL_SIG_WORDS, NVL_INFO_CALL_SIGS,
+                                        PHASE_NOTIFY, STATUS_DISAGREE)
+    status = CALL_SIG_FIELDS.index("status")
+    view = rt.status._view
+    for r, words in rows.items():
+        at = NVL_INFO_CALL_SIGS + r * CALL_SIG_WORDS
+        view[at:at + CALL_SIG_WORDS] = words
+    mine = rows[rt.rank]
+    diffs = [(w, r) for r, row in rows.items() for w in range(status) if row[w] != mine[w]]
+    word, peer = min(diffs) if diffs else (-1, min(r for r, row in rows.items() if row[status]))
+    view[1:6] = [PHASE_NOTIFY, peer, word, rows[peer][word] if word >= 0 else 0,
+                 mine[word] if word >= 0 else 0]
+    view[0] = STATUS_DISAGREE

@@ -14,8 +14,7 @@ import torch
 from ep_comm.backends.kernels import args, status
 from ep_comm.core import agreement
 from ep_comm.core.constants import (CALL_SIG_FIELDS, CALL_SIG_WORDS, NVL_INFO_CALL_SIGS,
-                                    PHASE_BARRIER, PHASE_NOTIFY, STATUS_DISAGREE,
-                                    STATUS_DISAGREE_TAG)
+                                    PHASE_BARRIER, PHASE_NOTIFY, STATUS_DISAGREE_TAG)
 from ep_comm.errors import CollectiveMismatchError, InputError, PeerInputError
 
 import fake_gpu
@@ -79,21 +78,6 @@ def _launches(rt, name):
     return [a for n, _, a in rt.fake_module.launches if n == name]
 
 
-def _refuse_rows(rt, rows: dict[int, list[int]]):
-    """What refusing notify kernels leave in ``rt``'s status word when every rank ran the
-    notify: every rank's words, then the first differing rank and word and the code."""
-    view = rt.status._view
-    for r, words in rows.items():
-        at = NVL_INFO_CALL_SIGS + r * CALL_SIG_WORDS
-        view[at:at + CALL_SIG_WORDS] = words
-    mine = rows[rt.rank]
-    diffs = [(w, r) for r, row in rows.items() for w in range(STATUS) if row[w] != mine[w]]
-    word, peer = min(diffs) if diffs else (-1, min(r for r, row in rows.items() if row[STATUS]))
-    view[1:6] = [PHASE_NOTIFY, peer, word, rows[peer][word] if word >= 0 else 0,
-                 mine[word] if word >= 0 else 0]
-    view[0] = STATUS_DISAGREE
-
-
 def _refuse_tag(rt, phase, peer, peer_runs_barrier, theirs, mine):
     """What a kernel refusing by call tags leaves in the status word."""
     view = rt.status._view
@@ -143,7 +127,7 @@ def test_refused_notify_raises_the_mismatch_before_the_dispatch_kernel_and_stays
     def refuse(values):
         theirs = list(values["sig"])
         theirs[CALL_SIG_FIELDS.index("hidden")] = 128
-        _refuse_rows(rt, {0: values["sig"], 1: theirs})
+        fake_gpu.refuse_notify(rt, {0: values["sig"], 1: theirs})
     rt.fake_module.on_launch = _on("inter_notify", refuse)
     with pytest.raises(CollectiveMismatchError) as e:
         _dispatch(rt)
@@ -171,7 +155,7 @@ def test_own_bad_input_raises_its_input_error_and_the_peers_name_it(monkeypatch)
                 rows = {runtime.rank: list(values["sig"])}
                 rows[1 - runtime.rank] = agreement.device_words(
                     1, SIG, None if rank == 1 else bad)
-                _refuse_rows(runtime, rows)
+                fake_gpu.refuse_notify(runtime, rows)
             runtime.fake_module.on_launch = _on("inter_notify", refuse)
             if rank == 1:
                 with pytest.raises(InputError, match=r"topk_idx\[3, 1\] = 17 \(token 3\)"):
@@ -252,7 +236,7 @@ def test_refusal_of_a_dispatch_that_did_not_wait_is_raised_by_the_next_call(rt):
     def refuse(values):
         theirs = list(values["sig"])
         theirs[CALL_SIG_FIELDS.index("num_topk")] = 4
-        _refuse_rows(rt, {0: values["sig"], 1: theirs})
+        fake_gpu.refuse_notify(rt, {0: values["sig"], 1: theirs})
     rt.fake_module.on_launch = _on("inter_notify", refuse)
     _dispatch(rt, worst=64)  # returns: the host did not wait (its dispatch kernel moves nothing)
     rt.fake_module.on_launch = None

@@ -10,29 +10,13 @@ import torch
 
 from ep_comm.backends.kernels import status
 from ep_comm.core import agreement
-from ep_comm.core.constants import (CALL_SIG_FIELDS, CALL_SIG_WORDS, NVL_INFO_CALL_SIGS,
-                                    PHASE_NOTIFY, STATUS_DISAGREE)
+from ep_comm.core.constants import CALL_SIG_FIELDS, CALL_SIG_WORDS, PHASE_NOTIFY, STATUS_DISAGREE
 from ep_comm.errors import CollectiveMismatchError, InputError, PeerInputError
 
 import fake_gpu
 
 HIDDEN = CALL_SIG_FIELDS.index("hidden")
 STATUS = CALL_SIG_FIELDS.index("status")
-
-
-def _refuse(rt, rows: dict[int, list[int]]):
-    """What a refusing notify kernel leaves in ``rt``'s status word: every rank's words, then
-    the first differing rank and word (as the kernel picks them) and the code."""
-    view = rt.status._view
-    for r, words in rows.items():
-        at = NVL_INFO_CALL_SIGS + r * CALL_SIG_WORDS
-        view[at:at + CALL_SIG_WORDS] = words
-    mine = rows[rt.rank]
-    diffs = [(w, r) for r, row in rows.items() for w in range(STATUS) if row[w] != mine[w]]
-    word, peer = min(diffs) if diffs else (-1, min(r for r, row in rows.items() if row[STATUS]))
-    view[1:6] = [PHASE_NOTIFY, peer, word, rows[peer][word] if word >= 0 else 0,
-                 mine[word] if word >= 0 else 0]
-    view[0] = STATUS_DISAGREE
 
 
 @pytest.fixture
@@ -51,7 +35,7 @@ def _refuse_with(rt, peer_words):
     ``peer_words(this rank's words)``."""
     def kernel(name, values):
         if name == "nvl_notify":
-            _refuse(rt, {0: values["sig"], 1: peer_words(list(values["sig"]))})
+            fake_gpu.refuse_notify(rt, {0: values["sig"], 1: peer_words(list(values["sig"]))})
     return kernel
 
 
@@ -131,7 +115,7 @@ def test_own_bad_input_raises_its_input_error_after_the_exchange(two_ranks):
     def kernel(name, values):
         if name == "nvl_notify":
             assert values["sig"][STATUS] == 1 and values["sig"][STATUS + 1:] == [3, 1, 17]
-            _refuse(rt, {0: values["sig"], 1: agreement.device_words(1, sig)})
+            fake_gpu.refuse_notify(rt, {0: values["sig"], 1: agreement.device_words(1, sig)})
     rt.fake_module.on_launch = kernel
     with pytest.raises(InputError, match=r"topk_idx\[3, 1\] = 17 \(token 3\)"):
         _dispatch(rt)
@@ -162,7 +146,7 @@ def test_bad_id_found_by_the_layout_kernel_is_this_ranks_input_error(two_ranks):
             assert values["id_check"] == rt._id_check.data_ptr()
             mine = list(values["sig"])
             mine[STATUS:STATUS + 4] = [1, 3, 1, 17]  # what the kernel sends from id_check
-            _refuse(rt, {0: mine, 1: agreement.device_words(
+            fake_gpu.refuse_notify(rt, {0: mine, 1: agreement.device_words(
                 1, sig, agreement.BadInput(0, 0, 99, "bad"))})
     rt.fake_module.on_launch = kernel
     with pytest.raises(InputError, match=r"topk_idx\[3, 1\] = 17 is out of range \(token 3\)"):
@@ -257,7 +241,7 @@ def test_fused_dispatch_sends_a_bad_input_through_the_notify_kernel(monkeypatch)
 
         def kernel(name, values):
             if name == "nvl_notify":  # the real kernel refuses: a rank's status word is 1
-                _refuse(rt, {0: values["sig"]})
+                fake_gpu.refuse_notify(rt, {0: values["sig"]})
         module.on_launch = kernel
         with pytest.raises(InputError, match=r"17"):
             buf.dispatch(x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_node,
