@@ -55,7 +55,7 @@
 #   EP_COMM_TEST_MAX_GPU_PROCS  GPU rank processes one shard keeps alive (default 8; 6 on a card
 #                    under 100 GiB): a rank keeps its NVSHMEM heap until it exits
 #   SUITE_TEST_HANG_S  seconds a shard's test may wait for its rank processes before it fails
-#                    as a hang (EP_COMM_TEST_HANG_S; default 100, the transformers job keeps 300)
+#                    as a hang (EP_COMM_TEST_HANG_S; default 100, the transformers job 200)
 #   SUITE_NORMAL_ARGS, SUITE_LL_ARGS, SUITE_IMB_ARGS: arguments of each bench (replace the
 #                    defaults below; set to "" for none)
 #   PYTHON           interpreter (default python3)
