@@ -51,16 +51,22 @@ def load_extension():
     return ext
 
 
-def _native(fn, *args):
-    """``fn(*args)`` of the extension, or None where it declines or an argument is not a
-    tensor (pybind's TypeError: the Python path then raises its own, clear error); a failed
-    launch (the extension's only exception) as ``JitError``."""
+def _native(fn, *args, before_raise=None):
+    """``fn(*args)`` of the extension, or None where it declines or an argument is not of its
+    type (pybind's TypeError: the Python path then raises its own, clear error). The guard never
+    fails, so an error comes from after it (an allocation, a launch, a count wait):
+    ``before_raise()`` runs first (e.g. numbering the call, as the Python path numbers it before
+    its backend runs), then a failed launch is raised as ``JitError``, anything else as is."""
     try:
         return fn(*args)
     except TypeError:
         return None
     except RuntimeError as e:
-        raise jit.JitError(str(e)) from e
+        if before_raise is not None:
+            before_raise()
+        if str(e).startswith("cuLaunchKernel"):
+            raise jit.JitError(str(e)) from e
+        raise
 
 
 def _slots(prepared, names: tuple) -> tuple[list[int], list[int]]:
@@ -398,20 +404,10 @@ class IntranodeHostPath:
         return obj
 
     def _run(self, fn, args: tuple, signature):
-        """``fn(*args)``, or None where it declined or an argument is not of its type. The C++
-        side never fails in its guard, so an error comes from after it (an allocation, a
-        launch, the count wait): the call is numbered first (with ``signature()``), as the
-        Python path numbers it before its backend runs, then the error raised (a failed
-        launch as ``JitError``)."""
-        try:
-            return fn(*args)
-        except TypeError:
-            return None
-        except RuntimeError as e:
-            self.rt.comm.begin_call(signature(), None, False)
-            if str(e).startswith("cuLaunchKernel"):
-                raise jit.JitError(str(e)) from e
-            raise
+        """``_native(fn, *args)``; an error after the guard numbers the call first (with
+        ``signature()``)."""
+        return _native(fn, *args, before_raise=lambda: self.rt.comm.begin_call(
+            signature(), None, False))
 
 
 __all__ = ["EXTENSION", "IntranodeHostPath", "LayoutHostPath", "LowLatencyHostPath",
