@@ -185,6 +185,12 @@ class Comm:
             self.record(f"{self.seq}|{sig.op}|in call")
         return self.seq
 
+    def unnumber_call(self) -> None:
+        """Give the current call's number back: it raises before any exchange or launch, as a
+        local error does, because it found that an earlier call of every rank was refused (a
+        kernel's refusal read only at the next call); the ranks then go on with equal numbers."""
+        self.seq -= 1
+
     def agree(self, payload: torch.Tensor | None = None, peers: list[int] | None = None,
               phase: str = "agree") -> torch.Tensor | None:
         """Exchange the pending call's signature (and ``payload``, [n] int64/int32, the same

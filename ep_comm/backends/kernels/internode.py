@@ -155,7 +155,7 @@ class InternodeRuntime:
         if code in (STATUS_DISAGREE, STATUS_DISAGREE_TAG):
             self.status.clear()
             if earlier_call:
-                self.comm.seq -= 1
+                self.comm.unnumber_call()
         else:
             self._broken = err
         raise err
