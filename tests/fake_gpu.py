@@ -157,6 +157,9 @@ class FakeComm:
         self.call = (sig, bad)
         return self.seq
 
+    def unnumber_call(self):
+        self.seq -= 1
+
     def call_words(self):
         """As ``Comm.call_words``: the current call's device signature words and bad input (a
         runtime driven without a Buffer: a dispatch signature of call 0)."""
