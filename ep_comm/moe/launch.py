@@ -193,3 +193,12 @@ class PlanCache(dict):
             del self[next(iter(self))]
         self[key] = plan
         return plan
+
+    def plan(self, key_fn, build):
+        """The plan of ``key_fn()``: the kept one, else ``build()`` kept. With plans off
+        (``PLANS`` false: ``EP_COMM_DEBUG=1``) ``build()`` every call, kept nowhere."""
+        if not PLANS:
+            return build()
+        key = key_fn()
+        plan = self.get(key)
+        return plan if plan is not None else self.put(key, build())

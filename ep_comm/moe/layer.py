@@ -211,12 +211,8 @@ def group_by_expert(topk_idx: torch.Tensor, num_experts: int, alignment: int = 1
     if num_rows is None:
         num_rows = n * k + num_experts * (alignment - 1)
     if _use_triton(impl, topk_idx):
-        key = (_tensor_key(topk_idx), num_experts, alignment) if launch.PLANS else None
-        plan = _GROUPING_PLANS.get(key) if key is not None else None
-        if plan is None:
-            plan = _GroupingPlan(topk_idx, num_experts, alignment)
-            if key is not None:
-                _GROUPING_PLANS.put(key, plan)
+        plan = _GROUPING_PLANS.plan(lambda: (_tensor_key(topk_idx), num_experts, alignment),
+                                    lambda: _GroupingPlan(topk_idx, num_experts, alignment))
         dest, group_end, group_rows = plan(topk_idx)
         return ExpertGroups(dest, group_end, group_rows, int(num_rows))
     flat = topk_idx.reshape(-1).to(torch.int64)
@@ -322,13 +318,9 @@ def permute(x, groups: ExpertGroups, impl: str = "auto"):
     if n and groups.num_rows:
         if _use_triton(impl, data):
             sc, osc = (scales, outs) if scales is not None else (data, out)
-            key = (_operand_key(x), _tensor_key(groups.dest), groups.num_rows) \
-                if launch.PLANS else None
-            plan = _PERMUTE_PLANS.get(key) if key is not None else None
-            if plan is None:
-                plan = _permute_plan(data, scales, sc, groups.dest, out, osc)
-                if key is not None:
-                    _PERMUTE_PLANS.put(key, plan)
+            plan = _PERMUTE_PLANS.plan(
+                lambda: (_operand_key(x), _tensor_key(groups.dest), groups.num_rows),
+                lambda: _permute_plan(data, scales, sc, groups.dest, out, osc))
             plan[0](plan[1], (data, sc, groups.dest, out, osc))
         else:
             d = groups.dest.reshape(-1).long()
@@ -375,17 +367,15 @@ def unpermute(y: torch.Tensor, groups: ExpertGroups, topk_weights: torch.Tensor,
         return out
     w = topk_weights if topk_weights.dtype == torch.float32 else topk_weights.float()
     if _use_triton(impl, y):
-        key = (_tensor_key(y), _tensor_key(groups.dest), _tensor_key(w)) if launch.PLANS else None
-        plan = _UNPERMUTE_PLANS.get(key) if key is not None else None
-        if plan is None:
+        def build():
             block_h = _block_h(h)
-            plan = (KernelPlan(_permute.unpermute_kernel, (
+            return (KernelPlan(_permute.unpermute_kernel, (
                 None, None, None, None, h, k, y.stride(0), out.stride(0),
                 groups.dest.stride(0), groups.dest.stride(1), w.stride(0), w.stride(1)),
                 dict(BLOCK_H=block_h, INTERPRET=gemm.interpreting(), num_warps=4),
                 slots=(0, 1, 2, 3)), (n, triton.cdiv(h, block_h)))
-            if key is not None:
-                _UNPERMUTE_PLANS.put(key, plan)
+        plan = _UNPERMUTE_PLANS.plan(
+            lambda: (_tensor_key(y), _tensor_key(groups.dest), _tensor_key(w)), build)
         plan[0](plan[1], (y, groups.dest, w, out))
     else:
         d = groups.dest.long()
@@ -549,14 +539,8 @@ def _check_inputs(x, topk_idx, topk_weights, weights: ExpertWeights):
 def _quantize_tokens(x: torch.Tensor):
     """``gemm.quantize_fp8(x)`` of the layer's ``x [T, H]`` bf16 (checked by
     ``_check_inputs``), through a plan per shape."""
-    key = _tensor_key(x) if launch.PLANS else None
-    plan = _QUANT_PLANS.get(key) if key is not None else None
-    if plan is None:
-        plan = gemm.act_plan(x, None, silu=False, quant=True, round_scale=False,
-                             column_major_scales=None)
-        if key is not None:
-            _QUANT_PLANS.put(key, plan)
-    return plan.run(x)
+    return _QUANT_PLANS.plan(lambda: _tensor_key(x), lambda: gemm.act_plan(
+        x, None, silu=False, quant=True, round_scale=False, column_major_scales=None)).run(x)
 
 
 #: token quantisation plans by x's shape, strides, dtype and device
