@@ -342,29 +342,20 @@ class Combine : public HostPathBase {
 // [R + E] int32 (per rank, then per expert) and is_token_in_rank [T, R] bool, every element
 // written by the kernel. The scratch of zeros the kernel reduces through is one per (experts,
 // stream), learnt from the Python path (ep_comm/backends/kernels/layout.py).
-class Layout {
+class Layout : public NativeBase {
  public:
+  // No status words and no capture test: the layout kernel reports nothing, and a captured
+  // layout (no host wait in it) is as valid as the Python path's.
   Layout(int64_t launch_fn, const at::Tensor& like, int64_t ranks, int64_t num_topk,
          int64_t num_experts, int64_t threads)
-      : launch_(reinterpret_cast<LaunchFn>(launch_fn)), options_(like.options()),
-        device_(like.device()), ranks_(ranks), k_(num_topk), e_(num_experts),
+      : NativeBase(launch_fn, 0, 0, 0, like), ranks_(ranks), k_(num_topk), e_(num_experts),
         threads_(threads) {}
 
   // The plan's kernel, argument array and the slots of topk_idx, T, num_tokens_per_rank,
   // num_tokens_per_expert, is_token_in_rank and scratch (kLayoutSlots' order).
   void set_launch(int64_t func, int64_t params, int64_t block, int64_t smem,
                   const std::vector<int64_t>& slot_addrs, const std::vector<int64_t>& slot_bytes) {
-    if (slot_addrs.size() != kLayoutSlots.size() || slot_bytes.size() != kLayoutSlots.size())
-      throw std::invalid_argument("ep_comm internal: wrong number of layout slots");
-    l_.func = reinterpret_cast<void*>(func);
-    l_.params = reinterpret_cast<void**>(params);
-    l_.block = static_cast<unsigned>(block);
-    l_.smem = static_cast<unsigned>(smem);
-    l_.slots.clear();
-    for (size_t i = 0; i < slot_addrs.size(); ++i)
-      l_.slots.push_back(Slot{reinterpret_cast<void*>(slot_addrs[i]),
-                              static_cast<int>(slot_bytes[i])});
-    l_.ready = true;
+    l_.set(func, params, block, smem, slot_addrs, slot_bytes, kLayoutSlots.size());
   }
 
   // A token count whose first call the Python path ran (and checked the ids of on the host).
@@ -384,8 +375,8 @@ class Layout {
   // (num_tokens_per_rank [R] int32, num_tokens_per_expert [E] int32, is_token_in_rank [T, R]
   // bool; the two counts are views of one allocation), or None (the Python path runs).
   py::object call(const at::Tensor& topk_idx, int64_t stream) {
-    if (!l_.ready || topk_idx.scalar_type() != at::kLong || topk_idx.device() != device_ ||
-        !topk_idx.is_contiguous() || topk_idx.dim() != 2 || topk_idx.size(1) != k_)
+    if (!l_.ready || !is_ok(topk_idx, at::kLong) || topk_idx.dim() != 2 ||
+        topk_idx.size(1) != k_)
       return py::none();
     bool known = false;
     for (int64_t v : tokens_) known |= v == topk_idx.size(0);
@@ -397,24 +388,15 @@ class Layout {
     const int64_t t = topk_idx.size(0);
     at::Tensor counts = at::empty({ranks_ + e_}, options_.dtype(at::kInt));
     at::Tensor in_rank = at::empty({t, ranks_}, options_.dtype(at::kBool));
-    const int64_t counts_ptr = reinterpret_cast<int64_t>(counts.data_ptr());
-    const int64_t values[] = {reinterpret_cast<int64_t>(topk_idx.data_ptr()), t, counts_ptr,
-                              counts_ptr + 4 * ranks_, reinterpret_cast<int64_t>(in_rank.data_ptr()),
-                              scratch};
+    const int64_t values[] = {ptr(topk_idx), t, ptr(counts), ptr(counts) + 4 * ranks_,
+                              ptr(in_rank), scratch};
     for (size_t i = 0; i < l_.slots.size(); ++i) l_.slots[i].put(values[i]);
-    const unsigned grid = static_cast<unsigned>((t + threads_ - 1) / threads_);
-    const int err = launch_(l_.func, grid, 1, 1, l_.block, 1, 1, l_.smem,
-                            reinterpret_cast<void*>(stream), l_.params, nullptr);
-    if (err != 0)
-      throw std::runtime_error("cuLaunchKernel(nvl_get_dispatch_layout, grid=" +
-                               std::to_string(grid) + ") failed: CUresult " + std::to_string(err));
+    launch(l_, static_cast<unsigned>((t + threads_ - 1) / threads_), stream,
+           "nvl_get_dispatch_layout");
     return py::make_tuple(counts.narrow(0, 0, ranks_), counts.narrow(0, ranks_, e_), in_rank);
   }
 
  private:
-  LaunchFn launch_;
-  at::TensorOptions options_;
-  at::Device device_;
   int64_t ranks_, k_, e_, threads_;
   Launch l_;
   std::vector<std::pair<int64_t, int64_t>> scratch_;  // (stream, scratch address)
