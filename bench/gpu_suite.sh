@@ -56,6 +56,9 @@
 #                    under 100 GiB): a rank keeps its NVSHMEM heap until it exits
 #   SUITE_TEST_HANG_S  seconds a shard's test may wait for its rank processes before it fails
 #                    as a hang (EP_COMM_TEST_HANG_S; default 100, the transformers job 200)
+#   SUITE_HF_ENV, SUITE_HF_ARGS: variables set for, and pytest arguments added to, the
+#                    transformers job (e.g. "CUDA_LAUNCH_BLOCKING=1" and "-k qwen3" to find the
+#                    launch that a hang waits for)
 #   SUITE_NORMAL_ARGS, SUITE_LL_ARGS, SUITE_IMB_ARGS: arguments of each bench (replace the
 #                    defaults below; set to "" for none)
 #   PYTHON           interpreter (default python3)
@@ -293,7 +296,7 @@ if has_stage tests; then
         done
         NAMES_+=("pytest -m gpu, transformers models")
         # (a rank pool gives up after 200 s: the models' kernels time out after 120 s first)
-        CMDS_+=("EP_COMM_TEST_HANG_S=200 $PYTEST -m 'gpu and not gpu_alone' $HF_FILE")
+        CMDS_+=("EP_COMM_TEST_HANG_S=200 ${SUITE_HF_ENV:-} $PYTEST -m 'gpu and not gpu_alone' $HF_FILE ${SUITE_HF_ARGS:-}")
         # correctness runs that need no quiet GPU go beside the tests: DeepEP's own tests
         # against ep_comm (when its files were carried: bench/deepep_tests.sh --export), the
         # soak (faults injected and recovered, every result checked), the doctor
