@@ -29,8 +29,9 @@
 #
 # Environment: NPROC (processes per test, default 1; DeepEP's init_dist binds rank i to
 # cuda:i, so NPROC needs NPROC GPUs), V1_INTRANODE_ARGS, V1_LL_ARGS, V2_EP_ARGS (extra
-# arguments), ONLY (regex of test names to run), TEST_TIMEOUT (seconds per test, default 900), LOG_DIR (default $OUT or the temp
-# folder), PYTHON (default python).
+# arguments), ONLY (regex of test names to run), TEST_TIMEOUT (seconds per test, default 900),
+# PARALLEL (1: the tests run at once, each on its own port; default 0, one after the other),
+# LOG_DIR (default $OUT or the temp folder), PYTHON (default python).
 set -uo pipefail
 V1=567632d
 V2=dd758ca
@@ -88,27 +89,40 @@ EOF
 
 export PYTHONPATH="$ROOT:$WORK/v2${PYTHONPATH:+:$PYTHONPATH}"
 export EP_SUPPRESS_NCCL_CHECK=1
-pass=0; fail=0; port=29600
-run() {  # run NAME DIR ARGS...
+port=29600
+# run NAME DIR ARGS...: one test; its PASS/FAIL line (and a failure's last error lines) goes to
+# $WORK/result-NAME, printed in order at the end (the tests may run at once: PARALLEL=1)
+run() {
     local name="$1" dir="$2"; shift 2
+    port=$((port + 7))  # each test its own port, so that tests at once do not collide
     if [ -n "${ONLY:-}" ] && ! [[ "$name" =~ $ONLY ]]; then return; fi
-    local log="$LOG_DIR/deepep-$name.log" t0=$SECONDS rc
-    port=$((port + 7))
-    (cd "$dir" && MASTER_PORT=$port timeout "$TIMEOUT" "$PY" "$@") > "$log" 2>&1
-    rc=$?
-    if [ $rc -eq 0 ]; then
-        pass=$((pass + 1)); printf 'PASS  %-28s %4ds  %s\n' "$name" $((SECONDS - t0)) "$log"
-    else
-        fail=$((fail + 1)); printf 'FAIL  %-28s %4ds  rc=%d  %s\n' "$name" $((SECONDS - t0)) $rc "$log"
-        grep -E 'Error|assert' "$log" | tail -3 | sed 's/^/      /'
-    fi
+    NAMES+=("$name")
+    local log="$LOG_DIR/deepep-$name.log" res="$WORK/result-$name"
+    (
+        t0=$SECONDS
+        (cd "$dir" && MASTER_PORT=$port timeout "$TIMEOUT" "$PY" "$@") > "$log" 2>&1
+        rc=$?
+        if [ $rc -eq 0 ]; then
+            printf 'PASS  %-28s %4ds  %s\n' "$name" $((SECONDS - t0)) "$log" > "$res"
+        else
+            printf 'FAIL  %-28s %4ds  rc=%d  %s\n' "$name" $((SECONDS - t0)) $rc "$log" > "$res"
+            grep -E 'Error|assert' "$log" | tail -3 | sed 's/^/      /' >> "$res"
+        fi
+        [ "${PARALLEL:-0}" = 1 ] || cat "$res"
+    ) &
+    [ "${PARALLEL:-0}" = 1 ] || wait $!
 }
-
+NAMES=()
 run v1-test_intranode "$WORK/v1/tests" test_intranode.py --num-processes "$NPROC" ${V1_INTRANODE_ARGS:-}
 run v1-test_low_latency "$WORK/v1/tests" test_low_latency.py --num-processes "$NPROC" ${V1_LL_ARGS:-}
 run v2-test_ep "$WORK/v2" tests/elastic/test_ep.py --num-processes "$NPROC" --skip-perf-test ${V2_EP_ARGS:-}
 run v2-test_ep-deterministic "$WORK/v2" tests/elastic/test_ep.py --num-processes "$NPROC" --skip-perf-test --deterministic ${V2_EP_ARGS:-}
 run v2-test_ep-no-cpu-sync "$WORK/v2" tests/elastic/test_ep.py --num-processes "$NPROC" --skip-perf-test --do-cpu-sync 0 --masked-ratio 0.1 ${V2_EP_ARGS:-}
-
+wait
+pass=0; fail=0
+for name in "${NAMES[@]}"; do
+    [ "${PARALLEL:-0}" = 1 ] && cat "$WORK/result-$name"
+    if grep -q '^PASS' "$WORK/result-$name" 2> /dev/null; then pass=$((pass + 1)); else fail=$((fail + 1)); fi
+done
 echo "deepep_tests: $pass passed, $fail failed (NPROC=$NPROC, DeepEP v1 $V1 / v2 $V2, logs in $LOG_DIR)"
 [ $fail -eq 0 ]
