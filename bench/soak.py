@@ -198,12 +198,22 @@ def run_rank(rank, world, args) -> dict:
     return stats
 
 
-def store_barrier(key: str, world: int) -> None:
-    """All ranks meet here, through the rendezvous store (the process group may be broken)."""
+#: Seconds a rank waits at a recovery barrier for the others (a stall's recovery takes a few).
+BARRIER_TIMEOUT_S = 60.0
+
+
+def store_barrier(key: str, world: int, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
+    """All ranks meet here, through the rendezvous store (the process group may be broken).
+    Raises RuntimeError after ``timeout_s`` if some rank did not come (it crashed or hangs):
+    the soak then ends with that rank's report instead of waiting for it forever."""
     import torch.distributed as dist
     store = dist.distributed_c10d._get_default_store()
     store.add(key, 1)
-    while store.add(key, 0) < world:
+    deadline = time.monotonic() + timeout_s
+    while (arrived := store.add(key, 0)) < world:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"soak barrier {key!r}: {arrived} of {world} ranks arrived in "
+                               f"{timeout_s:g} s")
         time.sleep(0.01)
 
 
@@ -248,6 +258,8 @@ def main(argv=None) -> int:
         for _ in procs:
             r, value = results.get(timeout=wait_s)
             per_rank[r] = value
+            if "crash" in value:  # now, not after the others (which may wait for this rank)
+                print(f"--- rank {r} crashed:\n{value['crash']}", flush=True)
     except queue.Empty:
         missing = sorted(set(range(args.ranks)) - set(per_rank))
         print(f"soak: ranks {missing} gave no result {wait_s:.0f} s after the start (a hang; "
@@ -257,11 +269,8 @@ def main(argv=None) -> int:
         return 1
     for pr in procs:
         pr.join(timeout=60)
-    crashed = {r: v["crash"] for r, v in per_rank.items() if "crash" in v}
-    if crashed:
-        for r, tb in crashed.items():
-            print(f"--- rank {r} crashed:\n{tb}")
-        return 1
+    if any("crash" in v for v in per_rank.values()):
+        return 1  # each crash was printed as it came
     ranks = [per_rank[r] for r in range(args.ranks)]
     leaks = []
     for r, st in enumerate(ranks):

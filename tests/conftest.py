@@ -128,6 +128,16 @@ def pytest_runtest_logstart(nodeid, location):
         sys.stderr.flush()
 
 
+def pytest_runtest_teardown(item):
+    """A GPU test that ran in this pytest process leaves no cached blocks: the GPU suite runs
+    four shards at once on one GPU, and each shard's caching allocator kept 10-12 GiB of the
+    GEMM tests' memory after them, running an 80 GB card out of memory beside the rank
+    processes (2026-12-07, run 7)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 def pytest_runtest_logreport(report):
     verbose = os.environ.get(PRINT_DURATIONS_ENV) == "1"
     if verbose and report.failed and report.when != "call":
