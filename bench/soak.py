@@ -285,7 +285,9 @@ def main(argv=None) -> int:
     device = "cpu"
     if args.gpu:
         import torch
-        device = torch.cuda.get_device_name(0).split()[-1].lower()
+        # "NVIDIA H100 80GB HBM3" -> "h100" (the model, as bench/common.device_slug)
+        words = [w for w in torch.cuda.get_device_name(0).lower().split() if w != "nvidia"]
+        device = words[0] if words else "gpu"
     backend = "kernels" if args.gpu else "reference"
     figures = {
         "calls": ranks[0]["calls"], "rounds": ranks[0]["rounds"],

@@ -561,7 +561,9 @@ class IntranodeRuntime:
         a failure too: then the ranks do not meet first (a peer may be gone)."""
         self.host_path = None  # it reads the status words freed below
         if self.nvl is not None:
-            self.nvl.free(synchronize_peers=self._broken is None)
+            # a failed Buffer (a timeout here, or in any exchange of its Comm, e.g. the host
+            # agreement) meets no peer: the one it would wait for may be gone (soak, run 8)
+            self.nvl.free(synchronize_peers=self._broken is None and self.comm.failure is None)
             self.nvl = None
         else:
             torch.cuda.synchronize(self.device)
