@@ -106,9 +106,10 @@ class FakeHostStatus:
 class FakeNvl:
     def __init__(self, num_ranks):
         self.peer_ptrs_dev = torch.zeros(num_ranks, dtype=torch.int64)
+        self.freed = []  # synchronize_peers of each free()
 
     def free(self, synchronize_peers=True):
-        pass
+        self.freed.append(synchronize_peers)
 
 
 class FakeEvent:

@@ -252,3 +252,17 @@ def test_fused_dispatch_sends_a_bad_input_through_the_notify_kernel(monkeypatch)
         sig = [a for n, _, a in module.launches if n == "nvl_notify"][0]["sig"]
         assert sig[STATUS] == 1 and sig[STATUS + 1:] == [3, 1, 17]
         assert buf.comm.agreed == []
+
+
+@pytest.mark.parametrize("failed", [False, True], ids=["healthy", "failed"])
+def test_nvlink_teardown_meets_the_peers_only_while_the_buffer_is_healthy(two_ranks, failed):
+    """A Buffer failed by any exchange of its Comm (here: as by a host agreement that timed
+    out, the runtime's own kernels never failed) frees its NVLink buffer without meeting the
+    peers: the peer it would wait for may be gone (the GPU soak's stall recovery timed out in
+    destroy before, 2026-12-07)."""
+    from ep_comm.errors import CommTimeoutError
+    nvl = two_ranks.nvl
+    if failed:
+        two_ranks.comm.mark_failed(CommTimeoutError(0, "agree", "an all-gather", 2.0, peer=1), {1})
+    two_ranks.destroy()
+    assert nvl.freed == [not failed]
