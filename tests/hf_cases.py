@@ -168,11 +168,14 @@ def _task_hf_model(ctx, case: HFCase):
                              use_fp8=case.use_fp8, backend=case.backend)
     kept = sum(m.gate_up_proj.numel() for m in ep_hf.experts_modules(model).values())
     assert kept * ctx.world_size == full_bytes, (kept, full_bytes)
+    trace = PhaseTrace(ctx.rank, ep.buffer, ep_hf)
     try:
         # every rank makes all its calls before any assertion: a rank that stopped early would
         # leave the others waiting in a collective
         with torch.no_grad():
             logits = model(ids[a:b]).logits.float()
+            trace.wait()
+            trace.restore()
             err = (logits - ref_logits).abs().max().item()
             scale = ref_logits.abs().max().item()
             if case.graphs:
@@ -191,7 +194,75 @@ def _task_hf_model(ctx, case: HFCase):
             assert ep.calls["low_latency"] == 0, ep.calls
         return {"err": err, "scale": scale, "calls": dict(ep.calls)}
     finally:
+        trace.restore()
         ep.destroy()
+
+
+#: Seconds the first EP forward's GPU work may take before ``PhaseTrace.wait`` names where it
+#: stands (the tiny models' forward takes milliseconds; the kernels' own timeouts are longer).
+GPU_WAIT_S = 60.0
+
+#: The EP model's calls that ``PhaseTrace`` marks: the Buffer's methods, then the integration's
+#: expert functions (module attributes of ep_comm.integrations.transformers).
+TRACED_BUFFER_CALLS = ("get_dispatch_layout", "dispatch", "combine", "low_latency_dispatch",
+                       "low_latency_combine")
+TRACED_EXPERT_CALLS = ("fast_rows", "generic_rows", "fast_ffn_masked", "generic_batched")
+
+
+class PhaseTrace:
+    """A CUDA event recorded after each ep_comm call of the EP model (layout, dispatch, the
+    experts, combine), on the stream the call returned on, while ``on``. ``wait(s)`` waits for
+    the last one by polling; if the GPU work has not finished after ``s`` seconds it raises an
+    AssertionError naming the last phase that finished on this rank and the first that did not
+    (a forward that never ends names its phase instead of hanging the rank at its first
+    ``.item()``: the qwen3/deepseek GPU tests, 2026-12-07). CPU tensors: nothing recorded."""
+
+    def __init__(self, rank: int, buffer, ep_hf):
+        self.rank, self.on, self.events = rank, True, []
+        self._undo = []
+        for name in TRACED_BUFFER_CALLS:
+            self._wrap(buffer, name, f"{name}")
+        for name in TRACED_EXPERT_CALLS:
+            if hasattr(ep_hf, name):
+                self._wrap(ep_hf, name, f"experts ({name})")
+
+    def _wrap(self, owner, name: str, label: str) -> None:
+        orig = getattr(owner, name)
+        had_own = name in vars(owner)
+
+        def traced(*args, **kwargs):
+            out = orig(*args, **kwargs)
+            if self.on and torch.cuda.is_available() and torch.cuda.is_initialized():
+                ev = torch.cuda.Event()
+                ev.record()
+                self.events.append((f"#{len(self.events) + 1} {label}", ev))
+            return out
+        setattr(owner, name, traced)
+        self._undo.append((owner, name, orig if had_own else None))
+
+    def restore(self) -> None:
+        for owner, name, orig in reversed(self._undo):
+            if orig is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, orig)
+        self._undo.clear()
+
+    def wait(self, timeout_s: float = GPU_WAIT_S) -> None:
+        import time
+        self.on = False
+        if not self.events:
+            return
+        deadline = time.monotonic() + timeout_s
+        while not self.events[-1][1].query():
+            if time.monotonic() > deadline:
+                done = [label for label, ev in self.events if ev.query()]
+                pending = [label for label, ev in self.events if not ev.query()]
+                raise AssertionError(
+                    f"rank {self.rank}: the first EP forward's GPU work did not finish in "
+                    f"{timeout_s:g} s; {len(done)} of {len(self.events)} phases finished, the "
+                    f"last {done[-1] if done else '(none)'}; first unfinished {pending[0]}")
+            time.sleep(0.01)
 
 
 def greedy_with_cuda_graph(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:

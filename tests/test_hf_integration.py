@@ -112,3 +112,37 @@ def test_gpu_2_ranks_kernels(gpu_ranks, kind, implementation, graphs):
     # still covers a peer that compiles Triton kernels between two calls.
     gpu_ranks(2).run(task_hf_model, HFCase(kind, implementation, graphs=graphs,
                                            backend="kernels", timeout_s=120))
+
+
+def test_phase_trace_names_the_first_unfinished_phase():
+    """The GPU tests' wait for the first EP forward (``PhaseTrace.wait``) names where the GPU
+    work stands instead of hanging; here with stand-in events and a stand-in Buffer."""
+    import types
+
+    import hf_cases
+
+    class Ev:
+        def __init__(self, done):
+            self.done = done
+
+        def query(self):
+            return self.done
+
+    calls = []
+    buf = types.SimpleNamespace(**{n: (lambda *a, n=n: calls.append(n))
+                                   for n in hf_cases.TRACED_BUFFER_CALLS})
+    mod = types.SimpleNamespace(fast_rows=lambda *a: calls.append("fast_rows"))
+    trace = hf_cases.PhaseTrace(3, buf, mod)
+    buf.dispatch()
+    mod.fast_rows()
+    assert calls == ["dispatch", "fast_rows"]  # the wrapped calls still run
+    trace.events = [("#1 dispatch", Ev(True)), ("#2 experts (fast_rows)", Ev(False)),
+                    ("#3 combine", Ev(False))]
+    with pytest.raises(AssertionError, match=r"rank 3: .* 1 of 3 phases finished, the last #1 "
+                                             r"dispatch; first unfinished #2 experts"):
+        trace.wait(0.05)
+    trace.events[1:] = [(label, Ev(True)) for label, _ in trace.events[1:]]
+    trace.wait(0.05)  # all finished: returns
+    trace.restore()
+    assert "dispatch" in vars(buf) and buf.dispatch.__name__ == "<lambda>"
+    assert mod.fast_rows.__name__ == "<lambda>"
