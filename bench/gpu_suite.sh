@@ -50,7 +50,8 @@
 #   EP_COMM_TEST_RANKS_PER_GPU  ranks the GPU tests may put on one GPU (default: 8 on a 1-GPU
 #                    machine, so the 2, 3, 4 and 8-rank tests run as processes sharing it:
 #                    correctness with real peers, no figures; 1 elsewhere)
-#   SUITE_BUDGET_S   whole-script budget in seconds (default 530; 170 with --quick)
+#   SUITE_BUDGET_S   whole-script budget in seconds (default 570, inside the device call's 600; 170
+#                    with --quick)
 #   SUITE_TESTS_TIMEOUT, SUITE_BENCH_TIMEOUT, SUITE_DOCTOR_TIMEOUT: step limits (315, 120, 60)
 #   EP_COMM_TEST_MAX_GPU_PROCS  GPU rank processes one shard keeps alive (default 8; 6 on a card
 #                    under 100 GiB): a rank keeps its NVSHMEM heap until it exits
@@ -92,7 +93,7 @@ else
     BENCHES=${SUITE_BENCHES:-normal,low_latency,host,moe,hf,gemm,internode,imbalance,soak}
     # the reference backend is the tests' oracle, not a contender: timed only when asked
     BACKENDS=${SUITE_BACKENDS:-nccl,kernels}
-    BUDGET=${SUITE_BUDGET_S:-550}
+    BUDGET=${SUITE_BUDGET_S:-570}
 fi
 RESERVE=25  # seconds kept for the summary, the copies and a step's kill grace
 TESTS_TIMEOUT=${SUITE_TESTS_TIMEOUT:-315}
