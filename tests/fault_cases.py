@@ -429,40 +429,6 @@ def task_gpu_skip(ctx, odd: int) -> dict:
         buf.destroy()
 
 
-#: Calls without a count exchange whose ranks disagree on the rows' layout (task_gpu_ring_layout).
-RING_LAYOUT_DISAGREEMENTS = ("combine_hidden", "cached_dispatch_hidden")
-
-
-def task_gpu_ring_layout(ctx, kind: str, odd: int) -> dict:
-    """Kernels backend without EP_COMM_CHECK_AGREEMENT, one node: the ranks agree on a dispatch,
-    then rank ``odd`` passes rows of half the hidden size to the ``combine`` or cached
-    ``dispatch`` that follows (calls with no count exchange to agree in). Its ring words carry
-    another layout in their tag, so no rank takes the other's rows: each names the other in a
-    CommTimeoutError (raised by the call or, as these calls do not wait, by the next one), never
-    a silent result; later calls raise BufferFailedError."""
-    assert os.environ.get("EP_COMM_CHECK_AGREEMENT", "0") != "1"
-    case = Case(seed=19, num_experts=16, backend="kernels")
-    x, idx, w = (t.to(ctx.device) for t in all_inputs(case, ctx.world_size)[ctx.rank])
-    buf = make_buffer(ctx, case)
-    try:
-        recv, _, _, _, handle, _ = _layout_and_dispatch(buf, x, idx, w, 16)
-        torch.cuda.synchronize()
-        half = case.hidden // 2 if ctx.rank == odd else case.hidden
-
-        def disagreeing():
-            if kind == "combine_hidden":
-                buf.combine(recv[:, :half].contiguous(), handle)
-            else:
-                buf.dispatch(x[:, :half].contiguous(), handle=handle)
-            torch.cuda.synchronize()
-            _layout_and_dispatch(buf, x, idx, w, 16)  # raises what the kernels reported
-        res = _outcome(disagreeing)
-        res["later"] = _later_call(buf, x, idx, w, 16)
-        return res
-    finally:
-        buf.destroy()
-
-
 # ------------------------------------- GPU: low-latency call agreement in the kernels
 LL_KERNEL_DISAGREEMENTS = ("ll_hidden", "ll_num_experts", "ll_topk", "ll_fp8")
 

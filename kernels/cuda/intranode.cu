@@ -4,9 +4,8 @@
 // and source rank s, a ring of S slots that only rank s writes; a tail word (written by s, in
 // the receiver's buffer) says how many slots s has published, a head word (written by the
 // receiver, in s's buffer) how many it has consumed. Both carry the kernel's tag (a sequence
-// number kept on the device, see finish_block, folded with the layout of the rows it moves,
-// ring_tag) so words of an earlier call, or of a peer's call of another layout, are never taken
-// for this one and nothing needs resetting between calls (CUDA-graph replays included).
+// number kept on the device, see finish_block) so words of an earlier call are never taken for
+// this one and nothing needs resetting between calls (CUDA-graph replays included).
 // Every ring ends with a handshake: the sender publishes its last tail with the done bit, the
 // receiver answers with a head word that has the done bit once it will never touch the ring or
 // its tail word again, and the sender waits for that answer. So when a kernel finishes on a
@@ -122,18 +121,17 @@ __shared__ int s_done[kMaxRanks];
 // its own shared per-rank array first; the barrier here covers it and s_abort.
 struct ChannelBlock {
     uint32_t* ctrl;  // this rank's control words (ctrl[0]: calls so far)
-    uint32_t tag;    // this call's ring tag: its number and the layout it moves (ring_tag)
+    uint32_t tag;    // this call's number
     int c;           // channel
     bool receiver;
     int tb, te;
 };
 
 __device__ __forceinline__ ChannelBlock begin_channel_block(char* const* peers, int rank, int R,
-                                                            int C, int T, long long off_ctrl,
-                                                            uint32_t shape) {
+                                                            int C, int T, long long off_ctrl) {
     ChannelBlock b;
     b.ctrl = reinterpret_cast<uint32_t*>(peers[rank] + off_ctrl);
-    b.tag = ring_tag(*reinterpret_cast<volatile uint32_t*>(b.ctrl) + 1u, shape);
+    b.tag = *reinterpret_cast<volatile uint32_t*>(b.ctrl) + 1u;
     if (threadIdx.x < kMaxRanks) s_abort[threadIdx.x] = 0;
     __syncthreads();
     b.c = blockIdx.x >> 1;
@@ -780,11 +778,7 @@ nvl_dispatch(char* const* __restrict__ peers, int rank, int R, int C, int S, int
                          exp_scales, exp_w, num_exp_rows, expert_alignment, zero_exp_padding,
                          host_status, timeout_ns};
     if (threadIdx.x < kMaxRanks) s_count[threadIdx.x] = 0;
-    // the layout of a ring slot: row size, scales, top-k (0: none sent), experts per rank,
-    // expanded or not. Only arguments that are the same on every rank of an agreeing call: a
-    // pointer is null on a rank with no tokens.
-    const uint32_t shape = ring_shape(1u, row_int4, num_scales, K, L, expand != 0);
-    const ChannelBlock b = begin_channel_block(peers, rank, R, C, T, off_ctrl, shape);
+    const ChannelBlock b = begin_channel_block(peers, rank, R, C, T, off_ctrl);
     if (*num_recv_dev < 0) {  // the notify kernel refused this call (on every rank): move nothing
         finish_block(b.ctrl);
         return;
@@ -1061,10 +1055,7 @@ nvl_combine(char* const* __restrict__ peers, int rank, int R, int C, int S, int 
                         rank_prefix_matrix, num_tokens_of_rank, is_token_in_rank, send_pos, T,
                         bias0, bias1, out, out_w, host_status, timeout_ns};
     if (threadIdx.x < kMaxRanks) s_k[threadIdx.x] = 0;
-    // the layout of a ring slot: row size and top-k weights (K = 0: none; a bias is this
-    // rank's own)
-    const uint32_t shape = ring_shape(2u, row_int4, K, 0u, 0u, 0u);
-    const ChannelBlock b = begin_channel_block(peers, rank, R, C, T, off_ctrl, shape);
+    const ChannelBlock b = begin_channel_block(peers, rank, R, C, T, off_ctrl);
     // One rank: nothing to send; both blocks reduce, each its half of the channel (no ring is
     // read, so the halves need no coordination).
     if (b.receiver || R == 1)

@@ -178,29 +178,6 @@ __device__ __forceinline__ int channel_begin(int num_tokens, int c, int num_chan
     return static_cast<int>((static_cast<long long>(num_tokens) * c) / num_channels);
 }
 
-// The tag of a dispatch or combine kernel's ring words: its number on this rank (ctrl[0] + 1),
-// XOR a 12-bit hash of the row layout it moves, shifted above bit 20. Ranks in step with the
-// same layout get the same tag; a rank whose call moves another layout (another hidden size,
-// dtype, top-k, experts per rank or optional field in a cached dispatch or a combine, which have
-// no count exchange to agree in) writes words its peers never accept, so every rank waits until
-// its bounded wait names the other (CommTimeoutError) instead of reading rows of another layout
-// (docs/faults.md). Words of earlier kernels of the same layout still never match (their
-// numbers differ); of another layout only 2^20 kernels apart or more.
-constexpr int kRingShapeShift = 20;
-
-__device__ __forceinline__ uint32_t ring_shape(uint32_t kind, uint32_t a, uint32_t b, uint32_t c,
-                                               uint32_t d, uint32_t flags) {
-    const uint32_t v[6] = {kind, a, b, c, d, flags};
-    uint32_t h = 0x811C9DC5u;  // FNV-1a over the six words
-#pragma unroll
-    for (int i = 0; i < 6; ++i) h = (h ^ v[i]) * 0x01000193u;
-    return (h ^ (h >> 12) ^ (h >> 24)) & ((1u << (32 - kRingShapeShift)) - 1u);
-}
-
-__device__ __forceinline__ uint32_t ring_tag(uint32_t kernel_number, uint32_t shape) {
-    return kernel_number ^ (shape << kRingShapeShift);
-}
-
 // Tag and count of a tail/head word.
 __device__ __forceinline__ uint32_t word_tag(uint64_t w) { return static_cast<uint32_t>(w >> 32); }
 __device__ __forceinline__ uint32_t word_count(uint64_t w) {
