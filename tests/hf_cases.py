@@ -219,6 +219,7 @@ class PhaseTrace:
 
     def __init__(self, rank: int, buffer, ep_hf):
         self.rank, self.on, self.events = rank, True, []
+        self.buffer = buffer
         self._undo = []
         for name in TRACED_BUFFER_CALLS:
             self._wrap(buffer, name, f"{name}")
@@ -248,6 +249,13 @@ class PhaseTrace:
                 setattr(owner, name, orig)
         self._undo.clear()
 
+    def _status_words(self):
+        """The first words of the kernels backend's NVLink host status (what a kernel reported,
+        read without a device sync), or None on another backend."""
+        normal = getattr(getattr(self.buffer, "_backend", None), "normal", None)
+        st = getattr(normal, "status", None)
+        return None if st is None else list(st.read(8))
+
     def wait(self, timeout_s: float = GPU_WAIT_S) -> None:
         import time
         self.on = False
@@ -261,7 +269,8 @@ class PhaseTrace:
                 raise AssertionError(
                     f"rank {self.rank}: the first EP forward's GPU work did not finish in "
                     f"{timeout_s:g} s; {len(done)} of {len(self.events)} phases finished, the "
-                    f"last {done[-1] if done else '(none)'}; first unfinished {pending[0]}")
+                    f"last {done[-1] if done else '(none)'}; first unfinished {pending[0]}; "
+                    f"NVLink status words now {self._status_words()}")
             time.sleep(0.01)
 
 
