@@ -323,14 +323,18 @@ def device_name(ctx: BenchContext) -> str:
     return f"cpu x {ctx.num_ranks}"
 
 
+def gpu_slug(name: str) -> str:
+    """The model in a GPU's name, for file names: "NVIDIA H100 80GB HBM3" -> ``h100``."""
+    words = [w for w in name.lower().split() if w not in ("nvidia", "tesla", "geforce")]
+    return re.sub(r"[^a-z0-9]", "", words[0] if words else "gpu") or "gpu"
+
+
 def device_slug(ctx: BenchContext) -> str:
     """Short device name for file names: ``h200``, ``h100``, ``cpu`` (``h200-shared`` when the
     ranks share GPUs, so such a run never replaces a measurement)."""
     if not ctx.on_gpu:
         return "cpu"
-    words = [w for w in torch.cuda.get_device_name(ctx.device).lower().split()
-             if w not in ("nvidia", "tesla", "geforce")]
-    slug = re.sub(r"[^a-z0-9]", "", words[0] if words else "gpu") or "gpu"
+    slug = gpu_slug(torch.cuda.get_device_name(ctx.device))
     return slug + "-shared" if shares_gpus(ctx) else slug
 
 

@@ -285,9 +285,8 @@ def main(argv=None) -> int:
     device = "cpu"
     if args.gpu:
         import torch
-        # "NVIDIA H100 80GB HBM3" -> "h100" (the model, as bench/common.device_slug)
-        words = [w for w in torch.cuda.get_device_name(0).lower().split() if w != "nvidia"]
-        device = words[0] if words else "gpu"
+        from common import gpu_slug  # bench/common.py (this script's folder is on sys.path)
+        device = gpu_slug(torch.cuda.get_device_name(0))
     backend = "kernels" if args.gpu else "reference"
     figures = {
         "calls": ranks[0]["calls"], "rounds": ranks[0]["rounds"],

@@ -36,3 +36,12 @@ def test_a_missing_result_is_a_failed_row_for_the_steps_own_backends_only(tmp_pa
     assert len(failed) == 3, text  # moe/kernels, normal/nccl, normal/kernels
     assert not any(line.startswith("moe") and "nccl" in line for line in failed), text
     assert all("timed out" in line for line in failed if line.startswith("normal")), text
+
+
+def test_gpu_slug_names_the_model_not_the_memory():
+    """Result files are named by the GPU model (the soak once wrote ``soak-...-hbm3.json``)."""
+    import common
+    assert common.gpu_slug("NVIDIA H100 80GB HBM3") == "h100"
+    assert common.gpu_slug("NVIDIA H200") == "h200"
+    assert common.gpu_slug("Tesla V100-SXM2-16GB") == "v100sxm216gb"
+    assert common.gpu_slug("") == "gpu"
