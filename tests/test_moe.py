@@ -121,6 +121,44 @@ def make_buffer(ctx, case: MoECase, max_tokens: int):
                           low_latency_mode=ll, backend=case.backend, explicitly_destroy=True)
 
 
+def task_moe_layers_back_to_back(ctx, case: MoECase, layers: int, wait_s: float = 60.0):
+    """``layers`` EP normal layers in a row, each on the previous one's output, with no host
+    synchronisation between them but dispatch's count wait (as a transformers model runs its
+    MoE blocks); then each layer's output against the dense reference of its input. The GPU
+    work must finish within ``wait_s``: else an AssertionError names the layers that finished
+    on this rank (instead of the rank hanging at its first read of a result)."""
+    import time
+    torch.manual_seed(case.seed)
+    dev = ctx.device
+    w13, w2 = make_weights(case, dev)
+    x, idx, w = (t.to(dev) for t in make_inputs(case, ctx.rank))
+    buf = make_buffer(ctx, case, max(tokens_of(case, r) for r in range(ctx.world_size)))
+    weights = moe.ExpertWeights.shard_ep(w13, w2, ctx.rank, ctx.world_size, False)
+    inputs, outputs, events = [], [], []
+    try:
+        for _ in range(layers):
+            inputs.append(x)
+            x = moe.moe_ep_normal(x, idx, w, weights, buf, case.num_experts, impl=case.impl)
+            outputs.append(x)
+            if dev.type == "cuda":
+                events.append(torch.cuda.Event())
+                events[-1].record()
+            x = (x.float() / x.float().abs().amax().clamp(min=1e-3)).to(torch.bfloat16)
+        deadline = time.monotonic() + wait_s
+        while events and not events[-1].query():
+            if time.monotonic() > deadline:
+                done = sum(ev.query() for ev in events)
+                raise AssertionError(f"rank {ctx.rank}: {done} of {layers} layers finished on "
+                                     f"the GPU after {wait_s:g} s")
+            time.sleep(0.01)
+    finally:
+        buf.destroy()
+    for i, (inp, out) in enumerate(zip(inputs, outputs)):
+        ref = moe.moe_reference(inp, idx, w, *reference_weights(case, w13, w2))
+        assert_layer_close(out, ref, False, f"rank {ctx.rank} layer {i} {case}")
+    return True
+
+
 def task_moe_layer(ctx, case: MoECase):
     """Run the layer on this rank's tokens and compare with the dense reference."""
     torch.manual_seed(case.seed)
@@ -477,6 +515,25 @@ def test_gpu_ep_normal_layer_with_num_worst_tokens_in_a_cuda_graph(gpu_ranks, wo
                    num_tokens=128, ragged=16, fp8=fp8, backend="kernels", impl="triton",
                    worst=True)
     gpu_ranks(world).run(task_moe_normal_graph, case)
+
+
+def test_cpu_tiny_model_layers_back_to_back_match(cpu_ranks):
+    """``task_moe_layers_back_to_back`` on 2 CPU ranks (reference backend, torch GEMMs): the
+    task's own check, before its GPU run below."""
+    case = MoECase(seed=97, hidden=64, intermediate=32, num_experts=8, num_topk=2,
+                   num_tokens=12, ragged=6, drop=0.0, impl="torch")
+    cpu_ranks(2).run(task_moe_layers_back_to_back, case, 3)
+
+
+@pytest.mark.gpu
+def test_gpu_tiny_model_layers_back_to_back_finish_and_match(gpu_ranks):
+    """The transformers tests' tiny shapes (hidden 64, intermediate 32, 8 experts, top-2, 12 and
+    18 tokens) through the EP normal layer with Triton experts, four layers in a row without a
+    host sync between them, 2 ranks: the pattern of the Qwen3-MoE GPU test that stalls without
+    CUDA_LAUNCH_BLOCKING (2026-12-07), here without transformers."""
+    case = MoECase(seed=97, hidden=64, intermediate=32, num_experts=8, num_topk=2,
+                   num_tokens=12, ragged=6, drop=0.0, backend="kernels", impl="triton")
+    gpu_ranks(2).run(task_moe_layers_back_to_back, case, 4)
 
 
 @pytest.mark.gpu
