@@ -360,7 +360,9 @@ def step_host_ms(fn, iters):
 
 
 def step_profile(fn, iters, top):
-    """cProfile of ``iters`` steps, each started with the GPU idle, by own time."""
+    """cProfile of ``iters`` steps, each started with the GPU idle: by own time, then
+    ep_comm's functions by cumulative time (which stage of the layer the time goes to:
+    quantisation, layout, dispatch, grouping, the expert GEMMs, combine)."""
     prof = cProfile.Profile()
     for _ in range(iters):
         torch.cuda.synchronize()
@@ -369,8 +371,14 @@ def step_profile(fn, iters, top):
         prof.disable()
     torch.cuda.synchronize()
     out = io.StringIO()
-    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
-    return "\n".join(out.getvalue().splitlines()[:12 + top])
+    stats = pstats.Stats(prof, stream=out)
+    stats.sort_stats("tottime").print_stats(top)
+    own = out.getvalue().splitlines()[:12 + top]
+    out = io.StringIO()
+    stats.stream = out
+    stats.sort_stats("cumulative").print_stats("ep_comm", 2 * top)
+    cumulative = [line for line in out.getvalue().splitlines() if line.strip()]
+    return "\n".join(own + ["", "  by cumulative time, ep_comm's functions:"] + cumulative[-2 * top - 1:])
 
 
 def part_c(a, buf, ll_buf, device, num_ranks, profiles=None):
