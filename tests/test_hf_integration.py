@@ -9,6 +9,7 @@ decode steps in CUDA graphs.
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -110,8 +111,11 @@ def test_gpu_2_ranks_kernels(gpu_ranks, kind, implementation, graphs):
     # in a CommTimeoutError naming the phase and the peer, not in an unnamed hang (2026-12-07:
     # with 300 s both ranks sat in a sync after the first forward until the pool gave up). 120 s
     # still covers a peer that compiles Triton kernels between two calls.
+    # EP_COMM_TEST_HF_TIMEOUT_S: a shorter bound for a diagnosis (a stalled kernel then ends in
+    # a CommTimeoutError that names its phase and peer, build/diag_hf.sh-style runs)
+    timeout_s = float(os.environ.get("EP_COMM_TEST_HF_TIMEOUT_S", "120"))
     gpu_ranks(2).run(task_hf_model, HFCase(kind, implementation, graphs=graphs,
-                                           backend="kernels", timeout_s=120))
+                                           backend="kernels", timeout_s=timeout_s))
 
 
 def test_phase_trace_names_the_first_unfinished_phase():
