@@ -265,6 +265,35 @@ class _MonkeyPatch:
             setattr(obj, name, value)
 
 
+def refusing(rt, kernel: str, peer_words):
+    """An ``on_launch`` for which the notify kernel ``kernel`` ("nvl_notify" or "inter_notify")
+    of runtime ``rt`` (rank 0 of 2) refuses the call: rank 1's words are ``peer_words(a copy of
+    this rank's words)`` (``with_word`` changes one field)."""
+    def on_launch(name, values):
+        if name == kernel:
+            refuse_notify(rt, {0: values["sig"], 1: peer_words(list(values["sig"]))})
+    return on_launch
+
+
+def with_word(field: str, value: int):
+    """``peer_words`` for ``refusing``: this rank's words with ``field`` set to ``value``."""
+    from ep_comm.core.constants import CALL_SIG_FIELDS
+
+    def peer_words(words):
+        words[CALL_SIG_FIELDS.index(field)] = value
+        return words
+    return peer_words
+
+
+def assert_hidden_mismatch_text(err) -> None:
+    """The reference backend's text of rank 0's CollectiveMismatchError for call #1 where it
+    passed hidden 256 and rank 1 hidden 128 (every value with the ranks holding it)."""
+    assert err.field == "hidden"
+    text = str(err)
+    assert text.startswith("rank 0: the ranks disagree on call #1"), text
+    assert "ranks [0] have hidden=256; ranks [1] have hidden=128" in text, text
+
+
 def refuse_notify(rt, rows: dict[int, list[int]]) -> None:
     """What refusing notify kernels (NVLink or internode) leave in the runtime ``rt``'s host
     status word when every rank ran the notify: every rank's call-signature words, then the

@@ -208,6 +208,22 @@ KERNEL_FIELDS = {"hidden": "hidden", "num_experts": "num_experts", "topk": "num_
                  "dtype": "dtype"}
 
 
+def _refused_on_every_rank(results: list[dict], elapsed_limit: float):
+    """Checks, for each kind of ``KERNEL_FIELDS`` in the ranks' ``results``, that every rank
+    raised CollectiveMismatchError naming itself and the field, within ``elapsed_limit``
+    seconds, and that the Buffer gave exact results after. Yields each kind's per-rank results
+    for the caller's own checks."""
+    for kind, field in KERNEL_FIELDS.items():
+        per_rank = [r[kind] for r in results]
+        for rank, res in enumerate(per_rank):
+            assert res["error"] == "CollectiveMismatchError", (kind, rank, res)
+            assert res["field"] == field, (kind, rank, res["message"])
+            assert f"rank {rank}:" in res["message"] and f"{field}=" in res["message"]
+            assert res["elapsed"] < elapsed_limit, (kind, rank, res)
+            assert res["after"] == "exact", (kind, res)
+        yield per_rank
+
+
 @pytest.mark.gpu
 def test_gpu_kernels_disagreement_is_refused_by_the_notify_kernel_on_every_rank(gpu_ranks):
     """Kernels backend, 2 ranks, no EP_COMM_CHECK_AGREEMENT: the call signature travels in the
@@ -215,15 +231,8 @@ def test_gpu_kernels_disagreement_is_refused_by_the_notify_kernel_on_every_rank(
     raises the same CollectiveMismatchError on every rank before data moves, and the Buffer
     then gives exact results."""
     results = gpu_ranks(2).run(fc.task_gpu_disagree, list(KERNEL_FIELDS), 1)
-    for kind, field in KERNEL_FIELDS.items():
-        per_rank = [r[kind] for r in results]
-        for rank, res in enumerate(per_rank):
-            assert res["error"] == "CollectiveMismatchError", (kind, rank, res)
-            assert res["field"] == field, (kind, rank, res["message"])
-            assert f"rank {rank}:" in res["message"] and f"{field}=" in res["message"]
-            assert res["elapsed"] < 5, (kind, res)  # refused at once, no timeout
-            assert res["after"] == "exact", (kind, res)
-        assert len({r["message"].split(":", 1)[1] for r in per_rank}) == 1, (kind, per_rank)
+    for per_rank in _refused_on_every_rank(results, 5):  # refused at once, no timeout
+        assert len({r["message"].split(":", 1)[1] for r in per_rank}) == 1, per_rank
 
 
 @pytest.mark.gpu
@@ -295,15 +304,8 @@ def test_gpu_internode_disagreement_is_refused_by_the_notify_kernel_on_every_ran
     results."""
     import internode_fault_cases as ifc
     results = run_fresh_gpu(ifc.task_gpu_internode_disagree, list(KERNEL_FIELDS), 1)
-    for kind, field in KERNEL_FIELDS.items():
-        per_rank = [r[kind] for r in results]
-        for rank, res in enumerate(per_rank):
-            assert res["error"] == "CollectiveMismatchError", (kind, rank, res)
-            assert res["field"] == field, (kind, rank, res["message"])
-            assert f"rank {rank}:" in res["message"] and f"{field}=" in res["message"]
-            assert res["elapsed"] < TIMEOUT_S, (kind, rank, res)  # refused, not timed out
-            assert res["untouched"], (kind, rank, "a token slot was written")
-            assert res["after"] == "exact", (kind, res)
+    for per_rank in _refused_on_every_rank(results, TIMEOUT_S):  # refused, not timed out
+        assert all(res["untouched"] for res in per_rank), ("a token slot was written", per_rank)
         assert len({r["message"].split(":", 1)[1] for r in per_rank}) == 1, (kind, per_rank)
 
 

@@ -123,19 +123,11 @@ def test_status_word_holds_every_ranks_signature(monkeypatch):
 
 def test_refused_notify_raises_the_mismatch_before_the_dispatch_kernel_and_stays_usable(rt):
     rt.comm.begin_call(SIG)
-
-    def refuse(values):
-        theirs = list(values["sig"])
-        theirs[CALL_SIG_FIELDS.index("hidden")] = 128
-        fake_gpu.refuse_notify(rt, {0: values["sig"], 1: theirs})
-    rt.fake_module.on_launch = _on("inter_notify", refuse)
+    rt.fake_module.on_launch = fake_gpu.refusing(rt, "inter_notify",
+                                                 fake_gpu.with_word("hidden", 128))
     with pytest.raises(CollectiveMismatchError) as e:
         _dispatch(rt)
-    assert e.value.field == "hidden"
-    text = str(e.value)
-    # the reference backend's text: the call number, every value with the ranks holding it
-    assert text.startswith("rank 0: the ranks disagree on call #1"), text
-    assert "ranks [0] have hidden=256; ranks [1] have hidden=128" in text, text
+    fake_gpu.assert_hidden_mismatch_text(e.value)
     assert [n for n, _, _ in rt.fake_module.launches][-1] == "inter_notify"
     # usable: the word is cleared, the call number kept, the next call runs both kernels
     assert rt.status.read(8) == [0] * 8 and rt._broken is None and rt.comm.seq == 1
@@ -232,12 +224,8 @@ def test_skip_seen_as_call_numbers_names_the_rank_behind(rt):
 
 def test_refusal_of_a_dispatch_that_did_not_wait_is_raised_by_the_next_call(rt):
     rt.comm.begin_call(SIG)
-
-    def refuse(values):
-        theirs = list(values["sig"])
-        theirs[CALL_SIG_FIELDS.index("num_topk")] = 4
-        fake_gpu.refuse_notify(rt, {0: values["sig"], 1: theirs})
-    rt.fake_module.on_launch = _on("inter_notify", refuse)
+    rt.fake_module.on_launch = fake_gpu.refusing(rt, "inter_notify",
+                                                 fake_gpu.with_word("num_topk", 4))
     _dispatch(rt, worst=64)  # returns: the host did not wait (its dispatch kernel moves nothing)
     rt.fake_module.on_launch = None
     rt.comm.begin_call(SIG)

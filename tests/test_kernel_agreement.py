@@ -31,20 +31,8 @@ def _dispatch(rt, worst=0):
 
 
 def _refuse_with(rt, peer_words):
-    """An ``on_launch`` for which the notify kernel refuses the call: rank 1's words are
-    ``peer_words(this rank's words)``."""
-    def kernel(name, values):
-        if name == "nvl_notify":
-            fake_gpu.refuse_notify(rt, {0: values["sig"], 1: peer_words(list(values["sig"]))})
-    return kernel
-
-
-def _with_word(field: str, value: int):
-    """``peer_words`` for ``_refuse_with``: this rank's words with ``field`` set to ``value``."""
-    def peer_words(words):
-        words[CALL_SIG_FIELDS.index(field)] = value
-        return words
-    return peer_words
+    """``fake_gpu.refusing`` of the NVLink notify kernel."""
+    return fake_gpu.refusing(rt, "nvl_notify", peer_words)
 
 
 def _call(rt, sig, bad=None):
@@ -76,14 +64,10 @@ def test_refusal_raises_the_mismatch_naming_ranks_field_and_values_before_the_di
     rt = two_ranks
     sig = agreement.Signature("dispatch", 256, torch.bfloat16, 8, 2)
     _call(rt, sig)
-    rt.fake_module.on_launch = _refuse_with(rt, _with_word("hidden", 128))
+    rt.fake_module.on_launch = _refuse_with(rt, fake_gpu.with_word("hidden", 128))
     with pytest.raises(CollectiveMismatchError) as e:
         _dispatch(rt)
-    assert e.value.field == "hidden"
-    text = str(e.value)
-    # the reference backend's text: every value with the ranks holding it
-    assert text.startswith("rank 0: the ranks disagree on call #1"), text
-    assert "ranks [0] have hidden=256; ranks [1] have hidden=128" in text, text
+    fake_gpu.assert_hidden_mismatch_text(e.value)
     names = [n for n, _, _ in rt.fake_module.launches]
     assert names[-1] == "nvl_notify", names  # the dispatch kernel was never launched
     # The refusal leaves the Buffer usable: the word is cleared, the next call goes on.
@@ -179,7 +163,7 @@ def test_refusal_of_a_call_that_did_not_wait_is_raised_by_the_next_call(two_rank
     rt = two_ranks
     sig = agreement.Signature("dispatch", 256, torch.bfloat16, 8, 2)
     _call(rt, sig)
-    rt.fake_module.on_launch = _refuse_with(rt, _with_word("num_topk", 4))
+    rt.fake_module.on_launch = _refuse_with(rt, fake_gpu.with_word("num_topk", 4))
     _dispatch(rt, worst=64)  # returns: the host did not wait
     rt.fake_module.on_launch = None
     _call(rt, sig)
