@@ -429,6 +429,45 @@ def task_gpu_skip(ctx, odd: int) -> dict:
         buf.destroy()
 
 
+RING_LAYOUT_DISAGREEMENTS = ("combine_hidden", "cached_dispatch_hidden")
+
+
+def task_gpu_ring_layout(ctx, kind: str, odd: int) -> dict:
+    """Kernels backend without EP_COMM_CHECK_AGREEMENT: after an agreed dispatch from a layout,
+    rank ``odd`` makes the next call with half the hidden size: a combine (``combine_hidden``)
+    or a cached dispatch with the handle (``cached_dispatch_hidden``). No signature exchange
+    checks these calls (the host's agreement is off, they have no notify kernel), so only the
+    NVLink rings' tags, which hash the row layout, stand between the ranks and rows read at the
+    wrong size. Each rank's kernel must refuse the other's words and time out; the next call
+    raises the CommTimeoutError naming the other rank, then every later call raises
+    BufferFailedError. Before the layout was in the tag the call completed: no error, wrong
+    rows."""
+    assert os.environ.get("EP_COMM_CHECK_AGREEMENT", "0") != "1"
+    case = Case(seed=24, num_experts=16, backend="kernels")
+    x, idx, w = (t.to(ctx.device) for t in all_inputs(case, ctx.world_size)[ctx.rank])
+    h = case.hidden // 2 if ctx.rank == odd else case.hidden
+    buf = make_buffer(ctx, case)
+    try:
+        recv, _, _, _, handle, _ = _layout_and_dispatch(buf, x, idx, w, case.num_experts)
+        torch.cuda.synchronize()
+
+        def disagreeing():
+            if kind == "combine_hidden":
+                buf.combine(recv[:, :h].contiguous(), handle)
+            elif kind == "cached_dispatch_hidden":
+                buf.dispatch(x[:, :h].contiguous(), handle=handle)
+            else:
+                raise ValueError(kind)
+            torch.cuda.synchronize()  # nothing on the host waits for these kernels
+            # the next call reads the status word: the timeout the kernels reported
+            _layout_and_dispatch(buf, x, idx, w, case.num_experts)
+        res = _outcome(disagreeing)
+        res["later"] = _later_call(buf, x, idx, w, case.num_experts)
+        return res
+    finally:
+        buf.destroy()
+
+
 # ------------------------------------- GPU: low-latency call agreement in the kernels
 LL_KERNEL_DISAGREEMENTS = ("ll_hidden", "ll_num_experts", "ll_topk", "ll_fp8")
 

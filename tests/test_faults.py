@@ -247,6 +247,23 @@ def test_gpu_kernels_skipped_dispatch_is_named_by_every_rank():
         assert res["later"]["error"] == "BufferFailedError", (rank, res["later"])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", fc.RING_LAYOUT_DISAGREEMENTS)
+def test_gpu_kernels_ring_layout_disagreement_is_named_never_silent(kind):
+    """Kernels backend, 2 ranks, no EP_COMM_CHECK_AGREEMENT: after an agreed dispatch, rank 1
+    combines (``combine_hidden``) or makes a cached dispatch (``cached_dispatch_hidden``) with
+    half the hidden size. No signature exchange checks these calls; the NVLink rings' tags hash
+    the row layout (``ring_shape``), so neither rank takes the other's words: each names the
+    other in a CommTimeoutError ("another row layout") within the timeout + 2 s (+ launch on a
+    shared GPU), never a silent result, and later calls raise BufferFailedError at once."""
+    results = run_fresh_gpu(fc.task_gpu_ring_layout, kind, 1)
+    for rank, res in enumerate(results):
+        assert res["error"] == "CommTimeoutError" and res["peer"] == 1 - rank, (kind, rank, res)
+        assert "another row layout" in res["message"], (kind, rank, res["message"])
+        assert res["elapsed"] < LIMIT_S + 2, (kind, rank, res["elapsed"])
+        assert res["later"]["error"] == "BufferFailedError", (kind, rank, res["later"])
+
+
 # ------------------------------ GPU: low-latency call agreement in the count words
 LL_AGREE = {"EP_COMM_LL_KERNEL_AGREEMENT": "1"}
 

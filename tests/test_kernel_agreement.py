@@ -10,8 +10,10 @@ import torch
 
 from ep_comm.backends.kernels import status
 from ep_comm.core import agreement
-from ep_comm.core.constants import CALL_SIG_FIELDS, CALL_SIG_WORDS, PHASE_NOTIFY, STATUS_DISAGREE
-from ep_comm.errors import CollectiveMismatchError, InputError, PeerInputError
+from ep_comm.core.constants import (CALL_SIG_FIELDS, CALL_SIG_WORDS, PHASE_COMBINE_RECV,
+                                    PHASE_DISPATCH_SEND, PHASE_NOTIFY, STATUS_DISAGREE,
+                                    STATUS_TIMEOUT)
+from ep_comm.errors import CollectiveMismatchError, CommTimeoutError, InputError, PeerInputError
 
 import fake_gpu
 
@@ -176,6 +178,21 @@ def test_decoder_without_rows_still_names_peer_and_field():
     words = [STATUS_DISAGREE, PHASE_NOTIFY, 1, HIDDEN, 128, 256]
     err = status.decode_status(words, status.NVLINK, 0, 3.0)
     assert "rank 1" in str(err) and "hidden" in str(err) and "128" in str(err)
+
+
+@pytest.mark.parametrize("phase", [PHASE_DISPATCH_SEND, PHASE_COMBINE_RECV])
+def test_ring_wait_that_saw_another_tag_says_the_layout_may_differ(phase):
+    """The cached dispatch and combine have no signature exchange: ranks that disagree on the
+    row layout are kept apart by the ring words' tags (``ring_shape``), and each times out. A
+    ring wait reports -1 as the count it saw when the word carried another tag; the timeout
+    names the peer and says what that means, another row layout among the causes."""
+    err = status.decode_status([STATUS_TIMEOUT, phase, 1, 2, -1, 5], status.NVLINK, 0, 3.0)
+    assert isinstance(err, CommTimeoutError) and err.peer == 1
+    assert "channel 2" in str(err) and "another row layout" in str(err)
+    # a count of this kernel (a slow or stuck peer), or the notify's flags: no such guess
+    for words in ([STATUS_TIMEOUT, phase, 1, 2, 3, 5], [STATUS_TIMEOUT, PHASE_NOTIFY, 1, -1, -1, 8]):
+        err = status.decode_status(words, status.NVLINK, 0, 3.0)
+        assert err.peer == 1 and "another row layout" not in str(err)
 
 
 def _fake_buffer_calls(monkeypatch, agree_env: str | None):

@@ -69,16 +69,20 @@ class IntranodeRegions(Carver):
     payload kind changes between calls: a stale word is never read at a new place.
 
     * ``ctrl``: uint32 [4], local only: [0] sequence number of the last finished kernel (every
-      communicating kernel uses ``ctrl[0] + 1`` as its tag and the last block to finish bumps
-      it, so the tag lives on the device and CUDA-graph replays stay correct), [1] blocks of
-      the running kernel that finished, [2] status claim (the first failing block sets it).
+      communicating kernel uses ``ctrl[0] + 1`` as its tag, with the row layout hashed in for
+      ring words (see ``tail``), and the last block to finish bumps it, so the tag lives on
+      the device and CUDA-graph replays stay correct), [1] blocks of the running kernel that
+      finished, [2] status claim (the first failing block sets it).
     * ``notify_flag``: uint32 [NVL_MAX_RANKS]: ``[s]`` = 2 * the tag of the notify in which rank
       s wrote its counts row here, + 1 once it read every row of a refused call
       (``kernels/cuda/intranode.cu``, "Flags").
     * ``notify_counts``: int32 [NVL_MAX_RANKS, NVL_NOTIFY_ROW]: row s, written by rank s: its token
       count T_s, its tokens per destination rank [R], its tokens per expert of this rank [L].
     * ``tail``: uint64 [NVL_MAX_CHANNELS, NVL_MAX_RANKS]: ``[c, s]`` written by rank s: slots
-      published into ring (c, s), as ``tag << 32 | done << 31 | count``.
+      published into ring (c, s), as ``tag << 32 | done << 31 | count``. A dispatch or combine
+      kernel's tag is its ``ctrl[0] + 1`` XOR a 12-bit hash of its row layout shifted to bits
+      20..31 (``ring_shape`` / ``ring_tag`` in ``kernels/cuda/intranode_common.cuh``), so ranks
+      that disagree on the layout never take each other's words.
     * ``head``: uint64 [NVL_MAX_CHANNELS, NVL_MAX_RANKS]: ``[c, d]`` written by rank d: slots
       rank d consumed from this rank's ring (c, this rank) in d's buffer, ``tag << 32 | count``.
     * ``ring``: [C, R, S] slots of ``slot_bytes``: ring (c, s) holds tokens (dispatch) or rows

@@ -5,7 +5,11 @@
 // the receiver's buffer) says how many slots s has published, a head word (written by the
 // receiver, in s's buffer) how many it has consumed. Both carry the kernel's tag (a sequence
 // number kept on the device, see finish_block) so words of an earlier call are never taken for
-// this one and nothing needs resetting between calls (CUDA-graph replays included).
+// this one and nothing needs resetting between calls (CUDA-graph replays included). The tag
+// also carries a hash of the call's row layout (ring_shape, intranode_common.cuh): ranks that
+// disagree on it (another hidden in a combine or cached dispatch, which no signature exchange
+// checks) never take each other's words, and time out naming each other instead of reading
+// rows of the wrong size.
 // Every ring ends with a handshake: the sender publishes its last tail with the done bit, the
 // receiver answers with a head word that has the done bit once it will never touch the ring or
 // its tail word again, and the sender waits for that answer. So when a kernel finishes on a
@@ -39,6 +43,8 @@ __device__ __forceinline__ uint64_t* word_of(char* base, long long off, int c, i
 
 
 // Wait (one thread) until the ring has room for n more slots. Returns false on timeout.
+// Every wait reports the count it saw as -1 when the word carries another tag (another kernel,
+// call or row layout: ep_comm.backends.kernels.status words it so).
 __device__ bool wait_for_room(const uint64_t* head_word, uint32_t tag, uint32_t tail, int n,
                               int S, unsigned long long timeout_ns, int* host_status,
                               uint32_t* ctrl, int phase, int peer, int c) {
@@ -46,10 +52,12 @@ __device__ bool wait_for_room(const uint64_t* head_word, uint32_t tag, uint32_t 
     int spins = 0;
     while (true) {
         const uint64_t w = ld_acquire_sys(head_word);
-        const uint32_t head = word_tag(w) == tag ? word_count(w) : 0u;
+        const bool ours = word_tag(w) == tag;
+        const uint32_t head = ours ? word_count(w) : 0u;
         if (tail + n - head <= static_cast<uint32_t>(S)) return true;
         if ((++spins & 63) == 0 && globaltimer_ns() > deadline) {
-            report(host_status, ctrl, kStatusTimeout, phase, peer, c, head, tail + n - S);
+            report(host_status, ctrl, kStatusTimeout, phase, peer, c,
+                   ours ? static_cast<long long>(head) : -1, tail + n - S);
             return false;
         }
     }
@@ -114,26 +122,33 @@ __shared__ int s_abort[kMaxRanks];
 __shared__ int s_count[kMaxRanks];
 __shared__ uint32_t s_tail[kMaxRanks];
 __shared__ int s_done[kMaxRanks];
+__shared__ uint32_t s_tag;  // the block's ring tag (begin_channel_block)
 
 // The start of a dispatch or combine block. Grid 2 * C: block 2c sends channel c, block 2c + 1
 // receives it. With one rank there is no ring and one of the two would idle, so both take half
 // of the channel's tokens [tb, te); otherwise [tb, te) is the whole channel. The caller zeroes
-// its own shared per-rank array first; the barrier here covers it and s_abort.
+// its own shared per-rank array first; the barrier here covers it, s_abort and s_tag. shape:
+// the kernel's ring_shape, hashed into the tag of every ring word it writes and accepts.
 struct ChannelBlock {
     uint32_t* ctrl;  // this rank's control words (ctrl[0]: calls so far)
-    uint32_t tag;    // this call's number
+    uint32_t tag;    // this call's number with the shape of its rows (ring_tag)
     int c;           // channel
     bool receiver;
     int tb, te;
 };
 
 __device__ __forceinline__ ChannelBlock begin_channel_block(char* const* peers, int rank, int R,
-                                                            int C, int T, long long off_ctrl) {
+                                                            int C, int T, long long off_ctrl,
+                                                            uint32_t shape) {
     ChannelBlock b;
     b.ctrl = reinterpret_cast<uint32_t*>(peers[rank] + off_ctrl);
-    b.tag = *reinterpret_cast<volatile uint32_t*>(b.ctrl) + 1u;
+    // One thread computes the tag and the barrier below hands it to the others: with every
+    // thread hashing the shape itself, ptxas spilled more in the dispatch kernel (sm_90a).
+    if (threadIdx.x == 0)
+        s_tag = ring_tag(*reinterpret_cast<volatile uint32_t*>(b.ctrl) + 1u, shape);
     if (threadIdx.x < kMaxRanks) s_abort[threadIdx.x] = 0;
     __syncthreads();
+    b.tag = s_tag;
     b.c = blockIdx.x >> 1;
     b.receiver = (blockIdx.x & 1) != 0;
     const int t0 = channel_begin(T, b.c, C), t1 = channel_begin(T, b.c + 1, C);
@@ -778,7 +793,11 @@ nvl_dispatch(char* const* __restrict__ peers, int rank, int R, int C, int S, int
                          exp_scales, exp_w, num_exp_rows, expert_alignment, zero_exp_padding,
                          host_status, timeout_ns};
     if (threadIdx.x < kMaxRanks) s_count[threadIdx.x] = 0;
-    const ChannelBlock b = begin_channel_block(peers, rank, R, C, T, off_ctrl);
+    // Everything a receiver's reading of a slot depends on; the pointers are not (null on a
+    // rank without tokens).
+    const ChannelBlock b = begin_channel_block(
+        peers, rank, R, C, T, off_ctrl,
+        ring_shape(kRingDispatch, row_int4, num_scales, K, L, expand, C, S));
     if (*num_recv_dev < 0) {  // the notify kernel refused this call (on every rank): move nothing
         finish_block(b.ctrl);
         return;
@@ -1055,7 +1074,9 @@ nvl_combine(char* const* __restrict__ peers, int rank, int R, int C, int S, int 
                         rank_prefix_matrix, num_tokens_of_rank, is_token_in_rank, send_pos, T,
                         bias0, bias1, out, out_w, host_status, timeout_ns};
     if (threadIdx.x < kMaxRanks) s_k[threadIdx.x] = 0;
-    const ChannelBlock b = begin_channel_block(peers, rank, R, C, T, off_ctrl);
+    // A combine slot holds a row and K weights: no scales, experts or expanded rows.
+    const ChannelBlock b = begin_channel_block(peers, rank, R, C, T, off_ctrl,
+                                               ring_shape(kRingCombine, row_int4, 0, K, 0, 0, C, S));
     // One rank: nothing to send; both blocks reduce, each its half of the channel (no ring is
     // read, so the halves need no coordination).
     if (b.receiver || R == 1)

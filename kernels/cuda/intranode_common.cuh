@@ -190,4 +190,62 @@ __device__ __forceinline__ uint64_t make_word(uint32_t tag, uint32_t count, bool
     return (static_cast<uint64_t>(tag) << 32) | count | (done ? kDoneBit : 0u);
 }
 
+// The layout half of a ring word's tag. Two ranks whose kernels would lay out or read a slot
+// differently (another hidden or dtype, so another row_int4; scales, top-k, experts per rank,
+// expanded rows; another ring geometry) must never take each other's tail/head words: a
+// receiver that did would read rows of the wrong size, silently. So the tag carries, besides
+// the call number, a 12-bit hash of what both sides of a ring must agree on, and a rank whose
+// peer disagrees waits in vain and reports a timeout naming that peer (the Buffer then fails).
+// Only scalar arguments go in, never pointers: a rank with no tokens passes null inputs (see
+// take_token_from_slot) and still agrees with its peers.
+// The kernel kind is hashed too: a rank that skipped a call may run a combine against its
+// peer's cached dispatch, whose slots hold other things.
+constexpr uint32_t kRingDispatch = 1u;
+constexpr uint32_t kRingCombine = 2u;
+constexpr int kRingShapeBits = 12;
+constexpr uint32_t kRingShapeMask = (1u << kRingShapeBits) - 1u;
+// The tag is (call number) XOR (shape << kRingSeqBits): the low 20 bits are the call number's,
+// untouched. The words of a ring are only ever compared for equality with the running kernel's
+// tag, and a word left by any of the previous 2^20 - 1 kernels of this rank (the previous call
+// above all, which wrote every word of the rings it used) differs from it in those bits
+// whatever the shapes; so the shape costs no protection against stale words, except for a word
+// left untouched for a multiple of 2^20 kernels (a channel unused since: more channels now than
+// in any call since) whose shape bits then happen to cancel the call numbers' upper bits.
+// Between two ranks in the same call the low bits are equal, and the tags differ exactly when
+// the shapes do.
+constexpr int kRingSeqBits = 32 - kRingShapeBits;
+
+// One step of the hash: v enters through an odd multiplier (a bijection of the 32-bit words),
+// then an xor-shift / odd multiply / xor-shift spreads every input bit over the upper bits.
+__device__ __forceinline__ uint32_t ring_mix(uint32_t h, uint32_t v) {
+    h ^= v * 0x9E3779B1u;
+    h ^= h >> 15;
+    h *= 0x2C1B3C6Du;
+    h ^= h >> 12;
+    return h;
+}
+
+// kind: kRingDispatch / kRingCombine; the others as the kernels' arguments (combine: 0 for
+// num_scales, L and expand, which it does not have). row_int4 is added last, times an odd
+// constant, to the top 12 bits of the others' hash: modulo 2^12 that is a bijection of
+// row_int4, so calls that differ only in their row size (the common mistake: another hidden or
+// dtype) always get different shapes unless the rows differ by a multiple of 4096 int4
+// (64 KiB); any other difference collides with probability about 2^-12.
+__device__ __forceinline__ uint32_t ring_shape(uint32_t kind, int row_int4, int num_scales, int K,
+                                               int L, int expand, int C, int S) {
+    uint32_t h = ring_mix(0x6A09E667u, kind);
+    h = ring_mix(h, static_cast<uint32_t>(num_scales));
+    h = ring_mix(h, static_cast<uint32_t>(K));
+    h = ring_mix(h, static_cast<uint32_t>(L));
+    h = ring_mix(h, static_cast<uint32_t>(expand != 0));
+    h = ring_mix(h, static_cast<uint32_t>(C));
+    h = ring_mix(h, static_cast<uint32_t>(S));
+    return ((h >> kRingSeqBits) + static_cast<uint32_t>(row_int4) * 0x5BDu) & kRingShapeMask;
+}
+
+// The tag of a ring kernel: its call number (ctrl[0] + 1) with the shape in the upper bits.
+__device__ __forceinline__ uint32_t ring_tag(uint32_t seq, uint32_t shape) {
+    return seq ^ (shape << kRingSeqBits);
+}
+
 }  // namespace ep_nvl

@@ -9,7 +9,9 @@ Layouts (the device side: ``kernels/cuda/intranode_common.cuh`` and ``low_latenc
 codes and phases: ``ep_comm.core.constants``):
 
 * normal mode, NVLink and internode (``NVLINK``, ``INTERNODE``): ``[0]`` code, ``[1]`` phase,
-  ``[2]`` peer rank, ``[3]`` channel (-1: none), ``[4]`` value seen, ``[5]`` value wanted;
+  ``[2]`` peer rank, ``[3]`` channel (-1: none), ``[4]`` value seen (an NVLink ring wait:
+  -1 when the word carries another kernel's tag, i.e. another call or row layout), ``[5]``
+  value wanted;
   ``[8]`` the received row count and from ``[16]`` the per-expert counts (notify's results,
   not errors). ``STATUS_DISAGREE`` (the NVLink notify kernel refused a call whose ranks
   disagree, or one whose rank had a bad input): ``[2]`` the first rank that differs, ``[3]``
@@ -70,6 +72,10 @@ NVLINK = Family(
                          "receiver)",
      PHASE_COMBINE_RECV: "expert output rows (the peer's combine sender)"},
 )
+
+#: NVLink phases whose waits read a ring's tail/head word (-1 seen: the word had another tag).
+_NVL_RING_PHASES = (PHASE_DISPATCH_SEND, PHASE_DISPATCH_RECV, PHASE_COMBINE_SEND,
+                    PHASE_COMBINE_RECV)
 
 INTERNODE = Family(
     "the internode kernels",
@@ -136,8 +142,15 @@ def decode_status(words, family: Family, rank: int, limit_s: float,
         return agreement.ll_tag_error(rank, peer, phase, seen, wanted, seq, note)
     if code == STATUS_TIMEOUT:
         where = f" on channel {channel}" if channel >= 0 else ""
+        saw = f"saw {seen}"
+        if family is NVLINK and phase_id in _NVL_RING_PHASES and seen == -1:
+            # A ring word whose tag is not this kernel's: its call number and row layout
+            # (kernels/cuda/intranode_common.cuh ring_shape) are hashed into the tag.
+            saw = ("saw only a word of another kernel there: that rank has not started this "
+                   "call, runs another call, or runs it with another row layout (hidden, "
+                   "dtype, top-k or config differ)")
         return CommTimeoutError(
-            rank, phase, f"{family.waited_for.get(phase_id, 'a signal')}{where} (saw {seen}, "
+            rank, phase, f"{family.waited_for.get(phase_id, 'a signal')}{where} ({saw}, "
             f"wanted {wanted})", limit_s, peer, node)
     if code == STATUS_DISAGREE and call_sigs:
         n = len(call_sigs) // CALL_SIG_WORDS
