@@ -201,6 +201,15 @@ def part_a(a, buf, ll_buf, device, num_ranks, sync, profiles):
     f["normal_calls_through_cpp"] = ((host.calls - before - profiled) / timed_calls
                                      if host is not None else 0.0)
     if host is not None:
+        # Where the C++ dispatches' host time goes: summed by stage inside the extension; the
+        # rest of a call's host time is Python and pybind's argument conversion.
+        for name in NORMAL_CPP_CALLS:
+            stages = host.stage_times(fns[name], a.calls)
+            for stage, us in stages.items():
+                if stage != "calls":
+                    f[f"{name}_cpp_{stage}_us"] = us
+            f[f"{name}_outside_cpp_us"] = f[f"{name}_host_us"] - sum(
+                us for stage, us in stages.items() if stage != "calls")
         buf._normal_host = None
         try:
             for name in NORMAL_CPP_CALLS:
@@ -430,6 +439,15 @@ def print_report(a, f, num_ranks, profiles, kernels):
                        f"\na. host time per call, {a.tokens} tokens x {a.hidden}, top-{a.topk} of "
                        f"{a.experts}, {num_ranks} rank(s), no sync in the loop, median of 3 x "
                        f"{a.calls} calls")
+    stages = ("guard", "alloc", "launch", "wait", "return")
+    if any(f"{n}_cpp_alloc_us" in f for n in NORMAL_CPP_CALLS):
+        common.print_table(None, ["call", *stages, "outside C++"],
+                           [[n, *(f.get(f"{n}_cpp_{s}_us") for s in stages),
+                             f.get(f"{n}_outside_cpp_us")] for n in NORMAL_CPP_CALLS],
+                           "\na2. the C++ dispatches' host us per call by stage (alloc: CUDA "
+                           "allocations and views; launch: cuLaunchKernel; return: the outputs "
+                           "as a Python tuple; outside C++: Python and pybind's argument "
+                           "conversion)")
     if any(f"{n}_event_us" in f for n in EVENT_CALLS):
         common.print_table(None, ["call", "event us", "kernel us", "event / kernel",
                                   "event, host ahead us"],

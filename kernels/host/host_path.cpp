@@ -404,6 +404,28 @@ class Layout : public NativeBase {
 };
 
 
+// The stages of a C++ call whose host time Stamps sums (NvlDispatch::stage_ns): the guard,
+// the CUDA allocations and views, the launches (cuLaunchKernel), the count wait of a dispatch
+// from a layout, and the conversion of the outputs into a Python tuple.
+enum Stage { kStageGuard, kStageAlloc, kStageLaunch, kStageWait, kStageReturn, kStages };
+const std::vector<std::string> kStageNames = {"guard", "alloc", "launch", "wait", "return"};
+
+// Time since the last mark, added to a stage; does nothing when off (one branch per mark).
+struct Stamps {
+  bool on;
+  int64_t ns[kStages] = {};
+  std::chrono::steady_clock::time_point last;
+  explicit Stamps(bool timing) : on(timing) {
+    if (on) last = std::chrono::steady_clock::now();
+  }
+  void mark(Stage s) {
+    if (!on) return;
+    const auto now = std::chrono::steady_clock::now();
+    ns[s] += std::chrono::duration_cast<std::chrono::nanoseconds>(now - last).count();
+    last = now;
+  }
+};
+
 // A normal-mode dispatch plan the Python path built (IntranodeRuntime._dispatch_plan): the
 // notify launch (fresh dispatches only) and the dispatch launch, what the plan was built for,
 // and the token counts / expert alignments its calls were validated with.
@@ -483,6 +505,20 @@ class NvlDispatch : public NativeBase {
 
   int64_t num_plans() const { return static_cast<int64_t>(plans_.size()); }
 
+  // Where a call's host time goes (bench/host_overhead.py prints it; off by default, and then
+  // each stage costs one predictable branch): on set_timing(true) the sums restart; stage_ns()
+  // is (calls timed, then the summed ns of each of kStages stages, in the order of kStageNames).
+  void set_timing(bool on) {
+    timing_ = on;
+    timed_calls_ = 0;
+    for (int64_t& v : stage_ns_) v = 0;
+  }
+  std::vector<int64_t> stage_ns() const {
+    std::vector<int64_t> out{timed_calls_};
+    out.insert(out.end(), stage_ns_, stage_ns_ + kStages);
+    return out;
+  }
+
   // Whether the plan whose dispatch arguments live at ``params`` knows (t, alignment).
   bool knows(int64_t params, int64_t t, int64_t alignment) const {
     for (const NvlPlan& p : plans_)
@@ -500,6 +536,7 @@ class NvlDispatch : public NativeBase {
                    const at::Tensor& ntpr, const at::Tensor& in_rank, const at::Tensor& ntpe,
                    const c10::optional<at::Tensor>& idx, const c10::optional<at::Tensor>& w,
                    int64_t alignment, int64_t seq, int64_t stream) {
+    Stamps st(timing_);
     if (!fresh_ || x.dim() != 2 || x.device() != device_ || !x.is_contiguous() || !aligned16(x))
       return py::none();
     const int64_t t = x.size(0);
@@ -517,6 +554,7 @@ class NvlDispatch : public NativeBase {
       return py::none();
     if (!plan->knows(t, alignment) || seq > INT32_MAX || !status_clear()) return py::none();
     if (worst_ == 0 && capturing(stream)) return py::none();  // the count wait cannot capture
+    st.mark(kStageGuard);
 
     // The notify's outputs in one allocation: rank_prefix_matrix [R, R], recv_per_expert [L],
     // num_tokens_of_rank [R], num_recv [1]. With num_worst_tokens the rows are known before
@@ -537,7 +575,9 @@ class NvlDispatch : public NativeBase {
     std::vector<int32_t> words = plan->sig;
     words[0] = static_cast<int32_t>(seq);
     n.slots.back().put_words(words);
+    st.mark(kStageAlloc);
     launch(n, 1, stream, "nvl_notify");
+    st.mark(kStageLaunch);
 
     int64_t rows = worst_, n_recv = -1, wait_ns = 0;
     py::object counts = py::none();
@@ -561,6 +601,7 @@ class NvlDispatch : public NativeBase {
       py::list c(local);
       for (int64_t i = 0; i < local; ++i) c[i] = py::int_(status_[counts_word_ + i]);
       counts = std::move(c);
+      st.mark(kStageWait);
     }
     // send_pos [T, R], recv_src_idx [N] and recv_src_rank [N] in one allocation
     at::Tensor route = worst_ > 0 ? small.narrow(0, head, t * r + 2 * rows)
@@ -569,14 +610,19 @@ class NvlDispatch : public NativeBase {
     at::Tensor src_idx = route.narrow(0, t * r, rows);
     at::Tensor src_rank = route.narrow(0, t * r + rows, rows);
     Outputs o = outputs(*plan, rows);
+    st.mark(kStageAlloc);
     const int64_t values[] = {ptr(x), ptr(x_scales), ptr(idx), ptr(w), ptr(in_rank), t,
                               ptr(prefix), ptr(send_pos), ptr(o.x), ptr(o.scales),
                               ptr(o.idx), ptr(o.w), ptr(src_idx), ptr(src_rank), rows,
                               ptr(num_recv), 0, 0, 0, 0, 0, 0};
     put_and_launch(*plan, values, stream);
-    return py::make_tuple(o.x, opt(o.scales), opt(o.idx), opt(o.w), prefix, per_expert, of_rank,
-                          num_recv, send_pos, src_idx, src_rank, n_recv, counts, wait_ns,
-                          plan->signature);
+    st.mark(kStageLaunch);
+    py::object out = py::make_tuple(o.x, opt(o.scales), opt(o.idx), opt(o.w), prefix, per_expert,
+                                    of_rank, num_recv, send_pos, src_idx, src_rank, n_recv,
+                                    counts, wait_ns, plan->signature);
+    st.mark(kStageReturn);
+    add_stamps(st);
+    return out;
   }
 
   // A cached dispatch along a handle's routes: (recv_x, recv_scales or None, the call's
@@ -586,6 +632,7 @@ class NvlDispatch : public NativeBase {
                     const at::Tensor& src_idx, const at::Tensor& src_rank,
                     const at::Tensor& num_recv, int64_t rows, int64_t e, int64_t alignment,
                     int64_t stream) {
+    Stamps st(timing_);
     if (fresh_ || x.dim() != 2 || x.device() != device_ || !x.is_contiguous() || !aligned16(x))
       return py::none();
     const int64_t t = x.size(0);
@@ -597,12 +644,18 @@ class NvlDispatch : public NativeBase {
         src_rank.numel() != rows)
       return py::none();
     if (!plan->knows(t, alignment) || !status_clear()) return py::none();
+    st.mark(kStageGuard);
     Outputs o = outputs(*plan, rows);
+    st.mark(kStageAlloc);
     const int64_t values[] = {ptr(x), ptr(x_scales), 0, 0, ptr(in_rank), t, ptr(prefix), 0,
                               ptr(o.x), ptr(o.scales), 0, 0, ptr(src_idx), ptr(src_rank), rows,
                               ptr(num_recv), 0, 0, 0, 0, 0, 0};
     put_and_launch(*plan, values, stream);
-    return py::make_tuple(o.x, opt(o.scales), plan->signature);
+    st.mark(kStageLaunch);
+    py::object out = py::make_tuple(o.x, opt(o.scales), plan->signature);
+    st.mark(kStageReturn);
+    add_stamps(st);
+    return out;
   }
 
  private:
@@ -647,6 +700,15 @@ class NvlDispatch : public NativeBase {
     launch(p.dispatch, p.grid, stream, "nvl_dispatch");
   }
 
+  void add_stamps(const Stamps& st) {
+    if (!st.on) return;
+    ++timed_calls_;
+    for (int i = 0; i < kStages; ++i) stage_ns_[i] += st.ns[i];
+  }
+
+  bool timing_ = false;
+  int64_t timed_calls_ = 0;
+  int64_t stage_ns_[kStages] = {};
   EventRecordFn record_;
   EventSyncFn sync_;
   void* event_;
@@ -666,6 +728,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("LAYOUT_SLOTS") = kLayoutSlots;
   m.attr("NVL_NOTIFY_SLOTS") = kNvlNotifySlots;
   m.attr("NVL_DISPATCH_SLOTS") = kNvlDispatchSlots;
+  m.attr("STAGE_NAMES") = kStageNames;
   py::class_<NvlDispatch>(m, "NvlDispatch")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                     int64_t, const at::Tensor&, int64_t, bool, int64_t>())
@@ -673,7 +736,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("num_plans", &NvlDispatch::num_plans)
       .def("knows", &NvlDispatch::knows)
       .def("fresh", &NvlDispatch::fresh)
-      .def("cached", &NvlDispatch::cached);
+      .def("cached", &NvlDispatch::cached)
+      .def("set_timing", &NvlDispatch::set_timing)
+      .def("stage_ns", &NvlDispatch::stage_ns);
   py::class_<Layout>(m, "Layout")
       .def(py::init<int64_t, const at::Tensor&, int64_t, int64_t, int64_t, int64_t>())
       .def("set_launch", &Layout::set_launch)

@@ -310,6 +310,27 @@ class IntranodeHostPath:
                   launch.shared_mem, addrs, widths, launch.grid, x, has_scales, num_topk, has_idx,
                   has_w, num_experts, list(words), sig, t, alignment)
 
+    def stage_times(self, run, calls: int) -> dict:
+        """{stage: us per call} of ``calls`` calls of ``run()`` (zero-argument, one dispatch each)
+        inside the C++ objects, by stage (the extension's STAGE_NAMES: guard, alloc, launch,
+        wait, return), plus ``"calls"``: how many of them the C++ side ran. For
+        ``bench/host_overhead.py``: where a call's host time goes below Python."""
+        objs = list(self._objs.values())
+        for o in objs:
+            o.set_timing(True)
+        try:
+            for _ in range(calls):
+                run()
+        finally:
+            sums = [o.stage_ns() for o in objs]
+            for o in objs:
+                o.set_timing(False)
+        n = sum(s[0] for s in sums)
+        out = {"calls": n}
+        for i, name in enumerate(self.ext.STAGE_NAMES):
+            out[name] = sum(s[1 + i] for s in sums) / 1e3 / max(n, 1)
+        return out
+
     # ------------------------------------------------------------------ calls
     def dispatch(self, payload, scales, handle, num_tokens_per_rank, num_tokens_per_rdma_rank,
                  is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
