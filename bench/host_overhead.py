@@ -77,8 +77,11 @@ TARGETS = {
     "combine_event_over_kernel": 1.15,
 }
 HOST_CALLS = ("layout", "dispatch", "dispatch_cached", "dispatch_worst", "combine")
-#: The calls of part a with a C++ host path besides the layout (kernels/host/host_path.cpp).
+#: The calls of part a with a C++ host path besides the layout (kernels/host/host_path.cpp):
+#: the dispatches (counted in ``normal_calls_through_cpp``) and the combine
+#: (``combine_calls_through_cpp``).
 NORMAL_CPP_CALLS = ("dispatch", "dispatch_cached", "dispatch_worst")
+COMBINE_CPP_CALLS = ("combine",)
 EVENT_CALLS = ("layout", "dispatch_cached", "dispatch_worst", "combine")
 FLUSH_BYTES = 256 << 20
 
@@ -181,8 +184,9 @@ def part_a(a, buf, ll_buf, device, num_ranks, sync, profiles):
         return out
 
     timed = dict(fns, dispatch=dispatch_counting_wait)
-    host = buf._normal_host  # the C++ host path of the dispatches, where it loaded
+    host = buf._normal_host  # the C++ host path of the dispatches and the combine, if loaded
     before = host.calls if host is not None else 0
+    before_combine = host.combine_calls if host is not None else 0
     for name in HOST_CALLS:
         waits.clear()
         runs = host_loops(timed[name], a.calls, sync)
@@ -193,13 +197,15 @@ def part_a(a, buf, ll_buf, device, num_ranks, sync, profiles):
             f["dispatch_host_minus_wait_us"] = f["dispatch_host_us"] - f["dispatch_count_wait_us"]
         if profiles is not None:
             profiles[name] = profile_text(fns[name], a.calls, sync, a.top)
-    # The dispatches' timed calls (warm-up included; the profiles' calls less) through C++,
-    # then the same calls on the Python path of the same Buffer, for the column that shows what
-    # the extension buys.
-    timed_calls = len(NORMAL_CPP_CALLS) * (10 + 3 * a.calls)
-    profiled = len(NORMAL_CPP_CALLS) * a.calls if profiles is not None else 0
-    f["normal_calls_through_cpp"] = ((host.calls - before - profiled) / timed_calls
-                                     if host is not None else 0.0)
+    # The dispatches' and the combine's timed calls (warm-up included; the profiles' calls
+    # less) through C++, then the same calls on the Python path of the same Buffer, for the
+    # column that shows what the extension buys.
+    for figure, names, counter, start in (
+            ("normal_calls_through_cpp", NORMAL_CPP_CALLS, "calls", before),
+            ("combine_calls_through_cpp", COMBINE_CPP_CALLS, "combine_calls", before_combine)):
+        profiled = len(names) * a.calls if profiles is not None else 0
+        f[figure] = ((getattr(host, counter) - start - profiled) / (len(names) * (10 + 3 * a.calls))
+                     if host is not None else 0.0)
     if host is not None:
         # Where the C++ dispatches' host time goes: summed by stage inside the extension; the
         # rest of a call's host time is Python and pybind's argument conversion.
@@ -212,7 +218,7 @@ def part_a(a, buf, ll_buf, device, num_ranks, sync, profiles):
                 us for stage, us in stages.items() if stage != "calls")
         buf._normal_host = None
         try:
-            for name in NORMAL_CPP_CALLS:
+            for name in NORMAL_CPP_CALLS + COMBINE_CPP_CALLS:
                 runs = host_loops(fns[name], a.calls, sync)
                 f[f"{name}_python_host_us"] = statistics.median(runs) * 1e6
         finally:
@@ -431,6 +437,8 @@ def print_report(a, f, num_ranks, profiles, kernels):
         ["dispatch_cached, Python path", f.get("dispatch_cached_python_host_us")],
         ["dispatch_worst, Python path", f.get("dispatch_worst_python_host_us")],
         ["dispatches through C++ (fraction)", f.get("normal_calls_through_cpp")],
+        ["combine, Python path", f.get("combine_python_host_us")],
+        ["combines through C++ (fraction)", f.get("combine_calls_through_cpp")],
         ["ll_dispatch", f.get("ll_dispatch_host_us")], ["ll_combine", f.get("ll_combine_host_us")],
         ["ll_dispatch, Python path", f.get("ll_dispatch_python_host_us")],
         ["ll_combine, Python path", f.get("ll_combine_python_host_us")],

@@ -137,6 +137,7 @@ class Buffer:
         # Keys (checks.sig of every argument) of the calls that passed full validation; a call
         # with a known key skips the checks it already passed. EP_COMM_DEBUG=1 validates all.
         self._validated: set = set()
+        self._combine_sigs: dict = {}  # Buffer._combine_signature's
         # settings read once per Buffer (a call must not pay for os.environ lookups)
         self._debug = os.environ.get("EP_COMM_DEBUG", "0") not in ("", "0")
         self._agree_always = os.environ.get(AGREE_ENV) == "1"
@@ -616,6 +617,12 @@ class Buffer:
             combined_topk_weights: [T, K] float32 or None.
             event: EventOverlap.
         """
+        host = self._normal_host
+        if (host is not None and previous_event is None and not async_finish
+                and not allocate_on_comm_stream):  # a known plan, through C++
+            done = host.combine(x, handle, topk_weights, bias, config or self._default_config())
+            if done is not None:
+                return done[0], done[1], EventOverlap()
         key = ("combine", checks.sig(x), type(handle),
                getattr(handle, "num_recv_rows", None), getattr(handle, "num_tokens", None),
                checks.sig(topk_weights),
@@ -628,14 +635,32 @@ class Buffer:
         config = config or self._default_config()
         if previous_event is not None or async_finish or allocate_on_comm_stream:
             checks.comm_stream_flags(previous_event, async_finish, allocate_on_comm_stream)
-        self._begin_call(agreement.Signature(  # fault handling: call agreement
-            "combine", x.shape[1], x.dtype, handle.num_experts,
+        self._begin_call(self._combine_signature(  # fault handling: call agreement
+            x.shape[1], x.dtype, handle.num_experts,
             -1 if topk_weights is None else topk_weights.shape[1],
             getattr(handle.backend_state, "call_seq", -1)))
         (combined, combined_w), event = self._on_comm_stream(
             lambda: self.backend.combine(x, handle, topk_weights, biases, config),
             previous_event, async_finish, allocate_on_comm_stream, (x, topk_weights, *biases))
         return combined, combined_w, event
+
+    def _combine_signature(self, hidden: int, dtype, num_experts: int, num_topk: int,
+                           handle_seq: int) -> "agreement.Signature":
+        """The combine's Signature. Those of the kernels backend's handles (no ``call_seq``:
+        ``handle_seq`` -1) are built once per (hidden, dtype, experts, top-k): a new one cost
+        ~1-2 us of every call. A reference-backend handle names its dispatch's number, a new
+        Signature each time."""
+        if handle_seq != -1:
+            return agreement.Signature("combine", hidden, dtype, num_experts, num_topk,
+                                       handle_seq)
+        key = (hidden, dtype, num_experts, num_topk)
+        sig = self._combine_sigs.get(key)
+        if sig is None:
+            if len(self._combine_sigs) >= 256:  # many shapes: keep the newest
+                self._combine_sigs.pop(next(iter(self._combine_sigs)))
+            sig = self._combine_sigs[key] = agreement.Signature("combine", hidden, dtype,
+                                                                 num_experts, num_topk, -1)
+        return sig
 
     def _validate_combine(self, x, handle, topk_weights, bias, config) -> None:
         """Every check of ``combine``'s arguments (InputError / BufferTooSmallError)."""

@@ -428,8 +428,10 @@ def task_normal_through_cpp(ctx, backend: str, cases: list, rounds: int = 4):
     (the seed changes, the token counts do not): layout, dispatch (from the layout or with
     num_worst_tokens), cached dispatch and combine, each round compared with a reference
     Buffer and the expectation (``run_normal_case``). From the second round on the C++ host
-    path (kernels/host/host_path.cpp) launches the dispatch and the cached dispatch. Returns
-    the dispatches the C++ side ran per case (0 where the path is not loaded)."""
+    path (kernels/host/host_path.cpp) launches the dispatch, the cached dispatch and the
+    combine (whose received rows change with the routing of a dispatch from a layout).
+    Returns [dispatches, combines] the C++ side ran per case ([0, 0] where the path is not
+    loaded)."""
     fails = Failures(ctx.rank)
     made = []
     for case in cases:
@@ -437,13 +439,14 @@ def task_normal_through_cpp(ctx, backend: str, cases: list, rounds: int = 4):
         ref = normal_buffer(ctx, "reference", case.hidden)
         try:
             host = buf._normal_host
-            before = 0 if host is None else host.calls
+            before = [0, 0] if host is None else [host.calls, host.combine_calls]
             for i in range(rounds):
                 run_normal_case(ctx, buf, ref, dataclasses.replace(case, seed=case.seed + 101 * i),
                                 fails)
                 sync(ctx)
                 check_status(buf)
-            made.append(0 if host is None else host.calls - before)
+            made.append([0, 0] if host is None else
+                        [host.calls - before[0], host.combine_calls - before[1]])
         finally:
             buf.destroy()
             ref.destroy()

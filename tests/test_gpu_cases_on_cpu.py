@@ -38,8 +38,8 @@ def test_normal_through_cpp_task_on_the_reference(cpu_ranks):
     # the GPU test's task: rounds of one shape, checked; the reference has no C++ host path
     cases = [NCase(seed=BASE + 40, hidden=256, fp8=True, worst=-1),
              NCase(seed=BASE + 41, hidden=512, num_topk=3, alignment=4, routing="empty_last")]
-    assert cpu_ranks(2).run(normal.task_normal_through_cpp, "reference", cases, 2) == [[0, 0],
-                                                                                       [0, 0]]
+    assert cpu_ranks(2).run(normal.task_normal_through_cpp, "reference", cases, 2) == [
+        [[0, 0], [0, 0]], [[0, 0], [0, 0]]]
 
 
 @pytest.mark.parametrize("mode", ["previous_event", "async"])

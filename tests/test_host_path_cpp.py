@@ -1,8 +1,8 @@
 """The C++ host path (kernels/host/host_path.cpp) of the low-latency calls, the layout and the
-normal-mode NVLink dispatch on the fake GPU (tests/fake_gpu.py): a later call of a learnt shape
-is launched from C++ with exactly the arguments the Python path gives, and everything the C++
-side has not learnt (a new shape, bad input, a hook, a status word already set) goes to the
-Python path, which raises its own error.
+normal-mode NVLink dispatch and combine on the fake GPU (tests/fake_gpu.py): a later call of a
+learnt shape is launched from C++ with exactly the arguments the Python path gives, and
+everything the C++ side has not learnt (a new shape, bad input, a hook, a status word already
+set) goes to the Python path, which raises its own error.
 
 The extension is built at first use (~20 s, then cached); without a C++ compiler and ninja
 these tests skip, saying so."""
@@ -358,8 +358,10 @@ def test_extension_writes_the_nvlink_runtimes_per_call_arguments():
     ext = host_path.load_extension()
     assert tuple(ext.NVL_NOTIFY_SLOTS) == args.NVL_NOTIFY_PER_CALL
     assert tuple(ext.NVL_DISPATCH_SLOTS) == args.NVL_DISPATCH_PER_CALL
+    assert tuple(ext.NVL_COMBINE_SLOTS) == args.NVL_COMBINE_PER_CALL
     for table, per_call in ((args.NVL_NOTIFY, args.NVL_NOTIFY_PER_CALL),
-                            (args.NVL_DISPATCH, args.NVL_DISPATCH_PER_CALL)):
+                            (args.NVL_DISPATCH, args.NVL_DISPATCH_PER_CALL),
+                            (args.NVL_COMBINE, args.NVL_COMBINE_PER_CALL)):
         assert set(per_call) <= {n for n, _ in table}
 
 
@@ -457,6 +459,7 @@ def test_a_handle_from_the_cpp_path_drives_cached_dispatch_and_combine(nd):
         assert launched["send_pos"] == handle.send_pos.data_ptr()
         assert launched["recv_src_idx"] == handle.recv_src_idx.data_ptr()
     assert buf._normal_host.calls == 4  # the last two fresh and the last two cached ones
+    assert buf._normal_host.combine_calls == 2  # the last two combines
 
 
 def _bad_fresh_calls(x, kw, t):
@@ -624,6 +627,7 @@ def test_a_refusal_reported_at_the_count_wait_raises_as_on_the_python_path(nd):
                                  ("EP_COMM_CHECK_IDS", "1"), ("EP_COMM_CHECK_FINITE", "1"),
                                  ("EP_COMM_CHECK_AGREEMENT", "1")])
 def test_per_call_host_checks_or_the_switch_keep_normal_dispatch_on_python(monkeypatch, env):
+    """... and the combine: every call of every kind on the Python path."""
     monkeypatch.setenv(*env)
     with fake_gpu.fake_buffer(monkeypatch, num_nvl_bytes=1 << 26) as (buf, module):
         assert buf._normal_host is None and buf.backend.normal.host_path is None
@@ -631,6 +635,275 @@ def test_per_call_host_checks_or_the_switch_keep_normal_dispatch_on_python(monke
         native = module.native_launches
         for worst in (2 * TN, 0):
             for _ in range(3):
-                handle = buf.dispatch(x, **kw, num_worst_tokens=worst)[4]
+                recv, _, recv_w, _, handle, _ = buf.dispatch(x, **kw, num_worst_tokens=worst)
                 buf.dispatch(x, handle=handle)
+                buf.combine(recv, handle, topk_weights=recv_w)
         assert module.native_launches == native
+        assert [n for n, _, _ in module.launches].count("nvl_combine") == 6
+
+
+# ------------------------------------------------------------------- the normal-mode combine
+def _combine_inputs(buf, handle, weights: bool, bias: str, seed=0):
+    """(x [N, H] bf16, topk_weights [N, K] float32 or None, bias) of a combine along
+    ``handle``; ``bias``: "none", "one" (a tensor), "one-tuple" ((tensor,)), "two" (a list of
+    two [T, H] bf16 tensors)."""
+    g = torch.Generator().manual_seed(seed)
+    n, t = handle.num_recv_rows, handle.num_tokens
+    x = torch.randn(n, HN, generator=g).to(torch.bfloat16)
+    w = torch.rand(n, KN, generator=g) if weights else None
+    b = [torch.randn(t, HN, generator=g).to(torch.bfloat16) for _ in range(2)]
+    return x, w, {"none": None, "one": b[0], "one-tuple": (b[0],), "two": b}[bias]
+
+
+def _normal_handle(buf, mode: str, seed=0, t=TN):
+    """A dispatch's (recv_x, handle): with num_worst_tokens (``mode`` "worst") or from the
+    layout ("layout")."""
+    x, kw = _normal_inputs(buf, t=t, seed=seed)
+    res = buf.dispatch(x, **kw, num_worst_tokens=2 * t if mode == "worst" else 0)
+    return res[0], res[4]
+
+
+@pytest.mark.parametrize("bias", ["none", "one", "one-tuple", "two"])
+@pytest.mark.parametrize("weights", [True, False], ids=["weights", "no-weights"])
+@pytest.mark.parametrize("mode", ["worst", "layout"])
+def test_normal_combine_cpp_launches_exactly_what_the_python_path_launches(nd, mode, weights,
+                                                                           bias):
+    """Call after call, alternating the paths: the same kernel and grid, every argument equal
+    except the outputs (each pointing at its own call's results); results alike in shape,
+    dtype and stride; each call numbered with the same Signature."""
+    buf, module = nd
+    _, handle = _normal_handle(buf, mode)
+    x, w, b = _combine_inputs(buf, handle, weights, bias)
+    host = buf._normal_host
+    buf.combine(x, handle, topk_weights=w, bias=b)  # this plan's first call: Python, learnt
+    assert host.combine_calls == 0
+    for _ in range(3):
+        runs = {}
+        for path in ("python", "cpp"):
+            start, native, seq = len(module.launches), module.native_launches, buf.comm.seq
+            if path == "python":
+                with _python_path(buf):
+                    res = buf.combine(x, handle, topk_weights=w, bias=b)
+            else:
+                res = buf.combine(x, handle, topk_weights=w, bias=b)
+            assert buf.comm.seq == seq + 1
+            launched = module.launches[start:]
+            assert module.native_launches - native == (1 if path == "cpp" else 0)
+            runs[path] = (launched, res, buf.comm.call)
+        (py_l, py_res, py_call), (c_l, c_res, c_call) = runs["python"], runs["cpp"]
+        assert [(n, g) for n, g, _ in py_l] == [(n, g) for n, g, _ in c_l]
+        assert [n for n, _, _ in c_l] == ["nvl_combine"]
+        assert py_call == c_call and c_call[1] is None
+        assert c_call[0] == agreement.Signature("combine", HN, torch.bfloat16, EN,
+                                                KN if weights else -1, -1)
+        (_, _, py_args), (_, _, c_args) = py_l[0], c_l[0]
+        assert py_args.keys() == c_args.keys()
+        made = {"out": (py_res[0], c_res[0]), "out_w": (py_res[1], c_res[1])}
+        ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+        for arg, value in c_args.items():
+            if arg in made:
+                assert value == ptr(made[arg][1]) and py_args[arg] == ptr(made[arg][0]), arg
+            else:
+                assert value == py_args[arg], arg
+        biases = [] if b is None else ([b] if isinstance(b, torch.Tensor) else list(b))
+        assert c_args["bias0"] == (biases[0].data_ptr() if biases else 0)
+        assert c_args["bias1"] == (biases[1].data_ptr() if len(biases) > 1 else 0)
+        assert c_args["x"] == x.data_ptr() and c_args["topk_w"] == ptr(w)
+        assert c_args["T"] == TN and c_args["send_pos"] == handle.send_pos.data_ptr()
+        _tensors_alike(py_res[0], c_res[0], "combined_x")
+        _tensors_alike(py_res[1], c_res[1], "combined_topk_weights")
+        assert c_res[0].shape == (TN, HN) and (c_res[1] is None) == (not weights)
+        assert type(py_res[2]) is type(c_res[2]) and c_res[2].event is None
+    assert host.combine_calls == 3
+
+
+def test_normal_combine_runs_any_handle_of_a_learnt_plan_through_cpp(nd):
+    """The plan is (hidden, top-k, weights or not, experts, Config): handles of other routings
+    (other received rows N) and other token counts T run through C++, as do equal but new
+    Configs. The Python path's checks of a combine depend on N and T only through equalities
+    the C++ guard checks itself (x and the weights have the handle's N rows, a bias is
+    [T, H])."""
+    import dataclasses
+    buf, module = nd
+    host = buf._normal_host
+    _, handle = _normal_handle(buf, "layout")
+    x, w, b = _combine_inputs(buf, handle, True, "one")
+    buf.combine(x, handle, topk_weights=w, bias=b)
+    assert host.combine_calls == 0
+    rows = set()
+    for i, (mode, t) in enumerate([("layout", TN), ("worst", TN), ("layout", TN + 7),
+                                   ("worst", 5), ("layout", TN)]):
+        _, handle = _normal_handle(buf, mode, seed=i + 1, t=t)
+        x, w, b = _combine_inputs(buf, handle, True, "one", seed=i)
+        seq = buf.comm.seq
+        out, out_w, _ = buf.combine(x, handle, topk_weights=w, bias=b)
+        assert host.combine_calls == i + 1 and buf.comm.seq == seq + 1
+        assert out.shape == (t, HN) and out_w.shape == (t, KN)
+        assert module.launches[-1][2]["T"] == t
+        rows.add(handle.num_recv_rows)
+    assert len(rows) > 1
+    same_config = dataclasses.replace(buf.get_dispatch_config(buf.group_size))  # a new object
+    buf.combine(x, handle, topk_weights=w, bias=b, config=same_config)
+    assert host.combine_calls == 6
+
+
+def test_combine_plans_beyond_what_cpp_keeps_are_taught_again(nd):
+    """The C++ object of a Config keeps 16 combine plans (the newest): a plan it forgot runs
+    on the Python path once and is taught again; a stream-flag call of a known plan runs on
+    the Python path and teaches nothing new."""
+    buf, module = nd
+    host = buf._normal_host
+    _, handle = _normal_handle(buf, "worst")
+    rows = handle.num_recv_rows
+
+    def call(hidden, **kw):
+        buf.combine(torch.zeros(rows, hidden, dtype=torch.bfloat16), handle, **kw)
+
+    hiddens = [128 * (i + 1) for i in range(17)]
+    for hidden in hiddens:
+        call(hidden)
+    obj = host._obj("combine", 0, buf.get_dispatch_config(buf.group_size))
+    assert obj.num_plans() == 16 and not obj.knows(hiddens[0], 0, False, EN)
+    calls = host.combine_calls
+    call(hiddens[-1])
+    assert host.combine_calls == calls + 1
+    call(hiddens[0])  # forgotten: the Python path, which teaches it again
+    assert host.combine_calls == calls + 1 and obj.knows(hiddens[0], 0, False, EN)
+    call(hiddens[0])
+    assert host.combine_calls == calls + 2
+    native, taught = module.native_launches, set(host._taught)
+    call(hiddens[0], async_finish=True)
+    assert module.native_launches == native and host._taught == taught
+
+
+def _bad_combines(x, w, b, handle):
+    """(what, x, keyword arguments) of a combine the Python path refuses with InputError
+    before the call is numbered."""
+    n, t = handle.num_recv_rows, handle.num_tokens
+    kw = dict(topk_weights=w, bias=b)
+    swap = lambda **kv: dict(kw, **kv)  # noqa: E731
+    return [
+        ("x float32", x.float(), kw),
+        ("x not contiguous", torch.randn(HN, n).to(torch.bfloat16).t(), kw),
+        ("x 1-D", x.flatten(), kw),
+        ("x 3-D", x.unsqueeze(0), kw),
+        ("x of other rows", torch.cat([x, x[:1]]), kw),
+        ("x a list", x.tolist(), kw),
+        ("topk_weights float64", x, swap(topk_weights=w.double())),
+        ("topk_weights of other rows", x, swap(topk_weights=w[:-1])),
+        ("topk_weights 1-D", x, swap(topk_weights=w[:, 0].contiguous())),
+        ("topk_weights not contiguous", x, swap(topk_weights=w.t().contiguous().t())),
+        ("topk_weights a list", x, swap(topk_weights=w.tolist())),
+        ("bias float32", x, swap(bias=b.float())),
+        ("bias of other tokens", x, swap(bias=b[:-1])),
+        ("bias not contiguous", x, swap(bias=b.t().contiguous().t())),
+        ("bias a 3-tuple", x, swap(bias=(b, b, b))),
+        ("bias (None,)", x, swap(bias=(None,))),
+        ("bias (tensor, None)", x, swap(bias=(b, None))),
+        ("bias a 2-tuple with a bad second", x, swap(bias=(b, b.float()))),
+        ("bias a list of floats", x, swap(bias=[1.0, 2.0])),
+        ("handle a tuple", x, dict(kw, handle=tuple(handle))),
+        ("handle None", x, dict(kw, handle=None)),
+    ]
+
+
+@pytest.mark.parametrize("mode", ["worst", "layout"])
+def test_normal_combine_declines_odd_input_and_the_python_path_raises(nd, mode):
+    buf, module = nd
+    host = buf._normal_host
+    _, handle = _normal_handle(buf, mode)
+    x, w, b = _combine_inputs(buf, handle, True, "one")
+    for _ in range(3):
+        buf.combine(x, handle, topk_weights=w, bias=b)
+    assert host.combine_calls == 2
+    for what, bad_x, bad_kw in _bad_combines(x, w, b, handle):
+        call_kw = dict(dict(handle=handle), **bad_kw)
+        launches, seq = len(module.launches), buf.comm.seq
+        with pytest.raises(InputError):
+            buf.combine(bad_x, **call_kw)
+        # refused before anything ran: nothing launched, the call not numbered
+        assert (len(module.launches), buf.comm.seq) == (launches, seq), what
+    # a handle the NVLink kernels did not make: numbered, then refused by the runtime, as the
+    # Python path does it (nothing launched)
+    import dataclasses
+    launches, seq = len(module.launches), buf.comm.seq
+    with pytest.raises(InputError, match="not made by the kernels backend"):
+        buf.combine(x, dataclasses.replace(handle, backend_state=None), topk_weights=w, bias=b)
+    assert (len(module.launches), buf.comm.seq) == (launches, seq + 1)
+    assert host.combine_calls == 2
+    # odd but valid: the Python path runs them (and learns the new plans)
+    storage = torch.empty(x.numel() + 1, dtype=torch.bfloat16)
+    misaligned = storage[1:].view(x.shape).copy_(x)
+    wide = torch.zeros(x.shape[0], 2 * HN, dtype=torch.bfloat16)
+    for call_x, call_kw in ((misaligned, dict(topk_weights=w, bias=b)),
+                            (x, dict(topk_weights=None, bias=b)),
+                            (x, dict(topk_weights=w[:, :2].contiguous(), bias=b)),
+                            (wide, dict(topk_weights=w)),
+                            (x, dict(topk_weights=w, bias=b, async_finish=True)),
+                            (x, dict(topk_weights=w, bias=b,
+                                     previous_event=ep_comm.EventOverlap()))):
+        native, seq = module.native_launches, buf.comm.seq
+        buf.combine(call_x, handle, **call_kw)
+        assert module.native_launches == native and buf.comm.seq == seq + 1
+    buf.combine(x, handle, topk_weights=None, bias=b)  # learnt by the call above
+    buf.combine(wide, handle, topk_weights=w)
+    assert host.combine_calls == 4
+
+
+def test_a_status_word_already_set_is_raised_by_the_python_path_combine(nd):
+    """A refusal left in the status word (cleared when read: the Buffer stays usable) and a
+    kernel's failure (the runtime is broken for good): the Python path raises both, nothing
+    launched; after the refusal the next combine runs through C++ again."""
+    from ep_comm.core.constants import STATUS_DISAGREE, STATUS_OVERFLOW
+    buf, module = nd
+    host = buf._normal_host
+    _, handle = _normal_handle(buf, "worst")
+    x, w, b = _combine_inputs(buf, handle, True, "two")
+    for _ in range(2):
+        buf.combine(x, handle, topk_weights=w, bias=b)
+    assert host.combine_calls == 1
+    words = buf.backend.normal.status._view
+    errors = []
+    for path in ("python", "cpp"):
+        words[0:6] = (STATUS_DISAGREE, 0, 0, 2, 7168, 256)
+        launches, seq = len(module.launches), buf.comm.seq
+        with pytest.raises(ep_comm.errors.EpCommError) as e:
+            if path == "python":
+                with _python_path(buf):
+                    buf.combine(x, handle, topk_weights=w, bias=b)
+            else:
+                buf.combine(x, handle, topk_weights=w, bias=b)
+        errors.append((type(e.value), str(e.value)))
+        assert (len(module.launches), buf.comm.seq) == (launches, seq + 1)
+        assert words[0] == 0
+    assert errors[0] == errors[1]
+    buf.combine(x, handle, topk_weights=w, bias=b)
+    assert host.combine_calls == 2
+    words[0:6] = (STATUS_OVERFLOW, 2, 0, 0, 3 * TN, 2 * TN)  # a dispatch kernel's report
+    native = module.native_launches
+    with pytest.raises(InputError, match="more than num_worst_tokens"):
+        buf.combine(x, handle, topk_weights=w, bias=b)
+    with pytest.raises(ep_comm.errors.EpCommError, match="failed earlier"):
+        buf.combine(x, handle, topk_weights=w, bias=b)
+    assert module.native_launches == native and host.combine_calls == 2
+
+
+def test_a_failed_launch_numbers_the_combine_and_raises(nd):
+    """An error after the guard (here the launch) numbers the call first, as the Python path
+    has numbered it before its backend runs, and raises JitError."""
+    from ep_comm.runtime import jit
+    buf, module = nd
+    _, handle = _normal_handle(buf, "worst")
+    x, w, b = _combine_inputs(buf, handle, True, "none")
+    buf.combine(x, handle, topk_weights=w)
+    launch = buf.backend.normal._plans[("combine", HN, KN, EN,
+                                        buf.get_dispatch_config(buf.group_size))][0]
+    launch.block += 1  # the fake launcher refuses a block other than the plan's learnt one
+    try:
+        seq = buf.comm.seq
+        with pytest.raises(jit.JitError, match="nvl_combine"):
+            buf.combine(x, handle, topk_weights=w)
+        assert buf.comm.seq == seq + 1
+        assert buf.comm.call[0] == agreement.Signature("combine", HN, torch.bfloat16, EN, KN)
+    finally:
+        launch.block -= 1

@@ -37,11 +37,12 @@ def test_random_cases_bit_exact_dispatch_and_bf16_combine(gpu_ranks, world):
 @pytest.mark.parametrize("world", FULL)
 def test_repeated_shapes_run_through_the_cpp_host_path(gpu_ranks, world):
     """A training / prefill loop: one shape per Buffer, 4 rounds of fresh data and routing;
-    rounds 2-4 launch the dispatch and the cached dispatch from the C++ host path, exact
-    against the reference: fp8 with num_worst_tokens at the bench's shape (128 tokens x 7168,
-    top-8 of 256), bf16 from a layout with ragged ranks and expert_alignment 4, bf16 from a
-    layout with an empty rank and a bias, fp8 with num_worst_tokens, -1 entries and
-    alignment 128."""
+    rounds 2-4 launch the dispatch, the cached dispatch and the combine (with top-k weights,
+    with and without a bias; its received rows change with the routing of a dispatch from a
+    layout) from the C++ host path, exact against the reference: fp8 with num_worst_tokens
+    at the bench's shape (128 tokens x 7168, top-8 of 256), bf16 from a layout with ragged
+    ranks and expert_alignment 4, bf16 from a layout with an empty rank and a bias, fp8 with
+    num_worst_tokens, -1 entries and alignment 128."""
     base = _seed(2500 + world)
     cases = [NCase(seed=base, num_tokens=128, ragged=0, hidden=7168, num_experts=256,
                    num_topk=8, fp8=True, worst=-1),
@@ -54,8 +55,9 @@ def test_repeated_shapes_run_through_the_cpp_host_path(gpu_ranks, world):
     made = gpu_ranks(world).run(normal.task_normal_through_cpp, BACKEND, cases)
     if BACKEND == "kernels":  # the reference backend has no C++ host path
         for rank_made in made:
-            # rounds 2-4: the dispatch and the cached dispatch of each
-            assert rank_made == [6] * len(cases), f"C++ dispatches per case: {rank_made}"
+            # rounds 2-4: the dispatch and the cached dispatch of each, and the combine
+            assert rank_made == [[6, 3]] * len(cases), \
+                f"C++ [dispatches, combines] per case: {rank_made}"
 
 
 @pytest.mark.parametrize("world", [w for w in WORLDS if w not in FULL])

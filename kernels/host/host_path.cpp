@@ -1,7 +1,8 @@
 // The host path in C++ (issue #22) of the calls whose host time missed their targets: the
 // low-latency dispatch and combine, get_dispatch_layout, and the normal-mode dispatch over
-// NVLink (fresh with num_worst_tokens, from a layout, cached). What a later call of a known
-// shape does between the Buffer's entry and cuLaunchKernel, without the interpreter.
+// NVLink (fresh with num_worst_tokens, from a layout, cached) and combine. What a later call
+// of a known shape does between the Buffer's entry and cuLaunchKernel, without the
+// interpreter.
 //
 // Python stays the reference and the only validator: a call's first use of a shape runs the
 // Python path (ep_comm/backends/kernels/low_latency.py), which checks everything, builds the
@@ -57,6 +58,10 @@ const std::vector<std::string> kNvlDispatchSlots = {
     "send_pos", "recv_x", "recv_scales", "recv_topk_idx", "recv_topk_weights", "recv_src_idx",
     "recv_src_rank", "num_rows", "num_recv_dev", "expand", "expand_pos", "expand_base", "exp_x",
     "exp_scales", "exp_w"};
+// The normal-mode NVLink combine (args.NVL_COMBINE_PER_CALL).
+const std::vector<std::string> kNvlCombineSlots = {
+    "x", "topk_w", "recv_src_idx", "rank_prefix_matrix", "num_tokens_of_rank",
+    "is_token_in_rank", "send_pos", "T", "bias0", "bias1", "out", "out_w"};
 
 // One argument of a prepared launch: the address of its ctypes scalar and its width (4 or 8
 // bytes; a CallSig slot is an int32 array, written with put_words).
@@ -718,17 +723,132 @@ class NvlDispatch : public NativeBase {
   std::vector<NvlPlan> plans_;
 };
 
+// A normal-mode combine plan the Python path built (IntranodeRuntime._combine_plan): the
+// launch and what it was built for. Told apart by hidden, top-k, weights or not, experts.
+struct NvlCombinePlan {
+  Launch launch;
+  int64_t hidden, k, e;
+  bool has_w;
+  unsigned grid;
+  py::object signature;  // agreement.Signature that numbers the call (Comm.begin_call)
+};
+
+// nvl_combine (kernels/cuda/intranode.cu) of one IntranodeRuntime for one Config: a later
+// combine of a learnt plan along a dispatch handle's routes. Nothing in the Python path's
+// checks of a combine depends on the token count T or the received rows N other than through
+// the equalities below (x has the handle's N rows, the weights too, each bias is [T, H]; the
+// buffer size check of one node depends on hidden and the Config alone), so any (N, T) runs
+// here once the plan is learnt; whatever differs from the plan is declined.
+class NvlCombine : public NativeBase {
+ public:
+  // No capture test: the combine waits for nothing on the host, so a captured call is as
+  // valid as the Python path's.
+  NvlCombine(int64_t launch_fn, int64_t status_ptr, int64_t status_words, const at::Tensor& like,
+             int64_t ranks)
+      : NativeBase(launch_fn, 0, status_ptr, status_words, like), r_(ranks) {}
+
+  // After the Python path ran a combine of plan (kernel, argument array, block, shared memory,
+  // the slots of kNvlCombineSlots, grid) for rows of ``hidden``, ``k`` weights per row
+  // (``has_w``; 0 without weights) and ``e`` experts: remember it with the call's Signature.
+  // True when that made room by forgetting the oldest plan.
+  bool learn(int64_t func, int64_t params, int64_t block, int64_t smem,
+             const std::vector<int64_t>& addrs, const std::vector<int64_t>& widths, int64_t grid,
+             int64_t hidden, int64_t k, bool has_w, int64_t e, py::object signature) {
+    if (find(hidden, k, has_w, e) != nullptr) return false;
+    const bool evict = plans_.size() >= 16;
+    if (evict) plans_.erase(plans_.begin());  // the newest plans are used
+    plans_.emplace_back();
+    NvlCombinePlan& p = plans_.back();
+    p.launch.set(func, params, block, smem, addrs, widths, kNvlCombineSlots.size());
+    p.hidden = hidden;
+    p.k = k;
+    p.has_w = has_w;
+    p.e = e;
+    p.grid = static_cast<unsigned>(grid);
+    p.signature = std::move(signature);
+    return evict;
+  }
+
+  bool knows(int64_t hidden, int64_t k, bool has_w, int64_t e) const {
+    return find(hidden, k, has_w, e) != nullptr;
+  }
+
+  int64_t num_plans() const { return static_cast<int64_t>(plans_.size()); }
+
+  // combined_x [T, H] bf16, combined_topk_weights [T, K] float32 (None without weights) and
+  // the call's Signature; or None (declined: nothing allocated or launched). x [N, H] bf16,
+  // w [N, K] float32 or None, bias0 / bias1 [T, H] bf16 or None; the handle's
+  // is_token_in_rank [T, R] bool, rank_prefix_matrix [R, R], send_pos [T, R], recv_src_idx
+  // [N] and num_tokens_of_rank [R] int32, its ``rows`` (N) and ``e`` experts.
+  py::object call(const at::Tensor& x, const c10::optional<at::Tensor>& w,
+                  const c10::optional<at::Tensor>& bias0, const c10::optional<at::Tensor>& bias1,
+                  const at::Tensor& in_rank, const at::Tensor& prefix,
+                  const at::Tensor& send_pos, const at::Tensor& src_idx,
+                  const at::Tensor& of_rank, int64_t rows, int64_t e, int64_t stream) {
+    if (!is_ok(x, at::kBFloat16) || x.dim() != 2 || x.size(0) != rows || !aligned16(x))
+      return py::none();
+    const bool has_w = w.has_value();
+    const int64_t k = has_w ? (w->dim() == 2 ? w->size(1) : -1) : 0;
+    const NvlCombinePlan* plan = find(x.size(1), k, has_w, e);
+    if (plan == nullptr) return py::none();
+    if (has_w && (!is_ok(*w, at::kFloat) || w->size(0) != rows)) return py::none();
+    if (!is_ok(in_rank, at::kBool) || in_rank.dim() != 2 || in_rank.size(1) != r_ ||
+        !is_ok(prefix, at::kInt) || !is_ok(send_pos, at::kInt) || !is_ok(src_idx, at::kInt) ||
+        !is_ok(of_rank, at::kInt))
+      return py::none();
+    const int64_t t = in_rank.size(0);
+    if (!bias_ok(bias0, t, plan->hidden) || !bias_ok(bias1, t, plan->hidden) ||
+        (bias1.has_value() && !bias0.has_value()))
+      return py::none();
+    if (!status_clear()) return py::none();
+
+    at::Tensor out = at::empty({t, plan->hidden}, options_.dtype(at::kBFloat16));
+    c10::optional<at::Tensor> out_w;
+    if (has_w) out_w = at::empty({t, k}, options_.dtype(at::kFloat));
+    const int64_t values[] = {ptr(x), ptr(w), ptr(src_idx), ptr(prefix), ptr(of_rank),
+                              ptr(in_rank), ptr(send_pos), t, ptr(bias0), ptr(bias1), ptr(out),
+                              ptr(out_w)};
+    const Launch& l = plan->launch;
+    for (size_t i = 0; i < l.slots.size(); ++i) l.slots[i].put(values[i]);
+    launch(l, plan->grid, stream, "nvl_combine");
+    return py::make_tuple(out, has_w ? py::cast(*out_w) : py::none(), plan->signature);
+  }
+
+ private:
+  // A bias: [T, H] bf16, contiguous, on the device (Buffer._validate_combine's check), or none.
+  bool bias_ok(const c10::optional<at::Tensor>& b, int64_t t, int64_t hidden) const {
+    return !b.has_value() || (is_ok(*b, at::kBFloat16) && b->dim() == 2 && b->size(0) == t &&
+                              b->size(1) == hidden);
+  }
+
+  const NvlCombinePlan* find(int64_t hidden, int64_t k, bool has_w, int64_t e) const {
+    for (const NvlCombinePlan& p : plans_)
+      if (p.hidden == hidden && p.k == k && p.has_w == has_w && p.e == e) return &p;
+    return nullptr;
+  }
+
+  int64_t r_;
+  std::vector<NvlCombinePlan> plans_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ep_comm's C++ host path: the low-latency calls, the layout and the NVLink dispatch "
-            "(kernels/host/host_path.cpp)";
+            "and combine (kernels/host/host_path.cpp)";
   m.attr("DISPATCH_SLOTS") = kDispatchSlots;
   m.attr("COMBINE_SLOTS") = kCombineSlots;
   m.attr("LAYOUT_SLOTS") = kLayoutSlots;
   m.attr("NVL_NOTIFY_SLOTS") = kNvlNotifySlots;
   m.attr("NVL_DISPATCH_SLOTS") = kNvlDispatchSlots;
   m.attr("STAGE_NAMES") = kStageNames;
+  m.attr("NVL_COMBINE_SLOTS") = kNvlCombineSlots;
+  py::class_<NvlCombine>(m, "NvlCombine")
+      .def(py::init<int64_t, int64_t, int64_t, const at::Tensor&, int64_t>())
+      .def("learn", &NvlCombine::learn)
+      .def("knows", &NvlCombine::knows)
+      .def("num_plans", &NvlCombine::num_plans)
+      .def("call", &NvlCombine::call);
   py::class_<NvlDispatch>(m, "NvlDispatch")
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                     int64_t, const at::Tensor&, int64_t, bool, int64_t>())

@@ -70,6 +70,12 @@ NVL_DISPATCH_PER_CALL = ("x", "x_scales", "topk_idx", "topk_weights", "is_token_
                          "recv_topk_idx", "recv_topk_weights", "recv_src_idx", "recv_src_rank",
                          "num_rows", "num_recv_dev", "expand", "expand_pos", "expand_base",
                          "exp_x", "exp_scales", "exp_w")
+#: The NVLink combine kernel's arguments that change from call to call, in the order the C++
+#: host path (kernels/host/host_path.cpp, ``NvlCombine``) writes them: the input rows and
+#: weights, the handle's routes, the token count, the biases and the outputs.
+NVL_COMBINE_PER_CALL = ("x", "topk_w", "recv_src_idx", "rank_prefix_matrix",
+                        "num_tokens_of_rank", "is_token_in_rank", "send_pos", "T", "bias0",
+                        "bias1", "out", "out_w")
 #: ``phases`` bits (kernels/cuda/low_latency_common.cuh kSendPhase / kRecvPhase).
 LL_SEND_PHASE = 1
 LL_RECV_PHASE = 2

@@ -1,5 +1,5 @@
 """The C++ host path (``kernels/host/host_path.cpp``): the low-latency calls, the layout and
-the normal-mode dispatch over NVLink.
+the normal-mode dispatch and combine over NVLink.
 
 A later call of a shape the Python path has validated goes from ``Buffer`` straight to the C++
 object of its sizes: one call that guards, allocates, patches the launch plan's argument slots
@@ -10,7 +10,9 @@ graph capture, a status word already set) it declines, and the Python path runs 
 
 The normal-mode dispatch (``IntranodeHostPath``) works the same way: ``IntranodeRuntime``
 teaches it each plan (notify and dispatch launches) with the token count and expert alignment
-of the call, and ``Buffer.dispatch`` without stream flags or ``expand`` tries it first.
+of the call, and ``Buffer.dispatch`` without stream flags or ``expand`` tries it first. So does
+the combine: ``IntranodeRuntime.combine`` teaches each plan (hidden, top-k, weights or not,
+experts, Config), and ``Buffer.combine`` without stream flags tries it first.
 
 Used only where the extension loads (``ep_comm.runtime.host_ext``), and only for calls the
 Buffer makes without per-call host checks (no ``EP_COMM_DEBUG``, ``EP_COMM_CHECK_IDS=1``,
@@ -21,8 +23,9 @@ from __future__ import annotations
 import torch
 
 from ep_comm.backends.kernels.args import (LL_COMBINE_PER_CALL, LL_DISPATCH_PER_CALL,
-                                           LL_RECV_PHASE, LL_SEND_PHASE, NVL_DISPATCH_PER_CALL,
-                                           NVL_LAYOUT_PER_CALL, NVL_NOTIFY_PER_CALL)
+                                           LL_RECV_PHASE, LL_SEND_PHASE, NVL_COMBINE_PER_CALL,
+                                           NVL_DISPATCH_PER_CALL, NVL_LAYOUT_PER_CALL,
+                                           NVL_NOTIFY_PER_CALL)
 from ep_comm.core import agreement
 from ep_comm.core.constants import (LL_STATUS_WORDS, LL_TAG_SEQ_MOD, LL_TAG_SEQ_SHIFT,
                                     NVL_INFO_EXPERT_COUNTS, NVL_INFO_NUM_RECV)
@@ -44,10 +47,12 @@ def load_extension():
             or tuple(ext.COMBINE_SLOTS) != LL_COMBINE_PER_CALL
             or tuple(ext.LAYOUT_SLOTS) != NVL_LAYOUT_PER_CALL
             or tuple(ext.NVL_NOTIFY_SLOTS) != NVL_NOTIFY_PER_CALL
-            or tuple(ext.NVL_DISPATCH_SLOTS) != NVL_DISPATCH_PER_CALL):
+            or tuple(ext.NVL_DISPATCH_SLOTS) != NVL_DISPATCH_PER_CALL
+            or tuple(ext.NVL_COMBINE_SLOTS) != NVL_COMBINE_PER_CALL):
         raise EpCommError("ep_comm internal: kernels/host/host_path.cpp writes other per-call "
                           "arguments than args.LL_DISPATCH_PER_CALL / LL_COMBINE_PER_CALL / "
-                          "NVL_LAYOUT_PER_CALL / NVL_NOTIFY_PER_CALL / NVL_DISPATCH_PER_CALL")
+                          "NVL_LAYOUT_PER_CALL / NVL_NOTIFY_PER_CALL / NVL_DISPATCH_PER_CALL / "
+                          "NVL_COMBINE_PER_CALL")
     return ext
 
 
@@ -248,7 +253,9 @@ class LayoutHostPath:
 class IntranodeHostPath:
     """The C++ twin of an ``IntranodeRuntime``'s dispatch (``NvlDispatch`` of host_path.cpp):
     one object per (fresh or cached, ``num_worst_tokens``, Config), holding the plans of that
-    kind that the Python path built and the (tokens, expert alignment) of their calls.
+    kind that the Python path built and the (tokens, expert alignment) of their calls; and of
+    its combine (``NvlCombine``): one object per Config, holding the plans of (hidden, top-k,
+    weights or not, experts) the Python path built.
 
     A fresh dispatch with ``num_worst_tokens`` is two launches and no host wait; a fresh one
     from a layout waits for the notify kernel's counts (an event after it, bounded by the
@@ -261,12 +268,19 @@ class IntranodeHostPath:
         self.rt, self.ext = runtime, ext
         self._state_type = state_type          # NvlDispatchState (handle.backend_state)
         self._aligned_counts = aligned_counts  # intranode.aligned_counts
-        self._objs: dict = {}  # (fresh, num_worst_tokens, Config) -> C++ (as the plans' keys)
-        # (fresh, num_worst_tokens, id(config)) -> (config, C++): the same objects found by
+        # (kind, num_worst_tokens, Config) -> C++ (as the plans' keys); kind: True (a fresh
+        # dispatch), False (a cached one) or "combine" (num_worst_tokens 0: a combine's plan
+        # does not depend on it)
+        self._objs: dict = {}
+        # (kind, num_worst_tokens, id(config)) -> (config, C++): the same objects found by
         # identity, which costs less than hashing a Config at every call
         self._by_id: dict = {}
         self._like = torch.empty(0, device=runtime.device)
-        self.calls = 0  # calls the C++ side ran (for tests and the bench)
+        # (combine plan's PreparedLaunch, has weights) taught to its C++ object: a Python-path
+        # call of a known plan (stream flags) then costs one set lookup, not a C++ call
+        self._taught: set = set()
+        self.calls = 0  # dispatches the C++ side ran (for tests and the bench)
+        self.combine_calls = 0  # combines the C++ side ran
 
     # ------------------------------------------------------------------ learning
     def learn(self, notify, launch, *, fresh: bool, x, has_scales: bool, num_topk: int,
@@ -296,6 +310,7 @@ class IntranodeHostPath:
             if len(self._objs) >= 64:  # a workload of many configs keeps the newest
                 self._objs.pop(next(iter(self._objs)))
                 self._by_id.clear()
+                self._taught.clear()
             record, sync = rt._module.native_event_fns() if waits else (0, 0)
             obj = self._objs[fresh, num_worst_tokens, config] = self.ext.NvlDispatch(
                 native[0], native[1], record, sync, event, rt.status.host_ptr, NVL_INFO_NUM_RECV,
@@ -315,7 +330,7 @@ class IntranodeHostPath:
         inside the C++ objects, by stage (the extension's STAGE_NAMES: guard, alloc, launch,
         wait, return), plus ``"calls"``: how many of them the C++ side ran. For
         ``bench/host_overhead.py``: where a call's host time goes below Python."""
-        objs = list(self._objs.values())
+        objs = [o for o in self._objs.values() if hasattr(o, "set_timing")]  # the dispatches
         for o in objs:
             o.set_timing(True)
         try:
@@ -331,7 +346,83 @@ class IntranodeHostPath:
             out[name] = sum(s[1 + i] for s in sums) / 1e3 / max(n, 1)
         return out
 
+    def learn_combine(self, launch, *, hidden: int, num_topk: int, has_w: bool,
+                      num_experts: int, config) -> None:
+        """After the Python path ran a combine of plan ``launch`` (rows of ``hidden``,
+        ``num_topk`` weights per row, 0 and ``has_w`` False without weights, ``num_experts``,
+        ``config``): remember the plan with the call's Signature. A call that was not the
+        Buffer's call of this signature (a runtime driven directly) teaches nothing."""
+        if (launch, has_w) in self._taught:
+            return  # a Python-path call of a known plan (stream flags, a declined call)
+        native = launch.native
+        if native is None:
+            return
+        obj = self._obj("combine", 0, config)
+        if obj is not None and obj.knows(hidden, num_topk, has_w, num_experts):
+            self._taught.add((launch, has_w))
+            return
+        rt = self.rt
+        words, bad = rt.comm.call_words()
+        sig = agreement.Signature("combine", hidden, torch.bfloat16, num_experts,
+                                  num_topk if has_w else -1, -1)
+        if bad is not None or list(words) != agreement.device_words(words[0], sig):
+            return
+        if obj is None:
+            if len(self._objs) >= 64:  # a workload of many configs keeps the newest
+                self._objs.pop(next(iter(self._objs)))
+                self._by_id.clear()
+                self._taught.clear()
+            obj = self._objs["combine", 0, config] = self.ext.NvlCombine(
+                native[0], rt.status.host_ptr, NVL_INFO_NUM_RECV, self._like, rt.num_ranks)
+        addrs, widths = _slots(launch, NVL_COMBINE_PER_CALL)
+        if obj.learn(native[2], launch.args.address, launch.block, launch.shared_mem, addrs,
+                     widths, launch.grid, hidden, num_topk, has_w, num_experts, sig):
+            self._taught.clear()  # the object forgot its oldest plan: ask it again
+        self._taught.add((launch, has_w))
+
     # ------------------------------------------------------------------ calls
+    def combine(self, x, handle, topk_weights, bias, config):
+        """(combined_x [T, H] bf16, combined_topk_weights [T, K] float32 or None, the call's
+        Signature): ``Buffer.combine``'s results less the event; or None (declined: nothing ran
+        and the call is not numbered; the caller runs the Python path). x: [N, H] bf16, N the
+        handle's received rows; topk_weights: [N, K] float32 or None; bias: None, a [T, H] bf16
+        tensor or a tuple / list of up to two."""
+        if type(handle) is not DispatchHandle or self.rt._broken is not None:
+            return None
+        state = handle.backend_state
+        if type(state) is not self._state_type:
+            return None
+        # the Python path's reading of ``bias``; anything else (a None inside, three tensors,
+        # not a tensor) is its InputError
+        if bias is None:
+            b0 = b1 = None
+        elif isinstance(bias, torch.Tensor):
+            b0, b1 = bias, None
+        elif isinstance(bias, (tuple, list)) and len(bias) <= 2 and all(
+                isinstance(b, torch.Tensor) for b in bias):
+            b0, b1 = (tuple(bias) + (None, None))[:2]
+        else:
+            return None
+        obj = self._obj("combine", 0, config)
+        if obj is None:
+            return None
+        rt = self.rt
+        comm = rt.comm
+        # an error after the guard (an allocation, the launch) numbers the call first, as the
+        # Python path numbers it before its backend runs
+        out = _native(obj.call, x, topk_weights, b0, b1, handle.is_token_in_rank,
+                      handle.rank_prefix_matrix, handle.send_pos, handle.recv_src_idx,
+                      state.num_tokens_of_rank, handle.num_recv_rows, handle.num_experts,
+                      jit.current_stream_handle(rt._dev_index),
+                      before_raise=lambda: comm.begin_call(agreement.Signature(
+                          "combine", x.shape[1], x.dtype, handle.num_experts,
+                          -1 if topk_weights is None else topk_weights.shape[1]), None, False))
+        if out is None:
+            return None
+        comm.begin_call(out[2], None, False)
+        self.combine_calls += 1
+        return out
+
     def dispatch(self, payload, scales, handle, num_tokens_per_rank, num_tokens_per_rdma_rank,
                  is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
                  expert_alignment, num_worst_tokens, config):
@@ -407,21 +498,22 @@ class IntranodeHostPath:
         return ((recv_x if scales is None else (recv_x, recv_scales)), recv_idx, recv_w, counts,
                 handle)
 
-    def _obj(self, fresh: bool, worst: int, config):
-        """The C++ object of (kind, ``num_worst_tokens``, ``config``), or None: by identity
-        first, else by value (a Config equal to a learnt one has the same plans; another
-        type: None, the Python path refuses it)."""
-        hit = self._by_id.get((fresh, worst, id(config)))
+    def _obj(self, kind, worst: int, config):
+        """The C++ object of (``kind``: True / False for a fresh / cached dispatch, "combine";
+        ``num_worst_tokens``, ``config``), or None: by identity first, else by value (a
+        Config equal to a learnt one has the same plans; another type: None, the Python path
+        refuses it)."""
+        hit = self._by_id.get((kind, worst, id(config)))
         if hit is not None and hit[0] is config:
             return hit[1]
         try:
-            obj = self._objs.get((fresh, worst, config))
+            obj = self._objs.get((kind, worst, config))
         except TypeError:  # not hashable, so not a Config
             return None
         if obj is not None:
             if len(self._by_id) >= 256:
                 self._by_id.clear()
-            self._by_id[fresh, worst, id(config)] = (config, obj)  # keeps config alive
+            self._by_id[kind, worst, id(config)] = (config, obj)  # keeps config alive
         return obj
 
     def _run(self, fn, args: tuple, signature):

@@ -248,7 +248,7 @@ class IntranodeRuntime:
         self._layout = LayoutKernel(self.num_ranks, self.device, self._id_check.data_ptr())
         #: ns the host spent in the last dispatch-from-layout's count wait (for the bench).
         self.last_count_wait_ns = 0
-        # The C++ host path of later dispatches (host_path.IntranodeHostPath), once
+        # The C++ host path of later dispatches and combines (host_path.IntranodeHostPath), once
         # enable_host_path() loaded it; it learns each plan from this class's calls.
         self.host_path = None
 
@@ -308,7 +308,8 @@ class IntranodeRuntime:
                     slot_bytes=regions.slot_bytes)
 
     def enable_host_path(self):
-        """Load the C++ host path of later dispatches (``host_path.IntranodeHostPath``).
+        """Load the C++ host path of later dispatches and combines
+        (``host_path.IntranodeHostPath``).
         Returns it, or None (off, or not buildable: ``host_ext.status`` says why)."""
         if self.host_path is None:
             from ep_comm.backends.kernels import host_path
@@ -522,9 +523,7 @@ class IntranodeRuntime:
                       timeout_ns=self._timeout_ns)
         launch = self._prepare(self._module, "nvl_combine", args.NVL_COMBINE, values, blocks,
                                KERNEL_THREADS, KERNEL_SMEM)
-        slots = {n: launch.args.slot(n) for n in (
-            "x", "topk_w", "recv_src_idx", "rank_prefix_matrix", "num_tokens_of_rank",
-            "is_token_in_rank", "send_pos", "T", "bias0", "bias1", "out", "out_w")}
+        slots = {n: launch.args.slot(n) for n in args.NVL_COMBINE_PER_CALL}
         return launch, slots
 
     def combine(self, x, handle, topk_weights, biases, config):
@@ -553,6 +552,10 @@ class IntranodeRuntime:
         s["out"].value = out.data_ptr()
         s["out_w"].value = 0 if out_w is None else out_w.data_ptr()
         launch.launch(self._stream_handle())
+        if self.host_path is not None:  # later calls of this plan can go through C++
+            self.host_path.learn_combine(launch, hidden=x.shape[1], num_topk=num_topk,
+                                         has_w=topk_weights is not None,
+                                         num_experts=handle.num_experts, config=config)
         return out, out_w
 
     # ------------------------------------------------------------------ teardown
