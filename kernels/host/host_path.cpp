@@ -115,6 +115,30 @@ struct Shape {
   int64_t tag_hash;
 };
 
+// A view of the contiguous tensor ``base``: ``sizes`` (and ``strides``, default contiguous) from
+// element ``offset`` of it, sharing its storage (which the view keeps alive). Made directly, not
+// through the dispatcher: narrow + view are two operator calls per view, and on the host of the
+// 2026-12-07 H100 run (session 15) the fresh dispatch's one allocation and seven such views cost
+// 27 us (the "alloc" stage of bench/host_overhead.py), against 2.5 us for a cached dispatch's
+// one allocation. The views are plain int32 / float tensors the kernels write: no autograd view
+// tracking is needed (the outputs never require grad).
+at::Tensor carve(const at::Tensor& base, int64_t offset, std::initializer_list<int64_t> sizes,
+                 std::initializer_list<int64_t> strides = {}) {
+  auto impl = c10::make_intrusive<c10::TensorImpl>(c10::Storage(base.storage()), base.key_set(),
+                                                   base.dtype());
+  int64_t st[4], n = 0, s = 1;
+  const int64_t* sz = sizes.begin();
+  const int64_t dims = static_cast<int64_t>(sizes.size());
+  if (strides.size() == sizes.size()) {
+    for (int64_t v : strides) st[n++] = v;
+  } else {
+    for (int64_t i = dims - 1; i >= 0; --i) st[i] = s, s *= sz[i];
+  }
+  impl->set_sizes_and_strides(c10::IntArrayRef(sz, dims), c10::IntArrayRef(st, dims),
+                              base.storage_offset() + offset);
+  return at::Tensor(std::move(impl));
+}
+
 // What every C++ host path shares: the launch and capture entry points, the host status
 // words (the first ``status_words`` of them say whether a kernel reported), the device, and
 // the guard's tensor tests.
@@ -259,15 +283,16 @@ class Dispatch : public HostPathBase {
                                   options_.dtype(use_fp8_ ? at::kFloat8_e4m3fn : at::kBFloat16));
     at::Tensor scales;
     if (use_fp8_)  // [L, G, R*M] allocated, handed out as [L, R*M, G] (column-major per expert)
-      scales = at::empty({local_, scale_cols_, rows},
-                         options_.dtype(scales_int32_ ? at::kInt : at::kFloat)).transpose(1, 2);
+      scales = carve(at::empty({local_ * scale_cols_ * rows},
+                               options_.dtype(scales_int32_ ? at::kInt : at::kFloat)),
+                     0, {local_, rows, scale_cols_}, {scale_cols_ * rows, 1, rows});
     // the four int32 outputs in one allocation: src_info [L, R*M], range_begin and
     // range_count [L, R], recv_count [L]
     at::Tensor ints = at::empty({local_ * (rows + 2 * ranks_ + 1)}, options_.dtype(at::kInt));
-    at::Tensor src_info = ints.narrow(0, 0, local_ * rows).view({local_, rows});
-    at::Tensor ranges = ints.narrow(0, local_ * rows, 2 * local_ * ranks_).view({2, local_, ranks_});
-    at::Tensor begin = ranges.select(0, 0), count = ranges.select(0, 1);
-    at::Tensor recv_count = ints.narrow(0, local_ * (rows + 2 * ranks_), local_);
+    at::Tensor src_info = carve(ints, 0, {local_, rows});
+    at::Tensor begin = carve(ints, local_ * rows, {local_, ranks_});
+    at::Tensor count = carve(ints, local_ * (rows + ranks_), {local_, ranks_});
+    at::Tensor recv_count = carve(ints, local_ * (rows + 2 * ranks_), {local_});
 
     const Launch& l = halves_[half];
     const int64_t values[] = {ptr(x), ptr(topk_idx), x.size(0), topk_idx.size(1), ptr(recv_x),
@@ -398,7 +423,7 @@ class Layout : public NativeBase {
     for (size_t i = 0; i < l_.slots.size(); ++i) l_.slots[i].put(values[i]);
     launch(l_, static_cast<unsigned>((t + threads_ - 1) / threads_), stream,
            "nvl_get_dispatch_layout");
-    return py::make_tuple(counts.narrow(0, 0, ranks_), counts.narrow(0, ranks_, e_), in_rank);
+    return py::make_tuple(carve(counts, 0, {ranks_}), carve(counts, ranks_, {e_}), in_rank);
   }
 
  private:
@@ -569,10 +594,10 @@ class NvlDispatch : public NativeBase {
     const int64_t head = (r * r + local + r + 1 + 3) / 4 * 4;
     at::Tensor small = at::empty({worst_ > 0 ? head + t * r + 2 * worst_ : head},
                                  options_.dtype(at::kInt));
-    at::Tensor prefix = small.narrow(0, 0, r * r).view({r, r});
-    at::Tensor per_expert = small.narrow(0, r * r, local);
-    at::Tensor of_rank = small.narrow(0, r * r + local, r);
-    at::Tensor num_recv = small.narrow(0, r * r + local + r, 1);
+    at::Tensor prefix = carve(small, 0, {r, r});
+    at::Tensor per_expert = carve(small, r * r, {local});
+    at::Tensor of_rank = carve(small, r * r + local, {r});
+    at::Tensor num_recv = carve(small, r * r + local + r, {1});
     const int64_t notify_values[] = {t, ptr(ntpr), ptr(ntpe), ptr(prefix), ptr(per_expert),
                                      ptr(of_rank), ptr(num_recv), alignment, 0};
     const Launch& n = plan->notify;
@@ -609,11 +634,12 @@ class NvlDispatch : public NativeBase {
       st.mark(kStageWait);
     }
     // send_pos [T, R], recv_src_idx [N] and recv_src_rank [N] in one allocation
-    at::Tensor route = worst_ > 0 ? small.narrow(0, head, t * r + 2 * rows)
+    at::Tensor route = worst_ > 0 ? small
                                   : at::empty({t * r + 2 * rows}, options_.dtype(at::kInt));
-    at::Tensor send_pos = route.narrow(0, 0, t * r).view({t, r});
-    at::Tensor src_idx = route.narrow(0, t * r, rows);
-    at::Tensor src_rank = route.narrow(0, t * r + rows, rows);
+    const int64_t at0 = worst_ > 0 ? head : 0;
+    at::Tensor send_pos = carve(route, at0, {t, r});
+    at::Tensor src_idx = carve(route, at0 + t * r, {rows});
+    at::Tensor src_rank = carve(route, at0 + t * r + rows, {rows});
     Outputs o = outputs(*plan, rows);
     st.mark(kStageAlloc);
     const int64_t values[] = {ptr(x), ptr(x_scales), ptr(idx), ptr(w), ptr(in_rank), t,
