@@ -304,9 +304,12 @@ if has_stage tests; then
         DEEPEP_DIR=${SUITE_DEEPEP_DIR:-build/deepep}
         if [[ -d $REPO/$DEEPEP_DIR/v1 ]] && ((GPUS > 0)); then
             # at once where memory allows (v2 test_ep alone needed ~160 s beside the shards on
-            # 2026-12-07, more than a third of the step), one after the other on a small card
-            DEEPEP_PAR=$((1 - SMALL_GPU))
-            DEEPEP_T=$((DEEPEP_PAR ? TESTS_TIMEOUT - 15 : TESTS_TIMEOUT * 2 / 3))
+            # 2026-12-07, more than a third of the step); on a small card in two lanes, v1's
+            # two tests one after the other beside v2's (all three at once ran an 80 GB H100
+            # out of memory in run 7; one after the other they took ~340 s in session 15's
+            # run, v1 19 + 159 s, and v2 test_ep was cut by the step's limit)
+            DEEPEP_PAR=$((SMALL_GPU ? 2 : 1))
+            DEEPEP_T=$((TESTS_TIMEOUT - 15))
             DEEPEP_CMD="PYTHON=$PY PARALLEL=$DEEPEP_PAR TEST_TIMEOUT=$DEEPEP_T LOG_DIR=$WORK/deepep ONLY='^(v1-test_intranode|v1-test_low_latency|v2-test_ep)\$' bash $REPO/bench/deepep_tests.sh $REPO/$DEEPEP_DIR"
             NAMES_+=("DeepEP's own tests against ep_comm (1 process)")
             CMDS_+=("$DEEPEP_CMD")
