@@ -296,8 +296,10 @@ if has_stage tests; then
             CMDS_+=("EP_COMM_TEST_HANG_S=${SUITE_TEST_HANG_S:-100} EP_COMM_TEST_SHARD=$i/$SHARDS $PYTEST -m 'gpu and not gpu_alone' ${TEST_FILES/$HF_FILE/}")
         done
         NAMES_+=("pytest -m gpu, transformers models")
-        # (a rank pool gives up after 200 s: the models' kernels time out after 120 s first)
-        CMDS_+=("EP_COMM_TEST_HANG_S=200 ${SUITE_HF_ENV:-} $PYTEST -m 'gpu and not gpu_alone' $HF_FILE ${SUITE_HF_ARGS:-}")
+        # (a rank pool gives up after 200 s; the models' kernels time out after 60 s here, so
+        # that a stalled first forward (open: session 15's run) is reported by its kernel, with
+        # phase, peer and counts, before the test's trace of the forward gives up at 75 s)
+        CMDS_+=("EP_COMM_TEST_HANG_S=200 EP_COMM_TEST_HF_TIMEOUT_S=60 ${SUITE_HF_ENV:-} $PYTEST -m 'gpu and not gpu_alone' $HF_FILE ${SUITE_HF_ARGS:-}")
         # correctness runs that need no quiet GPU go beside the tests: DeepEP's own tests
         # against ep_comm (when its files were carried: bench/deepep_tests.sh --export), the
         # soak (faults injected and recovered, every result checked), the doctor

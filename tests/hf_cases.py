@@ -174,7 +174,10 @@ def _task_hf_model(ctx, case: HFCase):
         # leave the others waiting in a collective
         with torch.no_grad():
             logits = model(ids[a:b]).logits.float()
-            trace.wait()
+            # longer than the kernels' own bound where the case sets one, so that a stalled
+            # kernel has reported (its phase, peer, channel and counts in the status words the
+            # report prints) before the trace gives up
+            trace.wait(max(GPU_WAIT_S, case.timeout_s + 15) if case.timeout_s else GPU_WAIT_S)
             trace.restore()
             err = (logits - ref_logits).abs().max().item()
             scale = ref_logits.abs().max().item()
