@@ -15,6 +15,14 @@
 // its tail word again, and the sender waits for that answer. So when a kernel finishes on a
 // rank, every peer is finished with the rings that rank writes, and the next kernel may reuse
 // them at once.
+// A receiver answers only a ring whose sender it has heard from in this kernel (a word with
+// this kernel's tag), even a ring that carries no row: the head word it answers in lives in
+// the sender's buffer, and the dispatch and the combine use the same one for a pair of ranks.
+// A combine receiver that answered an empty ring at its start could overwrite, before the
+// sender read it, the answer its own dispatch receiver had just written, which the peer's
+// dispatch sender was still to see: that sender then waited in vain (the transformers GPU
+// stall of 2026-12-07, two ranks time-sharing one GPU, tiny models whose channels are mostly
+// empty).
 //
 // Roles. A dispatch or combine grid has 2 * C blocks of kThreads: even blocks send on channel
 // blockIdx / 2, odd blocks receive. A channel owns a contiguous range of the source's tokens,
@@ -1046,9 +1054,28 @@ __device__ void combine_recv(const CombineArgs& a, int c, uint32_t tag, uint32_t
         __syncthreads();  // s_k of the next window
     }
     if (!aborted && threadIdx.x == 0)
-        for (int r = 0; r < a.R; ++r)
-            if (r != a.rank)
-                st_release_sys(word_of(a.peers[r], a.off_head, c, a.rank), make_word(tag, s_k[r], true));
+        for (int r = 0; r < a.R; ++r) {
+            if (r == a.rank) continue;
+            // Hear this kernel's last tail from r (its done bit) before the answer: r's
+            // previous kernel has then seen whatever this rank answered it in the same word
+            // (see the top of this file). Every sender publishes its done tail, rows or not.
+            const uint64_t* tail_word = word_of(me, a.off_tail, c, r);
+            const uint64_t deadline = globaltimer_ns() + a.timeout_ns;
+            int spins = 0;
+            uint64_t w;
+            bool heard = true;
+            while (!(word_tag(w = ld_acquire_sys(tail_word)) == tag && word_done(w))) {
+                if ((++spins & 63) == 0 && globaltimer_ns() > deadline) {
+                    report(a.host_status, ctrl, kStatusTimeout, kPhaseCombineRecv, r, c,
+                           word_tag(w) == tag ? static_cast<long long>(word_count(w)) : -1,
+                           s_k[r]);
+                    heard = false;
+                    break;
+                }
+            }
+            if (!heard) break;
+            st_release_sys(word_of(a.peers[r], a.off_head, c, a.rank), make_word(tag, s_k[r], true));
+        }
 }
 
 }  // namespace
