@@ -526,6 +526,64 @@ def task_normal_graph(ctx, backend: str, case: NCase, replays: int = 4, capture:
     return replays
 
 
+def task_normal_back_to_back(ctx, backend: str, case: NCase, rounds: int = 200,
+                             num_sms: int = 48, wait_s: float = 60.0):
+    """``rounds`` of layout + dispatch (num_worst_tokens: no host wait) + combine on the same
+    inputs, queued without a host sync, on ``Buffer.set_num_sms(num_sms)`` channels: with few
+    tokens most rings of a channel carry no row, and each kernel follows the previous one at
+    once. The regression of the NVLink handshake race (kernels/cuda/intranode.cu, top): a
+    combine receiver that answered an empty ring before hearing its sender could overwrite the
+    answer the peer's dispatch sender still had to read, which then waited in vain (the
+    transformers GPU stall of 2026-12-07). Every round's combine must equal the reference
+    Buffer's, and the GPU work must end within ``wait_s`` (an AssertionError naming the rounds
+    that finished, not a hang)."""
+    import time
+
+    import ep_comm
+    old_sms = ep_comm.Buffer.num_sms
+    ep_comm.Buffer.set_num_sms(num_sms)
+    dev, r, me = ctx.device, ctx.world_size, ctx.rank
+    try:
+        buf = normal_buffer(ctx, backend, case.hidden)
+        ref = normal_buffer(ctx, "reference", case.hidden)
+    except BaseException:
+        ep_comm.Buffer.num_sms = old_sms
+        raise
+    worst = worst_tokens(dataclasses.replace(case, worst=-1), r)
+    try:
+        x, idx, w = (t.to(dev) for t in n_inputs(case, me, r))
+
+        def round_trip(b):
+            lay = b.get_dispatch_layout(idx, case.num_experts)
+            res = b.dispatch(x, **layout_args(lay), topk_idx=idx, topk_weights=w,
+                             num_worst_tokens=worst)
+            return b.combine(expert_rows(res[0].float(), me), res[4])[0]
+
+        want = round_trip(ref)
+        outs, events = [], []
+        for _ in range(rounds):
+            outs.append(round_trip(buf))
+            if dev.type == "cuda":
+                events.append(torch.cuda.Event())
+                events[-1].record()
+        deadline = time.monotonic() + wait_s
+        while events and not events[-1].query():
+            if time.monotonic() > deadline:
+                done = sum(ev.query() for ev in events)
+                raise AssertionError(f"rank {me}: {done} of {rounds} back-to-back rounds "
+                                     f"finished on the GPU after {wait_s:g} s")
+            time.sleep(0.01)
+        check_status(buf)
+        bad = [i for i, o in enumerate(outs) if not torch.equal(o.cpu(), want.cpu())]
+        assert not bad, (f"rank {me}: {len(bad)} of {rounds} rounds differ from the reference "
+                         f"(first: round {bad[0]})")
+    finally:
+        ep_comm.Buffer.num_sms = old_sms
+        buf.destroy()
+        ref.destroy()
+    return rounds
+
+
 def task_normal_backward(ctx, backend: str, case: NCase):
     """One training step through ep_comm.autograd on both Buffers: y = combine(rows * (d + 1))
     of dispatch(x); loss = sum(y * gy) + sum(recv_w * (d + 1)). The closed form:

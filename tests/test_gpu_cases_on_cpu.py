@@ -34,6 +34,13 @@ def test_normal_sweep_on_one_rank_with_other_sm_budget(cpu_ranks):
     cpu_ranks(1).run(normal.task_normal_sweep, "reference", cases, None, "sync", 8)
 
 
+def test_normal_back_to_back_task_on_the_reference(cpu_ranks):
+    """The back-to-back rounds task (the NVLink handshake race's GPU test) on CPU ranks: its
+    rounds, its comparison and its return value."""
+    case = NCase(seed=3900, hidden=64, num_topk=2, num_experts=8, num_tokens=6, ragged=3)
+    assert cpu_ranks(2).run(normal.task_normal_back_to_back, "reference", case, 5) == [5, 5]
+
+
 def test_normal_through_cpp_task_on_the_reference(cpu_ranks):
     # the GPU test's task: rounds of one shape, checked; the reference has no C++ host path
     cases = [NCase(seed=BASE + 40, hidden=256, fp8=True, worst=-1),

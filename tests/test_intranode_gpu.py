@@ -103,6 +103,15 @@ def test_other_sm_budgets(gpu_ranks, world, num_sms):
     gpu_ranks(world).run(normal.task_normal_sweep, BACKEND, cases, None, "sync", num_sms)
 
 
+def test_back_to_back_rounds_with_mostly_empty_rings_finish_and_match(gpu_ranks):
+    """200 rounds of layout, dispatch and combine queued without a host sync, 24 channels for a
+    handful of tokens (most rings empty), 2 ranks: the NVLink handshake race behind the
+    transformers GPU stall of 2026-12-07 (gpu_cases_normal.task_normal_back_to_back)."""
+    case = NCase(seed=_seed(3900), hidden=64, num_topk=2, num_experts=8, num_tokens=6,
+                 ragged=3)
+    assert gpu_ranks(2).run(normal.task_normal_back_to_back, BACKEND, case) == [200, 200]
+
+
 @pytest.mark.parametrize("world", FULL)
 @pytest.mark.parametrize("fp8,hidden", [(False, 7168), (True, 4096)])
 def test_cuda_graph_with_num_worst_tokens_replays_changing_data(gpu_ranks, world, fp8, hidden):
