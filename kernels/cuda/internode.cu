@@ -548,6 +548,10 @@ inter_notify(EP_INTER_REGION_PARAMS, int rank, int R, int P, int N, int E, int n
         node_counts[i] =
             __ldcg(counts + static_cast<long long>(n * P + l) * row_ints + at_nodes + node);
     }
+    // Every row put of this kernel delivered before it ends: a peer may take this rank's next
+    // kernel's barrier flag as proof that this row has landed (learn_peers' "past" rule), and
+    // over a NIC that flag and this row's put may travel apart (as meet_refused's quiet).
+    nvshmem_quiet();
     __threadfence_system();
     finish_block(ctrl);
 }

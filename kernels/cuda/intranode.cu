@@ -637,13 +637,15 @@ __device__ void report_refusal(int* host_status, const CallSig& sig, int R) {
 }
 
 // Wait (one thread) until rank p's flag in this rank's buffer is `want` or `want + 1` (see
-// "Flags"); false (reported) after timeout_ns.
+// "Flags"), or with `or_later` any value from `want` on (the "read" wait: a peer posts a later
+// value only once it has read every row of this call); false (reported) after timeout_ns.
 __device__ bool wait_flag(const uint32_t* flag, uint32_t want, unsigned long long timeout_ns,
-                          int* host_status, uint32_t* ctrl, int p) {
+                          int* host_status, uint32_t* ctrl, int p, bool or_later = false) {
     const uint64_t deadline = globaltimer_ns() + timeout_ns;
     int spins = 0;
     uint32_t v;
-    while ((v = ld_acquire_sys(flag)) - want > 1u) {
+    while ((v = ld_acquire_sys(flag)) - want > 1u &&
+           !(or_later && static_cast<int32_t>(v - want) >= 0)) {
         if ((++spins & 63) == 0 && globaltimer_ns() > deadline) {
             report(host_status, ctrl, kStatusTimeout, kPhaseNotify, p, -1, v, want);
             return false;
@@ -735,7 +737,7 @@ nvl_notify(char* const* __restrict__ peers, int rank, int R, int T, int L, int n
                            read_all);
         if (threadIdx.x < R &&
             !wait_flag(reinterpret_cast<const uint32_t*>(me + off_flag) + threadIdx.x, read_all,
-                       timeout_ns, host_status, ctrl, threadIdx.x))
+                       timeout_ns, host_status, ctrl, threadIdx.x, true))
             aborted = 1;
         __syncthreads();
         // A peer that never confirmed is a timeout (reported, the Buffer fails); else the
@@ -803,13 +805,16 @@ nvl_dispatch(char* const* __restrict__ peers, int rank, int R, int C, int S, int
     if (threadIdx.x < kMaxRanks) s_count[threadIdx.x] = 0;
     // Everything a receiver's reading of a slot depends on; the pointers are not (null on a
     // rank without tokens).
+    // The notify kernel refused this call (on every rank): move nothing, and take no kernel
+    // number either (no finish_block), as the internode kernels do. A dispatch queued behind a
+    // refused notify (num_worst_tokens: the host does not wait for the notify) would otherwise
+    // number itself where a refusal without num_worst_tokens launches no dispatch, and a fast
+    // rank's next notify would post a flag its slower peer, still waiting for the refused
+    // call's "read" flag, takes for another call (a timeout instead of the refusal).
+    if (*reinterpret_cast<const volatile int*>(num_recv_dev) < 0) return;
     const ChannelBlock b = begin_channel_block(
         peers, rank, R, C, T, off_ctrl,
         ring_shape(kRingDispatch, row_int4, num_scales, K, L, expand, C, S));
-    if (*num_recv_dev < 0) {  // the notify kernel refused this call (on every rank): move nothing
-        finish_block(b.ctrl);
-        return;
-    }
     // One rank: the receiver block writes the padding rows only (after every copied row), then
     // copies its half of the channel like the sender. One call site each: inlined once.
     if (b.receiver) dispatch_recv(a, b.c, b.tag, b.ctrl);
@@ -1085,7 +1090,8 @@ __device__ void combine_recv(const CombineArgs& a, int c, uint32_t tag, uint32_t
 //   x: [N, row_int4] bf16 rows as int4, topk_w: [N, K] float32 or null,
 //   recv_src_idx: [N] int32, rank_prefix_matrix: [R, R], num_tokens_of_rank: [R],
 //   is_token_in_rank / send_pos: [T, R], bias0 / bias1: [T, row_int4] or null,
-//   out: [T, row_int4] bf16, out_w: [T, K] float32 or null.
+//   out: [T, row_int4] bf16, out_w: [T, K] float32 or null,
+//   num_recv_dev: [1] int32, the dispatch's received rows (-1: its notify refused the call).
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
 nvl_combine(char* const* __restrict__ peers, int rank, int R, int C, int S, int window,
             long long off_ctrl, long long off_tail, long long off_head, long long off_ring,
@@ -1095,7 +1101,13 @@ nvl_combine(char* const* __restrict__ peers, int rank, int R, int C, int S, int 
             const int* __restrict__ num_tokens_of_rank, const bool* __restrict__ is_token_in_rank,
             const int* __restrict__ send_pos, int T, const int4* __restrict__ bias0,
             const int4* __restrict__ bias1, int4* __restrict__ out, float* __restrict__ out_w,
-            int* host_status, unsigned long long timeout_ns) {
+            const int* __restrict__ num_recv_dev, int* host_status,
+            unsigned long long timeout_ns) {
+    // The dispatch of this handle was refused by its notify kernel (on every rank; with
+    // num_worst_tokens the host learns it only at its next call, and may have queued this
+    // combine already): its routes were never written, so read none of them, and take no
+    // kernel number, as the refused dispatch took none.
+    if (*reinterpret_cast<const volatile int*>(num_recv_dev) < 0) return;
     const CombineArgs a{peers, rank, R, C, S, window, off_ctrl, off_tail, off_head, off_ring,
                         slot_bytes, off_payload, off_w, x, row_int4, topk_w, K, recv_src_idx,
                         rank_prefix_matrix, num_tokens_of_rank, is_token_in_rank, send_pos, T,

@@ -61,7 +61,7 @@ const std::vector<std::string> kNvlDispatchSlots = {
 // The normal-mode NVLink combine (args.NVL_COMBINE_PER_CALL).
 const std::vector<std::string> kNvlCombineSlots = {
     "x", "topk_w", "recv_src_idx", "rank_prefix_matrix", "num_tokens_of_rank",
-    "is_token_in_rank", "send_pos", "T", "bias0", "bias1", "out", "out_w"};
+    "is_token_in_rank", "send_pos", "T", "bias0", "bias1", "out", "out_w", "num_recv_dev"};
 
 // One argument of a prepared launch: the address of its ctypes scalar and its width (4 or 8
 // bytes; a CallSig slot is an int32 array, written with put_words).
@@ -805,12 +805,13 @@ class NvlCombine : public NativeBase {
   // the call's Signature; or None (declined: nothing allocated or launched). x [N, H] bf16,
   // w [N, K] float32 or None, bias0 / bias1 [T, H] bf16 or None; the handle's
   // is_token_in_rank [T, R] bool, rank_prefix_matrix [R, R], send_pos [T, R], recv_src_idx
-  // [N] and num_tokens_of_rank [R] int32, its ``rows`` (N) and ``e`` experts.
+  // [N], num_tokens_of_rank [R] and num_recv [1] int32, its ``rows`` (N) and ``e`` experts.
   py::object call(const at::Tensor& x, const c10::optional<at::Tensor>& w,
                   const c10::optional<at::Tensor>& bias0, const c10::optional<at::Tensor>& bias1,
                   const at::Tensor& in_rank, const at::Tensor& prefix,
                   const at::Tensor& send_pos, const at::Tensor& src_idx,
-                  const at::Tensor& of_rank, int64_t rows, int64_t e, int64_t stream) {
+                  const at::Tensor& of_rank, const at::Tensor& num_recv, int64_t rows,
+                  int64_t e, int64_t stream) {
     if (!is_ok(x, at::kBFloat16) || x.dim() != 2 || x.size(0) != rows || !aligned16(x))
       return py::none();
     const bool has_w = w.has_value();
@@ -820,7 +821,7 @@ class NvlCombine : public NativeBase {
     if (has_w && (!is_ok(*w, at::kFloat) || w->size(0) != rows)) return py::none();
     if (!is_ok(in_rank, at::kBool) || in_rank.dim() != 2 || in_rank.size(1) != r_ ||
         !is_ok(prefix, at::kInt) || !is_ok(send_pos, at::kInt) || !is_ok(src_idx, at::kInt) ||
-        !is_ok(of_rank, at::kInt))
+        !is_ok(of_rank, at::kInt) || !is_ok(num_recv, at::kInt) || num_recv.numel() != 1)
       return py::none();
     const int64_t t = in_rank.size(0);
     if (!bias_ok(bias0, t, plan->hidden) || !bias_ok(bias1, t, plan->hidden) ||
@@ -833,7 +834,7 @@ class NvlCombine : public NativeBase {
     if (has_w) out_w = at::empty({t, k}, options_.dtype(at::kFloat));
     const int64_t values[] = {ptr(x), ptr(w), ptr(src_idx), ptr(prefix), ptr(of_rank),
                               ptr(in_rank), ptr(send_pos), t, ptr(bias0), ptr(bias1), ptr(out),
-                              ptr(out_w)};
+                              ptr(out_w), ptr(num_recv)};
     const Launch& l = plan->launch;
     for (size_t i = 0; i < l.slots.size(); ++i) l.slots[i].put(values[i]);
     launch(l, plan->grid, stream, "nvl_combine");

@@ -75,7 +75,7 @@ NVL_DISPATCH_PER_CALL = ("x", "x_scales", "topk_idx", "topk_weights", "is_token_
 #: weights, the handle's routes, the token count, the biases and the outputs.
 NVL_COMBINE_PER_CALL = ("x", "topk_w", "recv_src_idx", "rank_prefix_matrix",
                         "num_tokens_of_rank", "is_token_in_rank", "send_pos", "T", "bias0",
-                        "bias1", "out", "out_w")
+                        "bias1", "out", "out_w", "num_recv_dev")
 #: ``phases`` bits (kernels/cuda/low_latency_common.cuh kSendPhase / kRecvPhase).
 LL_SEND_PHASE = 1
 LL_RECV_PHASE = 2
@@ -116,7 +116,8 @@ NVL_COMBINE = _NVL_RING + (
     ("off_payload", "i"), ("off_w", "i"), ("x", "p"), ("row_int4", "i"), ("topk_w", "p"),
     ("K", "i"), ("recv_src_idx", "p"), ("rank_prefix_matrix", "p"), ("num_tokens_of_rank", "p"),
     ("is_token_in_rank", "p"), ("send_pos", "p"), ("T", "i"), ("bias0", "p"), ("bias1", "p"),
-    ("out", "p"), ("out_w", "p"), ("host_status", "p"), ("timeout_ns", "u64"),
+    ("out", "p"), ("out_w", "p"), ("num_recv_dev", "p"), ("host_status", "p"),
+    ("timeout_ns", "u64"),
 )
 
 # Normal mode across nodes (kernels/cuda/internode.cu). Every kernel starts with the

@@ -412,7 +412,8 @@ class IntranodeHostPath:
         # Python path numbers it before its backend runs
         out = _native(obj.call, x, topk_weights, b0, b1, handle.is_token_in_rank,
                       handle.rank_prefix_matrix, handle.send_pos, handle.recv_src_idx,
-                      state.num_tokens_of_rank, handle.num_recv_rows, handle.num_experts,
+                      state.num_tokens_of_rank, state.num_recv, handle.num_recv_rows,
+                      handle.num_experts,
                       jit.current_stream_handle(rt._dev_index),
                       before_raise=lambda: comm.begin_call(agreement.Signature(
                           "combine", x.shape[1], x.dtype, handle.num_experts,

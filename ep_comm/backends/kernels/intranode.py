@@ -551,6 +551,7 @@ class IntranodeRuntime:
         s["bias1"].value = 0 if bias1 is None else bias1.data_ptr()
         s["out"].value = out.data_ptr()
         s["out_w"].value = 0 if out_w is None else out_w.data_ptr()
+        s["num_recv_dev"].value = state.num_recv.data_ptr()  # < 0: a refused dispatch
         launch.launch(self._stream_handle())
         if self.host_path is not None:  # later calls of this plan can go through C++
             self.host_path.learn_combine(launch, hidden=x.shape[1], num_topk=num_topk,
