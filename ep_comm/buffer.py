@@ -155,6 +155,15 @@ class Buffer:
         self._comm_stream = None
         if self.device.type == "cuda":
             self._comm_stream = self._backend.comm_stream() or torch.cuda.Stream(self.device)
+        # Stream order of the normal-mode calls (``_sync_begin`` ...): two kernels of one Buffer
+        # must never run at once (they share the sequence word ctrl[0], counters and rings).
+        # A synchronous call runs on the current stream, an async one on the comm stream; once
+        # a call has run on the comm stream (``_ordered``) each side waits for the other's last
+        # work. Until then synchronous calls pay one attribute test, nothing else.
+        self._ordered = False
+        self._comm_done = None   # event after the last comm-stream call, not yet waited for
+        self._sync_done = None   # event after the last synchronous call (ordered), not yet waited
+        self._sync_event = None  # the event _sync_done records (one per Buffer, re-recorded)
         _LIVE_BUFFERS.add(self)  # fault handling: destroyed (bounded) at exit
 
     # ------------------------------------------------------------------ construction
@@ -353,6 +362,53 @@ class Buffer:
                             allocate_on_comm_stream)
 
     # ------------------------------------------------------------------ stream plumbing
+    # Stream order. A synchronous call runs on the current stream (no stream switch), an async
+    # one (async_finish, previous_event, allocate_on_comm_stream; ElasticBuffer's
+    # async_with_compute_stream) on the comm stream. The normal-mode kernels of one Buffer
+    # (layout, dispatch, combine, on NVLink or across nodes) must run one after the other in
+    # call order: they read the same sequence word ctrl[0] and share counters, rings and the
+    # bad-id record. So every normal-mode call goes through these four helpers, one convention:
+    #   comm-stream call:  _comm_begin(stream) before its kernels, _comm_end(event) after;
+    #   synchronous call:  ``if self._ordered:`` _sync_begin() before, _sync_end() after.
+    # ``_ordered`` is set by the first comm-stream call, so purely synchronous use records no
+    # event and waits on nothing (one attribute test per call). Inside CUDA graph capture the
+    # helpers do nothing (an event crossing the capture boundary is an error; torch.cuda.graph
+    # synchronises the device before it captures).
+    def _sync_begin(self) -> None:
+        """Before a synchronous call's kernels (ordered mode): the current stream waits once
+        for the last comm-stream call (then stream order carries it)."""
+        ev = self._comm_done
+        if ev is not None and not torch.cuda.is_current_stream_capturing():
+            self._comm_done = None
+            torch.cuda.current_stream(self.device).wait_event(ev)
+
+    def _sync_end(self) -> None:
+        """After a synchronous call's kernels (ordered mode): record where they end, for the
+        next comm-stream call to wait for."""
+        if torch.cuda.is_current_stream_capturing():
+            return
+        ev = self._sync_event
+        if ev is None:
+            ev = self._sync_event = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        self._sync_done = ev
+
+    def _comm_begin(self, stream) -> None:
+        """Before a comm-stream call's kernels (after its wait for previous_event or the
+        current stream): ordered mode on; ``stream`` also waits for the last synchronous call,
+        which previous_event need not cover."""
+        self._ordered = True
+        ev = self._sync_done
+        if ev is not None and not torch.cuda.is_current_stream_capturing():
+            self._sync_done = None
+            stream.wait_event(ev)
+
+    def _comm_end(self, event) -> None:
+        """After a comm-stream call's kernels: ``event`` (recorded on the comm stream after
+        them) is what the next synchronous call waits for."""
+        if not torch.cuda.is_current_stream_capturing():
+            self._comm_done = event
+
     def _on_comm_stream(self, fn, previous_event, async_finish, allocate_on_comm_stream, inputs):
         """Run ``fn`` on the communication stream after ``previous_event`` (or the current
         stream), then either return an event (``async_finish``) or make the current stream
@@ -360,6 +416,12 @@ class Buffer:
         if previous_event is None and not async_finish and not allocate_on_comm_stream:
             # Synchronous: run on the current stream. Same order as switching to the comm
             # stream and back, without the switch, the waits and a record_stream per tensor.
+            if self._ordered:  # a comm-stream call was made: keep the kernels in call order
+                self._sync_begin()
+                try:
+                    return fn(), EventOverlap()
+                finally:  # also after a call that raised once its kernels were queued
+                    self._sync_end()
             return fn(), EventOverlap()
         if self._comm_stream is None:
             if previous_event is not None:
@@ -370,17 +432,21 @@ class Buffer:
             self._comm_stream.wait_event(previous_event.event)
         else:
             self._comm_stream.wait_stream(compute)
-        with torch.cuda.stream(self._comm_stream):
-            result = fn()
+        self._comm_begin(self._comm_stream)
+        try:
+            with torch.cuda.stream(self._comm_stream):
+                result = fn()
+        finally:  # also after a call that raised once its kernels were queued
+            ev = torch.cuda.Event()
+            ev.record(self._comm_stream)
+            self._comm_end(ev)
         for t in _tensors(inputs):
             t.record_stream(self._comm_stream)
         for t in _tensors(result):
             t.record_stream(compute)
         if async_finish:
-            ev = torch.cuda.Event()
-            ev.record(self._comm_stream)
             return result, EventOverlap(ev, extra_tensors=tuple(_tensors((inputs, result))))
-        compute.wait_stream(self._comm_stream)
+        compute.wait_event(ev)  # what wait_stream does, with the event kept for _comm_end
         return result, EventOverlap()
 
     def _check_nvl_size(self, hidden_bytes: int, config: Config, what: str,
@@ -415,8 +481,13 @@ class Buffer:
         host = self._layout_host
         if (host is not None and previous_event is None and not async_finish
                 and not allocate_on_comm_stream):  # a known shape, through C++
+            ordered = self._ordered  # stream order (see _sync_begin)
+            if ordered:
+                self._sync_begin()
             done = host(topk_idx, num_experts)
             if done is not None:
+                if ordered:
+                    self._sync_end()
                 return (*done, EventOverlap())
         key = ("layout", num_experts, checks.sig(topk_idx))
         first = key not in self._validated
@@ -481,11 +552,16 @@ class Buffer:
         if (host is not None and previous_event is None and not async_finish
                 and not allocate_on_comm_stream and expand is None
                 and (not is_pair or len(x) == 2)):  # a known shape, through C++
+            ordered = self._ordered  # stream order (see _sync_begin)
+            if ordered:
+                self._sync_begin()
             done = host.dispatch(x[0] if is_pair else x, x[1] if is_pair else None, handle,
                                  num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
                                  num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
                                  num_worst_tokens, config or self._default_config())
             if done is not None:
+                if ordered:
+                    self._sync_end()
                 return (*done, EventOverlap())
         key = ("dispatch", tuple(map(checks.sig, x)) if is_pair else checks.sig(x),
                None if handle is None else (type(handle), getattr(handle, "num_tokens", None),
@@ -620,8 +696,13 @@ class Buffer:
         host = self._normal_host
         if (host is not None and previous_event is None and not async_finish
                 and not allocate_on_comm_stream):  # a known plan, through C++
+            ordered = self._ordered  # stream order (see _sync_begin)
+            if ordered:
+                self._sync_begin()
             done = host.combine(x, handle, topk_weights, bias, config or self._default_config())
             if done is not None:
+                if ordered:
+                    self._sync_end()
                 return done[0], done[1], EventOverlap()
         key = ("combine", checks.sig(x), type(handle),
                getattr(handle, "num_recv_rows", None), getattr(handle, "num_tokens", None),

@@ -369,10 +369,17 @@ class ElasticBuffer:
             comm.wait_event(ev)
         else:
             comm.wait_stream(compute)
-        with torch.cuda.stream(comm):
-            result = fn()
-        done = torch.cuda.Event()
-        done.record(comm)
+        # The inner Buffer's calls run on the comm stream as synchronous calls: the Buffer's
+        # stream order (Buffer._comm_begin) keeps them after its last call on another stream,
+        # and a later synchronous call after them, as for its own async calls.
+        self.runtime._comm_begin(comm)
+        try:
+            with torch.cuda.stream(comm):
+                result = fn()
+        finally:
+            done = torch.cuda.Event()
+            done.record(comm)
+            self.runtime._comm_end(done)
         kept = tuple(_tensors(result))
         for t in kept:
             t.record_stream(compute)

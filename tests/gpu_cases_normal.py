@@ -584,6 +584,108 @@ def task_normal_back_to_back(ctx, backend: str, case: NCase, rounds: int = 200,
     return rounds
 
 
+def task_normal_interleaved_streams(ctx, backend: str, case: NCase, rounds: int = 3,
+                                    wait_s: float = 60.0):
+    """Two micro-batches A and B per round on one Buffer, their calls interleaved across the
+    compute and the comm stream (the stream order of ep_comm.buffer: two normal-mode kernels
+    of one rank must never run at once, they share the sequence word ctrl[0] and the rings):
+
+    1. layout and dispatch of A, synchronous (compute stream);
+    2. layout of B, then its dispatch with ``async_finish=True`` (comm stream);
+    3. the synchronous combine of A *before* B's event is waited on;
+    4. wait for B; a synchronous cached dispatch of A queued behind ~10 ms of GPU sleep, after
+       capturing an event;
+    5. the combine of B with ``async_finish`` and that earlier event as ``previous_event``
+       (which does not cover the cached dispatch: the comm stream must wait for it anyway);
+       then wait for it.
+
+    Dispatches (and the cached one) bit-exact against the reference Buffer, combines against
+    the expectation as in ``run_normal_case``; the GPU work must end within ``wait_s`` (an
+    AssertionError, not a hang). Dispatches use num_worst_tokens (no host wait), so the host
+    queues everything before the GPU ran it. Returns ``rounds``."""
+    import time
+    dev, r, me = ctx.device, ctx.world_size, ctx.rank
+    fails = Failures(me)
+    case = dataclasses.replace(case, fp8=False, worst=-1, bias=0)
+    buf = normal_buffer(ctx, backend, case.hidden)
+    ref = normal_buffer(ctx, "reference", case.hidden)
+    try:
+        for i in range(rounds):
+            ca = dataclasses.replace(case, seed=case.seed + 211 * i)
+            cb = dataclasses.replace(case, seed=case.seed + 211 * i + 1)
+            fails.where = f"round {i}: A {ca}, B {cb}"
+            inputs_a = [n_inputs(ca, s, r) for s in range(r)]
+            inputs_b = [n_inputs(cb, s, r) for s in range(r)]
+            x_a, idx_a, w_a = (t.to(dev) for t in inputs_a[me])
+            x_b, idx_b, w_b = (t.to(dev) for t in inputs_b[me])
+            x2_a = cached_x(ca, me, x_a.shape).to(dev)
+            worst_a, worst_b = worst_tokens(ca, r), worst_tokens(cb, r)
+
+            def back(res):  # expert rows and weights sent back (padding rows ignored)
+                return expert_rows(res[0].float(), me), res[2] * (me + 2)
+
+            # 1. A, synchronous
+            lay_a = buf.get_dispatch_layout(idx_a, ca.num_experts)
+            got_a = buf.dispatch(x_a, **layout_args(lay_a), topk_idx=idx_a, topk_weights=w_a,
+                                 num_worst_tokens=worst_a)
+            y_a, yw_a = back(got_a)
+            # 2. B on the comm stream
+            lay_b = buf.get_dispatch_layout(idx_b, cb.num_experts)
+            got_b = buf.dispatch(x_b, **layout_args(lay_b), topk_idx=idx_b, topk_weights=w_b,
+                                 num_worst_tokens=worst_b, async_finish=True)
+            # 3. A's combine, synchronous, before B's event was waited on
+            comb_a = buf.combine(y_a, got_a[4], topk_weights=yw_a)
+            # 4. wait for B; A's cached dispatch late on the compute stream
+            got_b[5].current_stream_wait()
+            y_b, yw_b = back(got_b)
+            before = buf.capture()
+            if is_cuda(ctx):
+                torch.cuda._sleep(20_000_000)
+            got_a2 = buf.dispatch(x2_a, handle=got_a[4])
+            # 5. B's combine on the comm stream after an event that predates the cached dispatch
+            comb_b = buf.combine(y_b, got_b[4], topk_weights=yw_b, previous_event=before,
+                                 async_finish=True)
+            comb_b[2].current_stream_wait()
+            if is_cuda(ctx):
+                done = torch.cuda.Event()
+                done.record()
+                deadline = time.monotonic() + wait_s
+                while not done.query():
+                    if time.monotonic() > deadline:
+                        raise AssertionError(f"rank {me}: round {i} of the interleaved calls "
+                                             f"did not finish on the GPU within {wait_s:g} s")
+                    time.sleep(0.01)
+            check_status(buf)
+
+            # the reference, after: its host syncs must not order the calls under test
+            for label, c, inputs, idx, w, x, got, worst in (
+                    ("A", ca, inputs_a, idx_a, w_a, x_a, got_a, worst_a),
+                    ("B", cb, inputs_b, idx_b, w_b, x_b, got_b, worst_b)):
+                rlay = ref.get_dispatch_layout(idx, c.num_experts)
+                rres = ref.dispatch(x, **layout_args(rlay), topk_idx=idx, topk_weights=w,
+                                    num_worst_tokens=worst)
+                n = rres[4].num_recv_tokens
+                compare_dispatch(fails, c, got, rres, n, f"dispatch {label}")
+                compare_with_expectation(fails, c, rres, expected_dispatch(c, me, inputs, r), n,
+                                         f"reference dispatch {label}")
+                if label == "A":
+                    ref2 = ref.dispatch(x2_a, handle=rres[4])
+                    fails.equal("cached dispatch A recv_x", got_a2[0][:n], ref2[0][:n])
+            for label, c, inputs, comb in (("A", ca, inputs_a, comb_a), ("B", cb, inputs_b, comb_b)):
+                exact, mag = expected_combine(c, me, inputs, r)
+                fails.close_sum(f"combine {label} combined_x", comb[0], exact, mag)
+                want_w = expected_combined_weights(c, me, inputs, r)
+                err = (comb[1].detach().cpu().double() - want_w).abs()
+                fails.check(f"combine {label} combined_topk_weights",
+                            bool((err <= want_w.abs() * 2.0 ** -21).all()),
+                            f"off by up to {err.max().item() if err.numel() else 0:.3g}")
+    finally:
+        buf.destroy()
+        ref.destroy()
+    fails.raise_if_any(f"normal-mode {backend}: calls interleaved across streams")
+    return rounds
+
+
 def task_normal_backward(ctx, backend: str, case: NCase):
     """One training step through ep_comm.autograd on both Buffers: y = combine(rows * (d + 1))
     of dispatch(x); loss = sum(y * gy) + sum(recv_w * (d + 1)). The closed form:

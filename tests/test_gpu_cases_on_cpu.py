@@ -41,6 +41,13 @@ def test_normal_back_to_back_task_on_the_reference(cpu_ranks):
     assert cpu_ranks(2).run(normal.task_normal_back_to_back, "reference", case, 5) == [5, 5]
 
 
+def test_normal_interleaved_streams_task_on_the_reference(cpu_ranks):
+    """The interleaved-streams task (the stream order's GPU test) on CPU ranks: its calls, its
+    comparisons and its return value."""
+    case = NCase(seed=3950, hidden=128, num_topk=3, num_experts=8, num_tokens=12, ragged=3)
+    assert cpu_ranks(2).run(normal.task_normal_interleaved_streams, "reference", case, 2) == [2, 2]
+
+
 def test_normal_through_cpp_task_on_the_reference(cpu_ranks):
     # the GPU test's task: rounds of one shape, checked; the reference has no C++ host path
     cases = [NCase(seed=BASE + 40, hidden=256, fp8=True, worst=-1),

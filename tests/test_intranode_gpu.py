@@ -112,6 +112,18 @@ def test_back_to_back_rounds_with_mostly_empty_rings_finish_and_match(gpu_ranks)
     assert gpu_ranks(2).run(normal.task_normal_back_to_back, BACKEND, case) == [200, 200]
 
 
+def test_async_and_synchronous_calls_interleaved_across_streams_stay_ordered(gpu_ranks):
+    """2 ranks, one Buffer, two micro-batches: async dispatch of B (comm stream), then the
+    synchronous combine of an earlier dispatch A before B's event is waited on, then the wait
+    and the combine of B (async, with a previous_event that predates a delayed synchronous
+    cached dispatch of A): the Buffer keeps its kernels in call order across the two streams
+    (gpu_cases_normal.task_normal_interleaved_streams); every result exact against the
+    reference, the GPU work bounded."""
+    case = NCase(seed=_seed(3950), hidden=1024, num_topk=4, num_experts=16, num_tokens=96,
+                 ragged=5)
+    assert gpu_ranks(2).run(normal.task_normal_interleaved_streams, BACKEND, case) == [3, 3]
+
+
 @pytest.mark.parametrize("world", FULL)
 @pytest.mark.parametrize("fp8,hidden", [(False, 7168), (True, 4096)])
 def test_cuda_graph_with_num_worst_tokens_replays_changing_data(gpu_ranks, world, fp8, hidden):

@@ -325,6 +325,57 @@ def test_status_word_raises_at_the_next_call_until_cleaned(runtime):
     _dispatch(runtime)
 
 
+def test_clean_stops_every_rank_before_zeroing_then_meets_them_again(runtime, monkeypatch):
+    """clean_low_latency_buffer: synchronise, barrier, zero, synchronise, barrier. A peer's
+    send phases still queued (after a timeout here) write into this rank's buffer until that
+    peer has synchronised, i.e. until the first barrier: zeroing before it kept stale words."""
+    m, h, e = runtime.sizes
+    ops = []
+    signals = runtime.regions(m, h, e).signals_end
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda dev=None: ops.append("sync"))
+
+    def barrier(phase):
+        ops.append(("barrier", int(runtime.sym.tensor[:signals].count_nonzero())))
+        if ops.count("sync") == 1:  # the clean's first barrier
+            # the peer's late sends land while it has not yet reached this barrier
+            runtime.sym.tensor[:8] = 7
+        runtime.comm.barriers.append(phase)
+    monkeypatch.setattr(runtime.comm, "barrier", barrier)
+    runtime._status.words[:3] = [1, 1, 0]
+    runtime.clean_low_latency_buffer(m, h, e)
+    assert [op if op == "sync" else op[0] for op in ops] == ["sync", "barrier", "sync", "barrier"]
+    assert ops[3] == ("barrier", 0)  # zeroed between the two barriers
+    assert int(runtime.sym.tensor[:signals].count_nonzero()) == 0
+    assert runtime.comm.barriers[-2:] == ["low_latency/clean/stopped", "low_latency/clean"]
+    assert not any(runtime._status.read())
+
+
+def test_a_pooled_symmetric_buffer_is_zeroed_after_every_rank_stopped(monkeypatch):
+    """nvshmem.acquire reusing a pooled buffer: synchronise, barrier, then zero (a peer's
+    kernels of the buffer's last owner may still write into it until then); a fresh
+    allocation needs no barrier."""
+    ops = []
+    tensor = torch.full((nr.ALLOC_ALIGN,), 5, dtype=torch.uint8)
+    pooled = nr.SymmetricBuffer(tensor, nr.ALLOC_ALIGN, _released=True)
+
+    class Comm:
+        num_ranks, rank = 2, 0
+
+        def barrier(self, phase):
+            ops.append(("barrier", phase, int(tensor.count_nonzero())))
+            tensor[:4] = 9  # a peer's late write, before it reached the barrier
+
+    state = nr._State(initialized=True, world=(0, 1), device=0, pool=[pooled])
+    monkeypatch.setattr(nr, "_STATE", state)
+    monkeypatch.setattr(nr, "_world_of", lambda comm: (0, 1))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda dev=None: ops.append(("sync",)))
+    got = nr.acquire(Comm(), 100)
+    assert got is pooled and not got._released and state.pool == []
+    assert ops == [("sync",), ("barrier", "nvshmem/reuse", nr.ALLOC_ALIGN)]
+    assert int(tensor.count_nonzero()) == 0
+
+
 def test_destroy_returns_the_buffer_once(runtime):
     released = []
     runtime.sym.release = lambda: released.append(1)

@@ -217,8 +217,9 @@ def acquire(comm, nbytes: int) -> SymmetricBuffer:
     """A symmetric buffer of at least ``nbytes``, zero-filled, on every rank of ``comm``.
 
     Collective: every rank of ``comm`` calls it with the same ``nbytes``, in the same order.
-    Initialises NVSHMEM on the first call. The caller zeroes what must be zero and
-    synchronises the ranks before peers may write into the buffer.
+    Initialises NVSHMEM on the first call. A pooled buffer is zeroed after a barrier
+    (``_zero_reused``). The caller zeroes what must be zero and synchronises the ranks before
+    peers may write into the buffer.
 
     Raises:
         BackendUnavailableError: NVSHMEM cannot start, or it already runs on another group.
@@ -241,7 +242,7 @@ def acquire(comm, nbytes: int) -> SymmetricBuffer:
         if i is not None:
             buf = _STATE.pool.pop(i)
             buf._released = False
-            buf.tensor.zero_()
+            _zero_reused(comm, buf)
             return buf
         nvshmem = _nvshmem()
         try:
@@ -256,6 +257,20 @@ def acquire(comm, nbytes: int) -> SymmetricBuffer:
         tensor.zero_()
         _STATE.allocated_bytes += need
         return SymmetricBuffer(tensor, need)
+
+
+def _zero_reused(comm, buf: SymmetricBuffer) -> None:
+    """Zero a pooled buffer only once no rank can still write into it: its last owner's
+    kernels on a peer (a send phase still queued there after a timeout here, or a peer slower
+    to destroy its Buffer) write into this rank's copy until that peer's device is idle. So:
+    every rank synchronises its device, a barrier (bounded, ``Comm.barrier``), then the zero.
+    Every rank takes this branch for the same call (pool decisions follow the same history of
+    sizes everywhere). The caller synchronises and meets the ranks again before peers may
+    write into the new buffer (the runtimes' init barriers)."""
+    import torch
+    torch.cuda.synchronize()
+    comm.barrier("nvshmem/reuse")
+    buf.tensor.zero_()
 
 
 def bind_module(module) -> None:

@@ -388,9 +388,16 @@ class LowLatencyRuntime:
     # ------------------------------------------------------------------ maintenance
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int,
                                  num_experts: int) -> None:
-        """Zero every signal word and the status, then synchronise the ranks (collective)."""
+        """Zero every signal word and the status, then synchronise the ranks (collective).
+
+        Order: every rank stops (its device synchronised: its queued sends, which write into
+        the peers' buffers, have completed; bounded, the kernels give up at their timeout),
+        then a barrier, so no peer's send can land after the zeroing (after a timeout on this
+        rank, a peer's send phases may still be queued); then zero, synchronise, and a second
+        barrier, so no rank sends into a buffer before its owner zeroed it."""
         reg = self.regions(num_max_dispatch_tokens_per_rank, hidden, num_experts)
         torch.cuda.synchronize(self.device)
+        self.comm.barrier("low_latency/clean/stopped")
         self.sym.tensor[:reg.signals_end].zero_()
         self._status.clear()
         self._next_half = 0
