@@ -63,3 +63,16 @@ def test_dispatch_chunks_cover_the_capacity(tokens):
         slots = reg.chunk_slots(rdma_chunk)
         assert (reg.cap - 1) // slots < INTER_DISPATCH_CHUNKS and slots >= rdma_chunk
     assert reg.regions["dispatch_arrive"].nbytes >= 2 * reg.num_nodes * INTER_DISPATCH_CHUNKS * 8
+
+
+@pytest.mark.parametrize("ranks,rpn", [(4, 2), (16, 8)])
+def test_combine_src_halves_alternate_and_fit(ranks, rpn):
+    """Two combines in a row stage their inputs in different halves of combine_src (a same-node
+    peer may still read the previous one), both inside the region and the buffer."""
+    reg = InternodeRegions(7168, ranks, rpn, 64 << 20)
+    region = reg.regions["combine_src"]
+    half = reg.rows_cap * reg.row_c
+    a, b = reg.combine_src_offset(0), reg.combine_src_offset(1)
+    assert a == region.offset and b == a + half and reg.combine_src_offset(2) == a
+    assert region.nbytes >= 2 * half and b + half <= region.offset + region.nbytes
+    assert region.offset + region.nbytes <= reg.total_bytes <= 64 << 20

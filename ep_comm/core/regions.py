@@ -160,8 +160,13 @@ class InternodeRegions(Carver):
       in combine, the partial rows this rank sends back (staged for the put).
     * ``dispatch_stage``: [N, cap] slots: tokens staged for the put to node m; in combine, the
       partial rows that node m's proxy sends back for this rank's tokens.
-    * ``combine_src``: [rows_cap] rows of ``row_c`` bytes: this rank's combine input (bf16 row,
-      then MAX_TOPK float32 weights) where the proxies of its node read it over NVLink.
+    * ``combine_src``: [2, rows_cap] rows of ``row_c`` bytes: this rank's combine input (bf16
+      row, then MAX_TOPK float32 weights) where the proxies of its node read it over NVLink.
+      Two halves, taken by turns (``combine_src_offset``, by the parity of the Buffer's
+      combine count, equal on every rank): the host stages a combine's input before its kernel
+      starts, and a same-node peer may still read the previous combine's input (no kernel
+      between two combines proves that it has finished; one between them does, by its
+      barrier, so the half of the combine before last is always free).
       ``rows_cap = min(R, INTER_ROWS_PER_TOKEN) * cap`` (a rank receives at most R rows per
       token slot of the others; top-k routing gives at most K on average).
 
@@ -194,7 +199,12 @@ class InternodeRegions(Carver):
         self.rows_cap = self.rows_per_token * self.cap
         self.claim("dispatch_recv", n * self.cap * self.slot_bytes)
         self.claim("dispatch_stage", n * self.cap * self.slot_bytes)
-        self.claim("combine_src", self.rows_cap * self.row_c)
+        self.claim("combine_src", 2 * self.rows_cap * self.row_c)
+
+    def combine_src_offset(self, parity: int) -> int:
+        """Byte offset of the ``combine_src`` half a combine of this ``parity`` (0 or 1: its
+        number among the Buffer's combines, mod 2) stages its input in."""
+        return self.regions["combine_src"].offset + (parity & 1) * self.rows_cap * self.row_c
 
     def chunk_slots(self, rdma_chunk: int) -> int:
         """Slots per arrival chunk: at least ``rdma_chunk`` (``Config.rdma_chunk``), and few
@@ -203,8 +213,9 @@ class InternodeRegions(Carver):
         return max(rdma_chunk, -(-self.cap // INTER_DISPATCH_CHUNKS))
 
     def bytes_per_token(self) -> int:
-        """Buffer bytes per token of capacity (two slots per node, the combine rows)."""
-        return 2 * self.num_nodes * self.slot_bytes + self.rows_per_token * self.row_c
+        """Buffer bytes per token of capacity (two slots per node, the combine rows of both
+        ``combine_src`` halves)."""
+        return 2 * self.num_nodes * self.slot_bytes + 2 * self.rows_per_token * self.row_c
 
     def bytes_for(self, num_tokens: int) -> int:
         """``num_rdma_bytes`` that gives a capacity of ``num_tokens`` tokens per rank."""

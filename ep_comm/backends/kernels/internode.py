@@ -93,6 +93,7 @@ class InternodeRuntime:
         from ep_comm.runtime import ipc
         from ep_comm.runtime import nvshmem
         self.comm = comm
+        self._combines = 0  # combines launched: their parity picks the combine_src half
         self.rank, self.num_ranks = comm.rank, comm.num_ranks
         self.ranks_per_node, self.num_nodes = comm.ranks_per_node, comm.num_nodes
         self.node, self.local_rank = comm.node, comm.local_rank
@@ -177,14 +178,16 @@ class InternodeRuntime:
     def regions(self, hidden: int) -> InternodeRegions:
         return InternodeRegions(hidden, self.num_ranks, self.ranks_per_node, self.sym.nbytes)
 
-    def _region_values(self, reg: InternodeRegions, config) -> dict:
-        """The EP_INTER_REGION_PARAMS arguments (args.INTER_REGIONS) of every kernel."""
+    def _region_values(self, reg: InternodeRegions, config, off_csrc: int | None = None) -> dict:
+        """The EP_INTER_REGION_PARAMS arguments (args.INTER_REGIONS) of every kernel;
+        ``off_csrc``: the combine's half of combine_src (the first half otherwise)."""
         r = reg.regions
         return dict(base=self.base, off_ctrl=r["ctrl"].offset, off_bar=r["barrier"].offset,
                     off_nflag=r["notify_flag"].offset, off_counts=r["counts"].offset,
                     off_darr=r["dispatch_arrive"].offset, off_carr=r["combine_arrive"].offset,
                     off_dwork=r["dispatch_work"].offset, off_drecv=r["dispatch_recv"].offset,
-                    off_dstage=r["dispatch_stage"].offset, off_csrc=r["combine_src"].offset,
+                    off_dstage=r["dispatch_stage"].offset,
+                    off_csrc=r["combine_src"].offset if off_csrc is None else off_csrc,
                     slot_bytes=reg.slot_bytes, row_c=reg.row_c, cap=reg.cap,
                     chunks=INTER_DISPATCH_CHUNKS, chunk_slots=reg.chunk_slots(config.rdma_chunk))
 
@@ -372,8 +375,12 @@ class InternodeRuntime:
                                       self.sym.nbytes, f"staging {rows} combine rows")
         grid = self._grid(config)
         t = handle.num_tokens
-        # Stage the input where the proxies of this node read it (row: bf16 x, then weights).
-        src = self.sym.tensor[reg["combine_src"].offset:][:rows * reg.row_c].view(rows, reg.row_c)
+        # Stage the input where the proxies of this node read it (row: bf16 x, then weights), in
+        # the half of combine_src the previous combine did not use: a same-node peer may still
+        # be reading that one (regions.InternodeRegions, combine_src).
+        off_csrc = reg.combine_src_offset(self._combines)
+        self._combines += 1
+        src = self.sym.tensor[off_csrc:][:rows * reg.row_c].view(rows, reg.row_c)
         if rows:
             src[:, :hidden * 2].copy_(x.contiguous().view(torch.uint8).view(rows, hidden * 2))
             if topk_weights is not None:
@@ -382,7 +389,7 @@ class InternodeRuntime:
         out, out_w, bias0, bias1 = combine_outputs(t, x, topk_weights, biases)
         offs = reg.slot_offsets(2, num_topk)
         self._launch("inter_combine", grid, args.INTER_COMBINE, dict(
-            self._region_values(reg, config), rank=me, R=r, P=self.ranks_per_node,
+            self._region_values(reg, config, off_csrc=off_csrc), rank=me, R=r, P=self.ranks_per_node,
             N=self.num_nodes, T=t, row_int4=hidden * 2 // 16, K=num_topk,
             has_w=int(topk_weights is not None), proxy_rows=_ptr(state.proxy_rows),
             node_counts=_ptr(state.node_counts), node_pos=_ptr(state.node_pos),
