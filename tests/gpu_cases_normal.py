@@ -686,6 +686,39 @@ def task_normal_interleaved_streams(ctx, backend: str, case: NCase, rounds: int 
     return rounds
 
 
+def task_normal_two_batches(ctx, backend: str, case: NCase, rounds: int = 3):
+    """Micro-batch overlap order, synchronous calls: dispatch A, dispatch B, combine A, combine B
+    (two combines with no dispatch between), ``rounds`` times with new data and routing, each
+    combine exact against a reference Buffer running the same sequence. Across nodes the second
+    combine stages its input while a same-node peer may still read the first one's
+    (regions.InternodeRegions, combine_src halves)."""
+    dev, r, me = ctx.device, ctx.world_size, ctx.rank
+    buf = normal_buffer(ctx, backend, case.hidden)
+    ref = normal_buffer(ctx, "reference", case.hidden)
+    fails = Failures(ctx.rank)
+    try:
+        for i in range(rounds):
+            batches = [tuple(t.to(dev) for t in n_inputs(case, me, r, step=2 * i + j))
+                       for j in range(2)]
+            got, want = [], []
+            for b, out in ((buf, got), (ref, want)):
+                res = []
+                for x, idx, w in batches:
+                    lay = b.get_dispatch_layout(idx, case.num_experts)
+                    res.append(b.dispatch(x, **layout_args(lay), topk_idx=idx, topk_weights=w))
+                for recv in res:
+                    out.append(b.combine(expert_rows(recv[0].float(), me), recv[4])[0])
+            sync(ctx)
+            check_status(buf)
+            for j, (g, w) in enumerate(zip(got, want)):
+                fails.equal(f"round {i} combine of batch {'AB'[j]}", g.cpu(), w.cpu())
+    finally:
+        buf.destroy()
+        ref.destroy()
+    fails.raise_if_any(f"normal-mode {backend}: two dispatches then two combines")
+    return rounds
+
+
 def task_normal_backward(ctx, backend: str, case: NCase):
     """One training step through ep_comm.autograd on both Buffers: y = combine(rows * (d + 1))
     of dispatch(x); loss = sum(y * gy) + sum(recv_w * (d + 1)). The closed form:

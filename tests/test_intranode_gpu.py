@@ -103,6 +103,15 @@ def test_other_sm_budgets(gpu_ranks, world, num_sms):
     gpu_ranks(world).run(normal.task_normal_sweep, BACKEND, cases, None, "sync", num_sms)
 
 
+@pytest.mark.parametrize("world", FULL)
+def test_two_dispatches_then_two_combines(gpu_ranks, world):
+    """Micro-batch overlap order (dispatch A, dispatch B, combine A, combine B), synchronous,
+    each combine exact against the reference (gpu_cases_normal.task_normal_two_batches)."""
+    case = NCase(seed=_seed(12600 + world), hidden=2048, num_topk=8, num_experts=64,
+                 num_tokens=96)
+    assert gpu_ranks(world).run(normal.task_normal_two_batches, BACKEND, case) == [3] * world
+
+
 def test_back_to_back_rounds_with_mostly_empty_rings_finish_and_match(gpu_ranks):
     """200 rounds of layout, dispatch and combine queued without a host sync, 24 channels for a
     handful of tokens (most rings empty), 2 ranks: the NVLink handshake race behind the
