@@ -393,6 +393,18 @@ class Buffer:
         ev.record(torch.cuda.current_stream(self.device))
         self._sync_done = ev
 
+    def _through_cpp(self, fn, *args):
+        """``fn(*args)``, a synchronous call of a C++ host path, in stream order (ordered mode:
+        see ``_sync_begin``): its result, or None where it declined (the Python path then runs
+        the call, with its own ordering)."""
+        if not self._ordered:
+            return fn(*args)
+        self._sync_begin()
+        done = fn(*args)
+        if done is not None:
+            self._sync_end()
+        return done
+
     def _comm_begin(self, stream) -> None:
         """Before a comm-stream call's kernels (after its wait for previous_event or the
         current stream): ordered mode on; ``stream`` also waits for the last synchronous call,
@@ -481,13 +493,8 @@ class Buffer:
         host = self._layout_host
         if (host is not None and previous_event is None and not async_finish
                 and not allocate_on_comm_stream):  # a known shape, through C++
-            ordered = self._ordered  # stream order (see _sync_begin)
-            if ordered:
-                self._sync_begin()
-            done = host(topk_idx, num_experts)
+            done = self._through_cpp(host, topk_idx, num_experts)
             if done is not None:
-                if ordered:
-                    self._sync_end()
                 return (*done, EventOverlap())
         key = ("layout", num_experts, checks.sig(topk_idx))
         first = key not in self._validated
@@ -552,16 +559,12 @@ class Buffer:
         if (host is not None and previous_event is None and not async_finish
                 and not allocate_on_comm_stream and expand is None
                 and (not is_pair or len(x) == 2)):  # a known shape, through C++
-            ordered = self._ordered  # stream order (see _sync_begin)
-            if ordered:
-                self._sync_begin()
-            done = host.dispatch(x[0] if is_pair else x, x[1] if is_pair else None, handle,
-                                 num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
-                                 num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
-                                 num_worst_tokens, config or self._default_config())
+            done = self._through_cpp(
+                host.dispatch, x[0] if is_pair else x, x[1] if is_pair else None, handle,
+                num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+                num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
+                num_worst_tokens, config or self._default_config())
             if done is not None:
-                if ordered:
-                    self._sync_end()
                 return (*done, EventOverlap())
         key = ("dispatch", tuple(map(checks.sig, x)) if is_pair else checks.sig(x),
                None if handle is None else (type(handle), getattr(handle, "num_tokens", None),
@@ -696,13 +699,9 @@ class Buffer:
         host = self._normal_host
         if (host is not None and previous_event is None and not async_finish
                 and not allocate_on_comm_stream):  # a known plan, through C++
-            ordered = self._ordered  # stream order (see _sync_begin)
-            if ordered:
-                self._sync_begin()
-            done = host.combine(x, handle, topk_weights, bias, config or self._default_config())
+            done = self._through_cpp(host.combine, x, handle, topk_weights, bias,
+                                     config or self._default_config())
             if done is not None:
-                if ordered:
-                    self._sync_end()
                 return done[0], done[1], EventOverlap()
         key = ("combine", checks.sig(x), type(handle),
                getattr(handle, "num_recv_rows", None), getattr(handle, "num_tokens", None),

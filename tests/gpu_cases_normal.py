@@ -12,7 +12,8 @@ import torch
 
 import oracle
 from cases import add_duplicates_and_holes
-from gpu_common import Failures, NAN, check_status, is_cuda, llc_dequant, normal_buffer, sync
+from gpu_common import (Failures, NAN, check_status, is_cuda, llc_dequant, normal_buffer, sync,
+                        wait_events)
 
 
 # ================================================================== normal-mode inputs
@@ -537,8 +538,6 @@ def task_normal_back_to_back(ctx, backend: str, case: NCase, rounds: int = 200,
     transformers GPU stall of 2026-12-07). Every round's combine must equal the reference
     Buffer's, and the GPU work must end within ``wait_s`` (an AssertionError naming the rounds
     that finished, not a hang)."""
-    import time
-
     import ep_comm
     old_sms = ep_comm.Buffer.num_sms
     ep_comm.Buffer.set_num_sms(num_sms)
@@ -566,13 +565,7 @@ def task_normal_back_to_back(ctx, backend: str, case: NCase, rounds: int = 200,
             if dev.type == "cuda":
                 events.append(torch.cuda.Event())
                 events[-1].record()
-        deadline = time.monotonic() + wait_s
-        while events and not events[-1].query():
-            if time.monotonic() > deadline:
-                done = sum(ev.query() for ev in events)
-                raise AssertionError(f"rank {me}: {done} of {rounds} back-to-back rounds "
-                                     f"finished on the GPU after {wait_s:g} s")
-            time.sleep(0.01)
+        wait_events(events, wait_s, f"rank {me}: back-to-back rounds")
         check_status(buf)
         bad = [i for i, o in enumerate(outs) if not torch.equal(o.cpu(), want.cpu())]
         assert not bad, (f"rank {me}: {len(bad)} of {rounds} rounds differ from the reference "

@@ -67,6 +67,21 @@ def case_seed(offset: int) -> int:
 
 
 # ================================================================== failure collection
+def wait_events(events: list, wait_s: float, label: str) -> None:
+    """Wait (polling, no device sync) until the last of ``events`` (CUDA events recorded in
+    order on one stream) has completed; after ``wait_s`` seconds an AssertionError says how many
+    did ("<label>: 3 of 4 finished on the GPU after 60 s") instead of a hang at the first read
+    of a result. No events (CPU): returns at once."""
+    import time
+    deadline = time.monotonic() + wait_s
+    while events and not events[-1].query():
+        if time.monotonic() > deadline:
+            done = sum(ev.query() for ev in events)
+            raise AssertionError(f"{label}: {done} of {len(events)} finished on the GPU after "
+                                 f"{wait_s:g} s")
+        time.sleep(0.01)
+
+
 class Failures:
     """Collects failed checks with their context (case, seed, rank, field, size of the error)."""
 

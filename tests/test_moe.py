@@ -24,6 +24,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from gpu_common import wait_events  # noqa: E402
 from multiproc import RankPool  # noqa: E402
 
 from ep_comm import moe  # noqa: E402
@@ -127,7 +128,6 @@ def task_moe_layers_back_to_back(ctx, case: MoECase, layers: int, wait_s: float 
     MoE blocks); then each layer's output against the dense reference of its input. The GPU
     work must finish within ``wait_s``: else an AssertionError names the layers that finished
     on this rank (instead of the rank hanging at its first read of a result)."""
-    import time
     torch.manual_seed(case.seed)
     dev = ctx.device
     w13, w2 = make_weights(case, dev)
@@ -144,13 +144,7 @@ def task_moe_layers_back_to_back(ctx, case: MoECase, layers: int, wait_s: float 
                 events.append(torch.cuda.Event())
                 events[-1].record()
             x = (x.float() / x.float().abs().amax().clamp(min=1e-3)).to(torch.bfloat16)
-        deadline = time.monotonic() + wait_s
-        while events and not events[-1].query():
-            if time.monotonic() > deadline:
-                done = sum(ev.query() for ev in events)
-                raise AssertionError(f"rank {ctx.rank}: {done} of {layers} layers finished on "
-                                     f"the GPU after {wait_s:g} s")
-            time.sleep(0.01)
+        wait_events(events, wait_s, f"rank {ctx.rank}: layers")
     finally:
         buf.destroy()
     for i, (inp, out) in enumerate(zip(inputs, outputs)):
