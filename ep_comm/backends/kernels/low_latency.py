@@ -22,7 +22,10 @@ chain of waits between them: rank p's next send on ``b`` comes after p received 
 between (on the other half), which this rank sent only after its own receive on ``b`` (stream
 order). The chain holds as long as every rank receives (calls the hook of) a dispatch or
 combine before it sends the call after next; that is the "at most two results alive" rule of
-the API. ``clean_low_latency_buffer`` zeroes every word (after normal-mode use, or after a
+the API. It does not hold for every order that rule allows (a review, 2026-12-07): with receive
+hooks, ranks that run D0 send, D1 send, D0 receive, D2 send give p's D2 send no chain to q's
+D0 receive, so D2 can land in half 0 before q has read and reset it (docs/faults.md, "Open
+races found by review"). ``clean_low_latency_buffer`` zeroes every word (after normal-mode use, or after a
 timeout) and synchronises the ranks.
 
 Bounded waits
