@@ -216,3 +216,30 @@ def test_status_words_hold_every_local_expert_count():
     assert c.NVL_INFO_NUM_RECV < c.NVL_INFO_EXPERT_COUNTS
     assert c.NVL_STATUS_WORDS >= c.NVL_INFO_EXPERT_COUNTS + NVL_MAX_LOCAL_EXPERTS
     assert int(_header_constant("kMaxLocalExperts")) == NVL_MAX_LOCAL_EXPERTS
+
+
+@pytest.mark.parametrize("num_ranks", [3, 4, 8])
+def test_a_sources_rings_stay_in_its_part_whatever_the_layout(num_ranks):
+    """Every call of one Buffer puts source s's rings in the same part of the ring area
+    (s * ring_stride, the stride fixed by the Buffer's bytes), whatever its channels, ring
+    slots and row size: a sender's first window, written before it hears from the receiver,
+    never lands on another sender's ring of another layout that a slow receiver still reads."""
+    layouts = [(default_config(num_ranks), 7168),
+               (Config(num_sms=48, nvl_chunk=6, nvl_buffer=256), 2048),
+               (Config(num_sms=2, nvl_chunk=4, nvl_buffer=64), 1000),
+               (default_config(num_ranks), 64)]
+    nvl = max(IntranodeRegions(c, h * 2, num_ranks).total_bytes for c, h in layouts)
+    regs = [IntranodeRegions(c, h * 2, num_ranks, nvl) for c, h in layouts]
+    stride = regs[0].ring_stride
+    for reg, (cfg, _) in zip(regs, layouts):
+        assert reg.ring_stride == stride and reg["ring"].offset == regs[0]["ring"].offset
+        assert reg.total_bytes <= nvl  # every layout fits the Buffer sized for the largest
+        used = cfg.num_channels * cfg.nvl_buffer * reg.slot_bytes
+        assert used <= stride  # source s's rings lie in [s * stride, s * stride + used)
+    # a buffer of exactly the size hint of one layout fits that layout
+    for cfg, h in layouts:
+        hint = IntranodeRegions(cfg, h * 2, num_ranks).total_bytes
+        assert IntranodeRegions(cfg, h * 2, num_ranks, hint).total_bytes <= hint
+    # too small: the call's total is above the buffer's bytes (refused by the runtime)
+    small = IntranodeRegions(layouts[0][0], 7168 * 2, num_ranks, regs[0]["ring"].offset + 1024)
+    assert small.total_bytes > regs[0]["ring"].offset + 1024

@@ -85,9 +85,13 @@ class IntranodeRegions(Carver):
       that disagree on the layout never take each other's words.
     * ``head``: uint64 [NVL_MAX_CHANNELS, NVL_MAX_RANKS]: ``[c, d]`` written by rank d: slots
       rank d consumed from this rank's ring (c, this rank) in d's buffer, ``tag << 32 | count``.
-    * ``ring``: [C, R, S] slots of ``slot_bytes``: ring (c, s) holds tokens (dispatch) or rows
-      (combine) that rank s sends here through channel c. C = ``config.num_channels``,
-      S = ``config.nvl_buffer``. Last, because its size depends on the call.
+    * ``ring``: [R] parts of ``ring_stride`` bytes, part s holding [C, S] slots of
+      ``slot_bytes``: ring (c, s) holds tokens (dispatch) or rows (combine) that rank s sends
+      here through channel c. C = ``config.num_channels``, S = ``config.nvl_buffer``. Last,
+      because its size depends on the call. ``ring_stride`` is fixed for a Buffer (its
+      ``num_nvl_bytes`` shared by the R parts), whatever the call's C, S and row size: a
+      sender writes its first window before hearing from the receiver, which is safe only
+      where nothing but its own drained rings can lie (kernels/cuda/intranode.cu, ring_of).
 
     A slot: a 16-byte header (int32 destination row, int32 source token index), the payload
     (``row_bytes``: hidden * 2 for bf16, hidden for fp8), the fp8 scales (float32 [hidden/128]),
@@ -96,9 +100,12 @@ class IntranodeRegions(Carver):
     expert k, in token order; sent only by an expanding dispatch); see ``slot_offsets``.
     """
 
-    def __init__(self, config, hidden_bytes: int, num_ranks: int):
+    def __init__(self, config, hidden_bytes: int, num_ranks: int,
+                 nvl_bytes: int | None = None):
         # config: an ep_comm.Config (only num_channels and nvl_buffer are read; not imported
-        # here, so that the public Config can build regions without an import circle)
+        # here, so that the public Config can build regions without an import circle).
+        # nvl_bytes: the Buffer's NVLink bytes, which fix ring_stride; None (the size hint):
+        # the parts are as large as this call needs.
         super().__init__()
         c, r, s = config.num_channels, num_ranks, config.nvl_buffer
         self.num_channels, self.num_ranks, self.num_slots = c, r, s
@@ -109,7 +116,15 @@ class IntranodeRegions(Carver):
         self.claim("notify_counts", NVL_MAX_RANKS * NVL_NOTIFY_ROW * 4)
         self.claim("tail", NVL_MAX_CHANNELS * NVL_MAX_RANKS * 8)
         self.claim("head", NVL_MAX_CHANNELS * NVL_MAX_RANKS * 8)
-        self.claim("ring", c * r * s * self.slot_bytes)
+        need = c * s * self.slot_bytes
+        self.ring_stride = need
+        if nvl_bytes is not None and r > 0:
+            # the part each source gets of the buffer's ring area, in 16-byte units as the
+            # slots (so a buffer of the size hint gives every part at least `need`); below
+            # need, total_bytes is above nvl_bytes and the call is refused
+            # (BufferTooSmallError), as before
+            self.ring_stride = max(need, (nvl_bytes - self.total_bytes) // r // 16 * 16)
+        self.claim("ring", r * self.ring_stride)
 
     def slot_offsets(self) -> dict[str, int]:
         """Byte offsets inside a slot: header, payload, scales, topk_idx, topk_weights, topk_pos.

@@ -40,9 +40,16 @@ using namespace ep_nvl;
 namespace {
 
 // The ring of channel c from source s inside the buffer at `base`.
-__device__ __forceinline__ char* ring_of(char* base, long long off_ring, int c, int s, int R,
-                                         int S, long long slot_bytes) {
-    return base + off_ring + (static_cast<long long>(c) * R + s) * S * slot_bytes;
+// Ring (c, s) of a buffer: source s's part of the ring area starts at s * ring_stride, a
+// stride fixed for the Buffer (ep_comm.core.regions.IntranodeRegions), whatever the call's
+// channels, slots and row size. A sender's first window is written before it hears from the
+// receiver in that kernel; that is safe only where it writes nothing but its own rings, which
+// its previous kernel drained. With one packed [C, R, S] area a call of another layout (another
+// Config or hidden) could place it over another sender's ring that a slow receiver still
+// reads (3 or more ranks).
+__device__ __forceinline__ char* ring_of(char* base, long long off_ring, long long ring_stride,
+                                         int c, int s, int S, long long slot_bytes) {
+    return base + off_ring + s * ring_stride + static_cast<long long>(c) * S * slot_bytes;
 }
 
 __device__ __forceinline__ uint64_t* word_of(char* base, long long off, int c, int r) {
@@ -91,7 +98,7 @@ __device__ void wait_for_drain(const uint64_t* head_word, uint32_t tag, uint32_t
 struct DispatchArgs {
     char* const* peers;
     int rank, R, C, S, window;
-    long long off_ctrl, off_tail, off_head, off_ring, slot_bytes;
+    long long off_ctrl, off_tail, off_head, off_ring, ring_stride, slot_bytes;
     int off_payload, off_scales, off_idx, off_w, off_pos;
     const int4* x;
     int row_int4;
@@ -370,7 +377,7 @@ __device__ void dispatch_send(const DispatchArgs& a, int c, uint32_t tag, uint32
 
     const bool remote = d != a.rank;
     char* me = a.peers[a.rank];
-    char* ring = remote ? ring_of(a.peers[d], a.off_ring, c, a.rank, a.R, a.S, a.slot_bytes)
+    char* ring = remote ? ring_of(a.peers[d], a.off_ring, a.ring_stride, c, a.rank, a.S, a.slot_bytes)
                         : nullptr;
     uint64_t* tail_word = remote ? word_of(a.peers[d], a.off_tail, c, a.rank) : nullptr;
     const uint64_t* head_word = word_of(me, a.off_head, c, d);
@@ -495,7 +502,7 @@ __device__ void dispatch_recv(const DispatchArgs& a, int c, uint32_t tag, uint32
     const int wig = warp % wpg, gthreads = wpg * 32, gtid = threadIdx.x - g * gthreads;
     const int bar_id = 1 + g;
     char* me = a.peers[a.rank];
-    const char* ring = ring_of(me, a.off_ring, c, s, a.R, a.S, a.slot_bytes);
+    const char* ring = ring_of(me, a.off_ring, a.ring_stride, c, s, a.S, a.slot_bytes);
     const uint64_t* tail_word = word_of(me, a.off_tail, c, s);
     uint64_t* head_word = word_of(a.peers[s], a.off_head, c, a.rank);
     uint32_t head = 0;
@@ -779,8 +786,8 @@ nvl_notify(char* const* __restrict__ peers, int rank, int R, int T, int L, int n
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
 nvl_dispatch(char* const* __restrict__ peers, int rank, int R, int C, int S, int window,
              long long off_ctrl, long long off_tail, long long off_head, long long off_ring,
-             long long slot_bytes, int off_payload, int off_scales, int off_idx, int off_w,
-             int off_pos,
+             long long ring_stride, long long slot_bytes, int off_payload, int off_scales,
+             int off_idx, int off_w, int off_pos,
              const int4* __restrict__ x, int row_int4, const float* __restrict__ x_scales,
              int num_scales, const int64_t* __restrict__ topk_idx,
              const float* __restrict__ topk_weights, int K, int L,
@@ -795,7 +802,8 @@ nvl_dispatch(char* const* __restrict__ peers, int rank, int R, int C, int S, int
              int num_exp_rows, int expert_alignment, int zero_exp_padding, int* host_status,
              unsigned long long timeout_ns) {
     const DispatchArgs a{peers, rank, R, C, S, window, off_ctrl, off_tail, off_head, off_ring,
-                         slot_bytes, off_payload, off_scales, off_idx, off_w, off_pos, x,
+                         ring_stride, slot_bytes, off_payload, off_scales, off_idx, off_w,
+                         off_pos, x,
                          row_int4, x_scales, num_scales, topk_idx, topk_weights, K, L,
                          is_token_in_rank, T, rank_prefix_matrix, send_pos, recv_x, recv_scales,
                          recv_topk_idx, recv_topk_weights, recv_src_idx, recv_src_rank, num_rows,
@@ -882,7 +890,7 @@ __device__ __forceinline__ void reduce_chunks(float (&acc)[kReduceChunks][8],
 struct CombineArgs {
     char* const* peers;
     int rank, R, C, S, window;
-    long long off_ctrl, off_tail, off_head, off_ring, slot_bytes;
+    long long off_ctrl, off_tail, off_head, off_ring, ring_stride, slot_bytes;
     int off_payload, off_w;
     const int4* x;
     int row_int4;
@@ -924,7 +932,7 @@ __device__ void combine_send(const CombineArgs& a, int c, uint32_t tag, uint32_t
     group_sync(bar_id, gthreads);
     const int r0 = s_lo[g], r1 = s_hi[g];
     char* me = a.peers[a.rank];
-    char* ring = ring_of(a.peers[d], a.off_ring, c, a.rank, a.R, a.S, a.slot_bytes);
+    char* ring = ring_of(a.peers[d], a.off_ring, a.ring_stride, c, a.rank, a.S, a.slot_bytes);
     uint64_t* tail_word = word_of(a.peers[d], a.off_tail, c, a.rank);
     const uint64_t* head_word = word_of(me, a.off_head, c, d);
     uint32_t tail = 0;
@@ -1019,7 +1027,7 @@ __device__ void combine_recv(const CombineArgs& a, int c, uint32_t tag, uint32_t
                     src_w[ns] = a.topk_w != nullptr ? a.topk_w + own_row * a.K : nullptr;
                 } else {
                     const uint32_t k = s_k[r] + __popc(masks[r] & ((1u << j) - 1u));
-                    const char* slot = ring_of(me, a.off_ring, c, r, a.R, a.S, a.slot_bytes) +
+                    const char* slot = ring_of(me, a.off_ring, a.ring_stride, c, r, a.S, a.slot_bytes) +
                                        static_cast<long long>(k % a.S) * a.slot_bytes;
                     src[ns] = reinterpret_cast<const int4*>(slot + a.off_payload);
                     src_w[ns] = reinterpret_cast<const float*>(slot + a.off_w);
@@ -1095,7 +1103,8 @@ __device__ void combine_recv(const CombineArgs& a, int c, uint32_t tag, uint32_t
 extern "C" __global__ void __launch_bounds__(kThreads, 1)
 nvl_combine(char* const* __restrict__ peers, int rank, int R, int C, int S, int window,
             long long off_ctrl, long long off_tail, long long off_head, long long off_ring,
-            long long slot_bytes, int off_payload, int off_w, const int4* __restrict__ x,
+            long long ring_stride, long long slot_bytes, int off_payload, int off_w,
+            const int4* __restrict__ x,
             int row_int4, const float* __restrict__ topk_w, int K,
             const int* __restrict__ recv_src_idx, const int* __restrict__ rank_prefix_matrix,
             const int* __restrict__ num_tokens_of_rank, const bool* __restrict__ is_token_in_rank,
@@ -1109,7 +1118,8 @@ nvl_combine(char* const* __restrict__ peers, int rank, int R, int C, int S, int 
     // kernel number, as the refused dispatch took none.
     if (*reinterpret_cast<const volatile int*>(num_recv_dev) < 0) return;
     const CombineArgs a{peers, rank, R, C, S, window, off_ctrl, off_tail, off_head, off_ring,
-                        slot_bytes, off_payload, off_w, x, row_int4, topk_w, K, recv_src_idx,
+                        ring_stride, slot_bytes, off_payload, off_w, x, row_int4, topk_w, K,
+                        recv_src_idx,
                         rank_prefix_matrix, num_tokens_of_rank, is_token_in_rank, send_pos, T,
                         bias0, bias1, out, out_w, host_status, timeout_ns};
     if (threadIdx.x < kMaxRanks) s_k[threadIdx.x] = 0;

@@ -98,7 +98,7 @@ NVL_NOTIFY = (
 _NVL_RING = (
     ("peers", "p"), ("rank", "i"), ("R", "i"), ("C", "i"), ("S", "i"), ("window", "i"),
     ("off_ctrl", "i64"), ("off_tail", "i64"), ("off_head", "i64"), ("off_ring", "i64"),
-    ("slot_bytes", "i64"),
+    ("ring_stride", "i64"), ("slot_bytes", "i64"),
 )
 NVL_DISPATCH = _NVL_RING + (
     ("off_payload", "i"), ("off_scales", "i"), ("off_idx", "i"), ("off_w", "i"),

@@ -204,9 +204,11 @@ def aligned_counts(counts: list[int], alignment: int) -> list[int]:
 
 
 @functools.lru_cache(maxsize=64)
-def regions_for(config: Config, hidden: int, num_ranks: int) -> IntranodeRegions:
-    """The buffer layout of a call with rows of ``hidden`` elements (bf16-sized slots)."""
-    return IntranodeRegions(config, hidden * 2, num_ranks)
+def regions_for(config: Config, hidden: int, num_ranks: int,
+                nvl_bytes: int | None = None) -> IntranodeRegions:
+    """The buffer layout of a call with rows of ``hidden`` elements (bf16-sized slots) in a
+    Buffer of ``nvl_bytes`` (which fix the rings' per-source stride; None: the size hint's)."""
+    return IntranodeRegions(config, hidden * 2, num_ranks, nvl_bytes)
 
 
 class IntranodeRuntime:
@@ -305,7 +307,7 @@ class IntranodeRuntime:
                     C=channels, S=config.nvl_buffer, window=nvl_window(config),
                     off_ctrl=r["ctrl"].offset, off_tail=r["tail"].offset,
                     off_head=r["head"].offset, off_ring=r["ring"].offset,
-                    slot_bytes=regions.slot_bytes)
+                    ring_stride=regions.ring_stride, slot_bytes=regions.slot_bytes)
 
     def enable_host_path(self):
         """Load the C++ host path of later dispatches and combines
@@ -339,7 +341,7 @@ class IntranodeRuntime:
         r, hidden = self.num_ranks, x.shape[1]
         check_sizes(r, num_experts, num_topk)
         channels, blocks = launch_geometry(config, self.num_device_sms)
-        regions = regions_for(config, hidden, r)
+        regions = regions_for(config, hidden, r, self.num_nvl_bytes)
         self._check_fits(regions)
         local = num_experts // r
         notify = None
@@ -513,7 +515,7 @@ class IntranodeRuntime:
         r = self.num_ranks
         check_sizes(r, num_experts, num_topk)
         channels, blocks = launch_geometry(config, self.num_device_sms)
-        regions = regions_for(config, hidden, r)
+        regions = regions_for(config, hidden, r, self.num_nvl_bytes)
         self._check_fits(regions)
         offs = regions.slot_offsets()
         values = {n: 0 for n, _ in args.NVL_COMBINE}
