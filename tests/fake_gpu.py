@@ -104,8 +104,9 @@ class FakeHostStatus:
 
 
 class FakeNvl:
-    def __init__(self, num_ranks):
+    def __init__(self, num_ranks, nbytes):
         self.peer_ptrs_dev = torch.zeros(num_ranks, dtype=torch.int64)
+        self.nbytes = self.min_nbytes = nbytes  # every fake rank's buffer alike
         self.freed = []  # synchronize_peers of each free()
 
     def free(self, synchronize_peers=True):
@@ -188,7 +189,7 @@ def patched(monkeypatch=None):
     mp.setattr(torch.cuda, "Stream", lambda dev=None: None)
     mp.setattr(torch.cuda, "Event", FakeEvent)
     mp.setattr(ipc, "HostStatus", FakeHostStatus)
-    mp.setattr(ipc, "NvlBuffer", lambda comm, n: FakeNvl(comm.num_ranks))
+    mp.setattr(ipc, "NvlBuffer", lambda comm, n: FakeNvl(comm.num_ranks, n))
     mp.setattr(jit, "compile_kernels", lambda *a, **k: module)
     mp.setattr(jit, "current_stream_handle", lambda index: 0)
     mp.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)

@@ -712,6 +712,31 @@ def task_normal_two_batches(ctx, backend: str, case: NCase, rounds: int = 3):
     return rounds
 
 
+def task_normal_uneven_buffers(ctx, backend: str, cases: list, extra: int = 3 << 20):
+    """Ranks whose Buffers have different ``num_nvl_bytes`` (rank r: the size hint plus r *
+    ``extra`` bytes): the rings' per-source stride comes from the smallest buffer on every
+    rank, so every call is exact against the reference (with strides from each rank's own
+    size the ranks would place the rings differently)."""
+    import ep_comm
+    r, me = ctx.world_size, ctx.rank
+    hidden = max(c.hidden for c in cases)
+    cfg = ep_comm.Buffer.get_dispatch_config(r)
+    nvl = cfg.get_nvl_buffer_size_hint(hidden * 2, r) + me * extra
+    buf = ep_comm.Buffer(ctx.group, num_nvl_bytes=nvl, backend=backend, explicitly_destroy=True)
+    ref = normal_buffer(ctx, "reference", hidden)
+    fails = Failures(ctx.rank)
+    try:
+        for case in cases:
+            run_normal_case(ctx, buf, ref, case, fails)
+            sync(ctx)
+            check_status(buf)
+    finally:
+        buf.destroy()
+        ref.destroy()
+    fails.raise_if_any(f"normal-mode {backend} with uneven num_nvl_bytes vs reference")
+    return len(cases)
+
+
 def task_normal_backward(ctx, backend: str, case: NCase):
     """One training step through ep_comm.autograd on both Buffers: y = combine(rows * (d + 1))
     of dispatch(x); loss = sum(y * gy) + sum(recv_w * (d + 1)). The closed form:

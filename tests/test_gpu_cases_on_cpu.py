@@ -54,6 +54,12 @@ def test_normal_two_batches_task_on_the_reference(cpu_ranks):
     assert cpu_ranks(2).run(normal.task_normal_two_batches, "reference", case, 2) == [2, 2]
 
 
+def test_normal_uneven_buffers_task_on_the_reference(cpu_ranks):
+    """The uneven-num_nvl_bytes task (the rings' stride GPU test) on CPU ranks."""
+    cases = [NCase(seed=4200, hidden=256, num_topk=4, num_experts=16, num_tokens=20)]
+    assert cpu_ranks(2).run(normal.task_normal_uneven_buffers, "reference", cases) == [1, 1]
+
+
 def test_normal_through_cpp_task_on_the_reference(cpu_ranks):
     # the GPU test's task: rounds of one shape, checked; the reference has no C++ host path
     cases = [NCase(seed=BASE + 40, hidden=256, fp8=True, worst=-1),

@@ -112,6 +112,17 @@ def test_two_dispatches_then_two_combines(gpu_ranks, world):
     assert gpu_ranks(world).run(normal.task_normal_two_batches, BACKEND, case) == [3] * world
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_with_different_buffer_sizes_agree_on_the_rings(gpu_ranks, world):
+    """num_nvl_bytes differing between ranks: the rings' per-source stride is the smallest
+    buffer's on every rank (gpu_cases_normal.task_normal_uneven_buffers)."""
+    base = _seed(12700 + world)
+    cases = [NCase(seed=base, hidden=2048, num_topk=4, num_experts=32, num_tokens=80),
+             NCase(seed=base + 1, hidden=7168, fp8=True, num_topk=8, num_experts=64,
+                   num_tokens=40, worst=-1)]
+    assert gpu_ranks(world).run(normal.task_normal_uneven_buffers, BACKEND, cases) == [2] * world
+
+
 def test_back_to_back_rounds_with_mostly_empty_rings_finish_and_match(gpu_ranks):
     """200 rounds of layout, dispatch and combine queued without a host sync, 24 channels for a
     handful of tokens (most rings empty), 2 ranks: the NVLink handshake race behind the

@@ -79,6 +79,8 @@ class NvlBuffer:
 
     Attributes:
         nbytes: bytes per rank.
+        min_nbytes: the smallest ``nbytes`` of the ranks (exchanged with the IPC handles): what
+            a layout every rank must compute alike is sized by (the rings' per-source stride).
         peer_ptrs: list of R ints, the device address of rank r's buffer on this GPU.
         peer_ptrs_dev: [R] int64 device tensor of the same addresses.
     """
@@ -97,12 +99,19 @@ class NvlBuffer:
         check(rt.cudaDeviceSynchronize(), "zeroing the NVLink buffer")
         ptrs = [0] * self.num_ranks
         ptrs[self.rank] = self._local
+        self.min_nbytes = nbytes
         if self.num_ranks > 1:
             raw = _handle_bytes(check(rt.cudaIpcGetMemHandle(self._local), "cudaIpcGetMemHandle"))
-            mine = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(dev)
-            every = torch.empty(self.num_ranks * IPC_HANDLE_BYTES, dtype=torch.uint8, device=dev)
+            # each rank's handle, then its nbytes (8 bytes, little-endian)
+            row = IPC_HANDLE_BYTES + 8
+            mine = torch.frombuffer(bytearray(raw + int(nbytes).to_bytes(8, "little")),
+                                    dtype=torch.uint8).to(dev)
+            every = torch.empty(self.num_ranks * row, dtype=torch.uint8, device=dev)
             comm.all_gather(every, mine, "buffer/ipc", "CUDA IPC handles")
-            every = every.cpu().view(self.num_ranks, IPC_HANDLE_BYTES)
+            every = every.cpu().view(self.num_ranks, row)
+            self.min_nbytes = min(int.from_bytes(bytes(every[p, IPC_HANDLE_BYTES:].tolist()),
+                                                 "little") for p in range(self.num_ranks))
+            every = every[:, :IPC_HANDLE_BYTES]
             for p in range(self.num_ranks):
                 if p == self.rank:
                     continue

@@ -284,11 +284,17 @@ class IntranodeRuntime:
     def _stream_handle(self) -> int:
         return jit.current_stream_handle(self._dev_index)
 
+    def _layout_bytes(self) -> int:
+        """The NVLink bytes the buffer layout is computed for: the smallest of the ranks'
+        ``num_nvl_bytes`` (the rings' per-source stride must be the same on every rank)."""
+        return self.nvl.min_nbytes if self.nvl is not None else self.num_nvl_bytes
+
     def _check_fits(self, regions: IntranodeRegions) -> None:
-        if regions.total_bytes > self.num_nvl_bytes:
+        have = self._layout_bytes()  # every rank refuses alike, by the smallest buffer
+        if regions.total_bytes > have:
             from ep_comm.errors import BufferTooSmallError
-            raise BufferTooSmallError("num_nvl_bytes", regions.total_bytes, self.num_nvl_bytes,
-                                      "this NVLink call")
+            raise BufferTooSmallError("num_nvl_bytes", regions.total_bytes, have,
+                                      "this NVLink call (the smallest of the ranks' buffers)")
 
     # ------------------------------------------------------------------ plans
     def _plan(self, key, build):
@@ -341,7 +347,7 @@ class IntranodeRuntime:
         r, hidden = self.num_ranks, x.shape[1]
         check_sizes(r, num_experts, num_topk)
         channels, blocks = launch_geometry(config, self.num_device_sms)
-        regions = regions_for(config, hidden, r, self.num_nvl_bytes)
+        regions = regions_for(config, hidden, r, self._layout_bytes())
         self._check_fits(regions)
         local = num_experts // r
         notify = None
@@ -515,7 +521,7 @@ class IntranodeRuntime:
         r = self.num_ranks
         check_sizes(r, num_experts, num_topk)
         channels, blocks = launch_geometry(config, self.num_device_sms)
-        regions = regions_for(config, hidden, r, self.num_nvl_bytes)
+        regions = regions_for(config, hidden, r, self._layout_bytes())
         self._check_fits(regions)
         offs = regions.slot_offsets()
         values = {n: 0 for n, _ in args.NVL_COMBINE}
