@@ -400,7 +400,11 @@ class Buffer:
         if not self._ordered:
             return fn(*args)
         self._sync_begin()
-        done = fn(*args)
+        try:
+            done = fn(*args)
+        except BaseException:  # kernels may be queued: the next comm-stream call waits for them
+            self._sync_end()
+            raise
         if done is not None:
             self._sync_end()
         return done
@@ -464,8 +468,13 @@ class Buffer:
     def _check_nvl_size(self, hidden_bytes: int, config: Config, what: str,
                         num_tokens: int) -> None:
         need = config.get_nvl_buffer_size_hint(hidden_bytes, self.comm.ranks_per_node)
-        if self.num_nvl_bytes < need:
-            raise BufferTooSmallError("num_nvl_bytes", need, self.num_nvl_bytes, what)
+        # the smallest of the ranks' buffers where the backend knows it: its layout is computed
+        # for that one, and every rank must refuse a call alike (before it is numbered)
+        have = self.backend.min_nvl_bytes() or self.num_nvl_bytes
+        if have < need:
+            raise BufferTooSmallError("num_nvl_bytes", need, have,
+                                      what if have == self.num_nvl_bytes
+                                      else f"{what} (the smallest of the ranks' buffers)")
         if self.comm.num_nodes > 1:
             need = config.get_rdma_buffer_size_hint(
                 hidden_bytes, self.group_size, ranks_per_node=self.comm.ranks_per_node,

@@ -107,5 +107,10 @@ class Backend(abc.ABC):
         None where they decline), or None: this backend has none, or it could not be built."""
         return None
 
+    def min_nvl_bytes(self) -> int | None:
+        """The smallest ``num_nvl_bytes`` of the ranks, where this backend exchanged them (its
+        NVLink buffer layout is computed for it), else None (each rank's own counts)."""
+        return None
+
     def destroy(self) -> None:
         """Release buffers. The backend is unusable afterwards."""

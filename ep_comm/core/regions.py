@@ -177,11 +177,12 @@ class InternodeRegions(Carver):
       partial rows that node m's proxy sends back for this rank's tokens.
     * ``combine_src``: [2, rows_cap] rows of ``row_c`` bytes: this rank's combine input (bf16
       row, then MAX_TOPK float32 weights) where the proxies of its node read it over NVLink.
-      Two halves, taken by turns (``combine_src_offset``, by the parity of the Buffer's
-      combine count, equal on every rank): the host stages a combine's input before its kernel
+      Two halves, taken by the parity of the combine's call number (``combine_src_offset``;
+      the number is agreed by every rank): the host stages a combine's input before its kernel
       starts, and a same-node peer may still read the previous combine's input (no kernel
       between two combines proves that it has finished; one between them does, by its
-      barrier, so the half of the combine before last is always free).
+      barrier, and two calls of one parity always have a numbered call, so a kernel, between
+      them).
       ``rows_cap = min(R, INTER_ROWS_PER_TOKEN) * cap`` (a rank receives at most R rows per
       token slot of the others; top-k routing gives at most K on average).
 
@@ -217,8 +218,8 @@ class InternodeRegions(Carver):
         self.claim("combine_src", 2 * self.rows_cap * self.row_c)
 
     def combine_src_offset(self, parity: int) -> int:
-        """Byte offset of the ``combine_src`` half a combine of this ``parity`` (0 or 1: its
-        number among the Buffer's combines, mod 2) stages its input in."""
+        """Byte offset of the ``combine_src`` half a combine of this ``parity`` (its call
+        number; taken mod 2) stages its input in."""
         return self.regions["combine_src"].offset + (parity & 1) * self.rows_cap * self.row_c
 
     def chunk_slots(self, rdma_chunk: int) -> int:

@@ -54,6 +54,10 @@ class KernelsBackend(Backend):
     def comm_stream(self):
         return self.normal.comm_stream()
 
+    def min_nvl_bytes(self):
+        nvl = getattr(self.normal, "nvl", None)  # the NVLink runtime's buffer (one node)
+        return None if nvl is None else nvl.min_nbytes
+
     def fuses_agreement(self, op: str, waits_for_counts: bool) -> bool:
         """A dispatch from a layout on NVLink whose host waits for the counts: the notify
         kernel exchanges the signature with the counts and refuses a disagreeing call, and the

@@ -93,7 +93,6 @@ class InternodeRuntime:
         from ep_comm.runtime import ipc
         from ep_comm.runtime import nvshmem
         self.comm = comm
-        self._combines = 0  # combines launched: their parity picks the combine_src half
         self.rank, self.num_ranks = comm.rank, comm.num_ranks
         self.ranks_per_node, self.num_nodes = comm.ranks_per_node, comm.num_nodes
         self.node, self.local_rank = comm.node, comm.local_rank
@@ -376,10 +375,12 @@ class InternodeRuntime:
         grid = self._grid(config)
         t = handle.num_tokens
         # Stage the input where the proxies of this node read it (row: bf16 x, then weights), in
-        # the half of combine_src the previous combine did not use: a same-node peer may still
-        # be reading that one (regions.InternodeRegions, combine_src).
-        off_csrc = reg.combine_src_offset(self._combines)
-        self._combines += 1
+        # the half of combine_src by the parity of this call's number: a same-node peer may
+        # still read the previous call's half (regions.InternodeRegions, combine_src). The number
+        # is agreed by every rank (refusals keep it in step), and two calls of one parity have a
+        # numbered call between them, whose internode kernel's barrier proves the peers done
+        # with the older combine (get_dispatch_layout is not numbered and launches none).
+        off_csrc = reg.combine_src_offset(self.comm.seq)
         src = self.sym.tensor[off_csrc:][:rows * reg.row_c].view(rows, reg.row_c)
         if rows:
             src[:, :hidden * 2].copy_(x.contiguous().view(torch.uint8).view(rows, hidden * 2))
