@@ -393,21 +393,18 @@ class Buffer:
         ev.record(torch.cuda.current_stream(self.device))
         self._sync_done = ev
 
-    def _through_cpp(self, fn, *args):
-        """``fn(*args)``, a synchronous call of a C++ host path, in stream order (ordered mode:
-        see ``_sync_begin``): its result, or None where it declined (the Python path then runs
-        the call, with its own ordering)."""
+    def _in_order(self, fn, *args):
+        """``fn(*args)``, a synchronous call (a C++ host path, or the Python path's backend
+        call), in stream order (ordered mode: see ``_sync_begin``). The end is recorded also
+        after an exception (kernels may be queued) and after a C++ path that declined (the
+        Python path it falls back to records again: harmless, and only in ordered mode)."""
         if not self._ordered:
             return fn(*args)
         self._sync_begin()
         try:
-            done = fn(*args)
-        except BaseException:  # kernels may be queued: the next comm-stream call waits for them
+            return fn(*args)
+        finally:
             self._sync_end()
-            raise
-        if done is not None:
-            self._sync_end()
-        return done
 
     def _comm_begin(self, stream) -> None:
         """Before a comm-stream call's kernels (after its wait for previous_event or the
@@ -432,13 +429,7 @@ class Buffer:
         if previous_event is None and not async_finish and not allocate_on_comm_stream:
             # Synchronous: run on the current stream. Same order as switching to the comm
             # stream and back, without the switch, the waits and a record_stream per tensor.
-            if self._ordered:  # a comm-stream call was made: keep the kernels in call order
-                self._sync_begin()
-                try:
-                    return fn(), EventOverlap()
-                finally:  # also after a call that raised once its kernels were queued
-                    self._sync_end()
-            return fn(), EventOverlap()
+            return self._in_order(fn), EventOverlap()
         if self._comm_stream is None:
             if previous_event is not None:
                 previous_event.current_stream_wait()
@@ -502,7 +493,7 @@ class Buffer:
         host = self._layout_host
         if (host is not None and previous_event is None and not async_finish
                 and not allocate_on_comm_stream):  # a known shape, through C++
-            done = self._through_cpp(host, topk_idx, num_experts)
+            done = self._in_order(host, topk_idx, num_experts)
             if done is not None:
                 return (*done, EventOverlap())
         key = ("layout", num_experts, checks.sig(topk_idx))
@@ -568,7 +559,7 @@ class Buffer:
         if (host is not None and previous_event is None and not async_finish
                 and not allocate_on_comm_stream and expand is None
                 and (not is_pair or len(x) == 2)):  # a known shape, through C++
-            done = self._through_cpp(
+            done = self._in_order(
                 host.dispatch, x[0] if is_pair else x, x[1] if is_pair else None, handle,
                 num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
                 num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
@@ -708,7 +699,7 @@ class Buffer:
         host = self._normal_host
         if (host is not None and previous_event is None and not async_finish
                 and not allocate_on_comm_stream):  # a known plan, through C++
-            done = self._through_cpp(host.combine, x, handle, topk_weights, bias,
+            done = self._in_order(host.combine, x, handle, topk_weights, bias,
                                      config or self._default_config())
             if done is not None:
                 return done[0], done[1], EventOverlap()

@@ -330,7 +330,7 @@ class IntranodeHostPath:
         inside the C++ objects, by stage (the extension's STAGE_NAMES: guard, alloc, launch,
         wait, return), plus ``"calls"``: how many of them the C++ side ran. For
         ``bench/host_overhead.py``: where a call's host time goes below Python."""
-        objs = [o for o in self._objs.values() if hasattr(o, "set_timing")]  # the dispatches
+        objs = [o for key, o in self._objs.items() if key[0] != "combine"]  # the dispatches
         for o in objs:
             o.set_timing(True)
         try:
@@ -407,20 +407,15 @@ class IntranodeHostPath:
         if obj is None:
             return None
         rt = self.rt
-        comm = rt.comm
-        # an error after the guard (an allocation, the launch) numbers the call first, as the
-        # Python path numbers it before its backend runs
-        out = _native(obj.call, x, topk_weights, b0, b1, handle.is_token_in_rank,
-                      handle.rank_prefix_matrix, handle.send_pos, handle.recv_src_idx,
-                      state.num_tokens_of_rank, state.num_recv, handle.num_recv_rows,
-                      handle.num_experts,
-                      jit.current_stream_handle(rt._dev_index),
-                      before_raise=lambda: comm.begin_call(agreement.Signature(
-                          "combine", x.shape[1], x.dtype, handle.num_experts,
-                          -1 if topk_weights is None else topk_weights.shape[1]), None, False))
+        out = self._run(obj.call, (
+            x, topk_weights, b0, b1, handle.is_token_in_rank, handle.rank_prefix_matrix,
+            handle.send_pos, handle.recv_src_idx, state.num_tokens_of_rank, state.num_recv,
+            handle.num_recv_rows, handle.num_experts, jit.current_stream_handle(rt._dev_index)),
+            lambda: agreement.Signature("combine", x.shape[1], x.dtype, handle.num_experts,
+                                        -1 if topk_weights is None else topk_weights.shape[1]))
         if out is None:
             return None
-        comm.begin_call(out[2], None, False)
+        rt.comm.begin_call(out[2], None, False)
         self.combine_calls += 1
         return out
 
