@@ -138,6 +138,10 @@ class Buffer:
         # with a known key skips the checks it already passed. EP_COMM_DEBUG=1 validates all.
         self._validated: set = set()
         self._combine_sigs: dict = {}  # Buffer._combine_signature's
+        # Ranks unmasked since the last clean_low_latency_buffer: a masked rank that kept
+        # running may have written signal words no call consumed, so the next low-latency call
+        # waits for a clean (see low_latency_update_mask_buffer).
+        self._unmasked: set[int] = set()
         # settings read once per Buffer (a call must not pay for os.environ lookups)
         self._debug = os.environ.get("EP_COMM_DEBUG", "0") not in ("", "0")
         self._agree_always = os.environ.get(AGREE_ENV) == "1"
@@ -836,6 +840,8 @@ class Buffer:
             hook: callable that receives (with ``return_recv_hook``), else None.
         """
         m = num_max_dispatch_tokens_per_rank
+        if self._unmasked:
+            self._refuse_after_unmask("low_latency_dispatch")
         host = self._ll_host
         if host is not None and not return_recv_hook:  # a known shape, through C++
             done = host.dispatch(x, topk_idx, m, num_experts, cumulative_local_expert_recv_stats,
@@ -896,6 +902,8 @@ class Buffer:
         if not isinstance(handle, LowLatencyHandle):
             raise InputError(f"handle must be the LowLatencyHandle of a low_latency_dispatch, "
                              f"got {type(handle).__name__}")
+        if self._unmasked:
+            self._refuse_after_unmask("low_latency_combine")
         host = self._ll_host
         if host is not None and not return_recv_hook:  # a known shape, through C++
             done = host.combine(x, topk_idx, topk_weights, handle, zero_copy, out,
@@ -951,12 +959,24 @@ class Buffer:
                                 "clean_low_latency_buffer")
         self.backend.clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden,
                                               num_experts)
+        self._unmasked.clear()
+
+    def _refuse_after_unmask(self, op: str) -> None:
+        raise InputError(
+            f"{op}: rank(s) {sorted(self._unmasked)} were unmasked since the last "
+            "clean_low_latency_buffer. A masked rank that kept running may have left signal "
+            "words that no call read; call clean_low_latency_buffer(...) on every rank (the "
+            "unmasked ones included) before the next low-latency call")
 
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = True) -> None:
         """Mark ``rank_to_mask`` as failed (``mask=True``) or healthy again (``mask=False``).
-        Masked ranks are neither sent to nor waited for by low-latency calls."""
+        Masked ranks are neither sent to nor waited for by low-latency calls. After unmasking,
+        the next low-latency call raises InputError until ``clean_low_latency_buffer`` ran on
+        every rank: a masked rank that was alive may have written signal words no call read."""
         if not isinstance(rank_to_mask, int) or not 0 <= rank_to_mask < self.group_size:
             raise InputError(f"rank_to_mask must be in [0, {self.group_size}), got {rank_to_mask!r}")
+        if not mask and int(self.backend.mask_buffer()[rank_to_mask]):
+            self._unmasked.add(rank_to_mask)
         self.backend.mask_buffer()[rank_to_mask] = 1 if mask else 0
         # fault handling: masking every lost rank lets the survivors go on (docs/faults.md)
         masked = self.backend.mask_buffer().tolist()
@@ -969,8 +989,11 @@ class Buffer:
         mask_status.copy_(self.backend.mask_buffer())
 
     def low_latency_clean_mask_buffer(self) -> None:
-        """Unmask every rank."""
-        self.backend.mask_buffer().zero_()
+        """Unmask every rank (then ``clean_low_latency_buffer`` on every rank before the next
+        low-latency call)."""
+        mask = self.backend.mask_buffer()
+        self._unmasked.update(p for p, v in enumerate(mask.tolist()) if v)
+        mask.zero_()
 
 
 @functools.lru_cache(maxsize=64)

@@ -349,6 +349,48 @@ def task_ll_two_alive(ctx, case: LLCase):
         buf.destroy()
 
 
+def task_ll_shape_changes(ctx, case: LLCase, shapes):
+    """Rounds on one Buffer (sized for the largest of ``shapes``) whose (M, hidden) change from
+    call to call, hook mode included: the two live halves of consecutive shapes must never
+    overlap. ``shapes``: [(max_tokens, num_tokens, hidden)]; each round is checked exactly."""
+    import ep_comm
+    hint = max(ep_comm.Buffer.get_low_latency_rdma_size_hint(m, h, ctx.world_size,
+                                                             case.num_experts)
+               for m, _, h in shapes)
+    buf = ep_comm.Buffer(ctx.group, num_rdma_bytes=hint, low_latency_mode=True,
+                         allow_nvlink_for_low_latency_mode=case.nvlink, backend=case.backend,
+                         explicitly_destroy=True)
+    try:
+        for step, (m, t, h) in enumerate(shapes):
+            c = dataclasses.replace(case, max_tokens=m, num_tokens=t, hidden=h,
+                                    seed=case.seed + step)
+            one_round(ctx, buf, c, step)
+        # two results alive, of two shapes (hook mode: both sends, then both receives)
+        (m0, t0, h0), (m1, t1, h1) = shapes[0], shapes[1]
+        cases = [dataclasses.replace(case, max_tokens=m0, num_tokens=t0, hidden=h0, hook=True),
+                 dataclasses.replace(case, max_tokens=m1, num_tokens=t1, hidden=h1, hook=True)]
+        r, me = ctx.world_size, ctx.rank
+        ins = [[make_inputs(c, s, r, 50 + i) for s in range(r)] for i, c in enumerate(cases)]
+        res = []
+        for i, c in enumerate(cases):
+            x, idx, _ = (t.to(ctx.device) for t in ins[i][me])
+            res.append(_dispatch(buf, c, x, idx))
+        for i, c in enumerate(cases):
+            recv, count, handle, hook = res[i]
+            hook()
+            check_dispatch(ctx, c, recv, count, handle, ins[i])
+        for i, c in enumerate(cases):
+            recv, count, handle, _ = res[i]
+            x, idx, w = (t.to(ctx.device) for t in ins[i][me])
+            y = expert_outputs(c, recv, count, ctx.device, me, r)
+            combined = _combine(buf, c, y, idx, w, handle, ctx.device)
+            expect, mag = expected_combine(c, me, ins[i], r)
+            assert_combined(combined, expect, mag, f"combine of live shape {i}")
+        return "ok"
+    finally:
+        buf.destroy()
+
+
 def task_ll_masked(ctx, case: LLCase, stopper: int):
     """All ranks run a round; then ``stopper`` stops calling. The others mask it and must still
     finish, with the oracle's answer for a world without it."""
@@ -366,6 +408,16 @@ def task_ll_masked(ctx, case: LLCase, stopper: int):
         buf.low_latency_clean_mask_buffer()
         buf.low_latency_query_mask_buffer(status)
         assert status.cpu().tolist() == [0] * ctx.world_size
+        # Unmasked, the stopper may have left signal words: refused until a clean (local, so
+        # the survivors raise without waiting for anyone).
+        from ep_comm.errors import InputError
+        x, idx, _ = (t.to(ctx.device) for t in make_inputs(case, ctx.rank, ctx.world_size, 4))
+        try:
+            _dispatch(buf, case, x, idx)
+        except InputError as e:
+            assert f"[{stopper}]" in str(e) and "clean_low_latency_buffer" in str(e), e
+        else:
+            raise AssertionError("a low-latency call after unmasking ran without a clean")
         return "ok"
     finally:
         buf.destroy()

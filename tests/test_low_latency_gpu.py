@@ -118,6 +118,17 @@ def test_ll_clean_buffer_after_normal_mode(gpu_ranks, world):
                          2048, 32, 32)
 
 
+@pytest.mark.parametrize("world", FULL)
+def test_ll_shapes_that_change_between_calls(gpu_ranks, world):
+    """(M, hidden) change from call to call on one Buffer, and two live results of two shapes:
+    each half's data lies in that half's fixed area (regions.LowLatencyRegions), so a call
+    never lands where the previous call of another shape is still read."""
+    case = LLCase(seed=_seed(6500 + world), num_experts=32, num_topk=6, fp8=True,
+                  backend=BACKEND)
+    shapes = [(128, 100, 4096), (32, 32, 2048), (64, 7, 7168), (128, 1, 2048), (16, 9, 4096)]
+    assert gpu_ranks(world).run(llc.task_ll_shape_changes, case, shapes) == ["ok"] * world
+
+
 def test_ll_masked_rank_that_stops_calling(gpu_ranks):
     """Rank 1 stops calling; rank 0 masks it (low_latency_update_mask_buffer) and its next
     three rounds finish with the oracle's answer for a world without rank 1."""

@@ -14,6 +14,7 @@ from ep_comm.backends.kernels import args
 from ep_comm.backends.kernels import low_latency as ll
 from ep_comm.runtime import jit
 from ep_comm.runtime import nvshmem as nr
+from ep_comm.errors import InputError
 from ep_comm.core.constants import REGION_ALIGN
 from ep_comm.errors import CommTimeoutError, EpCommError, KernelError
 from ep_comm.core.regions import LowLatencyRegions, low_latency_message_bytes
@@ -61,6 +62,32 @@ def test_every_signal_word_lies_before_signals_end_and_no_data_does():
         assert reg[n].offset + reg[n].nbytes <= reg.signals_end
     for n in set(reg.regions) - set(signals):
         assert reg[n].offset >= reg.signals_end, n
+
+
+def test_each_half_of_every_shape_lies_in_that_halfs_fixed_area():
+    """With the Buffer's capacity, half b's data of any shape stays inside half b's area, so
+    consecutive calls of two shapes (on the two halves) never overlap."""
+    shapes = [(128, 7168), (32, 2048), (7, 4096), (256, 1024), (1, 128)]
+    cap = max(LowLatencyRegions(m, h, 4, 32).total_bytes for m, h in shapes) + 4096 + 7
+    regs = [LowLatencyRegions(m, h, 4, 32, cap) for m, h in shapes]
+    data = ("dispatch_send", "dispatch_recv", "combine_send", "combine_recv")
+    for reg in regs:
+        assert reg.total_bytes <= cap and reg.signals_end == regs[0].signals_end
+        assert reg.half_bytes == regs[0].half_bytes
+        for b in (0, 1):
+            lo = reg.signals_end + b * reg.half_bytes
+            for n in data:
+                x = reg[f"{n}{b}"]
+                assert lo <= x.offset and x.offset + x.nbytes <= lo + reg.half_bytes, (reg, x)
+    for a in regs:
+        for b in regs:
+            for n in data:
+                for n2 in data:
+                    x, y = a[f"{n}0"], b[f"{n2}1"]
+                    assert x.offset + x.nbytes <= y.offset, (x, y)
+    # without the capacity: exactly the shape's need (the size hint)
+    small = LowLatencyRegions(7, 4096, 4, 32)
+    assert small.total_bytes == small.signals_end + 2 * small.half_need
 
 
 def test_size_hint_is_the_regions_total():
@@ -616,3 +643,16 @@ def test_bad_id_found_by_the_dispatch_kernel_is_an_input_error_then_cleared(runt
     for _ in range(2):
         with pytest.raises(CommTimeoutError):
             _dispatch(runtime)
+
+
+def test_changing_num_experts_needs_a_clean_which_forgets_the_old_plans(runtime):
+    m, h, e = runtime.sizes
+    _dispatch(runtime)
+    assert runtime._plans
+    with pytest.raises(InputError, match=r"num_experts changed from 8 to 4.*clean_low_latency_buffer"):
+        runtime.regions(m, h, 4)
+    runtime.clean_low_latency_buffer(m, h, 4)
+    assert not runtime._plans and all(k[2] == 4 for k in runtime._regions)
+    runtime.regions(m, h, 4)
+    with pytest.raises(InputError, match="from 4 to 8"):
+        runtime.regions(m, h, 8)

@@ -2,8 +2,8 @@
 oracle: the reference is what the kernels are compared with, so it is tested first."""
 import pytest
 
-from low_latency_cases import (LLCase, task_ll_masked, task_ll_rounds, task_ll_skip_dispatch,
-                               task_ll_two_alive, task_ll_wait_cost_stats)
+from low_latency_cases import (LLCase, task_ll_masked, task_ll_rounds, task_ll_shape_changes,
+                               task_ll_skip_dispatch, task_ll_two_alive, task_ll_wait_cost_stats)
 from multiproc import run_ranks
 
 
@@ -77,3 +77,12 @@ def test_wait_cost_stats_grow_for_a_late_peer(cpu_ranks, world):
                   num_experts=2 * world, num_topk=2, drop=0.0)
     got = cpu_ranks(world).run(task_ll_wait_cost_stats, case, world - 1, 0.4)
     assert all(d[world - 1] > 0 for d, _ in got[:-1]), got
+
+
+#: (M, tokens, hidden) of consecutive calls on one Buffer: larger, smaller, another hidden.
+SHAPE_CHANGES = [(32, 20, 512), (8, 8, 256), (16, 3, 1024), (32, 1, 256), (8, 5, 512)]
+
+
+def test_ll_shapes_that_change_between_calls(cpu_ranks):
+    assert cpu_ranks(2).run(task_ll_shape_changes, LLCase(seed=14, fp8=True),
+                            SHAPE_CHANGES) == ["ok", "ok"]

@@ -268,9 +268,11 @@ class LowLatencyRegions(Carver):
     H = hidden, msg = ``low_latency_message_bytes(H)`` (16-byte header with the source token
     index, then the payload: H fp8 bytes and H / 128 float32 scales, or H bf16):
 
-    Signal words come first, both halves together, so that ``signals_end`` bytes from the start
-    hold every word that must be zero between calls (``clean_low_latency_buffer`` zeroes them;
-    a complete call leaves them zero). For each half ``b`` (0 or 1):
+    ``status_claim`` comes first: int32 [4], local: the first block that times out claims the
+    host status word (see ``ep_comm.backends.kernels.low_latency``). Then the signal words, both
+    halves together, so that ``signals_end`` bytes from the start hold every word that must be
+    zero between calls (``clean_low_latency_buffer`` zeroes them; a complete call leaves them
+    zero). For each half ``b`` (0 or 1):
 
     * ``dispatch_count{b}``: uint64 [L, R]: source rank s writes its token count for local
       expert e, plus one, into ``[e, s]`` (0 = not written yet).
@@ -281,10 +283,11 @@ class LowLatencyRegions(Carver):
     * ``combine_done{b}``: int32 [4], local: combine receive blocks that finished waiting (the
       last one resets the combine words of this half).
 
-    and ``status_claim``: int32 [4], local: the first block that times out claims the host
-    status word (see ``ep_comm.backends.kernels.low_latency``).
+    The signal words' places depend on E and R only. A Buffer's calls may change M or hidden
+    (and ``clean_low_latency_buffer`` is needed to change E: the words move).
 
-    Data, for each half ``b``:
+    Data, for each half ``b``, inside that half's own area of ``half_bytes`` (from
+    ``signals_end + b * half_bytes``):
 
     * ``dispatch_send{b}``: M msgs: staging of this rank's tokens for NVSHMEM puts.
     * ``dispatch_recv{b}``: [L, R, M] msgs: slot ``[e, s, i]`` holds the i-th token (in token
@@ -296,29 +299,45 @@ class LowLatencyRegions(Carver):
     A dispatch and its combine use the same half; consecutive dispatches alternate halves, so two
     results can be alive at once. Dispatch and combine regions never overlap: a peer's combine
     may land while this rank still reads the dispatch of the same half.
+
+    Why fixed half areas: with ``capacity`` (the Buffer's symmetric bytes, the same on every
+    rank) each half's area is half of what follows the signal words, whatever M and hidden, so
+    a call of one shape on half b never writes where the previous call (another shape, on the
+    other half) is still read; carved back to back per shape, half 1 of a larger shape would
+    overlap half 0 of a smaller one. Without ``capacity`` the areas are exactly what the shape
+    needs (``total_bytes`` is then the size hint).
     """
 
     def __init__(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
-                 num_experts: int):
+                 num_experts: int, capacity: int | None = None):
         super().__init__()
         m, r, e = num_max_dispatch_tokens_per_rank, num_ranks, num_experts
         local = e // r
         self.msg_bytes = low_latency_message_bytes(hidden)
         self.row_bytes = hidden * 2
+        self.claim("status_claim", 4 * 4)
         for b in (0, 1):
             self.claim(f"dispatch_count{b}", local * r * 8)
             self.claim(f"dispatch_arrive{b}", local * r * 8)
             self.claim(f"combine_count{b}", e * 8)
             self.claim(f"combine_arrive{b}", e * 8)
             self.claim(f"combine_done{b}", 4 * 4)
-        self.claim("status_claim", 4 * 4)
         #: Bytes from offset 0 that hold every signal word (zero between calls).
         self.signals_end = self.total_bytes
+        data = (("dispatch_send", m * self.msg_bytes),
+                ("dispatch_recv", local * r * m * self.msg_bytes),
+                ("combine_send", local * r * m * self.row_bytes),
+                ("combine_recv", e * m * self.row_bytes))
+        #: Bytes one half's data needs for this shape.
+        self.half_need = sum(align(n, REGION_ALIGN) for _, n in data)
+        room = 0 if capacity is None else (capacity - self.signals_end) // 2
+        #: Bytes of each half's area (the need, or half the capacity's data room if larger).
+        self.half_bytes = max(self.half_need, room // REGION_ALIGN * REGION_ALIGN)
         for b in (0, 1):
-            self.claim(f"dispatch_send{b}", m * self.msg_bytes)
-            self.claim(f"dispatch_recv{b}", local * r * m * self.msg_bytes)
-            self.claim(f"combine_send{b}", local * r * m * self.row_bytes)
-            self.claim(f"combine_recv{b}", e * m * self.row_bytes)
+            self._top = self.signals_end + b * self.half_bytes
+            for name, nbytes in data:
+                self.claim(f"{name}{b}", nbytes)
+        self._top = self.signals_end + 2 * self.half_bytes
 
 
 __all__ = ["Region", "Carver", "IntranodeRegions", "InternodeRegions", "LowLatencyRegions",
