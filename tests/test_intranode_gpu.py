@@ -117,8 +117,9 @@ def test_ranks_with_different_buffer_sizes_agree_on_the_rings(gpu_ranks, world):
     """num_nvl_bytes differing between ranks: the rings' per-source stride is the smallest
     buffer's on every rank (gpu_cases_normal.task_normal_uneven_buffers)."""
     base = _seed(12700 + world)
-    cases = [NCase(seed=base, hidden=2048, num_topk=4, num_experts=32, num_tokens=80),
-             NCase(seed=base + 1, hidden=7168, fp8=True, num_topk=8, num_experts=64,
+    e = 8 * world  # divisible by the ranks (2 and 3)
+    cases = [NCase(seed=base, hidden=2048, num_topk=4, num_experts=4 * e, num_tokens=80),
+             NCase(seed=base + 1, hidden=7168, fp8=True, num_topk=8, num_experts=8 * e,
                    num_tokens=40, worst=-1)]
     assert gpu_ranks(world).run(normal.task_normal_uneven_buffers, BACKEND, cases) == [2] * world
 

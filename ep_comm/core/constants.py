@@ -89,6 +89,10 @@ INTER_DEFAULT_TOKENS = 4096
 LL_THREADS = 1024
 LL_MAX_TOPK = LL_THREADS // 32
 LL_MAX_RANKS = LL_THREADS
+#: Experts a low-latency Buffer's signal words are laid out for (regions.LowLatencyRegions): the
+#: words sit at the same place for every num_experts up to it, so calls of another E (a change,
+#: or ranks that disagree, which the call tags then name) never read another layout's words.
+LL_MAX_EXPERTS = 2048
 #: int32 words of the low-latency host status word: [0, 8) the first failure (code, phase,
 #: peer, ...), then from ``LL_INFO_BAD_ID`` the per-call expert-id check of the dispatch kernel:
 #: flag, token, column, value of a top-k entry outside [-1, num_experts) (the entry is not

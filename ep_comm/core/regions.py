@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 
 from ep_comm.core.constants import (CALL_SIG_WORDS, FP8_BLOCK, INTER_DISPATCH_CHUNKS,
-                                    INTER_MAX_EXPERTS, INTER_ROWS_PER_TOKEN, NORMAL_MAX_TOPK,
-                                    NVL_MAX_CHANNELS, NVL_MAX_RANKS, NVL_NOTIFY_ROW, REGION_ALIGN,
-                                    align)
+                                    INTER_MAX_EXPERTS, INTER_ROWS_PER_TOKEN, LL_MAX_EXPERTS,
+                                    NORMAL_MAX_TOPK, NVL_MAX_CHANNELS, NVL_MAX_RANKS,
+                                    NVL_NOTIFY_ROW, REGION_ALIGN, align)
+from ep_comm.errors import InputError
 
 #: Top-k entries a normal-mode slot carries (the slot layouts below reserve this many).
 MAX_TOPK = NORMAL_MAX_TOPK
@@ -274,17 +275,20 @@ class LowLatencyRegions(Carver):
     zero between calls (``clean_low_latency_buffer`` zeroes them; a complete call leaves them
     zero). For each half ``b`` (0 or 1):
 
-    * ``dispatch_count{b}``: uint64 [L, R]: source rank s writes its token count for local
-      expert e, plus one, into ``[e, s]`` (0 = not written yet).
-    * ``dispatch_arrive{b}``: uint64 [L, R]: messages from s for e that have landed (each
-      message adds 1 after its bytes, so count and arrivals together mean "all data here").
-    * ``combine_count{b}``: uint64 [E]: rows the owner of global expert g sends back, plus one.
-    * ``combine_arrive{b}``: uint64 [E]: rows of g that have landed.
+    * ``dispatch_count{b}``: uint64 [L, R] (of ``LL_MAX_EXPERTS`` words): source rank s writes
+      its token count for local expert e, plus one, into ``[e, s]`` (0 = not written yet).
+    * ``dispatch_arrive{b}``: uint64 [L, R] (of ``LL_MAX_EXPERTS``): messages from s for e that
+      have landed (each message adds 1 after its bytes, so count and arrivals together mean
+      "all data here").
+    * ``combine_count{b}``: uint64 [E] (of ``LL_MAX_EXPERTS``): rows the owner of global expert g
+      sends back, plus one.
+    * ``combine_arrive{b}``: uint64 [E] (of ``LL_MAX_EXPERTS``): rows of g that have landed.
     * ``combine_done{b}``: int32 [4], local: combine receive blocks that finished waiting (the
       last one resets the combine words of this half).
 
-    The signal words' places depend on E and R only. A Buffer's calls may change M or hidden
-    (and ``clean_low_latency_buffer`` is needed to change E: the words move).
+    Every signal word has one place whatever M, hidden and E (L * R = E <= ``LL_MAX_EXPERTS``):
+    a call of another shape never finds a word of another layout, and ranks that disagree on
+    E meet in the same words, whose call tags name the disagreement.
 
     Data, for each half ``b``, inside that half's own area of ``half_bytes`` (from
     ``signals_end + b * half_bytes``):
@@ -316,11 +320,14 @@ class LowLatencyRegions(Carver):
         self.msg_bytes = low_latency_message_bytes(hidden)
         self.row_bytes = hidden * 2
         self.claim("status_claim", 4 * 4)
+        if e > LL_MAX_EXPERTS:
+            raise InputError(f"low-latency mode supports at most {LL_MAX_EXPERTS} experts, "
+                             f"got num_experts={e}")
         for b in (0, 1):
-            self.claim(f"dispatch_count{b}", local * r * 8)
-            self.claim(f"dispatch_arrive{b}", local * r * 8)
-            self.claim(f"combine_count{b}", e * 8)
-            self.claim(f"combine_arrive{b}", e * 8)
+            self.claim(f"dispatch_count{b}", LL_MAX_EXPERTS * 8)
+            self.claim(f"dispatch_arrive{b}", LL_MAX_EXPERTS * 8)
+            self.claim(f"combine_count{b}", LL_MAX_EXPERTS * 8)
+            self.claim(f"combine_arrive{b}", LL_MAX_EXPERTS * 8)
             self.claim(f"combine_done{b}", 4 * 4)
         #: Bytes from offset 0 that hold every signal word (zero between calls).
         self.signals_end = self.total_bytes

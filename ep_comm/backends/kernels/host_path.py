@@ -98,12 +98,6 @@ class LowLatencyHostPath:
         self._like = torch.empty(0, device=runtime.device)
         self.calls = 0  # calls the C++ side ran (for tests and the bench)
 
-    def forget(self) -> None:
-        """Drop every learned shape (their plans point at regions that moved): later calls
-        go through the Python path, which learns again."""
-        self._dispatch.clear()
-        self._combine.clear()
-
     def _common(self, native) -> tuple:
         launch_fn, capturing_fn, _ = native
         return (launch_fn, capturing_fn, self._status_ptr, LL_STATUS_WORDS, self._like,

@@ -133,7 +133,6 @@ class LowLatencyRuntime:
         # Bytes the regions are carved in: the requested size, the same on every rank (a
         # pooled buffer may be larger on some).
         self._capacity = min(self.sym.nbytes, max(num_rdma_bytes, 1))
-        self._experts: int | None = None  # E of the signal words in use (see regions())
         self._next_half = 0
         # Read once per Buffer: a change of EP_COMM_TIMEOUT_S applies to Buffers created later.
         self._limit_s = timeout_s()
@@ -160,27 +159,18 @@ class LowLatencyRuntime:
         return self.host_path
 
     # ------------------------------------------------------------------ helpers
-    def regions(self, m: int, hidden: int, num_experts: int, *, cleaning: bool = False
-                ) -> LowLatencyRegions:
-        """The carving of shape (M, hidden, E), each half's data in that half's fixed area
-        (``LowLatencyRegions``, "Why fixed half areas"). Raises InputError where the Buffer is
-        too small, or where E is not the E of the signal words in use (they move with E: a
-        peer's next call would write where this rank still waits) and ``cleaning`` is False."""
+    def regions(self, m: int, hidden: int, num_experts: int) -> LowLatencyRegions:
+        """The carving of shape (M, hidden, E): the signal words at one place for every shape,
+        each half's data in that half's fixed area (``LowLatencyRegions``). Raises InputError
+        where the Buffer is too small."""
         key = (m, hidden, num_experts)
         reg = self._regions.get(key)
         if reg is None:
-            if (not cleaning and self._experts is not None and num_experts != self._experts):
-                raise InputError(
-                    f"num_experts changed from {self._experts} to {num_experts} on this "
-                    f"low-latency Buffer; the signal words move with it, so call "
-                    f"clean_low_latency_buffer({m}, {hidden}, {num_experts}) on every rank "
-                    "first")
             reg = LowLatencyRegions(m, hidden, self.num_ranks, num_experts, self._capacity)
             if reg.total_bytes > self._capacity:
                 raise InputError(f"low-latency call needs {reg.total_bytes} symmetric bytes, the "
                                  f"Buffer holds {self._capacity}")
             self._regions[key] = reg
-            self._experts = num_experts
         return reg
 
     def _ptr(self, reg: LowLatencyRegions, name: str) -> int:
@@ -414,17 +404,9 @@ class LowLatencyRuntime:
         then a barrier, so no peer's send can land after the zeroing (after a timeout on this
         rank, a peer's send phases may still be queued); then zero, synchronise, and a second
         barrier, so no rank sends into a buffer before its owner zeroed it."""
-        reg = self.regions(num_max_dispatch_tokens_per_rank, hidden, num_experts, cleaning=True)
+        reg = self.regions(num_max_dispatch_tokens_per_rank, hidden, num_experts)
         torch.cuda.synchronize(self.device)
         self.comm.barrier("low_latency/clean/stopped")
-        if num_experts != self._experts or len({k[2] for k in self._regions}) > 1:
-            # Another E: its signal words lie elsewhere. Forget the plans of other E's (their
-            # calls must come back here and be refused), so the C++ path cannot run them.
-            self._regions = {k: v for k, v in self._regions.items() if k[2] == num_experts}
-            self._plans.clear()
-            if self.host_path is not None:
-                self.host_path.forget()
-            self._experts = num_experts
         self.sym.tensor[:reg.signals_end].zero_()
         self._status.clear()
         self._next_half = 0
