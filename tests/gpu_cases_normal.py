@@ -159,6 +159,39 @@ def expected_combine(case: NCase, me: int, inputs, num_ranks: int, bias=None):
     return acc, mag
 
 
+def partial_sum_ranks(buf, num_ranks: int) -> int:
+    """Ranks whose rows ``buf``'s combine sums into one partial that is rounded to bf16: a node's
+    ranks on the internode kernels (each node's partial crosses the network as a bf16 row,
+    kernels/cuda/internode.cu, combine), else every rank (one rounding, of the whole sum)."""
+    from ep_comm.backends.kernels.internode import InternodeRuntime
+    normal = getattr(buf.backend, "normal", None)
+    return normal.ranks_per_node if isinstance(normal, InternodeRuntime) else num_ranks
+
+
+def combine_of_partials(case: NCase, x: torch.Tensor, idx: torch.Tensor, num_ranks: int,
+                        group: int) -> torch.Tensor:
+    """The bf16 combine of ``expert_rows`` for this rank's tokens (x: its bf16 rows as
+    dispatched, which arrive unchanged; idx: their top-k ids) by a backend that sums the rows
+    of each ``group`` consecutive ranks in float32 (in rank order, holders only), rounds that
+    partial to bf16, and adds the partials of the groups that hold the token in float32 (in
+    group order) before the final rounding: the internode kernels' order with ``group`` =
+    ranks per node, the NVLink kernels' and the reference's with ``group`` = the rank count
+    (the float32 sums of these rows are exact, so the order of the reference's index_add_ does
+    not show). Bit for bit, so that a row from a stale buffer shows, however close its value."""
+    per = case.num_experts // num_ranks
+    vals, idx = x.cpu().float(), idx.cpu()
+    acc = torch.zeros(vals.shape, dtype=torch.float32)
+    for first in range(0, num_ranks, group):
+        part = torch.zeros_like(acc)
+        any_holder = torch.zeros(vals.shape[0], 1, dtype=torch.bool)
+        for d in range(first, first + group):
+            holds = ((idx >= d * per) & (idx < (d + 1) * per)).any(dim=1, keepdim=True)
+            part = torch.where(holds, part + expert_rows(vals, d).float(), part)
+            any_holder |= holds
+        acc = torch.where(any_holder, acc + part.to(torch.bfloat16).float(), acc)
+    return acc.to(torch.bfloat16)
+
+
 def expected_combined_weights(case: NCase, me: int, inputs, num_ranks: int):
     """float64 sum over holder ranks d of ``topk_weights * (d + 2)`` (what combine sums)."""
     _, idx, w = inputs[me]
@@ -682,17 +715,22 @@ def task_normal_interleaved_streams(ctx, backend: str, case: NCase, rounds: int 
 def task_normal_two_batches(ctx, backend: str, case: NCase, rounds: int = 3):
     """Micro-batch overlap order, synchronous calls: dispatch A, dispatch B, combine A, combine B
     (two combines with no dispatch between), ``rounds`` times with new data and routing, each
-    combine exact against a reference Buffer running the same sequence. Across nodes the second
-    combine stages its input while a same-node peer may still read the first one's
-    (regions.InternodeRegions, combine_src halves)."""
+    combine bit for bit against ``combine_of_partials`` in the Buffer's order of rounding, and
+    a reference Buffer running the same sequence against it with one rounding (the internode
+    kernels round each node's partial, so with 2+ ranks per node they differ from the
+    reference by that rounding: the 4r-2x2 GPU failure of 2026-12-07, session 16, on every
+    rank, was this comparison, not a wrong row). Across nodes the second combine stages its
+    input while a same-node peer may still read the first one's (regions.InternodeRegions,
+    combine_src halves): a row read from the wrong half differs from the model."""
     dev, r, me = ctx.device, ctx.world_size, ctx.rank
     buf = normal_buffer(ctx, backend, case.hidden)
     ref = normal_buffer(ctx, "reference", case.hidden)
     fails = Failures(ctx.rank)
     try:
+        group = partial_sum_ranks(buf, r)
         for i in range(rounds):
-            batches = [tuple(t.to(dev) for t in n_inputs(case, me, r, step=2 * i + j))
-                       for j in range(2)]
+            inputs = [n_inputs(case, me, r, step=2 * i + j) for j in range(2)]
+            batches = [tuple(t.to(dev) for t in inp) for inp in inputs]
             got, want = [], []
             for b, out in ((buf, got), (ref, want)):
                 res = []
@@ -704,7 +742,11 @@ def task_normal_two_batches(ctx, backend: str, case: NCase, rounds: int = 3):
             sync(ctx)
             check_status(buf)
             for j, (g, w) in enumerate(zip(got, want)):
-                fails.equal(f"round {i} combine of batch {'AB'[j]}", g.cpu(), w.cpu())
+                x, idx, _ = inputs[j]
+                label = f"round {i} combine of batch {'AB'[j]}"
+                fails.equal(label, g.cpu(), combine_of_partials(case, x, idx, r, group))
+                fails.equal(f"{label} (reference Buffer)", w.cpu(),
+                            combine_of_partials(case, x, idx, r, r))
     finally:
         buf.destroy()
         ref.destroy()

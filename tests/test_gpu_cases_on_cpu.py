@@ -54,6 +54,44 @@ def test_normal_two_batches_task_on_the_reference(cpu_ranks):
     assert cpu_ranks(2).run(normal.task_normal_two_batches, "reference", case, 2) == [2, 2]
 
 
+def test_normal_two_batches_task_as_two_nodes_of_two(cpu_ranks):
+    """The same task in the internode GPU test's setting (4 ranks, EP_COMM_TEST_RANKS_PER_NODE=2):
+    the reference rounds once however the ranks are grouped, and the task models it so."""
+    case = NCase(seed=4150, hidden=256, num_topk=4, num_experts=16, num_tokens=20)
+    got = cpu_ranks(4).run(common.task_with_env, {common.RANKS_PER_NODE_ENV: "2"},
+                           normal.task_normal_two_batches, "reference", case, 2)
+    assert got == [2] * 4
+
+
+@pytest.mark.parametrize("ranks", [2, 4, 8])
+def test_combine_of_partials_one_rounding_is_the_exact_sum_rounded(ranks):
+    """combine_of_partials with one group (or groups of one rank: no partial is rounded) is the
+    exact float64 sum rounded once: its float32 sums are exact, so it stands for the reference
+    and the NVLink kernels in any order of addition."""
+    case = NCase(seed=BASE + 4170, hidden=512, num_topk=8, num_experts=64, num_tokens=96)
+    for me in range(ranks):
+        inputs = {me: normal.n_inputs(case, me, ranks)}
+        x, idx, _ = inputs[me]
+        exact, _ = normal.expected_combine(case, me, inputs, ranks)
+        want = exact.to(torch.bfloat16)
+        assert torch.equal(normal.combine_of_partials(case, x, idx, ranks, ranks), want)
+        assert torch.equal(normal.combine_of_partials(case, x, idx, ranks, 1), want)
+
+
+def test_combine_of_partials_reproduces_the_2x2_gpu_failure_of_session_16():
+    """The failure of test_two_dispatches_then_two_combines[4r-2x2] on 2026-12-07 (base seed
+    610779369; every rank, every combine, about 20% of the elements) was the internode
+    kernels' bf16 rounding of each node's partial, compared bit for bit with the reference's
+    single rounding: the model with groups of 2 ranks gives the kernels' reported values."""
+    case = NCase(seed=610779369 + 12504, hidden=2048, num_topk=8, num_experts=64, num_tokens=96)
+    x, idx, _ = normal.n_inputs(case, 2, 4, step=0)  # rank 2, round 0, batch A
+    got = normal.combine_of_partials(case, x, idx, 4, 2)
+    want = normal.combine_of_partials(case, x, idx, 4, 4)
+    assert common.describe_difference(got, want) == (
+        "44659 of 225280 elements differ; first at [0, 12]: got -3.375, want -3.359375; "
+        "largest |difference| 32")
+
+
 def test_normal_uneven_buffers_task_on_the_reference(cpu_ranks):
     """The uneven-num_nvl_bytes task (the rings' stride GPU test) on CPU ranks."""
     cases = [NCase(seed=4200, hidden=256, num_topk=4, num_experts=16, num_tokens=20)]

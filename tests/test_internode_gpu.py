@@ -55,7 +55,9 @@ def test_random_cases_bit_exact_dispatch_and_bf16_combine(gpu_ranks, world, rpn)
 @pytest.mark.parametrize("world,rpn", FULL_LAYOUTS, ids=_ids[:2])
 def test_two_dispatches_then_two_combines(gpu_ranks, world, rpn):
     """Micro-batch overlap order (dispatch A, dispatch B, combine A, combine B): the second
-    combine's input goes to the other combine_src half, which a same-node peer is not reading."""
+    combine's input goes to the other combine_src half, which a same-node peer is not reading.
+    Each combine bit for bit against the model of the kernels' rounding (each node's partial
+    rounded to bf16: gpu_cases_normal.combine_of_partials), not the reference's."""
     case = NCase(seed=_seed(12500 + world), hidden=2048, num_topk=8, num_experts=64,
                  num_tokens=96)
     got = gpu_ranks(world).run(common.task_with_env, _env(rpn), normal.task_normal_two_batches,

@@ -106,7 +106,8 @@ def test_other_sm_budgets(gpu_ranks, world, num_sms):
 @pytest.mark.parametrize("world", FULL)
 def test_two_dispatches_then_two_combines(gpu_ranks, world):
     """Micro-batch overlap order (dispatch A, dispatch B, combine A, combine B), synchronous,
-    each combine exact against the reference (gpu_cases_normal.task_normal_two_batches)."""
+    each combine bit for bit against the exact sum rounded once, as the reference Buffer's
+    (gpu_cases_normal.task_normal_two_batches)."""
     case = NCase(seed=_seed(12600 + world), hidden=2048, num_topk=8, num_experts=64,
                  num_tokens=96)
     assert gpu_ranks(world).run(normal.task_normal_two_batches, BACKEND, case) == [3] * world
