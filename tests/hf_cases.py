@@ -181,16 +181,27 @@ def _task_hf_model(ctx, case: HFCase):
             trace.restore()
             err = (logits - ref_logits).abs().max().item()
             scale = ref_logits.abs().max().item()
+            diag = {}
             if case.graphs:
                 gen = greedy_with_cuda_graph(model, ids[a:b], NEW_TOKENS)
+                # Where a difference comes from (every rank makes these calls, whatever its
+                # tokens): the same static-cache loop eager on the EP model, and on the unsplit
+                # model (the static cache's numerics against the reference's generate).
+                diag["ep_eager"] = greedy_with_cuda_graph(model, ids[a:b], NEW_TOKENS,
+                                                          graphs=False)
+                diag["ref_static"] = greedy_with_cuda_graph(ref, ids[a:b], NEW_TOKENS,
+                                                            graphs=False)
             else:
                 gen = model.generate(ids[a:b], max_new_tokens=NEW_TOKENS,
                                      min_new_tokens=NEW_TOKENS, do_sample=False)
         assert err <= LOGITS_TOL * scale, (
             f"{case}: max |logits - ref| {err:.4g} > {LOGITS_TOL} * {scale:.4g}")
         same = torch.equal(gen, ref_gen)
+        notes = "".join(
+            f"\n{name} {t.tolist()} ({'equal to' if torch.equal(t, ref_gen) else 'unlike'} ref)"
+            for name, t in diag.items())
         assert same, (f"{case} rank {ctx.rank}: greedy tokens differ\nEP  {gen.tolist()}\n"
-                      f"ref {ref_gen.tolist()}")
+                      f"ref {ref_gen.tolist()}{notes}")
         if case.implementation == "ep_comm_ll":
             assert ep.calls["low_latency"] > 0 and ep.calls["normal"] > 0, ep.calls
         else:
@@ -277,16 +288,30 @@ class PhaseTrace:
             time.sleep(0.01)
 
 
-def greedy_with_cuda_graph(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+def greedy_with_cuda_graph(model, ids: torch.Tensor, new_tokens: int,
+                           graphs: bool = True) -> torch.Tensor:
     """Greedy decoding with a static KV cache: the prompt in one eager forward (normal mode),
     then every decode step replayed from one CUDA graph (low-latency mode under
-    ``ep_comm_ll``). ids [B, S] -> [B, S + new_tokens]."""
+    ``ep_comm_ll``), or run eagerly (``graphs=False``: the same steps, for a diagnosis).
+    ids [B, S] -> [B, S + new_tokens]."""
     from transformers import StaticCache
     bsz, s = ids.shape
     cache = StaticCache(config=model.config, max_cache_len=s + new_tokens)
     out = model(input_ids=ids, past_key_values=cache, use_cache=True,
                 cache_position=torch.arange(s, device=ids.device))
-    tok = out.logits[:, -1].argmax(-1, keepdim=True)
+    eos = model.config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+
+    def pick(logits):
+        # as generate(min_new_tokens=new_tokens) picks: never an end-of-sequence token (its
+        # MinNewTokensLengthLogitsProcessor sets their logits to -inf); a plain argmax may take
+        # one and then differ from the reference for reasons that are not the model's
+        logits = logits[:, -1].clone()
+        if eos:
+            logits[:, eos] = float("-inf")
+        return logits.argmax(-1, keepdim=True)
+
+    tok = pick(out.logits)
     toks = [tok]
     static_tok = tok.clone()
     static_pos = torch.tensor([s], device=ids.device)
@@ -295,6 +320,13 @@ def greedy_with_cuda_graph(model, ids: torch.Tensor, new_tokens: int) -> torch.T
         return model(input_ids=static_tok, past_key_values=cache, use_cache=True,
                      cache_position=static_pos).logits
 
+    if not graphs:
+        for i in range(new_tokens - 1):
+            static_tok.copy_(tok)
+            static_pos.fill_(s + i)
+            tok = pick(step())
+            toks.append(tok)
+        return torch.cat([ids] + toks, dim=1)
     # warm-up on a side stream (allocator, Triton autotuning), then rewind the cache slot
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -308,6 +340,6 @@ def greedy_with_cuda_graph(model, ids: torch.Tensor, new_tokens: int) -> torch.T
         static_tok.copy_(tok)
         static_pos.fill_(s + i)
         graph.replay()
-        tok = static_logits[:, -1].argmax(-1, keepdim=True)
+        tok = pick(static_logits)
         toks.append(tok)
     return torch.cat([ids] + toks, dim=1)

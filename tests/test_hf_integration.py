@@ -118,6 +118,34 @@ def test_gpu_2_ranks_kernels(gpu_ranks, kind, implementation, graphs):
                                            backend="kernels", timeout_s=timeout_s))
 
 
+def test_static_cache_eager_loop_equals_generate_on_the_unsplit_model():
+    """``greedy_with_cuda_graph(..., graphs=False)`` (the GPU test's static-cache loop, run
+    eagerly) picks what ``generate(min_new_tokens=...)`` picks on the unsplit model, on the
+    decisive prompts of a seeded pool (CPU, DeepSeek-V3's tiny model), some of whose raw
+    argmax is the end-of-sequence token at some step. Until 2026-12-07 (session 16) the loop
+    took a plain argmax, which may be that token where generate masks it: it then differed
+    from generate with no EP at all (one row in nine here)."""
+    import torch
+    from hf_cases import GAP_MIN, NEW_TOKENS, build_model, greedy_with_cuda_graph
+    ref = build_model("deepseek_v3", "cpu", 0)
+    seq = 6
+    cand = torch.randint(3, 32, (320, seq), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        gen = ref.generate(cand, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                           do_sample=False)
+        logits = ref(gen[:, :-1]).logits.float()[:, seq - 1:]
+    top2 = logits.topk(2, dim=-1).values
+    gap = (top2[..., 0] - top2[..., 1]).min(dim=1).values
+    good = torch.nonzero(gap >= GAP_MIN * logits.abs().max()).flatten()
+    assert good.numel() >= 4
+    assert (logits[good].argmax(-1) == ref.config.eos_token_id).any()  # the masking matters
+    with torch.no_grad():
+        got = greedy_with_cuda_graph(ref, cand[good], NEW_TOKENS, graphs=False)
+        want = ref.generate(cand[good], max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                            do_sample=False)
+    assert torch.equal(got, want), (got.tolist(), want.tolist())
+
+
 def test_phase_trace_names_the_first_unfinished_phase():
     """The GPU tests' wait for the first EP forward (``PhaseTrace.wait``) names where the GPU
     work stands instead of hanging; here with stand-in events and a stand-in Buffer."""
