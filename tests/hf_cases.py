@@ -82,6 +82,20 @@ class HFCase:
     timeout_s: float | None = None
 
 
+def decisive_rows(ref, cand: torch.Tensor):
+    """(indices of the prompts of ``cand`` [P, S] whose reference greedy continuation is
+    decisive (see ``decisive_prompts``), the teacher-forced logits [P, NEW_TOKENS, V] float32
+    of those continuations)."""
+    seq = cand.shape[1]
+    with torch.no_grad():
+        gen = ref.generate(cand, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                           do_sample=False)
+        logits = ref(gen[:, :-1]).logits.float()[:, seq - 1:]
+    top2 = logits.topk(2, dim=-1).values
+    gap = (top2[..., 0] - top2[..., 1]).min(dim=1).values
+    return torch.nonzero(gap >= GAP_MIN * logits.abs().max()).flatten(), logits
+
+
 def decisive_prompts(ctx, ref, batch: int, seq: int, seed: int, dev):
     """``batch`` random prompts [batch, seq] whose reference greedy continuation (returned too,
     [batch, seq + NEW_TOKENS]) is decisive: at every step the best token leads the second by
@@ -97,13 +111,7 @@ def decisive_prompts(ctx, ref, batch: int, seq: int, seed: int, dev):
                          generator=torch.Generator().manual_seed(seed + 1)).to(dev)
     keep = torch.full((batch,), -1, dtype=torch.int64)
     if ctx.rank == 0:
-        with torch.no_grad():
-            gen = ref.generate(cand, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                               do_sample=False)
-            logits = ref(gen[:, :-1]).logits.float()[:, seq - 1:]
-        top2 = logits.topk(2, dim=-1).values
-        gap = (top2[..., 0] - top2[..., 1]).min(dim=1).values
-        good = torch.nonzero(gap >= GAP_MIN * logits.abs().max()).flatten()[:batch].cpu()
+        good = decisive_rows(ref, cand)[0][:batch].cpu()
         keep[:good.numel()] = good
     on = keep.to(dev) if dist.get_backend(ctx.group) == "nccl" else keep
     dist.broadcast(on, 0, group=ctx.group)

@@ -126,17 +126,10 @@ def test_static_cache_eager_loop_equals_generate_on_the_unsplit_model():
     took a plain argmax, which may be that token where generate masks it: it then differed
     from generate with no EP at all (one row in nine here)."""
     import torch
-    from hf_cases import GAP_MIN, NEW_TOKENS, build_model, greedy_with_cuda_graph
+    from hf_cases import NEW_TOKENS, build_model, decisive_rows, greedy_with_cuda_graph
     ref = build_model("deepseek_v3", "cpu", 0)
-    seq = 6
-    cand = torch.randint(3, 32, (320, seq), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        gen = ref.generate(cand, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                           do_sample=False)
-        logits = ref(gen[:, :-1]).logits.float()[:, seq - 1:]
-    top2 = logits.topk(2, dim=-1).values
-    gap = (top2[..., 0] - top2[..., 1]).min(dim=1).values
-    good = torch.nonzero(gap >= GAP_MIN * logits.abs().max()).flatten()
+    cand = torch.randint(3, 32, (320, 6), generator=torch.Generator().manual_seed(1))
+    good, logits = decisive_rows(ref, cand)
     assert good.numel() >= 4
     assert (logits[good].argmax(-1) == ref.config.eos_token_id).any()  # the masking matters
     with torch.no_grad():
