@@ -868,6 +868,7 @@ class Buffer:
         bad = self._bad_ids(topk_idx, num_experts, first)
         if bad is None and use_fp8:
             bad = self._bad_values(x)
+        self.backend.check_low_latency_send("dispatch")
         self._begin_call(agreement.Signature(
             "low_latency_dispatch", hidden, torch.float8_e4m3fn if use_fp8 else x.dtype,
             num_experts, topk_idx.shape[1], -1, m), bad)
@@ -936,6 +937,7 @@ class Buffer:
                 checks.tensor("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats,
                               dtype=torch.int64, shape=(r,), device=self.device)
             self._validated.add(key)
+        self.backend.check_low_latency_send("combine", handle)
         self._begin_call(agreement.Signature(  # fault handling: call agreement
             "low_latency_combine", hidden, x.dtype, e, topk_idx.shape[1],
             getattr(handle.backend_state, "call_seq", -1), m),

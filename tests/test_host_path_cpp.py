@@ -907,3 +907,56 @@ def test_a_failed_launch_numbers_the_combine_and_raises(nd):
         assert buf.comm.call[0] == agreement.Signature("combine", HN, torch.bfloat16, EN, KN)
     finally:
         launch.block -= 1
+
+
+# ------------------------------------------------------------------ receive hooks' order
+def _ll_dispatch(buf, x, idx, hook):
+    return buf.low_latency_dispatch(x, idx, M, E, use_fp8=False, return_recv_hook=hook)
+
+
+def test_a_send_on_a_half_whose_receive_is_pending_is_refused_before_numbering(ll):
+    """D0 and D1 sent with hooks, D2 before D0's hook: D2 would overwrite D0's half (here and
+    on the peers), so it raises InputError before the call is numbered; once D0 is received it
+    runs. A combine of a dispatch not yet received is refused alike."""
+    from ep_comm.errors import InputError
+    buf, module = ll
+    x, idx, w = _inputs(M)
+    d0 = _ll_dispatch(buf, x, idx, True)
+    d1 = _ll_dispatch(buf, x, idx, True)
+    seq = buf.comm.seq
+    with pytest.raises(InputError, match=r"dispatch before last \(buffer half 0\).*hook"):
+        _ll_dispatch(buf, x, idx, False)
+    y = torch.zeros(E, M, H, dtype=torch.bfloat16)
+    with pytest.raises(InputError, match="has not been received"):
+        buf.low_latency_combine(y, idx, w, d0[2])
+    assert buf.comm.seq == seq  # refused before numbering: the ranks stay in step
+    d0[4]()
+    d2 = _ll_dispatch(buf, x, idx, False)
+    assert d2[2].buffer_idx == 0 and buf.comm.seq == seq + 1
+    d1[4]()
+    c0 = buf.low_latency_combine(y, idx, w, d0[2], return_recv_hook=True)
+    with pytest.raises(InputError, match=r"combine before last \(buffer half 0\)"):
+        buf.low_latency_combine(y, idx, w, d2[2])
+    c0[2]()
+    buf.low_latency_combine(y, idx, w, d2[2])
+
+
+def test_the_cpp_path_declines_while_a_hook_is_out_and_clean_forgets_hooks(ll):
+    buf, module = ll
+    x, idx, w = _inputs(M)
+    for _ in range(3):  # both halves learnt, then C++
+        _ll_dispatch(buf, x, idx, False)
+    host, rt = buf._ll_host, buf.backend.ll
+    calls = host.calls
+    assert calls >= 1
+    d = _ll_dispatch(buf, x, idx, True)
+    assert rt.hooks_out == 1
+    _ll_dispatch(buf, x, idx, False)  # the other half: allowed, through Python
+    assert host.calls == calls
+    buf.clean_low_latency_buffer(M, H, E)
+    assert rt.hooks_out == 0
+    d[4]()  # a hook handed out before the clean: no count goes below zero
+    assert rt.hooks_out == 0
+    for _ in range(2):
+        _ll_dispatch(buf, x, idx, False)
+    assert host.calls > calls

@@ -77,6 +77,11 @@ class Backend(abc.ABC):
                                  num_experts: int) -> None:
         ...
 
+    def check_low_latency_send(self, kind: str, handle: LowLatencyHandle | None = None) -> None:
+        """Before a low-latency ``kind`` call ("dispatch", or "combine" of ``handle``) is
+        numbered: raise InputError where this rank's own order of calls and receive hooks would
+        overwrite a result not yet received. A backend without a double buffer has none."""
+
     @abc.abstractmethod
     def mask_buffer(self) -> torch.Tensor:
         """[R] int32 mask: 1 = rank masked (failed): neither sent to nor waited for."""

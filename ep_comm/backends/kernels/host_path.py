@@ -154,7 +154,7 @@ class LowLatencyHostPath:
         """(recv, recv_count, handle) as ``Buffer.low_latency_dispatch`` returns them, or None
         (the C++ side declined: the caller runs the Python path)."""
         entry = self._dispatch.get((m, num_experts, use_fp8, round_scale, use_ue8m0))
-        if entry is None:
+        if entry is None or self.rt.hooks_out:  # a receive hook out: the Python path checks
             return None
         rt, comm = self.rt, self.rt.comm
         half = rt._next_half
@@ -177,7 +177,7 @@ class LowLatencyHostPath:
         """combined_x [T, H] bf16, or None (the caller runs the Python path)."""
         m, hidden, e = handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts
         obj = self._combine.get((m, hidden, e))
-        if obj is None:
+        if obj is None or self.rt.hooks_out:  # a receive hook out: the Python path checks
             return None
         comm = self.rt.comm
         result = _native(obj.call, x, bool(zero_copy), handle.src_info, handle.range_begin,

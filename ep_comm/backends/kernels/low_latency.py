@@ -88,10 +88,13 @@ class LowLatencyState:
     Attributes:
         half: which half of the double buffer the dispatch used (its combine uses it too).
         keep: the dispatch's inputs (x, topk_idx), referenced until the receive is launched.
+        received: truthy once the dispatch was received (at once without a hook; the hook's
+            own list, filled when it is called, with one).
     """
 
     half: int
     keep: tuple
+    received: object = (True,)
 
 
 LL_DISPATCH_PER_CALL = args.LL_DISPATCH_PER_CALL
@@ -134,6 +137,12 @@ class LowLatencyRuntime:
         # pooled buffer may be larger on some).
         self._capacity = min(self.sym.nbytes, max(num_rdma_bytes, 1))
         self._next_half = 0
+        # Receive hooks not yet called, by (kind, half): (the hook's list, filled when called).
+        # A send on a half whose previous receive is pending is refused (check_send); the C++
+        # path declines while any hook is out (hooks_out), so the Python path checks.
+        self._unreceived: dict[tuple[str, int], list] = {}
+        self.hooks_out = 0
+        self._hook_epoch = 0  # clean_low_latency_buffer forgets the hooks handed out before it
         # Read once per Buffer: a change of EP_COMM_TIMEOUT_S applies to Buffers created later.
         self._limit_s = timeout_s()
         self._timeout_ns_value = int(self._limit_s * 1e9)
@@ -294,6 +303,8 @@ class LowLatencyRuntime:
             recv_count=recv_count, num_max_dispatch_tokens_per_rank=m, hidden=hidden,
             num_experts=num_experts, buffer_idx=half, use_fp8=use_fp8,
             backend_state=LowLatencyState(half=half, keep=keep))
+        if return_recv_hook:
+            handle.backend_state.received = self._expect_receive("dispatch", half)
         if not return_recv_hook:
             grid = max(send_grid, recv_grid)
             self._launch(plan, grid, per_call + (SEND_PHASE | RECV_PHASE,))
@@ -309,17 +320,48 @@ class LowLatencyRuntime:
             return recv_x, recv_scales, recv_count, handle, None
         self._launch(plan, send_grid, per_call + (SEND_PHASE,))
         return recv_x, recv_scales, recv_count, handle, self._hook(
-            plan, recv_grid, per_call + (RECV_PHASE,), keep)
+            plan, recv_grid, per_call + (RECV_PHASE,), keep, handle.backend_state.received)
 
-    def _hook(self, plan, grid: int, per_call_values: tuple, keep):
+    def check_send(self, kind: str, handle: LowLatencyHandle | None = None) -> None:
+        """Before a low-latency call is numbered (local, no device work): refuse a ``kind``
+        ("dispatch" or "combine", of ``handle``) whose buffer half holds the same kind's call
+        before last not yet received (its send would land where that receive still reads,
+        here and on the peers: "at most two results alive", the rule of DeepEP's API), and a
+        combine of a dispatch not yet received. InputError."""
+        if kind == "combine":
+            state = handle.backend_state
+            if isinstance(state, LowLatencyState) and not state.received:
+                raise InputError("low_latency_combine: the dispatch that made this handle has "
+                                 "not been received: call its receive hook first")
+            half = handle.buffer_idx
+        else:
+            half = self._next_half
+        pending = self._unreceived.get((kind, half))
+        if pending is not None and not pending:
+            raise InputError(
+                f"low_latency_{kind}: the {kind} before last (buffer half {half}) has not been "
+                f"received: call its receive hook before this {kind} (at most two results are "
+                f"alive at once; this call would overwrite the one not yet received)")
+
+    def _expect_receive(self, kind: str, half: int) -> list:
+        """The list a hook of (``kind``, ``half``) fills when called (see check_send)."""
+        called: list = []
+        self._unreceived[kind, half] = called
+        self.hooks_out += 1
+        return called
+
+    def _hook(self, plan, grid: int, per_call_values: tuple, keep, called: list):
         """A callable that launches the receive phase once, on the caller's current stream
-        (with all of this call's per-call arguments: another call may have used the plan)."""
-        called = []
+        (with all of this call's per-call arguments: another call may have used the plan);
+        ``called`` is filled when it is (``_expect_receive``)."""
+        epoch = self._hook_epoch
 
         def hook():
             if called:
                 raise InputError("this receive hook was already called (each hook receives once)")
             called.append(True)
+            if epoch == self._hook_epoch:
+                self.hooks_out -= 1
             self.check_status()
             _ = keep  # the send's inputs live until the receive is launched
             self._launch(plan, grid, per_call_values)
@@ -384,7 +426,8 @@ class LowLatencyRuntime:
                     grid=grid, call_tag=per_call[-1])
             return result, None
         self._launch(plan, send_grid, per_call + (SEND_PHASE,))
-        return result, self._hook(plan, recv_grid, per_call + (RECV_PHASE,), keep)
+        return result, self._hook(plan, recv_grid, per_call + (RECV_PHASE,), keep,
+                                  self._expect_receive("combine", half))
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
         """[L, R * M, H] bf16 view of the symmetric combine buffer of the handle's half."""
@@ -410,6 +453,9 @@ class LowLatencyRuntime:
         self.sym.tensor[:reg.signals_end].zero_()
         self._status.clear()
         self._next_half = 0
+        self._unreceived.clear()  # the hooks handed out before are void
+        self.hooks_out = 0
+        self._hook_epoch += 1
         torch.cuda.synchronize(self.device)
         self.comm.barrier("low_latency/clean")
 
