@@ -981,11 +981,12 @@ class Buffer:
         every rank: a masked rank that was alive may have written signal words no call read."""
         if not isinstance(rank_to_mask, int) or not 0 <= rank_to_mask < self.group_size:
             raise InputError(f"rank_to_mask must be in [0, {self.group_size}), got {rank_to_mask!r}")
-        if not mask and int(self.backend.mask_buffer()[rank_to_mask]):
+        buf = self.backend.mask_buffer()
+        masked = buf.tolist()  # one read of the device mask serves both uses below
+        if not mask and masked[rank_to_mask]:
             self._unmasked.add(rank_to_mask)
-        self.backend.mask_buffer()[rank_to_mask] = 1 if mask else 0
+        buf[rank_to_mask] = masked[rank_to_mask] = 1 if mask else 0
         # fault handling: masking every lost rank lets the survivors go on (docs/faults.md)
-        masked = self.backend.mask_buffer().tolist()
         self.comm.unmask_failure({p for p in range(self.group_size) if masked[p]})
 
     def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:

@@ -25,7 +25,7 @@ combine before it sends the call after next; that is the "at most two results al
 the API. It does not hold for every order that rule allows (a review, 2026-12-07): with receive
 hooks, ranks that run D0 send, D1 send, D0 receive, D2 send give p's D2 send no chain to q's
 D0 receive, so D2 can land in half 0 before q has read and reset it (docs/faults.md, "Open
-races found by review"). ``clean_low_latency_buffer`` zeroes every word (after normal-mode use, or after a
+races found by review"). A rank's own breach of the rule is refused (``check_send``). ``clean_low_latency_buffer`` zeroes every word (after normal-mode use, or after a
 timeout) and synchronises the ranks.
 
 Bounded waits
@@ -134,8 +134,8 @@ class LowLatencyRuntime:
         self._mask = torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device)
         self._regions: dict[tuple[int, int, int], LowLatencyRegions] = {}
         # Bytes the regions are carved in: the requested size, the same on every rank (a
-        # pooled buffer may be larger on some).
-        self._capacity = min(self.sym.nbytes, max(num_rdma_bytes, 1))
+        # pooled buffer, at least that large, may be larger on some).
+        self._capacity = max(num_rdma_bytes, 1)
         self._next_half = 0
         # Receive hooks not yet called, by (kind, half): (the hook's list, filled when called).
         # A send on a half whose previous receive is pending is refused (check_send); the C++
