@@ -446,6 +446,76 @@ def test_normal_dispatch_cpp_launches_exactly_what_the_python_path_launches(nd, 
     assert host.calls == (4 if mode == "layout" else 3)
 
 
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) bytes a tensor's elements cover."""
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else -1
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+#: Outputs the kernels write 16 bytes at a time (the others, small int32 arrays, element-wise).
+WIDE = ("recv_x", "recv_scales", "recv_topk_idx", "recv_topk_weights")
+
+
+def _assert_disjoint_and_aligned(made: dict) -> None:
+    """The rows' outputs 16-byte aligned, and no two outputs sharing a byte (the C++ path
+    carves several from one allocation)."""
+    spans = sorted((*_byte_span(t), name) for name, t in made.items()
+                   if t is not None and t.numel())
+    for lo, _, name in spans:
+        assert name not in WIDE or lo % 16 == 0, name
+    for (_, a1, an), (b0, _, bn) in zip(spans, spans[1:]):
+        assert a1 <= b0, f"{an} overlaps {bn}"
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("mode", ["worst", "layout", "cached"])
+def test_cpp_dispatch_outputs_share_allocations_only_with_what_lives_as_long(nd, mode, fp8):
+    """The C++ dispatches make the payload and its scales in one allocation, and the handle's
+    arrays with the received top-k rows in another (kernels/host/host_path.cpp, Slab): the
+    outputs never overlap, and the payload never shares the handle's allocation (a handle kept
+    until combine must not keep a large recv_x alive)."""
+    buf, module = nd
+    x, kw = _normal_inputs(buf, fp8=fp8)
+    first = buf.dispatch(x, **kw)
+    worst = 2 * TN if mode == "worst" else 0
+    if mode == "cached":  # this kind's first call: learnt
+        buf.dispatch(x, handle=first[4])
+    else:
+        buf.dispatch(x, **kw, num_worst_tokens=worst)
+    calls = buf._normal_host.calls
+    res = (buf.dispatch(x, handle=first[4]) if mode == "cached"
+           else buf.dispatch(x, **kw, num_worst_tokens=worst))
+    assert buf._normal_host.calls == calls + 1
+    made = _made(res, mode == "cached")
+    _assert_disjoint_and_aligned(made)
+    payload = made["recv_x"].untyped_storage().data_ptr()
+    if made["recv_scales"] is not None:
+        assert made["recv_scales"].untyped_storage().data_ptr() == payload
+    if mode != "cached":
+        h = res[4]
+        for t in (h.rank_prefix_matrix, h.recv_src_idx, h.recv_src_rank, res[1], res[2]):
+            assert t.untyped_storage().data_ptr() != payload
+
+
+@pytest.mark.parametrize("use_fp8", [True, False])
+def test_cpp_low_latency_dispatch_outputs_are_disjoint_and_the_payload_apart(ll, use_fp8):
+    buf, module = ll
+    x = torch.randn(M, H).to(torch.bfloat16)
+    idx = torch.randint(-1, E, (M, 4))
+    for _ in range(3):  # the first two calls learn (one per buffer half), the third is C++
+        recv, count, handle, _, _ = buf.low_latency_dispatch(x, idx, M, E, use_fp8=use_fp8)
+    assert buf._ll_host.calls >= 1
+    recv_x, scales = recv if use_fp8 else (recv, None)
+    made = {"recv_x": recv_x, "recv_scales": scales, "src_info": handle.src_info,
+            "range_begin": handle.range_begin, "range_count": handle.range_count,
+            "recv_count": count}
+    _assert_disjoint_and_aligned(made)
+    if scales is not None:
+        assert scales.untyped_storage().data_ptr() == recv_x.untyped_storage().data_ptr()
+        assert scales.stride() == (scales.shape[1] * scales.shape[2], 1, scales.shape[1])
+    assert handle.src_info.untyped_storage().data_ptr() != recv_x.untyped_storage().data_ptr()
+
+
 def test_a_handle_from_the_cpp_path_drives_cached_dispatch_and_combine(nd):
     buf, module = nd
     x, kw = _normal_inputs(buf)

@@ -122,10 +122,10 @@ struct Shape {
 // 27 us (the "alloc" stage of bench/host_overhead.py), against 2.5 us for a cached dispatch's
 // one allocation. The views are plain int32 / float tensors the kernels write: no autograd view
 // tracking is needed (the outputs never require grad).
-at::Tensor carve(const at::Tensor& base, int64_t offset, std::initializer_list<int64_t> sizes,
-                 std::initializer_list<int64_t> strides = {}) {
+at::Tensor carve_as(const at::Tensor& base, caffe2::TypeMeta dtype, int64_t offset,
+                    std::initializer_list<int64_t> sizes, std::initializer_list<int64_t> strides) {
   auto impl = c10::make_intrusive<c10::TensorImpl>(c10::Storage(base.storage()), base.key_set(),
-                                                   base.dtype());
+                                                   dtype);
   int64_t st[4], n = 0, s = 1;
   const int64_t* sz = sizes.begin();
   const int64_t dims = static_cast<int64_t>(sizes.size());
@@ -134,10 +134,43 @@ at::Tensor carve(const at::Tensor& base, int64_t offset, std::initializer_list<i
   } else {
     for (int64_t i = dims - 1; i >= 0; --i) st[i] = s, s *= sz[i];
   }
-  impl->set_sizes_and_strides(c10::IntArrayRef(sz, dims), c10::IntArrayRef(st, dims),
-                              base.storage_offset() + offset);
+  impl->set_sizes_and_strides(c10::IntArrayRef(sz, dims), c10::IntArrayRef(st, dims), offset);
   return at::Tensor(std::move(impl));
 }
+
+at::Tensor carve(const at::Tensor& base, int64_t offset, std::initializer_list<int64_t> sizes,
+                 std::initializer_list<int64_t> strides = {}) {
+  return carve_as(base, base.dtype(), base.storage_offset() + offset, sizes, strides);
+}
+
+// Several outputs of a call in one allocation: ``add`` reserves a part (at a 256-byte
+// boundary, at least what an allocation of its own would give the kernels' vector accesses),
+// ``allocate`` makes the one tensor, ``part`` a view of a part as ``dtype``. A CUDA allocation
+// costs microseconds of host time (4.2 us on the host of the 2026-12-07 H100 run of session
+// 15), so outputs that live as long as each other share one: the payload rows with their
+// scales, a handle's small arrays with the received top-k rows; never a large payload with a
+// handle that would keep it alive.
+class Slab {
+ public:
+  int64_t add(int64_t nbytes) {
+    const int64_t at = bytes_;
+    bytes_ += (nbytes + 255) / 256 * 256;
+    return at;
+  }
+  const at::Tensor& allocate(const at::TensorOptions& options) {
+    base_ = at::empty({bytes_ > 0 ? bytes_ : 1}, options.dtype(at::kByte));
+    return base_;
+  }
+  at::Tensor part(int64_t at, at::ScalarType dtype, std::initializer_list<int64_t> sizes,
+                  std::initializer_list<int64_t> strides = {}) const {
+    return carve_as(base_, caffe2::TypeMeta::fromScalarType(dtype),
+                    at / static_cast<int64_t>(c10::elementSize(dtype)), sizes, strides);
+  }
+
+ private:
+  int64_t bytes_ = 0;
+  at::Tensor base_;
+};
 
 // What every C++ host path shares: the launch and capture entry points, the host status
 // words (the first ``status_words`` of them say whether a kernel reported), the device, and
@@ -279,13 +312,18 @@ class Dispatch : public HostPathBase {
     if (shape == nullptr || !status_clear() || capturing(stream)) return py::none();
 
     const int64_t rows = ranks_ * m_;
-    at::Tensor recv_x = at::empty({local_, rows, hidden_},
-                                  options_.dtype(use_fp8_ ? at::kFloat8_e4m3fn : at::kBFloat16));
+    // the payload and its scales in one allocation (Slab): [L, G, R*M] scales handed out as
+    // [L, R*M, G] (column-major per expert)
+    const at::ScalarType x_type = use_fp8_ ? at::kFloat8_e4m3fn : at::kBFloat16;
+    const at::ScalarType s_type = scales_int32_ ? at::kInt : at::kFloat;
+    Slab payload;
+    const int64_t x_at = payload.add(local_ * rows * hidden_ * c10::elementSize(x_type));
+    const int64_t s_at = use_fp8_ ? payload.add(local_ * scale_cols_ * rows * 4) : 0;
+    payload.allocate(options_);
+    at::Tensor recv_x = payload.part(x_at, x_type, {local_, rows, hidden_});
     at::Tensor scales;
-    if (use_fp8_)  // [L, G, R*M] allocated, handed out as [L, R*M, G] (column-major per expert)
-      scales = carve(at::empty({local_ * scale_cols_ * rows},
-                               options_.dtype(scales_int32_ ? at::kInt : at::kFloat)),
-                     0, {local_, rows, scale_cols_}, {scale_cols_ * rows, 1, rows});
+    if (use_fp8_)
+      scales = payload.part(s_at, s_type, {local_, rows, scale_cols_}, {scale_cols_ * rows, 1, rows});
     // the four int32 outputs in one allocation: src_info [L, R*M], range_begin and
     // range_count [L, R], recv_count [L]
     at::Tensor ints = at::empty({local_ * (rows + 2 * ranks_ + 1)}, options_.dtype(at::kInt));
@@ -592,8 +630,14 @@ class NvlDispatch : public NativeBase {
     // allocation less (the kernels read these int32 arrays element by element).
     const int64_t r = r_, local = plan->e / r_;
     const int64_t head = (r * r + local + r + 1 + 3) / 4 * 4;
-    at::Tensor small = at::empty({worst_ > 0 ? head + t * r + 2 * worst_ : head},
-                                 options_.dtype(at::kInt));
+    // With num_worst_tokens the routes and the received top-k rows (whose row count is then
+    // known) join them: the handle's arrays and the top-k rows in one allocation (Slab).
+    Slab small_slab;
+    const int64_t head_at = small_slab.add((worst_ > 0 ? head + t * r + 2 * worst_ : head) * 4);
+    Meta meta = worst_ > 0 ? add_meta(*plan, worst_, small_slab) : Meta{};
+    small_slab.allocate(options_);
+    at::Tensor small = small_slab.part(head_at, at::kInt,
+                                       {worst_ > 0 ? head + t * r + 2 * worst_ : head});
     at::Tensor prefix = carve(small, 0, {r, r});
     at::Tensor per_expert = carve(small, r * r, {local});
     at::Tensor of_rank = carve(small, r * r + local, {r});
@@ -633,14 +677,27 @@ class NvlDispatch : public NativeBase {
       counts = std::move(c);
       st.mark(kStageWait);
     }
-    // send_pos [T, R], recv_src_idx [N] and recv_src_rank [N] in one allocation
-    at::Tensor route = worst_ > 0 ? small
-                                  : at::empty({t * r + 2 * rows}, options_.dtype(at::kInt));
-    const int64_t at0 = worst_ > 0 ? head : 0;
+    // send_pos [T, R], recv_src_idx [N] and recv_src_rank [N], and the received top-k rows,
+    // in one allocation (with num_worst_tokens: the one above)
+    at::Tensor route = small;
+    int64_t at0 = head;
+    if (worst_ == 0) {
+      Slab route_slab;
+      const int64_t route_at = route_slab.add((t * r + 2 * rows) * 4);
+      meta = add_meta(*plan, rows, route_slab);
+      route_slab.allocate(options_);
+      route = route_slab.part(route_at, at::kInt, {t * r + 2 * rows});
+      at0 = 0;
+      take_meta(*plan, rows, route_slab, meta);
+    } else {
+      take_meta(*plan, rows, small_slab, meta);
+    }
     at::Tensor send_pos = carve(route, at0, {t, r});
     at::Tensor src_idx = carve(route, at0 + t * r, {rows});
     at::Tensor src_rank = carve(route, at0 + t * r + rows, {rows});
     Outputs o = outputs(*plan, rows);
+    o.idx = meta.idx;
+    o.w = meta.w;
     st.mark(kStageAlloc);
     const int64_t values[] = {ptr(x), ptr(x_scales), ptr(idx), ptr(w), ptr(in_rank), t,
                               ptr(prefix), ptr(send_pos), ptr(o.x), ptr(o.scales),
@@ -698,13 +755,34 @@ class NvlDispatch : public NativeBase {
     c10::optional<at::Tensor> scales, idx, w;
   };
 
+  // recv_x and recv_scales in one allocation (the payload: they live as long as each other);
+  // the top-k rows come from ``add_meta`` / ``take_meta`` (the handle's allocation).
   Outputs outputs(const NvlPlan& p, int64_t rows) const {
+    Slab payload;
+    const int64_t x_at = payload.add(rows * p.hidden * c10::elementSize(p.dtype));
+    const int64_t s_at = p.scales ? payload.add(rows * (p.hidden / 128) * 4) : 0;
+    payload.allocate(options_);
     Outputs o;
-    o.x = at::empty({rows, p.hidden}, options_.dtype(p.dtype));
-    if (p.scales) o.scales = at::empty({rows, p.hidden / 128}, options_.dtype(at::kFloat));
-    if (p.has_idx) o.idx = at::empty({rows, p.k}, options_.dtype(at::kLong));
-    if (p.has_w) o.w = at::empty({rows, p.k}, options_.dtype(at::kFloat));
+    o.x = payload.part(x_at, p.dtype, {rows, p.hidden});
+    if (p.scales) o.scales = payload.part(s_at, at::kFloat, {rows, p.hidden / 128});
     return o;
+  }
+
+  // recv_topk_idx [N, K] int64 and recv_topk_weights [N, K] float32 as parts of ``slab``:
+  // ``add_meta`` reserves them (before ``allocate``), ``take_meta`` carves them (after).
+  struct Meta {
+    int64_t idx_at = -1, w_at = -1;
+    c10::optional<at::Tensor> idx, w;
+  };
+  static Meta add_meta(const NvlPlan& p, int64_t rows, Slab& slab) {
+    Meta m;
+    if (p.has_idx) m.idx_at = slab.add(rows * p.k * 8);
+    if (p.has_w) m.w_at = slab.add(rows * p.k * 4);
+    return m;
+  }
+  static void take_meta(const NvlPlan& p, int64_t rows, const Slab& slab, Meta& m) {
+    if (p.has_idx) m.idx = slab.part(m.idx_at, at::kLong, {rows, p.k});
+    if (p.has_w) m.w = slab.part(m.w_at, at::kFloat, {rows, p.k});
   }
 
   static py::object opt(const c10::optional<at::Tensor>& t) {
