@@ -351,3 +351,103 @@ def greedy_with_cuda_graph(model, ids: torch.Tensor, new_tokens: int,
         tok = pick(static_logits)
         toks.append(tok)
     return torch.cat([ids] + toks, dim=1)
+
+
+def _cache_tensors(cache) -> list[torch.Tensor]:
+    """Every tensor a StaticCache holds (each layer's keys and values, whatever their names)."""
+    return [t for layer in cache.layers for t in vars(layer).values()
+            if isinstance(t, torch.Tensor)]
+
+
+def graph_vs_eager_steps(model, ids: torch.Tensor, new_tokens: int,
+                         graphs: bool = True) -> list[float]:
+    """Per decode step of ``greedy_with_cuda_graph``'s loop, max |logits of the CUDA-graph
+    replay - logits of the same step run eagerly| on the same cache state: the cache is saved,
+    the step runs eagerly, the cache is restored, the graph replays. Decoding goes on with the
+    eager step's token, so each step compares the two on one input. ``graphs=False`` replays
+    the eager step a second time instead (a check of the save and restore, on CPU).
+    ids [B, S] -> ``new_tokens - 1`` floats."""
+    from transformers import StaticCache
+    bsz, s = ids.shape
+    cache = StaticCache(config=model.config, max_cache_len=s + new_tokens)
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True,
+                cache_position=torch.arange(s, device=ids.device))
+    tok = out.logits[:, -1].argmax(-1, keepdim=True)
+    static_tok = tok.clone()
+    static_pos = torch.tensor([s], device=ids.device)
+
+    def step():
+        return model(input_ids=static_tok, past_key_values=cache, use_cache=True,
+                     cache_position=static_pos).logits
+
+    if graphs:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_logits = step()
+
+        def replay():
+            graph.replay()
+            return static_logits
+    else:
+        replay = step
+    diffs = []
+    for i in range(new_tokens - 1):
+        static_tok.copy_(tok)
+        static_pos.fill_(s + i)
+        saved = [t.clone() for t in _cache_tensors(cache)]
+        eager = step().float().clone()
+        after_eager = [t.clone() for t in _cache_tensors(cache)]
+        for t, v in zip(_cache_tensors(cache), saved):
+            t.copy_(v)
+        got = replay().float()
+        diffs.append((got - eager).abs().max().item())
+        # the replay wrote the step's keys and values as the eager step did (or not): decode
+        # goes on from the eager state either way
+        for t, v in zip(_cache_tensors(cache), after_eager):
+            t.copy_(v)
+        tok = eager[:, -1].argmax(-1, keepdim=True)
+    return diffs
+
+
+#: The variants of ``task_hf_graph_lockstep``: the EP model as the GPU test runs it ("fast":
+#: ep_comm.moe's masked GEMMs writing into the zero-copy combine buffer), the EP model on the
+#: module's own expert math ("generic": a fresh output, combine without zero-copy), and the
+#: unsplit model with transformers' batched_mm experts ("unsplit": no ep_comm at all).
+LOCKSTEP_VARIANTS = ("fast", "generic", "unsplit")
+
+
+def task_hf_graph_lockstep(ctx, case: HFCase, variant: str):
+    """``graph_vs_eager_steps`` of ``variant`` (``LOCKSTEP_VARIANTS``) on this rank's rows of
+    the decisive prompts. Returns {"diffs": [...], "scale": max |eager logits| of the prompt}."""
+    import ep_comm.integrations.transformers as ep_hf
+    dev = ctx.device
+    ref = build_model(case.kind, dev, case.seed)
+    batch = 2 * ctx.world_size + 1
+    ids, _ = decisive_prompts(ctx, ref, batch, case.seq, case.seed, dev)
+    a, b = rows_of(ctx.rank, ctx.world_size)
+    with torch.no_grad():
+        scale = ref(ids[a:b]).logits.float().abs().max().item()
+    if variant == "unsplit":
+        model = copy.deepcopy(ref)
+        model.set_experts_implementation("batched_mm")
+        with torch.no_grad():
+            return {"diffs": graph_vs_eager_steps(model, ids[a:b], NEW_TOKENS), "scale": scale}
+    model = copy.deepcopy(ref)
+    model.set_experts_implementation(case.implementation)
+    ep = ep_hf.shard_experts(model, ctx.group, num_max_dispatch_tokens_per_rank=8,
+                             use_fp8=case.use_fp8, backend=case.backend)
+    try:
+        if variant == "generic":
+            for m in ep_hf.experts_modules(model).values():
+                binding, st = m._ep_comm_state
+                m._ep_comm_state = (binding, dataclasses.replace(st, weights=None))
+        with torch.no_grad():
+            diffs = graph_vs_eager_steps(model, ids[a:b], NEW_TOKENS)
+        return {"diffs": diffs, "scale": scale, "calls": dict(ep.calls)}
+    finally:
+        ep.destroy()

@@ -148,6 +148,27 @@ def test_spawned_ranks_past_the_time_limit_are_killed_and_reported():
     assert all(r["status"] == report.FAIL for r in rows)
 
 
+def test_a_port_taken_before_rank_0_binds_it_is_tried_again(monkeypatch):
+    """The free port the doctor picks may be taken by another process before rank 0's store
+    binds it (the GPU suite's doctor beside test shards, session 17: every roundtrip failed
+    with EADDRINUSE). The first pick here is a port another socket listens on."""
+    import socket
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    picks = [busy.getsockname()[1]]
+    real = roundtrip._free_port
+    monkeypatch.setattr(roundtrip, "_free_port", lambda: picks.pop(0) if picks else real())
+    try:
+        events, tails = roundtrip.spawn_roundtrips(2, False, ["reference"], timeout=120,
+                                                   ranks_per_node=None)
+    finally:
+        busy.close()
+    assert not picks  # the taken port was tried first
+    rows = roundtrip.merge_events(events, 2, ["reference"], tails)
+    assert rows and all(r["status"] == report.PASS for r in rows), rows
+
+
 IBRC_FAILS = """\
 vm:1:1 [0] NVSHMEM INFO PE 0 (process) affinity to 32 CPUs
 /dvs/p4/build/src/modules/transport/ibrc/ibrc.cpp:1500: NULL value no active IB device found

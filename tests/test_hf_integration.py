@@ -17,7 +17,8 @@ import torch
 pytest.importorskip("transformers")
 
 import ep_comm.integrations.transformers as ep_hf  # noqa: E402
-from hf_cases import HFCase, build_model, task_hf_model  # noqa: E402
+from hf_cases import (LOCKSTEP_VARIANTS, LOGITS_TOL, HFCase, build_model,  # noqa: E402
+                      task_hf_graph_lockstep, task_hf_model)
 
 KINDS = ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"]
 
@@ -116,6 +117,36 @@ def test_gpu_2_ranks_kernels(gpu_ranks, kind, implementation, graphs):
     timeout_s = float(os.environ.get("EP_COMM_TEST_HF_TIMEOUT_S", "120"))
     gpu_ranks(2).run(task_hf_model, HFCase(kind, implementation, graphs=graphs,
                                            backend="kernels", timeout_s=timeout_s))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", LOCKSTEP_VARIANTS)
+def test_gpu_deepseek_graph_replays_equal_eager_steps(gpu_ranks, variant):
+    """Each decode step's CUDA-graph replay gives the logits of the same step run eagerly on
+    the same cache state (``graph_vs_eager_steps``), for DeepSeek-V3 in low-latency mode on 2
+    ranks ("fast", "generic") and for the unsplit model ("unsplit", no ep_comm): where the
+    greedy test above differs, this names the first step, and whether ep_comm's path or the
+    model's own graph capture is at fault."""
+    timeout_s = float(os.environ.get("EP_COMM_TEST_HF_TIMEOUT_S", "120"))
+    res = gpu_ranks(2).run(task_hf_graph_lockstep, HFCase(
+        "deepseek_v3", "ep_comm_ll", graphs=True, backend="kernels", timeout_s=timeout_s),
+        variant)
+    for rank, r in enumerate(res):
+        bad = [(i, d) for i, d in enumerate(r["diffs"]) if d > LOGITS_TOL * r["scale"]]
+        assert not bad, (f"{variant} rank {rank}: replays unlike the eager step at (step, max "
+                         f"|diff|) {bad} (scale {r['scale']:.3g}); every step: {r['diffs']}")
+
+
+def test_lockstep_save_and_restore_of_the_static_cache_is_exact():
+    """``graph_vs_eager_steps(graphs=False)`` runs each step twice from the saved cache: the
+    two must agree exactly (the save and restore lose nothing) on CPU."""
+    import torch
+    from hf_cases import build_model, graph_vs_eager_steps
+    ref = build_model("deepseek_v3", "cpu", 0)
+    ids = torch.randint(3, 32, (2, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        diffs = graph_vs_eager_steps(ref, ids, 6, graphs=False)
+    assert diffs == [0.0] * 5, diffs
 
 
 def test_static_cache_eager_loop_equals_generate_on_the_unsplit_model():

@@ -281,12 +281,35 @@ def worker_main(args) -> int:
     return 0
 
 
+#: Start-ups tried when rank 0's store finds its port taken (EADDRINUSE).
+PORT_TRIES = 3
+
+
 def spawn_roundtrips(world: int, use_gpu: bool, backends: list[str], timeout: float,
                      ranks_per_node: int | None) -> tuple[list[dict], str]:
     """Start ``world`` rank processes on this host, wait at most ``timeout`` s, and return
-    (per-rank events, the tail of their output)."""
+    (per-rank events, the tail of their output).
+
+    The port is free when chosen but is released before rank 0's store binds it; another
+    process may take it in between (the GPU suite runs the doctor beside test shards that open
+    ports all the time: session 17's run failed every roundtrip with EADDRINUSE). A start-up
+    that failed that way, with no rank ready, is tried again on a new port."""
+    deadline = time.monotonic() + timeout
+    for attempt in range(PORT_TRIES):
+        events, tails, port_taken = _spawn_once(world, use_gpu, backends,
+                                                deadline - time.monotonic(), ranks_per_node,
+                                                _free_port())
+        if not port_taken:
+            break
+    return events, tails
+
+
+def _spawn_once(world: int, use_gpu: bool, backends: list[str], timeout: float,
+                ranks_per_node: int | None, port: int) -> tuple[list[dict], str, bool]:
+    """One start of ``spawn_roundtrips``'s rank processes on ``port``: (events, tails, whether
+    rank 0 found the port taken; then every rank was stopped at once, since the others would
+    wait for a store that never answers until the time limit)."""
     tmp = tempfile.mkdtemp(prefix="ep_comm_doctor_")
-    port = _free_port()
     import ep_comm
     # The ranks must import this ep_comm even when it is not installed (run from a checkout).
     pkg_parent = str(Path(ep_comm.__file__).resolve().parent.parent)
@@ -313,10 +336,14 @@ def spawn_roundtrips(world: int, use_gpu: bool, backends: list[str], timeout: fl
     deadline = time.monotonic() + timeout
     timed_out = exit_hang = False
     done_at = None
+    port_taken = False
     while any(p.poll() is None for p in procs):
         now = time.monotonic()
         if now > deadline:
             timed_out = True
+            break
+        if procs[0].poll() not in (None, 0) and done_at is None and _port_taken(logs[0]):
+            port_taken = True
             break
         if done_at is None and _all_done(tmp, world):
             done_at = now
@@ -343,7 +370,15 @@ def spawn_roundtrips(world: int, use_gpu: bool, backends: list[str], timeout: fl
         events.append({"event": "timeout", "seconds": timeout})
     if exit_hang:
         events.append({"event": "exit_hang", "seconds": EXIT_GRACE_S})
-    return events, "\n".join(tails)
+    return events, "\n".join(tails), port_taken
+
+
+def _port_taken(log) -> bool:
+    """Whether rank 0's output (its open log file) says its store could not bind the port."""
+    log.flush()
+    with open(log.name) as f:
+        text = f.read()
+    return "EADDRINUSE" in text or "address already in use" in text
 
 
 def _free_port() -> int:
