@@ -415,10 +415,11 @@ def graph_vs_eager_steps(model, ids: torch.Tensor, new_tokens: int,
 
 
 #: The variants of ``task_hf_graph_lockstep``: the EP model as the GPU test runs it ("fast":
-#: ep_comm.moe's masked GEMMs writing into the zero-copy combine buffer), the EP model on the
-#: module's own expert math ("generic": a fresh output, combine without zero-copy), and the
-#: unsplit model with transformers' batched_mm experts ("unsplit": no ep_comm at all).
-LOCKSTEP_VARIANTS = ("fast", "generic", "unsplit")
+#: ep_comm.moe's masked GEMMs writing into the zero-copy combine buffer), the same GEMMs writing
+#: a fresh tensor that combine copies ("fast_copy": no zero-copy), the EP model on the module's
+#: own expert math ("generic": a fresh output, combine without zero-copy), and the unsplit
+#: model with transformers' batched_mm experts ("unsplit": no ep_comm at all).
+LOCKSTEP_VARIANTS = ("fast", "fast_copy", "generic", "unsplit")
 
 
 def task_hf_graph_lockstep(ctx, case: HFCase, variant: str):
@@ -442,6 +443,14 @@ def task_hf_graph_lockstep(ctx, case: HFCase, variant: str):
     ep = ep_hf.shard_experts(model, ctx.group, num_max_dispatch_tokens_per_rank=8,
                              use_fp8=case.use_fp8, backend=case.backend)
     try:
+        if variant == "fast_copy":
+            buf = ep.buffer
+            combine_buffer, combine = (buf.get_next_low_latency_combine_buffer,
+                                       buf.low_latency_combine)
+            buf.get_next_low_latency_combine_buffer = (
+                lambda handle: torch.empty_like(combine_buffer(handle)))
+            buf.low_latency_combine = (
+                lambda *args, **kw: combine(*args, **{**kw, "zero_copy": False}))
         if variant == "generic":
             for m in ep_hf.experts_modules(model).values():
                 binding, st = m._ep_comm_state
