@@ -296,17 +296,53 @@ class PhaseTrace:
             time.sleep(0.01)
 
 
+def _static_decoder(model, ids: torch.Tensor, new_tokens: int):
+    """The prompt ids [B, S] through ``model`` into a StaticCache of S + ``new_tokens`` slots.
+    Returns (cache, the prompt's logits [B, S, V], static_tok [B, 1] and static_pos [1] (the
+    inputs a decode step reads: set them, then call), step() -> logits [B, 1, V])."""
+    from transformers import StaticCache
+    bsz, s = ids.shape
+    cache = StaticCache(config=model.config, max_cache_len=s + new_tokens)
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True,
+                cache_position=torch.arange(s, device=ids.device))
+    static_tok = torch.zeros(bsz, 1, dtype=ids.dtype, device=ids.device)
+    static_pos = torch.tensor([s], device=ids.device)
+
+    def step():
+        return model(input_ids=static_tok, past_key_values=cache, use_cache=True,
+                     cache_position=static_pos).logits
+
+    return cache, out.logits, static_tok, static_pos, step
+
+
+def captured(step):
+    """``step`` captured in a CUDA graph after one warm-up run on a side stream (allocator,
+    Triton compiles; the warm-up writes the cache slot the first replay writes again). Returns
+    replay() -> the graph's output."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step()
+
+    def replay():
+        graph.replay()
+        return static_out
+
+    return replay
+
+
 def greedy_with_cuda_graph(model, ids: torch.Tensor, new_tokens: int,
                            graphs: bool = True) -> torch.Tensor:
     """Greedy decoding with a static KV cache: the prompt in one eager forward (normal mode),
     then every decode step replayed from one CUDA graph (low-latency mode under
     ``ep_comm_ll``), or run eagerly (``graphs=False``: the same steps, for a diagnosis).
     ids [B, S] -> [B, S + new_tokens]."""
-    from transformers import StaticCache
-    bsz, s = ids.shape
-    cache = StaticCache(config=model.config, max_cache_len=s + new_tokens)
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True,
-                cache_position=torch.arange(s, device=ids.device))
+    s = ids.shape[1]
+    cache, prompt_logits, static_tok, static_pos, step = _static_decoder(model, ids, new_tokens)
     eos = model.config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
 
@@ -319,15 +355,9 @@ def greedy_with_cuda_graph(model, ids: torch.Tensor, new_tokens: int,
             logits[:, eos] = float("-inf")
         return logits.argmax(-1, keepdim=True)
 
-    tok = pick(out.logits)
+    tok = pick(prompt_logits)
     toks = [tok]
-    static_tok = tok.clone()
-    static_pos = torch.tensor([s], device=ids.device)
-
-    def step():
-        return model(input_ids=static_tok, past_key_values=cache, use_cache=True,
-                     cache_position=static_pos).logits
-
+    static_tok.copy_(tok)
     if not graphs:
         for i in range(new_tokens - 1):
             static_tok.copy_(tok)
@@ -335,20 +365,11 @@ def greedy_with_cuda_graph(model, ids: torch.Tensor, new_tokens: int,
             tok = pick(step())
             toks.append(tok)
         return torch.cat([ids] + toks, dim=1)
-    # warm-up on a side stream (allocator, Triton autotuning), then rewind the cache slot
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_logits = step()
+    replay = captured(step)
     for i in range(new_tokens - 1):
         static_tok.copy_(tok)
         static_pos.fill_(s + i)
-        graph.replay()
-        tok = pick(static_logits)
+        tok = pick(replay())
         toks.append(tok)
     return torch.cat([ids] + toks, dim=1)
 
@@ -367,34 +388,11 @@ def graph_vs_eager_steps(model, ids: torch.Tensor, new_tokens: int,
     eager step's token, so each step compares the two on one input. ``graphs=False`` replays
     the eager step a second time instead (a check of the save and restore, on CPU).
     ids [B, S] -> ``new_tokens - 1`` floats."""
-    from transformers import StaticCache
-    bsz, s = ids.shape
-    cache = StaticCache(config=model.config, max_cache_len=s + new_tokens)
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True,
-                cache_position=torch.arange(s, device=ids.device))
-    tok = out.logits[:, -1].argmax(-1, keepdim=True)
-    static_tok = tok.clone()
-    static_pos = torch.tensor([s], device=ids.device)
-
-    def step():
-        return model(input_ids=static_tok, past_key_values=cache, use_cache=True,
-                     cache_position=static_pos).logits
-
-    if graphs:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_logits = step()
-
-        def replay():
-            graph.replay()
-            return static_logits
-    else:
-        replay = step
+    s = ids.shape[1]
+    cache, prompt_logits, static_tok, static_pos, step = _static_decoder(model, ids, new_tokens)
+    tok = prompt_logits[:, -1].argmax(-1, keepdim=True)
+    static_tok.copy_(tok)
+    replay = captured(step) if graphs else step
     diffs = []
     for i in range(new_tokens - 1):
         static_tok.copy_(tok)
