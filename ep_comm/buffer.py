@@ -17,7 +17,6 @@ import torch
 from ep_comm.backends.base import Backend, ExpandRequest
 from ep_comm.config import DEFAULT_NUM_SMS, Config, default_config
 from ep_comm.core import agreement, checks
-from ep_comm.core.constants import LL_MAX_EXPERTS
 from ep_comm.core.regions import LowLatencyRegions
 from ep_comm.errors import (BackendUnavailableError, BufferTooSmallError, CommTimeoutError,
                             EpCommError, InputError, KernelError, PeerLostError)
@@ -778,10 +777,8 @@ class Buffer:
         if not isinstance(m, int) or m <= 0:
             raise InputError(f"num_max_dispatch_tokens_per_rank must be a positive int, got {m!r}")
         checks.num_experts(num_experts, self.group_size)
-        if num_experts > LL_MAX_EXPERTS:
-            raise InputError(f"low-latency mode supports at most {LL_MAX_EXPERTS} experts "
-                             f"(the signal words' layout), got num_experts={num_experts}")
         checks.hidden_ok(hidden)
+        # (LowLatencyRegions refuses more than LL_MAX_EXPERTS experts: the signal words' layout)
         need = self.get_low_latency_rdma_size_hint(m, hidden, self.group_size, num_experts)
         if self.num_rdma_bytes < need:
             raise BufferTooSmallError("num_rdma_bytes", need, self.num_rdma_bytes, what)

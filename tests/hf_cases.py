@@ -358,14 +358,7 @@ def greedy_with_cuda_graph(model, ids: torch.Tensor, new_tokens: int,
     tok = pick(prompt_logits)
     toks = [tok]
     static_tok.copy_(tok)
-    if not graphs:
-        for i in range(new_tokens - 1):
-            static_tok.copy_(tok)
-            static_pos.fill_(s + i)
-            tok = pick(step())
-            toks.append(tok)
-        return torch.cat([ids] + toks, dim=1)
-    replay = captured(step)
+    replay = captured(step) if graphs else step
     for i in range(new_tokens - 1):
         static_tok.copy_(tok)
         static_pos.fill_(s + i)

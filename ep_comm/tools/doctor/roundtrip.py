@@ -293,9 +293,9 @@ def spawn_roundtrips(world: int, use_gpu: bool, backends: list[str], timeout: fl
     The port is free when chosen but is released before rank 0's store binds it; another
     process may take it in between (the GPU suite runs the doctor beside test shards that open
     ports all the time: session 17's run failed every roundtrip with EADDRINUSE). A start-up
-    that failed that way, with no rank ready, is tried again on a new port."""
+    that failed that way is stopped at once and tried again on a new port."""
     deadline = time.monotonic() + timeout
-    for attempt in range(PORT_TRIES):
+    for _ in range(PORT_TRIES):
         events, tails, port_taken = _spawn_once(world, use_gpu, backends,
                                                 deadline - time.monotonic(), ranks_per_node,
                                                 _free_port())
