@@ -434,6 +434,23 @@ if has_stage bench; then
         HOST_ARGS=""
     fi
     IMB_ARGS=${SUITE_IMB_ARGS-""}
+    # The benches time an idle GPU. A rank process the tests left behind (a failed task's peer,
+    # a pool the step's timeout cut short) may still hold the GPU and spin in a kernel; the
+    # figures then time a shared GPU (2026-12-07, session 17: the MoE decode step measured
+    # 0.66 ms in the suite, 0.13-0.17 ms alone on the same code). Every GPU process now is
+    # this suite's, and the tests are over: name them, and stop them.
+    if ((GPUS > 0)); then
+        STRAY=$(nvidia-smi --query-compute-apps=pid --format=csv,noheader 2> /dev/null | tr -d ' ')
+        if [[ -n $STRAY ]]; then
+            say "GPU processes left before the benches (stopped): $(echo $STRAY)"
+            ps -o pid=,etimes=,args= -p "$(echo $STRAY | tr ' ' ',')" 2> /dev/null | cut -c1-160 \
+                | tee -a "$LOG"
+            kill -9 $STRAY 2> /dev/null
+            sleep 2
+        else
+            say "no GPU process left before the benches"
+        fi
+    fi
     say "bench: ranks [${RANKS# }], benches $BENCHES, backends $BACKENDS"
     for n in $RANKS; do
         for bench in ${BENCHES//,/ }; do

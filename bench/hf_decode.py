@@ -130,7 +130,11 @@ def decode_figures(ctx, a, model, batch: int, ep=None) -> dict:
     dev = ctx.device
     ids = torch.randint(3, model.config.vocab_size, (batch, a.prompt),
                         generator=torch.Generator().manual_seed(a.seed)).to(dev)
-    cache = StaticCache(config=model.config, max_cache_len=a.prompt + a.steps + 4)
+    # transformers 5's StaticLayer writes each step at its own counter (one slot on per step,
+    # whatever cache_position says): room for the prompt, the capture's warm-up step and
+    # every timed step (an index past the end is a device-side assert)
+    cache = StaticCache(config=model.config,
+                        max_cache_len=a.prompt + 1 + a.warmup + a.steps + 4)
     with torch.no_grad():
         model(input_ids=ids, past_key_values=cache, use_cache=True,
               cache_position=torch.arange(a.prompt, device=dev))

@@ -315,14 +315,30 @@ def _static_decoder(model, ids: torch.Tensor, new_tokens: int):
     return cache, out.logits, static_tok, static_pos, step
 
 
-def captured(step):
-    """``step`` captured in a CUDA graph after one warm-up run on a side stream (allocator,
-    Triton compiles; the warm-up writes the cache slot the first replay writes again). Returns
-    replay() -> the graph's output."""
+def warm_up(step, state) -> None:
+    """Run ``step`` once (allocator, Triton compiles), then put ``state`` back as it was: the
+    tensors the step updates in place (``_cache_tensors`` of the static cache).
+
+    Why: transformers 5's ``StaticLayer.update`` writes a step's keys and values at its own
+    ``cumulative_length`` (a device counter each step adds to), not at the ``cache_position``
+    it is given. A warm-up left in place moves every later step one slot on: the graph test's
+    tokens differed from the second replay on, in the unsplit model as in ep_comm's
+    (2026-12-07, session 18; session 17's lockstep comparison restored the whole cache, counter
+    included, before each replay, so it never saw the shift)."""
+    saved = [t.clone() for t in state]
+    step()
+    for t, v in zip(state, saved):
+        t.copy_(v)
+
+
+def captured(step, state=()):
+    """``step`` captured in a CUDA graph after one warm-up run on a side stream (``warm_up``:
+    ``state`` is put back after it, so the first replay is the first step). Returns replay() ->
+    the graph's output."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        step()
+        warm_up(step, state)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -358,7 +374,7 @@ def greedy_with_cuda_graph(model, ids: torch.Tensor, new_tokens: int,
     tok = pick(prompt_logits)
     toks = [tok]
     static_tok.copy_(tok)
-    replay = captured(step) if graphs else step
+    replay = captured(step, _cache_tensors(cache)) if graphs else step
     for i in range(new_tokens - 1):
         static_tok.copy_(tok)
         static_pos.fill_(s + i)
@@ -368,7 +384,8 @@ def greedy_with_cuda_graph(model, ids: torch.Tensor, new_tokens: int,
 
 
 def _cache_tensors(cache) -> list[torch.Tensor]:
-    """Every tensor a StaticCache holds (each layer's keys and values, whatever their names)."""
+    """Every tensor a StaticCache holds (each layer's keys, values and write counter, whatever
+    their names)."""
     return [t for layer in cache.layers for t in vars(layer).values()
             if isinstance(t, torch.Tensor)]
 
@@ -385,7 +402,7 @@ def graph_vs_eager_steps(model, ids: torch.Tensor, new_tokens: int,
     cache, prompt_logits, static_tok, static_pos, step = _static_decoder(model, ids, new_tokens)
     tok = prompt_logits[:, -1].argmax(-1, keepdim=True)
     static_tok.copy_(tok)
-    replay = captured(step) if graphs else step
+    replay = captured(step, _cache_tensors(cache)) if graphs else step
     diffs = []
     for i in range(new_tokens - 1):
         static_tok.copy_(tok)
@@ -405,17 +422,10 @@ def graph_vs_eager_steps(model, ids: torch.Tensor, new_tokens: int,
     return diffs
 
 
-#: The variants of ``task_hf_graph_lockstep``: the EP model as the GPU test runs it ("fast":
-#: ep_comm.moe's masked GEMMs writing into the zero-copy combine buffer), the same GEMMs writing
-#: a fresh tensor that combine copies ("fast_copy": no zero-copy), the EP model on the module's
-#: own expert math ("generic": a fresh output, combine without zero-copy), and the unsplit
-#: model with transformers' batched_mm experts ("unsplit": no ep_comm at all).
-LOCKSTEP_VARIANTS = ("fast", "fast_copy", "generic", "unsplit")
-
-
-def task_hf_graph_lockstep(ctx, case: HFCase, variant: str):
-    """``graph_vs_eager_steps`` of ``variant`` (``LOCKSTEP_VARIANTS``) on this rank's rows of
-    the decisive prompts. Returns {"diffs": [...], "scale": max |eager logits| of the prompt}."""
+def task_hf_graph_lockstep(ctx, case: HFCase):
+    """``graph_vs_eager_steps`` of the EP model (as the GPU test runs it: ep_comm.moe's masked
+    GEMMs writing into the zero-copy combine buffer) on this rank's rows of the decisive
+    prompts. Returns {"diffs": [...], "scale": max |logits| of the unsplit model's prompt}."""
     import ep_comm.integrations.transformers as ep_hf
     dev = ctx.device
     ref = build_model(case.kind, dev, case.seed)
@@ -424,28 +434,11 @@ def task_hf_graph_lockstep(ctx, case: HFCase, variant: str):
     a, b = rows_of(ctx.rank, ctx.world_size)
     with torch.no_grad():
         scale = ref(ids[a:b]).logits.float().abs().max().item()
-    if variant == "unsplit":
-        model = copy.deepcopy(ref)
-        model.set_experts_implementation("batched_mm")
-        with torch.no_grad():
-            return {"diffs": graph_vs_eager_steps(model, ids[a:b], NEW_TOKENS), "scale": scale}
     model = copy.deepcopy(ref)
     model.set_experts_implementation(case.implementation)
     ep = ep_hf.shard_experts(model, ctx.group, num_max_dispatch_tokens_per_rank=8,
                              use_fp8=case.use_fp8, backend=case.backend)
     try:
-        if variant == "fast_copy":
-            buf = ep.buffer
-            combine_buffer, combine = (buf.get_next_low_latency_combine_buffer,
-                                       buf.low_latency_combine)
-            buf.get_next_low_latency_combine_buffer = (
-                lambda handle: torch.empty_like(combine_buffer(handle)))
-            buf.low_latency_combine = (
-                lambda *args, **kw: combine(*args, **{**kw, "zero_copy": False}))
-        if variant == "generic":
-            for m in ep_hf.experts_modules(model).values():
-                binding, st = m._ep_comm_state
-                m._ep_comm_state = (binding, dataclasses.replace(st, weights=None))
         with torch.no_grad():
             diffs = graph_vs_eager_steps(model, ids[a:b], NEW_TOKENS)
         return {"diffs": diffs, "scale": scale, "calls": dict(ep.calls)}
