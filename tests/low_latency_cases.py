@@ -349,6 +349,46 @@ def task_ll_two_alive(ctx, case: LLCase):
         buf.destroy()
 
 
+def task_ll_peer_two_sends_ahead(ctx, case: LLCase, late: int, delay_s: float = 1.0):
+    """Receive hooks, one rank two sends ahead of a peer's receive (docs/faults.md, the race the
+    acknowledged reuse of a half closes): every rank sends D0 and D1; the ranks other than
+    ``late`` then receive D0 and send D2 into half 0 at once, while ``late`` waits ``delay_s``
+    (its GPU idle) before it receives D0. D2 must not land before ``late`` has read D0: D0,
+    D1 and D2 are checked exactly on every rank, then D1's and D2's combines (the two results
+    alive). Returns "ok"."""
+    dev, r, me = ctx.device, ctx.world_size, ctx.rank
+    case = dataclasses.replace(case, hook=True)
+    buf = make_buffer(ctx, case)
+    try:
+        ins = [[make_inputs(case, s, r, 70 + step) for s in range(r)] for step in range(3)]
+        mine = [[t.to(dev) for t in ins[step][me]] for step in range(3)]
+        res = [_dispatch(buf, case, mine[0][0], mine[0][1]),
+               _dispatch(buf, case, mine[1][0], mine[1][1])]
+        if me == late:
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            time.sleep(delay_s)
+        res[0][3]()
+        check_dispatch(ctx, case, *res[0][:3], ins[0])
+        res.append(_dispatch(buf, case, mine[2][0], mine[2][1]))
+        assert res[2][2].buffer_idx == res[0][2].buffer_idx
+        for step in (1, 2):
+            res[step][3]()
+            check_dispatch(ctx, case, *res[step][:3], ins[step])
+        for step in (1, 2):
+            recv, count, handle, _ = res[step]
+            _, idx, w = mine[step]
+            y = expert_outputs(case, recv, count, dev, me, r)
+            combined = _combine(buf, dataclasses.replace(case, hook=False), y, idx, w, handle,
+                                dev)
+            expect, mag = expected_combine(case, me, ins[step], r)
+            assert_combined(combined, expect, mag, f"combine of D{step}")
+        check_status(buf)
+        return "ok"
+    finally:
+        buf.destroy()
+
+
 def task_ll_shape_changes(ctx, case: LLCase, shapes):
     """Rounds on one Buffer (sized for the largest of ``shapes``) whose (M, hidden) change from
     call to call, hook mode included: the two live halves of consecutive shapes must never

@@ -112,6 +112,19 @@ def test_ll_two_results_alive(gpu_ranks, world, hook):
     gpu_ranks(world).run(llc.task_ll_two_alive, case)
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_ll_peer_two_sends_ahead_of_a_late_receive(gpu_ranks, world):
+    """Receive hooks: rank 0 (and 2) receive D0 and send D2 into buffer half 0 while rank 1
+    idles 1 s before it receives D0. Each send waits for every destination's acknowledgement
+    of the previous call on its half (kernels/cuda/low_latency.cu HalfSync), so D2 lands only
+    after rank 1 has read D0: all three dispatches and two combines are exact. Without the
+    acknowledgement D2 overwrote D0's count words and rows there (a refused call or wrong rows)."""
+    case = LLCase(seed=_seed(4500 + world), max_tokens=32, num_tokens=24, hidden=2048,
+                  num_experts=32, num_topk=6, fp8=True, backend=BACKEND)
+    assert gpu_ranks(world).run(llc.task_ll_peer_two_sends_ahead, case, 1, 1.0) == \
+        ["ok"] * world
+
+
 @pytest.mark.parametrize("world", FULL)
 def test_ll_clean_buffer_after_normal_mode(gpu_ranks, world):
     gpu_ranks(world).run(llg.task_ll_clean_after_normal, BACKEND, _seed(5000 + world) % 100000,

@@ -54,8 +54,11 @@ def test_every_signal_word_lies_before_signals_end_and_no_data_does():
     reg = LowLatencyRegions(128, 7168, 2, 256)
     signals = [n for n in reg.regions if n.startswith(("dispatch_count", "dispatch_arrive",
                                                         "combine_count", "combine_arrive",
-                                                        "combine_done", "status_claim"))]
-    assert len(signals) == 2 * 5 + 1
+                                                        "dispatch_done", "combine_done",
+                                                        "dispatch_progress", "combine_progress",
+                                                        "dispatch_ack", "combine_ack",
+                                                        "status_claim"))]
+    assert len(signals) == 2 * 10 + 1
     for n in signals:
         assert reg[n].offset + reg[n].nbytes <= reg.signals_end
     for n in set(reg.regions) - set(signals):
@@ -111,6 +114,23 @@ def test_status_decoder_names_rank_phase_peer_and_expert():
     assert "3 of 9 arrived" in str(err) and "global expert 250" in str(err)
     assert isinstance(status.decode_status([7, 0, 0, 0, 0, 0, 0, 0], status.LOW_LATENCY, 0, 1.0),
                       KernelError)
+
+
+def test_status_decoder_names_a_send_that_waited_for_a_peers_receive():
+    """The acknowledged reuse of a half: a send that timed out waiting for a peer's receive of
+    the previous call on its half names the peer, the phase and the likely cause (a receive
+    hook not called)."""
+    from ep_comm.backends.kernels import status
+    from ep_comm.core.constants import (LL_AWAIT_ACK, PHASE_LL_COMBINE_SEND,
+                                        PHASE_LL_DISPATCH_SEND)
+    err = status.decode_status([1, PHASE_LL_DISPATCH_SEND, 1, -1, LL_AWAIT_ACK, 2, 3, 0],
+                               status.LOW_LATENCY, rank=0, limit_s=5.0)
+    assert isinstance(err, CommTimeoutError)
+    assert err.rank == 0 and err.peer == 1 and err.phase == "low_latency_dispatch/send"
+    assert "received 2 of this rank's 3" in str(err) and "receive hook" in str(err)
+    err = status.decode_status([1, PHASE_LL_COMBINE_SEND, 3, -1, LL_AWAIT_ACK, 0, 1, 0],
+                               status.LOW_LATENCY, rank=2, limit_s=5.0)
+    assert err.phase == "low_latency_combine/send" and "previous combine" in str(err)
 
 
 # ------------------------------------------------------------------------ launch shapes

@@ -2,8 +2,9 @@
 oracle: the reference is what the kernels are compared with, so it is tested first."""
 import pytest
 
-from low_latency_cases import (LLCase, task_ll_masked, task_ll_rounds, task_ll_shape_changes,
-                               task_ll_skip_dispatch, task_ll_two_alive, task_ll_wait_cost_stats)
+from low_latency_cases import (LLCase, task_ll_masked, task_ll_peer_two_sends_ahead,
+                               task_ll_rounds, task_ll_shape_changes, task_ll_skip_dispatch,
+                               task_ll_two_alive, task_ll_wait_cost_stats)
 from multiproc import run_ranks
 
 
@@ -56,6 +57,13 @@ def test_ll_many_rounds_with_stats(cpu_ranks):
 @pytest.mark.parametrize("hook", [False, True])
 def test_ll_two_results_alive(cpu_ranks, hook):
     cpu_ranks(2).run(task_ll_two_alive, LLCase(seed=11, hook=hook, fp8=True))
+
+
+def test_ll_peer_two_sends_ahead_of_a_late_receive(cpu_ranks):
+    """The order of the acknowledged reuse of a half (rank 0 sends D2 into half 0 before rank
+    1 has received D0): the reference gives the oracle's answer, as the kernels must."""
+    assert cpu_ranks(2).run(task_ll_peer_two_sends_ahead, LLCase(seed=12, fp8=True), 1,
+                            0.2) == ["ok", "ok"]
 
 
 @pytest.mark.parametrize("world,stopper", [(2, 1), (4, 2)])

@@ -142,6 +142,26 @@ PHASE_BARRIER = 6
 #: Phases of the low-latency kernels.
 PHASE_LL_DISPATCH_RECV = 1
 PHASE_LL_COMBINE_RECV = 2
+PHASE_LL_DISPATCH_SEND = 3
+PHASE_LL_COMBINE_SEND = 4
+#: What a low-latency wait awaited (word [4] of its timeout status): a count word, arrivals,
+#: or a peer's acknowledgement of this rank's previous send on the same kind and half.
+LL_AWAIT_COUNT = 0
+LL_AWAIT_ARRIVALS = 1
+LL_AWAIT_ACK = 2
+#: int32 words of a low-latency ``*_done`` counter region (regions.LowLatencyRegions), one per
+#: kind and half: blocks that finished waiting (the last resets the combine words), blocks that
+#: finished the send phase (the last counts the send), blocks that finished receiving (the last
+#: counts the receive and acknowledges it to every peer).
+LL_DONE_RESET = 0
+LL_DONE_SEND = 1
+LL_DONE_RECV = 2
+LL_DONE_WORDS = 4
+#: uint64 words of a low-latency ``*_progress`` region, one per kind and half (local): sends
+#: made, receives completed (the acknowledgement's value).
+LL_PROGRESS_SENT = 0
+LL_PROGRESS_RECEIVED = 1
+LL_PROGRESS_WORDS = 2
 
 #: name -> value of every constant the CUDA sources read, as ``-DEP_<name>=<value>``.
 DEVICE_CONSTANTS: dict[str, int | float] = {
@@ -178,6 +198,16 @@ DEVICE_CONSTANTS: dict[str, int | float] = {
     "PHASE_BARRIER": PHASE_BARRIER,
     "PHASE_LL_DISPATCH_RECV": PHASE_LL_DISPATCH_RECV,
     "PHASE_LL_COMBINE_RECV": PHASE_LL_COMBINE_RECV,
+    "PHASE_LL_DISPATCH_SEND": PHASE_LL_DISPATCH_SEND,
+    "PHASE_LL_COMBINE_SEND": PHASE_LL_COMBINE_SEND,
+    "LL_AWAIT_COUNT": LL_AWAIT_COUNT,
+    "LL_AWAIT_ARRIVALS": LL_AWAIT_ARRIVALS,
+    "LL_AWAIT_ACK": LL_AWAIT_ACK,
+    "LL_DONE_RESET": LL_DONE_RESET,
+    "LL_DONE_SEND": LL_DONE_SEND,
+    "LL_DONE_RECV": LL_DONE_RECV,
+    "LL_PROGRESS_SENT": LL_PROGRESS_SENT,
+    "LL_PROGRESS_RECEIVED": LL_PROGRESS_RECEIVED,
 }
 
 

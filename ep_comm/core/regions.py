@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 
 from ep_comm.core.constants import (CALL_SIG_WORDS, FP8_BLOCK, INTER_DISPATCH_CHUNKS,
-                                    INTER_MAX_EXPERTS, INTER_ROWS_PER_TOKEN, LL_MAX_EXPERTS,
+                                    INTER_MAX_EXPERTS, INTER_ROWS_PER_TOKEN, LL_DONE_WORDS,
+                                    LL_MAX_EXPERTS, LL_MAX_RANKS, LL_PROGRESS_WORDS,
                                     NORMAL_MAX_TOPK, NVL_MAX_CHANNELS, NVL_MAX_RANKS,
                                     NVL_NOTIFY_ROW, REGION_ALIGN, align)
 from ep_comm.errors import InputError
@@ -283,8 +284,18 @@ class LowLatencyRegions(Carver):
     * ``combine_count{b}``: uint64 [E] (of ``LL_MAX_EXPERTS``): rows the owner of global expert g
       sends back, plus one.
     * ``combine_arrive{b}``: uint64 [E] (of ``LL_MAX_EXPERTS``): rows of g that have landed.
-    * ``combine_done{b}``: int32 [4], local: combine receive blocks that finished waiting (the
-      last one resets the combine words of this half).
+    * ``dispatch_done{b}`` / ``combine_done{b}``: int32 [``LL_DONE_WORDS``], local: block
+      counters of a kernel on this half (``LL_DONE_*``: waits finished, the last block resets
+      the combine words; sends finished, the last counts the send; receives finished, the last
+      counts the receive and acknowledges it).
+    * ``dispatch_progress{b}`` / ``combine_progress{b}``: uint64 [``LL_PROGRESS_WORDS``],
+      local: sends made and receives completed on this kind and half.
+    * ``dispatch_ack{b}`` / ``combine_ack{b}``: uint64 [``LL_MAX_RANKS``]: ``[s]`` = the
+      receives of this kind on this half that rank s has completed (s writes it, once all its
+      blocks have read the call's rows). A send waits until every unmasked destination's word
+      reaches this rank's sends made before it on the kind and half: the destination has read
+      the call this send would overwrite (receive hooks let a rank send two calls ahead of a
+      peer's receive; see ``ep_comm.backends.kernels.low_latency``, "Reuse of a half").
 
     Every signal word has one place whatever M, hidden and E (L * R = E <= ``LL_MAX_EXPERTS``):
     a call of another shape never finds a word of another layout, and ranks that disagree on
@@ -328,7 +339,10 @@ class LowLatencyRegions(Carver):
             self.claim(f"dispatch_arrive{b}", LL_MAX_EXPERTS * 8)
             self.claim(f"combine_count{b}", LL_MAX_EXPERTS * 8)
             self.claim(f"combine_arrive{b}", LL_MAX_EXPERTS * 8)
-            self.claim(f"combine_done{b}", 4 * 4)
+            for kind in ("dispatch", "combine"):
+                self.claim(f"{kind}_done{b}", LL_DONE_WORDS * 4)
+                self.claim(f"{kind}_progress{b}", LL_PROGRESS_WORDS * 8)
+                self.claim(f"{kind}_ack{b}", LL_MAX_RANKS * 8)
         #: Bytes from offset 0 that hold every signal word (zero between calls).
         self.signals_end = self.total_bytes
         data = (("dispatch_send", m * self.msg_bytes),

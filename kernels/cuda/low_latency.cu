@@ -91,6 +91,84 @@ __device__ __forceinline__ void warp_copy(int4* dst, const int4* src, int n16, i
     for (; j < n16; j += 32) dst[j] = ld_cg(src + j);
 }
 
+// ===================================================================== reuse of a half, acked
+// A send on (kind, half) overwrites what the previous send on it left in each destination's
+// buffer. In order (no receive hooks) the chain of waits between calls keeps it behind every
+// peer's receive (ep_comm/backends/kernels/low_latency.py, "Reuse of a half"). Receive hooks
+// break the chain: a rank may send D0, D1, receive D0 and send D2 into half 0 while a peer has
+// not received D0 yet. So every receive is acknowledged: once every block has read the call's
+// rows and reset its words, the last block writes the number of receives completed on
+// (kind, half) into ack[me] of every unmasked rank (itself included); and every send first
+// waits until each unmasked destination's ack[destination] reaches the sends this rank made
+// before it on (kind, half). In order the wait passes at once. All counters live on the device
+// (CUDA graph replays keep them) among the signal words (clean_low_latency_buffer zeroes them).
+struct HalfSync {
+    int* done;           // local int32 [LL_DONE_WORDS]: block counters (kDone*)
+    uint64_t* progress;  // local uint64 [LL_PROGRESS_WORDS]: sends made, receives completed
+    uint64_t* ack;       // symmetric uint64 [LL_MAX_RANKS]: [s] = receives rank s completed
+};
+
+// Every block, before the first store of its send phase. Returns false (the whole block) after a
+// timeout, which it reports, or when another block's report ends the wait (`abortable`).
+__device__ __forceinline__ bool wait_acks(const HalfSync& h, const int* mask, int num_ranks,
+                                          int me, uint64_t timeout_ns, volatile int* host_status,
+                                          int* claim, int phase, bool abortable) {
+    __shared__ int s_fail;
+    if (threadIdx.x == 0) s_fail = 0;
+    __syncthreads();
+    // Written by an earlier kernel's last block (finish_send): stable while this one runs.
+    const uint64_t sent = *reinterpret_cast<volatile uint64_t*>(h.progress + kProgressSent);
+    if (sent > 0) {
+        const uint64_t deadline = globaltimer_ns() + timeout_ns;
+        const int* abort = abortable ? claim : nullptr;
+        for (int d = threadIdx.x; d < num_ranks; d += kThreads) {
+            if (rank_masked(mask, d, me)) continue;
+            uint64_t seen;
+            if (!wait_at_least(h.ack + d, sent, deadline, &seen, abort)) {
+                report_timeout(host_status, claim, phase, d, -1, kAwaitAck, seen, sent);
+                s_fail = 1;
+            }
+        }
+    }
+    __syncthreads();
+    return s_fail == 0;
+}
+
+// Every block, at the end of its send phase: the last block counts the send (every block read
+// the count before it arrived here).
+__device__ __forceinline__ void finish_send(const HalfSync& h) {
+    __syncthreads();
+    if (threadIdx.x == 0 &&
+        atomicAdd(h.done + kDoneSend, 1) == static_cast<int>(gridDim.x) - 1) {
+        atomicExch(h.done + kDoneSend, 0);
+        h.progress[kProgressSent] += 1;
+    }
+}
+
+// Every block, once it has read all of this call's rows: the last block counts the receive and
+// writes the count into ack[me] of every unmasked rank.
+__device__ __forceinline__ void finish_recv(const HalfSync& h, const int* mask, int num_ranks,
+                                            int me, bool nvlink) {
+    __shared__ int s_last;
+    __shared__ uint64_t s_received;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        // The block's reads and word resets before its arrival (bar.sync, then a fence at system
+        // scope: the acknowledgement lets a peer write here again, over NVLink or the NIC).
+        __threadfence_system();
+        s_last = atomicAdd(h.done + kDoneRecv, 1) == static_cast<int>(gridDim.x) - 1;
+        if (s_last) {
+            atomicExch(h.done + kDoneRecv, 0);
+            s_received = h.progress[kProgressReceived] + 1;
+            h.progress[kProgressReceived] = s_received;
+        }
+    }
+    __syncthreads();
+    if (!s_last) return;
+    for (int d = threadIdx.x; d < num_ranks; d += kThreads)
+        if (!rank_masked(mask, d, me)) signal_set(h.ack + me, s_received, d, nvlink);
+}
+
 // ==================================================================================== dispatch
 struct DispatchArgs {
     const __nv_bfloat16* x;      // [T, H] bf16
@@ -116,6 +194,9 @@ struct DispatchArgs {
     int* status_claim;           // local int32
     uint64_t timeout_ns;
     int call_tag;                // upper 32 bits of the count words; 0 = agreement off
+    int* done_counter;           // local int32 [LL_DONE_WORDS] (dispatch_done of this half)
+    uint64_t* progress;          // local uint64 [LL_PROGRESS_WORDS] (dispatch_progress)
+    uint64_t* ack_sig;           // symmetric uint64 [LL_MAX_RANKS] (dispatch_ack)
 };
 
 // Sends count words: one warp per destination expert g (all experts, over the whole grid).
@@ -410,11 +491,17 @@ __device__ __forceinline__ bool dispatch_recv(const DispatchArgs& a, int warp, i
 template <bool kFp8>
 __device__ __forceinline__ void dispatch(const DispatchArgs& a) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const HalfSync sync{a.done_counter, a.progress, a.ack_sig};
     if (a.phases & kSendPhase) {
+        if (!wait_acks(sync, a.mask, a.num_ranks, a.rank, a.timeout_ns, a.host_status,
+                       a.status_claim, kPhaseDispatchSend, a.call_tag != 0))
+            return;
         dispatch_send_counts(a, warp, lane);
         dispatch_send_tokens<kFp8>(a, warp, lane);
+        finish_send(sync);
     }
-    if (a.phases & kRecvPhase) dispatch_recv<kFp8>(a, warp, lane);
+    if ((a.phases & kRecvPhase) && dispatch_recv<kFp8>(a, warp, lane))
+        finish_recv(sync, a.mask, a.num_ranks, a.rank, a.nvlink);
 }
 
 // ===================================================================================== combine
@@ -434,13 +521,15 @@ struct CombineArgs {
     __nv_bfloat16* recv_rows;    // symmetric [E, M, H] (combine_recv of this half)
     uint64_t* recv_count_sig;    // symmetric [E]
     uint64_t* recv_arrive_sig;   // symmetric [E]
-    int* done_counter;           // local int32 (combine_done of this half)
+    int* done_counter;           // local int32 [LL_DONE_WORDS] (combine_done of this half)
     const int* mask;
     long long* wait_stats;       // [R] or null
     volatile int* host_status;
     int* status_claim;
     uint64_t timeout_ns;
     int call_tag;                // upper 32 bits of the count words; 0 = agreement off
+    uint64_t* progress;          // local uint64 [LL_PROGRESS_WORDS] (combine_progress)
+    uint64_t* ack_sig;           // symmetric uint64 [LL_MAX_RANKS] (combine_ack)
 };
 
 // Sends expert outputs back: one block per local expert; a warp per row; count words to every
@@ -594,7 +683,7 @@ __device__ __forceinline__ bool combine_recv(const CombineArgs& a, int warp, int
     if (s_fail) return false;
     if (threadIdx.x == 0) {
         __threadfence();
-        s_last = atomicAdd(a.done_counter, 1) == static_cast<int>(gridDim.x) - 1;
+        s_last = atomicAdd(a.done_counter + kDoneReset, 1) == static_cast<int>(gridDim.x) - 1;
     }
     __syncthreads();
     if (s_last) {
@@ -603,7 +692,7 @@ __device__ __forceinline__ bool combine_recv(const CombineArgs& a, int warp, int
             st_relaxed_sys(a.recv_count_sig + g, 0);
             st_relaxed_sys(a.recv_arrive_sig + g, 0);
         }
-        if (threadIdx.x == 0) atomicExch(a.done_counter, 0);
+        if (threadIdx.x == 0) atomicExch(a.done_counter + kDoneReset, 0);
     }
 
     for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
@@ -662,8 +751,16 @@ __device__ __forceinline__ bool combine_recv(const CombineArgs& a, int warp, int
 
 __device__ __forceinline__ void combine(const CombineArgs& a) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (a.phases & kSendPhase) combine_send(a, warp, lane);
-    if (a.phases & kRecvPhase) combine_recv(a, warp, lane);
+    const HalfSync sync{a.done_counter, a.progress, a.ack_sig};
+    if (a.phases & kSendPhase) {
+        if (!wait_acks(sync, a.mask, a.num_ranks, a.rank, a.timeout_ns, a.host_status,
+                       a.status_claim, kPhaseCombineSend, a.call_tag != 0))
+            return;
+        combine_send(a, warp, lane);
+        finish_send(sync);
+    }
+    if ((a.phases & kRecvPhase) && combine_recv(a, warp, lane))
+        finish_recv(sync, a.mask, a.num_ranks, a.rank, a.nvlink);
 }
 
 }  // namespace ep_ll
@@ -678,7 +775,8 @@ __device__ __forceinline__ void combine(const CombineArgs& a) {
         uint64_t *recv_count_sig, uint64_t *recv_arrive_sig, int msg_stride, const int *mask,    \
         void *recv_x, void *recv_scales, int *src_info, int *range_begin, int *range_count,      \
         int *recv_count, int *cum_stats, long long *wait_stats, int *host_status,                \
-        int *status_claim, uint64_t timeout_ns, int call_tag
+        int *status_claim, uint64_t timeout_ns, int call_tag, int *done_counter,                 \
+        uint64_t *progress, uint64_t *ack_sig
 
 #define EP_LL_DISPATCH_ARGS                                                                     \
     ep_ll::DispatchArgs {                                                                        \
@@ -686,7 +784,7 @@ __device__ __forceinline__ void combine(const CombineArgs& a) {
             round_scale != 0, ue8m0 != 0, nvlink != 0, phases, send_stage, recv_msgs,            \
             recv_count_sig, recv_arrive_sig, msg_stride, mask, recv_x, recv_scales, src_info,    \
             range_begin, range_count, recv_count, cum_stats, wait_stats, host_status,            \
-            status_claim, timeout_ns, call_tag                                                   \
+            status_claim, timeout_ns, call_tag, done_counter, progress, ack_sig                  \
     }
 
 extern "C" __global__ void __launch_bounds__(ep_ll::kThreads, 1)
@@ -707,10 +805,10 @@ extern "C" __global__ void __launch_bounds__(ep_ll::kThreads, 1)
                   int nvlink, int phases, __nv_bfloat16 *send_stage, __nv_bfloat16 *recv_rows,
                   uint64_t *recv_count_sig, uint64_t *recv_arrive_sig, int *done_counter,
                   const int *mask, long long *wait_stats, int *host_status, int *status_claim,
-                  uint64_t timeout_ns, int call_tag) {
+                  uint64_t timeout_ns, int call_tag, uint64_t *progress, uint64_t *ack_sig) {
     ep_ll::combine(ep_ll::CombineArgs{
         x, zero_copy != 0, src_info, range_begin, range_count, topk_idx, topk_weights, out,
         num_tokens, num_topk, hidden, num_experts, num_ranks, rank, max_tokens, nvlink != 0,
         phases, send_stage, recv_rows, recv_count_sig, recv_arrive_sig, done_counter, mask,
-        wait_stats, host_status, status_claim, timeout_ns, call_tag});
+        wait_stats, host_status, status_claim, timeout_ns, call_tag, progress, ack_sig});
 }

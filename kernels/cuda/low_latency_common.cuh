@@ -25,15 +25,26 @@ constexpr int kRecvPhase = 2;
 // Host status word (int32[EP_LL_INFO_BAD_ID + 4], host-mapped; report_bad_id below writes the
 // last four), written once by the first block that times out:
 //   [0] code (0 = fine, 1 = timeout), [1] phase, [2] peer rank, [3] index (expert),
-//   [4] what was awaited (0 = a count word, 1 = arrivals), [5] value seen, [6] value wanted.
+//   [4] what was awaited (kAwait*: a count word, arrivals, a peer's acknowledgement), [5] value
+//   seen, [6] value wanted.
 // The fields are written before the code, with a system fence between, so a host that sees the
 // code sees the fields. ep_comm/backends/kernels/status.py decodes it.
 constexpr int kStatusTimeout = EP_STATUS_TIMEOUT;
 constexpr int kStatusDisagree = EP_STATUS_DISAGREE;
 constexpr int kPhaseDispatchRecv = EP_PHASE_LL_DISPATCH_RECV;
 constexpr int kPhaseCombineRecv = EP_PHASE_LL_COMBINE_RECV;
-constexpr int kAwaitCount = 0;
-constexpr int kAwaitArrivals = 1;
+constexpr int kPhaseDispatchSend = EP_PHASE_LL_DISPATCH_SEND;
+constexpr int kPhaseCombineSend = EP_PHASE_LL_COMBINE_SEND;
+constexpr int kAwaitCount = EP_LL_AWAIT_COUNT;
+constexpr int kAwaitArrivals = EP_LL_AWAIT_ARRIVALS;
+constexpr int kAwaitAck = EP_LL_AWAIT_ACK;
+// Words of a kind's per-half block counters and progress (ep_comm/core/constants.py LL_DONE_*,
+// LL_PROGRESS_*; regions.LowLatencyRegions *_done, *_progress).
+constexpr int kDoneReset = EP_LL_DONE_RESET;
+constexpr int kDoneSend = EP_LL_DONE_SEND;
+constexpr int kDoneRecv = EP_LL_DONE_RECV;
+constexpr int kProgressSent = EP_LL_PROGRESS_SENT;
+constexpr int kProgressReceived = EP_LL_PROGRESS_RECEIVED;
 
 // Spin until *p >= target or the deadline passes. Returns whether the target was reached and
 // the last value seen (for the error message). `abort` (the status claim, or null): give up

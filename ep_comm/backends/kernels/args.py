@@ -32,7 +32,8 @@ LL_DISPATCH = (
     ("msg_stride", "i"), ("mask", "p"), ("recv_x", "p"), ("recv_scales", "p"),
     ("src_info", "p"), ("range_begin", "p"), ("range_count", "p"), ("recv_count", "p"),
     ("cum_stats", "p"), ("wait_stats", "p"), ("host_status", "p"), ("status_claim", "p"),
-    ("timeout_ns", "u64"), ("call_tag", "i"),
+    ("timeout_ns", "u64"), ("call_tag", "i"), ("done_counter", "p"), ("progress", "p"),
+    ("ack_sig", "p"),
 )
 LL_COMBINE = (
     ("x", "p"), ("zero_copy", "i"), ("src_info", "p"), ("range_begin", "p"),
@@ -41,7 +42,8 @@ LL_COMBINE = (
     ("num_ranks", "i"), ("rank", "i"), ("max_tokens", "i"), ("nvlink", "i"), ("phases", "i"),
     ("send_stage", "p"), ("recv_rows", "p"), ("recv_count_sig", "p"), ("recv_arrive_sig", "p"),
     ("done_counter", "p"), ("mask", "p"), ("wait_stats", "p"), ("host_status", "p"),
-    ("status_claim", "p"), ("timeout_ns", "u64"), ("call_tag", "i"),
+    ("status_claim", "p"), ("timeout_ns", "u64"), ("call_tag", "i"), ("progress", "p"),
+    ("ack_sig", "p"),
 )
 #: The low-latency arguments that change from call to call, in the order the runtime (and the
 #: C++ host path, kernels/host/host_path.cpp) passes them (``phases`` last); every other

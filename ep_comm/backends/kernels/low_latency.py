@@ -16,17 +16,22 @@ symmetric buffer, except the zero-copy combine input (``get_next_low_latency_com
 Reuse of a half
 ---------------
 Signal words (per half: count and arrival words of dispatch and combine) are zero between
-calls: a receiver resets each word after reading it. A sender writes a word of half ``b`` again
-only in a later call on ``b``; that call starts after the receiver's reset because of the
-chain of waits between them: rank p's next send on ``b`` comes after p received the call in
-between (on the other half), which this rank sent only after its own receive on ``b`` (stream
-order). The chain holds as long as every rank receives (calls the hook of) a dispatch or
-combine before it sends the call after next; that is the "at most two results alive" rule of
-the API. It does not hold for every order that rule allows (a review, 2026-12-07): with receive
-hooks, ranks that run D0 send, D1 send, D0 receive, D2 send give p's D2 send no chain to q's
-D0 receive, so D2 can land in half 0 before q has read and reset it (docs/faults.md, "Open
-races found by review"). A rank's own breach of the rule is refused (``check_send``). ``clean_low_latency_buffer`` zeroes every word (after normal-mode use, or after a
-timeout) and synchronises the ranks.
+calls: a receiver resets each word after reading it. A sender writes a word (and the rows) of
+half ``b`` again only in a later call of the same kind on ``b``, and that send must come after
+every destination has received the call before it there. In order (no receive hooks) the chain
+of waits between the calls ensures it: rank p's next send on ``b`` comes after p received the
+call in between, which this rank sent only after its own receive on ``b``. Receive hooks break
+the chain (a review, 2026-12-07): ranks that run D0 send, D1 send, D0 receive, D2 send give p's
+D2 send no chain to q's D0 receive, so D2 could land in half 0 before q has read it. So the
+kernels acknowledge every receive (``kernels/cuda/low_latency.cu``, ``HalfSync``): the receive's
+last block writes the receives completed on (kind, half) into ``ack[me]`` of every unmasked
+rank, and each send first waits, bounded like every wait, until every unmasked destination's
+word reaches the sends this rank made before it on (kind, half). In order the wait passes at
+once; the cost is one signal per peer per receive. The counters live among the signal words
+(device memory: CUDA graph replays keep them). A rank's own breach of "at most two results
+alive" is still refused before any kernel (``check_send``): its send would wait for its own
+receive, which comes later on the same stream. ``clean_low_latency_buffer`` zeroes every word
+(after normal-mode use, or after a timeout) and synchronises the ranks.
 
 Bounded waits
 -------------
@@ -185,6 +190,13 @@ class LowLatencyRuntime:
     def _ptr(self, reg: LowLatencyRegions, name: str) -> int:
         return self.base + reg[name].offset
 
+    def _half_sync(self, reg: LowLatencyRegions, kind: str, half: int) -> dict:
+        """The kernel arguments of the acknowledged reuse of (``kind``, ``half``): its block
+        counters, its progress words and its ack words (kernels/cuda/low_latency.cu HalfSync)."""
+        return {"done_counter": self._ptr(reg, f"{kind}_done{half}"),
+                "progress": self._ptr(reg, f"{kind}_progress{half}"),
+                "ack_sig": self._ptr(reg, f"{kind}_ack{half}")}
+
     def _timeout_ns(self) -> int:
         return self._timeout_ns_value
 
@@ -292,7 +304,8 @@ class LowLatencyRuntime:
                 recv_arrive_sig=self._ptr(reg, f"dispatch_arrive{half}"),
                 msg_stride=reg.msg_bytes, mask=self._mask.data_ptr(),
                 host_status=self._status.device_ptr,
-                status_claim=self._ptr(reg, "status_claim"), timeout_ns=self._timeout_ns())
+                status_claim=self._ptr(reg, "status_claim"), timeout_ns=self._timeout_ns(),
+                **self._half_sync(reg, "dispatch", half))
             plan = self._build_plan(key, kernel, args.LL_DISPATCH, LL_DISPATCH_PER_CALL, values)
         send_grid = grid_size(self.num_sms, t, (num_experts + 31) // 32)
         recv_grid = grid_size(self.num_sms, local)
@@ -407,9 +420,9 @@ class LowLatencyRuntime:
                 recv_rows=self._ptr(reg, f"combine_recv{half}"),
                 recv_count_sig=self._ptr(reg, f"combine_count{half}"),
                 recv_arrive_sig=self._ptr(reg, f"combine_arrive{half}"),
-                done_counter=self._ptr(reg, f"combine_done{half}"), mask=self._mask.data_ptr(),
-                host_status=self._status.device_ptr,
-                status_claim=self._ptr(reg, "status_claim"), timeout_ns=self._timeout_ns())
+                mask=self._mask.data_ptr(), host_status=self._status.device_ptr,
+                status_claim=self._ptr(reg, "status_claim"), timeout_ns=self._timeout_ns(),
+                **self._half_sync(reg, "combine", half))
             plan = self._build_plan(key, "ep_ll_combine", args.LL_COMBINE, LL_COMBINE_PER_CALL,
                                     values)
         local = num_experts // r

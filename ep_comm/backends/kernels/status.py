@@ -39,11 +39,12 @@ from __future__ import annotations
 import dataclasses
 
 from ep_comm.core import agreement
-from ep_comm.core.constants import (CALL_SIG_FIELDS, CALL_SIG_WORDS, LL_INFO_BAD_ID,
-                                    NVL_INFO_CALL_SIGS, NVL_INFO_NUM_RECV, PHASE_BARRIER,
-                                    PHASE_COMBINE_RECV, PHASE_COMBINE_SEND, PHASE_DISPATCH_RECV,
-                                    PHASE_DISPATCH_SEND,
-                                    PHASE_LL_COMBINE_RECV, PHASE_LL_DISPATCH_RECV, PHASE_NOTIFY,
+from ep_comm.core.constants import (CALL_SIG_FIELDS, CALL_SIG_WORDS, LL_AWAIT_ACK,
+                                    LL_AWAIT_COUNT, LL_INFO_BAD_ID, NVL_INFO_CALL_SIGS,
+                                    NVL_INFO_NUM_RECV, PHASE_BARRIER, PHASE_COMBINE_RECV,
+                                    PHASE_COMBINE_SEND, PHASE_DISPATCH_RECV, PHASE_DISPATCH_SEND,
+                                    PHASE_LL_COMBINE_RECV, PHASE_LL_COMBINE_SEND,
+                                    PHASE_LL_DISPATCH_RECV, PHASE_LL_DISPATCH_SEND, PHASE_NOTIFY,
                                     STATUS_DISAGREE, STATUS_DISAGREE_TAG, STATUS_NO_P2P, STATUS_OK,
                                     STATUS_OVERFLOW, STATUS_TIMEOUT)
 from ep_comm.errors import BackendUnavailableError, CommTimeoutError, EpCommError, InputError, \
@@ -89,9 +90,15 @@ INTERNODE = Family(
 LOW_LATENCY = Family(
     "the low-latency kernels",
     {PHASE_LL_DISPATCH_RECV: "low_latency_dispatch/recv",
-     PHASE_LL_COMBINE_RECV: "low_latency_combine/recv"},
+     PHASE_LL_COMBINE_RECV: "low_latency_combine/recv",
+     PHASE_LL_DISPATCH_SEND: "low_latency_dispatch/send",
+     PHASE_LL_COMBINE_SEND: "low_latency_combine/send"},
     {PHASE_LL_DISPATCH_RECV: "tokens for local expert {index}",
-     PHASE_LL_COMBINE_RECV: "expert outputs of global expert {index}"},
+     PHASE_LL_COMBINE_RECV: "expert outputs of global expert {index}",
+     PHASE_LL_DISPATCH_SEND: "its receive of this rank's previous dispatch on the same buffer "
+                             "half",
+     PHASE_LL_COMBINE_SEND: "its receive of this rank's previous combine on the same buffer "
+                            "half"},
 )
 
 
@@ -129,8 +136,13 @@ def decode_status(words, family: Family, rank: int, limit_s: float,
                                f"(words {list(map(int, words[:8]))})")
         index, what, seen, wanted = (int(w) for w in words[3:7])
         thing = family.waited_for.get(phase_id, "a signal").format(index=index)
-        waited = (f"the count of {thing} (count word still {seen})" if what == 0
-                  else f"{thing} ({seen} of {wanted} arrived)")
+        if what == LL_AWAIT_ACK:
+            waited = (f"the acknowledgement of {thing} (it has received {seen} of this rank's "
+                      f"{wanted} earlier calls there; did it call the receive hook?)")
+        elif what == LL_AWAIT_COUNT:
+            waited = f"the count of {thing} (count word still {seen})"
+        else:
+            waited = f"{thing} ({seen} of {wanted} arrived)"
         return CommTimeoutError(rank, phase, waited, limit_s, peer, node)
     channel, seen, wanted = (int(w) for w in words[3:6])
     if code == STATUS_DISAGREE_TAG and family is INTERNODE:
