@@ -488,20 +488,32 @@ __device__ __forceinline__ bool dispatch_recv(const DispatchArgs& a, int warp, i
     return true;
 }
 
-template <bool kFp8>
-__device__ __forceinline__ void dispatch(const DispatchArgs& a) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+// The phases of one launch (a.phases) around the acknowledged reuse of a half: wait for the
+// acknowledgements, send(), count the send; recv() (false after a timeout or a refusal: nothing
+// is acknowledged), count the receive and acknowledge it. DispatchArgs or CombineArgs.
+template <typename Args, typename Send, typename Recv>
+__device__ __forceinline__ void run_phases(const Args& a, int send_phase, Send send, Recv recv) {
     const HalfSync sync{a.done_counter, a.progress, a.ack_sig};
     if (a.phases & kSendPhase) {
         if (!wait_acks(sync, a.mask, a.num_ranks, a.rank, a.timeout_ns, a.host_status,
-                       a.status_claim, kPhaseDispatchSend, a.call_tag != 0))
+                       a.status_claim, send_phase, a.call_tag != 0))
             return;
-        dispatch_send_counts(a, warp, lane);
-        dispatch_send_tokens<kFp8>(a, warp, lane);
+        send();
         finish_send(sync);
     }
-    if ((a.phases & kRecvPhase) && dispatch_recv<kFp8>(a, warp, lane))
-        finish_recv(sync, a.mask, a.num_ranks, a.rank, a.nvlink);
+    if ((a.phases & kRecvPhase) && recv()) finish_recv(sync, a.mask, a.num_ranks, a.rank, a.nvlink);
+}
+
+template <bool kFp8>
+__device__ __forceinline__ void dispatch(const DispatchArgs& a) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    run_phases(
+        a, kPhaseDispatchSend,
+        [&] {
+            dispatch_send_counts(a, warp, lane);
+            dispatch_send_tokens<kFp8>(a, warp, lane);
+        },
+        [&] { return dispatch_recv<kFp8>(a, warp, lane); });
 }
 
 // ===================================================================================== combine
@@ -751,16 +763,8 @@ __device__ __forceinline__ bool combine_recv(const CombineArgs& a, int warp, int
 
 __device__ __forceinline__ void combine(const CombineArgs& a) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const HalfSync sync{a.done_counter, a.progress, a.ack_sig};
-    if (a.phases & kSendPhase) {
-        if (!wait_acks(sync, a.mask, a.num_ranks, a.rank, a.timeout_ns, a.host_status,
-                       a.status_claim, kPhaseCombineSend, a.call_tag != 0))
-            return;
-        combine_send(a, warp, lane);
-        finish_send(sync);
-    }
-    if ((a.phases & kRecvPhase) && combine_recv(a, warp, lane))
-        finish_recv(sync, a.mask, a.num_ranks, a.rank, a.nvlink);
+    run_phases(a, kPhaseCombineSend, [&] { combine_send(a, warp, lane); },
+               [&] { return combine_recv(a, warp, lane); });
 }
 
 }  // namespace ep_ll
