@@ -316,6 +316,11 @@ def test_consecutive_dispatches_alternate_halves(runtime):
     launches = runtime.fake_module.launches
     assert launches[1][0] == "ep_ll_dispatch_bf16"
     assert launches[1][2]["recv_msgs"] == runtime.base + reg["dispatch_recv1"].offset
+    # each half's acknowledged reuse has its own counters and ack words (kernels' HalfSync)
+    for i, half in ((0, 0), (1, 1), (2, 0)):
+        for arg, name in (("done_counter", "dispatch_done"), ("progress", "dispatch_progress"),
+                          ("ack_sig", "dispatch_ack")):
+            assert launches[i][2][arg] == runtime.base + reg[f"{name}{half}"].offset, (i, arg)
 
 
 def test_hook_launches_send_now_and_receive_once_when_called(runtime):
@@ -351,7 +356,9 @@ def test_combine_uses_the_half_of_its_dispatch_and_zero_copy_buffer(runtime):
     assert kernel == "ep_ll_combine" and a["phases"] == ll.SEND_PHASE
     assert a["x"] == zbuf.data_ptr() and a["zero_copy"] == 1 and a["out"] == out.data_ptr()
     assert a["recv_rows"] == runtime.base + reg["combine_recv1"].offset
-    assert a["done_counter"] == runtime.base + reg["combine_done1"].offset
+    for arg, name in (("done_counter", "combine_done1"), ("progress", "combine_progress1"),
+                      ("ack_sig", "combine_ack1")):
+        assert a[arg] == runtime.base + reg[name].offset, arg
     hook()
     assert runtime.fake_module.launches[-1][2]["phases"] == ll.RECV_PHASE
 
