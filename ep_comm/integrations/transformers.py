@@ -35,7 +35,10 @@ Implementations (``experts_implementation=`` at load, or ``model.set_experts_imp
   one on another would not agree). ``EpCommExperts.mode`` forces one mode for all calls.
   Low-latency steps never wait on the host and can be captured in CUDA graphs (with
   ``impl="triton"``/``"auto"`` on the kernels backend); a rank's decode batch must be at most
-  ``num_max_dispatch_tokens_per_rank``.
+  ``num_max_dispatch_tokens_per_rank``. With a ``StaticCache`` (transformers 5), put the cache
+  back after the warm-up step that precedes a capture: its layers write each step at their own
+  counter, not at the ``cache_position`` passed, and a warm-up left in place makes every replay
+  decode one slot late (tests/hf_cases.py ``warm_up``).
 
 Expert compute. SiLU-gated experts with ``[E, 2I, H]`` gate/up (gate rows first) and ``[E, H,
 I]`` down weights, no biases (Qwen3-MoE, Mixtral, DeepSeek-V3) run through ``ep_comm.moe``'s
