@@ -152,16 +152,22 @@ def task_hf_model(ctx, case: HFCase):
             os.environ["EP_COMM_TIMEOUT_S"] = old
 
 
+def _rank_prompts(ctx, case: HFCase):
+    """The unsplit model of ``case`` on this rank's device, the decisive prompts of the whole
+    batch (2 * world + 1 rows, the same on every rank) and this rank's rows [a, b) of them.
+    Returns (ref, ids [B, S], a, b)."""
+    ref = build_model(case.kind, ctx.device, case.seed)
+    batch = 2 * ctx.world_size + 1
+    ids, _ = decisive_prompts(ctx, ref, batch, case.seq, case.seed, ctx.device)
+    a, b = rows_of(ctx.rank, ctx.world_size)
+    return ref, ids, a, b
+
+
 def _task_hf_model(ctx, case: HFCase):
     """The unsplit model vs the EP model on this rank's rows of the batch: logits of one forward
     (bf16 tolerance) and 16 greedy tokens (identical). Returns a dict of figures."""
     import ep_comm.integrations.transformers as ep_hf
-    dev = ctx.device
-
-    ref = build_model(case.kind, dev, case.seed)
-    batch = 2 * ctx.world_size + 1
-    ids, ref_gen = decisive_prompts(ctx, ref, batch, case.seq, case.seed, dev)
-    a, b = rows_of(ctx.rank, ctx.world_size)
+    ref, ids, a, b = _rank_prompts(ctx, case)
     with torch.no_grad():
         # the unsplit model on this rank's rows, the input the EP model gets: the replicated
         # dense layers then run the same batch size in both (their GEMMs round alike)
@@ -427,11 +433,7 @@ def task_hf_graph_lockstep(ctx, case: HFCase):
     GEMMs writing into the zero-copy combine buffer) on this rank's rows of the decisive
     prompts. Returns {"diffs": [...], "scale": max |logits| of the unsplit model's prompt}."""
     import ep_comm.integrations.transformers as ep_hf
-    dev = ctx.device
-    ref = build_model(case.kind, dev, case.seed)
-    batch = 2 * ctx.world_size + 1
-    ids, _ = decisive_prompts(ctx, ref, batch, case.seq, case.seed, dev)
-    a, b = rows_of(ctx.rank, ctx.world_size)
+    ref, ids, a, b = _rank_prompts(ctx, case)
     with torch.no_grad():
         scale = ref(ids[a:b]).logits.float().abs().max().item()
     model = copy.deepcopy(ref)
