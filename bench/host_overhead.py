@@ -1,6 +1,7 @@
 """Host (Python) time per call of the kernels backend, against the targets of issue #22.
 
-Three parts, one run (about a minute on one H200; ``--quick``: a few seconds, part c skipped):
+Three parts, one run (about a minute on one H200; ``--quick``: a few seconds, part c skipped),
+in the order a, c, b (part b's CUDA profiler slows every later launch of the process):
 
 a. Host time per call, 128 tokens x 7168, top-8 of 256 (``--tokens`` ...): each call runs
    ``--calls`` times back to back with no synchronisation in the loop (a small batch keeps the
@@ -529,10 +530,15 @@ def main(argv=None) -> int:
         f = {}
         if not a.moe_only:
             f.update(part_a(a, buf, ll, ctx.device, r, sync, profiles))
-            fb, kernels, method = part_b(a, buf, ctx.device, r)
-            f.update(fb)
+        # Part c before part b: part b's kineto profile (torch.profiler with CUDA activities)
+        # leaves CUPTI attached to the process, and every later kernel launch pays for it
+        # (pytorch/pytorch#144455). Measured after it, the MoE steps' host time read 0.50 /
+        # 0.54 ms (1x H100, 2026-12-08); in a process of their own, 0.13 / 0.28 ms (2026-12-07).
         if a.moe_only or not a.quick:
             f.update(part_c(a, buf, ll, ctx.device, r, profiles if not ctx.rank else None))
+        if not a.moe_only:
+            fb, kernels, method = part_b(a, buf, ctx.device, r)
+            f.update(fb)
     finally:
         ll.destroy()
         buf.destroy()

@@ -93,6 +93,10 @@ def _worker(rank, world_size, store, use_gpu, env, tasks, results):
         print(f"rank {rank}: destroy_process_group failed: {e}")
 
 
+#: Seconds the ranks' kernels wait before they report a timeout (default 60).
+KERNEL_TIMEOUT_ENV = "EP_COMM_TEST_KERNEL_TIMEOUT_S"
+
+
 class RankFailure(AssertionError):
     pass
 
@@ -103,7 +107,9 @@ class RankPool:
     def __init__(self, world_size: int, use_gpu: bool = False, env: dict | None = None,
                  timeout: float = DEFAULT_TIMEOUT_S):
         self.world_size, self.timeout = world_size, timeout
-        env = {"EP_COMM_TIMEOUT_S": "60", **(env or {})}
+        # The ranks' kernel timeout: 60 s, or EP_COMM_TEST_KERNEL_TIMEOUT_S (a diagnosis run
+        # wants a stalled kernel's report, phase, peer and counts, before the shard's limit).
+        env = {"EP_COMM_TIMEOUT_S": os.environ.get(KERNEL_TIMEOUT_ENV, "60"), **(env or {})}
         ctx = mp.get_context("spawn")
         # The ranks meet in a file store, not on a TCP port: a port picked free can be taken by
         # another pytest process before rank 0 listens on it (the GPU suite runs several at
