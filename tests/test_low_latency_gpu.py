@@ -120,7 +120,7 @@ def test_ll_peer_two_sends_ahead_of_a_late_receive(gpu_ranks, world):
     after rank 1 has read D0: all three dispatches and two combines are exact. Without the
     acknowledgement D2 overwrote D0's count words and rows there (a refused call or wrong rows)."""
     case = LLCase(seed=_seed(4500 + world), max_tokens=32, num_tokens=24, hidden=2048,
-                  num_experts=32, num_topk=6, fp8=True, backend=BACKEND)
+                  num_experts=16 * world, num_topk=6, fp8=True, backend=BACKEND)
     assert gpu_ranks(world).run(llc.task_ll_peer_two_sends_ahead, case, 1, 1.0) == \
         ["ok"] * world
 

@@ -59,11 +59,13 @@ def test_ll_two_results_alive(cpu_ranks, hook):
     cpu_ranks(2).run(task_ll_two_alive, LLCase(seed=11, hook=hook, fp8=True))
 
 
-def test_ll_peer_two_sends_ahead_of_a_late_receive(cpu_ranks):
+@pytest.mark.parametrize("world", [2, 3])
+def test_ll_peer_two_sends_ahead_of_a_late_receive(cpu_ranks, world):
     """The order of the acknowledged reuse of a half (rank 0 sends D2 into half 0 before rank
-    1 has received D0): the reference gives the oracle's answer, as the kernels must."""
-    assert cpu_ranks(2).run(task_ll_peer_two_sends_ahead, LLCase(seed=12, fp8=True), 1,
-                            0.2) == ["ok", "ok"]
+    1 has received D0): the reference gives the oracle's answer, as the kernels must. Three
+    ranks as in the GPU test (there 32 experts over 3 ranks was refused: 16 per rank now)."""
+    case = LLCase(seed=12, fp8=True, num_experts=8 * world)
+    assert cpu_ranks(world).run(task_ll_peer_two_sends_ahead, case, 1, 0.2) == ["ok"] * world
 
 
 @pytest.mark.parametrize("world,stopper", [(2, 1), (4, 2)])
