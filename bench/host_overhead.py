@@ -531,9 +531,10 @@ def main(argv=None) -> int:
         if not a.moe_only:
             f.update(part_a(a, buf, ll, ctx.device, r, sync, profiles))
         # Part c before part b: part b's kineto profile (torch.profiler with CUDA activities)
-        # leaves CUPTI attached to the process, and every later kernel launch pays for it
-        # (pytorch/pytorch#144455). Measured after it, the MoE steps' host time read 0.50 /
-        # 0.54 ms (1x H100, 2026-12-08); in a process of their own, 0.13 / 0.28 ms (2026-12-07).
+        # can leave CUPTI attached to the process, and later launches pay for it
+        # (pytorch/pytorch#144455), so the MoE steps are timed with no profiler yet attached.
+        # (It did not explain the suite's MoE figures: 0.50 / 0.54 ms after the profile, 0.42 /
+        # 0.68 ms before it, 1x H100, 2026-12-08; see docs/host_path.md, session 19.)
         if a.moe_only or not a.quick:
             f.update(part_c(a, buf, ll, ctx.device, r, profiles if not ctx.rank else None))
         if not a.moe_only:
