@@ -24,8 +24,10 @@ c. MoE layer host time per step (``ep_comm.moe``, DeepSeek-V3 shapes: hidden 716
    intermediate 2048, 256 experts, top-8, FP8 weights with 128 x 128 block scales, Triton GEMMs):
    ``moe_ep_low_latency`` at 128 decode tokens (``moe_decode_host_ms``) and ``moe_ep_normal``
    with ``num_worst_tokens`` at 4096 prefill tokens (``moe_prefill_host_ms``); the wall time of
-   one call started with the GPU idle, median of ``--moe-iters``. The weights are random bytes
-   (the host path does not depend on their values).
+   one call started with the GPU idle, median of ``--moe-iters`` (the targets' figure); beside
+   it ``moe_{decode,prefill}_queued_host_ms``, the host time per step of ``--moe-iters`` steps
+   back to back with no synchronisation (part a's way), median of 3 loops. The weights are
+   random bytes (the host path does not depend on their values).
 
 ``--moe-only`` runs part c alone, with a cProfile of each step, and writes
 ``host_overhead_moe-kernels-...json`` (the full run's file is left as it is).
@@ -375,6 +377,25 @@ def step_host_ms(fn, iters):
     return statistics.median(times) * 1e3
 
 
+def queued_step_host_ms(fn, iters, runs=3):
+    """Host ms per step of ``iters`` steps back to back with no synchronisation between them
+    (a decode loop's pattern, and part a's way: the GPU works behind the host, so the loop's
+    wall time per step is the host's while the launch queue has room), median of ``runs``
+    loops. Beside ``step_host_ms`` it tells a step's own host cost from what an idle GPU and an
+    idle host thread add at a step's start."""
+    for _ in range(3):
+        fn()
+    per_run = []
+    for _ in range(runs):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        per_run.append((time.perf_counter() - t0) / iters)
+    torch.cuda.synchronize()
+    return statistics.median(per_run) * 1e3
+
+
 def step_profile(fn, iters, top):
     """cProfile of ``iters`` steps, each started with the GPU idle: by own time, then
     ep_comm's functions by cumulative time (which stage of the layer the time goes to:
@@ -410,11 +431,13 @@ def part_c(a, buf, ll_buf, device, num_ranks, profiles=None):
     decode = lambda: moe.moe_ep_low_latency(  # noqa: E731
         x, idx, w, weights, ll_buf, a.experts, a.tokens, impl="triton")
     f["moe_decode_host_ms"] = step_host_ms(decode, a.moe_iters)
+    f["moe_decode_queued_host_ms"] = queued_step_host_ms(decode, a.moe_iters)
     xp, idxp, wp = routing(a.prefill_tokens, a.hidden, a.experts, a.topk, device, a.seed + 3)
     prefill = lambda: moe.moe_ep_normal(  # noqa: E731
         xp, idxp, wp, weights, buf, a.experts, impl="triton",
         num_worst_tokens=num_ranks * a.prefill_tokens)
     f["moe_prefill_host_ms"] = step_host_ms(prefill, a.moe_iters)
+    f["moe_prefill_queued_host_ms"] = queued_step_host_ms(prefill, a.moe_iters)
     if profiles is not None:
         profiles["moe decode step"] = step_profile(decode, a.moe_iters, a.top)
         profiles["moe prefill step"] = step_profile(prefill, a.moe_iters, a.top)
@@ -469,10 +492,13 @@ def print_report(a, f, num_ranks, profiles, kernels):
             print(f"   {n} kernels: " + ", ".join(f"{name[:40]} {us:.1f} us"
                                                    for name, us in k.items()))
     if "moe_decode_host_ms" in f:
-        common.print_table(None, ["step", "host ms"],
-                           [["moe_ep_low_latency decode", f["moe_decode_host_ms"]],
-                            ["moe_ep_normal prefill, num_worst_tokens", f["moe_prefill_host_ms"]]],
-                           f"\nc. MoE layer host time per step (GPU idle at the call), "
+        common.print_table(None, ["step", "host ms, GPU idle at the call",
+                                  "host ms, steps back to back"],
+                           [["moe_ep_low_latency decode", f["moe_decode_host_ms"],
+                             f.get("moe_decode_queued_host_ms")],
+                            ["moe_ep_normal prefill, num_worst_tokens", f["moe_prefill_host_ms"],
+                             f.get("moe_prefill_queued_host_ms")]],
+                           f"\nc. MoE layer host time per step, "
                            f"{a.tokens} / {a.prefill_tokens} tokens, hidden {a.hidden}, "
                            f"I {a.intermediate}, {a.experts} experts, top-{a.topk}, FP8")
     common.print_table(None, ["figure", "value", "target", "verdict"], verdicts(f),

@@ -23,6 +23,32 @@ _pools: dict[tuple, RankPool] = {}
 MAX_GPU_PROCS_ENV = "EP_COMM_TEST_MAX_GPU_PROCS"
 
 
+_config = None  # pytest's config (pytest_configure), for _say_pool's uncaptured writes
+
+
+def pytest_configure(config):
+    global _config
+    _config = config
+
+
+def _say_pool(what: str, t0: float) -> None:
+    """With PRINT_DURATIONS_ENV, a line per pool started or closed and its seconds, written
+    past pytest's capture at once: a test that a step's limit cut short then shows whether its
+    time went to rank processes coming and going (a pool's start-up, a closed rank's exit) or
+    to the task itself."""
+    if os.environ.get(PRINT_DURATIONS_ENV) != "1":
+        return
+    capman = _config.pluginmanager.getplugin("capturemanager") if _config else None
+    line = f"[pool] {what} in {time.monotonic() - t0:.1f} s\n"
+    if capman is None:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        return
+    with capman.global_and_fixture_disabled():
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
+
 def _make_room(world_size: int) -> None:
     """Close the least recently used GPU pools until ``world_size`` more GPU ranks fit."""
     cap = int(os.environ.get(MAX_GPU_PROCS_ENV, "8") or 8)
@@ -31,7 +57,9 @@ def _make_room(world_size: int) -> None:
     for key in gpu_keys:
         if live + world_size <= cap:
             break
+        t0 = time.monotonic()
         _pools.pop(key).close()
+        _say_pool(f"closed the {key[0]}-rank GPU pool", t0)
         live -= key[0]
 
 
@@ -48,7 +76,10 @@ class PoolRunner:
         else:
             if self.use_gpu:
                 _make_room(self.world_size)
+            t0 = time.monotonic()
             _pools[key] = RankPool(self.world_size, use_gpu=self.use_gpu)
+            _say_pool(f"started a {self.world_size}-rank {'GPU' if self.use_gpu else 'CPU'} "
+                      f"pool", t0)
         try:
             return _pools[key].run(fn, *args)
         except RankFailure:
