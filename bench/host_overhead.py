@@ -377,23 +377,13 @@ def step_host_ms(fn, iters):
     return statistics.median(times) * 1e3
 
 
-def queued_step_host_ms(fn, iters, runs=3):
+def queued_step_host_ms(fn, iters):
     """Host ms per step of ``iters`` steps back to back with no synchronisation between them
-    (a decode loop's pattern, and part a's way: the GPU works behind the host, so the loop's
-    wall time per step is the host's while the launch queue has room), median of ``runs``
+    (a decode loop's pattern, and part a's ``host_loops``: the GPU works behind the host, so a
+    loop's wall time per step is the host's while the launch queue has room), median of 3
     loops. Beside ``step_host_ms`` it tells a step's own host cost from what an idle GPU and an
     idle host thread add at a step's start."""
-    for _ in range(3):
-        fn()
-    per_run = []
-    for _ in range(runs):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        per_run.append((time.perf_counter() - t0) / iters)
-    torch.cuda.synchronize()
-    return statistics.median(per_run) * 1e3
+    return statistics.median(host_loops(fn, iters, torch.cuda.synchronize, warmup=3)) * 1e3
 
 
 def step_profile(fn, iters, top):
