@@ -1,7 +1,7 @@
 """Host (Python) time per call of the kernels backend, against the targets of issue #22.
 
 Three parts, one run (about a minute on one H200; ``--quick``: a few seconds, part c skipped),
-in the order a, c, b (part b's CUDA profiler slows every later launch of the process):
+in the order a, c, b (part b's CUDA profiler can stay attached to the process afterwards):
 
 a. Host time per call, 128 tokens x 7168, top-8 of 256 (``--tokens`` ...): each call runs
    ``--calls`` times back to back with no synchronisation in the loop (a small batch keeps the
