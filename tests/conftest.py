@@ -200,6 +200,23 @@ def shard_of(nodeids: list[str], shards: int, seconds: dict[str, float]) -> dict
     return deal
 
 
+def by_pool_size(worlds: list) -> list[int]:
+    """Positions of a shard's tests in the order it runs them: by the size of the rank pool each
+    needs (its ``world`` parameter; tests without one first), otherwise as collected. A shard
+    keeps at most MAX_GPU_PROCS_ENV GPU ranks alive, so tests of mixed sizes closed and
+    restarted pools (a GPU pool's start-up: NVSHMEM and CUDA set-up, seconds each beside the
+    other jobs); by size, each pool starts once. The 2026-12-08 deal started 6-11 pools per
+    shard in collection order, 4-5 by size (a cap of 6 ranks)."""
+    def size(w):
+        return w if isinstance(w, int) and not isinstance(w, bool) else 0
+    return sorted(range(len(worlds)), key=lambda i: size(worlds[i]))
+
+
+def _world_of(item):
+    spec = getattr(item, "callspec", None)
+    return spec.params.get("world") if spec is not None else None
+
+
 @pytest.hookimpl(trylast=True)  # after -m / -k deselection: every shard deals the same list
 def pytest_collection_modifyitems(config, items):
     spec = os.environ.get(SHARD_ENV)
@@ -217,4 +234,4 @@ def pytest_collection_modifyitems(config, items):
     deal = shard_of([it.nodeid for it in items], shards, seconds)
     keep = [it for it in items if deal[it.nodeid] == index]
     config.hook.pytest_deselected(items=[it for it in items if deal[it.nodeid] != index])
-    items[:] = keep
+    items[:] = [keep[i] for i in by_pool_size([_world_of(it) for it in keep])]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from conftest import DEFAULT_SECONDS, shard_of
+from conftest import DEFAULT_SECONDS, by_pool_size, shard_of
 
 
 def test_every_test_lands_in_exactly_one_shard_and_the_deal_is_repeatable():
@@ -62,3 +62,13 @@ def test_gpu_pools_beyond_the_process_cap_close_least_recently_used_first(monkey
     finally:
         conftest._pools.clear()
         conftest._pools.update(saved)
+
+
+def test_a_shard_runs_its_tests_by_pool_size_and_otherwise_as_collected():
+    """Tests without a world parameter first, then 1, 2, 3, 4, 8 ranks: each pool starts once
+    (a bool or a tuple is not a world size)."""
+    worlds = [2, 1, None, 8, 2, 4, 1, "2x1", 3, True]
+    order = by_pool_size(worlds)
+    assert sorted(order) == list(range(len(worlds)))
+    assert [worlds[i] for i in order] == [None, "2x1", True, 1, 1, 2, 2, 3, 4, 8]
+    assert order[:3] == [2, 7, 9] and order[3:5] == [1, 6]  # equal sizes keep their order
