@@ -1,6 +1,7 @@
 """Shared fixtures: one persistent pool of CPU ranks per world size (see multiproc.py)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -39,13 +40,8 @@ def _say_pool(what: str, t0: float) -> None:
     if os.environ.get(PRINT_DURATIONS_ENV) != "1":
         return
     capman = _config.pluginmanager.getplugin("capturemanager") if _config else None
-    line = f"[pool] {what} in {time.monotonic() - t0:.1f} s\n"
-    if capman is None:
-        sys.stderr.write(line)
-        sys.stderr.flush()
-        return
-    with capman.global_and_fixture_disabled():
-        sys.stderr.write(line)
+    with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
+        sys.stderr.write(f"[pool] {what} in {time.monotonic() - t0:.1f} s\n")
         sys.stderr.flush()
 
 

@@ -143,16 +143,19 @@ def test_warm_up_puts_the_static_cache_back():
     from hf_cases import _cache_tensors, _static_decoder, warm_up
     model = build_model("deepseek_v3", "cpu", 0)
     ids = torch.randint(3, 32, (2, 6), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
+    def fresh():
+        """A new static cache after the prompt, its step fed the prompt's greedy token."""
         cache, logits, tok, _, step = _static_decoder(model, ids, 4)
         tok.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        return cache, step
+
+    with torch.no_grad():
+        _, step = fresh()
         first = step().clone()
-        cache, _, tok2, _, step = _static_decoder(model, ids, 4)
-        tok2.copy_(tok)
+        cache, step = fresh()
         warm_up(step, _cache_tensors(cache))
         assert torch.equal(step(), first)
-        cache, _, tok3, _, step = _static_decoder(model, ids, 4)
-        tok3.copy_(tok)
+        _, step = fresh()
         step()  # a warm-up left in place: the step after it is another
         assert not torch.equal(step(), first)
 
