@@ -406,9 +406,10 @@ def task_gpu_disagree(ctx, kinds, odd: int) -> dict:
 
 def task_gpu_skip(ctx, odd: int) -> dict:
     """Kernels backend: rank ``odd`` skips the second dispatch and combines the first one's
-    handle instead. The NVLink kernels of the two ranks then wait for each other's different
-    kernels: each names the other in a CommTimeoutError within the timeout (rank ``odd`` at its
-    next call: its combine did not wait), then every later call raises BufferFailedError."""
+    handle instead. The NVLink kernels of the two ranks then run different kernels as the same
+    kernel number, and each sees the other's announcement: both stop at once, and each rank
+    raises the CollectiveMismatchError naming the operation (rank ``odd`` at its next call: its
+    combine did not wait), then every later call raises BufferFailedError."""
     case = Case(seed=17, num_experts=16, backend="kernels")
     x, idx, w = (t.to(ctx.device) for t in all_inputs(case, ctx.world_size)[ctx.rank])
     buf = make_buffer(ctx, case)
@@ -438,10 +439,11 @@ def task_gpu_ring_layout(ctx, kind: str, odd: int) -> dict:
     or a cached dispatch with the handle (``cached_dispatch_hidden``). No signature exchange
     checks these calls (the host's agreement is off, they have no notify kernel), so only the
     NVLink rings' tags, which hash the row layout, stand between the ranks and rows read at the
-    wrong size. Each rank's kernel must refuse the other's words and time out; the next call
-    raises the CommTimeoutError naming the other rank, then every later call raises
+    wrong size. Each rank's kernel must refuse the other's words, and finds the other's
+    announcement of another row size: the next call raises the CollectiveMismatchError naming
+    hidden (``res["hidden"]``: the hidden of the agreeing rank), then every later call raises
     BufferFailedError. Before the layout was in the tag the call completed: no error, wrong
-    rows."""
+    rows; before the announcements each rank timed out."""
     assert os.environ.get("EP_COMM_CHECK_AGREEMENT", "0") != "1"
     case = Case(seed=24, num_experts=16, backend="kernels")
     x, idx, w = (t.to(ctx.device) for t in all_inputs(case, ctx.world_size)[ctx.rank])
@@ -459,9 +461,10 @@ def task_gpu_ring_layout(ctx, kind: str, odd: int) -> dict:
             else:
                 raise ValueError(kind)
             torch.cuda.synchronize()  # nothing on the host waits for these kernels
-            # the next call reads the status word: the timeout the kernels reported
+            # the next call reads the status word: what the kernels reported
             _layout_and_dispatch(buf, x, idx, w, case.num_experts)
         res = _outcome(disagreeing)
+        res["hidden"] = case.hidden
         res["later"] = _later_call(buf, x, idx, w, case.num_experts)
         return res
     finally:

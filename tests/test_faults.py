@@ -235,16 +235,33 @@ def test_gpu_kernels_disagreement_is_refused_by_the_notify_kernel_on_every_rank(
         assert len({r["message"].split(":", 1)[1] for r in per_rank}) == 1, per_rank
 
 
+def _kernel_mismatch_named(rank: int, res: dict, field: str) -> None:
+    """``res`` (rank ``rank`` of 2) is the NVLink kernels' refusal of a call whose peer runs
+    another kernel or layout as the same kernel number: a CollectiveMismatchError naming
+    ``field`` and the other rank, raised at once (not after the timeout), with the Buffer
+    failed (later calls: BufferFailedError)."""
+    other = 1 - rank
+    assert res["error"] == "CollectiveMismatchError", (rank, res)
+    assert res["field"] == field, (rank, res["message"])
+    assert f"rank {rank}:" in res["message"] and f"[{other}]" in res["message"], res["message"]
+    assert "The NVLink kernels found it" in res["message"], res["message"]
+    assert "The Buffer is failed" in res["message"], res["message"]
+    assert res["elapsed"] < TIMEOUT_S, (rank, res["elapsed"])  # found, not timed out
+    assert res["later"]["error"] == "BufferFailedError", (rank, res["later"])
+
+
 @pytest.mark.gpu
 def test_gpu_kernels_skipped_dispatch_is_named_by_every_rank():
-    """Kernels backend, 2 ranks: rank 1 skips a dispatch (and combines instead). Each rank
-    names the other in a CommTimeoutError within the timeout + 2 s (+ launch on a shared GPU),
-    never a silent pairing; later calls raise BufferFailedError at once."""
+    """Kernels backend, 2 ranks, no EP_COMM_CHECK_AGREEMENT: rank 1 skips a dispatch from a
+    layout (and combines instead), so its kernel of that number is a combine where rank 0's is
+    the dispatch's count exchange. Each kernel announces itself to its peers; each rank's
+    waiting kernel sees the other's announcement and both stop at once: a
+    CollectiveMismatchError naming the operation and the other rank on both ranks, well within
+    the timeout; later calls raise BufferFailedError at once."""
     results = run_fresh_gpu(fc.task_gpu_skip, 1)
     for rank, res in enumerate(results):
-        assert res["error"] == "CommTimeoutError" and res["peer"] == 1 - rank, (rank, res)
-        assert res["elapsed"] < LIMIT_S + 2, (rank, res["elapsed"])
-        assert res["later"]["error"] == "BufferFailedError", (rank, res["later"])
+        _kernel_mismatch_named(rank, res, "op")
+        assert "combine" in res["message"] and "count exchange" in res["message"], res
 
 
 @pytest.mark.gpu
@@ -253,15 +270,15 @@ def test_gpu_kernels_ring_layout_disagreement_is_named_never_silent(kind):
     """Kernels backend, 2 ranks, no EP_COMM_CHECK_AGREEMENT: after an agreed dispatch, rank 1
     combines (``combine_hidden``) or makes a cached dispatch (``cached_dispatch_hidden``) with
     half the hidden size. No signature exchange checks these calls; the NVLink rings' tags hash
-    the row layout (``ring_shape``), so neither rank takes the other's words: each names the
-    other in a CommTimeoutError ("another row layout") within the timeout + 2 s (+ launch on a
-    shared GPU), never a silent result, and later calls raise BufferFailedError at once."""
+    the row layout (``ring_shape``), so neither rank takes the other's words, and the kernels'
+    announcements name the difference: a CollectiveMismatchError on both ranks naming hidden
+    with both values and the other rank, at once, never a silent result; later calls raise
+    BufferFailedError at once."""
     results = run_fresh_gpu(fc.task_gpu_ring_layout, kind, 1)
     for rank, res in enumerate(results):
-        assert res["error"] == "CommTimeoutError" and res["peer"] == 1 - rank, (kind, rank, res)
-        assert "another row layout" in res["message"], (kind, rank, res["message"])
-        assert res["elapsed"] < LIMIT_S + 2, (kind, rank, res["elapsed"])
-        assert res["later"]["error"] == "BufferFailedError", (kind, rank, res["later"])
+        _kernel_mismatch_named(rank, res, "hidden")
+        for h in (res["hidden"], res["hidden"] // 2):
+            assert f"hidden={h}" in res["message"], res["message"]
 
 
 # ------------------------------ GPU: low-latency call agreement in the count words

@@ -10,10 +10,16 @@ import torch
 
 from ep_comm.backends.kernels import status
 from ep_comm.core import agreement
-from ep_comm.core.constants import (CALL_SIG_FIELDS, CALL_SIG_WORDS, PHASE_COMBINE_RECV,
-                                    PHASE_DISPATCH_SEND, PHASE_NOTIFY, STATUS_DISAGREE,
-                                    STATUS_TIMEOUT)
-from ep_comm.errors import CollectiveMismatchError, CommTimeoutError, InputError, PeerInputError
+from ep_comm.core.constants import (CALL_SIG_FIELDS, CALL_SIG_WORDS, NORMAL_MAX_TOPK,
+                                    NVL_ANN_EXPAND_BIT, NVL_ANN_FP8_BIT, NVL_ANN_ROW_BITS,
+                                    NVL_ANN_ROW_SHIFT, NVL_ANN_TOPK_BITS, NVL_ANN_TOPK_SHIFT,
+                                    NVL_CTRL_ANNOUNCE, NVL_CTRL_WORDS, NVL_KERNEL_COMBINE,
+                                    NVL_KERNEL_DISPATCH, NVL_KERNEL_NOTIFY, NVL_MAX_RANKS,
+                                    NVL_RING_SHAPE_BITS, PHASE_COMBINE_RECV,
+                                    PHASE_DISPATCH_RECV, PHASE_DISPATCH_SEND, PHASE_NOTIFY,
+                                    STATUS_DISAGREE, STATUS_DISAGREE_KERNEL, STATUS_TIMEOUT)
+from ep_comm.errors import CollectiveMismatchError, CommTimeoutError, EpCommError, InputError, \
+    PeerInputError
 
 import fake_gpu
 
@@ -193,6 +199,112 @@ def test_ring_wait_that_saw_another_tag_says_the_layout_may_differ(phase):
     for words in ([STATUS_TIMEOUT, phase, 1, 2, 3, 5], [STATUS_TIMEOUT, PHASE_NOTIFY, 1, -1, -1, 8]):
         err = status.decode_status(words, status.NVLINK, 0, 3.0)
         assert err.peer == 1 and "another row layout" not in str(err)
+
+
+# ------------------------------------------- the NVLink kernels' announcements (no timeout)
+def _what(kind: int, row_int4: int = 0, k: int = 0, fp8: int = 0, expand: int = 0) -> int:
+    """An announcement's low word as ``kernel_what`` in kernels/cuda/intranode_common.cuh
+    packs it (``constants.NVL_ANN_*``)."""
+    return (kind | row_int4 << NVL_ANN_ROW_SHIFT | k << NVL_ANN_TOPK_SHIFT
+            | fp8 << NVL_ANN_FP8_BIT | expand << NVL_ANN_EXPAND_BIT)
+
+
+def _mismatch_words(theirs: int, mine: int, their_tag: int = 5, my_tag: int = 5,
+                    phase: int = PHASE_DISPATCH_RECV, channel: int = 2) -> list[int]:
+    """What a wait of rank 0 that found rank 1's announcement writes (``report_kernel_mismatch``),
+    as int32 words."""
+    def i32(v):
+        return v - (1 << 32) if v >= 1 << 31 else v
+    return [STATUS_DISAGREE_KERNEL, phase, 1, channel, i32(theirs), i32(mine), i32(their_tag),
+            i32(my_tag)]
+
+
+D, C, N = NVL_KERNEL_DISPATCH, NVL_KERNEL_COMBINE, NVL_KERNEL_NOTIFY
+
+
+@pytest.mark.parametrize("mine, theirs, field, values", [
+    (_what(D, 32, 2), _what(C, 32, 2), "op", None),
+    (_what(N), _what(C, 32, 2), "op", None),
+    (_what(D, 32, 2), _what(D, 16, 2, fp8=1), "dtype", {"bf16": [0], "fp8": [1]}),
+    (_what(C, 32, 2), _what(C, 16, 2), "hidden", {256: [0], 128: [1]}),
+    (_what(D, 28, 8, fp8=1), _what(D, 28, 4, fp8=1), "num_topk", {8: [0], 4: [1]}),
+    (_what(D, 32, 2), _what(D, 32, 2, expand=1), "expand", {0: [0], 1: [1]}),
+])
+def test_kernel_mismatch_names_the_first_field_that_differs(mine, theirs, field, values):
+    """STATUS_DISAGREE_KERNEL: a wait found the peer's announcement of another kernel or row
+    layout under the same kernel number. The host names the first differing field of the two
+    announcements (operation, dtype, hidden, top-k, expand) with both values and ranks, as a
+    CollectiveMismatchError that leaves the Buffer failed."""
+    err = status.decode_status(_mismatch_words(theirs, mine), status.NVLINK, 0, 3.0, seq=7)
+    assert isinstance(err, CollectiveMismatchError) and not err.usable
+    assert err.field == field and err.call == 7 and err.rank == 0
+    if values is None:  # the operations, named as the user called them
+        assert sorted(err.values.values()) == [[0], [1]]
+        assert any("combine" in str(v) for v in err.values)
+    else:
+        assert err.values == values
+    text = str(err)
+    assert "dispatch/receive, channel 2" in text and "rank 1 runs another kernel" in text
+    assert "The Buffer is failed" in text and "still usable" not in text
+
+
+def test_kernel_mismatch_of_equal_announcements_names_the_layout_hashes():
+    """Equal kind, dtype, hidden, top-k and expand, but other tags (channels, ring slots or
+    experts per rank differ, which only the tag's hash carries): field "layout", each rank's
+    hash; from the notify kernel (channel -1) no channel is named."""
+    w = _what(C, 32, 2)
+    seq_bits = 32 - NVL_RING_SHAPE_BITS
+    words = _mismatch_words(w, w, 9 | 0x12 << seq_bits, 9 | 0x34 << seq_bits, PHASE_NOTIFY, -1)
+    err = status.decode_status(words, status.NVLINK, 0, 3.0, seq=2)
+    assert err.field == "layout" and err.values == {"layout hash 0x034": [0],
+                                                    "layout hash 0x012": [1]}
+    assert "(dispatch/notify)" in str(err)
+
+
+def test_kernel_mismatch_fails_the_runtime_and_its_comm(two_ranks):
+    """A cached dispatch or combine is not waited for: the kernels' finding is raised by the next
+    call that reads the status word, as the CollectiveMismatchError naming the field; the
+    runtime is failed and so is its Comm (the Buffer's later calls raise BufferFailedError at
+    once), since the kernels stopped mid-exchange."""
+    rt = two_ranks
+    sig = agreement.Signature("dispatch", 256, torch.bfloat16, 8, 2)
+    _call(rt, sig)
+
+    def kernel(name, values):  # the dispatch kernel finds rank 1 running a combine
+        if name == "nvl_dispatch":
+            view = rt.status._view
+            view[1:8] = _mismatch_words(_what(C, 32, 2), _what(D, 32, 2))[1:]
+            view[0] = STATUS_DISAGREE_KERNEL
+    rt.fake_module.on_launch = kernel
+    _dispatch(rt)  # returns: the host checks the status after the count wait, before this
+    rt.fake_module.on_launch = None
+    _call(rt, sig)
+    launched = len(rt.fake_module.launches)
+    with pytest.raises(CollectiveMismatchError) as e:
+        _dispatch(rt)
+    assert e.value.field == "op" and e.value.call == 2 and not e.value.usable
+    after = [n for n, _, _ in rt.fake_module.launches[launched:]]
+    assert after == ["nvl_get_dispatch_layout"], after  # raised before the notify
+    assert rt.comm.failure is e.value and rt._broken is e.value
+    with pytest.raises(EpCommError, match="failed earlier"):
+        _dispatch(rt)
+
+
+def test_announcement_fields_fit_their_word_and_the_control_words():
+    """The announcement's fields do not overlap and fit the low 32 bits; the uint64
+    announcements start 8-byte aligned inside the ctrl region, which holds one per rank."""
+    fields = [(0, 2), (NVL_ANN_ROW_SHIFT, NVL_ANN_ROW_BITS), (NVL_ANN_TOPK_SHIFT, NVL_ANN_TOPK_BITS),
+              (NVL_ANN_FP8_BIT, 1), (NVL_ANN_EXPAND_BIT, 1)]
+    bits = [b for lo, n in fields for b in range(lo, lo + n)]
+    assert len(bits) == len(set(bits)) and max(bits) < 32
+    assert max(NVL_KERNEL_DISPATCH, NVL_KERNEL_COMBINE, NVL_KERNEL_NOTIFY) < 4
+    assert (1 << NVL_ANN_TOPK_BITS) > NORMAL_MAX_TOPK
+    assert NVL_CTRL_ANNOUNCE % 2 == 0 and NVL_CTRL_WORDS == NVL_CTRL_ANNOUNCE + 2 * NVL_MAX_RANKS
+    from ep_comm.core.regions import IntranodeRegions
+    from ep_comm.config import default_config
+    reg = IntranodeRegions(default_config(8), 7168 * 2, 8)
+    ctrl = reg["ctrl"]
+    assert ctrl.offset % 8 == 0 and ctrl.nbytes == NVL_CTRL_WORDS * 4
 
 
 def _fake_buffer_calls(monkeypatch, agree_env: str | None):

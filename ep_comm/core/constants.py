@@ -72,6 +72,32 @@ NVL_INFO_EXPERT_COUNTS = 16
 NVL_INFO_CALL_SIGS = NVL_INFO_EXPERT_COUNTS + NVL_MAX_LOCAL_EXPERTS
 NVL_STATUS_WORDS = NVL_INFO_CALL_SIGS + NVL_MAX_RANKS * CALL_SIG_WORDS
 
+#: Control words of an NVLink buffer (``regions.IntranodeRegions`` ``ctrl``, uint32): [0] the
+#: kernel sequence number, [1] blocks of the running kernel that finished, [2] the status claim,
+#: [``NVL_CTRL_ABANDON``] the tag of a kernel that stopped every wait because a peer runs another
+#: kernel as the same number, then from [``NVL_CTRL_ANNOUNCE``] one uint64 per source rank s,
+#: written by s at the start of each numbered kernel (its announcement: ``tag << 32 | what``).
+#: ``what``: the kernel kind (``NVL_KERNEL_*``) in bits 0-1, ``row_int4`` in bits
+#: ``NVL_ANN_ROW_SHIFT``.. (``NVL_ANN_ROW_BITS``), the top-k in bits ``NVL_ANN_TOPK_SHIFT``..
+#: (``NVL_ANN_TOPK_BITS``), fp8 payload (scales travel) at bit ``NVL_ANN_FP8_BIT``, an
+#: expanding dispatch at bit ``NVL_ANN_EXPAND_BIT`` (``status.nvl_kernel_mismatch`` decodes it).
+NVL_CTRL_ABANDON = 3
+NVL_CTRL_ANNOUNCE = 4
+NVL_CTRL_WORDS = NVL_CTRL_ANNOUNCE + 2 * NVL_MAX_RANKS
+NVL_KERNEL_DISPATCH = 1
+NVL_KERNEL_COMBINE = 2
+NVL_KERNEL_NOTIFY = 3
+NVL_ANN_ROW_SHIFT = 2
+NVL_ANN_ROW_BITS = 20
+NVL_ANN_TOPK_SHIFT = 22
+NVL_ANN_TOPK_BITS = 6
+NVL_ANN_FP8_BIT = 28
+NVL_ANN_EXPAND_BIT = 29
+#: Upper bits of an NVLink ring tag that carry the row layout's hash (``ring_shape`` in
+#: ``kernels/cuda/intranode_common.cuh``); the lower 32 - NVL_RING_SHAPE_BITS are the kernel
+#: number's.
+NVL_RING_SHAPE_BITS = 12
+
 INTER_MAX_NODES = 256
 #: Most ranks of an internode group (INTER_MAX_NODES nodes of NVL_MAX_RANKS): the size of the
 #: per-rank arrays of the internode agreement (kernels/cuda/internode.cu).
@@ -131,6 +157,11 @@ STATUS_DISAGREE = 4
 #: ``[3]`` what it runs there (0: a notify kernel, 1: a dispatch or combine kernel), ``[4]`` its
 #: call tag, ``[5]`` this rank's (``status.decode_status``).
 STATUS_DISAGREE_TAG = 5
+#: An NVLink kernel found that a peer runs another kernel, or the same kernel with another row
+#: layout, as the same kernel number (its announcement, ``NVL_CTRL_ANNOUNCE``): ``[2]`` that
+#: peer, ``[3]`` the channel (-1: the notify kernel), ``[4]`` the peer's ``what``, ``[5]`` this
+#: rank's, ``[6]`` the peer's tag, ``[7]`` this rank's (``status.nvl_kernel_mismatch``).
+STATUS_DISAGREE_KERNEL = 6
 
 #: Phases of the normal-mode kernels (NVLink and internode).
 PHASE_NOTIFY = 1
@@ -188,6 +219,19 @@ DEVICE_CONSTANTS: dict[str, int | float] = {
     "STATUS_NO_P2P": STATUS_NO_P2P,
     "STATUS_DISAGREE": STATUS_DISAGREE,
     "STATUS_DISAGREE_TAG": STATUS_DISAGREE_TAG,
+    "STATUS_DISAGREE_KERNEL": STATUS_DISAGREE_KERNEL,
+    "NVL_CTRL_ABANDON": NVL_CTRL_ABANDON,
+    "NVL_CTRL_ANNOUNCE": NVL_CTRL_ANNOUNCE,
+    "NVL_KERNEL_DISPATCH": NVL_KERNEL_DISPATCH,
+    "NVL_KERNEL_COMBINE": NVL_KERNEL_COMBINE,
+    "NVL_KERNEL_NOTIFY": NVL_KERNEL_NOTIFY,
+    "NVL_ANN_ROW_SHIFT": NVL_ANN_ROW_SHIFT,
+    "NVL_ANN_ROW_BITS": NVL_ANN_ROW_BITS,
+    "NVL_ANN_TOPK_SHIFT": NVL_ANN_TOPK_SHIFT,
+    "NVL_ANN_TOPK_BITS": NVL_ANN_TOPK_BITS,
+    "NVL_ANN_FP8_BIT": NVL_ANN_FP8_BIT,
+    "NVL_ANN_EXPAND_BIT": NVL_ANN_EXPAND_BIT,
+    "NVL_RING_SHAPE_BITS": NVL_RING_SHAPE_BITS,
     "INTER_MAX_RANKS": INTER_MAX_RANKS,
     "INTER_MAX_EXPERTS": INTER_MAX_EXPERTS,
     "PHASE_NOTIFY": PHASE_NOTIFY,

@@ -13,8 +13,8 @@ import dataclasses
 from ep_comm.core.constants import (CALL_SIG_WORDS, FP8_BLOCK, INTER_DISPATCH_CHUNKS,
                                     INTER_MAX_EXPERTS, INTER_ROWS_PER_TOKEN, LL_DONE_WORDS,
                                     LL_MAX_EXPERTS, LL_MAX_RANKS, LL_PROGRESS_WORDS,
-                                    NORMAL_MAX_TOPK, NVL_MAX_CHANNELS, NVL_MAX_RANKS,
-                                    NVL_NOTIFY_ROW, REGION_ALIGN, align)
+                                    NORMAL_MAX_TOPK, NVL_CTRL_WORDS, NVL_MAX_CHANNELS,
+                                    NVL_MAX_RANKS, NVL_NOTIFY_ROW, REGION_ALIGN, align)
 from ep_comm.errors import InputError
 
 #: Top-k entries a normal-mode slot carries (the slot layouts below reserve this many).
@@ -70,11 +70,15 @@ class IntranodeRegions(Carver):
     ``NVL_MAX_LOCAL_EXPERTS``), so their offsets never move when hidden, the config or the
     payload kind changes between calls: a stale word is never read at a new place.
 
-    * ``ctrl``: uint32 [4], local only: [0] sequence number of the last finished kernel (every
+    * ``ctrl``: uint32 [NVL_CTRL_WORDS]: [0] sequence number of the last finished kernel (every
       communicating kernel uses ``ctrl[0] + 1`` as its tag, with the row layout hashed in for
       ring words (see ``tail``), and the last block to finish bumps it, so the tag lives on
       the device and CUDA-graph replays stay correct), [1] blocks of the running kernel that
-      finished, [2] status claim (the first failing block sets it).
+      finished, [2] status claim (the first failing block sets it), [3] the tag of a kernel
+      whose waits all stop (a peer runs another kernel as its number); these four are local.
+      From [NVL_CTRL_ANNOUNCE], uint64 [NVL_MAX_RANKS]: ``[s]`` written by rank s at the start
+      of each numbered kernel, its tag and kind and row layout (``constants.NVL_CTRL_*``), so
+      that a rank waiting in a kernel sees at once that a peer runs another one.
     * ``notify_flag``: uint32 [NVL_MAX_RANKS]: ``[s]`` = 2 * the tag of the notify in which rank
       s wrote its counts row here, + 1 once it read every row of a refused call
       (``kernels/cuda/intranode.cu``, "Flags").
@@ -113,7 +117,7 @@ class IntranodeRegions(Carver):
         self.num_channels, self.num_ranks, self.num_slots = c, r, s
         self.hidden_bytes = hidden_bytes
         self.slot_bytes = token_slot_bytes(hidden_bytes)
-        self.claim("ctrl", 4 * 4)
+        self.claim("ctrl", NVL_CTRL_WORDS * 4)
         self.claim("notify_flag", NVL_MAX_RANKS * 4)
         self.claim("notify_counts", NVL_MAX_RANKS * NVL_NOTIFY_ROW * 4)
         self.claim("tail", NVL_MAX_CHANNELS * NVL_MAX_RANKS * 8)

@@ -8,8 +8,11 @@
 // this one and nothing needs resetting between calls (CUDA-graph replays included). The tag
 // also carries a hash of the call's row layout (ring_shape, intranode_common.cuh): ranks that
 // disagree on it (another hidden in a combine or cached dispatch, which no signature exchange
-// checks) never take each other's words, and time out naming each other instead of reading
-// rows of the wrong size.
+// checks) never take each other's words instead of reading rows of the wrong size. Every
+// numbered kernel also announces its kind and row layout to its peers first, so a rank whose
+// peer runs another kernel or layout as the same number (a skipped call, another hidden) sees
+// it while it waits and every rank stops at once, naming the difference ("kernel
+// announcements", intranode_common.cuh), where it used to wait for its timeout.
 // Every ring ends with a handshake: the sender publishes its last tail with the done bit, the
 // receiver answers with a head word that has the done bit once it will never touch the ring or
 // its tail word again, and the sender waits for that answer. So when a kernel finishes on a
@@ -60,9 +63,9 @@ __device__ __forceinline__ uint64_t* word_of(char* base, long long off, int c, i
 // Wait (one thread) until the ring has room for n more slots. Returns false on timeout.
 // Every wait reports the count it saw as -1 when the word carries another tag (another kernel,
 // call or row layout: ep_comm.backends.kernels.status words it so).
-__device__ bool wait_for_room(const uint64_t* head_word, uint32_t tag, uint32_t tail, int n,
-                              int S, unsigned long long timeout_ns, int* host_status,
-                              uint32_t* ctrl, int phase, int peer, int c) {
+__device__ bool wait_for_room(const uint64_t* head_word, uint32_t tag, uint32_t what,
+                              uint32_t tail, int n, int S, unsigned long long timeout_ns,
+                              int* host_status, uint32_t* ctrl, int phase, int peer, int c) {
     const uint64_t deadline = globaltimer_ns() + timeout_ns;
     int spins = 0;
     while (true) {
@@ -70,28 +73,26 @@ __device__ bool wait_for_room(const uint64_t* head_word, uint32_t tag, uint32_t 
         const bool ours = word_tag(w) == tag;
         const uint32_t head = ours ? word_count(w) : 0u;
         if (tail + n - head <= static_cast<uint32_t>(S)) return true;
-        if ((++spins & 63) == 0 && globaltimer_ns() > deadline) {
-            report(host_status, ctrl, kStatusTimeout, phase, peer, c,
-                   ours ? static_cast<long long>(head) : -1, tail + n - S);
+        if ((++spins & 63) == 0 &&
+            wait_gives_up(ctrl, host_status, tag, what, peer, phase, c, deadline,
+                          ours ? static_cast<long long>(head) : -1, tail + n - S))
             return false;
-        }
     }
 }
 
 // Wait (one thread) for the receiver's final answer on a ring: head == tail with the done bit.
-__device__ void wait_for_drain(const uint64_t* head_word, uint32_t tag, uint32_t tail,
-                               unsigned long long timeout_ns, int* host_status, uint32_t* ctrl,
-                               int phase, int peer, int c) {
+__device__ void wait_for_drain(const uint64_t* head_word, uint32_t tag, uint32_t what,
+                               uint32_t tail, unsigned long long timeout_ns, int* host_status,
+                               uint32_t* ctrl, int phase, int peer, int c) {
     const uint64_t want = make_word(tag, tail, true);
     const uint64_t deadline = globaltimer_ns() + timeout_ns;
     int spins = 0;
     uint64_t w;
     while ((w = ld_acquire_sys(head_word)) != want) {
-        if ((++spins & 63) == 0 && globaltimer_ns() > deadline) {
-            report(host_status, ctrl, kStatusTimeout, phase, peer, c,
-                   word_tag(w) == tag ? static_cast<long long>(word_count(w)) : -1, tail);
+        if ((++spins & 63) == 0 &&
+            wait_gives_up(ctrl, host_status, tag, what, peer, phase, c, deadline,
+                          word_tag(w) == tag ? static_cast<long long>(word_count(w)) : -1, tail))
             return;
-        }
     }
 }
 
@@ -143,10 +144,13 @@ __shared__ uint32_t s_tag;  // the block's ring tag (begin_channel_block)
 // receives it. With one rank there is no ring and one of the two would idle, so both take half
 // of the channel's tokens [tb, te); otherwise [tb, te) is the whole channel. The caller zeroes
 // its own shared per-rank array first; the barrier here covers it, s_abort and s_tag. shape:
-// the kernel's ring_shape, hashed into the tag of every ring word it writes and accepts.
+// the kernel's ring_shape, hashed into the tag of every ring word it writes and accepts; what:
+// its kernel_what, announced to every peer with the tag (block 0, see "kernel announcements"
+// in intranode_common.cuh).
 struct ChannelBlock {
     uint32_t* ctrl;  // this rank's control words (ctrl[0]: calls so far)
     uint32_t tag;    // this call's number with the shape of its rows (ring_tag)
+    uint32_t what;   // the kernel's kind and row layout (kernel_what)
     int c;           // channel
     bool receiver;
     int tb, te;
@@ -154,7 +158,7 @@ struct ChannelBlock {
 
 __device__ __forceinline__ ChannelBlock begin_channel_block(char* const* peers, int rank, int R,
                                                             int C, int T, long long off_ctrl,
-                                                            uint32_t shape) {
+                                                            uint32_t shape, uint32_t what) {
     ChannelBlock b;
     b.ctrl = reinterpret_cast<uint32_t*>(peers[rank] + off_ctrl);
     // One thread computes the tag and the barrier below hands it to the others: with every
@@ -164,6 +168,8 @@ __device__ __forceinline__ ChannelBlock begin_channel_block(char* const* peers, 
     if (threadIdx.x < kMaxRanks) s_abort[threadIdx.x] = 0;
     __syncthreads();
     b.tag = s_tag;
+    b.what = what;
+    if (blockIdx.x == 0) announce_kernel(peers, off_ctrl, rank, R, b.tag, what);
     b.c = blockIdx.x >> 1;
     b.receiver = (blockIdx.x & 1) != 0;
     const int t0 = channel_begin(T, b.c, C), t1 = channel_begin(T, b.c + 1, C);
@@ -356,8 +362,8 @@ __device__ __forceinline__ void take_token_from_slot(const DispatchArgs& a, cons
 // own tokens straight into the outputs). Rows in the receiver's output: the receiver's block for
 // this rank starts at rank_prefix_matrix[rank - 1, d]; within it, tokens keep their order.
 // [t0, t1) is the whole channel, except with one rank (see nvl_dispatch).
-__device__ void dispatch_send(const DispatchArgs& a, int c, uint32_t tag, uint32_t* ctrl, int t0,
-                              int t1) {
+__device__ void dispatch_send(const DispatchArgs& a, int c, uint32_t tag, uint32_t what,
+                              uint32_t* ctrl, int t0, int t1) {
     const int warp = threadIdx.x >> 5, lane = lane_id();
     const int wpg = kWarps / a.R;
     const int g = warp / wpg;
@@ -400,7 +406,7 @@ __device__ void dispatch_send(const DispatchArgs& a, int c, uint32_t tag, uint32
                 in ? row_base + sent + __popc(mask & ((1u << lane) - 1u)) : -1;
         if (n == 0) continue;  // same mask in every warp of the group: uniform
         if (remote) {
-            if (gtid == 0 && !wait_for_room(head_word, tag, tail, n, a.S, a.timeout_ns,
+            if (gtid == 0 && !wait_for_room(head_word, tag, what, tail, n, a.S, a.timeout_ns,
                                             a.host_status, ctrl, kPhaseDispatchSend, d, c))
                 s_abort[g] = 1;
             group_sync(bar_id, gthreads);
@@ -430,7 +436,7 @@ __device__ void dispatch_send(const DispatchArgs& a, int c, uint32_t tag, uint32
     }
     if (remote && !aborted && gtid == 0) {
         st_release_sys(tail_word, make_word(tag, tail, true));
-        wait_for_drain(head_word, tag, tail, a.timeout_ns, a.host_status, ctrl,
+        wait_for_drain(head_word, tag, what, tail, a.timeout_ns, a.host_status, ctrl,
                        kPhaseDispatchSend, d, c);
     }
 }
@@ -464,7 +470,8 @@ __device__ void zero_expanded_padding(const DispatchArgs& a, int c) {
 }
 
 // Receiver block of channel c: warp group g drains ring (c, s) for s = rank + 1 + g (mod R).
-__device__ void dispatch_recv(const DispatchArgs& a, int c, uint32_t tag, uint32_t* ctrl) {
+__device__ void dispatch_recv(const DispatchArgs& a, int c, uint32_t tag, uint32_t what,
+                              uint32_t* ctrl) {
     if (a.zero_padding) {  // num_worst_tokens: rows past the received count are zero
         const long long n_recv = *a.num_recv_dev;
         const long long stride = static_cast<long long>(a.C) * kThreads;
@@ -514,10 +521,11 @@ __device__ void dispatch_recv(const DispatchArgs& a, int c, uint32_t tag, uint32
             while (true) {
                 w = ld_acquire_sys(tail_word);
                 if (word_tag(w) == tag && (word_count(w) > head || word_done(w))) break;
-                if ((++spins & 63) == 0 && globaltimer_ns() > deadline) {
-                    report(a.host_status, ctrl, kStatusTimeout, kPhaseDispatchRecv, s, c,
-                           word_tag(w) == tag ? static_cast<long long>(word_count(w)) : -1,
-                           head + 1);
+                if ((++spins & 63) == 0 &&
+                    wait_gives_up(ctrl, a.host_status, tag, what, s, kPhaseDispatchRecv, c,
+                                  deadline,
+                                  word_tag(w) == tag ? static_cast<long long>(word_count(w)) : -1,
+                                  head + 1)) {
                     s_abort[g] = 1;
                     break;
                 }
@@ -645,18 +653,20 @@ __device__ void report_refusal(int* host_status, const CallSig& sig, int R) {
 
 // Wait (one thread) until rank p's flag in this rank's buffer is `want` or `want + 1` (see
 // "Flags"), or with `or_later` any value from `want` on (the "read" wait: a peer posts a later
-// value only once it has read every row of this call); false (reported) after timeout_ns.
+// value only once it has read every row of this call); false (reported) after timeout_ns, or
+// as soon as rank p announces another kernel as this number (wait_gives_up; ann_tag and what:
+// this notify's announcement).
 __device__ bool wait_flag(const uint32_t* flag, uint32_t want, unsigned long long timeout_ns,
-                          int* host_status, uint32_t* ctrl, int p, bool or_later = false) {
+                          int* host_status, uint32_t* ctrl, uint32_t ann_tag, uint32_t what,
+                          int p, bool or_later = false) {
     const uint64_t deadline = globaltimer_ns() + timeout_ns;
     int spins = 0;
     uint32_t v;
     while ((v = ld_acquire_sys(flag)) - want > 1u &&
            !(or_later && static_cast<int32_t>(v - want) >= 0)) {
-        if ((++spins & 63) == 0 && globaltimer_ns() > deadline) {
-            report(host_status, ctrl, kStatusTimeout, kPhaseNotify, p, -1, v, want);
+        if ((++spins & 63) == 0 &&
+            wait_gives_up(ctrl, host_status, ann_tag, what, p, kPhaseNotify, -1, deadline, v, want))
             return false;
-        }
     }
     return true;
 }
@@ -674,6 +684,11 @@ nvl_notify(char* const* __restrict__ peers, int rank, int R, int T, int L, int n
     char* me = peers[rank];
     uint32_t* ctrl = reinterpret_cast<uint32_t*>(me + off_ctrl);
     const uint32_t tag = *reinterpret_cast<volatile uint32_t*>(ctrl) + 1u;
+    // This kernel's announcement (intranode_common.cuh, "kernel announcements"): a notify has
+    // no ring rows, its kind alone is announced; the flags below carry the plain number.
+    const uint32_t ann_tag = ring_tag(tag, ring_shape(kKernelNotify, 0, 0, 0, 0, 0, 0, 0));
+    const uint32_t what = kernel_what(kKernelNotify, 0, 0, 0, 0);
+    announce_kernel(peers, off_ctrl, rank, R, ann_tag, what);
     __shared__ int aborted, refused;
     // The signature as sent: the host's, with the layout kernel's bad id (id_check) in its
     // input-check words when the host found none. The record is consumed (cleared) here.
@@ -711,7 +726,7 @@ nvl_notify(char* const* __restrict__ peers, int rank, int R, int T, int L, int n
         st_release_sys(reinterpret_cast<uint32_t*>(peers[threadIdx.x] + off_flag) + rank, posted);
     if (threadIdx.x < R &&
         !wait_flag(reinterpret_cast<const uint32_t*>(me + off_flag) + threadIdx.x, posted,
-                   timeout_ns, host_status, ctrl, threadIdx.x))
+                   timeout_ns, host_status, ctrl, ann_tag, what, threadIdx.x))
         aborted = 1;
     __syncthreads();
     if (aborted) {
@@ -744,7 +759,7 @@ nvl_notify(char* const* __restrict__ peers, int rank, int R, int T, int L, int n
                            read_all);
         if (threadIdx.x < R &&
             !wait_flag(reinterpret_cast<const uint32_t*>(me + off_flag) + threadIdx.x, read_all,
-                       timeout_ns, host_status, ctrl, threadIdx.x, true))
+                       timeout_ns, host_status, ctrl, ann_tag, what, threadIdx.x, true))
             aborted = 1;
         __syncthreads();
         // A peer that never confirmed is a timeout (reported, the Buffer fails); else the
@@ -822,11 +837,12 @@ nvl_dispatch(char* const* __restrict__ peers, int rank, int R, int C, int S, int
     if (*reinterpret_cast<const volatile int*>(num_recv_dev) < 0) return;
     const ChannelBlock b = begin_channel_block(
         peers, rank, R, C, T, off_ctrl,
-        ring_shape(kRingDispatch, row_int4, num_scales, K, L, expand, C, S));
+        ring_shape(kKernelDispatch, row_int4, num_scales, K, L, expand, C, S),
+        kernel_what(kKernelDispatch, row_int4, K, num_scales, expand));
     // One rank: the receiver block writes the padding rows only (after every copied row), then
     // copies its half of the channel like the sender. One call site each: inlined once.
-    if (b.receiver) dispatch_recv(a, b.c, b.tag, b.ctrl);
-    if (!b.receiver || R == 1) dispatch_send(a, b.c, b.tag, b.ctrl, b.tb, b.te);
+    if (b.receiver) dispatch_recv(a, b.c, b.tag, b.what, b.ctrl);
+    if (!b.receiver || R == 1) dispatch_send(a, b.c, b.tag, b.what, b.ctrl, b.tb, b.te);
     finish_block(b.ctrl);
 }
 
@@ -913,7 +929,8 @@ struct CombineArgs {
 // Sender block of channel c: warp group g sends back, to d = rank + 1 + g (mod R), the rows
 // this rank received from d whose source token lies in d's channel c, in row order (which is
 // d's token order).
-__device__ void combine_send(const CombineArgs& a, int c, uint32_t tag, uint32_t* ctrl) {
+__device__ void combine_send(const CombineArgs& a, int c, uint32_t tag, uint32_t what,
+                             uint32_t* ctrl) {
     if (a.R == 1) return;
     const int warp = threadIdx.x >> 5, lane = lane_id();
     const int wpg = kWarps / (a.R - 1);
@@ -939,8 +956,8 @@ __device__ void combine_send(const CombineArgs& a, int c, uint32_t tag, uint32_t
     bool aborted = false;
     for (int r = r0; r < r1; r += a.window) {
         const int n = min(a.window, r1 - r);
-        if (gtid == 0 && !wait_for_room(head_word, tag, tail, n, a.S, a.timeout_ns, a.host_status,
-                                        ctrl, kPhaseCombineSend, d, c))
+        if (gtid == 0 && !wait_for_room(head_word, tag, what, tail, n, a.S, a.timeout_ns,
+                                        a.host_status, ctrl, kPhaseCombineSend, d, c))
             s_abort[g] = 1;
         group_sync(bar_id, gthreads);
         if (s_abort[g]) {
@@ -962,8 +979,8 @@ __device__ void combine_send(const CombineArgs& a, int c, uint32_t tag, uint32_t
     }
     if (!aborted && gtid == 0) {
         st_release_sys(tail_word, make_word(tag, tail, true));
-        wait_for_drain(head_word, tag, tail, a.timeout_ns, a.host_status, ctrl, kPhaseCombineSend,
-                       d, c);
+        wait_for_drain(head_word, tag, what, tail, a.timeout_ns, a.host_status, ctrl,
+                       kPhaseCombineSend, d, c);
     }
 }
 
@@ -972,8 +989,8 @@ __device__ void combine_send(const CombineArgs& a, int c, uint32_t tag, uint32_t
 // For token t the contributions are, in rank order, its row on each rank that received it
 // (this rank's own row read from x at send_pos[t, rank], the others from the rings), summed in
 // float32 from 0, then the biases; the same order as the reference backend.
-__device__ void combine_recv(const CombineArgs& a, int c, uint32_t tag, uint32_t* ctrl, int t0,
-                             int t1) {
+__device__ void combine_recv(const CombineArgs& a, int c, uint32_t tag, uint32_t what,
+                             uint32_t* ctrl, int t0, int t1) {
     const int warp = threadIdx.x >> 5, lane = lane_id();
     char* me = a.peers[a.rank];
     bool aborted = false;
@@ -998,10 +1015,12 @@ __device__ void combine_recv(const CombineArgs& a, int c, uint32_t tag, uint32_t
                 int spins = 0;
                 uint64_t w;
                 while (!(word_tag(w = ld_acquire_sys(tail_word)) == tag && word_count(w) >= need)) {
-                    if ((++spins & 63) == 0 && globaltimer_ns() > deadline) {
-                        report(a.host_status, ctrl, kStatusTimeout, kPhaseCombineRecv, r, c,
-                               word_tag(w) == tag ? static_cast<long long>(word_count(w)) : -1,
-                               need);
+                    if ((++spins & 63) == 0 &&
+                        wait_gives_up(ctrl, a.host_status, tag, what, r, kPhaseCombineRecv, c,
+                                      deadline,
+                                      word_tag(w) == tag ? static_cast<long long>(word_count(w))
+                                                         : -1,
+                                      need)) {
                         s_abort[0] = 1;
                         break;
                     }
@@ -1078,10 +1097,11 @@ __device__ void combine_recv(const CombineArgs& a, int c, uint32_t tag, uint32_t
             uint64_t w;
             bool heard = true;
             while (!(word_tag(w = ld_acquire_sys(tail_word)) == tag && word_done(w))) {
-                if ((++spins & 63) == 0 && globaltimer_ns() > deadline) {
-                    report(a.host_status, ctrl, kStatusTimeout, kPhaseCombineRecv, r, c,
-                           word_tag(w) == tag ? static_cast<long long>(word_count(w)) : -1,
-                           s_k[r]);
+                if ((++spins & 63) == 0 &&
+                    wait_gives_up(ctrl, a.host_status, tag, what, r, kPhaseCombineRecv, c,
+                                  deadline,
+                                  word_tag(w) == tag ? static_cast<long long>(word_count(w)) : -1,
+                                  s_k[r])) {
                     heard = false;
                     break;
                 }
@@ -1124,13 +1144,15 @@ nvl_combine(char* const* __restrict__ peers, int rank, int R, int C, int S, int 
                         bias0, bias1, out, out_w, host_status, timeout_ns};
     if (threadIdx.x < kMaxRanks) s_k[threadIdx.x] = 0;
     // A combine slot holds a row and K weights: no scales, experts or expanded rows.
-    const ChannelBlock b = begin_channel_block(peers, rank, R, C, T, off_ctrl,
-                                               ring_shape(kRingCombine, row_int4, 0, K, 0, 0, C, S));
+    const ChannelBlock b =
+        begin_channel_block(peers, rank, R, C, T, off_ctrl,
+                            ring_shape(kKernelCombine, row_int4, 0, K, 0, 0, C, S),
+                            kernel_what(kKernelCombine, row_int4, K, 0, 0));
     // One rank: nothing to send; both blocks reduce, each its half of the channel (no ring is
     // read, so the halves need no coordination).
     if (b.receiver || R == 1)
-        combine_recv(a, b.c, b.tag, b.ctrl, b.tb, b.te);
+        combine_recv(a, b.c, b.tag, b.what, b.ctrl, b.tb, b.te);
     else
-        combine_send(a, b.c, b.tag, b.ctrl);
+        combine_send(a, b.c, b.tag, b.what, b.ctrl);
     finish_block(b.ctrl);
 }

@@ -200,9 +200,11 @@ __device__ __forceinline__ uint64_t make_word(uint32_t tag, uint32_t count, bool
 // take_token_from_slot) and still agrees with its peers.
 // The kernel kind is hashed too: a rank that skipped a call may run a combine against its
 // peer's cached dispatch, whose slots hold other things.
-constexpr uint32_t kRingDispatch = 1u;
-constexpr uint32_t kRingCombine = 2u;
-constexpr int kRingShapeBits = 12;
+// Kinds of the numbered kernels (ep_comm/core/constants.py NVL_KERNEL_*; the host names them).
+constexpr uint32_t kKernelDispatch = EP_NVL_KERNEL_DISPATCH;
+constexpr uint32_t kKernelCombine = EP_NVL_KERNEL_COMBINE;
+constexpr uint32_t kKernelNotify = EP_NVL_KERNEL_NOTIFY;
+constexpr int kRingShapeBits = EP_NVL_RING_SHAPE_BITS;
 constexpr uint32_t kRingShapeMask = (1u << kRingShapeBits) - 1u;
 // The tag is (call number) XOR (shape << kRingSeqBits): the low 20 bits are the call number's,
 // untouched. The words of a ring are only ever compared for equality with the running kernel's
@@ -214,6 +216,7 @@ constexpr uint32_t kRingShapeMask = (1u << kRingShapeBits) - 1u;
 // Between two ranks in the same call the low bits are equal, and the tags differ exactly when
 // the shapes do.
 constexpr int kRingSeqBits = 32 - kRingShapeBits;
+constexpr uint32_t kRingSeqMask = (1u << kRingSeqBits) - 1u;
 
 // One step of the hash: v enters through an odd multiplier (a bijection of the 32-bit words),
 // then an xor-shift / odd multiply / xor-shift spreads every input bit over the upper bits.
@@ -225,7 +228,7 @@ __device__ __forceinline__ uint32_t ring_mix(uint32_t h, uint32_t v) {
     return h;
 }
 
-// kind: kRingDispatch / kRingCombine; the others as the kernels' arguments (combine: 0 for
+// kind: kKernelDispatch / kKernelCombine; the others as the kernels' arguments (combine: 0 for
 // num_scales, L and expand, which it does not have). row_int4 is added last, times an odd
 // constant, to the top 12 bits of the others' hash: modulo 2^12 that is a bijection of
 // row_int4, so calls that differ only in their row size (the common mistake: another hidden or
@@ -246,6 +249,102 @@ __device__ __forceinline__ uint32_t ring_shape(uint32_t kind, int row_int4, int 
 // The tag of a ring kernel: its call number (ctrl[0] + 1) with the shape in the upper bits.
 __device__ __forceinline__ uint32_t ring_tag(uint32_t seq, uint32_t shape) {
     return seq ^ (shape << kRingSeqBits);
+}
+
+// ----------------------------------------------------------------------- kernel announcements
+// The tags keep ranks that run different kernels as the same number (a skipped or extra call,
+// another hidden or top-k) from taking each other's words, but then each waits in vain until
+// its timeout, which names the peer and no more. So every numbered kernel (notify, dispatch,
+// combine) first announces itself to every peer: its tag and what it runs (kind and row
+// layout, kernel_what) in one uint64 of the peer's control words (announce_words, one per
+// source rank, constants.NVL_CTRL_ANNOUNCE). A wait that is not answered looks, every 64 spins,
+// at the announcement of the rank it waits for (wait_gives_up): the same kernel number (the
+// low kRingSeqBits of the tags) with another tag is a peer in another kernel or layout, and no
+// wait of this kernel can succeed. It reports STATUS_DISAGREE_KERNEL with both announcements
+// (the host names the field: operation, dtype, hidden, top-k), marks the kernel abandoned, and
+// every other wait of the kernel on this rank stops at its next look instead of at its
+// timeout. The peer sees this rank's announcement the same way, so both stop at once.
+// No false alarm: ranks run their numbered kernels in lockstep (each needs every peer's
+// kernel of the same number to finish), so a peer's announcement is of its kernel n - 1, n or
+// n + 1 while this rank runs n, never of one 2^20 kernels away; a peer in the same kernel with
+// the same layout announces exactly this tag. A kernel that returns without a number (behind a
+// refused notify) announces nothing.
+constexpr int kCtrlAbandon = EP_NVL_CTRL_ABANDON;
+constexpr int kCtrlAnnounce = EP_NVL_CTRL_ANNOUNCE;  // in uint32 words; the uint64s start there
+static_assert(kCtrlAnnounce % 2 == 0, "the announcements are uint64");
+
+// The announcements in the control words that start at ctrl (any rank's buffer).
+__device__ __forceinline__ uint64_t* announce_words(uint32_t* ctrl) {
+    return reinterpret_cast<uint64_t*>(ctrl + kCtrlAnnounce);
+}
+
+// The low half of an announcement (constants.NVL_ANN_*): kind, row size in int4 (clamped to
+// its field), top-k, fp8 (scales travel), expanding.
+__device__ __forceinline__ uint32_t kernel_what(uint32_t kind, int row_int4, int K, int num_scales,
+                                                int expand) {
+    const uint32_t row = min(static_cast<uint32_t>(row_int4), (1u << EP_NVL_ANN_ROW_BITS) - 1u);
+    const uint32_t k = min(static_cast<uint32_t>(K), (1u << EP_NVL_ANN_TOPK_BITS) - 1u);
+    return kind | (row << EP_NVL_ANN_ROW_SHIFT) | (k << EP_NVL_ANN_TOPK_SHIFT) |
+           (num_scales > 0 ? 1u << EP_NVL_ANN_FP8_BIT : 0u) |
+           (expand != 0 ? 1u << EP_NVL_ANN_EXPAND_BIT : 0u);
+}
+
+// Thread p < R of one block tells rank p which kernel this rank runs as this number. Called
+// once per numbered kernel, before its first wait. This rank's own word is written too: the
+// notify kernel's thread `rank` waits for this rank's own flag, and must find its own tag.
+__device__ __forceinline__ void announce_kernel(char* const* peers, long long off_ctrl, int rank,
+                                                int R, uint32_t tag, uint32_t what) {
+    const int p = static_cast<int>(threadIdx.x);
+    // Relaxed: nothing is ordered after it, and a release would put a system fence at the
+    // start of every kernel.
+    if (p < R)
+        st_relaxed_sys(announce_words(reinterpret_cast<uint32_t*>(peers[p] + off_ctrl)) + rank,
+                       (static_cast<uint64_t>(tag) << 32) | what);
+}
+
+// Fields, then the code, as report() (it claims the status word the same way).
+__device__ __forceinline__ void report_kernel_mismatch(int* host_status, uint32_t* ctrl, int phase,
+                                                       int peer, int channel, uint32_t their_what,
+                                                       uint32_t my_what, uint32_t their_tag,
+                                                       uint32_t my_tag) {
+    if (atomicCAS(reinterpret_cast<unsigned*>(ctrl + 2), 0u, 1u) != 0u) return;
+    volatile int* s = host_status;
+    s[1] = phase;
+    s[2] = peer;
+    s[3] = channel;
+    s[4] = static_cast<int>(their_what);
+    s[5] = static_cast<int>(my_what);
+    s[6] = static_cast<int>(their_tag);
+    s[7] = static_cast<int>(my_tag);
+    __threadfence_system();
+    s[0] = EP_STATUS_DISAGREE_KERNEL;
+    __threadfence_system();
+}
+
+// What a bounded wait of a numbered kernel (tag, what) on peer p does every 64 spins, one
+// thread: true (stop waiting) when another wait of this kernel found a peer in another kernel,
+// when peer p announces another kernel as this number (reported, and the kernel marked
+// abandoned), or after the deadline (a timeout with seen / wanted, as report()).
+static __device__ __noinline__ bool wait_gives_up(uint32_t* ctrl, int* host_status, uint32_t tag,
+                                                  uint32_t what, int p, int phase, int channel,
+                                                  uint64_t deadline, long long seen,
+                                                  long long wanted) {
+    volatile uint32_t* v = ctrl;
+    if (v[2] != 0u && v[kCtrlAbandon] == tag) return true;
+    const uint64_t ann = ld_acquire_sys(announce_words(ctrl) + p);
+    const uint32_t their_tag = static_cast<uint32_t>(ann >> 32);
+    if (their_tag != tag && ((their_tag ^ tag) & kRingSeqMask) == 0u) {
+        report_kernel_mismatch(host_status, ctrl, phase, p, channel, static_cast<uint32_t>(ann),
+                               what, their_tag, tag);
+        v[kCtrlAbandon] = tag;  // after the claim: the check above needs both
+        __threadfence();
+        return true;
+    }
+    if (globaltimer_ns() > deadline) {
+        report(host_status, ctrl, kStatusTimeout, phase, p, channel, seen, wanted);
+        return true;
+    }
+    return false;
 }
 
 }  // namespace ep_nvl

@@ -43,8 +43,12 @@ Failures: every wait in the kernels is bounded by ``EP_COMM_TIMEOUT_S``, read on
 Buffer is created. A kernel that gives up
 writes the status word; the host reads it after the notify synchronisation and before every
 call, and raises ``CommTimeoutError`` naming this rank, the phase, the peer and the channel.
-The runtime is then unusable (peers disagree about the sequence of calls) but ``destroy()``
-still frees everything.
+A wait that finds the peer it waits for in another kernel (each numbered kernel announces its
+kind and row layout to every peer first: a skipped or extra call, another hidden, dtype or
+top-k in a cached dispatch or a combine) does not wait for the timeout: every rank's kernel
+stops at once and the host raises ``CollectiveMismatchError`` naming the field and both values
+(``status.nvl_kernel_mismatch``). The runtime is then unusable (the kernels stopped mid-exchange)
+but ``destroy()`` still frees everything.
 """
 from __future__ import annotations
 
@@ -61,10 +65,10 @@ from ep_comm.backends.kernels import args, status
 from ep_comm.backends.kernels.layout import LayoutKernel
 from ep_comm.config import Config
 from ep_comm.core.constants import (CALL_SIG_WORDS, FP8_BLOCK, NORMAL_MAX_TOPK,
-                                    NVL_INFO_EXPERT_COUNTS, STATUS_DISAGREE,
-                                    NVL_INFO_NUM_RECV, NVL_MAX_CHANNELS, NVL_MAX_LOCAL_EXPERTS,
-                                    NVL_MAX_RANKS,
-                                    NVL_MAX_WINDOW, NVL_STATUS_WORDS, NVL_WARPS, align)
+                                    NVL_INFO_EXPERT_COUNTS, NVL_INFO_NUM_RECV, NVL_MAX_CHANNELS,
+                                    NVL_MAX_LOCAL_EXPERTS, NVL_MAX_RANKS, NVL_MAX_WINDOW,
+                                    NVL_STATUS_WORDS, NVL_WARPS, STATUS_DISAGREE,
+                                    STATUS_DISAGREE_KERNEL, align)
 from ep_comm.errors import BackendUnavailableError, EpCommError, InputError
 from ep_comm.handles import DispatchHandle
 from ep_comm.core.regions import IntranodeRegions
@@ -270,7 +274,7 @@ class IntranodeRuntime:
         """Raise the failure a kernel reported in the status word, if any (no device sync)."""
         code, err = status.read_normal_status(self.status, status.NVLINK, self.rank,
                                               self._timeout_s, self.num_ranks,
-                                              own_input=self._notify_input)
+                                              own_input=self._notify_input, seq=self.comm.seq)
         if err is None:
             return
         if code == STATUS_DISAGREE:
@@ -279,6 +283,11 @@ class IntranodeRuntime:
             self.status.clear()
         else:
             self._broken = err
+            if code == STATUS_DISAGREE_KERNEL:
+                # a CollectiveMismatchError, which the Buffer's fault guard lets through
+                # unmarked (elsewhere it is found before any exchange); here the kernels
+                # stopped mid-exchange, so every later call must fail at once
+                self.comm.mark_failed(err, [])
         raise err
 
     def _stream_handle(self) -> int:

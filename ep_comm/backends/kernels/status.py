@@ -25,6 +25,12 @@ codes and phases: ``ep_comm.core.constants``):
   call tag, ``agreement.ll_tag``): ``[1]`` phase (barrier or notify), ``[2]`` that rank,
   ``[3]`` what it ran (0: a notify, 1: a dispatch or combine kernel), ``[4]`` its call tag,
   ``[5]`` this rank's; decoded by ``agreement.ll_tag_error``.
+  ``STATUS_DISAGREE_KERNEL`` (NVLink only: a wait found that the peer it waits for announced
+  another kernel, or the same kernel with another row layout, as the same kernel number;
+  ``kernels/cuda/intranode_common.cuh``, "kernel announcements"): ``[1]`` phase, ``[2]`` that
+  peer, ``[3]`` channel (-1: the notify kernel), ``[4]`` / ``[5]`` the peer's / this rank's
+  kernel kind and row layout (``what``, ``constants.NVL_CTRL_ANNOUNCE``), ``[6]`` / ``[7]`` the
+  peer's / this rank's tag; decoded by ``nvl_kernel_mismatch``.
 * low-latency (``LOW_LATENCY``): ``[0]`` code, ``[1]`` phase, ``[2]`` peer rank, ``[3]`` expert
   index, ``[4]`` what was awaited (0: a count word, 1: arrivals), ``[5]`` seen, ``[6]`` wanted.
   ``STATUS_DISAGREE`` (unless ``EP_COMM_LL_KERNEL_AGREEMENT=0``: a peer's count word carried
@@ -45,10 +51,14 @@ from ep_comm.core.constants import (CALL_SIG_FIELDS, CALL_SIG_WORDS, LL_AWAIT_AC
                                     PHASE_COMBINE_SEND, PHASE_DISPATCH_RECV, PHASE_DISPATCH_SEND,
                                     PHASE_LL_COMBINE_RECV, PHASE_LL_COMBINE_SEND,
                                     PHASE_LL_DISPATCH_RECV, PHASE_LL_DISPATCH_SEND, PHASE_NOTIFY,
-                                    STATUS_DISAGREE, STATUS_DISAGREE_TAG, STATUS_NO_P2P, STATUS_OK,
-                                    STATUS_OVERFLOW, STATUS_TIMEOUT)
-from ep_comm.errors import BackendUnavailableError, CommTimeoutError, EpCommError, InputError, \
-    KernelError
+                                    STATUS_DISAGREE, STATUS_DISAGREE_KERNEL, STATUS_DISAGREE_TAG,
+                                    STATUS_NO_P2P, STATUS_OK, STATUS_OVERFLOW, STATUS_TIMEOUT,
+                                    NVL_ANN_EXPAND_BIT, NVL_ANN_FP8_BIT, NVL_ANN_ROW_BITS,
+                                    NVL_ANN_ROW_SHIFT, NVL_ANN_TOPK_BITS, NVL_ANN_TOPK_SHIFT,
+                                    NVL_KERNEL_COMBINE, NVL_KERNEL_DISPATCH, NVL_KERNEL_NOTIFY,
+                                    NVL_RING_SHAPE_BITS)
+from ep_comm.errors import BackendUnavailableError, CollectiveMismatchError, CommTimeoutError, \
+    EpCommError, InputError, KernelError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +112,58 @@ LOW_LATENCY = Family(
 )
 
 
+#: What each numbered NVLink kernel is, as the user called it (``NVL_KERNEL_*``).
+NVL_KERNEL_NAMES = {
+    NVL_KERNEL_NOTIFY: "dispatch from a layout (its count exchange)",
+    NVL_KERNEL_DISPATCH: "dispatch (moving tokens: a cached dispatch, or a dispatch from a "
+                         "layout after its count exchange)",
+    NVL_KERNEL_COMBINE: "combine",
+}
+
+
+def kernel_what(what: int) -> dict:
+    """The fields of an NVLink kernel's announcement (its low word, ``constants.NVL_ANN_*``):
+    ``op`` (a ``NVL_KERNEL_*``), ``dtype`` ("fp8" when scales travel, else "bf16"), ``hidden``
+    (elements of a row: 16-byte units times 16 for fp8, times 8 for bf16), ``num_topk`` and
+    ``expand`` (0 or 1)."""
+    what &= 0xFFFFFFFF
+    fp8 = (what >> NVL_ANN_FP8_BIT) & 1
+    row_int4 = (what >> NVL_ANN_ROW_SHIFT) & ((1 << NVL_ANN_ROW_BITS) - 1)
+    return {"op": what & 3, "dtype": "fp8" if fp8 else "bf16",
+            "hidden": row_int4 * (16 if fp8 else 8),
+            "num_topk": (what >> NVL_ANN_TOPK_SHIFT) & ((1 << NVL_ANN_TOPK_BITS) - 1),
+            "expand": (what >> NVL_ANN_EXPAND_BIT) & 1}
+
+
+def nvl_kernel_mismatch(rank: int, peer: int, where: str, theirs: int, mine: int,
+                        their_tag: int, my_tag: int, call: int) -> CollectiveMismatchError:
+    """The error of an NVLink kernel that found ``peer`` running another kernel, or the same
+    kernel with another row layout, as the same kernel number (``STATUS_DISAGREE_KERNEL``).
+
+    ``theirs`` / ``mine``: the two announcements' low words (``kernel_what``); ``their_tag`` /
+    ``my_tag``: the two tags (their upper bits hash the rest of the layout: channels, ring
+    slots, experts per rank); ``where``: phase and channel; ``call``: this rank's current call
+    number. The field named is the first of op, dtype, hidden, num_topk, expand that differs,
+    else ``layout``. The Buffer is failed: the kernels stopped in the middle of an exchange."""
+    a, b = kernel_what(mine), kernel_what(theirs)
+    field = next((f for f in ("op", "dtype", "hidden", "num_topk", "expand") if a[f] != b[f]),
+                 "layout")
+
+    def shown(w: dict, tag: int):
+        if field == "op":
+            return NVL_KERNEL_NAMES.get(w["op"], f"kernel kind {w['op']}")
+        if field == "layout":  # the tags' upper bits: the same call number, other layouts
+            return f"layout hash {(tag & 0xFFFFFFFF) >> (32 - NVL_RING_SHAPE_BITS):#05x}"
+        return w[field]
+    values = {shown(a, my_tag): [rank], shown(b, their_tag): [peer]}
+    detail = (f"The NVLink kernels found it ({where}): rank {peer} runs another kernel, or the "
+              "same one with another row layout, where this rank runs its "
+              f"{NVL_KERNEL_NAMES.get(a['op'], 'kernel')}; the kernels of both ranks stopped at "
+              "once. Nothing on the host waits for a cached dispatch or a combine, so the call "
+              "that raises this may come after the refused one, whose outputs are undefined. ")
+    return CollectiveMismatchError(rank, call, field, values, detail, usable=False)
+
+
 def decode_status(words, family: Family, rank: int, limit_s: float,
                   node: int | None = None, call_sigs=None,
                   own_input: "agreement.BadInput | None" = None,
@@ -119,7 +181,8 @@ def decode_status(words, family: Family, rank: int, limit_s: float,
         own_input: this rank's bad input in the refused call, if any (its ``InputError``
             text, which the words do not hold).
         seq: this rank's current call number (low-latency ``STATUS_DISAGREE`` and internode
-            ``STATUS_DISAGREE_TAG``: unfolds the tags' call numbers).
+            ``STATUS_DISAGREE_TAG``: unfolds the tags' call numbers; NVLink
+            ``STATUS_DISAGREE_KERNEL``: the call number the error names).
     """
     code = int(words[0])
     if code == STATUS_OK:
@@ -145,6 +208,10 @@ def decode_status(words, family: Family, rank: int, limit_s: float,
             waited = f"{thing} ({seen} of {wanted} arrived)"
         return CommTimeoutError(rank, phase, waited, limit_s, peer, node)
     channel, seen, wanted = (int(w) for w in words[3:6])
+    if code == STATUS_DISAGREE_KERNEL and family is NVLINK:
+        where = phase + (f", channel {channel}" if channel >= 0 else "")
+        return nvl_kernel_mismatch(rank, peer, where, seen, wanted, int(words[6]), int(words[7]),
+                                   seq)
     if code == STATUS_DISAGREE_TAG and family is INTERNODE:
         runs = "a notify kernel (a dispatch from a layout)" if channel == 0 else \
             "a dispatch or combine kernel"
