@@ -60,6 +60,10 @@
 #                    under 100 GiB): a rank keeps its NVSHMEM heap until it exits
 #   SUITE_TEST_HANG_S  seconds a shard's test may wait for its rank processes before it fails
 #                    as a hang (EP_COMM_TEST_HANG_S; default 100, the transformers job 200)
+#   SUITE_KERNEL_TIMEOUT_S  the shards' kernel timeout (EP_COMM_TEST_KERNEL_TIMEOUT_S; default 30:
+#                    no shard test waits on a peer that long, and a stalled kernel then reports
+#                    its phase, peer and counts while the shard still has time, where the tests'
+#                    60 s let session 19's stall run past the shard's limit unreported)
 #   SUITE_HF_ENV, SUITE_HF_ARGS: variables set for, and pytest arguments added to, the
 #                    transformers job (e.g. "CUDA_LAUNCH_BLOCKING=1" and "-k qwen3" to find the
 #                    launch that a hang waits for)
@@ -310,7 +314,7 @@ if has_stage tests; then
         HF_FILE=tests/test_hf_integration.py
         for ((i = 0; i < SHARDS; i++)); do
             NAMES_+=("pytest -m gpu, shard $((i + 1)) of $SHARDS")
-            CMDS_+=("EP_COMM_TEST_HANG_S=${SUITE_TEST_HANG_S:-100} EP_COMM_TEST_SHARD=$i/$SHARDS $PYTEST -m 'gpu and not gpu_alone' ${TEST_FILES/$HF_FILE/}")
+            CMDS_+=("EP_COMM_TEST_HANG_S=${SUITE_TEST_HANG_S:-100} EP_COMM_TEST_KERNEL_TIMEOUT_S=${SUITE_KERNEL_TIMEOUT_S:-30} EP_COMM_TEST_SHARD=$i/$SHARDS $PYTEST -m 'gpu and not gpu_alone' ${TEST_FILES/$HF_FILE/}")
         done
         NAMES_+=("pytest -m gpu, transformers models")
         # (a rank pool gives up after 200 s; the models' kernels time out after 60 s here, so

@@ -409,22 +409,24 @@ def task_gpu_skip(ctx, odd: int) -> dict:
     handle instead. The NVLink kernels of the two ranks then run different kernels as the same
     kernel number, and each sees the other's announcement: both stop at once, and each rank
     raises the CollectiveMismatchError naming the operation (rank ``odd`` at its next call: its
-    combine did not wait), then every later call raises BufferFailedError."""
-    case = Case(seed=17, num_experts=16, backend="kernels")
+    combine did not wait), then every later call raises BufferFailedError. 8 experts per rank,
+    so any number of ranks divides them."""
+    e = 8 * ctx.world_size
+    case = Case(seed=17, num_experts=e, backend="kernels")
     x, idx, w = (t.to(ctx.device) for t in all_inputs(case, ctx.world_size)[ctx.rank])
     buf = make_buffer(ctx, case)
     try:
-        recv, _, _, _, handle, _ = _layout_and_dispatch(buf, x, idx, w, 16)
+        recv, _, _, _, handle, _ = _layout_and_dispatch(buf, x, idx, w, e)
         torch.cuda.synchronize()
         if ctx.rank == odd:
             def skipped():
                 buf.combine(recv, handle)
                 torch.cuda.synchronize()
-                _layout_and_dispatch(buf, x, idx, w, 16)
+                _layout_and_dispatch(buf, x, idx, w, e)
             res = _outcome(skipped)
         else:
-            res = _outcome(lambda: _layout_and_dispatch(buf, x, idx, w, 16))
-        res["later"] = _later_call(buf, x, idx, w, 16)
+            res = _outcome(lambda: _layout_and_dispatch(buf, x, idx, w, e))
+        res["later"] = _later_call(buf, x, idx, w, e)
         return res
     finally:
         buf.destroy()

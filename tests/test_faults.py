@@ -179,16 +179,17 @@ def test_gpu_ll_bad_ids_of_a_later_call_are_named_by_the_dispatch_kernel(gpu_ran
     assert all(res["after"] == "exact" for res in results)
 
 
-def run_fresh_gpu(fn, *args, env=None):
-    """Run ``fn`` on a fresh pool of 2 GPU ranks with the short timeout (a test that breaks
-    its group; ``env``: more variables); skips without 2 GPUs or 2 ranks per GPU."""
+def run_fresh_gpu(fn, *args, env=None, world: int = 2):
+    """Run ``fn`` on a fresh pool of ``world`` GPU ranks with the short timeout (a test that
+    breaks its group; ``env``: more variables); skips without that many GPUs or ranks per
+    GPU."""
     import conftest
     if conftest.gpu_count() == 0:
         pytest.skip("needs a GPU")
-    if conftest.gpu_count() * conftest.ranks_per_gpu() < 2:
-        pytest.skip("needs 2 GPUs or EP_COMM_TEST_RANKS_PER_GPU=2")
-    pool = RankPool(2, use_gpu=True, env={"EP_COMM_TIMEOUT_S": str(TIMEOUT_S), **(env or {})},
-                    timeout=300)
+    if conftest.gpu_count() * conftest.ranks_per_gpu() < world:
+        pytest.skip(f"needs {world} GPUs or EP_COMM_TEST_RANKS_PER_GPU={world}")
+    pool = RankPool(world, use_gpu=True,
+                    env={"EP_COMM_TIMEOUT_S": str(TIMEOUT_S), **(env or {})}, timeout=300)
     try:
         return pool.run(fn, *args)
     finally:
@@ -262,6 +263,21 @@ def test_gpu_kernels_skipped_dispatch_is_named_by_every_rank():
     for rank, res in enumerate(results):
         _kernel_mismatch_named(rank, res, "op")
         assert "combine" in res["message"] and "count exchange" in res["message"], res
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_skipped_dispatch_of_one_of_three_ranks_is_named_by_every_rank():
+    """As above with 3 ranks: rank 2 combines where ranks 0 and 1 run the dispatch's count
+    exchange. Ranks 0 and 1 agree with each other and see rank 2's announcement; rank 2 sees
+    theirs: a CollectiveMismatchError naming the operation on all three, at once; ranks 0 and
+    1 name rank 2, rank 2 names one of them."""
+    results = run_fresh_gpu(fc.task_gpu_skip, 2, world=3)
+    for rank, res in enumerate(results):
+        assert res["error"] == "CollectiveMismatchError" and res["field"] == "op", (rank, res)
+        named = [p for p in range(3) if p != rank and f"[{p}]" in res["message"]]
+        assert named == [2] if rank < 2 else named in ([0], [1]), (rank, res["message"])
+        assert res["elapsed"] < TIMEOUT_S, (rank, res["elapsed"])
+        assert res["later"]["error"] == "BufferFailedError", (rank, res["later"])
 
 
 @pytest.mark.gpu
