@@ -211,7 +211,7 @@ def _what(kind: int, row_int4: int = 0, k: int = 0, fp8: int = 0, expand: int = 
 
 def _mismatch_words(theirs: int, mine: int, their_tag: int = 5, my_tag: int = 5,
                     phase: int = PHASE_DISPATCH_RECV, channel: int = 2) -> list[int]:
-    """What a wait of rank 0 that found rank 1's announcement writes (``report_kernel_mismatch``),
+    """What a wait of rank 0 that found rank 1's announcement writes (``report`` from ``wait_gives_up``),
     as int32 words."""
     def i32(v):
         return v - (1 << 32) if v >= 1 << 31 else v

@@ -34,7 +34,8 @@ constexpr uint32_t kDoneBit = 0x80000000u;
 // Host status word (int32 [16], host-mapped). The first failing block claims it (ctrl[2]),
 // writes the fields, then the code, with system fences between, so a host that sees the code
 // sees the fields: [0] code, [1] phase, [2] peer rank, [3] channel, [4] value seen,
-// [5] value wanted. [8] is the received token count written by the notify kernel.
+// [5] value wanted, [6] and [7] two more (STATUS_DISAGREE_KERNEL: the tags). [8] is the
+// received token count written by the notify kernel.
 // int32 [16 + kMaxLocalExperts] in all (NVL_STATUS_WORDS; ep_comm.backends.kernels.status
 // decodes it).
 constexpr int kStatusTimeout = EP_STATUS_TIMEOUT;
@@ -142,9 +143,11 @@ __device__ __forceinline__ int4 pack_bf16x8(const float* acc) {
 }
 
 // Claim the status word once for the whole buffer (device-memory CAS; atomics on host memory
-// over PCIe are not reliable), write the fields, then the code.
+// over PCIe are not reliable), write the fields, then the code. w6, w7: two more words, written
+// by STATUS_DISAGREE_KERNEL only (0 otherwise).
 __device__ __forceinline__ void report(int* host_status, uint32_t* ctrl, int code, int phase,
-                                       int peer, int channel, long long seen, long long wanted) {
+                                       int peer, int channel, long long seen, long long wanted,
+                                       uint32_t w6 = 0u, uint32_t w7 = 0u) {
     if (atomicCAS(reinterpret_cast<unsigned*>(ctrl + 2), 0u, 1u) != 0u) return;
     volatile int* s = host_status;
     s[1] = phase;
@@ -152,6 +155,8 @@ __device__ __forceinline__ void report(int* host_status, uint32_t* ctrl, int cod
     s[3] = channel;
     s[4] = static_cast<int>(seen);
     s[5] = static_cast<int>(wanted);
+    s[6] = static_cast<int>(w6);
+    s[7] = static_cast<int>(w7);
     __threadfence_system();
     s[0] = code;
     __threadfence_system();
@@ -302,25 +307,6 @@ __device__ __forceinline__ void announce_kernel(char* const* peers, long long of
                        (static_cast<uint64_t>(tag) << 32) | what);
 }
 
-// Fields, then the code, as report() (it claims the status word the same way).
-__device__ __forceinline__ void report_kernel_mismatch(int* host_status, uint32_t* ctrl, int phase,
-                                                       int peer, int channel, uint32_t their_what,
-                                                       uint32_t my_what, uint32_t their_tag,
-                                                       uint32_t my_tag) {
-    if (atomicCAS(reinterpret_cast<unsigned*>(ctrl + 2), 0u, 1u) != 0u) return;
-    volatile int* s = host_status;
-    s[1] = phase;
-    s[2] = peer;
-    s[3] = channel;
-    s[4] = static_cast<int>(their_what);
-    s[5] = static_cast<int>(my_what);
-    s[6] = static_cast<int>(their_tag);
-    s[7] = static_cast<int>(my_tag);
-    __threadfence_system();
-    s[0] = EP_STATUS_DISAGREE_KERNEL;
-    __threadfence_system();
-}
-
 // What a bounded wait of a numbered kernel (tag, what) on peer p does every 64 spins, one
 // thread: true (stop waiting) when another wait of this kernel found a peer in another kernel,
 // when peer p announces another kernel as this number (reported, and the kernel marked
@@ -334,8 +320,9 @@ static __device__ __noinline__ bool wait_gives_up(uint32_t* ctrl, int* host_stat
     const uint64_t ann = ld_acquire_sys(announce_words(ctrl) + p);
     const uint32_t their_tag = static_cast<uint32_t>(ann >> 32);
     if (their_tag != tag && ((their_tag ^ tag) & kRingSeqMask) == 0u) {
-        report_kernel_mismatch(host_status, ctrl, phase, p, channel, static_cast<uint32_t>(ann),
-                               what, their_tag, tag);
+        // [4] / [5]: the two kernels' what, [6] / [7]: their tags (status.nvl_kernel_mismatch)
+        report(host_status, ctrl, EP_STATUS_DISAGREE_KERNEL, phase, p, channel,
+               static_cast<uint32_t>(ann), what, their_tag, tag);
         v[kCtrlAbandon] = tag;  // after the claim: the check above needs both
         __threadfence();
         return true;
