@@ -200,7 +200,9 @@ __device__ __forceinline__ uint64_t make_word(uint32_t tag, uint32_t count, bool
 // expanded rows; another ring geometry) must never take each other's tail/head words: a
 // receiver that did would read rows of the wrong size, silently. So the tag carries, besides
 // the call number, a 12-bit hash of what both sides of a ring must agree on, and a rank whose
-// peer disagrees waits in vain and reports a timeout naming that peer (the Buffer then fails).
+// peer disagrees never takes its words: it sees the peer's announcement of the other layout
+// and stops (see "kernel announcements" below), or, where the peer runs no kernel of this
+// number, reports a timeout naming it (either way the Buffer then fails).
 // Only scalar arguments go in, never pointers: a rank with no tokens passes null inputs (see
 // take_token_from_slot) and still agrees with its peers.
 // The kernel kind is hashed too: a rank that skipped a call may run a combine against its
