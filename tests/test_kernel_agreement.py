@@ -13,8 +13,9 @@ from ep_comm.core import agreement
 from ep_comm.core.constants import (CALL_SIG_FIELDS, CALL_SIG_WORDS, NORMAL_MAX_TOPK,
                                     NVL_ANN_EXPAND_BIT, NVL_ANN_FP8_BIT, NVL_ANN_ROW_BITS,
                                     NVL_ANN_ROW_SHIFT, NVL_ANN_TOPK_BITS, NVL_ANN_TOPK_SHIFT,
-                                    NVL_CTRL_ANNOUNCE, NVL_CTRL_WORDS, NVL_KERNEL_COMBINE,
-                                    NVL_KERNEL_DISPATCH, NVL_KERNEL_NOTIFY, NVL_MAX_RANKS,
+                                    NVL_CTRL_ANNOUNCE, NVL_CTRL_FINDING, NVL_CTRL_WORDS,
+                                    NVL_KERNEL_COMBINE, NVL_KERNEL_DISPATCH, NVL_KERNEL_NOTIFY,
+                                    NVL_MAX_RANKS,
                                     NVL_RING_SHAPE_BITS, PHASE_COMBINE_RECV,
                                     PHASE_DISPATCH_RECV, PHASE_DISPATCH_SEND, PHASE_NOTIFY,
                                     STATUS_DISAGREE, STATUS_DISAGREE_KERNEL, STATUS_TIMEOUT)
@@ -209,14 +210,14 @@ def _what(kind: int, row_int4: int = 0, k: int = 0, fp8: int = 0, expand: int = 
             | fp8 << NVL_ANN_FP8_BIT | expand << NVL_ANN_EXPAND_BIT)
 
 
-def _mismatch_words(theirs: int, mine: int, their_tag: int = 5, my_tag: int = 5,
-                    phase: int = PHASE_DISPATCH_RECV, channel: int = 2) -> list[int]:
-    """What a wait of rank 0 that found rank 1's announcement writes (``report`` from ``wait_gives_up``),
-    as int32 words."""
+def _finding_words(what_a: int, what_b: int, tag_a: int = 5, tag_b: int = 5, a: int = 0,
+                   b: int = 1, phase: int = PHASE_DISPATCH_RECV) -> list[int]:
+    """The status words of a wait that stopped on rank a's finding that rank b announced
+    another kernel (``report_finding`` in kernels/cuda/intranode_common.cuh), as int32."""
     def i32(v):
         return v - (1 << 32) if v >= 1 << 31 else v
-    return [STATUS_DISAGREE_KERNEL, phase, 1, channel, i32(theirs), i32(mine), i32(their_tag),
-            i32(my_tag)]
+    return [STATUS_DISAGREE_KERNEL, phase, a, b, i32(what_a), i32(what_b), i32(tag_a),
+            i32(tag_b)]
 
 
 D, C, N = NVL_KERNEL_DISPATCH, NVL_KERNEL_COMBINE, NVL_KERNEL_NOTIFY
@@ -231,34 +232,48 @@ D, C, N = NVL_KERNEL_DISPATCH, NVL_KERNEL_COMBINE, NVL_KERNEL_NOTIFY
     (_what(D, 32, 2), _what(D, 32, 2, expand=1), "expand", {0: [0], 1: [1]}),
 ])
 def test_kernel_mismatch_names_the_first_field_that_differs(mine, theirs, field, values):
-    """STATUS_DISAGREE_KERNEL: a wait found the peer's announcement of another kernel or row
+    """STATUS_DISAGREE_KERNEL: rank 0 found rank 1's announcement of another kernel or row
     layout under the same kernel number. The host names the first differing field of the two
     announcements (operation, dtype, hidden, top-k, expand) with both values and ranks, as a
-    CollectiveMismatchError that leaves the Buffer failed."""
-    err = status.decode_status(_mismatch_words(theirs, mine), status.NVLINK, 0, 3.0, seq=7)
-    assert isinstance(err, CollectiveMismatchError) and not err.usable
-    assert err.field == field and err.call == 7 and err.rank == 0
-    if values is None:  # the operations, named as the user called them
-        assert sorted(err.values.values()) == [[0], [1]]
-        assert any("combine" in str(v) for v in err.values)
-    else:
-        assert err.values == values
+    CollectiveMismatchError that leaves the Buffer failed; on rank 0 and on rank 1 alike."""
+    for rank, other in ((0, 1), (1, 0)):
+        err = status.decode_status(_finding_words(mine, theirs), status.NVLINK, rank, 3.0,
+                                   seq=7)
+        assert isinstance(err, CollectiveMismatchError) and not err.usable
+        assert err.field == field and err.call == 7 and err.rank == rank
+        if values is None:  # the operations, named as the user called them
+            assert sorted(err.values.values()) == [[0], [1]]
+            assert any("combine" in str(v) for v in err.values)
+        else:
+            assert err.values == values
+        text = str(err)
+        assert f"rank {rank}:" in text and f"rank {other} runs its" in text
+        assert "(this rank in dispatch/receive)" in text
+        assert "The Buffer is failed" in text and "still usable" not in text
+
+
+def test_kernel_mismatch_seen_by_a_third_rank_names_both_ranks_of_the_finding():
+    """Rank 2 stopped on rank 0's finding about rank 1 (every rank's waits stop on a finding
+    published to all): its error names ranks 0 and 1, their values, and where it stopped."""
+    words = _finding_words(_what(C, 32, 2), _what(D, 32, 2), phase=PHASE_COMBINE_RECV)
+    err = status.decode_status(words, status.NVLINK, 2, 3.0, seq=3)
+    assert err.field == "op" and sorted(err.values.values()) == [[0], [1]]
     text = str(err)
-    assert "dispatch/receive, channel 2" in text and "rank 1 runs another kernel" in text
-    assert "The Buffer is failed" in text and "still usable" not in text
+    assert text.startswith("rank 2:") and "rank 0 runs its combine" in text
+    assert "where rank 1 runs its dispatch" in text and "(this rank in combine/receive)" in text
 
 
 def test_kernel_mismatch_of_equal_announcements_names_the_layout_hashes():
     """Equal kind, dtype, hidden, top-k and expand, but other tags (channels, ring slots or
     experts per rank differ, which only the tag's hash carries): field "layout", each rank's
-    hash; from the notify kernel (channel -1) no channel is named."""
+    hash."""
     w = _what(C, 32, 2)
     seq_bits = 32 - NVL_RING_SHAPE_BITS
-    words = _mismatch_words(w, w, 9 | 0x12 << seq_bits, 9 | 0x34 << seq_bits, PHASE_NOTIFY, -1)
+    words = _finding_words(w, w, 9 | 0x34 << seq_bits, 9 | 0x12 << seq_bits, phase=PHASE_NOTIFY)
     err = status.decode_status(words, status.NVLINK, 0, 3.0, seq=2)
     assert err.field == "layout" and err.values == {"layout hash 0x034": [0],
                                                     "layout hash 0x012": [1]}
-    assert "(dispatch/notify)" in str(err)
+    assert "(this rank in dispatch/notify)" in str(err)
 
 
 def test_kernel_mismatch_fails_the_runtime_and_its_comm(two_ranks):
@@ -273,7 +288,7 @@ def test_kernel_mismatch_fails_the_runtime_and_its_comm(two_ranks):
     def kernel(name, values):  # the dispatch kernel finds rank 1 running a combine
         if name == "nvl_dispatch":
             view = rt.status._view
-            view[1:8] = _mismatch_words(_what(C, 32, 2), _what(D, 32, 2))[1:]
+            view[1:8] = _finding_words(_what(D, 32, 2), _what(C, 32, 2))[1:]
             view[0] = STATUS_DISAGREE_KERNEL
     rt.fake_module.on_launch = kernel
     _dispatch(rt)  # returns: the host checks the status after the count wait, before this
@@ -291,15 +306,19 @@ def test_kernel_mismatch_fails_the_runtime_and_its_comm(two_ranks):
 
 
 def test_announcement_fields_fit_their_word_and_the_control_words():
-    """The announcement's fields do not overlap and fit the low 32 bits; the uint64
-    announcements start 8-byte aligned inside the ctrl region, which holds one per rank."""
+    """The announcement's fields do not overlap and fit the low 32 bits (bits 30-31 stay 0);
+    the uint64 announcements and findings start 8-byte aligned inside the ctrl region, which
+    holds one announcement and one three-word finding per rank."""
     fields = [(0, 2), (NVL_ANN_ROW_SHIFT, NVL_ANN_ROW_BITS), (NVL_ANN_TOPK_SHIFT, NVL_ANN_TOPK_BITS),
               (NVL_ANN_FP8_BIT, 1), (NVL_ANN_EXPAND_BIT, 1)]
     bits = [b for lo, n in fields for b in range(lo, lo + n)]
-    assert len(bits) == len(set(bits)) and max(bits) < 32
+    assert len(bits) == len(set(bits)) and max(bits) < 30
     assert max(NVL_KERNEL_DISPATCH, NVL_KERNEL_COMBINE, NVL_KERNEL_NOTIFY) < 4
     assert (1 << NVL_ANN_TOPK_BITS) > NORMAL_MAX_TOPK
-    assert NVL_CTRL_ANNOUNCE % 2 == 0 and NVL_CTRL_WORDS == NVL_CTRL_ANNOUNCE + 2 * NVL_MAX_RANKS
+    assert NVL_CTRL_ANNOUNCE % 2 == 0 and NVL_CTRL_FINDING % 2 == 0
+    assert NVL_CTRL_FINDING == NVL_CTRL_ANNOUNCE + 2 * NVL_MAX_RANKS
+    assert NVL_CTRL_WORDS == NVL_CTRL_FINDING + 6 * NVL_MAX_RANKS
+    assert NVL_MAX_RANKS <= 256  # a finding's ranks are 8-bit fields
     from ep_comm.core.regions import IntranodeRegions
     from ep_comm.config import default_config
     reg = IntranodeRegions(default_config(8), 7168 * 2, 8)

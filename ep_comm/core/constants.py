@@ -63,7 +63,7 @@ CALL_SIG_COMPARED = CALL_SIG_FIELDS.index("status")
 #: int32 words of one notify counts row: T_s, the call signature [CALL_SIG_WORDS],
 #: [NVL_MAX_RANKS] per-rank, [L] per-expert counts.
 NVL_NOTIFY_ROW = 1 + CALL_SIG_WORDS + NVL_MAX_RANKS + NVL_MAX_LOCAL_EXPERTS
-#: Host status word of the NVLink/internode kernels: [0..5] the error fields, [8] the received
+#: Host status word of the NVLink/internode kernels: [0..7] the error fields, [8] the received
 #: row count (notify), from [16] the received count per local expert, from
 #: ``NVL_INFO_CALL_SIGS`` every rank's call signature as the notify kernel received it (written
 #: only when the call was refused: ``STATUS_DISAGREE``).
@@ -74,16 +74,20 @@ NVL_STATUS_WORDS = NVL_INFO_CALL_SIGS + NVL_MAX_RANKS * CALL_SIG_WORDS
 
 #: Control words of an NVLink buffer (``regions.IntranodeRegions`` ``ctrl``, uint32): [0] the
 #: kernel sequence number, [1] blocks of the running kernel that finished, [2] the status claim,
-#: [``NVL_CTRL_ABANDON``] the tag of a kernel that stopped every wait because a peer runs another
-#: kernel as the same number, then from [``NVL_CTRL_ANNOUNCE``] one uint64 per source rank s,
-#: written by s at the start of each numbered kernel (its announcement: ``tag << 32 | what``).
+#: [``NVL_CTRL_STOP``] nonzero once some rank published a finding here (every wait of every
+#: later kernel then stops), then from [``NVL_CTRL_ANNOUNCE``] one uint64 per source rank s,
+#: written by s at the start of each numbered kernel (its announcement: ``tag << 32 | what``),
+#: then from [``NVL_CTRL_FINDING``] three uint64 per source rank s, written by s when it found a
+#: rank b announcing another kernel under its kernel's number: ``1 << 63 | b << 8 | s``, s's
+#: announcement, b's (``kernels/cuda/intranode_common.cuh``, "kernel announcements").
 #: ``what``: the kernel kind (``NVL_KERNEL_*``) in bits 0-1, ``row_int4`` in bits
 #: ``NVL_ANN_ROW_SHIFT``.. (``NVL_ANN_ROW_BITS``), the top-k in bits ``NVL_ANN_TOPK_SHIFT``..
 #: (``NVL_ANN_TOPK_BITS``), fp8 payload (scales travel) at bit ``NVL_ANN_FP8_BIT``, an
 #: expanding dispatch at bit ``NVL_ANN_EXPAND_BIT`` (``status.nvl_kernel_mismatch`` decodes it).
-NVL_CTRL_ABANDON = 3
+NVL_CTRL_STOP = 3
 NVL_CTRL_ANNOUNCE = 4
-NVL_CTRL_WORDS = NVL_CTRL_ANNOUNCE + 2 * NVL_MAX_RANKS
+NVL_CTRL_FINDING = NVL_CTRL_ANNOUNCE + 2 * NVL_MAX_RANKS
+NVL_CTRL_WORDS = NVL_CTRL_FINDING + 6 * NVL_MAX_RANKS
 NVL_KERNEL_DISPATCH = 1
 NVL_KERNEL_COMBINE = 2
 NVL_KERNEL_NOTIFY = 3
@@ -157,10 +161,11 @@ STATUS_DISAGREE = 4
 #: ``[3]`` what it runs there (0: a notify kernel, 1: a dispatch or combine kernel), ``[4]`` its
 #: call tag, ``[5]`` this rank's (``status.decode_status``).
 STATUS_DISAGREE_TAG = 5
-#: An NVLink kernel found that a peer runs another kernel, or the same kernel with another row
-#: layout, as the same kernel number (its announcement, ``NVL_CTRL_ANNOUNCE``): ``[2]`` that
-#: peer, ``[3]`` the channel (-1: the notify kernel), ``[4]`` the peer's ``what``, ``[5]`` this
-#: rank's, ``[6]`` the peer's tag, ``[7]`` this rank's (``status.nvl_kernel_mismatch``).
+#: An NVLink kernel of some rank a found that rank b runs another kernel, or the same kernel
+#: with another row layout, as the same kernel number (their announcements,
+#: ``NVL_CTRL_ANNOUNCE``), and every rank's waits stopped on a's finding (``NVL_CTRL_FINDING``):
+#: ``[1]`` the phase this rank stopped in, ``[2]`` a, ``[3]`` b, ``[4]`` / ``[5]`` a's and b's
+#: ``what``, ``[6]`` / ``[7]`` their tags (``status.nvl_kernel_mismatch``).
 STATUS_DISAGREE_KERNEL = 6
 
 #: Phases of the normal-mode kernels (NVLink and internode).
@@ -220,8 +225,9 @@ DEVICE_CONSTANTS: dict[str, int | float] = {
     "STATUS_DISAGREE": STATUS_DISAGREE,
     "STATUS_DISAGREE_TAG": STATUS_DISAGREE_TAG,
     "STATUS_DISAGREE_KERNEL": STATUS_DISAGREE_KERNEL,
-    "NVL_CTRL_ABANDON": NVL_CTRL_ABANDON,
+    "NVL_CTRL_STOP": NVL_CTRL_STOP,
     "NVL_CTRL_ANNOUNCE": NVL_CTRL_ANNOUNCE,
+    "NVL_CTRL_FINDING": NVL_CTRL_FINDING,
     "NVL_KERNEL_DISPATCH": NVL_KERNEL_DISPATCH,
     "NVL_KERNEL_COMBINE": NVL_KERNEL_COMBINE,
     "NVL_KERNEL_NOTIFY": NVL_KERNEL_NOTIFY,

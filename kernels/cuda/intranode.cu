@@ -63,35 +63,34 @@ __device__ __forceinline__ uint64_t* word_of(char* base, long long off, int c, i
 // Wait (one thread) until the ring has room for n more slots. Returns false on timeout.
 // Every wait reports the count it saw as -1 when the word carries another tag (another kernel,
 // call or row layout: ep_comm.backends.kernels.status words it so).
-__device__ bool wait_for_room(const uint64_t* head_word, uint32_t tag, uint32_t what,
-                              uint32_t tail, int n, int S, unsigned long long timeout_ns,
-                              int* host_status, uint32_t* ctrl, int phase, int peer, int c) {
+__device__ bool wait_for_room(const Waits& k, const uint64_t* head_word, uint32_t tail, int n,
+                              int S, unsigned long long timeout_ns, int phase, int peer, int c) {
     const uint64_t deadline = globaltimer_ns() + timeout_ns;
     int spins = 0;
     while (true) {
         const uint64_t w = ld_acquire_sys(head_word);
-        const bool ours = word_tag(w) == tag;
+        const bool ours = word_tag(w) == k.tag;
         const uint32_t head = ours ? word_count(w) : 0u;
         if (tail + n - head <= static_cast<uint32_t>(S)) return true;
         if ((++spins & 63) == 0 &&
-            wait_gives_up(ctrl, host_status, tag, what, peer, phase, c, deadline,
-                          ours ? static_cast<long long>(head) : -1, tail + n - S))
+            wait_gives_up(peer, phase, c, deadline, ours ? static_cast<long long>(head) : -1,
+                          tail + n - S))
             return false;
     }
 }
 
 // Wait (one thread) for the receiver's final answer on a ring: head == tail with the done bit.
-__device__ void wait_for_drain(const uint64_t* head_word, uint32_t tag, uint32_t what,
-                               uint32_t tail, unsigned long long timeout_ns, int* host_status,
-                               uint32_t* ctrl, int phase, int peer, int c) {
-    const uint64_t want = make_word(tag, tail, true);
+__device__ void wait_for_drain(const Waits& k, const uint64_t* head_word, uint32_t tail,
+                               unsigned long long timeout_ns, int phase, int peer, int c) {
+    const uint64_t want = make_word(k.tag, tail, true);
     const uint64_t deadline = globaltimer_ns() + timeout_ns;
     int spins = 0;
     uint64_t w;
     while ((w = ld_acquire_sys(head_word)) != want) {
         if ((++spins & 63) == 0 &&
-            wait_gives_up(ctrl, host_status, tag, what, peer, phase, c, deadline,
-                          word_tag(w) == tag ? static_cast<long long>(word_count(w)) : -1, tail))
+            wait_gives_up(peer, phase, c, deadline,
+                          word_tag(w) == k.tag ? static_cast<long long>(word_count(w)) : -1,
+                          tail))
             return;
     }
 }
@@ -138,19 +137,19 @@ __shared__ int s_abort[kMaxRanks];
 __shared__ int s_count[kMaxRanks];
 __shared__ uint32_t s_tail[kMaxRanks];
 __shared__ int s_done[kMaxRanks];
-__shared__ uint32_t s_tag;  // the block's ring tag (begin_channel_block)
 
 // The start of a dispatch or combine block. Grid 2 * C: block 2c sends channel c, block 2c + 1
 // receives it. With one rank there is no ring and one of the two would idle, so both take half
 // of the channel's tokens [tb, te); otherwise [tb, te) is the whole channel. The caller zeroes
-// its own shared per-rank array first; the barrier here covers it, s_abort and s_tag. shape:
+// its own shared per-rank array first; the barrier here covers it, s_abort and s_waits. shape:
 // the kernel's ring_shape, hashed into the tag of every ring word it writes and accepts; what:
 // its kernel_what, announced to every peer with the tag (block 0, see "kernel announcements"
 // in intranode_common.cuh).
 struct ChannelBlock {
-    uint32_t* ctrl;  // this rank's control words (ctrl[0]: calls so far)
-    uint32_t tag;    // this call's number with the shape of its rows (ring_tag)
-    uint32_t what;   // the kernel's kind and row layout (kernel_what)
+    // the kernel's waits (s_waits): its tag (this call's number with the shape of its rows,
+    // ring_tag), its kind and row layout (kernel_what), this rank's control words (ctrl[0]:
+    // calls so far)
+    const Waits& k;
     int c;           // channel
     bool receiver;
     int tb, te;
@@ -158,18 +157,20 @@ struct ChannelBlock {
 
 __device__ __forceinline__ ChannelBlock begin_channel_block(char* const* peers, int rank, int R,
                                                             int C, int T, long long off_ctrl,
-                                                            uint32_t shape, uint32_t what) {
-    ChannelBlock b;
-    b.ctrl = reinterpret_cast<uint32_t*>(peers[rank] + off_ctrl);
+                                                            int* host_status, uint32_t shape,
+                                                            uint32_t what) {
     // One thread computes the tag and the barrier below hands it to the others: with every
     // thread hashing the shape itself, ptxas spilled more in the dispatch kernel (sm_90a).
-    if (threadIdx.x == 0)
-        s_tag = ring_tag(*reinterpret_cast<volatile uint32_t*>(b.ctrl) + 1u, shape);
+    if (threadIdx.x == 0) {
+        uint32_t* ctrl = ctrl_of(peers[rank], off_ctrl);
+        s_waits = make_waits(peers, off_ctrl, rank, R, host_status,
+                             ring_tag(*reinterpret_cast<volatile uint32_t*>(ctrl) + 1u, shape),
+                             what);
+    }
     if (threadIdx.x < kMaxRanks) s_abort[threadIdx.x] = 0;
     __syncthreads();
-    b.tag = s_tag;
-    b.what = what;
-    if (blockIdx.x == 0) announce_kernel(peers, off_ctrl, rank, R, b.tag, what);
+    ChannelBlock b{s_waits};
+    if (blockIdx.x == 0) announce_kernel(b.k);
     b.c = blockIdx.x >> 1;
     b.receiver = (blockIdx.x & 1) != 0;
     const int t0 = channel_begin(T, b.c, C), t1 = channel_begin(T, b.c + 1, C);
@@ -362,8 +363,8 @@ __device__ __forceinline__ void take_token_from_slot(const DispatchArgs& a, cons
 // own tokens straight into the outputs). Rows in the receiver's output: the receiver's block for
 // this rank starts at rank_prefix_matrix[rank - 1, d]; within it, tokens keep their order.
 // [t0, t1) is the whole channel, except with one rank (see nvl_dispatch).
-__device__ void dispatch_send(const DispatchArgs& a, int c, uint32_t tag, uint32_t what,
-                              uint32_t* ctrl, int t0, int t1) {
+__device__ void dispatch_send(const DispatchArgs& a, int c, const Waits& k, int t0, int t1) {
+    const uint32_t tag = k.tag;
     const int warp = threadIdx.x >> 5, lane = lane_id();
     const int wpg = kWarps / a.R;
     const int g = warp / wpg;
@@ -406,8 +407,8 @@ __device__ void dispatch_send(const DispatchArgs& a, int c, uint32_t tag, uint32
                 in ? row_base + sent + __popc(mask & ((1u << lane) - 1u)) : -1;
         if (n == 0) continue;  // same mask in every warp of the group: uniform
         if (remote) {
-            if (gtid == 0 && !wait_for_room(head_word, tag, what, tail, n, a.S, a.timeout_ns,
-                                            a.host_status, ctrl, kPhaseDispatchSend, d, c))
+            if (gtid == 0 && !wait_for_room(k, head_word, tail, n, a.S, a.timeout_ns,
+                                            kPhaseDispatchSend, d, c))
                 s_abort[g] = 1;
             group_sync(bar_id, gthreads);
             if (s_abort[g]) {
@@ -436,8 +437,7 @@ __device__ void dispatch_send(const DispatchArgs& a, int c, uint32_t tag, uint32
     }
     if (remote && !aborted && gtid == 0) {
         st_release_sys(tail_word, make_word(tag, tail, true));
-        wait_for_drain(head_word, tag, what, tail, a.timeout_ns, a.host_status, ctrl,
-                       kPhaseDispatchSend, d, c);
+        wait_for_drain(k, head_word, tail, a.timeout_ns, kPhaseDispatchSend, d, c);
     }
 }
 
@@ -470,8 +470,8 @@ __device__ void zero_expanded_padding(const DispatchArgs& a, int c) {
 }
 
 // Receiver block of channel c: warp group g drains ring (c, s) for s = rank + 1 + g (mod R).
-__device__ void dispatch_recv(const DispatchArgs& a, int c, uint32_t tag, uint32_t what,
-                              uint32_t* ctrl) {
+__device__ void dispatch_recv(const DispatchArgs& a, int c, const Waits& k) {
+    const uint32_t tag = k.tag;
     if (a.zero_padding) {  // num_worst_tokens: rows past the received count are zero
         const long long n_recv = *a.num_recv_dev;
         const long long stride = static_cast<long long>(a.C) * kThreads;
@@ -522,8 +522,7 @@ __device__ void dispatch_recv(const DispatchArgs& a, int c, uint32_t tag, uint32
                 w = ld_acquire_sys(tail_word);
                 if (word_tag(w) == tag && (word_count(w) > head || word_done(w))) break;
                 if ((++spins & 63) == 0 &&
-                    wait_gives_up(ctrl, a.host_status, tag, what, s, kPhaseDispatchRecv, c,
-                                  deadline,
+                    wait_gives_up(s, kPhaseDispatchRecv, c, deadline,
                                   word_tag(w) == tag ? static_cast<long long>(word_count(w)) : -1,
                                   head + 1)) {
                     s_abort[g] = 1;
@@ -630,7 +629,10 @@ __shared__ int s_bad_input[kMaxRanks];   // rank p's status word (1: its input f
 // Thread 0: the refusal's fields and code. Not claimed through ctrl[2] like report(): the call
 // is refused on every rank alike and the runtimes stay in step, so the host clears the word and
 // the Buffer stays usable; nothing else runs on this rank while the one notify block does.
-__device__ void report_refusal(int* host_status, const CallSig& sig, int R) {
+__device__ void report_refusal(int* host_status, const uint32_t* ctrl, const CallSig& sig, int R) {
+    // An earlier failure (a claimed status word: a timeout, or a finding of another kernel)
+    // stands: the host would clear a refusal and keep the Buffer.
+    if (*reinterpret_cast<const volatile uint32_t*>(ctrl + 2) != 0u) return;
     int peer = -1, word = kCallSigCompared;
     for (int p = 0; p < R; ++p)
         if (s_first_word[p] < word) word = s_first_word[p], peer = p;
@@ -654,18 +656,16 @@ __device__ void report_refusal(int* host_status, const CallSig& sig, int R) {
 // Wait (one thread) until rank p's flag in this rank's buffer is `want` or `want + 1` (see
 // "Flags"), or with `or_later` any value from `want` on (the "read" wait: a peer posts a later
 // value only once it has read every row of this call); false (reported) after timeout_ns, or
-// as soon as rank p announces another kernel as this number (wait_gives_up; ann_tag and what:
-// this notify's announcement).
-__device__ bool wait_flag(const uint32_t* flag, uint32_t want, unsigned long long timeout_ns,
-                          int* host_status, uint32_t* ctrl, uint32_t ann_tag, uint32_t what,
-                          int p, bool or_later = false) {
+// as soon as rank p announces another kernel as this number or any rank found one
+// (wait_gives_up; k: this notify's announcement).
+__device__ bool wait_flag(const Waits& k, const uint32_t* flag, uint32_t want,
+                          unsigned long long timeout_ns, int p, bool or_later = false) {
     const uint64_t deadline = globaltimer_ns() + timeout_ns;
     int spins = 0;
     uint32_t v;
     while ((v = ld_acquire_sys(flag)) - want > 1u &&
            !(or_later && static_cast<int32_t>(v - want) >= 0)) {
-        if ((++spins & 63) == 0 &&
-            wait_gives_up(ctrl, host_status, ann_tag, what, p, kPhaseNotify, -1, deadline, v, want))
+        if ((++spins & 63) == 0 && wait_gives_up(p, kPhaseNotify, -1, deadline, v, want))
             return false;
     }
     return true;
@@ -686,15 +686,18 @@ nvl_notify(char* const* __restrict__ peers, int rank, int R, int T, int L, int n
     const uint32_t tag = *reinterpret_cast<volatile uint32_t*>(ctrl) + 1u;
     // This kernel's announcement (intranode_common.cuh, "kernel announcements"): a notify has
     // no ring rows, its kind alone is announced; the flags below carry the plain number.
-    const uint32_t ann_tag = ring_tag(tag, ring_shape(kKernelNotify, 0, 0, 0, 0, 0, 0, 0));
-    const uint32_t what = kernel_what(kKernelNotify, 0, 0, 0, 0);
-    announce_kernel(peers, off_ctrl, rank, R, ann_tag, what);
+    if (threadIdx.x == 0)
+        s_waits = make_waits(peers, off_ctrl, rank, R, host_status,
+                             ring_tag(tag, ring_shape(kKernelNotify, 0, 0, 0, 0, 0, 0, 0)),
+                             kernel_what(kKernelNotify, 0, 0, 0, 0));
+    const Waits& k = s_waits;  // announced and read after the barrier below
     __shared__ int aborted, refused;
     // The signature as sent: the host's, with the layout kernel's bad id (id_check) in its
     // input-check words when the host found none. The record is consumed (cleared) here.
     __shared__ int s_sig[kCallSigWords];
     if (threadIdx.x < kCallSigWords) s_sig[threadIdx.x] = sig.w[threadIdx.x];
     __syncthreads();
+    announce_kernel(k);
     if (threadIdx.x == 0) {
         aborted = refused = 0;
         const unsigned long long bad = id_check != nullptr ? *id_check : kNoBadId;
@@ -725,11 +728,14 @@ nvl_notify(char* const* __restrict__ peers, int rank, int R, int T, int L, int n
     if (threadIdx.x < R)
         st_release_sys(reinterpret_cast<uint32_t*>(peers[threadIdx.x] + off_flag) + rank, posted);
     if (threadIdx.x < R &&
-        !wait_flag(reinterpret_cast<const uint32_t*>(me + off_flag) + threadIdx.x, posted,
-                   timeout_ns, host_status, ctrl, ann_tag, what, threadIdx.x))
+        !wait_flag(k, reinterpret_cast<const uint32_t*>(me + off_flag) + threadIdx.x, posted,
+                   timeout_ns, threadIdx.x))
         aborted = 1;
     __syncthreads();
     if (aborted) {
+        // No counts: a dispatch or combine queued behind this call (num_worst_tokens: the host
+        // does not wait) must move nothing and take no number, as behind a refusal.
+        if (threadIdx.x == 0) *num_recv_dev = -1;
         finish_block(ctrl);
         return;
     }
@@ -758,13 +764,13 @@ nvl_notify(char* const* __restrict__ peers, int rank, int R, int T, int L, int n
             st_release_sys(reinterpret_cast<uint32_t*>(peers[threadIdx.x] + off_flag) + rank,
                            read_all);
         if (threadIdx.x < R &&
-            !wait_flag(reinterpret_cast<const uint32_t*>(me + off_flag) + threadIdx.x, read_all,
-                       timeout_ns, host_status, ctrl, ann_tag, what, threadIdx.x, true))
+            !wait_flag(k, reinterpret_cast<const uint32_t*>(me + off_flag) + threadIdx.x,
+                       read_all, timeout_ns, threadIdx.x, true))
             aborted = 1;
         __syncthreads();
         // A peer that never confirmed is a timeout (reported, the Buffer fails); else the
         // refusal, which leaves the Buffer usable.
-        if (threadIdx.x == 0 && !aborted) report_refusal(host_status, sig, R);
+        if (threadIdx.x == 0 && !aborted) report_refusal(host_status, ctrl, sig, R);
         finish_block(ctrl);
         return;
     }
@@ -837,13 +843,13 @@ nvl_dispatch(char* const* __restrict__ peers, int rank, int R, int C, int S, int
     if (*reinterpret_cast<const volatile int*>(num_recv_dev) < 0) return;
     const ChannelBlock b = begin_channel_block(
         peers, rank, R, C, T, off_ctrl,
-        ring_shape(kKernelDispatch, row_int4, num_scales, K, L, expand, C, S),
+        host_status, ring_shape(kKernelDispatch, row_int4, num_scales, K, L, expand, C, S),
         kernel_what(kKernelDispatch, row_int4, K, num_scales, expand));
     // One rank: the receiver block writes the padding rows only (after every copied row), then
     // copies its half of the channel like the sender. One call site each: inlined once.
-    if (b.receiver) dispatch_recv(a, b.c, b.tag, b.what, b.ctrl);
-    if (!b.receiver || R == 1) dispatch_send(a, b.c, b.tag, b.what, b.ctrl, b.tb, b.te);
-    finish_block(b.ctrl);
+    if (b.receiver) dispatch_recv(a, b.c, b.k);
+    if (!b.receiver || R == 1) dispatch_send(a, b.c, b.k, b.tb, b.te);
+    finish_block(b.k.ctrl);
 }
 
 // ----------------------------------------------------------------------------------- combine
@@ -929,8 +935,8 @@ struct CombineArgs {
 // Sender block of channel c: warp group g sends back, to d = rank + 1 + g (mod R), the rows
 // this rank received from d whose source token lies in d's channel c, in row order (which is
 // d's token order).
-__device__ void combine_send(const CombineArgs& a, int c, uint32_t tag, uint32_t what,
-                             uint32_t* ctrl) {
+__device__ void combine_send(const CombineArgs& a, int c, const Waits& k) {
+    const uint32_t tag = k.tag;
     if (a.R == 1) return;
     const int warp = threadIdx.x >> 5, lane = lane_id();
     const int wpg = kWarps / (a.R - 1);
@@ -956,8 +962,8 @@ __device__ void combine_send(const CombineArgs& a, int c, uint32_t tag, uint32_t
     bool aborted = false;
     for (int r = r0; r < r1; r += a.window) {
         const int n = min(a.window, r1 - r);
-        if (gtid == 0 && !wait_for_room(head_word, tag, what, tail, n, a.S, a.timeout_ns,
-                                        a.host_status, ctrl, kPhaseCombineSend, d, c))
+        if (gtid == 0 && !wait_for_room(k, head_word, tail, n, a.S, a.timeout_ns,
+                                        kPhaseCombineSend, d, c))
             s_abort[g] = 1;
         group_sync(bar_id, gthreads);
         if (s_abort[g]) {
@@ -979,8 +985,7 @@ __device__ void combine_send(const CombineArgs& a, int c, uint32_t tag, uint32_t
     }
     if (!aborted && gtid == 0) {
         st_release_sys(tail_word, make_word(tag, tail, true));
-        wait_for_drain(head_word, tag, what, tail, a.timeout_ns, a.host_status, ctrl,
-                       kPhaseCombineSend, d, c);
+        wait_for_drain(k, head_word, tail, a.timeout_ns, kPhaseCombineSend, d, c);
     }
 }
 
@@ -989,8 +994,8 @@ __device__ void combine_send(const CombineArgs& a, int c, uint32_t tag, uint32_t
 // For token t the contributions are, in rank order, its row on each rank that received it
 // (this rank's own row read from x at send_pos[t, rank], the others from the rings), summed in
 // float32 from 0, then the biases; the same order as the reference backend.
-__device__ void combine_recv(const CombineArgs& a, int c, uint32_t tag, uint32_t what,
-                             uint32_t* ctrl, int t0, int t1) {
+__device__ void combine_recv(const CombineArgs& a, int c, const Waits& k, int t0, int t1) {
+    const uint32_t tag = k.tag;
     const int warp = threadIdx.x >> 5, lane = lane_id();
     char* me = a.peers[a.rank];
     bool aborted = false;
@@ -1016,8 +1021,7 @@ __device__ void combine_recv(const CombineArgs& a, int c, uint32_t tag, uint32_t
                 uint64_t w;
                 while (!(word_tag(w = ld_acquire_sys(tail_word)) == tag && word_count(w) >= need)) {
                     if ((++spins & 63) == 0 &&
-                        wait_gives_up(ctrl, a.host_status, tag, what, r, kPhaseCombineRecv, c,
-                                      deadline,
+                        wait_gives_up(r, kPhaseCombineRecv, c, deadline,
                                       word_tag(w) == tag ? static_cast<long long>(word_count(w))
                                                          : -1,
                                       need)) {
@@ -1098,8 +1102,7 @@ __device__ void combine_recv(const CombineArgs& a, int c, uint32_t tag, uint32_t
             bool heard = true;
             while (!(word_tag(w = ld_acquire_sys(tail_word)) == tag && word_done(w))) {
                 if ((++spins & 63) == 0 &&
-                    wait_gives_up(ctrl, a.host_status, tag, what, r, kPhaseCombineRecv, c,
-                                  deadline,
+                    wait_gives_up(r, kPhaseCombineRecv, c, deadline,
                                   word_tag(w) == tag ? static_cast<long long>(word_count(w)) : -1,
                                   s_k[r])) {
                     heard = false;
@@ -1145,14 +1148,14 @@ nvl_combine(char* const* __restrict__ peers, int rank, int R, int C, int S, int 
     if (threadIdx.x < kMaxRanks) s_k[threadIdx.x] = 0;
     // A combine slot holds a row and K weights: no scales, experts or expanded rows.
     const ChannelBlock b =
-        begin_channel_block(peers, rank, R, C, T, off_ctrl,
+        begin_channel_block(peers, rank, R, C, T, off_ctrl, host_status,
                             ring_shape(kKernelCombine, row_int4, 0, K, 0, 0, C, S),
                             kernel_what(kKernelCombine, row_int4, K, 0, 0));
     // One rank: nothing to send; both blocks reduce, each its half of the channel (no ring is
     // read, so the halves need no coordination).
     if (b.receiver || R == 1)
-        combine_recv(a, b.c, b.tag, b.what, b.ctrl, b.tb, b.te);
+        combine_recv(a, b.c, b.k, b.tb, b.te);
     else
-        combine_send(a, b.c, b.tag, b.what, b.ctrl);
-    finish_block(b.ctrl);
+        combine_send(a, b.c, b.k);
+    finish_block(b.k.ctrl);
 }

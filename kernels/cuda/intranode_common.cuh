@@ -267,22 +267,38 @@ __device__ __forceinline__ uint32_t ring_tag(uint32_t seq, uint32_t shape) {
 // source rank, constants.NVL_CTRL_ANNOUNCE). A wait that is not answered looks, every 64 spins,
 // at the announcement of the rank it waits for (wait_gives_up): the same kernel number (the
 // low kRingSeqBits of the tags) with another tag is a peer in another kernel or layout, and no
-// wait of this kernel can succeed. It reports STATUS_DISAGREE_KERNEL with both announcements
-// (the host names the field: operation, dtype, hidden, top-k), marks the kernel abandoned, and
-// every other wait of the kernel on this rank stops at its next look instead of at its
-// timeout. The peer sees this rank's announcement the same way, so both stop at once.
+// wait of this kernel can succeed.
+// An announcement lives only until that rank's next kernel replaces it, so what a rank finds
+// must not depend on when its peers look: the finder publishes a finding (both ranks and both
+// announcements, finding_words) into every rank's control words, its own included, and sets
+// every rank's stop word. From then on every wait of every NVLink kernel of the Buffer, on
+// every rank, stops at its next look and reports the finding (STATUS_DISAGREE_KERNEL; the host
+// names the field: operation, dtype, hidden, top-k, expand): the rank the finder waited for,
+// a third rank that waited for either, a rank that came late to the kernel, and every kernel
+// already queued behind it. The stop word is never cleared: the kernels stopped in the middle
+// of an exchange, and the host fails the Buffer.
 // No false alarm: ranks run their numbered kernels in lockstep (each needs every peer's
 // kernel of the same number to finish), so a peer's announcement is of its kernel n - 1, n or
 // n + 1 while this rank runs n, never of one 2^20 kernels away; a peer in the same kernel with
 // the same layout announces exactly this tag. A kernel that returns without a number (behind a
 // refused notify) announces nothing.
-constexpr int kCtrlAbandon = EP_NVL_CTRL_ABANDON;
-constexpr int kCtrlAnnounce = EP_NVL_CTRL_ANNOUNCE;  // in uint32 words; the uint64s start there
-static_assert(kCtrlAnnounce % 2 == 0, "the announcements are uint64");
+constexpr int kCtrlStop = EP_NVL_CTRL_STOP;          // uint32: nonzero once a finding is here
+constexpr int kCtrlAnnounce = EP_NVL_CTRL_ANNOUNCE;  // uint32 index of uint64 [kMaxRanks]
+constexpr int kCtrlFinding = EP_NVL_CTRL_FINDING;    // uint32 index of uint64 [kMaxRanks][3]
+static_assert(kCtrlAnnounce % 2 == 0 && kCtrlFinding % 2 == 0, "uint64 words");
+// Word 0 of a finding: valid bit | b << 8 | a (a: the finder, b: the rank whose announcement
+// differed from a's); words 1 and 2: a's and b's announcements.
+constexpr uint64_t kFindingValid = 1ull << 63;
 
-// The announcements in the control words that start at ctrl (any rank's buffer).
+// The control words of the buffer at `base` (any rank's).
+__device__ __forceinline__ uint32_t* ctrl_of(char* base, long long off_ctrl) {
+    return reinterpret_cast<uint32_t*>(base + off_ctrl);
+}
 __device__ __forceinline__ uint64_t* announce_words(uint32_t* ctrl) {
     return reinterpret_cast<uint64_t*>(ctrl + kCtrlAnnounce);
+}
+__device__ __forceinline__ uint64_t* finding_words(uint32_t* ctrl, int source) {
+    return reinterpret_cast<uint64_t*>(ctrl + kCtrlFinding) + 3 * source;
 }
 
 // The low half of an announcement (constants.NVL_ANN_*): kind, row size in int4 (clamped to
@@ -296,41 +312,97 @@ __device__ __forceinline__ uint32_t kernel_what(uint32_t kind, int row_int4, int
            (expand != 0 ? 1u << EP_NVL_ANN_EXPAND_BIT : 0u);
 }
 
+// What every bounded wait of one numbered kernel needs besides its own word: the kernel's
+// identity (its announcement: tag and what), the ranks' buffers, and where to report.
+struct Waits {
+    char* const* peers;
+    long long off_ctrl;
+    int rank, R;
+    uint32_t* ctrl;  // this rank's control words
+    int* host_status;
+    uint32_t tag, what;
+    __device__ __forceinline__ uint64_t announcement() const {
+        return (static_cast<uint64_t>(tag) << 32) | what;
+    }
+};
+
+__device__ __forceinline__ Waits make_waits(char* const* peers, long long off_ctrl, int rank,
+                                            int R, int* host_status, uint32_t tag,
+                                            uint32_t what) {
+    return Waits{peers, off_ctrl, rank, R, ctrl_of(peers[rank], off_ctrl), host_status, tag,
+                 what};
+}
+
 // Thread p < R of one block tells rank p which kernel this rank runs as this number. Called
 // once per numbered kernel, before its first wait. This rank's own word is written too: the
 // notify kernel's thread `rank` waits for this rank's own flag, and must find its own tag.
-__device__ __forceinline__ void announce_kernel(char* const* peers, long long off_ctrl, int rank,
-                                                int R, uint32_t tag, uint32_t what) {
+__device__ __forceinline__ void announce_kernel(const Waits& k) {
     const int p = static_cast<int>(threadIdx.x);
     // Relaxed: nothing is ordered after it, and a release would put a system fence at the
     // start of every kernel.
-    if (p < R)
-        st_relaxed_sys(announce_words(reinterpret_cast<uint32_t*>(peers[p] + off_ctrl)) + rank,
-                       (static_cast<uint64_t>(tag) << 32) | what);
+    if (p < k.R)
+        st_relaxed_sys(announce_words(ctrl_of(k.peers[p], k.off_ctrl)) + k.rank,
+                       k.announcement());
 }
 
-// What a bounded wait of a numbered kernel (tag, what) on peer p does every 64 spins, one
-// thread: true (stop waiting) when another wait of this kernel found a peer in another kernel,
-// when peer p announces another kernel as this number (reported, and the kernel marked
-// abandoned), or after the deadline (a timeout with seen / wanted, as report()).
-static __device__ __noinline__ bool wait_gives_up(uint32_t* ctrl, int* host_status, uint32_t tag,
-                                                  uint32_t what, int p, int phase, int channel,
+// One thread: this rank (a) found that rank b announced `theirs` under this kernel's number.
+// The finding goes to every rank's control words (this rank's too), then their stop words.
+__device__ __forceinline__ void publish_finding(const Waits& k, int b, uint64_t theirs) {
+    for (int q = 0; q < k.R; ++q) {
+        uint32_t* ctrl = ctrl_of(k.peers[q], k.off_ctrl);
+        uint64_t* f = finding_words(ctrl, k.rank);
+        st_relaxed_sys(f + 1, k.announcement());
+        st_relaxed_sys(f + 2, theirs);
+        st_release_sys(f, kFindingValid | (static_cast<uint64_t>(b) << 8) |
+                              static_cast<uint64_t>(k.rank));  // after words 1 and 2
+        st_release_sys(ctrl + kCtrlStop, 1u);                  // after the finding
+    }
+}
+
+// Report the first finding in this rank's control words (by finder rank), as
+// STATUS_DISAGREE_KERNEL: [1] phase, [2] a, [3] b, [4] / [5] a's and b's what, [6] / [7] their
+// tags (status.nvl_kernel_mismatch). Called once the stop word is seen (it is set after a
+// finding, so one is there).
+__device__ __forceinline__ void report_finding(const Waits& k, int phase) {
+    for (int q = 0; q < k.R; ++q) {
+        const uint64_t* f = finding_words(k.ctrl, q);
+        const uint64_t head = ld_acquire_sys(f);
+        if ((head & kFindingValid) == 0u) continue;
+        const uint64_t ann_a = ld_acquire_sys(f + 1), ann_b = ld_acquire_sys(f + 2);
+        report(k.host_status, k.ctrl, EP_STATUS_DISAGREE_KERNEL, phase,
+               static_cast<int>(head & 0xFF), static_cast<int>((head >> 8) & 0xFF),
+               static_cast<uint32_t>(ann_a), static_cast<uint32_t>(ann_b),
+               static_cast<uint32_t>(ann_a >> 32), static_cast<uint32_t>(ann_b >> 32));
+        return;
+    }
+}
+
+// The running block's kernel identity and report target, set by one thread at the block's
+// start (intranode.cu: begin_channel_block, nvl_notify). In shared memory, so that the
+// kernels' loops keep no register for it and the waits' slow path reads it there.
+static __shared__ Waits s_waits;
+
+// What a bounded wait of the running kernel (s_waits) on peer p does every 64 spins, one
+// thread. True (stop waiting): a finding is here (reported); or peer p announces another
+// kernel as this number (published, then reported); or the deadline passed (a timeout with
+// seen / wanted, as report()).
+static __device__ __noinline__ bool wait_gives_up(int p, int phase, int channel,
                                                   uint64_t deadline, long long seen,
                                                   long long wanted) {
-    volatile uint32_t* v = ctrl;
-    if (v[2] != 0u && v[kCtrlAbandon] == tag) return true;
-    const uint64_t ann = ld_acquire_sys(announce_words(ctrl) + p);
+    const Waits& k = s_waits;
+    if (ld_acquire_sys(k.ctrl + kCtrlStop) != 0u) {
+        report_finding(k, phase);
+        return true;
+    }
+    const uint64_t ann = ld_acquire_sys(announce_words(k.ctrl) + p);
     const uint32_t their_tag = static_cast<uint32_t>(ann >> 32);
-    if (their_tag != tag && ((their_tag ^ tag) & kRingSeqMask) == 0u) {
-        // [4] / [5]: the two kernels' what, [6] / [7]: their tags (status.nvl_kernel_mismatch)
-        report(host_status, ctrl, EP_STATUS_DISAGREE_KERNEL, phase, p, channel,
-               static_cast<uint32_t>(ann), what, their_tag, tag);
-        v[kCtrlAbandon] = tag;  // after the claim: the check above needs both
-        __threadfence();
+    if (their_tag != k.tag && ((their_tag ^ k.tag) & kRingSeqMask) == 0u) {
+        publish_finding(k, p, ann);
+        report_finding(k, phase);
         return true;
     }
     if (globaltimer_ns() > deadline) {
-        report(host_status, ctrl, kStatusTimeout, phase, p, channel, seen, wanted);
+        report(k.host_status, k.ctrl, kStatusTimeout, phase, p, channel, seen, wanted);
         return true;
     }
     return false;

@@ -45,8 +45,9 @@ writes the status word; the host reads it after the notify synchronisation and b
 call, and raises ``CommTimeoutError`` naming this rank, the phase, the peer and the channel.
 A wait that finds the peer it waits for in another kernel (each numbered kernel announces its
 kind and row layout to every peer first: a skipped or extra call, another hidden, dtype or
-top-k in a cached dispatch or a combine) does not wait for the timeout: every rank's kernel
-stops at once and the host raises ``CollectiveMismatchError`` naming the field and both values
+top-k in a cached dispatch or a combine) does not wait for the timeout: it publishes the
+finding to every rank, every rank's kernels (and those queued behind them) stop at once, and
+the host raises ``CollectiveMismatchError`` naming the field, both values and both ranks
 (``status.nvl_kernel_mismatch``). The runtime is then unusable (the kernels stopped mid-exchange)
 but ``destroy()`` still frees everything.
 """

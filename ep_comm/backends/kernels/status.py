@@ -25,12 +25,12 @@ codes and phases: ``ep_comm.core.constants``):
   call tag, ``agreement.ll_tag``): ``[1]`` phase (barrier or notify), ``[2]`` that rank,
   ``[3]`` what it ran (0: a notify, 1: a dispatch or combine kernel), ``[4]`` its call tag,
   ``[5]`` this rank's; decoded by ``agreement.ll_tag_error``.
-  ``STATUS_DISAGREE_KERNEL`` (NVLink only: a wait found that the peer it waits for announced
-  another kernel, or the same kernel with another row layout, as the same kernel number;
-  ``kernels/cuda/intranode_common.cuh``, "kernel announcements"): ``[1]`` phase, ``[2]`` that
-  peer, ``[3]`` channel (-1: the notify kernel), ``[4]`` / ``[5]`` the peer's / this rank's
-  kernel kind and row layout (``what``, ``constants.NVL_CTRL_ANNOUNCE``), ``[6]`` / ``[7]`` the
-  peer's / this rank's tag; decoded by ``nvl_kernel_mismatch``.
+  ``STATUS_DISAGREE_KERNEL`` (NVLink only: a rank a found that rank b announced another
+  kernel, or the same kernel with another row layout, under its kernel's number, and every
+  rank's waits stopped on that finding; ``kernels/cuda/intranode_common.cuh``, "kernel
+  announcements"): ``[1]`` the phase this rank stopped in, ``[2]`` a, ``[3]`` b, ``[4]`` /
+  ``[5]`` their kernel kind and row layout (``what``, ``constants.NVL_CTRL_ANNOUNCE``), ``[6]``
+  / ``[7]`` their tags; decoded by ``nvl_kernel_mismatch``.
 * low-latency (``LOW_LATENCY``): ``[0]`` code, ``[1]`` phase, ``[2]`` peer rank, ``[3]`` expert
   index, ``[4]`` what was awaited (0: a count word, 1: arrivals), ``[5]`` seen, ``[6]`` wanted.
   ``STATUS_DISAGREE`` (unless ``EP_COMM_LL_KERNEL_AGREEMENT=0``: a peer's count word carried
@@ -135,18 +135,20 @@ def kernel_what(what: int) -> dict:
             "expand": (what >> NVL_ANN_EXPAND_BIT) & 1}
 
 
-def nvl_kernel_mismatch(rank: int, peer: int, where: str, theirs: int, mine: int,
-                        their_tag: int, my_tag: int, call: int) -> CollectiveMismatchError:
-    """The error of an NVLink kernel that found ``peer`` running another kernel, or the same
-    kernel with another row layout, as the same kernel number (``STATUS_DISAGREE_KERNEL``).
+def nvl_kernel_mismatch(rank: int, a: int, b: int, where: str, what_a: int, what_b: int,
+                        tag_a: int, tag_b: int, call: int) -> CollectiveMismatchError:
+    """The error of the NVLink kernels' finding (``STATUS_DISAGREE_KERNEL``): rank ``a`` found
+    that rank ``b`` runs another kernel, or the same kernel with another row layout, under the
+    same kernel number, and every rank's kernels stopped on that finding.
 
-    ``theirs`` / ``mine``: the two announcements' low words (``kernel_what``); ``their_tag`` /
-    ``my_tag``: the two tags (their upper bits hash the rest of the layout: channels, ring
-    slots, experts per rank); ``where``: phase and channel; ``call``: this rank's current call
-    number. The field named is the first of op, dtype, hidden, num_topk, expand that differs,
-    else ``layout``. The Buffer is failed: the kernels stopped in the middle of an exchange."""
-    a, b = kernel_what(mine), kernel_what(theirs)
-    field = next((f for f in ("op", "dtype", "hidden", "num_topk", "expand") if a[f] != b[f]),
+    ``what_a`` / ``what_b``: the two announcements' low words (``kernel_what``); ``tag_a`` /
+    ``tag_b``: the two tags (their upper bits hash the rest of the layout: channels, ring slots,
+    experts per rank); ``where``: the phase this rank stopped in; ``call``: this rank's current
+    call number. The field named is the first of op, dtype, hidden, num_topk, expand that
+    differs, else ``layout``. The Buffer is failed: the kernels stopped in the middle of an
+    exchange."""
+    da, db = kernel_what(what_a), kernel_what(what_b)
+    field = next((f for f in ("op", "dtype", "hidden", "num_topk", "expand") if da[f] != db[f]),
                  "layout")
 
     def shown(w: dict, tag: int):
@@ -155,12 +157,21 @@ def nvl_kernel_mismatch(rank: int, peer: int, where: str, theirs: int, mine: int
         if field == "layout":  # the tags' upper bits: the same call number, other layouts
             return f"layout hash {(tag & 0xFFFFFFFF) >> (32 - NVL_RING_SHAPE_BITS):#05x}"
         return w[field]
-    values = {shown(a, my_tag): [rank], shown(b, their_tag): [peer]}
-    detail = (f"The NVLink kernels found it ({where}): rank {peer} runs another kernel, or the "
-              "same one with another row layout, where this rank runs its "
-              f"{NVL_KERNEL_NAMES.get(a['op'], 'kernel')}; the kernels of both ranks stopped at "
-              "once. Nothing on the host waits for a cached dispatch or a combine, so the call "
-              "that raises this may come after the refused one, whose outputs are undefined. ")
+
+    def name(w: dict) -> str:
+        return NVL_KERNEL_NAMES.get(w["op"], "kernel")
+    values = {shown(da, tag_a): [a], shown(db, tag_b): [b]}
+    if rank in (a, b):
+        other, theirs, mine = (b, db, da) if rank == a else (a, da, db)
+        found = (f"rank {other} runs its {name(theirs)} under the kernel number where this rank "
+                 f"runs its {name(mine)}")
+    else:
+        found = (f"rank {a} runs its {name(da)} under the kernel number where rank {b} runs "
+                 f"its {name(db)}")
+    detail = (f"The NVLink kernels found it ({found}; the layouts differ in {field}); every "
+              f"rank's kernels stopped at once (this rank in {where}). Nothing on the host "
+              "waits for a cached dispatch or a combine, so the call that raises this may come "
+              "after the refused one, whose outputs are undefined. ")
     return CollectiveMismatchError(rank, call, field, values, detail, usable=False)
 
 
@@ -208,10 +219,9 @@ def decode_status(words, family: Family, rank: int, limit_s: float,
             waited = f"{thing} ({seen} of {wanted} arrived)"
         return CommTimeoutError(rank, phase, waited, limit_s, peer, node)
     channel, seen, wanted = (int(w) for w in words[3:6])
-    if code == STATUS_DISAGREE_KERNEL and family is NVLINK:
-        where = phase + (f", channel {channel}" if channel >= 0 else "")
-        return nvl_kernel_mismatch(rank, peer, where, seen, wanted, int(words[6]), int(words[7]),
-                                   seq)
+    if code == STATUS_DISAGREE_KERNEL and family is NVLINK:  # [2] a, [3] b: the finding's ranks
+        return nvl_kernel_mismatch(rank, peer, channel, phase, seen, wanted, int(words[6]),
+                                   int(words[7]), seq)
     if code == STATUS_DISAGREE_TAG and family is INTERNODE:
         runs = "a notify kernel (a dispatch from a layout)" if channel == 0 else \
             "a dispatch or combine kernel"
