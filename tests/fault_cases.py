@@ -432,13 +432,17 @@ def task_gpu_skip(ctx, odd: int) -> dict:
         buf.destroy()
 
 
-RING_LAYOUT_DISAGREEMENTS = ("combine_hidden", "cached_dispatch_hidden")
+RING_LAYOUT_DISAGREEMENTS = ("combine_hidden", "cached_dispatch_hidden",
+                             "combine_hidden_queued")
 
 
 def task_gpu_ring_layout(ctx, kind: str, odd: int) -> dict:
     """Kernels backend without EP_COMM_CHECK_AGREEMENT: after an agreed dispatch from a layout,
     rank ``odd`` makes the next call with half the hidden size: a combine (``combine_hidden``)
-    or a cached dispatch with the handle (``cached_dispatch_hidden``). No signature exchange
+    or a cached dispatch with the handle (``cached_dispatch_hidden``); with
+    ``combine_hidden_queued`` rank ``odd`` queues a second such combine before it synchronises,
+    which no peer kernel will ever meet: it must stop at once on the published finding, not
+    wait for its timeout. No signature exchange
     checks these calls (the host's agreement is off, they have no notify kernel), so only the
     NVLink rings' tags, which hash the row layout, stand between the ranks and rows read at the
     wrong size. Each rank's kernel must refuse the other's words, and finds the other's
@@ -456,8 +460,10 @@ def task_gpu_ring_layout(ctx, kind: str, odd: int) -> dict:
         torch.cuda.synchronize()
 
         def disagreeing():
-            if kind == "combine_hidden":
+            if kind in ("combine_hidden", "combine_hidden_queued"):
                 buf.combine(recv[:, :h].contiguous(), handle)
+                if kind == "combine_hidden_queued" and ctx.rank == odd:
+                    buf.combine(recv[:, :h].contiguous(), handle)
             elif kind == "cached_dispatch_hidden":
                 buf.dispatch(x[:, :h].contiguous(), handle=handle)
             else:

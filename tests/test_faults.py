@@ -289,7 +289,9 @@ def test_gpu_kernels_ring_layout_disagreement_is_named_never_silent(kind):
     the row layout (``ring_shape``), so neither rank takes the other's words, and the kernels'
     announcements name the difference: a CollectiveMismatchError on both ranks naming hidden
     with both values and the other rank, at once, never a silent result; later calls raise
-    BufferFailedError at once."""
+    BufferFailedError at once. ``combine_hidden_queued``: rank 1 has a second combine queued
+    behind, which no peer kernel meets; it stops on the published finding, so rank 1's
+    synchronisation still returns well within the timeout."""
     results = run_fresh_gpu(fc.task_gpu_ring_layout, kind, 1)
     for rank, res in enumerate(results):
         _kernel_mismatch_named(rank, res, "hidden")
