@@ -14,6 +14,7 @@ from ep_comm.core.constants import (CALL_SIG_FIELDS, CALL_SIG_WORDS, NORMAL_MAX_
                                     NVL_ANN_EXPAND_BIT, NVL_ANN_FP8_BIT, NVL_ANN_ROW_BITS,
                                     NVL_ANN_ROW_SHIFT, NVL_ANN_TOPK_BITS, NVL_ANN_TOPK_SHIFT,
                                     NVL_CTRL_ANNOUNCE, NVL_CTRL_FINDING, NVL_CTRL_WORDS,
+                                    NVL_INFO_OWN_KERNEL,
                                     NVL_KERNEL_COMBINE, NVL_KERNEL_DISPATCH, NVL_KERNEL_NOTIFY,
                                     NVL_MAX_RANKS,
                                     NVL_RING_SHAPE_BITS, PHASE_COMBINE_RECV,
@@ -211,13 +212,16 @@ def _what(kind: int, row_int4: int = 0, k: int = 0, fp8: int = 0, expand: int = 
 
 
 def _finding_words(what_a: int, what_b: int, tag_a: int = 5, tag_b: int = 5, a: int = 0,
-                   b: int = 1, phase: int = PHASE_DISPATCH_RECV) -> list[int]:
+                   b: int = 1, phase: int = PHASE_DISPATCH_RECV, own: tuple = (0, 0)) -> list[int]:
     """The status words of a wait that stopped on rank a's finding that rank b announced
-    another kernel (``report_finding`` in kernels/cuda/intranode_common.cuh), as int32."""
+    another kernel (``report_finding`` in kernels/cuda/intranode_common.cuh), as int32:
+    [0..7], the received count [8] (0), this rank's own kernel (what, tag)."""
     def i32(v):
         return v - (1 << 32) if v >= 1 << 31 else v
-    return [STATUS_DISAGREE_KERNEL, phase, a, b, i32(what_a), i32(what_b), i32(tag_a),
-            i32(tag_b)]
+    words = [STATUS_DISAGREE_KERNEL, phase, a, b, i32(what_a), i32(what_b), i32(tag_a),
+             i32(tag_b), 0, i32(own[0]), i32(own[1])]
+    assert len(words) == NVL_INFO_OWN_KERNEL + 2
+    return words
 
 
 D, C, N = NVL_KERNEL_DISPATCH, NVL_KERNEL_COMBINE, NVL_KERNEL_NOTIFY
@@ -252,12 +256,22 @@ def test_kernel_mismatch_names_the_first_field_that_differs(mine, theirs, field,
         assert "The Buffer is failed" in text and "still usable" not in text
 
 
-def test_kernel_mismatch_seen_by_a_third_rank_names_both_ranks_of_the_finding():
+@pytest.mark.parametrize("own_tag, groups, odd", [
+    (7, [[0], [1, 2]], [0]),   # rank 2 ran rank 1's kernel: beside it; rank 0 is the odd one
+    (5, [[0, 2], [1]], [1]),   # rank 2 ran rank 0's kernel
+    (5 + 1, [[0], [1]], [1]),  # a later kernel of rank 2 (queued behind) stopped: no side
+])
+def test_kernel_mismatch_seen_by_a_third_rank_names_both_ranks_of_the_finding(own_tag, groups,
+                                                                                odd):
     """Rank 2 stopped on rank 0's finding about rank 1 (every rank's waits stop on a finding
-    published to all): its error names ranks 0 and 1, their values, and where it stopped."""
-    words = _finding_words(_what(C, 32, 2), _what(D, 32, 2), phase=PHASE_COMBINE_RECV)
+    published to all): its error names ranks 0 and 1, their values, and where it stopped; with
+    its own kernel's tag equal to a's or b's it stands beside that rank, so the odd rank of
+    three is named."""
+    words = _finding_words(_what(C, 32, 2), _what(D, 32, 2), tag_a=5, tag_b=7,
+                           phase=PHASE_COMBINE_RECV, own=(_what(D, 32, 2), own_tag))
     err = status.decode_status(words, status.NVLINK, 2, 3.0, seq=3)
-    assert err.field == "op" and sorted(err.values.values()) == [[0], [1]]
+    assert err.field == "op" and sorted(err.values.values()) == groups
+    assert err.odd_ranks == odd
     text = str(err)
     assert text.startswith("rank 2:") and "rank 0 runs its combine" in text
     assert "where rank 1 runs its dispatch" in text and "(this rank in combine/receive)" in text
@@ -288,7 +302,8 @@ def test_kernel_mismatch_fails_the_runtime_and_its_comm(two_ranks):
     def kernel(name, values):  # the dispatch kernel finds rank 1 running a combine
         if name == "nvl_dispatch":
             view = rt.status._view
-            view[1:8] = _finding_words(_what(D, 32, 2), _what(C, 32, 2))[1:]
+            view[1:NVL_INFO_OWN_KERNEL + 2] = _finding_words(_what(D, 32, 2),
+                                                             _what(C, 32, 2))[1:]
             view[0] = STATUS_DISAGREE_KERNEL
     rt.fake_module.on_launch = kernel
     _dispatch(rt)  # returns: the host checks the status after the count wait, before this

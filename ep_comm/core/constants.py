@@ -63,11 +63,13 @@ CALL_SIG_COMPARED = CALL_SIG_FIELDS.index("status")
 #: int32 words of one notify counts row: T_s, the call signature [CALL_SIG_WORDS],
 #: [NVL_MAX_RANKS] per-rank, [L] per-expert counts.
 NVL_NOTIFY_ROW = 1 + CALL_SIG_WORDS + NVL_MAX_RANKS + NVL_MAX_LOCAL_EXPERTS
-#: Host status word of the NVLink/internode kernels: [0..7] the error fields, [8] the received
+#: Host status word of the NVLink/internode kernels: [0..7] the error fields (and
+#: [NVL_INFO_OWN_KERNEL, +1] for STATUS_DISAGREE_KERNEL), [8] the received
 #: row count (notify), from [16] the received count per local expert, from
 #: ``NVL_INFO_CALL_SIGS`` every rank's call signature as the notify kernel received it (written
 #: only when the call was refused: ``STATUS_DISAGREE``).
 NVL_INFO_NUM_RECV = 8
+NVL_INFO_OWN_KERNEL = 9
 NVL_INFO_EXPERT_COUNTS = 16
 NVL_INFO_CALL_SIGS = NVL_INFO_EXPERT_COUNTS + NVL_MAX_LOCAL_EXPERTS
 NVL_STATUS_WORDS = NVL_INFO_CALL_SIGS + NVL_MAX_RANKS * CALL_SIG_WORDS
@@ -75,7 +77,9 @@ NVL_STATUS_WORDS = NVL_INFO_CALL_SIGS + NVL_MAX_RANKS * CALL_SIG_WORDS
 #: Control words of an NVLink buffer (``regions.IntranodeRegions`` ``ctrl``, uint32): [0] the
 #: kernel sequence number, [1] blocks of the running kernel that finished, [2] the status claim,
 #: [``NVL_CTRL_STOP``] nonzero once some rank published a finding here (every wait of every
-#: later kernel then stops), then from [``NVL_CTRL_ANNOUNCE``] one uint64 per source rank s,
+#: later kernel then stops; peers write it), [``NVL_CTRL_PUBLISHED``] claimed (local) by the one
+#: wait of this rank that publishes its finding, then from [``NVL_CTRL_ANNOUNCE``] one uint64 per
+#: source rank s,
 #: written by s at the start of each numbered kernel (its announcement: ``tag << 32 | what``),
 #: then from [``NVL_CTRL_FINDING``] three uint64 per source rank s, written by s when it found a
 #: rank b announcing another kernel under its kernel's number: ``1 << 63 | b << 8 | s``, s's
@@ -85,7 +89,8 @@ NVL_STATUS_WORDS = NVL_INFO_CALL_SIGS + NVL_MAX_RANKS * CALL_SIG_WORDS
 #: (``NVL_ANN_TOPK_BITS``), fp8 payload (scales travel) at bit ``NVL_ANN_FP8_BIT``, an
 #: expanding dispatch at bit ``NVL_ANN_EXPAND_BIT`` (``status.nvl_kernel_mismatch`` decodes it).
 NVL_CTRL_STOP = 3
-NVL_CTRL_ANNOUNCE = 4
+NVL_CTRL_PUBLISHED = 4
+NVL_CTRL_ANNOUNCE = 6
 NVL_CTRL_FINDING = NVL_CTRL_ANNOUNCE + 2 * NVL_MAX_RANKS
 NVL_CTRL_WORDS = NVL_CTRL_FINDING + 6 * NVL_MAX_RANKS
 NVL_KERNEL_DISPATCH = 1
@@ -165,7 +170,8 @@ STATUS_DISAGREE_TAG = 5
 #: with another row layout, as the same kernel number (their announcements,
 #: ``NVL_CTRL_ANNOUNCE``), and every rank's waits stopped on a's finding (``NVL_CTRL_FINDING``):
 #: ``[1]`` the phase this rank stopped in, ``[2]`` a, ``[3]`` b, ``[4]`` / ``[5]`` a's and b's
-#: ``what``, ``[6]`` / ``[7]`` their tags (``status.nvl_kernel_mismatch``).
+#: ``what``, ``[6]`` / ``[7]`` their tags, ``[NVL_INFO_OWN_KERNEL]`` / ``+ 1`` this rank's own
+#: ``what`` and tag in the kernel that stopped (``status.nvl_kernel_mismatch``).
 STATUS_DISAGREE_KERNEL = 6
 
 #: Phases of the normal-mode kernels (NVLink and internode).
@@ -209,6 +215,7 @@ DEVICE_CONSTANTS: dict[str, int | float] = {
     "NVL_MAX_LOCAL_EXPERTS": NVL_MAX_LOCAL_EXPERTS,
     "NVL_WARPS": NVL_WARPS,
     "NVL_INFO_NUM_RECV": NVL_INFO_NUM_RECV,
+    "NVL_INFO_OWN_KERNEL": NVL_INFO_OWN_KERNEL,
     "NVL_INFO_EXPERT_COUNTS": NVL_INFO_EXPERT_COUNTS,
     "NVL_INFO_CALL_SIGS": NVL_INFO_CALL_SIGS,
     "NVL_NOTIFY_ROW": NVL_NOTIFY_ROW,
@@ -226,6 +233,7 @@ DEVICE_CONSTANTS: dict[str, int | float] = {
     "STATUS_DISAGREE_TAG": STATUS_DISAGREE_TAG,
     "STATUS_DISAGREE_KERNEL": STATUS_DISAGREE_KERNEL,
     "NVL_CTRL_STOP": NVL_CTRL_STOP,
+    "NVL_CTRL_PUBLISHED": NVL_CTRL_PUBLISHED,
     "NVL_CTRL_ANNOUNCE": NVL_CTRL_ANNOUNCE,
     "NVL_CTRL_FINDING": NVL_CTRL_FINDING,
     "NVL_KERNEL_DISPATCH": NVL_KERNEL_DISPATCH,

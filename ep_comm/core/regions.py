@@ -74,11 +74,14 @@ class IntranodeRegions(Carver):
       communicating kernel uses ``ctrl[0] + 1`` as its tag, with the row layout hashed in for
       ring words (see ``tail``), and the last block to finish bumps it, so the tag lives on
       the device and CUDA-graph replays stay correct), [1] blocks of the running kernel that
-      finished, [2] status claim (the first failing block sets it), [3] the tag of a kernel
-      whose waits all stop (a peer runs another kernel as its number); these four are local.
-      From [NVL_CTRL_ANNOUNCE], uint64 [NVL_MAX_RANKS]: ``[s]`` written by rank s at the start
-      of each numbered kernel, its tag and kind and row layout (``constants.NVL_CTRL_*``), so
-      that a rank waiting in a kernel sees at once that a peer runs another one.
+      finished, [2] status claim (the first failing block sets it), [3] the stop word (set
+      by any rank that found a peer in another kernel: every wait of every later kernel then
+      stops), [4] claimed by the one wait of this rank that publishes its finding. From
+      [NVL_CTRL_ANNOUNCE], uint64 [NVL_MAX_RANKS]: ``[s]`` written by rank s at the start of each
+      numbered kernel, its tag and kind and row layout, so that a rank waiting in a kernel sees
+      at once that a peer runs another one; from [NVL_CTRL_FINDING], uint64 [NVL_MAX_RANKS, 3]:
+      ``[s]`` written by rank s when it found one (both ranks, both announcements)
+      (``constants.NVL_CTRL_*``, ``kernels/cuda/intranode_common.cuh``).
     * ``notify_flag``: uint32 [NVL_MAX_RANKS]: ``[s]`` = 2 * the tag of the notify in which rank
       s wrote its counts row here, + 1 once it read every row of a refused call
       (``kernels/cuda/intranode.cu``, "Flags").

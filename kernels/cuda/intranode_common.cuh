@@ -34,8 +34,9 @@ constexpr uint32_t kDoneBit = 0x80000000u;
 // Host status word (int32 [16], host-mapped). The first failing block claims it (ctrl[2]),
 // writes the fields, then the code, with system fences between, so a host that sees the code
 // sees the fields: [0] code, [1] phase, [2] peer rank, [3] channel, [4] value seen,
-// [5] value wanted, [6] and [7] two more (STATUS_DISAGREE_KERNEL: the tags). [8] is the
-// received token count written by the notify kernel.
+// [5] value wanted, [6] and [7] two more (STATUS_DISAGREE_KERNEL: the tags, and this rank's
+// own kernel at [9] and [10], constants.NVL_INFO_OWN_KERNEL). [8] is the received token count
+// written by the notify kernel.
 // int32 [16 + kMaxLocalExperts] in all (NVL_STATUS_WORDS; ep_comm.backends.kernels.status
 // decodes it).
 constexpr int kStatusTimeout = EP_STATUS_TIMEOUT;
@@ -50,6 +51,7 @@ constexpr int kPhaseDispatchRecv = EP_PHASE_DISPATCH_RECV;
 constexpr int kPhaseCombineSend = EP_PHASE_COMBINE_SEND;
 constexpr int kPhaseCombineRecv = EP_PHASE_COMBINE_RECV;
 constexpr int kInfoNumRecv = EP_NVL_INFO_NUM_RECV;
+constexpr int kInfoOwnKernel = EP_NVL_INFO_OWN_KERNEL;  // STATUS_DISAGREE_KERNEL: own what, tag
 // [kInfoExpertCounts + e], e < L: tokens this rank receives for local expert e (notify), read by
 // the host after its sync without a device-to-host copy.
 constexpr int kInfoExpertCounts = EP_NVL_INFO_EXPERT_COUNTS;
@@ -143,11 +145,12 @@ __device__ __forceinline__ int4 pack_bf16x8(const float* acc) {
 }
 
 // Claim the status word once for the whole buffer (device-memory CAS; atomics on host memory
-// over PCIe are not reliable), write the fields, then the code. w6, w7: two more words, written
-// by STATUS_DISAGREE_KERNEL only (0 otherwise).
+// over PCIe are not reliable), write the fields, then the code. w6, w7 and own[2] (at
+// NVL_INFO_OWN_KERNEL): more words, written by STATUS_DISAGREE_KERNEL only (0 otherwise).
 __device__ __forceinline__ void report(int* host_status, uint32_t* ctrl, int code, int phase,
                                        int peer, int channel, long long seen, long long wanted,
-                                       uint32_t w6 = 0u, uint32_t w7 = 0u) {
+                                       uint32_t w6 = 0u, uint32_t w7 = 0u, uint32_t own0 = 0u,
+                                       uint32_t own1 = 0u) {
     if (atomicCAS(reinterpret_cast<unsigned*>(ctrl + 2), 0u, 1u) != 0u) return;
     volatile int* s = host_status;
     s[1] = phase;
@@ -157,6 +160,8 @@ __device__ __forceinline__ void report(int* host_status, uint32_t* ctrl, int cod
     s[5] = static_cast<int>(wanted);
     s[6] = static_cast<int>(w6);
     s[7] = static_cast<int>(w7);
+    s[kInfoOwnKernel] = static_cast<int>(own0);
+    s[kInfoOwnKernel + 1] = static_cast<int>(own1);
     __threadfence_system();
     s[0] = code;
     __threadfence_system();
@@ -283,6 +288,7 @@ __device__ __forceinline__ uint32_t ring_tag(uint32_t seq, uint32_t shape) {
 // the same layout announces exactly this tag. A kernel that returns without a number (behind a
 // refused notify) announces nothing.
 constexpr int kCtrlStop = EP_NVL_CTRL_STOP;          // uint32: nonzero once a finding is here
+constexpr int kCtrlPublished = EP_NVL_CTRL_PUBLISHED;  // uint32, local: this rank published
 constexpr int kCtrlAnnounce = EP_NVL_CTRL_ANNOUNCE;  // uint32 index of uint64 [kMaxRanks]
 constexpr int kCtrlFinding = EP_NVL_CTRL_FINDING;    // uint32 index of uint64 [kMaxRanks][3]
 static_assert(kCtrlAnnounce % 2 == 0 && kCtrlFinding % 2 == 0, "uint64 words");
@@ -361,8 +367,9 @@ __device__ __forceinline__ void publish_finding(const Waits& k, int b, uint64_t 
 
 // Report the first finding in this rank's control words (by finder rank), as
 // STATUS_DISAGREE_KERNEL: [1] phase, [2] a, [3] b, [4] / [5] a's and b's what, [6] / [7] their
-// tags (status.nvl_kernel_mismatch). Called once the stop word is seen (it is set after a
-// finding, so one is there).
+// tags, and this rank's own kernel (what, tag) at NVL_INFO_OWN_KERNEL, so that the host can put
+// this rank beside a or b (status.nvl_kernel_mismatch). Called once the stop word is seen (it
+// is set after a finding, so one is there), or by the publisher after it published.
 __device__ __forceinline__ void report_finding(const Waits& k, int phase) {
     for (int q = 0; q < k.R; ++q) {
         const uint64_t* f = finding_words(k.ctrl, q);
@@ -372,7 +379,8 @@ __device__ __forceinline__ void report_finding(const Waits& k, int phase) {
         report(k.host_status, k.ctrl, EP_STATUS_DISAGREE_KERNEL, phase,
                static_cast<int>(head & 0xFF), static_cast<int>((head >> 8) & 0xFF),
                static_cast<uint32_t>(ann_a), static_cast<uint32_t>(ann_b),
-               static_cast<uint32_t>(ann_a >> 32), static_cast<uint32_t>(ann_b >> 32));
+               static_cast<uint32_t>(ann_a >> 32), static_cast<uint32_t>(ann_b >> 32), k.what,
+               k.tag);
         return;
     }
 }
@@ -397,7 +405,10 @@ static __device__ __noinline__ bool wait_gives_up(int p, int phase, int channel,
     const uint64_t ann = ld_acquire_sys(announce_words(k.ctrl) + p);
     const uint32_t their_tag = static_cast<uint32_t>(ann >> 32);
     if (their_tag != k.tag && ((their_tag ^ k.tag) & kRingSeqMask) == 0u) {
-        publish_finding(k, p, ann);
+        // One finding per rank: several waits of this kernel (other peers, other channels) may
+        // find at once, and two publishers would interleave the words of this rank's slot.
+        // The others stop (the publisher reports; so do they, if its finding is here by then).
+        if (atomicCAS(k.ctrl + kCtrlPublished, 0u, 1u) == 0u) publish_finding(k, p, ann);
         report_finding(k, phase);
         return true;
     }

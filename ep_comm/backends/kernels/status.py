@@ -30,7 +30,8 @@ codes and phases: ``ep_comm.core.constants``):
   rank's waits stopped on that finding; ``kernels/cuda/intranode_common.cuh``, "kernel
   announcements"): ``[1]`` the phase this rank stopped in, ``[2]`` a, ``[3]`` b, ``[4]`` /
   ``[5]`` their kernel kind and row layout (``what``, ``constants.NVL_CTRL_ANNOUNCE``), ``[6]``
-  / ``[7]`` their tags; decoded by ``nvl_kernel_mismatch``.
+  / ``[7]`` their tags, from ``[NVL_INFO_OWN_KERNEL]`` this rank's own what and tag; decoded by
+  ``nvl_kernel_mismatch``.
 * low-latency (``LOW_LATENCY``): ``[0]`` code, ``[1]`` phase, ``[2]`` peer rank, ``[3]`` expert
   index, ``[4]`` what was awaited (0: a count word, 1: arrivals), ``[5]`` seen, ``[6]`` wanted.
   ``STATUS_DISAGREE`` (unless ``EP_COMM_LL_KERNEL_AGREEMENT=0``: a peer's count word carried
@@ -55,8 +56,8 @@ from ep_comm.core.constants import (CALL_SIG_FIELDS, CALL_SIG_WORDS, LL_AWAIT_AC
                                     STATUS_NO_P2P, STATUS_OK, STATUS_OVERFLOW, STATUS_TIMEOUT,
                                     NVL_ANN_EXPAND_BIT, NVL_ANN_FP8_BIT, NVL_ANN_ROW_BITS,
                                     NVL_ANN_ROW_SHIFT, NVL_ANN_TOPK_BITS, NVL_ANN_TOPK_SHIFT,
-                                    NVL_KERNEL_COMBINE, NVL_KERNEL_DISPATCH, NVL_KERNEL_NOTIFY,
-                                    NVL_RING_SHAPE_BITS)
+                                    NVL_INFO_OWN_KERNEL, NVL_KERNEL_COMBINE, NVL_KERNEL_DISPATCH,
+                                    NVL_KERNEL_NOTIFY, NVL_RING_SHAPE_BITS)
 from ep_comm.errors import BackendUnavailableError, CollectiveMismatchError, CommTimeoutError, \
     EpCommError, InputError, KernelError
 
@@ -136,7 +137,8 @@ def kernel_what(what: int) -> dict:
 
 
 def nvl_kernel_mismatch(rank: int, a: int, b: int, where: str, what_a: int, what_b: int,
-                        tag_a: int, tag_b: int, call: int) -> CollectiveMismatchError:
+                        tag_a: int, tag_b: int, call: int,
+                        own_tag: int | None = None) -> CollectiveMismatchError:
     """The error of the NVLink kernels' finding (``STATUS_DISAGREE_KERNEL``): rank ``a`` found
     that rank ``b`` runs another kernel, or the same kernel with another row layout, under the
     same kernel number, and every rank's kernels stopped on that finding.
@@ -144,7 +146,9 @@ def nvl_kernel_mismatch(rank: int, a: int, b: int, where: str, what_a: int, what
     ``what_a`` / ``what_b``: the two announcements' low words (``kernel_what``); ``tag_a`` /
     ``tag_b``: the two tags (their upper bits hash the rest of the layout: channels, ring slots,
     experts per rank); ``where``: the phase this rank stopped in; ``call``: this rank's current
-    call number. The field named is the first of op, dtype, hidden, num_topk, expand that
+    call number; ``own_tag``: the tag of this rank's kernel that stopped, which puts a third rank
+    beside a or b when it ran the same kernel (a later kernel, queued behind, never matches: its
+    number differs). The field named is the first of op, dtype, hidden, num_topk, expand that
     differs, else ``layout``. The Buffer is failed: the kernels stopped in the middle of an
     exchange."""
     da, db = kernel_what(what_a), kernel_what(what_b)
@@ -160,7 +164,14 @@ def nvl_kernel_mismatch(rank: int, a: int, b: int, where: str, what_a: int, what
 
     def name(w: dict) -> str:
         return NVL_KERNEL_NAMES.get(w["op"], "kernel")
-    values = {shown(da, tag_a): [a], shown(db, tag_b): [b]}
+    group_a, group_b = [a], [b]
+    if rank not in (a, b) and own_tag is not None:
+        own = own_tag & 0xFFFFFFFF
+        if own == tag_a & 0xFFFFFFFF:
+            group_a.append(rank)
+        elif own == tag_b & 0xFFFFFFFF:
+            group_b.append(rank)
+    values = {shown(da, tag_a): sorted(group_a), shown(db, tag_b): sorted(group_b)}
     if rank in (a, b):
         other, theirs, mine = (b, db, da) if rank == a else (a, da, db)
         found = (f"rank {other} runs its {name(theirs)} under the kernel number where this rank "
@@ -220,8 +231,9 @@ def decode_status(words, family: Family, rank: int, limit_s: float,
         return CommTimeoutError(rank, phase, waited, limit_s, peer, node)
     channel, seen, wanted = (int(w) for w in words[3:6])
     if code == STATUS_DISAGREE_KERNEL and family is NVLINK:  # [2] a, [3] b: the finding's ranks
+        own = int(words[NVL_INFO_OWN_KERNEL + 1]) if len(words) > NVL_INFO_OWN_KERNEL + 1 else None
         return nvl_kernel_mismatch(rank, peer, channel, phase, seen, wanted, int(words[6]),
-                                   int(words[7]), seq)
+                                   int(words[7]), seq, own)
     if code == STATUS_DISAGREE_TAG and family is INTERNODE:
         runs = "a notify kernel (a dispatch from a layout)" if channel == 0 else \
             "a dispatch or combine kernel"
@@ -272,6 +284,8 @@ def read_normal_status(host_status, family: Family, rank: int, limit_s: float, n
     words = host_status.read(NVL_INFO_NUM_RECV)
     if not any(words):
         return STATUS_OK, None
+    if words[0] == STATUS_DISAGREE_KERNEL:  # and this rank's own kernel, after the count
+        words = host_status.read(NVL_INFO_OWN_KERNEL + 2)
     sigs = None
     if words[0] == STATUS_DISAGREE:
         sigs = host_status.read(NVL_INFO_CALL_SIGS + num_ranks * CALL_SIG_WORDS)[NVL_INFO_CALL_SIGS:]
