@@ -145,7 +145,7 @@ __device__ __forceinline__ int4 pack_bf16x8(const float* acc) {
 }
 
 // Claim the status word once for the whole buffer (device-memory CAS; atomics on host memory
-// over PCIe are not reliable), write the fields, then the code. w6, w7 and own[2] (at
+// over PCIe are not reliable), write the fields, then the code. w6, w7, and own0, own1 (at
 // NVL_INFO_OWN_KERNEL): more words, written by STATUS_DISAGREE_KERNEL only (0 otherwise).
 __device__ __forceinline__ void report(int* host_status, uint32_t* ctrl, int code, int phase,
                                        int peer, int channel, long long seen, long long wanted,
