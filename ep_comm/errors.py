@@ -86,7 +86,9 @@ class CollectiveMismatchError(EpCommError):
         call: this rank's sequence number of the call (1 = first collective of the Buffer).
         field: the first field that differs (``"op"``, ``"hidden"``, ``"num_experts"``, ...).
         values: {value: [ranks]} for that field.
-        odd_ranks: the ranks in the minority (the likely culprits; all but the largest group).
+        odd_ranks: the ranks in the minority (the likely culprits; all but the largest group),
+            or [] when no group is larger than every other (two ranks that differ: which one
+            is wrong is not known).
         usable: whether the Buffer goes on (True wherever the disagreement is found before any
             kernel starts to exchange; the NVLink kernels that find it mid-call, see
             ``ep_comm.backends.kernels.status.nvl_kernel_mismatch``, leave it failed).
@@ -97,13 +99,16 @@ class CollectiveMismatchError(EpCommError):
         self.rank, self.call, self.field, self.values = rank, call, field, values
         self.usable = usable
         groups = sorted(values.items(), key=lambda kv: (-len(kv[1]), min(kv[1])))
-        self.odd_ranks = sorted(r for _, ranks in groups[1:] for r in ranks)
+        tied = len(groups) > 1 and len(groups[0][1]) == len(groups[1][1])
+        self.odd_ranks = [] if tied else sorted(r for _, ranks in groups[1:] for r in ranks)
         parts = "; ".join(f"ranks {ranks} have {field}={v}" for v, ranks in groups)
         after = ("Nothing was sent; the Buffer is still usable." if usable else
                  "The Buffer is failed: destroy it and create a new one.")
+        odd = ("No group of ranks is larger than the others, so which side is wrong is not "
+               "known. " if tied else f"Rank(s) {self.odd_ranks} differ from the rest. ")
         super().__init__(
             f"rank {rank}: the ranks disagree on call #{call} of this Buffer: {parts}. "
-            f"Rank(s) {self.odd_ranks} differ from the rest. {detail}Every rank must make the same "
+            f"{odd}{detail}Every rank must make the same "
             f"Buffer calls in the same order with the same sizes (a rank that skipped, reordered "
             f"or added a call is the usual cause). {after}")
 
