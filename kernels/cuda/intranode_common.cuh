@@ -271,8 +271,9 @@ __device__ __forceinline__ uint32_t ring_tag(uint32_t seq, uint32_t shape) {
 // layout, kernel_what) in one uint64 of the peer's control words (announce_words, one per
 // source rank, constants.NVL_CTRL_ANNOUNCE). A wait that is not answered looks, every 64 spins,
 // at the announcement of the rank it waits for (wait_gives_up): the same kernel number (the
-// low kRingSeqBits of the tags) with another tag is a peer in another kernel or layout, and no
-// wait of this kernel can succeed.
+// low kRingSeqBits of the tags) with another tag or description is a peer in another kernel or
+// layout, and no wait of this kernel can succeed (or, where the shapes' hashes collide, none
+// should).
 // An announcement lives only until that rank's next kernel replaces it, so what a rank finds
 // must not depend on when its peers look: the finder publishes a finding (both ranks and both
 // announcements, finding_words) into every rank's control words, its own included, and sets
@@ -404,7 +405,9 @@ static __device__ __noinline__ bool wait_gives_up(int p, int phase, int channel,
     }
     const uint64_t ann = ld_acquire_sys(announce_words(k.ctrl) + p);
     const uint32_t their_tag = static_cast<uint32_t>(ann >> 32);
-    if (their_tag != k.tag && ((their_tag ^ k.tag) & kRingSeqMask) == 0u) {
+    // The whole announcement is compared, not only the tag: two layouts whose 12-bit hashes
+    // collide still differ in what they announce (kind, row size, top-k, fp8, expand).
+    if (ann != k.announcement() && ((their_tag ^ k.tag) & kRingSeqMask) == 0u) {
         // One finding per rank: several waits of this kernel (other peers, other channels) may
         // find at once, and two publishers would interleave the words of this rank's slot.
         // The others stop (the publisher reports; so do they, if its finding is here by then).
