@@ -14,8 +14,8 @@
 # longest first by the seconds in tests/gpu_test_seconds.json (this run's seconds come back in
 # $OUT/test_seconds.json), each shard running its tests by rank-pool size so that each pool
 # starts once (tests/conftest.py by_pool_size), beside DeepEP's own tests and a short soak; the
-# benches sweep a few sizes that span the range instead of every size. Measured 2026-12-03 on one H200 (logs in
-# bench/results/logs/gpu-suite-*-2026-12-03-*): the machine finishes about 3 test-seconds per
+# benches sweep a few sizes that span the range instead of every size. Measured 2026-12-03 on
+# one H200 (logs in bench/results/logs/gpu-suite-*-2026-12-03-*): the machine finishes about 3 test-seconds per
 # wall second with 4 shards and with 6 alike (the 54 tests both runs finished took 317 s and
 # 331 s), so more shards do not shorten the test step; the GPU tests then added up to about
 # 1100 test-seconds, more than 4 shards finished in the step's 270 s. The heaviest sweeps were

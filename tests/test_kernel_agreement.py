@@ -324,8 +324,9 @@ def test_announcement_fields_fit_their_word_and_the_control_words():
     """The announcement's fields do not overlap and fit the low 32 bits (bits 30-31 stay 0);
     the uint64 announcements and findings start 8-byte aligned inside the ctrl region, which
     holds one announcement and one three-word finding per rank."""
-    fields = [(0, 2), (NVL_ANN_ROW_SHIFT, NVL_ANN_ROW_BITS), (NVL_ANN_TOPK_SHIFT, NVL_ANN_TOPK_BITS),
-              (NVL_ANN_FP8_BIT, 1), (NVL_ANN_EXPAND_BIT, 1)]
+    fields = [(0, 2), (NVL_ANN_ROW_SHIFT, NVL_ANN_ROW_BITS),
+              (NVL_ANN_TOPK_SHIFT, NVL_ANN_TOPK_BITS), (NVL_ANN_FP8_BIT, 1),
+              (NVL_ANN_EXPAND_BIT, 1)]
     bits = [b for lo, n in fields for b in range(lo, lo + n)]
     assert len(bits) == len(set(bits)) and max(bits) < 30
     assert max(NVL_KERNEL_DISPATCH, NVL_KERNEL_COMBINE, NVL_KERNEL_NOTIFY) < 4

@@ -73,7 +73,7 @@ __device__ bool wait_for_room(const Waits& k, const uint64_t* head_word, uint32_
         const uint32_t head = ours ? word_count(w) : 0u;
         if (tail + n - head <= static_cast<uint32_t>(S)) return true;
         if ((++spins & 63) == 0 &&
-            wait_gives_up(peer, phase, c, deadline, ours ? static_cast<long long>(head) : -1,
+            wait_gives_up(k, peer, phase, c, deadline, ours ? static_cast<long long>(head) : -1,
                           tail + n - S))
             return false;
     }
@@ -88,7 +88,7 @@ __device__ void wait_for_drain(const Waits& k, const uint64_t* head_word, uint32
     uint64_t w;
     while ((w = ld_acquire_sys(head_word)) != want) {
         if ((++spins & 63) == 0 &&
-            wait_gives_up(peer, phase, c, deadline,
+            wait_gives_up(k, peer, phase, c, deadline,
                           word_tag(w) == k.tag ? static_cast<long long>(word_count(w)) : -1,
                           tail))
             return;
@@ -137,6 +137,10 @@ __shared__ int s_abort[kMaxRanks];
 __shared__ int s_count[kMaxRanks];
 __shared__ uint32_t s_tail[kMaxRanks];
 __shared__ int s_done[kMaxRanks];
+// The running block's kernel identity and report target (Waits), set by one thread at the
+// block's start (begin_channel_block, nvl_notify) and passed to the waits by reference: in
+// shared memory, so that the kernels' loops keep no register for it.
+__shared__ Waits s_waits;
 
 // The start of a dispatch or combine block. Grid 2 * C: block 2c sends channel c, block 2c + 1
 // receives it. With one rank there is no ring and one of the two would idle, so both take half
@@ -522,7 +526,7 @@ __device__ void dispatch_recv(const DispatchArgs& a, int c, const Waits& k) {
                 w = ld_acquire_sys(tail_word);
                 if (word_tag(w) == tag && (word_count(w) > head || word_done(w))) break;
                 if ((++spins & 63) == 0 &&
-                    wait_gives_up(s, kPhaseDispatchRecv, c, deadline,
+                    wait_gives_up(k, s, kPhaseDispatchRecv, c, deadline,
                                   word_tag(w) == tag ? static_cast<long long>(word_count(w)) : -1,
                                   head + 1)) {
                     s_abort[g] = 1;
@@ -665,7 +669,7 @@ __device__ bool wait_flag(const Waits& k, const uint32_t* flag, uint32_t want,
     uint32_t v;
     while ((v = ld_acquire_sys(flag)) - want > 1u &&
            !(or_later && static_cast<int32_t>(v - want) >= 0)) {
-        if ((++spins & 63) == 0 && wait_gives_up(p, kPhaseNotify, -1, deadline, v, want))
+        if ((++spins & 63) == 0 && wait_gives_up(k, p, kPhaseNotify, -1, deadline, v, want))
             return false;
     }
     return true;
@@ -1021,7 +1025,7 @@ __device__ void combine_recv(const CombineArgs& a, int c, const Waits& k, int t0
                 uint64_t w;
                 while (!(word_tag(w = ld_acquire_sys(tail_word)) == tag && word_count(w) >= need)) {
                     if ((++spins & 63) == 0 &&
-                        wait_gives_up(r, kPhaseCombineRecv, c, deadline,
+                        wait_gives_up(k, r, kPhaseCombineRecv, c, deadline,
                                       word_tag(w) == tag ? static_cast<long long>(word_count(w))
                                                          : -1,
                                       need)) {
@@ -1102,7 +1106,7 @@ __device__ void combine_recv(const CombineArgs& a, int c, const Waits& k, int t0
             bool heard = true;
             while (!(word_tag(w = ld_acquire_sys(tail_word)) == tag && word_done(w))) {
                 if ((++spins & 63) == 0 &&
-                    wait_gives_up(r, kPhaseCombineRecv, c, deadline,
+                    wait_gives_up(k, r, kPhaseCombineRecv, c, deadline,
                                   word_tag(w) == tag ? static_cast<long long>(word_count(w)) : -1,
                                   s_k[r])) {
                     heard = false;

@@ -386,19 +386,13 @@ __device__ __forceinline__ void report_finding(const Waits& k, int phase) {
     }
 }
 
-// The running block's kernel identity and report target, set by one thread at the block's
-// start (intranode.cu: begin_channel_block, nvl_notify). In shared memory, so that the
-// kernels' loops keep no register for it and the waits' slow path reads it there.
-static __shared__ Waits s_waits;
-
-// What a bounded wait of the running kernel (s_waits) on peer p does every 64 spins, one
-// thread. True (stop waiting): a finding is here (reported); or peer p announces another
-// kernel as this number (published, then reported); or the deadline passed (a timeout with
-// seen / wanted, as report()).
-static __device__ __noinline__ bool wait_gives_up(int p, int phase, int channel,
+// What a bounded wait of the kernel `k` on peer p does every 64 spins, one thread. True (stop
+// waiting): a finding is here (reported); or peer p announces another kernel as this number
+// (published, then reported); or the deadline passed (a timeout with seen / wanted, as
+// report()).
+static __device__ __noinline__ bool wait_gives_up(const Waits& k, int p, int phase, int channel,
                                                   uint64_t deadline, long long seen,
                                                   long long wanted) {
-    const Waits& k = s_waits;
     if (ld_acquire_sys(k.ctrl + kCtrlStop) != 0u) {
         report_finding(k, phase);
         return true;
